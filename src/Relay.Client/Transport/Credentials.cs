@@ -1,0 +1,15 @@
+namespace Relay.Client.Transport;
+
+/// <summary>What the recipient of a queue keeps: its id, its private X25519 keys and the delivery key.</summary>
+public sealed record RecipientQueue(byte[] RecipientId, byte[] SenderId, byte[] RecipientPrivateKey, byte[] DeliveryKey);
+
+/// <summary>What a sender keeps: the sender id and, once it secured the queue, its private key.</summary>
+public sealed record SenderQueue(byte[] SenderId, byte[]? SenderPrivateKey);
+
+/// <summary>A message pushed to a subscription or returned by GET, opened with the queue's delivery key.</summary>
+public sealed record Delivery(byte[] RecipientId, ulong MessageId, uint Hour, byte Flags, byte[] Body, byte[] WirePayload);
+
+/// <summary>Something the relay pushed: a delivery, or the end of a subscription.</summary>
+public abstract record RelayEvent;
+public sealed record DeliveryEvent(Delivery Delivery) : RelayEvent;
+public sealed record SubscriptionEndedEvent(byte[] RecipientId) : RelayEvent;

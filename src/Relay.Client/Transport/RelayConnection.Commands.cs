@@ -1,0 +1,153 @@
+using System.Buffers;
+using System.Buffers.Binary;
+using System.Security.Cryptography;
+using System.Text;
+using Relay.Protocol;
+
+namespace Relay.Client.Transport;
+
+public sealed partial class RelayConnection
+{
+    /// <summary>The auth key this session shares with the relay for a client private key (docs/PROTOCOL.md §5).</summary>
+    private byte[] AuthKeyFor(byte[] privateKey)
+    {
+        var id = Id.From(privateKey);
+        lock (_pendingLock)
+        {
+            if (_authKeys.TryGetValue(id, out var cached)) return cached;
+        }
+        var key = new byte[ProtocolConstants.KeySize];
+        if (!RelayCrypto.TryDeriveAuthKey(privateKey, _sessionKey, SessionId, key))
+        {
+            throw new RelayConnectException("the relay sent an invalid session key");
+        }
+        lock (_pendingLock)
+        {
+            _authKeys[id] = key;
+        }
+        return key;
+    }
+
+    private static void Expect(Response response, FrameType expected, string command)
+    {
+        if (response.Type == FrameType.Err)
+        {
+            throw new RelayErrorException(response.Payload.Length > 0 ? (ErrorCode)response.Payload[0] : ErrorCode.Syntax, command);
+        }
+        if (response.Type != expected)
+        {
+            throw new RelayConnectException($"the relay answered {command} with an unexpected frame 0x{(byte)response.Type:x2}");
+        }
+    }
+
+    public async Task<TimeSpan> PingAsync(CancellationToken cancellationToken = default)
+    {
+        long start = System.Diagnostics.Stopwatch.GetTimestamp();
+        var response = await RequestAsync(0, static (w, corr, _) => FrameWriter.WriteEmpty(w, FrameType.Ping, corr), cancellationToken);
+        Expect(response, FrameType.Pong, "PING");
+        return System.Diagnostics.Stopwatch.GetElapsedTime(start);
+    }
+
+    /// <summary>NEW: creates a queue with fresh keys. The result holds everything its recipient needs.</summary>
+    public async Task<RecipientQueue> CreateQueueAsync(string? password = null, CancellationToken cancellationToken = default)
+    {
+        var recipientPrivate = new byte[ProtocolConstants.KeySize];
+        var recipientPublic = new byte[ProtocolConstants.KeySize];
+        RelayCrypto.GenerateKeyPair(recipientPrivate, recipientPublic);
+        var dhPrivate = new byte[ProtocolConstants.KeySize];
+        var dhPublic = new byte[ProtocolConstants.KeySize];
+        RelayCrypto.GenerateKeyPair(dhPrivate, dhPublic);
+        var pw = Encoding.UTF8.GetBytes(password ?? "");
+        var response = await RequestAsync((recipientPublic, dhPublic, pw),
+            static (w, corr, s) => FrameWriter.WriteNew(w, corr, s.recipientPublic, s.dhPublic, s.pw), cancellationToken);
+        Expect(response, FrameType.Ids, "NEW");
+        var p = response.Payload;
+        if (p.Length != 2 * ProtocolConstants.IdSize + ProtocolConstants.KeySize)
+        {
+            throw new RelayConnectException("the relay sent a malformed IDS answer");
+        }
+        var recipientId = p.AsSpan(0, ProtocolConstants.IdSize).ToArray();
+        var senderId = p.AsSpan(ProtocolConstants.IdSize, ProtocolConstants.IdSize).ToArray();
+        var serverDh = p.AsSpan(2 * ProtocolConstants.IdSize, ProtocolConstants.KeySize);
+        var deliveryKey = new byte[ProtocolConstants.KeySize];
+        if (!RelayCrypto.TryDeriveDeliveryKey(dhPrivate, serverDh, recipientId, deliveryKey))
+        {
+            throw new RelayConnectException("the relay sent an invalid queue key");
+        }
+        CryptographicOperations.ZeroMemory(dhPrivate);
+        return new RecipientQueue(recipientId, senderId, recipientPrivate, deliveryKey);
+    }
+
+    private Task<Response> QueueCommandAsync(FrameType type, byte[] queueId, byte[]? privateKey, ReadOnlyMemory<byte> args1,
+        ReadOnlyMemory<byte> args2, CancellationToken cancellationToken)
+    {
+        var authKey = privateKey is null ? null : AuthKeyFor(privateKey);
+        return RequestAsync((type, queueId, authKey, args1, args2), static (w, corr, s) =>
+            FrameWriter.WriteQueueCommand(w, s.type, corr, s.queueId, s.args1.Span, s.args2.Span, s.authKey), cancellationToken);
+    }
+
+    /// <summary>SKEY: secures the queue with the sender's key; from now on every SEND must carry its MAC.</summary>
+    public async Task SecureAsync(byte[] senderId, byte[] senderPrivateKey, CancellationToken cancellationToken = default)
+    {
+        var senderPublic = RelayCrypto.PublicKeyOf(senderPrivateKey);
+        var response = await QueueCommandAsync(FrameType.SKey, senderId, senderPrivateKey, senderPublic, default, cancellationToken);
+        Expect(response, FrameType.Ok, "SKEY");
+    }
+
+    /// <summary>SEND: completes when the relay has the message on disk.</summary>
+    public async Task SendAsync(SenderQueue queue, ReadOnlyMemory<byte> body, byte flags = 0, CancellationToken cancellationToken = default)
+    {
+        var response = await QueueCommandAsync(FrameType.Send, queue.SenderId, queue.SenderPrivateKey, new byte[] { flags }, body, cancellationToken);
+        Expect(response, FrameType.Ok, "SEND");
+    }
+
+    /// <summary>SUB: deliveries of this queue arrive on <see cref="Events"/>.</summary>
+    public async Task SubscribeAsync(RecipientQueue queue, CancellationToken cancellationToken = default)
+    {
+        lock (_pendingLock)
+        {
+            var id = Id.From(queue.RecipientId);
+            if (!_deliveryCiphers.ContainsKey(id))
+            {
+                _deliveryCiphers[id] = new ChaCha20Poly1305(queue.DeliveryKey);
+            }
+        }
+        var response = await QueueCommandAsync(FrameType.Sub, queue.RecipientId, queue.RecipientPrivateKey, default, default, cancellationToken);
+        Expect(response, FrameType.Ok, "SUB");
+    }
+
+    public async Task AckAsync(RecipientQueue queue, ulong messageId, CancellationToken cancellationToken = default)
+    {
+        var id = new byte[8];
+        BinaryPrimitives.WriteUInt64BigEndian(id, messageId);
+        var response = await QueueCommandAsync(FrameType.Ack, queue.RecipientId, queue.RecipientPrivateKey, id, default, cancellationToken);
+        Expect(response, FrameType.Ok, "ACK");
+    }
+
+    /// <summary>GET: the oldest message, or null when the queue is empty. It stays until ACKed.</summary>
+    public async Task<Delivery?> GetAsync(RecipientQueue queue, CancellationToken cancellationToken = default)
+    {
+        var response = await QueueCommandAsync(FrameType.Get, queue.RecipientId, queue.RecipientPrivateKey, default, default, cancellationToken);
+        if (response.Type == FrameType.Empty) return null;
+        Expect(response, FrameType.Msg, "GET");
+        using var cipher = new ChaCha20Poly1305(queue.DeliveryKey);
+        var body = new byte[Math.Max(0, response.Payload.Length - ProtocolConstants.MsgOverhead)];
+        if (!RelayCrypto.TryOpenDelivery(cipher, response.Payload, body, out var messageId, out var hour, out var flags, out _))
+        {
+            throw new RelayConnectException("a delivery failed authentication with the queue's delivery key");
+        }
+        return new Delivery(queue.RecipientId, messageId, hour, flags, body, response.Payload);
+    }
+
+    public async Task SuspendAsync(RecipientQueue queue, CancellationToken cancellationToken = default)
+    {
+        var response = await QueueCommandAsync(FrameType.Off, queue.RecipientId, queue.RecipientPrivateKey, default, default, cancellationToken);
+        Expect(response, FrameType.Ok, "OFF");
+    }
+
+    public async Task DeleteAsync(RecipientQueue queue, CancellationToken cancellationToken = default)
+    {
+        var response = await QueueCommandAsync(FrameType.Del, queue.RecipientId, queue.RecipientPrivateKey, default, default, cancellationToken);
+        Expect(response, FrameType.Ok, "DEL");
+    }
+}

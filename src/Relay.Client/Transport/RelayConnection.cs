@@ -1,0 +1,483 @@
+using System.Buffers;
+using System.Buffers.Binary;
+using System.IO.Pipelines;
+using System.Net.Security;
+using System.Net.Sockets;
+using System.Security.Authentication;
+using System.Security.Cryptography;
+using System.Security.Cryptography.X509Certificates;
+using System.Threading.Channels;
+using Relay.Protocol;
+
+namespace Relay.Client.Transport;
+
+public sealed class RelayConnectionOptions
+{
+    /// <summary>SOCKS5 proxy as host:port (Tor, shadowsocks' ss-local); null connects directly.</summary>
+    public string? Socks { get; init; }
+
+    /// <summary>False for a relay configured with plain TCP (loopback hop, benchmarks).</summary>
+    public bool Tls { get; init; } = true;
+
+    public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>Which of the address's hosts to dial; default the first.</summary>
+    public string? Host { get; init; }
+}
+
+/// <summary>
+/// One connection to one relay: TLS with fingerprint pinning, the handshake, pipelined requests
+/// matched by correlation id, and pushed events. The transport layer of the SDK.
+/// Split by facet: this file (connect, read, write), RelayConnection.Commands.cs (the commands).
+/// </summary>
+public sealed partial class RelayConnection : IAsyncDisposable
+{
+    private readonly Stream _stream;
+    private readonly Pipe _output = new(new PipeOptions(pauseWriterThreshold: 0, resumeWriterThreshold: 0, useSynchronizationContext: false));
+    private readonly object _writeLock = new();
+    private readonly object _pendingLock = new();
+    private readonly Dictionary<uint, TaskCompletionSource<Response>> _pending = new();
+    private readonly Dictionary<Id, ChaCha20Poly1305> _deliveryCiphers = new();
+    private readonly Dictionary<Id, byte[]> _authKeys = new();
+    private readonly Channel<RelayEvent> _events = Channel.CreateUnbounded<RelayEvent>(new UnboundedChannelOptions { SingleReader = false, SingleWriter = true });
+    private readonly CancellationTokenSource _closed = new();
+    private readonly Task _readLoop;
+    private readonly Task _copyLoop;
+    private uint _nextCorrelation;
+    private Exception? _failure;
+    private bool _disposed;
+
+    public RelayAddress Address { get; }
+    public ushort Version { get; }
+    public int MaxFrame { get; }
+    public int MaxMessage { get; }
+    public byte[] SessionId { get; }
+    private readonly byte[] _sessionKey;
+
+    /// <summary>Events pushed by the relay (deliveries, ended subscriptions). Completes when the connection is lost.</summary>
+    public ChannelReader<RelayEvent> Events => _events.Reader;
+
+    /// <summary>Cancelled when the connection is lost or disposed.</summary>
+    public CancellationToken Closed => _closed.Token;
+
+    /// <summary>Why the connection ended, once it has.</summary>
+    public Exception? Failure => _failure;
+
+    public readonly record struct Response(FrameType Type, byte[] Payload);
+
+    private RelayConnection(RelayAddress address, Stream stream, PipeReader input, ushort version, int maxFrame, int maxMessage,
+        byte[] sessionId, byte[] sessionKey)
+    {
+        Address = address;
+        _stream = stream;
+        Version = version;
+        MaxFrame = maxFrame;
+        MaxMessage = maxMessage;
+        SessionId = sessionId;
+        _sessionKey = sessionKey;
+        _copyLoop = CopyOutputAsync();
+        _readLoop = ReadLoopAsync(input);
+    }
+
+    public static async Task<RelayConnection> ConnectAsync(RelayAddress address, RelayConnectionOptions? options = null,
+        CancellationToken cancellationToken = default)
+    {
+        options ??= new RelayConnectionOptions();
+        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        timeout.CancelAfter(options.ConnectTimeout);
+        var host = options.Host ?? address.Host;
+        Stream stream;
+        try
+        {
+            if (options.Socks is { } socks)
+            {
+                var (proxyHost, proxyPort) = ParseHostPort(socks);
+                stream = await Socks5.ConnectAsync(proxyHost, proxyPort, host, address.Port, timeout.Token);
+            }
+            else
+            {
+                var tcp = new TcpClient { NoDelay = true };
+                try
+                {
+                    await tcp.ConnectAsync(host, address.Port, timeout.Token);
+                }
+                catch
+                {
+                    tcp.Dispose();
+                    throw;
+                }
+                stream = tcp.GetStream();
+            }
+        }
+        catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
+        {
+            throw new RelayConnectException($"timed out connecting to {host}:{address.Port}");
+        }
+        catch (SocketException ex)
+        {
+            throw new RelayConnectException($"cannot connect to {host}:{address.Port}: {ex.Message}", ex);
+        }
+
+        try
+        {
+            if (options.Tls)
+            {
+                var ssl = new SslStream(stream, leaveInnerStreamOpen: false);
+                bool pinned = false;
+                var tlsOptions = new SslClientAuthenticationOptions
+                {
+                    TargetHost = host.EndsWith(".onion", StringComparison.OrdinalIgnoreCase) || !host.Any(char.IsLetter) ? "relay" : host,
+                    ApplicationProtocols = [new SslApplicationProtocol(ProtocolConstants.AlpnString)],
+                    EnabledSslProtocols = SslProtocols.Tls13,
+                    CertificateRevocationCheckMode = X509RevocationMode.NoCheck,
+                    RemoteCertificateValidationCallback = (_, certificate, chain, _) =>
+                    {
+                        if (certificate is null) return false;
+                        var leaf = certificate as X509Certificate2 ?? X509CertificateLoader.LoadCertificate(certificate.GetRawCertData());
+                        var presented = chain?.ChainPolicy.ExtraStore.Cast<X509Certificate2>().ToList() ?? [];
+                        pinned = RelayAddress.VerifyChain(leaf, presented, address.Fingerprint, DateTime.UtcNow);
+                        return pinned;
+                    },
+                };
+                try
+                {
+                    await ssl.AuthenticateAsClientAsync(tlsOptions, timeout.Token);
+                }
+                catch (AuthenticationException) when (!pinned)
+                {
+                    await ssl.DisposeAsync();
+                    throw new FingerprintMismatchException(address.Fingerprint);
+                }
+                if (ssl.NegotiatedApplicationProtocol.ToString() != ProtocolConstants.AlpnString)
+                {
+                    await ssl.DisposeAsync();
+                    throw new RelayConnectException("the server did not agree to the relay/1 protocol (ALPN)");
+                }
+                stream = ssl;
+            }
+
+            var input = PipeReader.Create(stream, new StreamPipeReaderOptions(bufferSize: 64 * 1024, leaveOpen: true));
+            var hello = new ArrayBufferWriter<byte>(16);
+            FrameWriter.WriteHello(hello, ProtocolConstants.MinVersion, ProtocolConstants.MaxVersion);
+            await stream.WriteAsync(hello.WrittenMemory, timeout.Token);
+            await stream.FlushAsync(timeout.Token);
+            var (type, payload) = await ReadOneFrameAsync(input, timeout.Token);
+            if (type == FrameType.Err)
+            {
+                var code = payload.Length > 0 ? (ErrorCode)payload[0] : ErrorCode.Syntax;
+                throw new RelayErrorException(code, "the handshake");
+            }
+            if (type != FrameType.Welcome || payload.Length != FrameWriter.WelcomePayloadSize)
+            {
+                throw new RelayConnectException("the relay answered the handshake with something unexpected");
+            }
+            ushort version = BinaryPrimitives.ReadUInt16BigEndian(payload);
+            int maxFrame = (int)BinaryPrimitives.ReadUInt32BigEndian(payload.AsSpan(2));
+            int maxMessage = (int)BinaryPrimitives.ReadUInt32BigEndian(payload.AsSpan(6));
+            var sessionId = payload.AsSpan(10, ProtocolConstants.SessionIdSize).ToArray();
+            var sessionKey = payload.AsSpan(10 + ProtocolConstants.SessionIdSize, ProtocolConstants.KeySize).ToArray();
+            return new RelayConnection(address, stream, input, version, maxFrame, maxMessage, sessionId, sessionKey);
+        }
+        catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
+        {
+            await stream.DisposeAsync();
+            throw new RelayConnectException($"timed out during the handshake with {host}:{address.Port}");
+        }
+        catch (Exception ex) when (ex is IOException or AuthenticationException)
+        {
+            await stream.DisposeAsync();
+            throw new RelayConnectException($"the connection to {host}:{address.Port} failed during the handshake: {ex.Message}", ex);
+        }
+        catch
+        {
+            await stream.DisposeAsync();
+            throw;
+        }
+    }
+
+    internal static (string Host, int Port) ParseHostPort(string value)
+    {
+        int colon = value.LastIndexOf(':');
+        if (colon <= 0 || !int.TryParse(value.AsSpan(colon + 1), out int port) || port is < 1 or > 65535)
+        {
+            throw new FormatException($"expected HOST:PORT, got '{value}'");
+        }
+        return (value.Substring(0, colon).Trim('[', ']'), port);
+    }
+
+    private static async Task<(FrameType, byte[])> ReadOneFrameAsync(PipeReader input, CancellationToken cancellationToken)
+    {
+        while (true)
+        {
+            var result = await input.ReadAsync(cancellationToken);
+            var buffer = result.Buffer;
+            try
+            {
+                if (FrameReader.TryRead(ref buffer, ProtocolConstants.HandshakeMaxFrame, out var frame))
+                {
+                    var bytes = frame.ToArray();
+                    return ((FrameType)bytes[0], bytes.AsSpan(ProtocolConstants.HeaderSize).ToArray());
+                }
+                if (result.IsCompleted)
+                {
+                    throw new RelayConnectException("the relay closed the connection during the handshake");
+                }
+            }
+            finally
+            {
+                input.AdvanceTo(buffer.Start, buffer.End);
+            }
+        }
+    }
+
+    private async Task ReadLoopAsync(PipeReader input)
+    {
+        Exception? failure = null;
+        try
+        {
+            while (true)
+            {
+                var result = await input.ReadAsync(_closed.Token);
+                var buffer = result.Buffer;
+                try
+                {
+                    while (FrameReader.TryRead(ref buffer, Math.Max(MaxFrame, ProtocolConstants.HandshakeMaxFrame), out var frame))
+                    {
+                        OnFrame(frame);
+                    }
+                    if (result.IsCompleted)
+                    {
+                        failure = new RelayConnectException("the relay closed the connection");
+                        return;
+                    }
+                }
+                finally
+                {
+                    input.AdvanceTo(buffer.Start, buffer.End);
+                }
+            }
+        }
+        catch (OperationCanceledException)
+        {
+            failure = new RelayConnectException("the connection was closed");
+        }
+        catch (Exception ex)
+        {
+            failure = ex is RelayConnectException ? ex : new RelayConnectException($"the connection to the relay was lost: {ex.Message}", ex);
+        }
+        finally
+        {
+            await input.CompleteAsync();
+            Fail(failure ?? new RelayConnectException("the connection was closed"));
+        }
+    }
+
+    private void OnFrame(in ReadOnlySequence<byte> frameBytes)
+    {
+        var rented = ArrayPool<byte>.Shared.Rent((int)frameBytes.Length);
+        try
+        {
+            frameBytes.CopyTo(rented);
+            var frame = new FrameView(rented.AsSpan(0, (int)frameBytes.Length));
+            uint corr = frame.CorrelationId;
+            if (corr == 0)
+            {
+                OnPush(frame);
+                return;
+            }
+            TaskCompletionSource<Response>? pending;
+            lock (_pendingLock)
+            {
+                _pending.Remove(corr, out pending);
+            }
+            pending?.TrySetResult(new Response(frame.Type, frame.Payload.ToArray()));
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(rented);
+        }
+    }
+
+    private void OnPush(in FrameView frame)
+    {
+        switch (frame.Type)
+        {
+            case FrameType.Msg:
+                if (TryOpen(frame.Payload, out var delivery))
+                {
+                    _events.Writer.TryWrite(new DeliveryEvent(delivery));
+                }
+                break;
+            case FrameType.End when frame.Payload.Length == ProtocolConstants.IdSize:
+                var id = frame.Payload.ToArray();
+                lock (_pendingLock)
+                {
+                    if (_deliveryCiphers.Remove(Id.From(id), out var cipher)) cipher.Dispose();
+                }
+                _events.Writer.TryWrite(new SubscriptionEndedEvent(id));
+                break;
+            case FrameType.Err:
+                var code = frame.Payload.Length > 0 ? (ErrorCode)frame.Payload[0] : ErrorCode.Syntax;
+                _failure ??= new RelayErrorException(code, "the connection");
+                break;
+        }
+    }
+
+    private bool TryOpen(ReadOnlySpan<byte> payload, out Delivery delivery)
+    {
+        delivery = null!;
+        if (payload.Length < ProtocolConstants.MsgOverhead) return false;
+        var recipientId = payload.Slice(0, ProtocolConstants.IdSize);
+        ChaCha20Poly1305? cipher;
+        lock (_pendingLock)
+        {
+            _deliveryCiphers.TryGetValue(Id.From(recipientId), out cipher);
+        }
+        if (cipher is null) return false;
+        var body = new byte[payload.Length - ProtocolConstants.MsgOverhead];
+        if (!RelayCrypto.TryOpenDelivery(cipher, payload, body, out var messageId, out var hour, out var flags, out _))
+        {
+            return false;
+        }
+        delivery = new Delivery(recipientId.ToArray(), messageId, hour, flags, body, payload.ToArray());
+        return true;
+    }
+
+    private void Fail(Exception failure)
+    {
+        _failure ??= failure;
+        List<TaskCompletionSource<Response>> pending;
+        lock (_pendingLock)
+        {
+            pending = [.. _pending.Values];
+            _pending.Clear();
+        }
+        foreach (var p in pending)
+        {
+            p.TrySetException(_failure);
+        }
+        _events.Writer.TryComplete();
+        lock (_writeLock)
+        {
+            if (!_disposed)
+            {
+                _disposed = true;
+                _output.Writer.Complete();
+            }
+        }
+        try { _closed.Cancel(); } catch (ObjectDisposedException) { }
+    }
+
+    private async Task CopyOutputAsync()
+    {
+        var reader = _output.Reader;
+        try
+        {
+            while (true)
+            {
+                var result = await reader.ReadAsync();
+                var buffer = result.Buffer;
+                foreach (var segment in buffer)
+                {
+                    await _stream.WriteAsync(segment);
+                }
+                if (!buffer.IsEmpty)
+                {
+                    await _stream.FlushAsync();
+                }
+                reader.AdvanceTo(buffer.End);
+                if (result.IsCompleted) break;
+            }
+        }
+        catch (Exception ex)
+        {
+            Fail(new RelayConnectException($"the connection to the relay was lost: {ex.Message}", ex));
+        }
+        finally
+        {
+            await reader.CompleteAsync();
+        }
+    }
+
+    private uint NextCorrelation()
+    {
+        uint id;
+        do
+        {
+            id = Interlocked.Increment(ref _nextCorrelation);
+        }
+        while (id == 0);
+        return id;
+    }
+
+    /// <summary>
+    /// Sends one request written by <paramref name="write"/> and waits for its answer. Any number of
+    /// requests may be in flight at once; answers are matched by correlation id.
+    /// </summary>
+    public Task<Response> RequestAsync<TState>(TState state, Action<IBufferWriter<byte>, uint, TState> write, CancellationToken cancellationToken = default)
+    {
+        var tcs = new TaskCompletionSource<Response>(TaskCreationOptions.RunContinuationsAsynchronously);
+        uint corr = NextCorrelation();
+        lock (_pendingLock)
+        {
+            if (_failure != null && _disposed)
+            {
+                return Task.FromException<Response>(_failure);
+            }
+            _pending[corr] = tcs;
+        }
+        lock (_writeLock)
+        {
+            if (_disposed)
+            {
+                lock (_pendingLock) _pending.Remove(corr);
+                return Task.FromException<Response>(_failure ?? new RelayConnectException("the connection is closed"));
+            }
+            write(_output.Writer, corr, state);
+            _ = _output.Writer.FlushAsync();
+        }
+        if (cancellationToken.CanBeCanceled)
+        {
+            return tcs.Task.WaitAsync(cancellationToken);
+        }
+        return tcs.Task;
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        Fail(new RelayConnectException("the connection was closed"));
+        try
+        {
+            await _copyLoop.WaitAsync(TimeSpan.FromSeconds(5));
+        }
+        catch (Exception)
+        {
+            // Closing anyway.
+        }
+        await _stream.DisposeAsync();
+        try
+        {
+            await _readLoop.WaitAsync(TimeSpan.FromSeconds(5));
+        }
+        catch (Exception)
+        {
+            // Closing anyway.
+        }
+        lock (_pendingLock)
+        {
+            foreach (var c in _deliveryCiphers.Values) c.Dispose();
+            _deliveryCiphers.Clear();
+        }
+        _closed.Dispose();
+    }
+
+    /// <summary>A 24- or 32-byte value as a dictionary key.</summary>
+    private readonly record struct Id(ulong A, ulong B, ulong C, ulong D)
+    {
+        public static Id From(ReadOnlySpan<byte> s) => new(
+            BinaryPrimitives.ReadUInt64LittleEndian(s),
+            BinaryPrimitives.ReadUInt64LittleEndian(s.Slice(8)),
+            BinaryPrimitives.ReadUInt64LittleEndian(s.Slice(16)),
+            s.Length >= 32 ? BinaryPrimitives.ReadUInt64LittleEndian(s.Slice(24)) : 0);
+    }
+}

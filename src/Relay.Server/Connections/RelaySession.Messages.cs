@@ -1,0 +1,235 @@
+using System.Buffers.Binary;
+using System.Runtime.CompilerServices;
+using System.Security.Cryptography;
+using Relay.Protocol;
+using Relay.Server.Metrics;
+using Relay.Storage;
+
+namespace Relay.Server.Connections;
+
+/// <summary>Message flow: SEND, SUB, ACK, GET and the delivery of the next message to a subscriber.</summary>
+internal sealed partial class RelaySession
+{
+    // SEND: senderId[24] ‖ u8 flags ‖ body ‖ mac
+    private void HandleSend(in FrameView frame)
+    {
+        uint corr = frame.CorrelationId;
+        if (!QueueCommand.TryParse(frame, 1, int.MaxValue, out var command))
+        {
+            Fail(FrameType.Send, corr, ErrorCode.Syntax);
+            return;
+        }
+        if (command.Args.Length - 1 > _options.MaxMessage)
+        {
+            Fail(FrameType.Send, corr, ErrorCode.TooLarge);
+            return;
+        }
+        var queue = _store.FindBySenderId(command.QueueId);
+        if (queue is null)
+        {
+            Authorize(command, null);
+            Fail(FrameType.Send, corr, ErrorCode.Auth);
+            return;
+        }
+        var senderKey = queue.SenderKey;
+        // An unsecured queue takes its first messages without a MAC: they carry the sender's key.
+        if ((senderKey != null && !Authorize(command, senderKey)) || queue.Suspended)
+        {
+            Fail(FrameType.Send, corr, ErrorCode.Auth);
+            return;
+        }
+        ValueTask<AppendResult> append;
+        try
+        {
+            append = _store.AppendAsync(queue, command.Args[0], command.Args.Slice(1));
+        }
+        catch (Exception ex)
+        {
+            Log.StoreFailed(_logger, "SEND", ex.GetType().Name);
+            Fail(FrameType.Send, corr, ErrorCode.Internal);
+            return;
+        }
+        BeginInFlight();
+        _ = CompleteSendAsync(corr, queue, append, command.Args.Length - 1);
+    }
+
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask CompleteSendAsync(uint corr, QueueHandle queue, ValueTask<AppendResult> append, int length)
+    {
+        try
+        {
+            var result = await append;
+            if (result.Status != StoreStatus.Ok)
+            {
+                Fail(FrameType.Send, corr, ErrorFor(result.Status));
+                return;
+            }
+            _context.Metrics.MessageStored(length);
+            Succeed(FrameType.Send, corr);
+            if (queue.Tag is Subscription)
+            {
+                lock (queue.Sync)
+                {
+                    if (queue.Tag is Subscription s)
+                    {
+                        s.Session.DeliverNextLocked(s);
+                    }
+                }
+            }
+        }
+        catch (Exception ex)
+        {
+            Log.StoreFailed(_logger, "SEND", ex.GetType().Name);
+            Fail(FrameType.Send, corr, ErrorCode.Internal);
+        }
+        finally
+        {
+            EndInFlight();
+        }
+    }
+
+    /// <summary>
+    /// Pushes the oldest stored message to <paramref name="s"/> unless one is outstanding.
+    /// The caller holds <c>s.Queue.Sync</c>.
+    /// </summary>
+    internal void DeliverNextLocked(Subscription s)
+    {
+        if (s.Ended || s.HasOutstanding || s.Queue.Deleted || !ReferenceEquals(s.Queue.Tag, s))
+        {
+            return;
+        }
+        if (!_store.TryPeekOldest(s.Queue, out var message))
+        {
+            return;
+        }
+        try
+        {
+            s.HasOutstanding = true;
+            s.Outstanding = message.Id;
+            WriteMessage(0, s.Queue, message, s.Cipher);
+            _context.Metrics.Delivered();
+        }
+        finally
+        {
+            message.Return();
+        }
+    }
+
+    private void HandleSubscribe(in FrameView frame)
+    {
+        var queue = RecipientCommand(frame, 0, out _);
+        if (queue is null) return;
+        uint corr = frame.CorrelationId;
+
+        Subscription? replaced = null;
+        lock (_subLock)
+        {
+            if (!_subscriptions.ContainsKey(queue) && _subscriptions.Count >= _options.MaxSubscriptionsPerConnection)
+            {
+                Fail(FrameType.Sub, corr, ErrorCode.Limit);
+                return;
+            }
+        }
+        var subscription = new Subscription(this, queue);
+        lock (queue.Sync)
+        {
+            if (queue.Tag is Subscription old)
+            {
+                old.Ended = true;
+                replaced = old;
+            }
+            queue.Tag = subscription;
+            lock (_subLock)
+            {
+                _subscriptions[queue] = subscription;
+            }
+            // OK first, then the first waiting message, both in order on this connection.
+            _context.Metrics.Command(FrameType.Sub, CommandResult.Ok);
+            WriteEmptyNow(FrameType.Ok, corr);
+            DeliverNextLocked(subscription);
+        }
+        if (replaced != null)
+        {
+            if (ReferenceEquals(replaced.Session, this))
+            {
+                // Re-subscribing on the same connection restarts delivery from the oldest message.
+                replaced.Dispose();
+            }
+            else
+            {
+                replaced.Session.OnSubscriptionEnded(replaced, notify: true);
+                _context.Metrics.SubscriptionsChanged(1);
+            }
+        }
+        else
+        {
+            _context.Metrics.SubscriptionsChanged(1);
+        }
+    }
+
+    // ACK: recipientId[24] ‖ u64 msgId ‖ mac
+    private void HandleAck(in FrameView frame)
+    {
+        var queue = RecipientCommand(frame, 8, out var command);
+        if (queue is null) return;
+        ulong id = BinaryPrimitives.ReadUInt64BigEndian(command.Args);
+        BeginInFlight();
+        _ = CompleteAckAsync(frame.CorrelationId, queue, id, _store.AckAsync(queue, id));
+    }
+
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask CompleteAckAsync(uint corr, QueueHandle queue, ulong id, ValueTask<StoreStatus> ack)
+    {
+        try
+        {
+            var status = await ack;
+            if (status != StoreStatus.Ok)
+            {
+                Fail(FrameType.Ack, corr, status == StoreStatus.NotFound && !queue.Deleted ? ErrorCode.NoMsg : ErrorFor(status));
+                return;
+            }
+            _context.Metrics.MessageAcked();
+            Succeed(FrameType.Ack, corr);
+            lock (queue.Sync)
+            {
+                if (queue.Tag is Subscription s && s.HasOutstanding && s.Outstanding == id)
+                {
+                    s.HasOutstanding = false;
+                    s.Session.DeliverNextLocked(s);
+                }
+            }
+        }
+        catch (Exception ex)
+        {
+            Log.StoreFailed(_logger, "ACK", ex.GetType().Name);
+            Fail(FrameType.Ack, corr, ErrorCode.Internal);
+        }
+        finally
+        {
+            EndInFlight();
+        }
+    }
+
+    private void HandleGet(in FrameView frame)
+    {
+        var queue = RecipientCommand(frame, 0, out _);
+        if (queue is null) return;
+        uint corr = frame.CorrelationId;
+        if (!_store.TryPeekOldest(queue, out var message))
+        {
+            _context.Metrics.Command(FrameType.Get, CommandResult.Ok);
+            WriteEmpty(FrameType.Empty, corr);
+            return;
+        }
+        try
+        {
+            using var cipher = new ChaCha20Poly1305(queue.DeliveryKey);
+            _context.Metrics.Command(FrameType.Get, CommandResult.Ok);
+            WriteMessage(corr, queue, message, cipher);
+        }
+        finally
+        {
+            message.Return();
+        }
+    }
+}

@@ -1,0 +1,290 @@
+using System.Runtime.CompilerServices;
+using System.Security.Cryptography;
+using Relay.Protocol;
+using Relay.Server.Metrics;
+using Relay.Storage;
+
+namespace Relay.Server.Connections;
+
+/// <summary>Queue management: NEW, SKEY, OFF, DEL, and the authorization every queue command goes through.</summary>
+internal sealed partial class RelaySession
+{
+    private const int MaxCachedKeys = 16_384;
+
+    /// <summary>
+    /// Verifies the MAC of <paramref name="command"/> under the key the session shares with
+    /// <paramref name="clientKey"/>. For a missing queue (null) the same work is done under a decoy
+    /// key, so that "no such queue" and "wrong key" cannot be told apart by content or time.
+    /// </summary>
+    private bool Authorize(in QueueCommand command, byte[]? clientKey)
+    {
+        byte[]? key;
+        if (clientKey is null)
+        {
+            var id = Id24.From(command.QueueId);
+            if (!_decoyKeys.TryGetValue(id, out key))
+            {
+                key = new byte[ProtocolConstants.KeySize];
+                Span<byte> decoy = stackalloc byte[ProtocolConstants.KeySize];
+                RandomNumberGenerator.Fill(decoy);
+                RelayCrypto.TryDeriveAuthKey(_sessionPrivate, decoy, _sessionId, key);
+                if (_decoyKeys.Count >= MaxCachedKeys) _decoyKeys.Clear();
+                _decoyKeys[id] = key;
+            }
+            RelayCrypto.VerifyMac(key, command.MacInput, command.Mac);
+            return false;
+        }
+        var k = Key32.From(clientKey);
+        if (!_authKeys.TryGetValue(k, out key))
+        {
+            key = new byte[ProtocolConstants.KeySize];
+            if (!RelayCrypto.TryDeriveAuthKey(_sessionPrivate, clientKey, _sessionId, key))
+            {
+                return false;
+            }
+            if (_authKeys.Count >= MaxCachedKeys) _authKeys.Clear();
+            _authKeys[k] = key;
+        }
+        return RelayCrypto.VerifyMac(key, command.MacInput, command.Mac);
+    }
+
+    /// <summary>Parses a recipient command and authorizes it; answers the error itself and returns null on failure.</summary>
+    private QueueHandle? RecipientCommand(in FrameView frame, int argsLength, out QueueCommand command)
+    {
+        if (!QueueCommand.TryParse(frame, argsLength, argsLength, out command))
+        {
+            Fail(frame.Type, frame.CorrelationId, ErrorCode.Syntax);
+            return null;
+        }
+        var queue = _store.FindByRecipientId(command.QueueId);
+        if (!Authorize(command, queue?.RecipientKey) || queue is null)
+        {
+            Fail(frame.Type, frame.CorrelationId, ErrorCode.Auth);
+            return null;
+        }
+        return queue;
+    }
+
+    private void Fail(FrameType type, uint corr, ErrorCode code)
+    {
+        _context.Metrics.Command(type, CommandResult.From(code));
+        WriteError(corr, code);
+    }
+
+    private void Succeed(FrameType type, uint corr)
+    {
+        _context.Metrics.Command(type, CommandResult.Ok);
+        WriteEmptyNow(FrameType.Ok, corr);
+    }
+
+    private static ErrorCode ErrorFor(StoreStatus status) => status switch
+    {
+        StoreStatus.NotFound or StoreStatus.Suspended or StoreStatus.Conflict => ErrorCode.Auth,
+        StoreStatus.QuotaExceeded => ErrorCode.Quota,
+        StoreStatus.StoreFull => ErrorCode.Full,
+        StoreStatus.NotOldest => ErrorCode.NoMsg,
+        _ => ErrorCode.Internal,
+    };
+
+    // NEW: recipientKey[32] ‖ recipientDhKey[32] ‖ u8 passwordLength ‖ password
+    private void HandleNew(in FrameView frame)
+    {
+        var p = frame.Payload;
+        uint corr = frame.CorrelationId;
+        const int fixedPart = 2 * ProtocolConstants.KeySize + 1;
+        if (p.Length < fixedPart || p.Length != fixedPart + p[fixedPart - 1])
+        {
+            Fail(FrameType.New, corr, ErrorCode.Syntax);
+            return;
+        }
+        if (!_options.AllowNewQueues)
+        {
+            Fail(FrameType.New, corr, ErrorCode.Disabled);
+            return;
+        }
+        var password = p.Slice(fixedPart);
+        if (!_context.CheckCreatePassword(password))
+        {
+            Fail(FrameType.New, corr, ErrorCode.Auth);
+            return;
+        }
+        if (!_context.AllowQueueCreation(this))
+        {
+            Fail(FrameType.New, corr, ErrorCode.Limit);
+            return;
+        }
+        var recipientKey = p.Slice(0, ProtocolConstants.KeySize).ToArray();
+        var recipientDhKey = p.Slice(ProtocolConstants.KeySize, ProtocolConstants.KeySize);
+
+        var recipientId = RandomNumberGenerator.GetBytes(ProtocolConstants.IdSize);
+        var senderId = RandomNumberGenerator.GetBytes(ProtocolConstants.IdSize);
+        Span<byte> serverDhPrivate = stackalloc byte[ProtocolConstants.KeySize];
+        var serverDhPublic = new byte[ProtocolConstants.KeySize];
+        RelayCrypto.GenerateKeyPair(serverDhPrivate, serverDhPublic);
+        var deliveryKey = new byte[ProtocolConstants.KeySize];
+        bool ok = RelayCrypto.TryDeriveDeliveryKey(serverDhPrivate, recipientDhKey, recipientId, deliveryKey);
+        CryptographicOperations.ZeroMemory(serverDhPrivate);
+        Span<byte> probe = stackalloc byte[ProtocolConstants.KeySize];
+        if (!ok || !RelayCrypto.TryAgree(_sessionPrivate, recipientKey, probe))
+        {
+            // A small-order key would make every later MAC or delivery key predictable.
+            Fail(FrameType.New, corr, ErrorCode.Syntax);
+            return;
+        }
+        BeginInFlight();
+        _ = CreateQueueAsync(corr, recipientId, senderId, recipientKey, deliveryKey, serverDhPublic);
+    }
+
+    private async Task CreateQueueAsync(uint corr, byte[] recipientId, byte[] senderId, byte[] recipientKey, byte[] deliveryKey, byte[] serverDhPublic)
+    {
+        try
+        {
+            var (status, _) = await _store.CreateQueueAsync(recipientId, senderId, recipientKey, deliveryKey);
+            if (status == StoreStatus.Ok)
+            {
+                _context.Metrics.Command(FrameType.New, CommandResult.Ok);
+                lock (_writeLock)
+                {
+                    if (_outputClosed) return;
+                    FrameWriter.WriteIds(_output.Writer, corr, recipientId, senderId, serverDhPublic);
+                    FlushLocked();
+                }
+            }
+            else
+            {
+                Fail(FrameType.New, corr, status == StoreStatus.Conflict ? ErrorCode.Internal : ErrorFor(status));
+            }
+        }
+        catch (Exception ex)
+        {
+            Log.StoreFailed(_logger, "NEW", ex.GetType().Name);
+            Fail(FrameType.New, corr, ErrorCode.Internal);
+        }
+        finally
+        {
+            EndInFlight();
+        }
+    }
+
+    // SKEY: senderId[24] ‖ senderKey[32] ‖ mac (made with senderKey itself)
+    private void HandleSecure(in FrameView frame)
+    {
+        uint corr = frame.CorrelationId;
+        if (!QueueCommand.TryParse(frame, ProtocolConstants.KeySize, ProtocolConstants.KeySize, out var command))
+        {
+            Fail(FrameType.SKey, corr, ErrorCode.Syntax);
+            return;
+        }
+        var queue = _store.FindBySenderId(command.QueueId);
+        var senderKey = command.Args.ToArray();
+        if (!Authorize(command, queue is null ? null : senderKey) || queue is null)
+        {
+            Fail(FrameType.SKey, corr, ErrorCode.Auth);
+            return;
+        }
+        BeginInFlight();
+        _ = CompleteAsync(FrameType.SKey, corr, _store.SecureAsync(queue, senderKey));
+    }
+
+    private void HandleSuspend(in FrameView frame)
+    {
+        var queue = RecipientCommand(frame, 0, out _);
+        if (queue is null) return;
+        BeginInFlight();
+        _ = CompleteAsync(FrameType.Off, frame.CorrelationId, _store.SuspendAsync(queue));
+    }
+
+    private void HandleDelete(in FrameView frame)
+    {
+        var queue = RecipientCommand(frame, 0, out _);
+        if (queue is null) return;
+        BeginInFlight();
+        _ = DeleteAsync(frame.CorrelationId, queue);
+    }
+
+    private async Task DeleteAsync(uint corr, QueueHandle queue)
+    {
+        try
+        {
+            var status = await _store.DeleteQueueAsync(queue);
+            if (status != StoreStatus.Ok)
+            {
+                Fail(FrameType.Del, corr, ErrorFor(status));
+                return;
+            }
+            Subscription? ended = null;
+            lock (queue.Sync)
+            {
+                if (queue.Tag is Subscription s)
+                {
+                    queue.Tag = null;
+                    s.Ended = true;
+                    ended = s;
+                }
+            }
+            Succeed(FrameType.Del, corr);
+            if (ended != null)
+            {
+                ended.Session.OnSubscriptionEnded(ended, notify: !ReferenceEquals(ended.Session, this));
+            }
+        }
+        catch (Exception ex)
+        {
+            Log.StoreFailed(_logger, "DEL", ex.GetType().Name);
+            Fail(FrameType.Del, corr, ErrorCode.Internal);
+        }
+        finally
+        {
+            EndInFlight();
+        }
+    }
+
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask CompleteAsync(FrameType type, uint corr, ValueTask<StoreStatus> operation)
+    {
+        try
+        {
+            var status = await operation;
+            if (status == StoreStatus.Ok)
+            {
+                Succeed(type, corr);
+            }
+            else
+            {
+                Fail(type, corr, ErrorFor(status));
+            }
+        }
+        catch (Exception ex)
+        {
+            Log.StoreFailed(_logger, type.ToString(), ex.GetType().Name);
+            Fail(type, corr, ErrorCode.Internal);
+        }
+        finally
+        {
+            EndInFlight();
+        }
+    }
+
+    /// <summary>Called (without locks held) when another connection took or deleted a subscription of this one.</summary>
+    internal void OnSubscriptionEnded(Subscription subscription, bool notify)
+    {
+        bool removed = false;
+        lock (_subLock)
+        {
+            if (_subscriptions.TryGetValue(subscription.Queue, out var current) && ReferenceEquals(current, subscription))
+            {
+                _subscriptions.Remove(subscription.Queue);
+                removed = true;
+            }
+        }
+        if (removed)
+        {
+            _context.Metrics.SubscriptionsChanged(-1);
+        }
+        if (notify)
+        {
+            WriteEnd(subscription.Queue.RecipientId);
+        }
+        subscription.Dispose();
+    }
+}

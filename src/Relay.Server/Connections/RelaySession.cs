@@ -1,0 +1,145 @@
+using System.Buffers;
+using System.IO.Pipelines;
+using System.Net.Security;
+using System.Security.Authentication;
+using System.Security.Cryptography;
+using Microsoft.AspNetCore.Connections;
+using Microsoft.Extensions.Logging;
+using Relay.Protocol;
+using Relay.Storage;
+
+namespace Relay.Server.Connections;
+
+/// <summary>
+/// One client connection: TLS (optional), the handshake, the read loop that parses and dispatches
+/// frames, and the output pipe that every response and push goes through.
+/// Split by facet: .Read.cs (read loop), .Write.cs (output), .Queues.cs and .Messages.cs (commands).
+/// </summary>
+internal sealed partial class RelaySession
+{
+    private readonly RelayServerContext _context;
+    private readonly QueueStore _store;
+    private readonly RelayServerOptions _options;
+    private readonly ILogger _logger;
+
+    private readonly byte[] _sessionId = new byte[ProtocolConstants.SessionIdSize];
+    private readonly byte[] _sessionPrivate = new byte[ProtocolConstants.KeySize];
+    private readonly byte[] _sessionPublic = new byte[ProtocolConstants.KeySize];
+
+    // Derived auth keys by client public key (read loop only).
+    private readonly Dictionary<Key32, byte[]> _authKeys = new();
+    // Keys used for ids that name no queue, so that a repeated probe costs what a real queue costs.
+    private readonly Dictionary<Id24, byte[]> _decoyKeys = new();
+
+    private readonly object _subLock = new();
+    private readonly Dictionary<QueueHandle, Subscription> _subscriptions = new(ReferenceEqualityComparer.Instance);
+
+    public RelaySession(RelayServerContext context)
+    {
+        _context = context;
+        _store = context.Store;
+        _options = context.Options;
+        _logger = context.Logger;
+        RandomNumberGenerator.Fill(_sessionId);
+        RelayCrypto.GenerateKeyPair(_sessionPrivate, _sessionPublic);
+    }
+
+    public async Task RunAsync(ConnectionContext connection)
+    {
+        SslStream? ssl = null;
+        PipeReader input;
+        Task copy;
+        try
+        {
+            if (_options.Tls)
+            {
+                ssl = new SslStream(new DuplexPipeStream(connection.Transport), leaveInnerStreamOpen: false);
+                using (var cts = new CancellationTokenSource(_options.HandshakeTimeout))
+                {
+                    await ssl.AuthenticateAsServerAsync(_context.TlsOptions, cts.Token);
+                }
+                input = PipeReader.Create(ssl, new StreamPipeReaderOptions(bufferSize: 16 * 1024, minimumReadSize: 4096, leaveOpen: true));
+                copy = CopyOutputAsync(ssl);
+            }
+            else
+            {
+                input = connection.Transport.Input;
+                copy = CopyOutputAsync(connection.Transport.Output);
+            }
+        }
+        catch (Exception ex) when (ex is OperationCanceledException or IOException or AuthenticationException or ObjectDisposedException)
+        {
+            _context.Metrics.HandshakeFailed("tls");
+            Log.TlsFailed(_logger, ex.GetType().Name);
+            if (ssl != null) await ssl.DisposeAsync();
+            return;
+        }
+
+        try
+        {
+            if (await HandshakeAsync(input))
+            {
+                _context.Metrics.HandshakeSucceeded();
+                await ReadLoopAsync(input, connection.ConnectionClosed);
+            }
+        }
+        catch (ProtocolException ex)
+        {
+            Log.ProtocolViolation(_logger, ex.Code, ex.Message);
+            _context.Metrics.ProtocolError(ex.Code);
+            WriteError(0, ex.Code);
+        }
+        catch (OperationCanceledException)
+        {
+            Log.IdleClosed(_logger);
+        }
+        catch (Exception ex) when (ex is IOException or ConnectionResetException or ObjectDisposedException or InvalidOperationException)
+        {
+            Log.ConnectionFailed(_logger, ex.GetType().Name);
+        }
+        finally
+        {
+            EndAllSubscriptions();
+            await WaitForInFlightAsync();
+            CompleteOutput();
+            try
+            {
+                await copy.WaitAsync(TimeSpan.FromSeconds(5));
+            }
+            catch (Exception)
+            {
+                // The peer is gone or too slow; the connection is closing anyway.
+            }
+            await input.CompleteAsync();
+            if (ssl != null)
+            {
+                await ssl.DisposeAsync();
+            }
+        }
+    }
+
+    private void EndAllSubscriptions()
+    {
+        Subscription[] subs;
+        lock (_subLock)
+        {
+            subs = [.. _subscriptions.Values];
+            _subscriptions.Clear();
+        }
+        foreach (var s in subs)
+        {
+            lock (s.Queue.Sync)
+            {
+                if (ReferenceEquals(s.Queue.Tag, s))
+                {
+                    s.Queue.Tag = null;
+                }
+                s.Ended = true;
+            }
+            s.Dispose();
+        }
+        _context.Metrics.SubscriptionsChanged(-subs.Length);
+    }
+}
+
+

@@ -1,0 +1,20 @@
+using System.Security.Cryptography;
+using Relay.Storage;
+
+namespace Relay.Server.Connections;
+
+/// <summary>
+/// The one live subscription of a queue, hung on <see cref="QueueHandle.Tag"/>. Guarded by
+/// <see cref="QueueHandle.Sync"/>: at most one message is outstanding (delivered, not yet acked).
+/// </summary>
+internal sealed class Subscription(RelaySession session, QueueHandle queue) : IDisposable
+{
+    public RelaySession Session { get; } = session;
+    public QueueHandle Queue { get; } = queue;
+    public ChaCha20Poly1305 Cipher { get; } = new(queue.DeliveryKey);
+    public bool HasOutstanding;
+    public ulong Outstanding;
+    public bool Ended;
+
+    public void Dispose() => Cipher.Dispose();
+}

@@ -1,0 +1,99 @@
+using System.Security.Cryptography;
+using System.Security.Cryptography.X509Certificates;
+using Relay.Protocol;
+
+namespace Relay.Server.Hosting;
+
+/// <summary>
+/// The relay's long-lived identity certificate (its SPKI hash is the address fingerprint) and a
+/// short-lived TLS certificate it signs. The TLS certificate is made fresh at every start, so
+/// rotating it never changes the address.
+/// </summary>
+public sealed class RelayIdentity : IDisposable
+{
+    public const string FileName = "identity.pfx";
+
+    public X509Certificate2 IdentityCertificate { get; }
+    public string Fingerprint { get; }
+
+    private RelayIdentity(X509Certificate2 identity)
+    {
+        IdentityCertificate = identity;
+        Fingerprint = RelayAddress.FingerprintOf(identity);
+    }
+
+    public static string PathIn(string dataDirectory) => Path.Combine(dataDirectory, FileName);
+
+    public static bool Exists(string dataDirectory) => File.Exists(PathIn(dataDirectory));
+
+    /// <summary>Loads the identity, creating it (file mode 0600) when it does not exist yet.</summary>
+    public static RelayIdentity LoadOrCreate(string dataDirectory, out bool created)
+    {
+        Directory.CreateDirectory(dataDirectory);
+        var path = PathIn(dataDirectory);
+        created = false;
+        if (!File.Exists(path))
+        {
+            // The identity is issued by a throwaway root whose key is discarded at once: TLS stacks
+            // send intermediates but drop self-signed roots from the presented chain, and the client
+            // needs the identity certificate in the chain to check the pin.
+            using var rootKey = ECDsa.Create(ECCurve.NamedCurves.nistP256);
+            var rootRequest = new CertificateRequest("CN=relay root", rootKey, HashAlgorithmName.SHA256);
+            rootRequest.CertificateExtensions.Add(new X509BasicConstraintsExtension(true, false, 0, true));
+            var now = DateTimeOffset.UtcNow;
+            using var root = rootRequest.CreateSelfSigned(now.AddDays(-1), now.AddYears(100));
+            using var key = ECDsa.Create(ECCurve.NamedCurves.nistP256);
+            var request = new CertificateRequest("CN=relay identity", key, HashAlgorithmName.SHA256);
+            request.CertificateExtensions.Add(new X509BasicConstraintsExtension(true, true, 0, true));
+            request.CertificateExtensions.Add(new X509KeyUsageExtension(X509KeyUsageFlags.KeyCertSign, true));
+            Span<byte> serial = stackalloc byte[16];
+            RandomNumberGenerator.Fill(serial);
+            serial[0] &= 0x7F;
+            using var issued = request.Create(root, now.AddDays(-1), now.AddYears(99), serial);
+            using var cert = issued.CopyWithPrivateKey(key);
+            var tmp = path + ".tmp";
+            var fileOptions = new FileStreamOptions { Mode = FileMode.Create, Access = FileAccess.Write };
+            if (!OperatingSystem.IsWindows())
+            {
+                // The identity key is readable by the relay's user only.
+                fileOptions.UnixCreateMode = UnixFileMode.UserRead | UnixFileMode.UserWrite;
+            }
+            using (var stream = new FileStream(tmp, fileOptions))
+            {
+                stream.Write(cert.Export(X509ContentType.Pkcs12));
+                stream.Flush(flushToDisk: true);
+            }
+            File.Move(tmp, path);
+            created = true;
+        }
+        var loaded = X509CertificateLoader.LoadPkcs12FromFile(path, password: null,
+            X509KeyStorageFlags.EphemeralKeySet | X509KeyStorageFlags.Exportable);
+        if (!loaded.HasPrivateKey)
+        {
+            throw new InvalidOperationException($"{path} holds no private key");
+        }
+        return new RelayIdentity(loaded);
+    }
+
+    /// <summary>A TLS certificate valid for <paramref name="lifetime"/>, signed by the identity key.</summary>
+    public X509Certificate2 CreateTlsCertificate(TimeSpan lifetime)
+    {
+        using var key = ECDsa.Create(ECCurve.NamedCurves.nistP256);
+        var request = new CertificateRequest("CN=relay", key, HashAlgorithmName.SHA256);
+        request.CertificateExtensions.Add(new X509BasicConstraintsExtension(false, false, 0, true));
+        request.CertificateExtensions.Add(new X509KeyUsageExtension(X509KeyUsageFlags.DigitalSignature, true));
+        request.CertificateExtensions.Add(new X509EnhancedKeyUsageExtension([new Oid("1.3.6.1.5.5.7.3.1")], false));
+        var now = DateTimeOffset.UtcNow;
+        Span<byte> serial = stackalloc byte[16];
+        RandomNumberGenerator.Fill(serial);
+        serial[0] &= 0x7F;
+        using var signed = request.Create(IdentityCertificate, now.AddHours(-1), now.Add(lifetime), serial);
+        using var withKey = signed.CopyWithPrivateKey(key);
+        // Round-trip through PKCS#12 so the key is usable by the TLS stack on every platform.
+        return X509CertificateLoader.LoadPkcs12(withKey.Export(X509ContentType.Pkcs12), null, X509KeyStorageFlags.EphemeralKeySet);
+    }
+
+    public RelayAddress AddressFor(IReadOnlyList<string> hosts, int port) => new(Fingerprint, hosts, port);
+
+    public void Dispose() => IdentityCertificate.Dispose();
+}

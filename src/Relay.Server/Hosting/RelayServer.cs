@@ -1,0 +1,245 @@
+using System.Net;
+using System.Net.Security;
+using System.Security.Authentication;
+using System.Security.Cryptography.X509Certificates;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Connections;
+using Microsoft.AspNetCore.Hosting;
+using Microsoft.AspNetCore.Http;
+using Microsoft.AspNetCore.Server.Kestrel.Core;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+using Prometheus;
+using Relay.Protocol;
+using Relay.Server.Connections;
+using Relay.Server.Metrics;
+using Relay.Storage;
+
+namespace Relay.Server.Hosting;
+
+/// <summary>
+/// One relay: the queue store, the relay listener (a raw Kestrel connection handler) and the admin
+/// HTTP listener (health, readiness, metrics) in one Kestrel host.
+/// </summary>
+public sealed class RelayServer : IAsyncDisposable
+{
+    private readonly WebApplication _app;
+    private readonly RelayServerContext _context;
+    private readonly RelayIdentity _identity;
+    private readonly ListenOptions _relayListen;
+    private readonly ListenOptions? _adminListen;
+    private readonly X509Certificate2? _tlsCertificate;
+    private readonly ILogger _logger;
+    private volatile bool _ready;
+    private int _stopped;
+
+    public RelayServerOptions Options { get; }
+    public QueueStore Store { get; }
+    public RelayMetrics Metrics { get; }
+    public string Fingerprint => _identity.Fingerprint;
+    public bool IsReady => _ready;
+
+    /// <summary>The bound relay endpoint (the real port when configured with port 0).</summary>
+    public IPEndPoint RelayEndPoint => (IPEndPoint)_relayListen.EndPoint;
+    public IPEndPoint? AdminEndPoint => (IPEndPoint?)_adminListen?.EndPoint;
+
+    /// <summary>The address clients use: the configured public hosts, else the listener's host.</summary>
+    public RelayAddress Address
+    {
+        get
+        {
+            var ep = RelayEndPoint;
+            IReadOnlyList<string> hosts = Options.PublicHosts.Count > 0 ? Options.PublicHosts
+                : [ep.Address.Equals(IPAddress.Any) || ep.Address.Equals(IPAddress.IPv6Any) ? "localhost" : ep.Address.ToString()];
+            return _identity.AddressFor(hosts, ep.Port);
+        }
+    }
+
+    private RelayServer(RelayServerOptions options, WebApplication app, RelayServerContext context, RelayIdentity identity,
+        ListenOptions relayListen, ListenOptions? adminListen, X509Certificate2? tlsCertificate)
+    {
+        Options = options;
+        _app = app;
+        _context = context;
+        _identity = identity;
+        _relayListen = relayListen;
+        _adminListen = adminListen;
+        _tlsCertificate = tlsCertificate;
+        Store = context.Store;
+        Metrics = context.Metrics;
+        _logger = context.Logger;
+    }
+
+    /// <summary>Opens the store, binds both listeners and starts serving. Throws when a port is taken or the store cannot open.</summary>
+    public static async Task<RelayServer> StartAsync(RelayServerOptions options, Action<ILoggingBuilder>? configureLogging = null,
+        CancellationToken cancellationToken = default)
+    {
+        var identity = RelayIdentity.LoadOrCreate(options.DataDirectory, out bool created);
+        QueueStore? store = null;
+        try
+        {
+            store = QueueStore.Open(new QueueStoreOptions
+            {
+                Path = Path.Combine(options.DataDirectory, "queues"),
+                MessageTtl = options.MessageTtl,
+                IdleQueueTtl = options.IdleQueueTtl,
+                MaxMessagesPerQueue = options.QueueMaxMessages,
+                MaxBytesPerQueue = options.QueueMaxBytes,
+                DiskBudgetBytes = options.DiskBudgetBytes,
+                Durable = options.Durable,
+                SweepInterval = options.SweepInterval,
+            });
+
+            var builder = WebApplication.CreateSlimBuilder();
+            builder.Logging.ClearProviders();
+            builder.Logging.AddFilter("Microsoft", LogLevel.Warning);
+            builder.Logging.AddFilter("System", LogLevel.Warning);
+            if (configureLogging != null)
+            {
+                configureLogging(builder.Logging);
+            }
+            else
+            {
+                builder.Logging.AddSimpleConsole(o =>
+                {
+                    o.SingleLine = true;
+                    o.UseUtcTimestamp = true;
+                    o.TimestampFormat = "yyyy-MM-ddTHH:mm:ssZ ";
+                });
+            }
+            builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromSeconds(15));
+
+            var metrics = new RelayMetrics();
+            store.Committed += metrics.Committed;
+
+            X509Certificate2? tlsCertificate = null;
+            SslServerAuthenticationOptions? tls = null;
+            if (options.Tls)
+            {
+                tlsCertificate = identity.CreateTlsCertificate(TimeSpan.FromDays(30));
+                var chainOnly = X509CertificateLoader.LoadCertificate(identity.IdentityCertificate.RawData);
+                tls = new SslServerAuthenticationOptions
+                {
+                    ServerCertificateContext = SslStreamCertificateContext.Create(tlsCertificate, [chainOnly], offline: true),
+                    ApplicationProtocols = [new SslApplicationProtocol(ProtocolConstants.AlpnString)],
+                    EnabledSslProtocols = SslProtocols.Tls13,
+                    ClientCertificateRequired = false,
+                    CertificateRevocationCheckMode = X509RevocationMode.NoCheck,
+                };
+            }
+
+            // The logger category is the product, not a type name: operators filter on "Relay".
+            var loggerHolder = new LoggerHolder();
+            var context = new RelayServerContext(options, store, metrics, loggerHolder, tls);
+            var handler = new RelayConnectionHandler(context);
+
+            ListenOptions? relayListen = null;
+            ListenOptions? adminListen = null;
+            builder.WebHost.ConfigureKestrel(k =>
+            {
+                k.AddServerHeader = false;
+                k.Listen(options.Listen, lo =>
+                {
+                    relayListen = lo;
+                    lo.Protocols = HttpProtocols.None;
+                    lo.Run(handler.OnConnectedAsync);
+                });
+                if (options.Admin != null)
+                {
+                    k.Listen(options.Admin, lo =>
+                    {
+                        adminListen = lo;
+                        lo.Protocols = HttpProtocols.Http1;
+                    });
+                }
+            });
+
+            var app = builder.Build();
+            // SIGTERM/SIGINT: end every session's read loop first, so Kestrel's stop finds them finishing.
+            app.Lifetime.ApplicationStopping.Register(context.Stopping.Cancel);
+            loggerHolder.Inner = app.Services.GetRequiredService<ILoggerFactory>().CreateLogger("Relay");
+            RelayServer? server = null;
+            MapAdmin(app, metrics, () => server?._ready == true);
+            await app.StartAsync(cancellationToken);
+            server = new RelayServer(options, app, context, identity, relayListen!, adminListen, tlsCertificate);
+            if (created)
+            {
+                Log.IdentityCreated(context.Logger);
+            }
+            Log.StoreOpened(context.Logger, options.Durable ? "durable: every acknowledged write is fsynced" : "relaxed: no fsync");
+            server._ready = true;
+            Log.Ready(context.Logger, server.Address.ToString());
+            return server;
+        }
+        catch
+        {
+            store?.Dispose();
+            identity.Dispose();
+            throw;
+        }
+    }
+
+    private static void MapAdmin(WebApplication app, RelayMetrics metrics, Func<bool> ready)
+    {
+        RequestDelegate health = ctx => ctx.Response.WriteAsync("ok\n");
+        RequestDelegate readiness = ctx =>
+        {
+            if (ready())
+            {
+                return ctx.Response.WriteAsync("ready\n");
+            }
+            ctx.Response.StatusCode = StatusCodes.Status503ServiceUnavailable;
+            return ctx.Response.WriteAsync("not ready\n");
+        };
+        app.MapGet("/healthz", health);
+        app.MapGet("/readyz", readiness);
+        app.MapMetrics("/metrics", metrics.Registry);
+    }
+
+    /// <summary>
+    /// Stops accepting, lets every connection finish what it has in flight and closes it, then
+    /// flushes and closes the store. Every acknowledged message is on disk when this returns.
+    /// </summary>
+    public async Task StopAsync()
+    {
+        if (Interlocked.Exchange(ref _stopped, 1) != 0)
+        {
+            return;
+        }
+        _ready = false;
+        Log.Stopping(_logger);
+        _context.Stopping.Cancel();
+        try
+        {
+            await _app.StopAsync();
+        }
+        finally
+        {
+            await Store.DisposeAsync();
+            await _app.DisposeAsync();
+            _tlsCertificate?.Dispose();
+            _identity.Dispose();
+            Log.Stopped(_logger);
+        }
+    }
+
+    /// <summary>Runs until SIGINT/SIGTERM (or <paramref name="cancellationToken"/>), then stops gracefully.</summary>
+    public async Task WaitForShutdownAsync(CancellationToken cancellationToken = default)
+    {
+        await _app.WaitForShutdownAsync(cancellationToken);
+        await StopAsync();
+    }
+
+    public ValueTask DisposeAsync() => new(StopAsync());
+
+    /// <summary>Forwards to the host's logger once it exists (the context is built before the host).</summary>
+    private sealed class LoggerHolder : ILogger
+    {
+        public ILogger Inner { get; set; } = Microsoft.Extensions.Logging.Abstractions.NullLogger.Instance;
+        public IDisposable? BeginScope<TState>(TState state) where TState : notnull => Inner.BeginScope(state);
+        public bool IsEnabled(LogLevel logLevel) => Inner.IsEnabled(logLevel);
+        public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter)
+            => Inner.Log(logLevel, eventId, state, exception, formatter);
+    }
+}

@@ -1,0 +1,39 @@
+using System.Net.Security;
+using System.Security.Cryptography;
+using System.Text;
+using Microsoft.Extensions.Logging;
+using Relay.Server.Connections;
+using Relay.Server.Metrics;
+using Relay.Storage;
+
+namespace Relay.Server;
+
+/// <summary>What every connection of one relay shares.</summary>
+internal sealed class RelayServerContext(RelayServerOptions options, QueueStore store, RelayMetrics metrics,
+    ILogger logger, SslServerAuthenticationOptions? tlsOptions)
+{
+    private readonly byte[] _passwordHash = string.IsNullOrEmpty(options.CreatePassword)
+        ? [] : SHA256.HashData(Encoding.UTF8.GetBytes(options.CreatePassword));
+
+    public RelayServerOptions Options { get; } = options;
+    public QueueStore Store { get; } = store;
+    public RelayMetrics Metrics { get; } = metrics;
+    public ILogger Logger { get; } = logger;
+    public SslServerAuthenticationOptions TlsOptions { get; } = tlsOptions ?? new();
+    public CancellationTokenSource Stopping { get; } = new();
+
+    /// <summary>Constant-time check of the queue-creation password (empty when none is configured).</summary>
+    public bool CheckCreatePassword(ReadOnlySpan<byte> password)
+    {
+        if (_passwordHash.Length == 0)
+        {
+            return true;
+        }
+        Span<byte> hash = stackalloc byte[32];
+        SHA256.HashData(password, hash);
+        return CryptographicOperations.FixedTimeEquals(hash, _passwordHash);
+    }
+
+    /// <summary>Per-source queue-creation rate limit hook (sources known only behind the PROXY protocol).</summary>
+    public bool AllowQueueCreation(RelaySession session) => true;
+}

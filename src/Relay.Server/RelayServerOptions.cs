@@ -1,0 +1,64 @@
+using System.Net;
+using Relay.Protocol;
+
+namespace Relay.Server;
+
+/// <summary>Every setting of a running relay. docs/OPERATIONS.md describes each with its default.</summary>
+public sealed class RelayServerOptions
+{
+    /// <summary>Data directory: identity and queue store.</summary>
+    public string DataDirectory { get; set; } = "relay-data";
+
+    /// <summary>Relay listener. Port 0 picks a free port (tests).</summary>
+    public IPEndPoint Listen { get; set; } = new(IPAddress.Any, RelayAddress.DefaultPort);
+
+    /// <summary>Admin HTTP listener (health, metrics, admin API). Null: no admin listener.</summary>
+    public IPEndPoint? Admin { get; set; } = new(IPAddress.Loopback, 5280);
+
+    /// <summary>TLS 1.3 on the relay listener. False only for a loopback hop behind a TLS proxy, or benchmarks.</summary>
+    public bool Tls { get; set; } = true;
+
+    /// <summary>Host names put in the printed relay address. Empty: derived from the listener.</summary>
+    public List<string> PublicHosts { get; set; } = [];
+
+    /// <summary>Largest frame length accepted after the handshake.</summary>
+    public int MaxFrame { get; set; } = ProtocolConstants.DefaultMaxFrame;
+
+    /// <summary>Largest SEND body.</summary>
+    public int MaxMessage { get; set; } = ProtocolConstants.DefaultMaxMessage;
+
+    /// <summary>Time allowed for TLS plus HELLO. Slow links (Tor) need well under 10 s.</summary>
+    public TimeSpan HandshakeTimeout { get; set; } = TimeSpan.FromSeconds(10);
+
+    /// <summary>A connection that sends nothing for this long is closed. Clients PING every 60 s.</summary>
+    public TimeSpan IdleTimeout { get; set; } = TimeSpan.FromSeconds(300);
+
+    /// <summary>Concurrent connections; further ones are closed at once. Bounds memory (~50 KiB per TLS connection).</summary>
+    public int MaxConnections { get; set; } = 20_000;
+
+    /// <summary>Subscriptions one connection may hold.</summary>
+    public int MaxSubscriptionsPerConnection { get; set; } = 10_000;
+
+    /// <summary>Requests one connection may have in flight (waiting for the disk); more are read when these complete.</summary>
+    public int MaxInFlightPerConnection { get; set; } = 1024;
+
+    /// <summary>Unsent output a connection may buffer before the relay stops reading its requests.</summary>
+    public int MaxOutputBuffer { get; set; } = 1 << 20;
+
+    public TimeSpan MessageTtl { get; set; } = TimeSpan.FromDays(21);
+    public TimeSpan IdleQueueTtl { get; set; } = TimeSpan.Zero;
+    public int QueueMaxMessages { get; set; } = 128;
+    public long QueueMaxBytes { get; set; } = 8L * 1024 * 1024;
+    public long DiskBudgetBytes { get; set; }
+
+    /// <summary>True: every acknowledged write is fsynced. False: the relaxed mode (no fsync).</summary>
+    public bool Durable { get; set; } = true;
+
+    /// <summary>Password required by NEW; null or empty: none.</summary>
+    public string? CreatePassword { get; set; }
+
+    /// <summary>False: NEW answers DISABLED while existing queues keep working.</summary>
+    public bool AllowNewQueues { get; set; } = true;
+
+    public TimeSpan SweepInterval { get; set; } = TimeSpan.FromMinutes(10);
+}

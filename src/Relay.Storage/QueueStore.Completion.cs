@@ -1,0 +1,105 @@
+namespace Relay.Storage;
+
+// What the writer thread does for each operation after its batch was written (OnCommitted) or
+// failed (OnFailed). A failure undoes the operation's in-memory effects so the handle again
+// describes what is on disk, and the caller gets the StoreException.
+public sealed partial class QueueStore
+{
+    private void OnCommitted(WriteOp op)
+    {
+        QueueHandle? queue = op.Queue;
+        switch (op.Kind)
+        {
+            case OpKind.Create:
+                Interlocked.Increment(ref _statistics._queuesCreated);
+                lock (_createLock)
+                {
+                    _pendingSenders.Remove(new QueueKey(queue!.SenderId));
+                }
+                break;
+            case OpKind.Append:
+                Interlocked.Increment(ref _statistics._messagesAppended);
+                break;
+            case OpKind.Ack:
+                Interlocked.Increment(ref _statistics._messagesDeleted);
+                break;
+            case OpKind.Expire:
+                Interlocked.Add(ref _statistics._messagesExpired, op.Count);
+                break;
+            case OpKind.Delete:
+                Interlocked.Increment(ref _statistics._queuesDeleted);
+                if (op.Idle)
+                {
+                    Interlocked.Increment(ref _statistics._idleQueuesDeleted);
+                }
+                // Only now: until the deletion is durable the handle (marked Deleted) keeps Find
+                // from loading the old record again.
+                _queues.TryRemove(new KeyValuePair<QueueKey, QueueHandle>(new QueueKey(queue!.RecipientId), queue));
+                break;
+        }
+        if (queue is not null)
+        {
+            Interlocked.Decrement(ref queue.PendingOps);
+        }
+        op.Succeed(new AppendResult(StoreStatus.Ok, op.MessageId, op.Hour));
+    }
+
+    private void OnFailed(WriteOp op, Exception error)
+    {
+        QueueHandle? queue = op.Queue;
+        if (queue is not null)
+        {
+            lock (queue.StoreLock)
+            {
+                Undo(op, queue);
+            }
+            Interlocked.Decrement(ref queue.PendingOps);
+        }
+        op.Fail(error);
+    }
+
+    private void Undo(WriteOp op, QueueHandle queue)
+    {
+        if (op.PreviousActiveHour != 0 && queue.LastActiveHour > op.PreviousActiveHour)
+        {
+            // The next activity writes the record and idle entry again.
+            queue.LastActiveHour = op.PreviousActiveHour;
+        }
+        switch (op.Kind)
+        {
+            case OpKind.Create:
+                queue.Deleted = true;
+                _queues.TryRemove(new KeyValuePair<QueueKey, QueueHandle>(new QueueKey(queue.RecipientId), queue));
+                lock (_createLock)
+                {
+                    _pendingSenders.Remove(new QueueKey(queue.SenderId));
+                }
+                break;
+            case OpKind.Append:
+                // The id stays used: ids only need to increase, and the next append may already have one.
+                queue.MessageCount--;
+                queue.ByteCount -= op.Bytes;
+                if (op.WroteExpiry && queue.LastExpiryHour == op.Hour)
+                {
+                    queue.LastExpiryHour = 0;
+                }
+                break;
+            case OpKind.Ack:
+            case OpKind.Expire:
+                // The messages are still stored: make them visible again.
+                queue.MessageCount += op.Kind == OpKind.Ack ? 1 : op.Count;
+                queue.ByteCount += op.Bytes;
+                queue.OldestBound = Math.Min(queue.OldestBound, op.MessageId);
+                break;
+            case OpKind.Secure:
+                queue.SenderKey = null;
+                break;
+            case OpKind.Suspend:
+                queue.Suspended = false;
+                break;
+            case OpKind.Delete:
+                queue.Deleted = false;
+                break;
+        }
+    }
+}

@@ -1,0 +1,437 @@
+using System.Buffers;
+using System.Buffers.Binary;
+using System.Runtime.CompilerServices;
+using Relay.Storage.Native;
+
+namespace Relay.Storage;
+
+// The queue operations. Each one decides under the queue's StoreLock, updates the handle at once
+// (so concurrent callers see reserved quota, advanced bounds, new status) and enqueues its
+// mutations in the same critical section, which keeps one queue's writes in call order. When the
+// batch fails, OnFailed undoes the in-memory change (see QueueStore.Completion.cs).
+public sealed partial class QueueStore
+{
+    /// <summary>
+    /// Creates a queue. Ids are random from the caller; Conflict if either id exists; StoreFull over
+    /// the disk budget. Durable when completed.
+    /// </summary>
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder<>))]
+    public async ValueTask<(StoreStatus Status, QueueHandle? Queue)> CreateQueueAsync(
+        byte[] recipientId, byte[] senderId, byte[] recipientKey, byte[] deliveryKey)
+    {
+        CheckLength(recipientId, QueueHandle.IdLength, nameof(recipientId));
+        CheckLength(senderId, QueueHandle.IdLength, nameof(senderId));
+        CheckLength(recipientKey, QueueHandle.KeyLength, nameof(recipientKey));
+        CheckLength(deliveryKey, QueueHandle.KeyLength, nameof(deliveryKey));
+        if (IsOverDiskBudget)
+        {
+            return (StoreStatus.StoreFull, null);
+        }
+
+        var recipientKeyId = new QueueKey(recipientId);
+        var senderKeyId = new QueueKey(senderId);
+        QueueHandle queue;
+        WriteOp op;
+        lock (_createLock)
+        {
+            if (_queues.ContainsKey(recipientKeyId) || _pendingSenders.Contains(senderKeyId) || Exists(Cf.Queues, recipientId) || Exists(Cf.Senders, senderId))
+            {
+                return (StoreStatus.Conflict, null);
+            }
+            uint hour = NowHour();
+            queue = new QueueHandle
+            {
+                RecipientId = (byte[])recipientId.Clone(),
+                SenderId = (byte[])senderId.Clone(),
+                RecipientKey = (byte[])recipientKey.Clone(),
+                DeliveryKey = (byte[])deliveryKey.Clone(),
+                CreatedHour = hour,
+                LastActiveHour = hour,
+                NextId = Volatile.Read(ref _epochBase),
+                LastUsedTicks = Environment.TickCount64,
+            };
+            Span<byte> record = stackalloc byte[Keys.QueueRecordLength];
+            Span<byte> idleKey = stackalloc byte[Keys.HourKeyLength];
+            Keys.QueueRecord(record, queue);
+            Keys.HourKey(idleKey, hour, recipientId);
+            op = RentOp(OpKind.Create, queue);
+            using (BatchScope batch = BeginBatch())
+            {
+                // Registered while the batch lock is held: BeginBatch throws (changing nothing) once closing.
+                _queues[recipientKeyId] = queue;
+                _pendingSenders.Add(senderKeyId);
+                batch.Put(Cf.Queues, recipientId, record);
+                batch.Put(Cf.Senders, senderId, recipientId);
+                batch.Put(Cf.Idle, idleKey, []);
+                batch.Add(op);
+            }
+        }
+        StoreStatus status = await op.AsStatusTask().ConfigureAwait(false);
+        return (status, status == StoreStatus.Ok ? queue : null);
+    }
+
+    /// <summary>
+    /// Appends a message. <paramref name="body"/> is copied before this returns. NotFound (deleted),
+    /// Suspended, StoreFull, QuotaExceeded; otherwise the new id and hour once durable.
+    /// </summary>
+    public ValueTask<AppendResult> AppendAsync(QueueHandle queue, byte flags, ReadOnlySpan<byte> body)
+    {
+        ArgumentNullException.ThrowIfNull(queue);
+        if (!Acquire(queue))
+        {
+            return new(new AppendResult(StoreStatus.NotFound, 0, 0));
+        }
+        try
+        {
+            if (queue.Deleted)
+            {
+                return new(new AppendResult(StoreStatus.NotFound, 0, 0));
+            }
+            if (queue.Suspended)
+            {
+                return new(new AppendResult(StoreStatus.Suspended, 0, 0));
+            }
+            if (IsOverDiskBudget)
+            {
+                return new(new AppendResult(StoreStatus.StoreFull, 0, 0));
+            }
+            if (queue.MessageCount + 1 > _options.MaxMessagesPerQueue || queue.ByteCount + body.Length > _options.MaxBytesPerQueue)
+            {
+                return new(new AppendResult(StoreStatus.QuotaExceeded, 0, 0));
+            }
+
+            uint hour = NowHour();
+            Span<byte> key = stackalloc byte[Keys.MessageKeyLength];
+            Span<byte> header = stackalloc byte[Keys.MessageHeaderLength];
+            BinaryPrimitives.WriteUInt32BigEndian(header, hour);
+            header[4] = flags;
+            WriteOp op = RentOp(OpKind.Append, queue);
+            using (BatchScope batch = BeginBatch())
+            {
+                ulong id = queue.NextId++;
+                queue.MessageCount++;
+                queue.ByteCount += body.Length;
+                op.MessageId = id;
+                op.Hour = hour;
+                op.Bytes = body.Length;
+                Keys.MessageKey(key, queue.RecipientId, id);
+                batch.Put(Cf.Messages, key, header, body);
+                if (queue.LastExpiryHour != hour)
+                {
+                    Span<byte> expiryKey = stackalloc byte[Keys.HourKeyLength];
+                    Keys.HourKey(expiryKey, hour, queue.RecipientId);
+                    batch.Put(Cf.Expiry, expiryKey, []);
+                    queue.LastExpiryHour = hour;
+                    op.WroteExpiry = true;
+                }
+                TouchActivity(batch, queue, op, hour);
+                batch.Add(op);
+            }
+            return op.AsAppendTask();
+        }
+        finally
+        {
+            queue.StoreLock.Exit();
+        }
+    }
+
+    /// <summary>
+    /// Reads the oldest durable message of the queue; false when there is none. The body is in a
+    /// buffer rented from ArrayPool&lt;byte&gt;.Shared: call <see cref="StoredMessage.Return"/>.
+    /// </summary>
+    public bool TryPeekOldest(QueueHandle queue, out StoredMessage message)
+    {
+        ArgumentNullException.ThrowIfNull(queue);
+        message = new StoredMessage { Buffer = [] };
+        if (!Acquire(queue))
+        {
+            return false;
+        }
+        try
+        {
+            if (queue.Deleted || queue.MessageCount == 0)
+            {
+                return false;
+            }
+            EnterRead();
+            try
+            {
+                using RocksDb.Iterator it = OpenMessages(queue);
+                if (!it.Valid)
+                {
+                    return false;   // only appends that are not durable yet
+                }
+                ReadOnlySpan<byte> value = it.Value;
+                ReadOnlySpan<byte> body = value[Keys.MessageHeaderLength..];
+                byte[] buffer = ArrayPool<byte>.Shared.Rent(Math.Max(1, body.Length));
+                body.CopyTo(buffer);
+                message = new StoredMessage
+                {
+                    Id = Keys.MessageIdOf(it.Key),
+                    Hour = BinaryPrimitives.ReadUInt32BigEndian(value),
+                    Flags = value[4],
+                    Buffer = buffer,
+                    Length = body.Length,
+                };
+                return true;
+            }
+            finally
+            {
+                ExitRead();
+            }
+        }
+        finally
+        {
+            queue.StoreLock.Exit();
+        }
+    }
+
+    /// <summary>Deletes <paramref name="messageId"/> if it is the queue's oldest durable message; NotOldest otherwise.</summary>
+    public ValueTask<StoreStatus> AckAsync(QueueHandle queue, ulong messageId)
+    {
+        ArgumentNullException.ThrowIfNull(queue);
+        if (!Acquire(queue))
+        {
+            return new(StoreStatus.NotFound);
+        }
+        try
+        {
+            if (queue.Deleted)
+            {
+                return new(StoreStatus.NotFound);
+            }
+            if (queue.MessageCount == 0 || messageId < queue.OldestBound)
+            {
+                return new(StoreStatus.NotOldest);
+            }
+            int bodyLength;
+            EnterRead();
+            try
+            {
+                using RocksDb.Iterator it = OpenMessages(queue);
+                if (!it.Valid || Keys.MessageIdOf(it.Key) != messageId)
+                {
+                    return new(StoreStatus.NotOldest);
+                }
+                bodyLength = it.Value.Length - Keys.MessageHeaderLength;
+            }
+            finally
+            {
+                ExitRead();
+            }
+
+            Span<byte> key = stackalloc byte[Keys.MessageKeyLength];
+            Keys.MessageKey(key, queue.RecipientId, messageId);
+            WriteOp op = RentOp(OpKind.Ack, queue);
+            using (BatchScope batch = BeginBatch())
+            {
+                queue.OldestBound = messageId + 1;
+                queue.MessageCount--;
+                queue.ByteCount -= bodyLength;
+                op.MessageId = messageId;
+                op.Bytes = bodyLength;
+                batch.Delete(Cf.Messages, key);
+                TouchActivity(batch, queue, op, NowHour());
+                batch.Add(op);
+            }
+            return op.AsStatusTask();
+        }
+        finally
+        {
+            queue.StoreLock.Exit();
+        }
+    }
+
+    /// <summary>Ok when the queue was unsecured (the key is set) or is secured with this key; Conflict for another key.</summary>
+    public ValueTask<StoreStatus> SecureAsync(QueueHandle queue, ReadOnlySpan<byte> senderKey)
+    {
+        ArgumentNullException.ThrowIfNull(queue);
+        if (senderKey.Length != QueueHandle.KeyLength)
+        {
+            throw new ArgumentException($"A sender key is {QueueHandle.KeyLength} bytes.", nameof(senderKey));
+        }
+        if (!Acquire(queue))
+        {
+            return new(StoreStatus.NotFound);
+        }
+        try
+        {
+            if (queue.Deleted)
+            {
+                return new(StoreStatus.NotFound);
+            }
+            if (queue.SenderKey is not null)
+            {
+                // Same key: a retry. Answer once the first SKEY's write is durable too.
+                return senderKey.SequenceEqual(queue.SenderKey) ? Barrier(queue) : new(StoreStatus.Conflict);
+            }
+            return WriteRecord(queue, OpKind.Secure, senderKey.ToArray(), suspend: false);
+        }
+        finally
+        {
+            queue.StoreLock.Exit();
+        }
+    }
+
+    /// <summary>Refuses further appends (Suspended); stored messages stay readable.</summary>
+    public ValueTask<StoreStatus> SuspendAsync(QueueHandle queue)
+    {
+        ArgumentNullException.ThrowIfNull(queue);
+        if (!Acquire(queue))
+        {
+            return new(StoreStatus.NotFound);
+        }
+        try
+        {
+            if (queue.Deleted)
+            {
+                return new(StoreStatus.NotFound);
+            }
+            return queue.Suspended ? Barrier(queue) : WriteRecord(queue, OpKind.Suspend, null, suspend: true);
+        }
+        finally
+        {
+            queue.StoreLock.Exit();
+        }
+    }
+
+    /// <summary>Deletes the queue record, its sender index entry and all its messages; marks the handle Deleted.</summary>
+    public ValueTask<StoreStatus> DeleteQueueAsync(QueueHandle queue)
+    {
+        ArgumentNullException.ThrowIfNull(queue);
+        if (!Acquire(queue))
+        {
+            return new(StoreStatus.NotFound);
+        }
+        try
+        {
+            if (queue.Deleted)
+            {
+                return new(StoreStatus.NotFound);
+            }
+            WriteOp op = RentOp(OpKind.Delete, queue);
+            EnqueueDelete(queue, op);
+            return op.AsStatusTask();
+        }
+        finally
+        {
+            queue.StoreLock.Exit();
+        }
+    }
+
+    /// <summary>Caller holds the queue's StoreLock.</summary>
+    private void EnqueueDelete(QueueHandle queue, WriteOp op)
+    {
+        Span<byte> start = stackalloc byte[Keys.MessageKeyLength];
+        Span<byte> end = stackalloc byte[Keys.MessageKeyLength + 1];
+        Span<byte> idleKey = stackalloc byte[Keys.HourKeyLength];
+        Keys.MessageKey(start, queue.RecipientId, 0);
+        Keys.MessageUpperBound(end, queue.RecipientId);
+        Keys.HourKey(idleKey, queue.LastActiveHour, queue.RecipientId);
+        using BatchScope batch = BeginBatch();
+        queue.Deleted = true;
+        batch.Delete(Cf.Queues, queue.RecipientId);
+        batch.Delete(Cf.Senders, queue.SenderId);
+        // One range tombstone instead of a delete per message (and it covers appends still in flight).
+        batch.DeleteRange(Cf.Messages, start, end);
+        batch.Delete(Cf.Idle, idleKey);
+        // Expiry entries of the queue stay; the sweeper drops them when it finds no queue.
+        batch.Add(op);
+    }
+
+    /// <summary>Caller holds the queue's StoreLock.</summary>
+    private ValueTask<StoreStatus> WriteRecord(QueueHandle queue, OpKind kind, byte[]? senderKey, bool suspend)
+    {
+        Span<byte> record = stackalloc byte[Keys.QueueRecordLength];
+        WriteOp op = RentOp(kind, queue);
+        using (BatchScope batch = BeginBatch())
+        {
+            if (senderKey is not null)
+            {
+                queue.SenderKey = senderKey;
+            }
+            if (suspend)
+            {
+                queue.Suspended = true;
+            }
+            uint hour = NowHour();
+            // TouchActivity writes the record itself when the hour moved; otherwise write it here.
+            if (!TouchActivity(batch, queue, op, hour))
+            {
+                Keys.QueueRecord(record, queue);
+                batch.Put(Cf.Queues, queue.RecipientId, record);
+            }
+            batch.Add(op);
+        }
+        return op.AsStatusTask();
+    }
+
+    /// <summary>An operation without mutations: completes when everything before it is durable.</summary>
+    private ValueTask<StoreStatus> Barrier(QueueHandle queue)
+    {
+        WriteOp op = RentOp(OpKind.Barrier, queue);
+        using (BatchScope batch = BeginBatch())
+        {
+            batch.Add(op);
+        }
+        return op.AsStatusTask();
+    }
+
+    /// <summary>
+    /// Moves the queue's last-active hour (record and idle index) when it changed: at most one extra
+    /// write per queue and hour. Caller holds the queue's StoreLock and the batch. True when the
+    /// record was written.
+    /// </summary>
+    private static bool TouchActivity(BatchScope batch, QueueHandle queue, WriteOp op, uint hour)
+    {
+        if (queue.LastActiveHour >= hour)
+        {
+            return false;
+        }
+        Span<byte> idleKey = stackalloc byte[Keys.HourKeyLength];
+        Keys.HourKey(idleKey, queue.LastActiveHour, queue.RecipientId);
+        batch.Delete(Cf.Idle, idleKey);
+        Keys.HourKey(idleKey, hour, queue.RecipientId);
+        batch.Put(Cf.Idle, idleKey, []);
+        op.PreviousActiveHour = queue.LastActiveHour;
+        queue.LastActiveHour = hour;
+        Span<byte> record = stackalloc byte[Keys.QueueRecordLength];
+        Keys.QueueRecord(record, queue);
+        batch.Put(Cf.Queues, queue.RecipientId, record);
+        return true;
+    }
+
+    /// <summary>An iterator positioned on the queue's oldest durable message (if any). Caller holds StoreLock and a read.</summary>
+    private RocksDb.Iterator OpenMessages(QueueHandle queue)
+    {
+        Span<byte> lower = stackalloc byte[Keys.MessageKeyLength];
+        Span<byte> upper = stackalloc byte[Keys.MessageKeyLength + 1];
+        Keys.MessageKey(lower, queue.RecipientId, queue.OldestBound);
+        Keys.MessageUpperBound(upper, queue.RecipientId);
+        RocksDb.Iterator it = _db.CreateIterator(Cf.Messages, lower, upper);
+        it.SeekToFirst();
+        return it;
+    }
+
+    private bool Exists(int cf, ReadOnlySpan<byte> key)
+    {
+        EnterRead();
+        try
+        {
+            return _db.Get(cf, key, []) >= 0;
+        }
+        finally
+        {
+            ExitRead();
+        }
+    }
+
+    private static void CheckLength(byte[] value, int length, string name)
+    {
+        ArgumentNullException.ThrowIfNull(value, name);
+        if (value.Length != length)
+        {
+            throw new ArgumentException($"{name} must be {length} bytes.", name);
+        }
+    }
+}

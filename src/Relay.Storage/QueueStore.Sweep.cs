@@ -1,0 +1,398 @@
+using System.Buffers.Binary;
+using Relay.Storage.Native;
+
+namespace Relay.Storage;
+
+// Retention (message TTL, idle queues), the disk budget and eviction of idle handles.
+public sealed partial class QueueStore
+{
+    /// <summary>Entries of the expiry or idle index handled per round; each round waits for its writes.</summary>
+    private const int SweepChunk = 1024;
+
+    private readonly SemaphoreSlim _sweepLock = new(1, 1);
+    private ITimer? _sweepTimer;
+    private Task _timerSweep = Task.CompletedTask;
+    private int _timerSweepRunning;
+
+    private long _diskCheckedAt = long.MinValue;
+    private bool _overDiskBudget;
+
+    private void StartSweepTimer()
+    {
+        if (_options.SweepInterval > TimeSpan.Zero)
+        {
+            _sweepTimer = _options.Clock.CreateTimer(_ => OnSweepTimer(), null, _options.SweepInterval, _options.SweepInterval);
+        }
+    }
+
+    private void OnSweepTimer()
+    {
+        if (Volatile.Read(ref _disposed) != 0 || Interlocked.CompareExchange(ref _timerSweepRunning, 1, 0) != 0)
+        {
+            return;
+        }
+        _timerSweep = Task.Run(async () =>
+        {
+            try
+            {
+                await SweepExpiredAsync().ConfigureAwait(false);
+            }
+            catch (Exception)
+            {
+                // Counted; the next tick retries. Nothing was lost: a failed sweep deletes nothing.
+                Interlocked.Increment(ref _statistics._sweepFailures);
+            }
+            finally
+            {
+                Volatile.Write(ref _timerSweepRunning, 0);
+            }
+        });
+    }
+
+    private async ValueTask StopSweepTimerAsync()
+    {
+        if (_sweepTimer is not null)
+        {
+            await _sweepTimer.DisposeAsync().ConfigureAwait(false);
+        }
+        await _timerSweep.ConfigureAwait(false);
+    }
+
+    /// <summary>
+    /// Deletes messages older than <see cref="QueueStoreOptions.MessageTtl"/> and, when
+    /// <see cref="QueueStoreOptions.IdleQueueTtl"/> is set, queues without activity for that long.
+    /// Returns the number of messages expired. Also runs every <see cref="QueueStoreOptions.SweepInterval"/>.
+    /// </summary>
+    public async ValueTask<int> SweepExpiredAsync()
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _closing) != 0, this);
+        await _sweepLock.WaitAsync().ConfigureAwait(false);
+        try
+        {
+            uint now = NowHour();
+            int expired = 0;
+            // A message of hour h expires once hour h has ended more than the TTL ago: never early.
+            uint ttlHours = (uint)Math.Ceiling(_options.MessageTtl.TotalHours);
+            if (now > ttlHours)
+            {
+                expired = await ExpireMessagesAsync(now - ttlHours).ConfigureAwait(false);
+            }
+            uint idleHours = (uint)Math.Ceiling(_options.IdleQueueTtl.TotalHours);
+            if (_options.IdleQueueTtl > TimeSpan.Zero && now > idleHours)
+            {
+                await ExpireIdleQueuesAsync(now - idleHours).ConfigureAwait(false);
+            }
+            return expired;
+        }
+        finally
+        {
+            _sweepLock.Release();
+        }
+    }
+
+    /// <summary>Deletes every message with hour &lt; cutoff, guided by the expiry index.</summary>
+    private async ValueTask<int> ExpireMessagesAsync(uint cutoff)
+    {
+        int expired = 0;
+        var entries = new List<(uint Hour, byte[] RecipientId)>();
+        var ops = new List<(WriteOp Op, int Count)>();
+        while (ReadHourIndex(Cf.Expiry, cutoff, entries) > 0)
+        {
+            foreach ((uint hour, byte[] recipientId) in entries)
+            {
+                QueueHandle? queue = FindByRecipientId(recipientId);
+                if (queue is null)
+                {
+                    ops.Add((DeleteIndexEntry(Cf.Expiry, hour, recipientId), 0));
+                }
+                else if (Acquire(queue))
+                {
+                    WriteOp op = ExpireQueueMessages(queue, hour, cutoff);
+                    ops.Add((op, op.Count));
+                }
+                // else: the handle was evicted and replaced in between; the next sweep does it.
+            }
+            if (ops.Count == 0)
+            {
+                break;
+            }
+            foreach ((WriteOp op, int count) in ops)
+            {
+                await op.AsStatusTask().ConfigureAwait(false);
+                expired += count;
+            }
+            ops.Clear();
+        }
+        return expired;
+    }
+
+    /// <summary>Called holding the queue's StoreLock (released here).</summary>
+    private WriteOp ExpireQueueMessages(QueueHandle queue, uint entryHour, uint cutoff)
+    {
+        try
+        {
+            WriteOp op = RentOp(OpKind.Expire, queue);
+            op.MessageId = queue.OldestBound;
+            Span<byte> key = stackalloc byte[Keys.MessageKeyLength];
+            Span<byte> expiryKey = stackalloc byte[Keys.HourKeyLength];
+            Keys.HourKey(expiryKey, entryHour, queue.RecipientId);
+            EnterRead();
+            try
+            {
+                using RocksDb.Iterator it = OpenMessages(queue);
+                using BatchScope batch = BeginBatch();
+                if (!queue.Deleted)
+                {
+                    // Ids and hours both increase within a queue: stop at the first young message.
+                    for (; it.Valid; it.Next())
+                    {
+                        ReadOnlySpan<byte> value = it.Value;
+                        if (BinaryPrimitives.ReadUInt32BigEndian(value) >= cutoff)
+                        {
+                            break;
+                        }
+                        it.Key.CopyTo(key);
+                        batch.Delete(Cf.Messages, key);
+                        op.Count++;
+                        op.Bytes += value.Length - Keys.MessageHeaderLength;
+                        queue.OldestBound = Keys.MessageIdOf(key) + 1;
+                    }
+                    queue.MessageCount -= op.Count;
+                    queue.ByteCount -= op.Bytes;
+                }
+                batch.Delete(Cf.Expiry, expiryKey);
+                batch.Add(op);
+            }
+            finally
+            {
+                ExitRead();
+            }
+            return op;
+        }
+        finally
+        {
+            queue.StoreLock.Exit();
+        }
+    }
+
+    /// <summary>Deletes queues whose last activity is before <paramref name="cutoff"/>, guided by the idle index.</summary>
+    private async ValueTask ExpireIdleQueuesAsync(uint cutoff)
+    {
+        var entries = new List<(uint Hour, byte[] RecipientId)>();
+        var ops = new List<WriteOp>();
+        while (ReadHourIndex(Cf.Idle, cutoff, entries) > 0)
+        {
+            int progress = 0;
+            foreach ((uint hour, byte[] recipientId) in entries)
+            {
+                QueueHandle? queue = FindByRecipientId(recipientId);
+                if (queue is null || !Acquire(queue))
+                {
+                    ops.Add(DeleteIndexEntry(Cf.Idle, hour, recipientId));
+                    progress++;
+                    continue;
+                }
+                try
+                {
+                    if (queue.LastActiveHour != hour)
+                    {
+                        // Stale entry (a failed write left it): drop it and make sure the current one exists.
+                        ops.Add(FixIdleEntry(queue, hour));
+                        progress++;
+                    }
+                    else if (queue.Tag is null && !queue.Deleted)
+                    {
+                        // A queue with a live subscriber is in use even without traffic; skip it.
+                        WriteOp op = RentOp(OpKind.Delete, queue);
+                        op.Idle = true;
+                        EnqueueDelete(queue, op);
+                        ops.Add(op);
+                        progress++;
+                    }
+                }
+                finally
+                {
+                    queue.StoreLock.Exit();
+                }
+            }
+            foreach (WriteOp op in ops)
+            {
+                await op.AsStatusTask().ConfigureAwait(false);
+            }
+            ops.Clear();
+            if (progress == 0)
+            {
+                break;   // only subscribed queues are left below the cutoff
+            }
+        }
+    }
+
+    private WriteOp FixIdleEntry(QueueHandle queue, uint staleHour)
+    {
+        Span<byte> key = stackalloc byte[Keys.HourKeyLength];
+        WriteOp op = RentOp(OpKind.Meta, null);
+        using BatchScope batch = BeginBatch();
+        Keys.HourKey(key, staleHour, queue.RecipientId);
+        batch.Delete(Cf.Idle, key);
+        Keys.HourKey(key, queue.LastActiveHour, queue.RecipientId);
+        batch.Put(Cf.Idle, key, []);
+        batch.Add(op);
+        return op;
+    }
+
+    private WriteOp DeleteIndexEntry(int cf, uint hour, ReadOnlySpan<byte> recipientId)
+    {
+        Span<byte> key = stackalloc byte[Keys.HourKeyLength];
+        Keys.HourKey(key, hour, recipientId);
+        WriteOp op = RentOp(OpKind.Meta, null);
+        using BatchScope batch = BeginBatch();
+        batch.Delete(cf, key);
+        batch.Add(op);
+        return op;
+    }
+
+    /// <summary>Reads up to <see cref="SweepChunk"/> entries with hour &lt; cutoff from an hour index.</summary>
+    private int ReadHourIndex(int cf, uint cutoff, List<(uint Hour, byte[] RecipientId)> entries)
+    {
+        entries.Clear();
+        Span<byte> upper = stackalloc byte[4];
+        BinaryPrimitives.WriteUInt32BigEndian(upper, cutoff);
+        EnterRead();
+        try
+        {
+            using RocksDb.Iterator it = _db.CreateIterator(cf, [], upper);
+            for (it.SeekToFirst(); it.Valid && entries.Count < SweepChunk; it.Next())
+            {
+                ReadOnlySpan<byte> key = it.Key;
+                if (key.Length == Keys.HourKeyLength)
+                {
+                    entries.Add((BinaryPrimitives.ReadUInt32BigEndian(key), key[4..].ToArray()));
+                }
+            }
+        }
+        finally
+        {
+            ExitRead();
+        }
+        return entries.Count;
+    }
+
+    /// <summary>
+    /// True when the store's files (SST plus WAL) reached <see cref="QueueStoreOptions.DiskBudgetBytes"/>.
+    /// Recomputed at most once a second.
+    /// </summary>
+    public bool IsOverDiskBudget
+    {
+        get
+        {
+            if (_options.DiskBudgetBytes <= 0)
+            {
+                return false;
+            }
+            long now = Environment.TickCount64;
+            long last = Volatile.Read(ref _diskCheckedAt);
+            if ((last == long.MinValue || now - last >= 1000) && Interlocked.CompareExchange(ref _diskCheckedAt, now, last) == last)
+            {
+                Volatile.Write(ref _overDiskBudget, ComputeDiskBytes() >= _options.DiskBudgetBytes);
+            }
+            return Volatile.Read(ref _overDiskBudget);
+        }
+    }
+
+    /// <summary>Forgets the cached disk-budget answer (tests; after an operator freed space).</summary>
+    internal void RefreshDiskBudget() => Volatile.Write(ref _diskCheckedAt, long.MinValue);
+
+    internal long ComputeDiskBytes()
+    {
+        long total = 0;
+        EnterRead();
+        try
+        {
+            for (int cf = 0; cf < _db.ColumnFamilyCount; cf++)
+            {
+                total += _db.PropertyLong(cf, "rocksdb.total-sst-files-size");
+            }
+        }
+        finally
+        {
+            ExitRead();
+        }
+        try
+        {
+            foreach (FileInfo file in new DirectoryInfo(_options.Path).EnumerateFiles("*.log"))
+            {
+                try
+                {
+                    total += file.Length;
+                }
+                catch (FileNotFoundException)
+                {
+                    // A WAL file recycled meanwhile.
+                }
+            }
+        }
+        catch (IOException)
+        {
+        }
+        return total;
+    }
+
+    /// <summary>
+    /// Drops from memory the handles without a <see cref="QueueHandle.Tag"/>, without writes in flight
+    /// and not used for <paramref name="minIdle"/>; returns how many. The server calls it periodically
+    /// and must not keep a handle without a Tag for longer than <paramref name="minIdle"/>: a stale
+    /// handle comes back to life on its next use unless the queue was loaded again meanwhile, in which
+    /// case its operations answer NotFound.
+    /// </summary>
+    public int EvictIdle(TimeSpan minIdle)
+    {
+        long now = Environment.TickCount64;
+        long idleMs = (long)minIdle.TotalMilliseconds;
+        int evicted = 0;
+        bool issuedIds = false;
+        lock (_loadLock)
+        {
+            foreach (KeyValuePair<QueueKey, QueueHandle> entry in _queues)
+            {
+                QueueHandle queue = entry.Value;
+                if (now - Volatile.Read(ref queue.LastUsedTicks) < idleMs)
+                {
+                    continue;
+                }
+                lock (queue.StoreLock)
+                {
+                    if (queue.Tag is not null || Volatile.Read(ref queue.PendingOps) != 0 || queue.Deleted)
+                    {
+                        continue;
+                    }
+                    queue.Evicted = true;
+                    _queues.TryRemove(entry);
+                    evicted++;
+                    issuedIds |= queue.NextId > Volatile.Read(ref _epochBase);
+                }
+            }
+            if (issuedIds)
+            {
+                // A reloaded handle may find no stored message (all acked): a new epoch keeps its
+                // next ids above the ones it issued. Enqueued before any reload (which needs
+                // _loadLock), so no id of the new epoch is durable before the epoch itself.
+                BumpEpoch();
+            }
+        }
+        return evicted;
+    }
+
+    /// <summary>Caller holds _loadLock.</summary>
+    private void BumpEpoch()
+    {
+        Span<byte> value = stackalloc byte[8];
+        WriteOp op = RentOp(OpKind.Meta, null);
+        op.Detached = true;
+        using BatchScope batch = BeginBatch();
+        ulong epoch = ++_epoch;
+        BinaryPrimitives.WriteUInt64BigEndian(value, epoch);
+        batch.Put(Cf.Default, Keys.EpochKey, value);
+        batch.Add(op);
+        Volatile.Write(ref _epochBase, epoch << 32);
+    }
+}

@@ -1,0 +1,410 @@
+using System.Diagnostics;
+using System.Threading.Tasks.Sources;
+using Relay.Storage.Native;
+using static Relay.Storage.Native.RocksDbNative;
+
+namespace Relay.Storage;
+
+// Group commit. Callers put their mutations straight into the open native write batch under
+// _batchLock (so a caller's buffer is copied before its call returns, and operations enter the batch
+// in call order) and register a pooled WriteOp. One writer thread takes whole batches, writes each
+// with one rocksdb_write (sync = Durable, i.e. one fsync per batch) and then completes every
+// operation of the batch, in order. While one batch is being fsynced the next one fills up.
+public sealed partial class QueueStore
+{
+    private const int MaxOpsPerBatch = 4096;
+    private const long MaxBytesPerBatch = 4L * 1024 * 1024;
+
+    private readonly object _batchLock = new();
+    private PendingBatch _current = null!;
+    private readonly Queue<PendingBatch> _sealed = new();
+    private readonly Stack<PendingBatch> _spareBatches = new();
+    private bool _writerStopping;
+    private bool _writerWaiting;
+    private Thread _writer = null!;
+
+    private readonly System.Collections.Concurrent.ConcurrentQueue<WriteOp> _opPool = new();
+    private int _opPoolCount;
+
+    /// <summary>Raised by the writer thread after each batch: operations in it and seconds spent writing (and fsyncing) it.</summary>
+    public event Action<StoreCommit>? Committed;
+
+    private void StartWriter()
+    {
+        _current = RentBatch();
+        _writer = new Thread(WriterLoop) { IsBackground = true, Name = "Relay.Storage writer" };
+        _writer.Start();
+    }
+
+    /// <summary>Stops accepting writes, lets the writer finish every pending batch and waits for it.</summary>
+    private void StopWriter()
+    {
+        lock (_batchLock)
+        {
+            _writerStopping = true;
+            Monitor.Pulse(_batchLock);
+        }
+        _writer.Join();
+        lock (_batchLock)
+        {
+            DestroyBatch(_current);
+            while (_spareBatches.TryPop(out PendingBatch? spare))
+            {
+                DestroyBatch(spare);
+            }
+        }
+    }
+
+    private static void DestroyBatch(PendingBatch batch)
+    {
+        if (batch.Native != 0)
+        {
+            rocksdb_writebatch_destroy(batch.Native);
+            batch.Native = 0;
+        }
+    }
+
+    private PendingBatch RentBatch()
+    {
+        if (_spareBatches.TryPop(out PendingBatch? batch))
+        {
+            return batch;
+        }
+        return new PendingBatch { Native = rocksdb_writebatch_create() };
+    }
+
+    /// <summary>Enters the batch lock. Throws <see cref="ObjectDisposedException"/> (holding nothing) once the store is closing.</summary>
+    internal BatchScope BeginBatch()
+    {
+        Monitor.Enter(_batchLock);
+        if (_writerStopping)
+        {
+            Monitor.Exit(_batchLock);
+            throw new ObjectDisposedException(nameof(QueueStore));
+        }
+        return new BatchScope(this, _current);
+    }
+
+    /// <summary>Called by <see cref="BatchScope.Add"/> with the lock held.</summary>
+    private void AddOp(PendingBatch batch, WriteOp op)
+    {
+        batch.Ops.Add(op);
+        if (batch.Ops.Count >= MaxOpsPerBatch || batch.Bytes >= MaxBytesPerBatch)
+        {
+            _sealed.Enqueue(batch);
+            _current = RentBatch();
+        }
+        if (_writerWaiting)
+        {
+            Monitor.Pulse(_batchLock);
+        }
+    }
+
+    private void WriterLoop()
+    {
+        while (true)
+        {
+            PendingBatch batch;
+            lock (_batchLock)
+            {
+                while (true)
+                {
+                    if (_sealed.TryDequeue(out PendingBatch? full))
+                    {
+                        batch = full;
+                        break;
+                    }
+                    if (_current.Ops.Count > 0)
+                    {
+                        batch = _current;
+                        _current = RentBatch();
+                        break;
+                    }
+                    if (_writerStopping)
+                    {
+                        return;
+                    }
+                    _writerWaiting = true;
+                    Monitor.Wait(_batchLock);
+                    _writerWaiting = false;
+                }
+            }
+
+            Exception? error = null;
+            long start = Stopwatch.GetTimestamp();
+            try
+            {
+                // An operation without mutations (a barrier) only needs the batches before it written.
+                if (rocksdb_writebatch_count(batch.Native) > 0)
+                {
+                    _db.Write(batch.Native, _options.Durable);
+                }
+            }
+            catch (Exception e)
+            {
+                error = e as StoreException ?? new StoreException("The write failed: " + e.Message, e);
+                Interlocked.Increment(ref _statistics._writeFailures);
+            }
+            double seconds = Stopwatch.GetElapsedTime(start).TotalSeconds;
+            int count = batch.Ops.Count;
+            Interlocked.Increment(ref _statistics._batches);
+            Interlocked.Add(ref _statistics._operations, count);
+
+            foreach (WriteOp op in batch.Ops)
+            {
+                try
+                {
+                    if (error is null)
+                    {
+                        OnCommitted(op);
+                    }
+                    else
+                    {
+                        OnFailed(op, error);
+                    }
+                }
+                catch (Exception e)
+                {
+                    // Bookkeeping must never stop the writer; the caller still gets an answer.
+                    if (!op.Detached)
+                    {
+                        op.Fail(e);
+                    }
+                }
+            }
+
+            rocksdb_writebatch_clear(batch.Native);
+            batch.Ops.Clear();
+            batch.Bytes = 0;
+            lock (_batchLock)
+            {
+                _spareBatches.Push(batch);
+            }
+
+            try
+            {
+                Committed?.Invoke(new StoreCommit(count, seconds));
+            }
+            catch
+            {
+                // A failing subscriber must not stop the writer.
+            }
+        }
+    }
+
+    internal WriteOp RentOp(OpKind kind, QueueHandle? queue)
+    {
+        if (_opPool.TryDequeue(out WriteOp? op))
+        {
+            Interlocked.Decrement(ref _opPoolCount);
+        }
+        else
+        {
+            op = new WriteOp(this);
+        }
+        op.Kind = kind;
+        op.Queue = queue;
+        return op;
+    }
+
+    internal void ReturnOp(WriteOp op)
+    {
+        if (Interlocked.Increment(ref _opPoolCount) <= 1024)
+        {
+            _opPool.Enqueue(op);
+        }
+        else
+        {
+            Interlocked.Decrement(ref _opPoolCount);
+        }
+    }
+
+    internal sealed class PendingBatch
+    {
+        public nint Native;
+        public long Bytes;
+        public readonly List<WriteOp> Ops = [];
+    }
+
+    /// <summary>
+    /// Holds the batch lock while a caller adds its mutations and then its operation (<see cref="Add"/>,
+    /// exactly once). Dispose releases the lock.
+    /// </summary>
+    internal unsafe ref struct BatchScope
+    {
+        private readonly QueueStore _store;
+        private readonly PendingBatch _batch;
+
+        internal BatchScope(QueueStore store, PendingBatch batch)
+        {
+            _store = store;
+            _batch = batch;
+        }
+
+        public readonly void Put(int cf, ReadOnlySpan<byte> key, ReadOnlySpan<byte> value)
+        {
+            fixed (byte* k = key, v = value)
+            {
+                rocksdb_writebatch_put_cf(_batch.Native, _store._db[cf], k, (nuint)key.Length, v, (nuint)value.Length);
+            }
+            _batch.Bytes += key.Length + value.Length;
+        }
+
+        /// <summary>Puts a value made of two parts without first joining them.</summary>
+        public readonly void Put(int cf, ReadOnlySpan<byte> key, ReadOnlySpan<byte> value1, ReadOnlySpan<byte> value2)
+        {
+            fixed (byte* k = key, v1 = value1, v2 = value2)
+            {
+                byte** values = stackalloc byte*[2] { v1, v2 };
+                nuint* valueLengths = stackalloc nuint[2] { (nuint)value1.Length, (nuint)value2.Length };
+                nuint keyLength = (nuint)key.Length;
+                byte* keyPtr = k;
+                rocksdb_writebatch_putv_cf(_batch.Native, _store._db[cf], 1, &keyPtr, &keyLength, 2, values, valueLengths);
+            }
+            _batch.Bytes += key.Length + value1.Length + value2.Length;
+        }
+
+        public readonly void Delete(int cf, ReadOnlySpan<byte> key)
+        {
+            fixed (byte* k = key)
+            {
+                rocksdb_writebatch_delete_cf(_batch.Native, _store._db[cf], k, (nuint)key.Length);
+            }
+            _batch.Bytes += key.Length;
+        }
+
+        public readonly void DeleteRange(int cf, ReadOnlySpan<byte> start, ReadOnlySpan<byte> end)
+        {
+            fixed (byte* s = start, e = end)
+            {
+                rocksdb_writebatch_delete_range_cf(_batch.Native, _store._db[cf], s, (nuint)start.Length, e, (nuint)end.Length);
+            }
+            _batch.Bytes += start.Length + end.Length;
+        }
+
+        public readonly void Add(WriteOp op)
+        {
+            if (op.Queue is { } queue)
+            {
+                Interlocked.Increment(ref queue.PendingOps);
+            }
+            _store.AddOp(_batch, op);
+        }
+
+        public readonly void Dispose() => Monitor.Exit(_store._batchLock);
+    }
+}
+
+internal enum OpKind : byte
+{
+    /// <summary>No mutations: completes once everything enqueued before it is durable.</summary>
+    Barrier,
+    /// <summary>Store metadata (epoch), or cleanup without a queue handle.</summary>
+    Meta,
+    Create,
+    Append,
+    Ack,
+    Secure,
+    Suspend,
+    Delete,
+    Expire,
+}
+
+/// <summary>A pooled completion for one caller's write; awaited as a ValueTask without allocating.</summary>
+internal sealed class WriteOp : IValueTaskSource<AppendResult>, IValueTaskSource<StoreStatus>
+{
+    private ManualResetValueTaskSourceCore<AppendResult> _core = new() { RunContinuationsAsynchronously = true };
+    private readonly QueueStore _store;
+
+    public OpKind Kind;
+    public QueueHandle? Queue;
+    /// <summary>Append/Ack: the message id; Expire: the oldest expired id.</summary>
+    public ulong MessageId;
+    public uint Hour;
+    /// <summary>Body bytes appended, acked or expired (for rolling back counters).</summary>
+    public long Bytes;
+    /// <summary>Expire: messages deleted.</summary>
+    public int Count;
+    /// <summary>The operation moved the queue's last-active hour from this value (0: it did not).</summary>
+    public uint PreviousActiveHour;
+    /// <summary>The operation wrote the queue's expiry entry for <see cref="Hour"/>.</summary>
+    public bool WroteExpiry;
+    /// <summary>Delete: the queue was removed for idleness.</summary>
+    public bool Idle;
+    /// <summary>Nobody awaits it: the writer recycles it.</summary>
+    public bool Detached;
+
+    public WriteOp(QueueStore store) => _store = store;
+
+    public ValueTask<AppendResult> AsAppendTask() => new(this, _core.Version);
+
+    public ValueTask<StoreStatus> AsStatusTask() => new(this, _core.Version);
+
+    public void Succeed(AppendResult result)
+    {
+        if (Detached)
+        {
+            Recycle();
+        }
+        else
+        {
+            _core.SetResult(result);
+        }
+    }
+
+    public void Fail(Exception error)
+    {
+        if (Detached)
+        {
+            Recycle();
+        }
+        else
+        {
+            _core.SetException(error);
+        }
+    }
+
+    AppendResult IValueTaskSource<AppendResult>.GetResult(short token)
+    {
+        try
+        {
+            return _core.GetResult(token);
+        }
+        finally
+        {
+            Recycle();
+        }
+    }
+
+    StoreStatus IValueTaskSource<StoreStatus>.GetResult(short token)
+    {
+        try
+        {
+            return _core.GetResult(token).Status;
+        }
+        finally
+        {
+            Recycle();
+        }
+    }
+
+    public ValueTaskSourceStatus GetStatus(short token) => _core.GetStatus(token);
+
+    public void OnCompleted(Action<object?> continuation, object? state, short token, ValueTaskSourceOnCompletedFlags flags)
+        => _core.OnCompleted(continuation, state, token, flags);
+
+    private void Recycle()
+    {
+        _core.Reset();
+        Queue = null;
+        MessageId = 0;
+        Hour = 0;
+        Bytes = 0;
+        Count = 0;
+        PreviousActiveHour = 0;
+        WroteExpiry = false;
+        Idle = false;
+        Detached = false;
+        _store.ReturnOp(this);
+    }
+}

@@ -1,0 +1,318 @@
+using System.Buffers.Binary;
+using System.Collections.Concurrent;
+using Relay.Storage.Native;
+
+namespace Relay.Storage;
+
+// On-disk layout (RocksDB, one column family per kind of record; all integers big-endian):
+//
+//   default   "epoch" → u64. Incremented and written (fsynced) once per Open, and again whenever
+//             idle queue handles are evicted from memory. Message ids of a queue handle start at
+//             max(last stored id + 1, epoch << 32), so ids are never reused by a queue, not even
+//             after every message was acknowledged and the relay restarted, without writing
+//             anything per message besides the message itself.
+//   queues    recipientId(24) → u8 version (1) ‖ u8 status (bit 0 secured, bit 1 suspended)
+//             ‖ senderId(24) ‖ recipientKey(32) ‖ deliveryKey(32) ‖ senderKey(32, zeros while
+//             unsecured) ‖ u32 createdHour ‖ u32 lastActiveHour                      (130 bytes)
+//   senders   senderId(24) → recipientId(24)
+//   messages  recipientId(24) ‖ u64 messageId → u32 hour ‖ u8 flags ‖ body
+//   expiry    u32 hour ‖ recipientId(24) → empty. Written with the first message of a queue in
+//             each hour, so the sweeper finds queues holding old messages without scanning messages.
+//   idle      u32 lastActiveHour ‖ recipientId(24) → empty. Moved when lastActiveHour changes (at
+//             most once per hour per queue), so idle-queue expiry reads only what is old enough.
+//
+// Hours are whole hours since the Unix epoch; nothing finer is stored. Table files use block-based
+// format_version 5 and no compression, readable by RocksDB 7.8 and 11.x alike.
+
+/// <summary>
+/// In-memory handle of a queue that has been touched since start-up (loaded lazily by a point read;
+/// start-up never scans the store). One handle per queue at a time; the server hangs its
+/// subscription state on <see cref="Tag"/> and uses <see cref="Sync"/> to order its own work.
+/// </summary>
+public sealed class QueueHandle
+{
+    public const int IdLength = 24;
+    public const int KeyLength = 32;
+
+    public required byte[] RecipientId { get; init; }   // 24 bytes
+    public required byte[] SenderId { get; init; }      // 24 bytes
+    public required byte[] RecipientKey { get; init; }  // 32 bytes, X25519 public
+    public required byte[] DeliveryKey { get; init; }   // 32 bytes, symmetric
+    public byte[]? SenderKey { get; internal set; }      // 32 bytes once secured
+    public bool Suspended { get; internal set; }
+    public bool Deleted { get; internal set; }
+    /// <summary>Messages stored or being stored (appends reserve their place before they are durable).</summary>
+    public int MessageCount { get; internal set; }
+    /// <summary>Body bytes stored or being stored.</summary>
+    public long ByteCount { get; internal set; }
+
+    /// <summary>Lock for the server's per-queue ordering (subscription, delivery state).</summary>
+    public object Sync { get; } = new();
+
+    /// <summary>Server-owned state (the subscription); the store never touches it.</summary>
+    public object? Tag { get; set; }
+
+    // Store-owned state, guarded by StoreLock (PendingOps and LastUsedTicks are also read without it).
+    internal readonly Lock StoreLock = new();
+    internal uint CreatedHour;
+    internal uint LastActiveHour;
+    /// <summary>Hour of the last expiry entry this handle wrote (0: none yet since loaded).</summary>
+    internal uint LastExpiryHour;
+    internal ulong NextId;
+    /// <summary>No stored message has a smaller id: reads seek here and skip the tombstones of acked messages.</summary>
+    internal ulong OldestBound;
+    internal int PendingOps;
+    internal bool Evicted;
+    internal long LastUsedTicks;
+}
+
+/// <summary>The RocksDB queue store. Thread-safe. See docs/OPERATIONS.md for the on-disk layout.</summary>
+public sealed partial class QueueStore : IAsyncDisposable, IDisposable
+{
+    private const long BlockCacheBytes = 64L * 1024 * 1024;
+
+    private readonly QueueStoreOptions _options;
+    private readonly RocksDb _db;
+    private readonly StoreStatistics _statistics;
+    private readonly ConcurrentDictionary<QueueKey, QueueHandle> _queues = new();
+    /// <summary>Serializes loading, resurrecting and evicting handles, so at most one handle per queue exists.</summary>
+    private readonly Lock _loadLock = new();
+    /// <summary>Serializes queue creation (existence checks and the registration of new ids).</summary>
+    private readonly Lock _createLock = new();
+    private readonly HashSet<QueueKey> _pendingSenders = [];
+    private ulong _epoch;
+    private ulong _epochBase;
+
+    // Native reads in flight; Dispose waits for them before closing the database.
+    private int _readers;
+    private int _closing;
+    private int _disposed;
+
+    private QueueStore(QueueStoreOptions options, RocksDb db, ulong epoch)
+    {
+        _options = options;
+        _db = db;
+        _epoch = epoch;
+        _epochBase = epoch << 32;
+        _statistics = new StoreStatistics(this);
+    }
+
+    public StoreStatistics Statistics => _statistics;
+
+    internal int LoadedQueueCount => _queues.Count;
+
+    /// <summary>
+    /// Opens or creates the store. Throws <see cref="StoreException"/> with a clear message when the
+    /// directory is unusable or already open (in this or another process).
+    /// </summary>
+    public static QueueStore Open(QueueStoreOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        if (options.MaxMessagesPerQueue <= 0 || options.MaxBytesPerQueue <= 0)
+        {
+            throw new ArgumentException("Queue quotas must be positive.", nameof(options));
+        }
+        try
+        {
+            Directory.CreateDirectory(options.Path);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new StoreException($"Cannot create the store directory {options.Path}: {e.Message}", e);
+        }
+
+        RocksDb db = RocksDb.Open(options.Path, Keys.ColumnFamilies, BlockCacheBytes);
+        QueueStore store;
+        try
+        {
+            Span<byte> value = stackalloc byte[8];
+            ulong epoch = db.Get(Cf.Default, Keys.EpochKey, value) == 8 ? BinaryPrimitives.ReadUInt64BigEndian(value) : 0;
+            epoch++;
+            BinaryPrimitives.WriteUInt64BigEndian(value, epoch);
+            db.PutSync(Cf.Default, Keys.EpochKey, value);
+            store = new QueueStore(options, db, epoch);
+        }
+        catch
+        {
+            db.Dispose();
+            throw;
+        }
+        store.StartWriter();
+        store.StartSweepTimer();
+        return store;
+    }
+
+    internal uint NowHour() => (uint)(_options.Clock.GetUtcNow().ToUnixTimeSeconds() / 3600);
+
+    public QueueHandle? FindByRecipientId(ReadOnlySpan<byte> recipientId)
+    {
+        if (recipientId.Length != QueueHandle.IdLength)
+        {
+            return null;
+        }
+        var key = new QueueKey(recipientId);
+        if (!_queues.TryGetValue(key, out QueueHandle? queue))
+        {
+            queue = Load(recipientId, key);
+        }
+        if (queue is null || queue.Deleted)
+        {
+            return null;
+        }
+        Volatile.Write(ref queue.LastUsedTicks, Environment.TickCount64);
+        return queue;
+    }
+
+    public QueueHandle? FindBySenderId(ReadOnlySpan<byte> senderId)
+    {
+        if (senderId.Length != QueueHandle.IdLength)
+        {
+            return null;
+        }
+        Span<byte> recipientId = stackalloc byte[QueueHandle.IdLength];
+        EnterRead();
+        int length;
+        try
+        {
+            length = _db.Get(Cf.Senders, senderId, recipientId);
+        }
+        finally
+        {
+            ExitRead();
+        }
+        if (length != QueueHandle.IdLength)
+        {
+            return null;
+        }
+        QueueHandle? queue = FindByRecipientId(recipientId);
+        return queue is not null && senderId.SequenceEqual(queue.SenderId) ? queue : null;
+    }
+
+    /// <summary>Reads a queue record and its messages' totals into a new handle (null when there is no such queue).</summary>
+    private QueueHandle? Load(ReadOnlySpan<byte> recipientId, QueueKey key)
+    {
+        EnterRead();
+        try
+        {
+            lock (_loadLock)
+            {
+                if (_queues.TryGetValue(key, out QueueHandle? existing))
+                {
+                    return existing;
+                }
+                Span<byte> record = stackalloc byte[Keys.QueueRecordLength];
+                if (_db.Get(Cf.Queues, recipientId, record) != Keys.QueueRecordLength)
+                {
+                    return null;
+                }
+                QueueHandle queue = Keys.ParseQueueRecord(recipientId, record);
+                LoadMessageTotals(queue);
+                _queues[key] = queue;
+                return queue;
+            }
+        }
+        finally
+        {
+            ExitRead();
+        }
+    }
+
+    /// <summary>Counts the queue's stored messages (at most a quota's worth) and sets the id bounds.</summary>
+    private void LoadMessageTotals(QueueHandle queue)
+    {
+        Span<byte> lower = stackalloc byte[Keys.MessageKeyLength];
+        Span<byte> upper = stackalloc byte[Keys.MessageKeyLength + 1];
+        Keys.MessageKey(lower, queue.RecipientId, 0);
+        Keys.MessageUpperBound(upper, queue.RecipientId);
+        using RocksDb.Iterator it = _db.CreateIterator(Cf.Messages, lower, upper);
+        int count = 0;
+        long bytes = 0;
+        ulong first = 0, last = 0;
+        for (it.SeekToFirst(); it.Valid; it.Next())
+        {
+            ulong id = Keys.MessageIdOf(it.Key);
+            if (count == 0)
+            {
+                first = id;
+            }
+            last = id;
+            count++;
+            bytes += it.Value.Length - Keys.MessageHeaderLength;
+        }
+        queue.MessageCount = count;
+        queue.ByteCount = bytes;
+        queue.OldestBound = first;
+        queue.NextId = count > 0 ? Math.Max(last + 1, _epochBase) : _epochBase;
+    }
+
+    /// <summary>
+    /// Enters the queue's store lock, bringing an evicted handle back when no other handle of the
+    /// queue was loaded meanwhile. False: the handle is stale; the caller answers NotFound.
+    /// </summary>
+    private bool Acquire(QueueHandle queue)
+    {
+        Volatile.Write(ref queue.LastUsedTicks, Environment.TickCount64);
+        while (true)
+        {
+            queue.StoreLock.Enter();
+            if (!queue.Evicted)
+            {
+                return true;
+            }
+            queue.StoreLock.Exit();
+            lock (_loadLock)
+            {
+                lock (queue.StoreLock)
+                {
+                    if (queue.Evicted)
+                    {
+                        if (!_queues.TryAdd(new QueueKey(queue.RecipientId), queue))
+                        {
+                            return false;
+                        }
+                        queue.Evicted = false;
+                    }
+                }
+            }
+        }
+    }
+
+    private void EnterRead()
+    {
+        Interlocked.Increment(ref _readers);
+        if (Volatile.Read(ref _closing) != 0)
+        {
+            Interlocked.Decrement(ref _readers);
+            throw new ObjectDisposedException(nameof(QueueStore));
+        }
+    }
+
+    private void ExitRead() => Interlocked.Decrement(ref _readers);
+
+    /// <summary>Finishes pending writes, stops the sweeper, flushes and closes the database. Idempotent.</summary>
+    public void Dispose() => DisposeAsync().AsTask().GetAwaiter().GetResult();
+
+    public async ValueTask DisposeAsync()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+        {
+            return;
+        }
+        await StopSweepTimerAsync().ConfigureAwait(false);
+        StopWriter();
+        Interlocked.Exchange(ref _closing, 1);
+        SpinWait spin = default;
+        while (Volatile.Read(ref _readers) != 0)
+        {
+            spin.SpinOnce();
+        }
+        try
+        {
+            _db.FlushAll();
+        }
+        finally
+        {
+            _db.Dispose();
+        }
+    }
+}

@@ -1,0 +1,43 @@
+namespace Relay.Storage;
+
+/// <summary>Counters since the store was opened. Thread-safe; read them for metrics.</summary>
+public sealed class StoreStatistics
+{
+    private readonly QueueStore _store;
+    internal long _batches;
+    internal long _operations;
+    internal long _messagesAppended;
+    internal long _messagesDeleted;
+    internal long _messagesExpired;
+    internal long _queuesCreated;
+    internal long _queuesDeleted;
+    internal long _idleQueuesDeleted;
+    internal long _writeFailures;
+    internal long _sweepFailures;
+
+    internal StoreStatistics(QueueStore store) => _store = store;
+
+    /// <summary>Write batches committed (one fsync each in durable mode).</summary>
+    public long Batches => Interlocked.Read(ref _batches);
+    /// <summary>Operations committed (each caller's write is one operation).</summary>
+    public long Operations => Interlocked.Read(ref _operations);
+    public long MessagesAppended => Interlocked.Read(ref _messagesAppended);
+    /// <summary>Messages deleted by ACK.</summary>
+    public long MessagesDeleted => Interlocked.Read(ref _messagesDeleted);
+    /// <summary>Messages deleted because they outlived the message TTL.</summary>
+    public long MessagesExpired => Interlocked.Read(ref _messagesExpired);
+    public long QueuesCreated => Interlocked.Read(ref _queuesCreated);
+    /// <summary>Queues deleted by their recipient or for idleness.</summary>
+    public long QueuesDeleted => Interlocked.Read(ref _queuesDeleted);
+    /// <summary>The part of <see cref="QueuesDeleted"/> removed for idleness.</summary>
+    public long IdleQueuesDeleted => Interlocked.Read(ref _idleQueuesDeleted);
+    /// <summary>Batches whose write failed (their callers got an exception).</summary>
+    public long WriteFailures => Interlocked.Read(ref _writeFailures);
+    /// <summary>Timer-driven sweeps that failed.</summary>
+    public long SweepFailures => Interlocked.Read(ref _sweepFailures);
+    /// <summary>Queue handles currently in memory.</summary>
+    public int LoadedQueues => _store.LoadedQueueCount;
+
+    /// <summary>On-disk bytes counted against the disk budget: SST files of every column family plus WAL files. Computed now.</summary>
+    public long GetDiskBytes() => _store.ComputeDiskBytes();
+}

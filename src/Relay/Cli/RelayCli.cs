@@ -1,0 +1,73 @@
+namespace Relay.Cli;
+
+/// <summary>The <c>relay</c> executable: one subcommand per file under Cli/.</summary>
+public static class RelayCli
+{
+    public const int Ok = 0;
+    public const int Failed = 1;
+    public const int Usage = 2;
+
+    private static readonly (string Name, string Summary)[] Commands =
+    [
+        ("serve", "run the relay"),
+        ("init", "create the relay identity if missing and print the relay address"),
+        ("address", "print the relay address"),
+    ];
+
+    public static async Task<int> RunAsync(string[] args)
+    {
+        try
+        {
+            if (args.Length == 0 || args[0] is "--help" or "-h" or "help")
+            {
+                Console.Out.Write(MainHelp());
+                return args.Length == 0 ? Usage : Ok;
+            }
+            if (args[0] is "--version")
+            {
+                Console.Out.WriteLine(typeof(RelayCli).Assembly.GetName().Version?.ToString(3));
+                return Ok;
+            }
+            var rest = args.Skip(1).ToArray();
+            return args[0] switch
+            {
+                "serve" => await ServeCommand.RunAsync(rest),
+                "init" => IdentityCommands.Init(rest),
+                "address" => IdentityCommands.Address(rest),
+                _ => throw new UsageException($"unknown command '{args[0]}' (see relay --help)"),
+            };
+        }
+        catch (UsageException ex)
+        {
+            Console.Error.WriteLine($"relay: {ex.Message}");
+            return Usage;
+        }
+    }
+
+    private static string MainHelp()
+    {
+        var lines = new List<string>
+        {
+            "relay: a store-and-forward relay for end-to-end-encrypted messages",
+            "",
+            "Usage: relay <command> [options]",
+            "",
+            "Commands:",
+        };
+        lines.AddRange(Commands.Select(c => $"  {c.Name,-10} {c.Summary}"));
+        lines.Add("");
+        lines.Add("Run 'relay <command> --help' for the options of a command.");
+        return string.Join('\n', lines) + "\n";
+    }
+
+    /// <summary>Help text of one command: usage line, then one line per option.</summary>
+    public static string CommandHelp(string usage, string summary, IEnumerable<(string Option, string Help)> options)
+    {
+        var list = options.ToList();
+        int width = Math.Max(24, list.Count == 0 ? 0 : list.Max(o => o.Option.Length) + 2);
+        var lines = new List<string> { $"Usage: {usage}", "", summary, "", "Options:" };
+        lines.AddRange(list.Select(o => "  " + o.Option.PadRight(width) + o.Help));
+        lines.Add("  " + "--help".PadRight(width) + "show this help");
+        return string.Join('\n', lines) + "\n";
+    }
+}

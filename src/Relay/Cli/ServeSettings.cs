@@ -1,0 +1,223 @@
+using System.Globalization;
+using System.Net;
+using System.Text.Json;
+using Relay.Server;
+
+namespace Relay.Cli;
+
+/// <summary>
+/// Every setting of <c>relay serve</c>, bound from (lowest to highest precedence) defaults, the JSON
+/// file given by --config, RELAY_* environment variables, and command-line flags. One table drives
+/// all three sources and the help text, without reflection (AOT-clean).
+/// </summary>
+public sealed class ServeSettings
+{
+    public RelayServerOptions Server { get; } = new();
+    public string LogFormat { get; set; } = "text";
+    public string LogLevel { get; set; } = "information";
+    public string? ConfigFile { get; set; }
+
+    public sealed record Option(string Name, string Value, string Default, string Help, Action<ServeSettings, string, string> Apply)
+    {
+        /// <summary>RELAY_ + upper-case name with '-' as '_'.</summary>
+        public string EnvName => "RELAY_" + Name.ToUpperInvariant().Replace('-', '_');
+        /// <summary>camelCase key in the JSON file.</summary>
+        public string JsonName
+        {
+            get
+            {
+                var parts = Name.Split('-');
+                return parts[0] + string.Concat(parts.Skip(1).Select(p => char.ToUpperInvariant(p[0]) + p.Substring(1)));
+            }
+        }
+        public bool IsSwitch => Value == "";
+    }
+
+    public static readonly Option[] Options =
+    [
+        new("data", "DIR", "./relay-data", "data directory: identity and queue store",
+            (s, v, _) => s.Server.DataDirectory = v),
+        new("listen", "HOST:PORT", "0.0.0.0:5223", "relay listener",
+            (s, v, src) => s.Server.Listen = ParseEndPoint(src, v)),
+        new("admin", "HOST:PORT|off", "127.0.0.1:5280", "admin HTTP listener (health, readiness, metrics, admin API)",
+            (s, v, src) => s.Server.Admin = v == "off" ? null : ParseEndPoint(src, v)),
+        new("host", "HOST[,HOST2...]", "the listener's host", "public host names printed in the relay address (e.g. a domain and a .onion)",
+            (s, v, _) => s.Server.PublicHosts = [.. v.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)]),
+        new("plain-tcp", "", "false", "serve the relay protocol without TLS (only behind a TLS-terminating proxy on loopback, or for benchmarks)",
+            (s, v, src) => s.Server.Tls = !CliArgs.ParseBool(src, v)),
+        new("durability", "fsync|relaxed", "fsync", "fsync: a SEND is answered only after its write is fsynced; relaxed: no fsync (a power loss may lose acknowledged messages)",
+            (s, v, src) => s.Server.Durable = v switch { "fsync" => true, "relaxed" => false, _ => throw new UsageException($"{src} must be fsync or relaxed, got '{v}'") }),
+        new("message-ttl", "DURATION", "21d", "messages older than this are deleted",
+            (s, v, src) => s.Server.MessageTtl = ParseDuration(src, v, TimeSpan.FromHours(1))),
+        new("idle-queue-ttl", "DURATION", "0 (never)", "queues untouched for this long are deleted with their messages",
+            (s, v, src) => s.Server.IdleQueueTtl = v == "0" ? TimeSpan.Zero : ParseDuration(src, v, TimeSpan.FromHours(1))),
+        new("queue-max-messages", "N", "128", "messages a queue holds before SEND answers QUOTA",
+            (s, v, src) => s.Server.QueueMaxMessages = (int)ParseNumber(src, v, 1, 1_000_000)),
+        new("queue-max-bytes", "SIZE", "8MiB", "body bytes a queue holds before SEND answers QUOTA",
+            (s, v, src) => s.Server.QueueMaxBytes = ParseSize(src, v, 1024)),
+        new("disk-budget", "SIZE", "0 (unlimited)", "above this much data on disk, new queues and sends answer FULL until space returns",
+            (s, v, src) => s.Server.DiskBudgetBytes = v == "0" ? 0 : ParseSize(src, v, 1 << 20)),
+        new("max-message", "BYTES", "65000", "largest SEND body",
+            (s, v, src) => s.Server.MaxMessage = (int)ParseNumber(src, v, 256, 1_000_000)),
+        new("max-connections", "N", "20000", "concurrent relay connections; more are closed at once",
+            (s, v, src) => s.Server.MaxConnections = (int)ParseNumber(src, v, 1, 10_000_000)),
+        new("max-subscriptions", "N", "10000", "subscriptions per connection",
+            (s, v, src) => s.Server.MaxSubscriptionsPerConnection = (int)ParseNumber(src, v, 1, 10_000_000)),
+        new("handshake-timeout", "DURATION", "10s", "time allowed for TLS and HELLO",
+            (s, v, src) => s.Server.HandshakeTimeout = ParseDuration(src, v, TimeSpan.FromMilliseconds(100))),
+        new("idle-timeout", "DURATION", "300s", "a connection silent for this long is closed",
+            (s, v, src) => s.Server.IdleTimeout = ParseDuration(src, v, TimeSpan.FromSeconds(1))),
+        new("create-password", "TEXT", "none", "password clients must give to create queues",
+            (s, v, _) => s.Server.CreatePassword = v.Length == 0 ? null : v),
+        new("new-queues", "on|off", "on", "off: refuse new queues (DISABLED) while existing queues keep working",
+            (s, v, src) => s.Server.AllowNewQueues = CliArgs.ParseBool(src, v)),
+        new("sweep-interval", "DURATION", "10m", "how often expired messages and idle queues are removed",
+            (s, v, src) => s.Server.SweepInterval = ParseDuration(src, v, TimeSpan.FromSeconds(1))),
+        new("log-format", "text|json", "text", "log line format on stdout",
+            (s, v, src) => s.LogFormat = v is "text" or "json" ? v : throw new UsageException($"{src} must be text or json, got '{v}'")),
+        new("log-level", "LEVEL", "information", "debug, information, warning or error",
+            (s, v, src) => s.LogLevel = v is "debug" or "information" or "warning" or "error" ? v : throw new UsageException($"{src} must be debug, information, warning or error, got '{v}'")),
+    ];
+
+    public static ISet<string> ValueOptionNames => Options.Where(o => !o.IsSwitch).Select(o => o.Name).Append("config").ToHashSet();
+    public static ISet<string> SwitchNames => Options.Where(o => o.IsSwitch).Select(o => o.Name).ToHashSet();
+
+    /// <summary>Binds defaults, then the config file, then the environment, then the flags.</summary>
+    public static ServeSettings Bind(CliArgs args, IDictionary<string, string?> environment)
+    {
+        var settings = new ServeSettings();
+        var configFile = args.Get("config") ?? (environment.TryGetValue("RELAY_CONFIG", out var fromEnv) ? fromEnv : null);
+        if (configFile != null)
+        {
+            settings.ConfigFile = configFile;
+            ApplyJson(settings, configFile);
+        }
+        foreach (var option in Options)
+        {
+            if (environment.TryGetValue(option.EnvName, out var value) && value != null)
+            {
+                option.Apply(settings, value, option.EnvName);
+            }
+        }
+        foreach (var option in Options)
+        {
+            if (args.TryGet(option.Name, out var value))
+            {
+                option.Apply(settings, value, "--" + option.Name);
+            }
+        }
+        return settings;
+    }
+
+    private static void ApplyJson(ServeSettings settings, string path)
+    {
+        JsonDocument document;
+        try
+        {
+            document = JsonDocument.Parse(File.ReadAllBytes(path), new JsonDocumentOptions { CommentHandling = JsonCommentHandling.Skip, AllowTrailingCommas = true });
+        }
+        catch (Exception ex) when (ex is IOException or UnauthorizedAccessException)
+        {
+            throw new UsageException($"--config: cannot read {path}: {ex.Message}");
+        }
+        catch (JsonException ex)
+        {
+            throw new UsageException($"--config: {path} is not valid JSON: {ex.Message}");
+        }
+        using (document)
+        {
+            if (document.RootElement.ValueKind != JsonValueKind.Object)
+            {
+                throw new UsageException($"--config: {path} must hold a JSON object");
+            }
+            foreach (var property in document.RootElement.EnumerateObject())
+            {
+                var option = Options.FirstOrDefault(o => o.JsonName == property.Name)
+                    ?? throw new UsageException($"--config: unknown setting '{property.Name}' in {path}");
+                string value = property.Value.ValueKind switch
+                {
+                    JsonValueKind.String => property.Value.GetString()!,
+                    JsonValueKind.Number => property.Value.GetRawText(),
+                    JsonValueKind.True => "true",
+                    JsonValueKind.False => "false",
+                    JsonValueKind.Array => string.Join(',', property.Value.EnumerateArray().Select(e => e.ToString())),
+                    _ => throw new UsageException($"--config: setting '{property.Name}' in {path} has an unsupported value"),
+                };
+                option.Apply(settings, value, $"'{property.Name}' in {path}");
+            }
+        }
+    }
+
+    public static IPEndPoint ParseEndPoint(string what, string value)
+    {
+        int colon = value.LastIndexOf(':');
+        if (colon <= 0 || !int.TryParse(value.AsSpan(colon + 1), NumberStyles.None, CultureInfo.InvariantCulture, out int port) || port > 65535)
+        {
+            throw new UsageException($"{what} must be HOST:PORT with a port from 0 to 65535, got '{value}'");
+        }
+        var host = value.Substring(0, colon).Trim('[', ']');
+        IPAddress? address = host switch
+        {
+            "*" or "0.0.0.0" => IPAddress.Any,
+            "::" => IPAddress.IPv6Any,
+            "localhost" => IPAddress.Loopback,
+            _ => IPAddress.TryParse(host, out var a) ? a : null,
+        };
+        return address is null
+            ? throw new UsageException($"{what} must name an IP address (or localhost, or *), got '{host}'")
+            : new IPEndPoint(address, port);
+    }
+
+    public static TimeSpan ParseDuration(string what, string value, TimeSpan min)
+    {
+        var v = value.Trim().ToLowerInvariant();
+        (string number, double unit) = v switch
+        {
+            _ when v.EndsWith("ms", StringComparison.Ordinal) => (v[..^2], 0.001),
+            _ when v.EndsWith('s') => (v[..^1], 1),
+            _ when v.EndsWith('m') => (v[..^1], 60),
+            _ when v.EndsWith('h') => (v[..^1], 3600),
+            _ when v.EndsWith('d') => (v[..^1], 86400),
+            _ => (v, 1),
+        };
+        if (!double.TryParse(number, NumberStyles.Float, CultureInfo.InvariantCulture, out double n) || n < 0 || double.IsInfinity(n) || n * unit > 100 * 365 * 86400.0)
+        {
+            throw new UsageException($"{what} must be a duration such as 45s, 30m, 12h or 21d, got '{value}'");
+        }
+        var result = TimeSpan.FromSeconds(n * unit);
+        return result < min ? throw new UsageException($"{what} must be at least {min}, got '{value}'") : result;
+    }
+
+    public static long ParseNumber(string what, string value, long min, long max)
+    {
+        if (!long.TryParse(value, NumberStyles.None, CultureInfo.InvariantCulture, out long n) || n < min || n > max)
+        {
+            throw new UsageException($"{what} must be a whole number from {min} to {max}, got '{value}'");
+        }
+        return n;
+    }
+
+    public static long ParseSize(string what, string value, long min)
+    {
+        var v = value.Trim();
+        (string number, long unit) = v.ToUpperInvariant() switch
+        {
+            var u when u.EndsWith("KIB", StringComparison.Ordinal) => (v[..^3], 1L << 10),
+            var u when u.EndsWith("MIB", StringComparison.Ordinal) => (v[..^3], 1L << 20),
+            var u when u.EndsWith("GIB", StringComparison.Ordinal) => (v[..^3], 1L << 30),
+            var u when u.EndsWith("TIB", StringComparison.Ordinal) => (v[..^3], 1L << 40),
+            var u when u.EndsWith("KB", StringComparison.Ordinal) => (v[..^2], 1000L),
+            var u when u.EndsWith("MB", StringComparison.Ordinal) => (v[..^2], 1000_000L),
+            var u when u.EndsWith("GB", StringComparison.Ordinal) => (v[..^2], 1000_000_000L),
+            var u when u.EndsWith("TB", StringComparison.Ordinal) => (v[..^2], 1000_000_000_000L),
+            var u when u.EndsWith('B') => (v[..^1], 1L),
+            _ => (v, 1L),
+        };
+        if (!double.TryParse(number, NumberStyles.Float, CultureInfo.InvariantCulture, out double n) || n < 0 || n * unit > long.MaxValue / 2)
+        {
+            throw new UsageException($"{what} must be a size such as 500MB, 8MiB or 10GB, got '{value}'");
+        }
+        long bytes = (long)(n * unit);
+        return bytes < min ? throw new UsageException($"{what} must be at least {min} bytes, got '{value}'") : bytes;
+    }
+}

@@ -1,0 +1,129 @@
+namespace Relay.Storage.Tests;
+
+public class RetentionTests
+{
+    private static Func<string, QueueStoreOptions> With(ManualClock clock, TimeSpan? idle = null) => p => new QueueStoreOptions
+    {
+        Path = p,
+        Clock = clock,
+        MessageTtl = TimeSpan.FromDays(21),
+        IdleQueueTtl = idle ?? TimeSpan.Zero,
+    };
+
+    [Test]
+    public async Task Stored_hour_is_the_coarse_arrival_hour()
+    {
+        var clock = new ManualClock { Now = new DateTimeOffset(2025, 6, 1, 12, 59, 59, TimeSpan.Zero) };
+        await using TestStore t = TestStore.Create(With(clock));
+        QueueHandle q = await t.CreateQueueAsync();
+        AppendResult r = await t.Store.AppendAsync(q, 0, "m"u8);
+        uint expected = (uint)(new DateTimeOffset(2025, 6, 1, 12, 0, 0, TimeSpan.Zero).ToUnixTimeSeconds() / 3600);
+        await Assert.That(r.Hour).IsEqualTo(expected);
+        await Assert.That(t.Peek(q)!.Value.Hour).IsEqualTo(expected);
+    }
+
+    [Test]
+    public async Task Messages_expire_after_the_ttl_and_not_before()
+    {
+        var clock = new ManualClock();
+        await using TestStore t = TestStore.Create(With(clock));
+        QueueHandle q = await t.CreateQueueAsync();
+        QueueHandle unloaded = await t.CreateQueueAsync();
+        await t.Store.AppendAsync(q, 0, "old-1"u8);
+        await t.Store.AppendAsync(q, 0, "old-2"u8);
+        await t.Store.AppendAsync(unloaded, 0, "old-3"u8);
+        clock.Advance(TimeSpan.FromDays(10));
+        AppendResult young = await t.Store.AppendAsync(q, 0, "young"u8);
+
+        clock.Advance(TimeSpan.FromDays(11) - TimeSpan.FromHours(1));   // 21 days minus an hour after the first
+        await Assert.That(await t.Store.SweepExpiredAsync()).IsEqualTo(0);
+        await Assert.That(q.MessageCount).IsEqualTo(3);
+
+        clock.Advance(TimeSpan.FromHours(2));   // now past 21 days (plus the hour's rounding)
+        await t.ReopenAsync();   // the sweep works from the index, for queues not in memory too
+        q = t.Store.FindByRecipientId(q.RecipientId)!;
+        await Assert.That(await t.Store.SweepExpiredAsync()).IsEqualTo(3);
+        await Assert.That(t.Store.Statistics.MessagesExpired).IsEqualTo(3);
+        await Assert.That(q.MessageCount).IsEqualTo(1);
+        await Assert.That(q.ByteCount).IsEqualTo(5);
+        await Assert.That(t.Peek(q)!.Value.Id).IsEqualTo(young.MessageId);
+        QueueHandle other = t.Store.FindByRecipientId(unloaded.RecipientId)!;
+        await Assert.That(other.MessageCount).IsEqualTo(0);
+        await Assert.That(t.Peek(other)).IsNull();
+
+        await Assert.That(await t.Store.SweepExpiredAsync()).IsEqualTo(0);   // the index entries are gone
+        clock.Advance(TimeSpan.FromDays(11));
+        await Assert.That(await t.Store.SweepExpiredAsync()).IsEqualTo(1);
+        await Assert.That(t.Peek(q)).IsNull();
+        // The queue itself stays (no idle expiry configured) and accepts new messages.
+        await Assert.That((await t.Store.AppendAsync(q, 0, "new"u8)).Status).IsEqualTo(StoreStatus.Ok);
+    }
+
+    [Test]
+    public async Task Expiry_of_a_deleted_queue_just_drops_its_index_entry()
+    {
+        var clock = new ManualClock();
+        await using TestStore t = TestStore.Create(With(clock));
+        QueueHandle q = await t.CreateQueueAsync();
+        await t.Store.AppendAsync(q, 0, "m"u8);
+        await t.Store.DeleteQueueAsync(q);
+        clock.Advance(TimeSpan.FromDays(30));
+        await Assert.That(await t.Store.SweepExpiredAsync()).IsEqualTo(0);
+        await Assert.That(t.Store.FindByRecipientId(q.RecipientId)).IsNull();
+    }
+
+    [Test]
+    public async Task Idle_queues_are_deleted_and_active_ones_kept()
+    {
+        var clock = new ManualClock();
+        await using TestStore t = TestStore.Create(With(clock, idle: TimeSpan.FromDays(30)));
+        QueueHandle idle = await t.CreateQueueAsync();
+        QueueHandle active = await t.CreateQueueAsync();
+        QueueHandle subscribed = await t.CreateQueueAsync();
+        await t.Store.AppendAsync(idle, 0, "m"u8);
+
+        clock.Advance(TimeSpan.FromDays(20));
+        await t.Store.AppendAsync(active, 0, "m"u8);   // activity moves its last-active hour
+        clock.Advance(TimeSpan.FromDays(11));
+        await t.ReopenAsync();
+        t.Store.FindByRecipientId(subscribed.RecipientId)!.Tag = "subscriber";
+
+        await t.Store.SweepExpiredAsync();
+        await Assert.That(t.Store.FindByRecipientId(idle.RecipientId)).IsNull();
+        await Assert.That(t.Store.FindBySenderId(idle.SenderId)).IsNull();
+        await Assert.That(t.Store.FindByRecipientId(active.RecipientId)).IsNotNull();
+        await Assert.That(t.Store.FindByRecipientId(subscribed.RecipientId)).IsNotNull();
+        await Assert.That(t.Store.Statistics.IdleQueuesDeleted).IsEqualTo(1);
+
+        clock.Advance(TimeSpan.FromDays(20));
+        await t.Store.SweepExpiredAsync();
+        await Assert.That(t.Store.FindByRecipientId(active.RecipientId)).IsNull();
+    }
+
+    [Test]
+    public async Task Sweep_runs_on_its_timer()
+    {
+        var clock = new ManualClock();
+        await using TestStore t = TestStore.Create(p => new QueueStoreOptions
+        {
+            Path = p,
+            Clock = new TimerOnlyClock(clock),
+            SweepInterval = TimeSpan.FromMilliseconds(50),
+        });
+        QueueHandle q = await t.CreateQueueAsync();
+        await t.Store.AppendAsync(q, 0, "m"u8);
+        clock.Advance(TimeSpan.FromDays(22));
+        for (int i = 0; i < 100 && t.Store.Statistics.MessagesExpired == 0; i++)
+        {
+            await Task.Delay(20);
+        }
+        await Assert.That(t.Store.Statistics.MessagesExpired).IsEqualTo(1);
+        await Assert.That(q.MessageCount).IsEqualTo(0);
+    }
+
+    /// <summary>Manual time, real timers.</summary>
+    private sealed class TimerOnlyClock(ManualClock clock) : TimeProvider
+    {
+        public override DateTimeOffset GetUtcNow() => clock.GetUtcNow();
+    }
+}
