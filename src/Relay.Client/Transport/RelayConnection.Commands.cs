@@ -101,6 +101,15 @@ public sealed partial class RelayConnection
         Expect(response, FrameType.Ok, "SEND");
     }
 
+    /// <summary>True once SUB was sent for this queue on this connection (and no END since).</summary>
+    public bool IsSubscribed(RecipientQueue queue)
+    {
+        lock (_pendingLock)
+        {
+            return _deliveryCiphers.ContainsKey(Id.From(queue.RecipientId));
+        }
+    }
+
     /// <summary>SUB: deliveries of this queue arrive on <see cref="Events"/>.</summary>
     public async Task SubscribeAsync(RecipientQueue queue, CancellationToken cancellationToken = default)
     {

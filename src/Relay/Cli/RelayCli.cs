@@ -12,6 +12,13 @@ public static class RelayCli
         ("serve", "run the relay"),
         ("init", "create the relay identity if missing and print the relay address"),
         ("address", "print the relay address"),
+        ("invite", "create an invitation link for a private conversation"),
+        ("join", "join a conversation from an invitation link"),
+        ("send", "send an end-to-end encrypted message to a contact"),
+        ("listen", "print arriving messages and completed joins"),
+        ("contacts", "list the contacts of a profile"),
+        ("ping", "measure the round trip to a relay"),
+        ("check", "end-to-end self-test of a relay deployment"),
     ];
 
     public static async Task<int> RunAsync(string[] args)
@@ -34,6 +41,13 @@ public static class RelayCli
                 "serve" => await ServeCommand.RunAsync(rest),
                 "init" => IdentityCommands.Init(rest),
                 "address" => IdentityCommands.Address(rest),
+                "invite" => await ClientCommands.Invite(rest),
+                "join" => await ClientCommands.Join(rest),
+                "send" => await ClientCommands.Send(rest),
+                "listen" => await ClientCommands.Listen(rest),
+                "contacts" => ClientCommands.Contacts(rest),
+                "ping" => await ClientCommands.Ping(rest),
+                "check" => await ClientCommands.Check(rest),
                 _ => throw new UsageException($"unknown command '{args[0]}' (see relay --help)"),
             };
         }

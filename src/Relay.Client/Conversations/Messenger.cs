@@ -1,0 +1,355 @@
+using System.Buffers.Binary;
+using System.Runtime.CompilerServices;
+using System.Text;
+using Relay.Client.EndToEnd;
+using Relay.Client.Transport;
+using Relay.Protocol;
+
+namespace Relay.Client.Conversations;
+
+/// <summary>Something that happened in a conversation.</summary>
+public abstract record ConversationEvent(string Contact);
+/// <summary>The invited side joined: the conversation is open both ways.</summary>
+public sealed record ContactJoined(string Contact) : ConversationEvent(Contact);
+/// <summary>A message, decrypted and verified, delivered to the application exactly once.</summary>
+public sealed record MessageReceived(string Contact, string Text, DateTimeOffset Hour, ulong Counter) : ConversationEvent(Contact);
+/// <summary>An envelope refused (tampered, replayed, malformed); the conversation goes on.</summary>
+public sealed record MessageRejected(string Contact, EnvelopeError Error, string Reason) : ConversationEvent(Contact);
+/// <summary>Envelopes that never arrived before a later one did (dropped or reordered by the network or the relay).</summary>
+public sealed record MessagesMissing(string Contact, ulong Count) : ConversationEvent(Contact);
+
+/// <summary>
+/// Private conversations over any relays: invitations, joins, end-to-end encrypted messages with a
+/// per-direction key chain, and listening with acknowledgement only after the new state is saved
+/// (so a crash redelivers, and the counters absorb the duplicate).
+/// </summary>
+public sealed class Messenger : IAsyncDisposable
+{
+    private const byte ContentText = 1;
+    private readonly IProfileStore _store;
+    private readonly RelayClient _client;
+    private readonly bool _ownsClient;
+
+    public Messenger(IProfileStore store, RelayClient client)
+    {
+        _store = store;
+        _client = client;
+    }
+
+    public Messenger(IProfileStore store, RelayClientOptions? options = null)
+        : this(store, new RelayClient(options)) => _ownsClient = true;
+
+    public RelayClient Client => _client;
+
+    public IReadOnlyList<ContactData> Contacts => _store.Load().Contacts;
+
+    private static string UniqueName(ProfileData profile, string? wanted)
+    {
+        if (!string.IsNullOrWhiteSpace(wanted))
+        {
+            if (profile.Find(wanted) != null)
+            {
+                throw new ArgumentException($"there is already a contact named '{wanted}'");
+            }
+            return wanted;
+        }
+        for (int i = 1; ; i++)
+        {
+            var name = $"contact{i}";
+            if (profile.Find(name) is null) return name;
+        }
+    }
+
+    /// <summary>Creates a queue on <paramref name="relay"/> and returns the link to give to one person.</summary>
+    public async Task<(string Link, string Name)> InviteAsync(RelayAddress relay, string? name = null, string? password = null,
+        CancellationToken cancellationToken = default)
+    {
+        var queue = await _client.RunAsync(relay, c => c.CreateQueueAsync(password, cancellationToken), cancellationToken);
+        var own = new byte[32];
+        var ownPublic = new byte[32];
+        RelayCrypto.GenerateKeyPair(own, ownPublic);
+        var contactName = _store.Update(profile =>
+        {
+            var n = UniqueName(profile, name);
+            profile.Contacts.Add(new ContactData
+            {
+                Name = n,
+                Status = ContactStatus.Invited,
+                Inviter = true,
+                OwnPrivate = own,
+                OwnPublic = ownPublic,
+                ReceiveRelay = relay.ToString(),
+                RecipientId = queue.RecipientId,
+                ReceiveSenderId = queue.SenderId,
+                RecipientPrivate = queue.RecipientPrivateKey,
+                DeliveryKey = queue.DeliveryKey,
+            });
+            return n;
+        });
+        return (new Invitation(relay, queue.SenderId, ownPublic).ToString(), contactName);
+    }
+
+    /// <summary>
+    /// Joins the conversation of <paramref name="link"/>: creates this side's queue (on
+    /// <paramref name="ownRelay"/>, default the inviter's relay), secures the inviter's queue with a new
+    /// sender key, and sends this side's queue details through it. Returns the new contact's name.
+    /// </summary>
+    public async Task<string> JoinAsync(string link, RelayAddress? ownRelay = null, string? name = null, string? password = null,
+        CancellationToken cancellationToken = default)
+    {
+        if (!Invitation.TryParse(link, out var invitation, out var error))
+        {
+            throw new FormatException(error);
+        }
+        var relay = ownRelay ?? invitation.Relay;
+        var own = new byte[32];
+        var ownPublic = new byte[32];
+        RelayCrypto.GenerateKeyPair(own, ownPublic);
+        var senderPrivate = new byte[32];
+        RelayCrypto.GenerateKeyPair(senderPrivate, new byte[32]);
+        var (j2i, i2j) = E2eCrypto.InitialChains(own, invitation.InviterKey, invitation.InviterKey, ownPublic);
+
+        var queue = await _client.RunAsync(relay, c => c.CreateQueueAsync(password, cancellationToken), cancellationToken);
+        await _client.RunAsync(invitation.Relay, c => c.SecureAsync(invitation.SenderId, senderPrivate, cancellationToken), cancellationToken);
+
+        // JOIN content: u16 addressLength ‖ relay address ‖ senderId[24] of this side's queue.
+        var address = Encoding.UTF8.GetBytes(relay.ToString());
+        var content = new byte[2 + address.Length + 24];
+        BinaryPrimitives.WriteUInt16BigEndian(content, (ushort)address.Length);
+        address.CopyTo(content, 2);
+        queue.SenderId.CopyTo(content, 2 + address.Length);
+        var envelope = E2eCrypto.Seal(E2eCrypto.KindJoin, 0, j2i, content, ownPublic);
+
+        var contactName = _store.Update(profile =>
+        {
+            var n = UniqueName(profile, name);
+            profile.Contacts.Add(new ContactData
+            {
+                Name = n,
+                Status = ContactStatus.Joined,
+                Inviter = false,
+                OwnPrivate = own,
+                OwnPublic = ownPublic,
+                PeerPublic = invitation.InviterKey,
+                ReceiveRelay = relay.ToString(),
+                RecipientId = queue.RecipientId,
+                ReceiveSenderId = queue.SenderId,
+                RecipientPrivate = queue.RecipientPrivateKey,
+                DeliveryKey = queue.DeliveryKey,
+                SendRelay = invitation.Relay.ToString(),
+                SendSenderId = invitation.SenderId,
+                SenderPrivate = senderPrivate,
+                SendChain = j2i,
+                SendCounter = 1,
+                ReceiveChain = i2j,
+                ReceiveCounter = 0,
+                Outbox = [envelope],
+            });
+            return n;
+        });
+        await FlushOutboxAsync(contactName, cancellationToken);
+        return contactName;
+    }
+
+    /// <summary>Encrypts and sends a text message; completes when the relay has it on disk.</summary>
+    public async Task SendAsync(string contactName, string text, CancellationToken cancellationToken = default)
+    {
+        var content = new byte[1 + Encoding.UTF8.GetByteCount(text)];
+        content[0] = ContentText;
+        Encoding.UTF8.GetBytes(text, content.AsSpan(1));
+        if (content.Length > E2eCrypto.MaxContent(E2eCrypto.KindMessage))
+        {
+            throw new ArgumentException($"message too long: at most {E2eCrypto.MaxContent(E2eCrypto.KindMessage) - 1} bytes of UTF-8");
+        }
+        _store.Update(profile =>
+        {
+            var contact = profile.Find(contactName) ?? throw new ArgumentException($"no contact named '{contactName}'");
+            if (contact.Status != ContactStatus.Joined || contact.SendChain is null)
+            {
+                throw new InvalidOperationException($"'{contactName}' has not joined yet: run 'relay listen' until it says so");
+            }
+            var chain = contact.SendChain;
+            contact.Outbox.Add(E2eCrypto.Seal(E2eCrypto.KindMessage, contact.SendCounter, chain, content));
+            contact.SendChain = chain;
+            contact.SendCounter++;
+            return 0;
+        });
+        await FlushOutboxAsync(contactName, cancellationToken);
+    }
+
+    /// <summary>Sends every unacknowledged envelope of a contact, oldest first (identical bytes, so resends are absorbed as duplicates).</summary>
+    public async Task FlushOutboxAsync(string contactName, CancellationToken cancellationToken = default)
+    {
+        while (true)
+        {
+            var (relay, queue, envelope) = _store.Update(profile =>
+            {
+                var c = profile.Find(contactName) ?? throw new ArgumentException($"no contact named '{contactName}'");
+                return c.Outbox.Count == 0 || c.SendRelay is null
+                    ? (null, null, null)
+                    : (RelayAddress.Parse(c.SendRelay), new SenderQueue(c.SendSenderId!, c.SenderPrivate), c.Outbox[0]);
+            });
+            if (envelope is null) return;
+            await _client.RunAsync(relay!, c => c.SendAsync(queue!, envelope, 0, cancellationToken), cancellationToken);
+            _store.Update(profile =>
+            {
+                var c = profile.Find(contactName)!;
+                if (c.Outbox.Count > 0 && c.Outbox[0].AsSpan().SequenceEqual(envelope)) c.Outbox.RemoveAt(0);
+                return 0;
+            });
+        }
+    }
+
+    /// <summary>
+    /// Subscribes to every contact's queue and yields what arrives: joins, messages (each exactly once),
+    /// and refusals. Each delivery is acknowledged after the contact's new state is saved.
+    /// </summary>
+    public async IAsyncEnumerable<ConversationEvent> ListenAsync([EnumeratorCancellation] CancellationToken cancellationToken = default)
+    {
+        var profile = _store.Load();
+        foreach (var contact in profile.Contacts)
+        {
+            if (contact.Outbox.Count > 0)
+            {
+                await FlushOutboxAsync(contact.Name, cancellationToken);
+            }
+        }
+        foreach (var contact in profile.Contacts)
+        {
+            var relay = RelayAddress.Parse(contact.ReceiveRelay);
+            await _client.SubscribeAsync(relay, ReceiveQueue(contact), cancellationToken);
+        }
+        await foreach (var delivery in _client.DeliveriesAsync(cancellationToken))
+        {
+            var events = await ProcessAsync(delivery, cancellationToken);
+            try
+            {
+                await _client.RunAsync(delivery.Relay, c => c.AckAsync(delivery.Queue, delivery.Delivery.MessageId, cancellationToken), cancellationToken);
+            }
+            catch (RelayErrorException ex) when (ex.Code == ErrorCode.NoMsg)
+            {
+                // Already acknowledged through an earlier connection: the state is saved, nothing is lost.
+            }
+            foreach (var e in events)
+            {
+                yield return e;
+            }
+        }
+    }
+
+    private static RecipientQueue ReceiveQueue(ContactData c) => new(c.RecipientId, c.ReceiveSenderId, c.RecipientPrivate, c.DeliveryKey);
+
+    private async Task<List<ConversationEvent>> ProcessAsync(QueueDelivery delivery, CancellationToken cancellationToken)
+    {
+        var envelope = delivery.Delivery.Body;
+        var rid = delivery.Queue.RecipientId;
+        var contact = _store.Load().Contacts.FirstOrDefault(c => c.RecipientId.AsSpan().SequenceEqual(rid));
+        if (contact is null) return [];
+        var events = new List<ConversationEvent>();
+        if (!E2eCrypto.TryReadHeader(envelope, out byte kind, out _, out var joinerKeySpan))
+        {
+            events.Add(new MessageRejected(contact.Name, EnvelopeError.Malformed, "not an envelope of this protocol (wrong length, version or kind)"));
+            return events;
+        }
+        if (kind == E2eCrypto.KindJoin && contact.Status == ContactStatus.Invited && contact.Inviter)
+        {
+            var joinerKey = joinerKeySpan.ToArray();
+            byte[] j2i, i2j;
+            try
+            {
+                (j2i, i2j) = E2eCrypto.InitialChains(contact.OwnPrivate, joinerKey, contact.OwnPublic, joinerKey);
+            }
+            catch (System.Security.Cryptography.CryptographicException ex)
+            {
+                events.Add(new MessageRejected(contact.Name, EnvelopeError.Malformed, ex.Message));
+                return events;
+            }
+            ulong expected = 0;
+            var error = E2eCrypto.TryOpen(envelope, ref expected, j2i, out var content, out _);
+            if (error != EnvelopeError.None || content.Length < 2 + 24)
+            {
+                events.Add(new MessageRejected(contact.Name, error == EnvelopeError.None ? EnvelopeError.Malformed : error, "invalid join message"));
+                return events;
+            }
+            int addressLength = BinaryPrimitives.ReadUInt16BigEndian(content);
+            if (content.Length != 2 + addressLength + 24 ||
+                !RelayAddress.TryParse(Encoding.UTF8.GetString(content, 2, addressLength), out var peerRelay, out _))
+            {
+                events.Add(new MessageRejected(contact.Name, EnvelopeError.Malformed, "the join message names no valid relay"));
+                return events;
+            }
+            var peerSenderId = content.AsSpan(2 + addressLength, 24).ToArray();
+            var senderPrivate = new byte[32];
+            RelayCrypto.GenerateKeyPair(senderPrivate, new byte[32]);
+            await _client.RunAsync(peerRelay, c => c.SecureAsync(peerSenderId, senderPrivate, cancellationToken), cancellationToken);
+            _store.Update(profile =>
+            {
+                var c = profile.Find(contact.Name)!;
+                c.Status = ContactStatus.Joined;
+                c.PeerPublic = joinerKey;
+                c.SendRelay = peerRelay.ToString();
+                c.SendSenderId = peerSenderId;
+                c.SenderPrivate = senderPrivate;
+                c.SendChain = i2j;
+                c.SendCounter = 0;
+                c.ReceiveChain = j2i;
+                c.ReceiveCounter = expected;
+                return 0;
+            });
+            events.Add(new ContactJoined(contact.Name));
+            return events;
+        }
+        if (contact.ReceiveChain is null)
+        {
+            events.Add(new MessageRejected(contact.Name, EnvelopeError.Malformed, "a message before the contact joined"));
+            return events;
+        }
+        return _store.Update(profile =>
+        {
+            var c = profile.Find(contact.Name)!;
+            var chain = c.ReceiveChain!;
+            ulong expected = c.ReceiveCounter;
+            if (kind == E2eCrypto.KindJoin)
+            {
+                // A JOIN after the conversation opened: a redelivery or a replay.
+                events.Add(new MessageRejected(c.Name, EnvelopeError.Replayed, "replayed join message"));
+                return events;
+            }
+            var error = E2eCrypto.TryOpen(envelope, ref expected, chain, out var content, out var skipped);
+            switch (error)
+            {
+                case EnvelopeError.None:
+                    c.ReceiveChain = chain;
+                    c.ReceiveCounter = expected;
+                    if (skipped > 0) events.Add(new MessagesMissing(c.Name, skipped));
+                    if (content.Length >= 1 && content[0] == ContentText)
+                    {
+                        var hour = DateTimeOffset.FromUnixTimeSeconds((long)delivery.Delivery.Hour * 3600);
+                        events.Add(new MessageReceived(c.Name, Encoding.UTF8.GetString(content, 1, content.Length - 1), hour, expected - 1));
+                    }
+                    break;
+                case EnvelopeError.Replayed:
+                    events.Add(new MessageRejected(c.Name, error, "replayed or reordered message: the conversation has already moved past it"));
+                    break;
+                case EnvelopeError.Tampered:
+                    events.Add(new MessageRejected(c.Name, error, "message failed authentication: altered in transit or not from this contact"));
+                    break;
+                case EnvelopeError.Reordered:
+                    events.Add(new MessageRejected(c.Name, error, $"message too far ahead (more than {E2eCrypto.MaxSkip} missing)"));
+                    break;
+                default:
+                    events.Add(new MessageRejected(c.Name, error, "malformed message"));
+                    break;
+            }
+            return events;
+        });
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        if (_ownsClient)
+        {
+            await _client.DisposeAsync();
+        }
+    }
+}

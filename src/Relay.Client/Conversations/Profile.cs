@@ -1,0 +1,194 @@
+using System.Text.Json;
+using System.Text.Json.Serialization;
+
+namespace Relay.Client.Conversations;
+
+/// <summary>Everything a person's device keeps: its contacts, their queues, keys and chain states.</summary>
+public sealed class ProfileData
+{
+    public int Version { get; set; } = 1;
+    public List<ContactData> Contacts { get; set; } = [];
+
+    public ContactData? Find(string name) => Contacts.FirstOrDefault(c => c.Name == name);
+}
+
+public static class ContactStatus
+{
+    /// <summary>Invitation made; waiting for the other side to join.</summary>
+    public const string Invited = "invited";
+    /// <summary>Both queues known and secured: messages flow both ways.</summary>
+    public const string Joined = "joined";
+}
+
+/// <summary>One conversation: a pair of one-way queues, possibly on different relays.</summary>
+public sealed class ContactData
+{
+    public string Name { get; set; } = "";
+    public string Status { get; set; } = ContactStatus.Invited;
+    public bool Inviter { get; set; }
+
+    // This side's conversation key pair (X25519).
+    public byte[] OwnPrivate { get; set; } = [];
+    public byte[] OwnPublic { get; set; } = [];
+    public byte[]? PeerPublic { get; set; }
+
+    // The queue this side receives on.
+    public string ReceiveRelay { get; set; } = "";
+    public byte[] RecipientId { get; set; } = [];
+    public byte[] ReceiveSenderId { get; set; } = [];
+    public byte[] RecipientPrivate { get; set; } = [];
+    public byte[] DeliveryKey { get; set; } = [];
+
+    // The queue this side sends to, and the private key that secures it.
+    public string? SendRelay { get; set; }
+    public byte[]? SendSenderId { get; set; }
+    public byte[]? SenderPrivate { get; set; }
+
+    // Key chains (docs/PROTOCOL.md §11): the next counter and chain key of each direction.
+    public byte[]? SendChain { get; set; }
+    public ulong SendCounter { get; set; }
+    public byte[]? ReceiveChain { get; set; }
+    public ulong ReceiveCounter { get; set; }
+
+    /// <summary>Sealed envelopes not yet acknowledged by the relay, oldest first; sent again as they are.</summary>
+    public List<byte[]> Outbox { get; set; } = [];
+}
+
+[JsonSourceGenerationOptions(WriteIndented = true, PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase)]
+[JsonSerializable(typeof(ProfileData))]
+internal sealed partial class ProfileJsonContext : JsonSerializerContext;
+
+/// <summary>Where a profile lives. Every change is a load-change-save under the store's lock.</summary>
+public interface IProfileStore
+{
+    ProfileData Load();
+    T Update<T>(Func<ProfileData, T> change);
+}
+
+/// <summary>A profile in memory (tests, embedding).</summary>
+public sealed class MemoryProfileStore : IProfileStore
+{
+    private readonly object _lock = new();
+    private byte[] _json = JsonSerializer.SerializeToUtf8Bytes(new ProfileData(), ProfileJsonContext.Default.ProfileData);
+
+    public ProfileData Load()
+    {
+        lock (_lock) return JsonSerializer.Deserialize(_json, ProfileJsonContext.Default.ProfileData)!;
+    }
+
+    public T Update<T>(Func<ProfileData, T> change)
+    {
+        lock (_lock)
+        {
+            var profile = JsonSerializer.Deserialize(_json, ProfileJsonContext.Default.ProfileData)!;
+            var result = change(profile);
+            _json = JsonSerializer.SerializeToUtf8Bytes(profile, ProfileJsonContext.Default.ProfileData);
+            return result;
+        }
+    }
+}
+
+/// <summary>The profile refuses to load: its key file is readable by others, or it is damaged.</summary>
+public sealed class ProfileException(string message) : Exception(message);
+
+/// <summary>
+/// A profile directory: <c>profile.json</c> (private keys included) with mode 0600 in a 0700
+/// directory, written atomically, and a lock file that serializes the commands of several processes.
+/// A profile whose file is readable or writable by group or others is refused.
+/// </summary>
+public sealed class FileProfileStore : IProfileStore
+{
+    public const string FileName = "profile.json";
+    private const UnixFileMode Private = UnixFileMode.UserRead | UnixFileMode.UserWrite;
+    private readonly string _directory;
+    private readonly string _path;
+
+    public FileProfileStore(string directory)
+    {
+        _directory = directory;
+        _path = Path.Combine(directory, FileName);
+        if (!Directory.Exists(directory) && !OperatingSystem.IsWindows())
+        {
+            Directory.CreateDirectory(directory, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+        }
+        else
+        {
+            Directory.CreateDirectory(directory);
+        }
+    }
+
+
+    public ProfileData Load()
+    {
+        using var _ = Lock();
+        return Read();
+    }
+
+    public T Update<T>(Func<ProfileData, T> change)
+    {
+        using var _ = Lock();
+        var profile = Read();
+        var result = change(profile);
+        Write(profile);
+        return result;
+    }
+
+    private ProfileData Read()
+    {
+        if (!File.Exists(_path))
+        {
+            return new ProfileData();
+        }
+        if (!OperatingSystem.IsWindows())
+        {
+            var mode = File.GetUnixFileMode(_path);
+            if ((mode & ~(UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute)) != 0)
+            {
+                throw new ProfileException($"{_path} holds private keys but is accessible by other users (mode {Convert.ToString((int)mode, 8)}); run 'chmod 600 {_path}' if you trust that nobody copied it");
+            }
+        }
+        try
+        {
+            return JsonSerializer.Deserialize(File.ReadAllBytes(_path), ProfileJsonContext.Default.ProfileData)
+                ?? throw new ProfileException($"{_path} is empty");
+        }
+        catch (JsonException ex)
+        {
+            throw new ProfileException($"{_path} is damaged: {ex.Message}");
+        }
+    }
+
+    private void Write(ProfileData profile)
+    {
+        var tmp = _path + ".tmp";
+        var options = new FileStreamOptions { Mode = FileMode.Create, Access = FileAccess.Write };
+        if (!OperatingSystem.IsWindows()) options.UnixCreateMode = Private;
+        using (var stream = new FileStream(tmp, options))
+        {
+            JsonSerializer.Serialize(stream, profile, ProfileJsonContext.Default.ProfileData);
+            stream.Flush(flushToDisk: true);
+        }
+        if (!OperatingSystem.IsWindows()) File.SetUnixFileMode(tmp, Private);
+        File.Move(tmp, _path, overwrite: true);
+    }
+
+    /// <summary>An exclusive lock on profile.lock, waited for (another command may hold it briefly).</summary>
+    private FileStream Lock()
+    {
+        var lockPath = Path.Combine(_directory, "profile.lock");
+        var deadline = DateTime.UtcNow.AddSeconds(30);
+        while (true)
+        {
+            try
+            {
+                var options = new FileStreamOptions { Mode = FileMode.OpenOrCreate, Access = FileAccess.ReadWrite, Share = FileShare.None };
+                if (!OperatingSystem.IsWindows()) options.UnixCreateMode = Private;
+                return new FileStream(lockPath, options);
+            }
+            catch (IOException) when (DateTime.UtcNow < deadline)
+            {
+                Thread.Sleep(20);
+            }
+        }
+    }
+}

@@ -1,0 +1,245 @@
+using System.Collections.Concurrent;
+using System.Runtime.CompilerServices;
+using System.Threading.Channels;
+using Relay.Client.Transport;
+using Relay.Protocol;
+
+namespace Relay.Client;
+
+public sealed class RelayClientOptions
+{
+    /// <summary>SOCKS5 proxy (host:port) for every relay connection: Tor, shadowsocks' ss-local.</summary>
+    public string? Socks { get; init; }
+
+    /// <summary>False only for relays run with plain TCP.</summary>
+    public bool Tls { get; init; } = true;
+
+    /// <summary>PING interval on idle connections; a failed PING reconnects.</summary>
+    public TimeSpan KeepAlive { get; init; } = TimeSpan.FromSeconds(30);
+
+    public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>Back-off between reconnection attempts: doubles from the first value up to the second.</summary>
+    public TimeSpan ReconnectMin { get; init; } = TimeSpan.FromMilliseconds(100);
+    public TimeSpan ReconnectMax { get; init; } = TimeSpan.FromSeconds(10);
+}
+
+/// <summary>A message that arrived on one of the subscribed queues of some relay.</summary>
+public sealed record QueueDelivery(RelayAddress Relay, RecipientQueue Queue, Delivery Delivery);
+
+/// <summary>
+/// Connections to many relays at once: one per relay, opened on first use, re-opened with back-off
+/// when lost, with every subscription renewed, and kept alive with PINGs. Deliveries of all
+/// subscribed queues of all relays arrive on one stream.
+/// </summary>
+public sealed class RelayClient : IAsyncDisposable
+{
+    private readonly ConcurrentDictionary<string, RelayLink> _links = new();
+    private readonly Channel<QueueDelivery> _deliveries = Channel.CreateUnbounded<QueueDelivery>();
+    private readonly CancellationTokenSource _disposed = new();
+
+    public RelayClientOptions Options { get; }
+
+    public RelayClient(RelayClientOptions? options = null) => Options = options ?? new RelayClientOptions();
+
+    private RelayLink Link(RelayAddress relay) =>
+        _links.GetOrAdd(relay.ToString(), _ => new RelayLink(this, relay));
+
+    /// <summary>The live connection to <paramref name="relay"/>, connecting (once) if there is none.</summary>
+    public Task<RelayConnection> ConnectAsync(RelayAddress relay, CancellationToken cancellationToken = default) =>
+        Link(relay).GetAsync(retry: false, cancellationToken);
+
+    /// <summary>
+    /// Runs <paramref name="operation"/> on the relay's connection; when the connection is lost
+    /// before an answer, reconnects and runs it again (until cancelled). Relay errors (ERR) are not retried.
+    /// </summary>
+    public async Task<T> RunAsync<T>(RelayAddress relay, Func<RelayConnection, Task<T>> operation, CancellationToken cancellationToken = default)
+    {
+        var link = Link(relay);
+        while (true)
+        {
+            var connection = await link.GetAsync(retry: true, cancellationToken);
+            try
+            {
+                return await operation(connection);
+            }
+            catch (RelayConnectException) when (!cancellationToken.IsCancellationRequested && connection.Closed.IsCancellationRequested)
+            {
+                link.Drop(connection);
+            }
+        }
+    }
+
+    public Task RunAsync(RelayAddress relay, Func<RelayConnection, Task> operation, CancellationToken cancellationToken = default) =>
+        RunAsync(relay, async c => { await operation(c); return true; }, cancellationToken);
+
+    /// <summary>Subscribes a queue; it stays subscribed across reconnections until <see cref="Unsubscribe"/>.</summary>
+    public Task SubscribeAsync(RelayAddress relay, RecipientQueue queue, CancellationToken cancellationToken = default)
+    {
+        var link = Link(relay);
+        link.Subscriptions[Convert.ToHexString(queue.RecipientId)] = queue;
+        link.EnsurePump();
+        return RunAsync(relay, c => c.IsSubscribed(queue) ? Task.CompletedTask : c.SubscribeAsync(queue, cancellationToken), cancellationToken);
+    }
+
+    public void Unsubscribe(RelayAddress relay, RecipientQueue queue) =>
+        Link(relay).Subscriptions.TryRemove(Convert.ToHexString(queue.RecipientId), out _);
+
+    /// <summary>Every delivery of every subscribed queue, in arrival order per queue.</summary>
+    public IAsyncEnumerable<QueueDelivery> DeliveriesAsync(CancellationToken cancellationToken = default) =>
+        _deliveries.Reader.ReadAllAsync(cancellationToken);
+
+    public async ValueTask DisposeAsync()
+    {
+        _disposed.Cancel();
+        foreach (var link in _links.Values)
+        {
+            await link.DisposeAsync();
+        }
+        _deliveries.Writer.TryComplete();
+        _disposed.Dispose();
+    }
+
+    /// <summary>Everything about one relay: its current connection and its subscriptions.</summary>
+    private sealed class RelayLink(RelayClient owner, RelayAddress relay) : IAsyncDisposable
+    {
+        private readonly SemaphoreSlim _connectLock = new(1, 1);
+        private RelayConnection? _current;
+        private Task? _pump;
+        private Task? _keepAlive;
+        public ConcurrentDictionary<string, RecipientQueue> Subscriptions { get; } = new();
+
+        public async Task<RelayConnection> GetAsync(bool retry, CancellationToken cancellationToken)
+        {
+            var current = Volatile.Read(ref _current);
+            if (current is { Closed.IsCancellationRequested: false }) return current;
+            using var linked = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, owner._disposed.Token);
+            await _connectLock.WaitAsync(linked.Token);
+            try
+            {
+                current = _current;
+                if (current is { Closed.IsCancellationRequested: false }) return current;
+                if (current != null) await current.DisposeAsync();
+                var delay = owner.Options.ReconnectMin;
+                while (true)
+                {
+                    try
+                    {
+                        var connection = await RelayConnection.ConnectAsync(relay, new RelayConnectionOptions
+                        {
+                            Socks = owner.Options.Socks,
+                            Tls = owner.Options.Tls,
+                            ConnectTimeout = owner.Options.ConnectTimeout,
+                        }, linked.Token);
+                        foreach (var queue in Subscriptions.Values)
+                        {
+                            await connection.SubscribeAsync(queue, linked.Token);
+                        }
+                        Volatile.Write(ref _current, connection);
+                        _keepAlive ??= KeepAliveAsync();
+                        return connection;
+                    }
+                    catch (RelayConnectException ex) when (retry && !linked.IsCancellationRequested && ex is not FingerprintMismatchException)
+                    {
+                        await Task.Delay(delay, linked.Token);
+                        delay = TimeSpan.FromTicks(Math.Min(delay.Ticks * 2, owner.Options.ReconnectMax.Ticks));
+                    }
+                }
+            }
+            finally
+            {
+                _connectLock.Release();
+            }
+        }
+
+        public void Drop(RelayConnection connection)
+        {
+            Interlocked.CompareExchange(ref _current, null, connection);
+        }
+
+        public void EnsurePump()
+        {
+            lock (this)
+            {
+                _pump ??= PumpAsync();
+            }
+        }
+
+        /// <summary>Moves deliveries from whichever connection is current to the client's stream; reconnects when it is lost.</summary>
+        private async Task PumpAsync()
+        {
+            var token = owner._disposed.Token;
+            while (!token.IsCancellationRequested)
+            {
+                RelayConnection connection;
+                try
+                {
+                    connection = await GetAsync(retry: true, token);
+                }
+                catch (OperationCanceledException)
+                {
+                    return;
+                }
+                catch (RelayConnectException)
+                {
+                    // Fingerprint mismatch: retrying cannot help.
+                    return;
+                }
+                try
+                {
+                    await foreach (var e in connection.Events.ReadAllAsync(token))
+                    {
+                        if (e is DeliveryEvent d && Subscriptions.TryGetValue(Convert.ToHexString(d.Delivery.RecipientId), out var queue))
+                        {
+                            owner._deliveries.Writer.TryWrite(new QueueDelivery(relay, queue, d.Delivery));
+                        }
+                    }
+                }
+                catch (OperationCanceledException)
+                {
+                    return;
+                }
+                Drop(connection);
+            }
+        }
+
+        private async Task KeepAliveAsync()
+        {
+            var token = owner._disposed.Token;
+            try
+            {
+                while (!token.IsCancellationRequested)
+                {
+                    await Task.Delay(owner.Options.KeepAlive, token);
+                    var current = Volatile.Read(ref _current);
+                    if (current is null || current.Closed.IsCancellationRequested) continue;
+                    try
+                    {
+                        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(token);
+                        timeout.CancelAfter(owner.Options.KeepAlive);
+                        await current.PingAsync(timeout.Token);
+                    }
+                    catch (Exception ex) when (ex is RelayConnectException or OperationCanceledException && !token.IsCancellationRequested)
+                    {
+                        Drop(current);
+                        await current.DisposeAsync();
+                    }
+                }
+            }
+            catch (OperationCanceledException)
+            {
+            }
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            var current = Interlocked.Exchange(ref _current, null);
+            if (current != null) await current.DisposeAsync();
+            foreach (var t in new[] { _pump, _keepAlive })
+            {
+                if (t is null) continue;
+                try { await t.WaitAsync(TimeSpan.FromSeconds(5)); } catch (Exception) { }
+            }
+        }
+    }
+}

@@ -1,0 +1,262 @@
+using System.Threading.Channels;
+using Relay.Client;
+using Relay.Client.Conversations;
+using Relay.Client.EndToEnd;
+using Relay.Client.Transport;
+using Relay.Protocol;
+
+namespace Relay.Server.Tests;
+
+/// <summary>The SDK end to end: invitations, conversations both ways, offline delivery, relay restarts, and hostile ciphertext.</summary>
+public class ConversationTests
+{
+    private static RelayClientOptions Fast => new() { ReconnectMin = TimeSpan.FromMilliseconds(50), ReconnectMax = TimeSpan.FromMilliseconds(500) };
+
+    /// <summary>Runs Messenger.ListenAsync in the background and hands its events to the test.</summary>
+    private sealed class Listener : IAsyncDisposable
+    {
+        private readonly CancellationTokenSource _stop = new();
+        private readonly Channel<ConversationEvent> _events = Channel.CreateUnbounded<ConversationEvent>();
+        private readonly Task _loop;
+        public List<ConversationEvent> Seen { get; } = [];
+
+        public Listener(Messenger messenger)
+        {
+            _loop = Task.Run(async () =>
+            {
+                try
+                {
+                    await foreach (var e in messenger.ListenAsync(_stop.Token)) _events.Writer.TryWrite(e);
+                }
+                catch (OperationCanceledException) { }
+                finally { _events.Writer.TryComplete(); }
+            });
+        }
+
+        public async Task<T> NextAsync<T>(int seconds = 20) where T : ConversationEvent
+        {
+            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(seconds));
+            while (true)
+            {
+                var e = await _events.Reader.ReadAsync(cts.Token);
+                Seen.Add(e);
+                if (e is T t) return t;
+            }
+        }
+
+        /// <summary>Events that arrive within a short quiet period (to prove nothing more came).</summary>
+        public async Task<List<ConversationEvent>> DrainAsync(int milliseconds = 500)
+        {
+            var list = new List<ConversationEvent>();
+            using var cts = new CancellationTokenSource(milliseconds);
+            try
+            {
+                while (true) list.Add(await _events.Reader.ReadAsync(cts.Token));
+            }
+            catch (OperationCanceledException) { }
+            Seen.AddRange(list);
+            return list;
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            _stop.Cancel();
+            try { await _loop; } catch (Exception) { }
+        }
+    }
+
+    private static async Task<(Messenger Alice, Messenger Bob, MemoryProfileStore AliceStore, MemoryProfileStore BobStore)> ConnectedPairAsync(TestRelay relay)
+    {
+        var aliceStore = new MemoryProfileStore();
+        var bobStore = new MemoryProfileStore();
+        var alice = new Messenger(aliceStore, Fast);
+        var bob = new Messenger(bobStore, Fast);
+        var (link, name) = await alice.InviteAsync(relay.Address, "bob");
+        await Assert.That(name).IsEqualTo("bob");
+        await Assert.That(await bob.JoinAsync(link, name: "alice")).IsEqualTo("alice");
+        return (alice, bob, aliceStore, bobStore);
+    }
+
+    [Test]
+    public async Task Two_clients_converse_both_ways_and_offline_messages_arrive_in_order()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        var (alice, bob, aliceStore, _) = await ConnectedPairAsync(relay);
+        await using (bob)
+        {
+            await using (var aliceListener = new Listener(alice))
+            {
+                await Assert.That((await aliceListener.NextAsync<ContactJoined>()).Contact).IsEqualTo("bob");
+                await bob.SendAsync("alice", "hello alice");
+                await Assert.That((await aliceListener.NextAsync<MessageReceived>()).Text).IsEqualTo("hello alice");
+            }
+            await alice.DisposeAsync();
+
+            // Alice is offline: Bob writes three messages.
+            foreach (var text in new[] { "one", "two", "three" })
+            {
+                await bob.SendAsync("alice", text);
+            }
+
+            // Alice comes back with her saved profile and gets them in order, then answers.
+            await using var aliceAgain = new Messenger(aliceStore, Fast);
+            await using var listener = new Listener(aliceAgain);
+            var received = new List<string>();
+            for (int i = 0; i < 3; i++) received.Add((await listener.NextAsync<MessageReceived>()).Text);
+            await Assert.That(received).IsEquivalentTo(new[] { "one", "two", "three" }, TUnit.Assertions.Enums.CollectionOrdering.Matching);
+
+            await aliceAgain.SendAsync("bob", "hi bob");
+            await using var bobListener = new Listener(bob);
+            var reply = await bobListener.NextAsync<MessageReceived>();
+            await Assert.That(reply.Text).IsEqualTo("hi bob");
+            await Assert.That(reply.Contact).IsEqualTo("alice");
+            await Assert.That((await listener.DrainAsync()).OfType<MessageRejected>().Count()).IsEqualTo(0);
+        }
+    }
+
+    [Test]
+    public async Task Relay_restart_mid_conversation_delivers_every_message_exactly_once()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        var (alice, bob, _, _) = await ConnectedPairAsync(relay);
+        await using (alice)
+        await using (bob)
+        {
+            await using var listener = new Listener(alice);
+            await listener.NextAsync<ContactJoined>();
+            const int total = 40;
+            var sender = Task.Run(async () =>
+            {
+                for (int i = 0; i < total; i++)
+                {
+                    await bob.SendAsync("alice", $"m{i}");
+                    await Task.Delay(10);
+                }
+            });
+            await Task.Delay(150);
+            await relay.RestartAsync();
+            await sender.WaitAsync(TimeSpan.FromSeconds(60));
+
+            var texts = new List<string>();
+            for (int i = 0; i < total; i++) texts.Add((await listener.NextAsync<MessageReceived>(30)).Text);
+            await Assert.That(texts).IsEquivalentTo(Enumerable.Range(0, total).Select(i => $"m{i}"), TUnit.Assertions.Enums.CollectionOrdering.Matching);
+            var extra = await listener.DrainAsync(1000);
+            await Assert.That(extra.OfType<MessageReceived>().Count()).IsEqualTo(0);
+        }
+    }
+
+    [Test]
+    public async Task Downloaded_bytes_differ_from_uploaded_and_every_envelope_length_is_a_padding_size()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        var (alice, bob, aliceStore, _) = await ConnectedPairAsync(relay);
+        await using (alice)
+        await using (bob)
+        {
+            var lengths = new[] { 0, 1, 100, 226, 227, 1000, 3000, 5000, 16000 };
+            foreach (var n in lengths)
+            {
+                await bob.SendAsync("alice", new string('x', n));
+            }
+            var contact = aliceStore.Load().Find("bob")!;
+            var queue = new RecipientQueue(contact.RecipientId, contact.ReceiveSenderId, contact.RecipientPrivate, contact.DeliveryKey);
+            await using var raw = await relay.ConnectAsync();
+            await raw.SubscribeAsync(queue);
+            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+            for (int i = 0; i < lengths.Length + 1; i++) // the JOIN, then every message
+            {
+                var e = await raw.Events.ReadAsync(cts.Token);
+                var d = ((DeliveryEvent)e).Delivery;
+                await Assert.That(E2eCrypto.PaddedSizes.Contains(d.Body.Length)).IsTrue();
+                await Assert.That(d.WirePayload.Length).IsEqualTo(d.Body.Length + ProtocolConstants.MsgOverhead);
+                // The uploaded envelope appears nowhere in the downloaded bytes (not even 32 bytes of it).
+                for (int at = 0; at + 32 <= d.Body.Length; at += 32)
+                {
+                    await Assert.That(d.WirePayload.AsSpan().IndexOf(d.Body.AsSpan(at, 32)) < 0).IsTrue();
+                }
+                await raw.AckAsync(queue, d.MessageId);
+            }
+            var tooLong = await Assert.ThrowsAsync<ArgumentException>(() => bob.SendAsync("alice", new string('x', 17000)));
+            await Assert.That(tooLong!.Message).Contains("too long");
+        }
+    }
+
+    [Test]
+    public async Task Tampered_replayed_and_reordered_ciphertext_is_rejected_and_the_conversation_goes_on()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        var (alice, bob, _, bobStore) = await ConnectedPairAsync(relay);
+        await using (alice)
+        await using (bob)
+        {
+            await using var listener = new Listener(alice);
+            await listener.NextAsync<ContactJoined>();
+
+            // Seal three envelopes with Bob's real chain, as his device would, and deliver them ourselves.
+            var envelopes = bobStore.Update(p =>
+            {
+                var c = p.Find("alice")!;
+                var list = new List<byte[]>();
+                for (int i = 0; i < 3; i++)
+                {
+                    var chain = c.SendChain!;
+                    list.Add(E2eCrypto.Seal(E2eCrypto.KindMessage, c.SendCounter, chain, [1, .. "e"u8.ToArray(), (byte)('0' + i)]));
+                    c.SendChain = chain;
+                    c.SendCounter++;
+                }
+                return list;
+            });
+            var bobContact = bobStore.Load().Find("alice")!;
+            var senderQueue = new SenderQueue(bobContact.SendSenderId!, bobContact.SenderPrivate);
+            await using var wire = await relay.ConnectAsync();
+
+            var tampered = (byte[])envelopes[0].Clone();
+            tampered[40] ^= 0x01;
+            await wire.SendAsync(senderQueue, tampered);
+            var rejected = await listener.NextAsync<MessageRejected>();
+            await Assert.That(rejected.Error).IsEqualTo(EnvelopeError.Tampered);
+            await Assert.That(rejected.Reason).Contains("authentication");
+
+            await wire.SendAsync(senderQueue, envelopes[0]);
+            await Assert.That((await listener.NextAsync<MessageReceived>()).Text).IsEqualTo("e0");
+
+            await wire.SendAsync(senderQueue, envelopes[0]);
+            var replay = await listener.NextAsync<MessageRejected>();
+            await Assert.That(replay.Error).IsEqualTo(EnvelopeError.Replayed);
+            await Assert.That(replay.Reason).Contains("replayed");
+
+            // Reordered: the third arrives before the second.
+            await wire.SendAsync(senderQueue, envelopes[2]);
+            var gap = await listener.NextAsync<MessagesMissing>();
+            await Assert.That(gap.Count).IsEqualTo(1UL);
+            await Assert.That((await listener.NextAsync<MessageReceived>()).Text).IsEqualTo("e2");
+            await wire.SendAsync(senderQueue, envelopes[1]);
+            await Assert.That((await listener.NextAsync<MessageRejected>()).Error).IsEqualTo(EnvelopeError.Replayed);
+
+            var garbage = new byte[256];
+            await wire.SendAsync(senderQueue, garbage);
+            await Assert.That((await listener.NextAsync<MessageRejected>()).Error).IsEqualTo(EnvelopeError.Malformed);
+
+            // And the conversation goes on.
+            await bob.SendAsync("alice", "still here");
+            await Assert.That((await listener.NextAsync<MessageReceived>()).Text).IsEqualTo("still here");
+        }
+    }
+
+    [Test]
+    public async Task Queues_of_one_conversation_may_live_on_different_relays()
+    {
+        await using var relayA = await TestRelay.StartAsync();
+        await using var relayB = await TestRelay.StartAsync();
+        await using var alice = new Messenger(new MemoryProfileStore(), Fast);
+        await using var bob = new Messenger(new MemoryProfileStore(), Fast);
+        var (link, _) = await alice.InviteAsync(relayA.Address, "bob");
+        await bob.JoinAsync(link, relayB.Address, "alice");
+        await using var aliceListener = new Listener(alice);
+        await aliceListener.NextAsync<ContactJoined>();
+        await alice.SendAsync("bob", "via relay B");
+        await using var bobListener = new Listener(bob);
+        await Assert.That((await bobListener.NextAsync<MessageReceived>()).Text).IsEqualTo("via relay B");
+        await Assert.That(relayB.Server.Store.Statistics.MessagesAppended).IsGreaterThan(0);
+    }
+}
