@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# End-to-end checks of the client commands against the published binary: the invite, join, send,
+# listen flow as a newcomer types it; relay check directly, through a real SOCKS5 proxy (microsocks)
+# and with a wrong fingerprint; profile key-file permissions; and the seizure test (nothing from
+# the conversation, no key and no peer address in the relay's data directory or output).
+source "$(dirname "$0")/lib.sh"
+
+DATA=$E2E_TMP/relay
+PORT=$(free_port); ADMIN=$(free_port)
+# Clients dial relay.test, which /etc/hosts may not know: use the loopback address but give the
+# relay a host name for its printed address, so that its own output names no IP address.
+"$RELAY" init --data "$DATA" --host relay.test >/dev/null 2>&1
+ADDR=$("$RELAY" address --data "$DATA" --host 127.0.0.1 --port "$PORT")
+if ! start_relay relay "$DATA" "$PORT" "$ADMIN" --host relay.test; then
+    fail "relay starts"; cat "$E2E_TMP/relay.log"; finish; exit 1
+fi
+
+# relay check: directly, through SOCKS5, and against the wrong identity.
+check "relay check succeeds" bash -c "'$RELAY' check '$ADDR' > '$E2E_TMP/check.out' && grep -q '^ok   delete' '$E2E_TMP/check.out'"
+check "relay check prints every step with its time" bash -c "for s in connect create secure send receive ack delete; do grep -Eq \"^ok   \$s +[0-9.]+ ms\" '$E2E_TMP/check.out' || exit 1; done"
+check "relay ping answers" bash -c "'$RELAY' ping '$ADDR' --count 2 | grep -q pong"
+
+SOCKS_PORT=$(free_port)
+microsocks -i 127.0.0.1 -p "$SOCKS_PORT" >"$E2E_TMP/socks.log" 2>&1 &
+E2E_PIDS+=($!); SOCKS_PID=$!
+sleep 0.3
+check "relay check through a SOCKS5 proxy (microsocks)" "$RELAY" check "$ADDR" --socks "127.0.0.1:$SOCKS_PORT"
+kill "$SOCKS_PID" 2>/dev/null
+check "relay check through a dead proxy fails naming the connect step" bash -c "out=\$('$RELAY' check '$ADDR' --socks 127.0.0.1:$SOCKS_PORT --timeout 5 2>&1); rc=\$?; [ \$rc = 1 ] && echo \"\$out\" | grep -q \"step 'connect'\""
+
+"$RELAY" init --data "$E2E_TMP/other" >/dev/null 2>&1
+OTHER_FP=$("$RELAY" address --data "$E2E_TMP/other" | sed 's|relay://||; s|@.*||')
+WRONG=$(echo "$ADDR" | sed "s|relay://[^@]*@|relay://$OTHER_FP@|")
+check "relay check with a wrong fingerprint fails clearly" bash -c "out=\$('$RELAY' check '$WRONG' --timeout 10 2>&1); rc=\$?; [ \$rc = 1 ] && echo \"\$out\" | grep -q 'does not match the fingerprint'"
+
+# The conversation, as a newcomer types it.
+CANARY="canary-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+A=$E2E_TMP/alice; B=$E2E_TMP/bob
+LINK=$("$RELAY" invite --profile "$A" --relay "$ADDR" --name bob 2>/dev/null)
+check "invite prints one link" bash -c "[ \"\$(echo '$LINK' | wc -l)\" = 1 ] && echo '$LINK' | grep -q '^relay-invite:'"
+check "join prints the contact's name" bash -c "[ \"\$('$RELAY' join '$LINK' --profile '$B' --name alice)\" = alice ]"
+check "listen completes the join" bash -c "'$RELAY' listen --profile '$A' --timeout 3 > '$E2E_TMP/a1.out'; grep -qx '\* bob joined' '$E2E_TMP/a1.out'"
+check "send from the joiner" "$RELAY" send --profile "$B" --to alice "hello alice $CANARY"
+check "send from standard input" bash -c "echo 'second line $CANARY' | '$RELAY' send --profile '$B' --to alice"
+check "listen --once prints NAME: TEXT" bash -c "[ \"\$('$RELAY' listen --profile '$A' --once --timeout 10)\" = 'bob: hello alice $CANARY' ]"
+check "the next message is still there" bash -c "[ \"\$('$RELAY' listen --profile '$A' --once --timeout 10)\" = 'bob: second line $CANARY' ]"
+check "reply from the inviter" "$RELAY" send --profile "$A" --to bob "hi bob $CANARY"
+check "the joiner receives the reply" bash -c "[ \"\$('$RELAY' listen --profile '$B' --once --timeout 10)\" = 'alice: hi bob $CANARY' ]"
+check "listen --timeout exits 1 when nothing arrives" bash -c "'$RELAY' listen --profile '$A' --timeout 1 >/dev/null 2>&1; [ \$? = 1 ]"
+check "contacts lists the contact" bash -c "'$RELAY' contacts --profile '$A' | grep -q '^bob	joined$'"
+check "send to an unknown contact fails clearly" bash -c "'$RELAY' send --profile '$A' --to carol x 2>&1 | grep -q \"no contact named 'carol'\""
+check "profile key file is mode 0600" bash -c "[ \"\$(stat -c %a '$A/profile.json')\" = 600 ]"
+chmod 644 "$A/profile.json"
+check "a profile readable by others is refused" bash -c "'$RELAY' send --profile '$A' --to bob x 2>&1 | grep -q 'accessible by other users'; [ \${PIPESTATUS[0]} = 1 ]"
+chmod 600 "$A/profile.json"
+
+# Seizure: stop the relay and search everything it wrote.
+stop_relay "$RELAY_PID" TERM
+keys=$(python3 - "$A/profile.json" "$B/profile.json" <<'PY'
+import json, sys, base64
+out = set()
+for path in sys.argv[1:]:
+    for c in json.load(open(path))["contacts"]:
+        for k in ("ownPrivate", "recipientPrivate", "deliveryKey", "senderPrivate", "sendChain", "receiveChain"):
+            v = c.get(k)
+            if v:
+                raw = base64.b64decode(v)
+                out.add(raw.hex()); out.add(v); out.add(base64.urlsafe_b64encode(raw).decode().rstrip("="))
+print("\n".join(sorted(out)))
+PY
+)
+seized() {  # seized NEEDLE: true when NEEDLE is nowhere in the data directory or the relay's output
+    ! grep -rqaF -- "$1" "$DATA" "$E2E_TMP/relay.log"
+}
+check "seizure: the canary text is nowhere in the data directory or output" seized "$CANARY"
+check "seizure: no profile key in any encoding" bash -c "while read -r k; do [ -z \"\$k\" ] && continue; grep -rqaF -- \"\$k\" '$DATA' '$E2E_TMP/relay.log' && exit 1; done <<< \"$keys\"; exit 0"
+check "seizure: no raw private key bytes" python3 - "$DATA" "$A/profile.json" "$B/profile.json" <<'PY'
+import json, sys, base64, os
+keys = []
+for path in sys.argv[2:]:
+    for c in json.load(open(path))["contacts"]:
+        for k in ("ownPrivate", "recipientPrivate", "senderPrivate", "sendChain", "receiveChain"):
+            if c.get(k): keys.append(base64.b64decode(c[k]))
+for root, _, files in os.walk(sys.argv[1]):
+    for f in files:
+        data = open(os.path.join(root, f), "rb").read()
+        if any(k in data for k in keys): sys.exit(1)
+PY
+check "seizure: no peer address in the relay's output" seized "127.0.0.1"
+
+finish
