@@ -13,6 +13,7 @@ internal sealed partial class RelaySession
     // SEND: senderId[24] ‖ u8 flags ‖ body ‖ mac
     private void HandleSend(in FrameView frame)
     {
+        long arrived = System.Diagnostics.Stopwatch.GetTimestamp();   // metrics: send-to-delivery latency
         uint corr = frame.CorrelationId;
         if (!QueueCommand.TryParse(frame, 1, int.MaxValue, out var command))
         {
@@ -50,11 +51,11 @@ internal sealed partial class RelaySession
             return;
         }
         BeginInFlight();
-        _ = CompleteSendAsync(corr, queue, append, command.Args.Length - 1);
+        _ = CompleteSendAsync(corr, queue, append, command.Args.Length - 1, arrived);
     }
 
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    private async ValueTask CompleteSendAsync(uint corr, QueueHandle queue, ValueTask<AppendResult> append, int length)
+    private async ValueTask CompleteSendAsync(uint corr, QueueHandle queue, ValueTask<AppendResult> append, int length, long arrived)
     {
         try
         {
@@ -73,6 +74,10 @@ internal sealed partial class RelaySession
                     if (queue.Tag is Subscription s)
                     {
                         s.Session.DeliverNextLocked(s);
+                        if (s.HasOutstanding && s.Outstanding == result.MessageId)
+                        {
+                            _context.Metrics.DeliveredAfter(arrived);
+                        }
                     }
                 }
             }
@@ -173,8 +178,39 @@ internal sealed partial class RelaySession
         var queue = RecipientCommand(frame, 8, out var command);
         if (queue is null) return;
         ulong id = BinaryPrimitives.ReadUInt64BigEndian(command.Args);
+        ValueTask<StoreStatus> ack;
+        try
+        {
+            ack = _store.AckAsync(queue, id);
+        }
+        catch (Exception ex)
+        {
+            Log.StoreFailed(_logger, "ACK", ex.GetType().Name);
+            Fail(FrameType.Ack, frame.CorrelationId, ErrorCode.Internal);
+            return;
+        }
+        if (!ack.IsCompleted)
+        {
+            // The store accepted the ACK and moved past the message in memory; its delete is on its
+            // way to disk. Release the next message now rather than after that fsync: if the relay
+            // crashed before the delete is durable, the acknowledged message would be delivered
+            // again, which at-least-once delivery allows and clients absorb.
+            ReleaseNext(queue, id);
+        }
         BeginInFlight();
-        _ = CompleteAckAsync(frame.CorrelationId, queue, id, _store.AckAsync(queue, id));
+        _ = CompleteAckAsync(frame.CorrelationId, queue, id, ack);
+    }
+
+    private static void ReleaseNext(QueueHandle queue, ulong id)
+    {
+        lock (queue.Sync)
+        {
+            if (queue.Tag is Subscription s && s.HasOutstanding && s.Outstanding == id)
+            {
+                s.HasOutstanding = false;
+                s.Session.DeliverNextLocked(s);
+            }
+        }
     }
 
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
@@ -190,14 +226,7 @@ internal sealed partial class RelaySession
             }
             _context.Metrics.MessageAcked();
             Succeed(FrameType.Ack, corr);
-            lock (queue.Sync)
-            {
-                if (queue.Tag is Subscription s && s.HasOutstanding && s.Outstanding == id)
-                {
-                    s.HasOutstanding = false;
-                    s.Session.DeliverNextLocked(s);
-                }
-            }
+            ReleaseNext(queue, id);
         }
         catch (Exception ex)
         {

@@ -19,6 +19,7 @@ public static class RelayCli
         ("contacts", "list the contacts of a profile"),
         ("ping", "measure the round trip to a relay"),
         ("check", "end-to-end self-test of a relay deployment"),
+        ("bench", "load generator: throughput, latency, lost and duplicated messages"),
     ];
 
     public static async Task<int> RunAsync(string[] args)
@@ -48,6 +49,7 @@ public static class RelayCli
                 "contacts" => ClientCommands.Contacts(rest),
                 "ping" => await ClientCommands.Ping(rest),
                 "check" => await ClientCommands.Check(rest),
+                "bench" => await BenchCommand.RunAsync(rest),
                 _ => throw new UsageException($"unknown command '{args[0]}' (see relay --help)"),
             };
         }

@@ -1,0 +1,48 @@
+namespace Relay.Bench;
+
+public enum BenchScenario
+{
+    /// <summary>Consumers subscribed; producers pipeline with at most Window unacknowledged sends each.</summary>
+    Live,
+    /// <summary>Send N with no consumer, then subscribe and drain.</summary>
+    Drain,
+    /// <summary>A fixed total rate, for latency.</summary>
+    Paced,
+}
+
+public sealed class BenchOptions
+{
+    public int Queues { get; set; } = 100;
+    public int Producers { get; set; } = 4;
+    public int Consumers { get; set; } = 4;
+    public int Size { get; set; } = 256;
+    public int Messages { get; set; } = 200_000;
+    public int Window { get; set; } = 64;
+    public BenchScenario Scenario { get; set; } = BenchScenario.Live;
+    public int Rate { get; set; } = 5_000;
+    public TimeSpan Duration { get; set; } = TimeSpan.FromSeconds(10);
+    public string? Socks { get; set; }
+    public bool Tls { get; set; } = true;
+    public int? RelayPid { get; set; }
+}
+
+public sealed class BenchResult
+{
+    public required string Scenario { get; init; }
+    public long Sent { get; init; }
+    public long Received { get; init; }
+    public long Lost { get; init; }
+    public long Duplicated { get; init; }
+    public long QuotaRetries { get; init; }
+    public double Seconds { get; init; }
+    public double MessagesPerSecond { get; init; }
+    public double P50Ms { get; init; }
+    public double P99Ms { get; init; }
+    public double P999Ms { get; init; }
+    public double MaxMs { get; init; }
+    /// <summary>CPU of this process per message (relay included when it runs in-process).</summary>
+    public double ProcessCpuUsPerMessage { get; init; }
+    /// <summary>CPU of the relay process per message, when known (in-process: not separable; --relay-pid: exact).</summary>
+    public double? RelayCpuUsPerMessage { get; init; }
+    public bool LocalRelay { get; init; }
+}

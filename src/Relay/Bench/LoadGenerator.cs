@@ -1,0 +1,257 @@
+using System.Buffers.Binary;
+using System.Diagnostics;
+using Relay.Client.Transport;
+using Relay.Protocol;
+
+namespace Relay.Bench;
+
+/// <summary>
+/// The load generator behind <c>relay bench</c>. Every message carries its number and its send time,
+/// so the consumers count losses and duplicates and measure send-to-receive latency.
+/// </summary>
+public sealed class LoadGenerator(RelayAddress address, BenchOptions options, TextWriter progress)
+{
+    private RelayConnectionOptions ConnectionOptions => new() { Socks = options.Socks, Tls = options.Tls };
+
+    private sealed class QueueInfo(RecipientQueue recipient, SenderQueue sender)
+    {
+        public RecipientQueue Recipient { get; } = recipient;
+        public SenderQueue Sender { get; } = sender;
+    }
+
+    private long _sent;
+    private long _received;
+    private long _duplicated;
+    private long _quotaRetries;
+    private int[] _seen = [];
+    private long[] _latencyTicks = [];
+
+    public async Task<BenchResult> RunAsync(CancellationToken cancellationToken)
+    {
+        int total = options.Scenario == BenchScenario.Paced ? (int)Math.Ceiling(options.Rate * options.Duration.TotalSeconds) : options.Messages;
+        _seen = new int[total];
+        _latencyTicks = new long[total];
+
+        var producers = new RelayConnection[options.Producers];
+        var consumers = new RelayConnection[options.Consumers];
+        for (int i = 0; i < producers.Length; i++) producers[i] = await RelayConnection.ConnectAsync(address, ConnectionOptions, cancellationToken);
+        for (int i = 0; i < consumers.Length; i++) consumers[i] = await RelayConnection.ConnectAsync(address, ConnectionOptions, cancellationToken);
+        try
+        {
+            progress.WriteLine($"bench: creating {options.Queues} queues on {address.Host}:{address.Port}");
+            var queues = new QueueInfo[options.Queues];
+            var setup = new List<Task>();
+            for (int q = 0; q < queues.Length; q++)
+            {
+                int index = q;
+                setup.Add(Task.Run(async () =>
+                {
+                    var consumer = consumers[index % consumers.Length];
+                    var producer = producers[index % producers.Length];
+                    var recipient = await consumer.CreateQueueAsync(null, cancellationToken);
+                    var senderKey = new byte[32];
+                    RelayCrypto.GenerateKeyPair(senderKey, new byte[32]);
+                    await producer.SecureAsync(recipient.SenderId, senderKey, cancellationToken);
+                    queues[index] = new QueueInfo(recipient, new SenderQueue(recipient.SenderId, senderKey));
+                }, cancellationToken));
+            }
+            await Task.WhenAll(setup);
+
+            var consumerTasks = new List<Task>();
+            using var stopConsumers = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+            var cpuStart = Process.GetCurrentProcess().TotalProcessorTime;
+            var relayCpuStart = RelayCpu();
+            long start = Stopwatch.GetTimestamp();
+
+            if (options.Scenario != BenchScenario.Drain)
+            {
+                await SubscribeAllAsync(consumers, queues, cancellationToken);
+                for (int c = 0; c < consumers.Length; c++) consumerTasks.Add(ConsumeAsync(consumers[c], queues, stopConsumers.Token));
+            }
+
+            using var reporter = new Timer(_ => progress.Write(
+                $"\rbench {options.Scenario.ToString().ToLowerInvariant()}: sent {Interlocked.Read(ref _sent)}, received {Interlocked.Read(ref _received)}   "),
+                null, 1000, 1000);
+
+            long produceStart = Stopwatch.GetTimestamp();
+            await ProduceAsync(producers, queues, total, cancellationToken);
+            double produceSeconds = Stopwatch.GetElapsedTime(produceStart).TotalSeconds;
+
+            if (options.Scenario == BenchScenario.Drain)
+            {
+                progress.WriteLine($"\rbench drain: {total} messages stored in {produceSeconds:0.00} s ({total / produceSeconds:0} msg/s); draining");
+                cpuStart = Process.GetCurrentProcess().TotalProcessorTime;
+                relayCpuStart = RelayCpu();
+                start = Stopwatch.GetTimestamp();
+                for (int c = 0; c < consumers.Length; c++) consumerTasks.Add(ConsumeAsync(consumers[c], queues, stopConsumers.Token));
+                await SubscribeAllAsync(consumers, queues, cancellationToken);
+            }
+
+            // Wait until everything sent has arrived, or nothing arrived for 10 s.
+            long lastReceived = -1;
+            long lastChange = Stopwatch.GetTimestamp();
+            while (Interlocked.Read(ref _received) + Interlocked.Read(ref _duplicated) < Interlocked.Read(ref _sent) ||
+                   Interlocked.Read(ref _received) < Interlocked.Read(ref _sent))
+            {
+                long now = Interlocked.Read(ref _received);
+                if (now != lastReceived)
+                {
+                    lastReceived = now;
+                    lastChange = Stopwatch.GetTimestamp();
+                }
+                else if (Stopwatch.GetElapsedTime(lastChange) > TimeSpan.FromSeconds(10))
+                {
+                    break;
+                }
+                await Task.Delay(1, cancellationToken);
+            }
+            double seconds = Stopwatch.GetElapsedTime(start).TotalSeconds;
+            var cpu = Process.GetCurrentProcess().TotalProcessorTime - cpuStart;
+            var relayCpu = RelayCpu() - relayCpuStart;
+            await Task.Delay(200, cancellationToken); // late duplicates
+            stopConsumers.Cancel();
+            progress.WriteLine();
+
+            long received = Interlocked.Read(ref _received);
+            long sent = Interlocked.Read(ref _sent);
+            var latencies = new List<long>((int)received);
+            for (int i = 0; i < _seen.Length; i++)
+            {
+                if (_seen[i] > 0) latencies.Add(_latencyTicks[i]);
+            }
+            latencies.Sort();
+            double Percentile(double p) => latencies.Count == 0 ? 0
+                : latencies[Math.Min(latencies.Count - 1, (int)Math.Ceiling(p * latencies.Count) - 1)] * 1000.0 / Stopwatch.Frequency;
+            return new BenchResult
+            {
+                Scenario = options.Scenario.ToString().ToLowerInvariant(),
+                Sent = sent,
+                Received = received,
+                Lost = sent - received,
+                Duplicated = Interlocked.Read(ref _duplicated),
+                QuotaRetries = Interlocked.Read(ref _quotaRetries),
+                Seconds = seconds,
+                MessagesPerSecond = received / seconds,
+                P50Ms = Percentile(0.50),
+                P99Ms = Percentile(0.99),
+                P999Ms = Percentile(0.999),
+                MaxMs = Percentile(1.0),
+                ProcessCpuUsPerMessage = received == 0 ? 0 : cpu.TotalMicroseconds / received,
+                RelayCpuUsPerMessage = relayCpu is { } r && received > 0 ? r.TotalMicroseconds / received : null,
+            };
+        }
+        finally
+        {
+            foreach (var c in producers.Concat(consumers)) await c.DisposeAsync();
+        }
+    }
+
+    private static async Task SubscribeAllAsync(RelayConnection[] consumers, QueueInfo[] queues, CancellationToken cancellationToken)
+    {
+        var subs = new List<Task>();
+        for (int q = 0; q < queues.Length; q++)
+        {
+            subs.Add(consumers[q % consumers.Length].SubscribeAsync(queues[q].Recipient, cancellationToken));
+        }
+        await Task.WhenAll(subs);
+    }
+
+    private TimeSpan? RelayCpu()
+    {
+        if (options.RelayPid is not { } pid) return null;
+        try
+        {
+            // /proc/PID/stat fields 14 and 15: user and system time in clock ticks (100 Hz on Linux).
+            var stat = File.ReadAllText($"/proc/{pid}/stat");
+            var fields = stat.Substring(stat.LastIndexOf(')') + 2).Split(' ');
+            long ticks = long.Parse(fields[11]) + long.Parse(fields[12]);
+            return TimeSpan.FromSeconds(ticks / 100.0);
+        }
+        catch (IOException)
+        {
+            return null;
+        }
+    }
+
+    private async Task ProduceAsync(RelayConnection[] producers, QueueInfo[] queues, int total, CancellationToken cancellationToken)
+    {
+        int next = -1;
+        long paceStart = Stopwatch.GetTimestamp();
+        double perMessageTicks = options.Scenario == BenchScenario.Paced ? Stopwatch.Frequency / (double)options.Rate : 0;
+        var workers = new List<Task>();
+        for (int p = 0; p < producers.Length; p++)
+        {
+            var producer = producers[p];
+            var own = queues.Where((_, i) => i % producers.Length == p % producers.Length).ToArray();
+            if (own.Length == 0) own = queues;
+            for (int w = 0; w < options.Window; w++)
+            {
+                workers.Add(Task.Run(async () =>
+                {
+                    var body = new byte[Math.Max(options.Size, 16)];
+                    while (true)
+                    {
+                        int seq = Interlocked.Increment(ref next);
+                        if (seq >= total) return;
+                        if (perMessageTicks > 0)
+                        {
+                            long due = paceStart + (long)(seq * perMessageTicks);
+                            long wait = due - Stopwatch.GetTimestamp();
+                            if (wait > 0) await Task.Delay(TimeSpan.FromTicks(wait * TimeSpan.TicksPerSecond / Stopwatch.Frequency), cancellationToken);
+                        }
+                        var queue = own[seq % own.Length];
+                        BinaryPrimitives.WriteInt32BigEndian(body, seq);
+                        while (true)
+                        {
+                            BinaryPrimitives.WriteInt64BigEndian(body.AsSpan(8), Stopwatch.GetTimestamp());
+                            try
+                            {
+                                await producer.SendAsync(queue.Sender, body, 0, cancellationToken);
+                                Interlocked.Increment(ref _sent);
+                                break;
+                            }
+                            catch (RelayErrorException ex) when (ex.Code == ErrorCode.Quota)
+                            {
+                                Interlocked.Increment(ref _quotaRetries);
+                                await Task.Delay(5, cancellationToken);
+                            }
+                        }
+                    }
+                }, cancellationToken));
+            }
+        }
+        await Task.WhenAll(workers);
+    }
+
+    private async Task ConsumeAsync(RelayConnection consumer, QueueInfo[] queues, CancellationToken cancellationToken)
+    {
+        var byId = queues.ToDictionary(q => Convert.ToHexString(q.Recipient.RecipientId), q => q.Recipient);
+        try
+        {
+            await foreach (var e in consumer.Events.ReadAllAsync(cancellationToken))
+            {
+                if (e is not DeliveryEvent { Delivery: var d }) continue;
+                long now = Stopwatch.GetTimestamp();
+                int seq = BinaryPrimitives.ReadInt32BigEndian(d.Body);
+                long sentAt = BinaryPrimitives.ReadInt64BigEndian(d.Body.AsSpan(8));
+                if ((uint)seq < (uint)_seen.Length)
+                {
+                    if (Interlocked.Increment(ref _seen[seq]) == 1)
+                    {
+                        _latencyTicks[seq] = now - sentAt;
+                        Interlocked.Increment(ref _received);
+                    }
+                    else
+                    {
+                        Interlocked.Increment(ref _duplicated);
+                    }
+                }
+                var queue = byId[Convert.ToHexString(d.RecipientId)];
+                _ = consumer.AckAsync(queue, d.MessageId, cancellationToken);
+            }
+        }
+        catch (OperationCanceledException)
+        {
+        }
+    }
+}

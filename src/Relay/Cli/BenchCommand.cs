@@ -1,0 +1,174 @@
+using System.Globalization;
+using System.Net;
+using System.Text;
+using System.Text.Json;
+using Microsoft.Extensions.Logging;
+using Relay.Bench;
+using Relay.Protocol;
+using Relay.Server;
+using Relay.Server.Hosting;
+
+namespace Relay.Cli;
+
+/// <summary><c>relay bench</c>: the load generator; without ADDRESS it measures an in-process relay on a temporary directory.</summary>
+public static class BenchCommand
+{
+    public static async Task<int> RunAsync(string[] args)
+    {
+        var a = CliArgs.Parse("bench", args,
+            new HashSet<string> { "queues", "producers", "consumers", "size", "messages", "window", "scenario", "rate", "duration", "socks", "durability", "relay-pid" },
+            new HashSet<string> { "json", "plain-tcp" }, 1);
+        if (a.Help)
+        {
+            Console.Out.Write(RelayCli.CommandHelp(
+                "relay bench [ADDRESS] [--queues Q] [--producers P] [--consumers C] [--size BYTES] [--messages N]\n" +
+                "                   [--window W] [--scenario live|drain|paced] [--rate R] [--duration S] [--json]",
+                "Measures a relay: messages per second, send-to-receive latency, lost and duplicated messages.\n" +
+                "Without ADDRESS it starts a relay in this process on a temporary directory (TLS, fsync per acknowledged write).",
+                [
+                    ("--queues Q", "queues (default 100)"),
+                    ("--producers P", "producer connections (default 4)"),
+                    ("--consumers C", "consumer connections (default 4)"),
+                    ("--size BYTES", "message body size (default 256)"),
+                    ("--messages N", "messages for live and drain (default 200000)"),
+                    ("--window W", "unacknowledged sends per producer (default 64)"),
+                    ("--scenario S", "live: consumers subscribed; drain: send N, then subscribe and drain; paced: fixed rate (default live)"),
+                    ("--rate R", "paced: total messages per second (default 5000)"),
+                    ("--duration S", "paced: seconds (default 10)"),
+                    ("--durability MODE", "in-process relay: fsync (default) or relaxed"),
+                    ("--relay-pid PID", "with ADDRESS: also report that process's CPU per message (/proc)"),
+                    ("--json", "print one JSON object as the last line of stdout"),
+                    ("--socks HOST:PORT", "reach the relay through this SOCKS5 proxy"),
+                    ("--plain-tcp", "plain TCP instead of TLS"),
+                ]));
+            return RelayCli.Ok;
+        }
+        var options = new BenchOptions
+        {
+            Queues = a.GetInt("queues", 100, 1, 1_000_000),
+            Producers = a.GetInt("producers", 4, 1, 10_000),
+            Consumers = a.GetInt("consumers", 4, 1, 10_000),
+            Size = a.GetInt("size", 256, 16, 65_000),
+            Messages = a.GetInt("messages", 200_000, 1, 100_000_000),
+            Window = a.GetInt("window", 64, 1, 100_000),
+            Rate = a.GetInt("rate", 5_000, 1, 10_000_000),
+            Duration = TimeSpan.FromSeconds(a.GetInt("duration", 10, 1, 86_400)),
+            Socks = a.Get("socks"),
+            Tls = !a.Switch("plain-tcp"),
+            RelayPid = a.TryGet("relay-pid", out _) ? a.GetInt("relay-pid", 0, 1, int.MaxValue) : null,
+            Scenario = (a.Get("scenario") ?? "live") switch
+            {
+                "live" => BenchScenario.Live,
+                "drain" => BenchScenario.Drain,
+                "paced" => BenchScenario.Paced,
+                var s => throw new UsageException($"--scenario must be live, drain or paced, got '{s}'"),
+            },
+        };
+        bool durable = (a.Get("durability") ?? "fsync") switch
+        {
+            "fsync" => true,
+            "relaxed" => false,
+            var d => throw new UsageException($"--durability must be fsync or relaxed, got '{d}'"),
+        };
+        bool json = a.Switch("json");
+
+        RelayServer? local = null;
+        string? directory = null;
+        RelayAddress address;
+        if (a.Positional.Count > 0)
+        {
+            if (!RelayAddress.TryParse(a.Positional[0], out var parsed, out var error)) throw new UsageException($"ADDRESS: {error}");
+            address = parsed;
+        }
+        else
+        {
+            directory = Path.Combine(Path.GetTempPath(), "relay-bench-" + Guid.NewGuid().ToString("N"));
+            int perQueue = options.Scenario == BenchScenario.Drain
+                ? options.Messages / options.Queues + 1
+                : options.Producers * options.Window + 128;
+            local = await RelayServer.StartAsync(new RelayServerOptions
+            {
+                DataDirectory = directory,
+                Listen = new IPEndPoint(IPAddress.Loopback, 0),
+                Admin = null,
+                Tls = options.Tls,
+                Durable = durable,
+                QueueMaxMessages = Math.Max(128, perQueue),
+                QueueMaxBytes = Math.Max(8L << 20, (long)Math.Max(128, perQueue) * (options.Size + 64)),
+                MaxInFlightPerConnection = Math.Max(1024, options.Window * 2),
+            }, logging => logging.SetMinimumLevel(LogLevel.Warning).AddSimpleConsole(o => o.SingleLine = true));
+            address = local.Address;
+            options.RelayPid = null;
+        }
+
+        try
+        {
+            Console.Error.WriteLine($"bench: {options.Scenario.ToString().ToLowerInvariant()}, {options.Queues} queues, {options.Producers} producers, " +
+                $"{options.Consumers} consumers, {options.Size}-byte messages, window {options.Window}, " +
+                (local != null ? $"in-process relay ({(options.Tls ? "TLS" : "plain TCP")}, {(durable ? "fsync" : "relaxed")})" : address.ToString()));
+            var result = await new LoadGenerator(address, options, Console.Error).RunAsync(CancellationToken.None);
+            result = local != null ? WithLocal(result) : result;
+            Print(result);
+            if (json) Console.Out.WriteLine(ToJson(result));
+            return result.Lost == 0 && result.Duplicated == 0 ? RelayCli.Ok : RelayCli.Failed;
+        }
+        catch (Exception ex) when (ex is Relay.Client.Transport.RelayConnectException or Relay.Client.Transport.RelayErrorException)
+        {
+            Console.Error.WriteLine($"relay: bench failed: {ex.Message}");
+            return RelayCli.Failed;
+        }
+        finally
+        {
+            if (local != null)
+            {
+                await local.StopAsync();
+                try { Directory.Delete(directory!, recursive: true); } catch (IOException) { }
+            }
+        }
+    }
+
+    private static BenchResult WithLocal(BenchResult r) => new()
+    {
+        Scenario = r.Scenario, Sent = r.Sent, Received = r.Received, Lost = r.Lost, Duplicated = r.Duplicated,
+        QuotaRetries = r.QuotaRetries, Seconds = r.Seconds, MessagesPerSecond = r.MessagesPerSecond,
+        P50Ms = r.P50Ms, P99Ms = r.P99Ms, P999Ms = r.P999Ms, MaxMs = r.MaxMs,
+        ProcessCpuUsPerMessage = r.ProcessCpuUsPerMessage, RelayCpuUsPerMessage = r.RelayCpuUsPerMessage, LocalRelay = true,
+    };
+
+    private static void Print(BenchResult r)
+    {
+        var c = CultureInfo.InvariantCulture;
+        Console.Out.WriteLine(string.Format(c, "{0}: {1:N0} messages in {2:0.00} s = {3:N0} msg/s", r.Scenario, r.Received, r.Seconds, r.MessagesPerSecond));
+        Console.Out.WriteLine(string.Format(c, "latency send->receive: p50 {0:0.000} ms, p99 {1:0.000} ms, p99.9 {2:0.000} ms, max {3:0.000} ms", r.P50Ms, r.P99Ms, r.P999Ms, r.MaxMs));
+        Console.Out.WriteLine(string.Format(c, "lost {0}, duplicated {1}, quota retries {2}", r.Lost, r.Duplicated, r.QuotaRetries));
+        Console.Out.WriteLine(string.Format(c, "CPU per message: {0:0.00} us in this process{1}{2}", r.ProcessCpuUsPerMessage,
+            r.LocalRelay ? " (relay and load generator together)" : "",
+            r.RelayCpuUsPerMessage is { } rc ? string.Format(c, "; relay process {0:0.00} us", rc) : ""));
+    }
+
+    private static string ToJson(BenchResult r)
+    {
+        using var stream = new MemoryStream();
+        using (var w = new Utf8JsonWriter(stream))
+        {
+            w.WriteStartObject();
+            w.WriteString("scenario", r.Scenario);
+            w.WriteNumber("messages", r.Received);
+            w.WriteNumber("sent", r.Sent);
+            w.WriteNumber("seconds", Math.Round(r.Seconds, 3));
+            w.WriteNumber("messages_per_second", Math.Round(r.MessagesPerSecond, 1));
+            w.WriteNumber("p50_ms", Math.Round(r.P50Ms, 3));
+            w.WriteNumber("p99_ms", Math.Round(r.P99Ms, 3));
+            w.WriteNumber("p999_ms", Math.Round(r.P999Ms, 3));
+            w.WriteNumber("max_ms", Math.Round(r.MaxMs, 3));
+            w.WriteNumber("lost", r.Lost);
+            w.WriteNumber("duplicated", r.Duplicated);
+            w.WriteNumber("quota_retries", r.QuotaRetries);
+            w.WriteNumber("process_cpu_us_per_message", Math.Round(r.ProcessCpuUsPerMessage, 2));
+            if (r.RelayCpuUsPerMessage is { } rc) w.WriteNumber("relay_cpu_us_per_message", Math.Round(rc, 2));
+            w.WriteBoolean("local_relay", r.LocalRelay);
+            w.WriteEndObject();
+        }
+        return Encoding.UTF8.GetString(stream.ToArray());
+    }
+}
