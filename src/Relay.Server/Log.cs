@@ -45,9 +45,33 @@ internal static partial class Log
     [LoggerMessage(20, LogLevel.Error, "Store operation {Command} failed: {Error}")]
     public static partial void StoreFailed(ILogger logger, string command, string error);
 
-    [LoggerMessage(21, LogLevel.Information, "Expiry sweep removed {Count} messages")]
-    public static partial void Swept(ILogger logger, int count);
+    [LoggerMessage(21, LogLevel.Information, "Expiry sweep removed {Count} messages and {Queues} idle queues")]
+    public static partial void Swept(ILogger logger, long count, long queues);
 
     [LoggerMessage(22, LogLevel.Error, "Expiry sweep failed: {Error}")]
     public static partial void SweepFailed(ILogger logger, string error);
+
+    [LoggerMessage(23, LogLevel.Warning, "Store is over its disk budget ({DiskBytes} of {BudgetBytes} bytes): NEW and SEND answer FULL")]
+    public static partial void StoreFull(ILogger logger, long diskBytes, long budgetBytes);
+
+    [LoggerMessage(24, LogLevel.Information, "Store is below its disk budget again ({DiskBytes} of {BudgetBytes} bytes)")]
+    public static partial void StoreNotFull(ILogger logger, long diskBytes, long budgetBytes);
+
+    [LoggerMessage(25, LogLevel.Information, "Reclaimed space by flush and compaction: {DiskBytes} bytes on disk")]
+    public static partial void Reclaimed(ILogger logger, long diskBytes);
+
+    [LoggerMessage(26, LogLevel.Error, "Maintenance failed: {Error}")]
+    public static partial void MaintenanceFailed(ILogger logger, string error);
+
+    [LoggerMessage(27, LogLevel.Debug, "Evicted {Count} idle queue handles from memory")]
+    public static partial void Evicted(ILogger logger, int count);
+
+    [LoggerMessage(30, LogLevel.Warning, "Admin API: new queue creation {State}")]
+    public static partial void QueueCreationSwitched(ILogger logger, string state);
+
+    [LoggerMessage(31, LogLevel.Debug, "Admin API: request refused without a valid token")]
+    public static partial void AdminUnauthorized(ILogger logger);
+
+    [LoggerMessage(6, LogLevel.Warning, "Shutdown timeout reached: aborting the connections still open")]
+    public static partial void ShutdownTimedOut(ILogger logger);
 }

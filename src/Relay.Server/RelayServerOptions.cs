@@ -58,7 +58,35 @@ public sealed class RelayServerOptions
     public string? CreatePassword { get; set; }
 
     /// <summary>False: NEW answers DISABLED while existing queues keep working.</summary>
-    public bool AllowNewQueues { get; set; } = true;
+    /// <remarks>Volatile: the admin API flips it at runtime (POST /admin/queue-creation).</remarks>
+    public bool AllowNewQueues { get => Volatile.Read(ref _allowNewQueues); set => Volatile.Write(ref _allowNewQueues, value); }
+    private bool _allowNewQueues = true;
 
+    /// <summary>How often the relay sweeps expired messages and idle queues (and counts them in metrics).</summary>
     public TimeSpan SweepInterval { get; set; } = TimeSpan.FromMinutes(10);
+
+    /// <summary>
+    /// Bearer token of the admin API (/admin/*). Null or empty: the admin API is off (404).
+    /// Health, readiness and metrics never need it.
+    /// </summary>
+    public string? AdminToken { get; set; }
+
+    /// <summary>
+    /// On SIGTERM/SIGINT, time allowed for connections to finish what they have in flight before they
+    /// are aborted. The store is then flushed and closed; acknowledged messages are durable either way.
+    /// </summary>
+    public TimeSpan ShutdownTimeout { get; set; } = TimeSpan.FromSeconds(10);
+
+    /// <summary>
+    /// How often the maintenance loop runs: evicts queue handles idle for <see cref="EvictIdleAfter"/>,
+    /// and reclaims space (flush and compaction) when the store is over its disk budget and something
+    /// was deleted since the last time.
+    /// </summary>
+    public TimeSpan MaintenanceInterval { get; set; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>Queue handles unused for this long are dropped from memory (they are reloaded on use).</summary>
+    public TimeSpan EvictIdleAfter { get; set; } = TimeSpan.FromMinutes(5);
+
+    /// <summary>Clock of the store's retention (message TTL, idle queues) and of the maintenance timers; replaceable in tests.</summary>
+    public TimeProvider Clock { get; set; } = TimeProvider.System;
 }

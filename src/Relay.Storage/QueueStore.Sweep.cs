@@ -396,3 +396,62 @@ public sealed partial class QueueStore
         Volatile.Write(ref _epochBase, epoch << 32);
     }
 }
+
+// Space reclamation and store-wide estimates (for the server's maintenance loop and metrics).
+public sealed partial class QueueStore
+{
+    /// <summary>
+    /// Flushes the memtables (so the WAL files holding them are deleted) and compacts every column
+    /// family (so acknowledged, expired and deleted messages leave the table files), then recomputes
+    /// the disk-budget answer. Blocking and I/O-heavy: the server calls it from its maintenance loop
+    /// only when the store is over its disk budget and something was deleted since the last call.
+    /// Returns the on-disk bytes afterwards.
+    /// </summary>
+    public long ReclaimSpace()
+    {
+        EnterRead();
+        try
+        {
+            _db.FlushAll();
+            _db.CompactAll();
+        }
+        finally
+        {
+            ExitRead();
+        }
+        RefreshDiskBudget();
+        return ComputeDiskBytes();
+    }
+
+    /// <summary>Sum over every column family of an integer RocksDB property (0 where unknown).</summary>
+    internal long SumProperty(string name)
+    {
+        long total = 0;
+        EnterRead();
+        try
+        {
+            for (int cf = 0; cf < _db.ColumnFamilyCount; cf++)
+            {
+                total += _db.PropertyLong(cf, name);
+            }
+        }
+        finally
+        {
+            ExitRead();
+        }
+        return total;
+    }
+
+    internal long Property(int cf, string name)
+    {
+        EnterRead();
+        try
+        {
+            return _db.PropertyLong(cf, name);
+        }
+        finally
+        {
+            ExitRead();
+        }
+    }
+}

@@ -40,4 +40,17 @@ public sealed class StoreStatistics
 
     /// <summary>On-disk bytes counted against the disk budget: SST files of every column family plus WAL files. Computed now.</summary>
     public long GetDiskBytes() => _store.ComputeDiskBytes();
+
+    /// <summary>RocksDB's estimate of the queues stored (rocksdb.estimate-num-keys of the queues column family).</summary>
+    public long EstimateQueues() => _store.Property(Cf.Queues, "rocksdb.estimate-num-keys");
+
+    /// <summary>RocksDB's estimate of the messages stored (rocksdb.estimate-num-keys of the messages column family).</summary>
+    public long EstimateMessages() => _store.Property(Cf.Messages, "rocksdb.estimate-num-keys");
+
+    /// <summary>Estimated bytes of stored messages: live table data plus memtables of the messages column family.</summary>
+    public long EstimateMessageBytes() =>
+        _store.Property(Cf.Messages, "rocksdb.estimate-live-data-size") + _store.Property(Cf.Messages, "rocksdb.cur-size-all-mem-tables");
+
+    /// <summary>Bytes RocksDB estimates compaction still has to rewrite (rocksdb.estimate-pending-compaction-bytes, all column families).</summary>
+    public long GetPendingCompactionBytes() => _store.SumProperty("rocksdb.estimate-pending-compaction-bytes");
 }

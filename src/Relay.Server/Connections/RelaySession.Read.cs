@@ -11,9 +11,8 @@ internal sealed partial class RelaySession
     private byte[]? _scratch;
 
     /// <summary>Reads HELLO and answers WELCOME. False when the client was refused (the error is written).</summary>
-    private async ValueTask<bool> HandshakeAsync(PipeReader input)
+    private async ValueTask<bool> HandshakeAsync(PipeReader input, CancellationTokenSource cts)
     {
-        using var cts = new CancellationTokenSource(_options.HandshakeTimeout);
         while (true)
         {
             ReadResult result;

@@ -46,6 +46,8 @@ internal sealed partial class RelaySession
 
     public async Task RunAsync(ConnectionContext connection)
     {
+        // One deadline for TLS and HELLO together: a client cannot hold a connection for longer.
+        using var handshakeTimeout = new CancellationTokenSource(_options.HandshakeTimeout);
         SslStream? ssl = null;
         PipeReader input;
         Task copy;
@@ -54,9 +56,11 @@ internal sealed partial class RelaySession
             if (_options.Tls)
             {
                 ssl = new SslStream(new DuplexPipeStream(connection.Transport), leaveInnerStreamOpen: false);
-                using (var cts = new CancellationTokenSource(_options.HandshakeTimeout))
+                await ssl.AuthenticateAsServerAsync(_context.TlsOptions, handshakeTimeout.Token);
+                // A client that offers no ALPN at all completes TLS without one: refuse it too (PROTOCOL.md §2).
+                if (!ssl.NegotiatedApplicationProtocol.Protocol.Span.SequenceEqual(ProtocolConstants.Alpn))
                 {
-                    await ssl.AuthenticateAsServerAsync(_context.TlsOptions, cts.Token);
+                    throw new AuthenticationException("the client did not offer ALPN relay/1");
                 }
                 input = PipeReader.Create(ssl, new StreamPipeReaderOptions(bufferSize: 16 * 1024, minimumReadSize: 4096, leaveOpen: true));
                 copy = CopyOutputAsync(ssl);
@@ -77,7 +81,7 @@ internal sealed partial class RelaySession
 
         try
         {
-            if (await HandshakeAsync(input))
+            if (await HandshakeAsync(input, handshakeTimeout))
             {
                 _context.Metrics.HandshakeSucceeded();
                 await ReadLoopAsync(input, connection.ConnectionClosed);

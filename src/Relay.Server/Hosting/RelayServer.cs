@@ -31,6 +31,7 @@ public sealed class RelayServer : IAsyncDisposable
     private readonly ListenOptions? _adminListen;
     private readonly X509Certificate2? _tlsCertificate;
     private readonly ILogger _logger;
+    private readonly RelayMaintenance _maintenance;
     private volatile bool _ready;
     private int _stopped;
 
@@ -39,6 +40,9 @@ public sealed class RelayServer : IAsyncDisposable
     public RelayMetrics Metrics { get; }
     public string Fingerprint => _identity.Fingerprint;
     public bool IsReady => _ready;
+
+    /// <summary>Cancelled when SIGTERM/SIGINT (or <see cref="StopAsync"/>) starts the shutdown.</summary>
+    public CancellationToken ShutdownRequested => _app.Lifetime.ApplicationStopping;
 
     /// <summary>The bound relay endpoint (the real port when configured with port 0).</summary>
     public IPEndPoint RelayEndPoint => (IPEndPoint)_relayListen.EndPoint;
@@ -57,8 +61,9 @@ public sealed class RelayServer : IAsyncDisposable
     }
 
     private RelayServer(RelayServerOptions options, WebApplication app, RelayServerContext context, RelayIdentity identity,
-        ListenOptions relayListen, ListenOptions? adminListen, X509Certificate2? tlsCertificate)
+        ListenOptions relayListen, ListenOptions? adminListen, X509Certificate2? tlsCertificate, RelayMaintenance maintenance)
     {
+        _maintenance = maintenance;
         Options = options;
         _app = app;
         _context = context;
@@ -88,7 +93,9 @@ public sealed class RelayServer : IAsyncDisposable
                 MaxBytesPerQueue = options.QueueMaxBytes,
                 DiskBudgetBytes = options.DiskBudgetBytes,
                 Durable = options.Durable,
-                SweepInterval = options.SweepInterval,
+                // The relay runs the sweeps itself (RelayMaintenance), timed and counted in metrics.
+                SweepInterval = TimeSpan.Zero,
+                Clock = options.Clock,
             });
 
             var builder = WebApplication.CreateSlimBuilder();
@@ -108,10 +115,11 @@ public sealed class RelayServer : IAsyncDisposable
                     o.TimestampFormat = "yyyy-MM-ddTHH:mm:ssZ ";
                 });
             }
-            builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromSeconds(15));
+            builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = options.ShutdownTimeout);
 
             var metrics = new RelayMetrics();
             store.Committed += metrics.Committed;
+            metrics.Bind(store, options);
 
             X509Certificate2? tlsCertificate = null;
             SslServerAuthenticationOptions? tls = null;
@@ -160,9 +168,11 @@ public sealed class RelayServer : IAsyncDisposable
             app.Lifetime.ApplicationStopping.Register(context.Stopping.Cancel);
             loggerHolder.Inner = app.Services.GetRequiredService<ILoggerFactory>().CreateLogger("Relay");
             RelayServer? server = null;
-            MapAdmin(app, metrics, () => server?._ready == true);
+            MapAdmin(app, context, () => server?._ready == true);
             await app.StartAsync(cancellationToken);
-            server = new RelayServer(options, app, context, identity, relayListen!, adminListen, tlsCertificate);
+            var maintenance = new RelayMaintenance(context);
+            server = new RelayServer(options, app, context, identity, relayListen!, adminListen, tlsCertificate, maintenance);
+            maintenance.Start();
             if (created)
             {
                 Log.IdentityCreated(context.Logger);
@@ -180,8 +190,9 @@ public sealed class RelayServer : IAsyncDisposable
         }
     }
 
-    private static void MapAdmin(WebApplication app, RelayMetrics metrics, Func<bool> ready)
+    private static void MapAdmin(WebApplication app, RelayServerContext context, Func<bool> ready)
     {
+        AdminApi.Map(app, context, DateTime.UtcNow);
         RequestDelegate health = ctx => ctx.Response.WriteAsync("ok\n");
         RequestDelegate readiness = ctx =>
         {
@@ -194,7 +205,7 @@ public sealed class RelayServer : IAsyncDisposable
         };
         app.MapGet("/healthz", health);
         app.MapGet("/readyz", readiness);
-        app.MapMetrics("/metrics", metrics.Registry);
+        app.MapMetrics("/metrics", context.Metrics.Registry);
     }
 
     /// <summary>
@@ -212,10 +223,18 @@ public sealed class RelayServer : IAsyncDisposable
         _context.Stopping.Cancel();
         try
         {
+            // Bounded by HostOptions.ShutdownTimeout (RelayServerOptions.ShutdownTimeout): Kestrel
+            // aborts the connections still open when it expires.
+            long start = System.Diagnostics.Stopwatch.GetTimestamp();
             await _app.StopAsync();
+            if (System.Diagnostics.Stopwatch.GetElapsedTime(start) >= Options.ShutdownTimeout)
+            {
+                Log.ShutdownTimedOut(_logger);
+            }
         }
         finally
         {
+            await _maintenance.DisposeAsync();
             await Store.DisposeAsync();
             await _app.DisposeAsync();
             _tlsCertificate?.Dispose();
@@ -232,6 +251,12 @@ public sealed class RelayServer : IAsyncDisposable
     }
 
     public ValueTask DisposeAsync() => new(StopAsync());
+
+    /// <summary>Runs one expiry sweep now (as the sweep timer does); returns the messages expired.</summary>
+    public Task<int> SweepNowAsync() => _maintenance.SweepAsync();
+
+    /// <summary>Runs the maintenance job now (handle eviction, disk budget and space reclamation).</summary>
+    public Task MaintainNowAsync() => _maintenance.MaintainAsync();
 
     /// <summary>Forwards to the host's logger once it exists (the context is built before the host).</summary>
     private sealed class LoggerHolder : ILogger

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using Prometheus;
 using Relay.Protocol;
 using Relay.Storage;
@@ -30,6 +31,9 @@ public static class CommandResult
 /// <summary>
 /// The relay's Prometheus metrics, on a registry of its own (several relays may share a process in
 /// tests). Labels carry only command names, results and reasons: never an id, key or address.
+/// Store-wide gauges (queues, messages, bytes, disk) are read from the store's statistics and RocksDB
+/// properties when Prometheus scrapes (a before-collect callback), never kept per queue.
+/// docs/OPERATIONS.md lists every metric; packaging/monitoring uses them.
 /// </summary>
 public sealed class RelayMetrics
 {
@@ -48,7 +52,28 @@ public sealed class RelayMetrics
     private readonly Counter _acked;
     private readonly Histogram _batchSize;
     private readonly Histogram _fsync;
+    private readonly Histogram _deliveryLatency;
+    private readonly Counter _sweeps;
+    private readonly Counter _sweepFailures;
+    private readonly Histogram _sweepSeconds;
+    private readonly Counter _reclaims;
+    private readonly Counter _evicted;
+    private readonly Gauge _queues;
+    private readonly Gauge _messages;
+    private readonly Gauge _messageBytes;
+    private readonly Gauge _diskBytes;
+    private readonly Gauge _diskBudget;
+    private readonly Gauge _overBudget;
+    private readonly Gauge _pendingCompaction;
+    private readonly Gauge _loadedQueues;
+    private readonly Gauge _newQueuesEnabled;
+    private readonly Counter _queuesCreated;
+    private readonly Counter _queuesDeleted;
+    private readonly Counter _messagesExpired;
+    private readonly Counter _writeFailures;
     private readonly Counter.Child _handshakeOk;
+    private QueueStore? _store;
+    private RelayServerOptions? _options;
     private readonly Dictionary<(FrameType?, string), Counter.Child> _commandChildren = new();
     private readonly object _childLock = new();
 
@@ -64,15 +89,118 @@ public sealed class RelayMetrics
         _protocolErrors = f.CreateCounter("relay_protocol_errors_total", "Connections closed for a protocol violation, by error code.", "code");
         _subscriptions = f.CreateGauge("relay_subscriptions", "Queues with a live subscriber.");
         _messagesStored = f.CreateCounter("relay_messages_stored_total", "Messages accepted (durable) by SEND.");
-        _bytesStored = f.CreateCounter("relay_message_bytes_stored_total", "Body bytes accepted by SEND.");
+        _bytesStored = f.CreateCounter("relay_messages_stored_bytes_total", "Body bytes accepted by SEND.");
         _deliveries = f.CreateCounter("relay_deliveries_total", "Messages pushed to subscribers.");
         _acked = f.CreateCounter("relay_messages_acked_total", "Messages acknowledged and deleted.");
         _batchSize = f.CreateHistogram("relay_store_commit_operations", "Write operations per group-commit batch.",
             new HistogramConfiguration { Buckets = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096] });
         _fsync = f.CreateHistogram("relay_store_commit_seconds", "Time of one group-commit batch write including its fsync.",
             new HistogramConfiguration { Buckets = Histogram.ExponentialBuckets(0.00005, 2, 16) });
+        _deliveryLatency = f.CreateHistogram("relay_delivery_latency_seconds",
+            "From a SEND arriving to its message being pushed to a subscriber waiting for it (messages that wait in a queue are not observed).",
+            new HistogramConfiguration { Buckets = Histogram.ExponentialBuckets(0.0001, 2, 16) });
+        _sweeps = f.CreateCounter("relay_store_sweeps_total", "Expiry sweeps run (expired messages and idle queues).");
+        _sweepFailures = f.CreateCounter("relay_store_sweep_failures_total", "Expiry sweeps that failed (retried at the next interval; nothing is lost).");
+        _sweepSeconds = f.CreateHistogram("relay_store_sweep_seconds", "Duration of one expiry sweep.",
+            new HistogramConfiguration { Buckets = Histogram.ExponentialBuckets(0.001, 4, 10) });
+        _messagesExpired = f.CreateCounter("relay_messages_expired_total", "Messages deleted because they outlived the message TTL.");
+        _reclaims = f.CreateCounter("relay_store_reclaims_total", "Flush-and-compaction runs started because the store was over its disk budget.");
+        _evicted = f.CreateCounter("relay_store_handles_evicted_total", "Idle queue handles dropped from memory.");
+        _queues = f.CreateGauge("relay_store_queues", "Queues stored (RocksDB estimate).");
+        _messages = f.CreateGauge("relay_store_messages", "Messages stored (RocksDB estimate).");
+        _messageBytes = f.CreateGauge("relay_store_messages_bytes", "Bytes of stored messages (RocksDB estimate: live table data and memtables).");
+        _diskBytes = f.CreateGauge("relay_store_disk_bytes", "Bytes of the store's files counted against the disk budget (table files and WAL).");
+        _diskBudget = f.CreateGauge("relay_store_disk_budget_bytes", "The configured disk budget; 0 means unlimited.");
+        _overBudget = f.CreateGauge("relay_store_full", "1 while the store is over its disk budget (NEW and SEND answer FULL), else 0.");
+        _pendingCompaction = f.CreateGauge("relay_store_pending_compaction_bytes", "Bytes RocksDB estimates compaction still has to rewrite.");
+        _loadedQueues = f.CreateGauge("relay_store_loaded_queues", "Queue handles in memory (touched recently).");
+        _newQueuesEnabled = f.CreateGauge("relay_new_queues_enabled", "1 while NEW may create queues, 0 while the new-queues switch is off.");
+        _queuesCreated = f.CreateCounter("relay_store_queues_created_total", "Queues created.");
+        _queuesDeleted = f.CreateCounter("relay_store_queues_deleted_total", "Queues deleted, by reason: recipient (DEL) or idle (idle-queue expiry).", "reason");
+        _writeFailures = f.CreateCounter("relay_store_write_failures_total", "Group-commit batches whose write failed.");
         _handshakeOk = _handshakes.WithLabels("ok");
+        Registry.AddBeforeCollectCallback(UpdateStoreGauges);
     }
+
+    /// <summary>Reads the store-wide gauges from <paramref name="store"/> at every scrape.</summary>
+    public void Bind(QueueStore store, RelayServerOptions options)
+    {
+        _options = options;
+        _store = store;
+        _diskBudget.Set(options.DiskBudgetBytes);
+    }
+
+    private void UpdateStoreGauges()
+    {
+        var store = _store;
+        if (store is null)
+        {
+            return;
+        }
+        try
+        {
+            var stats = store.Statistics;
+            _queues.Set(stats.EstimateQueues());
+            _messages.Set(stats.EstimateMessages());
+            _messageBytes.Set(stats.EstimateMessageBytes());
+            _diskBytes.Set(stats.GetDiskBytes());
+            _pendingCompaction.Set(stats.GetPendingCompactionBytes());
+            _overBudget.Set(store.IsOverDiskBudget ? 1 : 0);
+            _loadedQueues.Set(stats.LoadedQueues);
+            _queuesCreated.IncTo(stats.QueuesCreated);
+            _queuesDeleted.WithLabels("idle").IncTo(stats.IdleQueuesDeleted);
+            _queuesDeleted.WithLabels("recipient").IncTo(stats.QueuesDeleted - stats.IdleQueuesDeleted);
+            _messagesExpired.IncTo(stats.MessagesExpired);
+            _writeFailures.IncTo(stats.WriteFailures);
+            _newQueuesEnabled.Set(_options?.AllowNewQueues == false ? 0 : 1);
+        }
+        catch (ObjectDisposedException)
+        {
+            // Scraped while stopping: keep the last values.
+        }
+    }
+
+    /// <summary>Store-wide values for GET /admin/stats (computed now).</summary>
+    public AdminStats Snapshot(QueueStore store, RelayServerOptions options, TimeSpan uptime)
+    {
+        UpdateStoreGauges();
+        var stats = store.Statistics;
+        return new AdminStats
+        {
+            UptimeSeconds = (long)uptime.TotalSeconds,
+            ConnectionsOpen = (long)_connectionsOpen.Value,
+            ConnectionsAccepted = (long)_connectionsAccepted.Value,
+            Subscriptions = (long)_subscriptions.Value,
+            Queues = (long)_queues.Value,
+            Messages = (long)_messages.Value,
+            MessageBytes = (long)_messageBytes.Value,
+            DiskBytes = (long)_diskBytes.Value,
+            DiskBudgetBytes = options.DiskBudgetBytes,
+            StoreFull = _overBudget.Value != 0,
+            PendingCompactionBytes = (long)_pendingCompaction.Value,
+            MessagesStored = (long)_messagesStored.Value,
+            Deliveries = (long)_deliveries.Value,
+            MessagesAcked = (long)_acked.Value,
+            MessagesExpired = stats.MessagesExpired,
+            QueuesCreated = stats.QueuesCreated,
+            QueuesDeleted = stats.QueuesDeleted,
+            NewQueuesEnabled = options.AllowNewQueues,
+            Durable = options.Durable,
+        };
+    }
+
+    /// <summary>A SEND that arrived at <paramref name="arrivedTimestamp"/> (Stopwatch ticks) was just pushed to its subscriber.</summary>
+    public void DeliveredAfter(long arrivedTimestamp) => _deliveryLatency.Observe(Stopwatch.GetElapsedTime(arrivedTimestamp).TotalSeconds);
+
+    public void SweepCompleted(double seconds)
+    {
+        _sweeps.Inc();
+        _sweepSeconds.Observe(seconds);
+    }
+
+    public void SweepFailed() => _sweepFailures.Inc();
+    public void Reclaimed() => _reclaims.Inc();
+    public void Evicted(int count) => _evicted.Inc(count);
 
     public void ConnectionOpened()
     {

@@ -192,6 +192,15 @@ internal sealed unsafe class RocksDb : IDisposable
         return long.TryParse(text, out long result) ? result : 0;
     }
 
+    /// <summary>Compacts every column family fully: drops deleted entries and their tombstones from the files.</summary>
+    public void CompactAll()
+    {
+        foreach (nint cf in _cfs)
+        {
+            rocksdb_compact_range_cf(_db, cf, null, 0, null, 0);
+        }
+    }
+
     public void FlushAll()
     {
         nint flush = rocksdb_flushoptions_create();

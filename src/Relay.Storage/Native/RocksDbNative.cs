@@ -64,6 +64,8 @@ internal static unsafe partial class RocksDbNative
     [LibraryImport(Lib)] public static partial void rocksdb_column_family_handle_destroy(nint cf);
     [LibraryImport(Lib)] public static partial void rocksdb_flush_cf(nint db, nint flushOptions, nint cf, nint* errptr);
     [LibraryImport(Lib)] public static partial void rocksdb_free(nint ptr);
+    /// <summary>Null start and limit: the whole column family.</summary>
+    [LibraryImport(Lib)] public static partial void rocksdb_compact_range_cf(nint db, nint cf, byte* start, nuint startLength, byte* limit, nuint limitLength);
     /// <summary>Null when the property is unknown, else a malloc()ed string to free with rocksdb_free.</summary>
     [LibraryImport(Lib, StringMarshalling = StringMarshalling.Utf8)]
     public static partial nint rocksdb_property_value_cf(nint db, nint cf, string name);

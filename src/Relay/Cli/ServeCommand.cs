@@ -77,10 +77,24 @@ public static class ServeCommand
         }
 
         SystemdNotify.Send("READY=1");
+        // Exit within a bounded time whatever happens: the connections get --shutdown-timeout, the
+        // store's flush and close get a fixed grace after it. Past that the process exits with 1.
+        var hardLimit = options.ShutdownTimeout + ShutdownGrace;
+        using var watchdog = server.ShutdownRequested.Register(() =>
+        {
+            SystemdNotify.Send("STOPPING=1");
+            _ = Task.Delay(hardLimit).ContinueWith(_ =>
+            {
+                Console.Error.WriteLine($"relay: shutdown did not finish within {hardLimit.TotalSeconds:0} s; exiting");
+                Environment.Exit(RelayCli.Failed);
+            }, TaskScheduler.Default);
+        });
         await server.WaitForShutdownAsync();
-        SystemdNotify.Send("STOPPING=1");
         return RelayCli.Ok;
     }
+
+    /// <summary>Time allowed after the shutdown timeout for the store to flush and close.</summary>
+    private static readonly TimeSpan ShutdownGrace = TimeSpan.FromSeconds(20);
 
     private static void CheckDataDirectory(string path)
     {

@@ -67,12 +67,19 @@ public sealed class ServeSettings
             (s, v, src) => s.Server.HandshakeTimeout = ParseDuration(src, v, TimeSpan.FromMilliseconds(100))),
         new("idle-timeout", "DURATION", "300s", "a connection silent for this long is closed",
             (s, v, src) => s.Server.IdleTimeout = ParseDuration(src, v, TimeSpan.FromSeconds(1))),
-        new("create-password", "TEXT", "none", "password clients must give to create queues",
-            (s, v, _) => s.Server.CreatePassword = v.Length == 0 ? null : v),
+        new("create-password", "TEXT", "none", "password clients must give to create queues (at most 255 UTF-8 bytes)",
+            (s, v, src) => s.Server.CreatePassword = v.Length == 0 ? null
+                : System.Text.Encoding.UTF8.GetByteCount(v) <= 255 ? v : throw new UsageException($"{src} must be at most 255 UTF-8 bytes (the protocol's limit)")),
         new("new-queues", "on|off", "on", "off: refuse new queues (DISABLED) while existing queues keep working",
             (s, v, src) => s.Server.AllowNewQueues = CliArgs.ParseBool(src, v)),
         new("sweep-interval", "DURATION", "10m", "how often expired messages and idle queues are removed",
             (s, v, src) => s.Server.SweepInterval = ParseDuration(src, v, TimeSpan.FromSeconds(1))),
+        new("admin-token", "TOKEN", "none (admin API off)", "bearer token of the admin API (/admin/*); at least 16 characters, no spaces; without it /admin/* answers 404",
+            (s, v, src) => s.Server.AdminToken = v.Length == 0 ? null
+                : v.Length >= 16 && !v.Any(char.IsWhiteSpace) && !v.Any(char.IsControl) ? v
+                : throw new UsageException($"{src} must be at least 16 characters without spaces (e.g. from: openssl rand -hex 32)")),
+        new("shutdown-timeout", "DURATION", "10s", "on SIGTERM/SIGINT, time connections get to finish what is in flight before they are aborted",
+            (s, v, src) => s.Server.ShutdownTimeout = ParseDuration(src, v, TimeSpan.Zero)),
         new("log-format", "text|json", "text", "log line format on stdout",
             (s, v, src) => s.LogFormat = v is "text" or "json" ? v : throw new UsageException($"{src} must be text or json, got '{v}'")),
         new("log-level", "LEVEL", "information", "debug, information, warning or error",

@@ -1,0 +1,182 @@
+using System.Diagnostics;
+using Relay.Storage;
+
+namespace Relay.Server.Hosting;
+
+/// <summary>
+/// The relay's background work, on timers of <see cref="RelayServerOptions.Clock"/>:
+/// <list type="bullet">
+/// <item>every <see cref="RelayServerOptions.SweepInterval"/>: the expiry sweep (messages past their
+/// TTL, idle queues), timed and counted in metrics;</item>
+/// <item>every <see cref="RelayServerOptions.MaintenanceInterval"/>: eviction of queue handles idle
+/// for <see cref="RelayServerOptions.EvictIdleAfter"/>, and the disk budget: while the store is over
+/// it and something was deleted since the last attempt, a flush and full compaction give the
+/// space of acknowledged and deleted messages back, so NEW and SEND work again.</item>
+/// </list>
+/// Each job runs at most once at a time; a failure is logged and counted, the next tick retries.
+/// </summary>
+internal sealed class RelayMaintenance : IAsyncDisposable
+{
+    private readonly RelayServerContext _context;
+    private readonly QueueStore _store;
+    private readonly RelayServerOptions _options;
+    private readonly SemaphoreSlim _sweepGate = new(1, 1);
+    private readonly SemaphoreSlim _maintenanceGate = new(1, 1);
+    private ITimer? _sweepTimer;
+    private ITimer? _maintenanceTimer;
+    private Task _sweepTask = Task.CompletedTask;
+    private Task _maintenanceTask = Task.CompletedTask;
+    private volatile bool _stopping;
+    private bool _wasFull;
+    private long _deletedAtLastReclaim = -1;
+
+    public RelayMaintenance(RelayServerContext context)
+    {
+        _context = context;
+        _store = context.Store;
+        _options = context.Options;
+    }
+
+    public void Start()
+    {
+        if (_options.SweepInterval > TimeSpan.Zero)
+        {
+            _sweepTimer = _options.Clock.CreateTimer(_ => OnTick(ref _sweepTask, SweepAsync), null, _options.SweepInterval, _options.SweepInterval);
+        }
+        if (_options.MaintenanceInterval > TimeSpan.Zero)
+        {
+            _maintenanceTimer = _options.Clock.CreateTimer(_ => OnTick(ref _maintenanceTask, MaintainAsync), null,
+                _options.MaintenanceInterval, _options.MaintenanceInterval);
+        }
+    }
+
+    private void OnTick(ref Task running, Func<Task> job)
+    {
+        if (_stopping || !running.IsCompleted)
+        {
+            return;
+        }
+        running = Task.Run(job);
+    }
+
+    /// <summary>One expiry sweep (also called by tests). Returns the messages expired.</summary>
+    public async Task<int> SweepAsync()
+    {
+        await _sweepGate.WaitAsync();
+        try
+        {
+            if (_stopping) return 0;
+            long idleBefore = _store.Statistics.IdleQueuesDeleted;
+            long start = Stopwatch.GetTimestamp();
+            int expired = await _store.SweepExpiredAsync();
+            _context.Metrics.SweepCompleted(Stopwatch.GetElapsedTime(start).TotalSeconds);
+            long idle = _store.Statistics.IdleQueuesDeleted - idleBefore;
+            if (expired > 0 || idle > 0)
+            {
+                Log.Swept(_context.Logger, expired, idle);
+            }
+            return expired;
+        }
+        catch (ObjectDisposedException) when (_stopping)
+        {
+            return 0;
+        }
+        catch (Exception ex)
+        {
+            _context.Metrics.SweepFailed();
+            Log.SweepFailed(_context.Logger, ex.GetType().Name);
+            return 0;
+        }
+        finally
+        {
+            _sweepGate.Release();
+        }
+    }
+
+    /// <summary>Eviction of idle handles and the disk budget (also called by tests).</summary>
+    public async Task MaintainAsync()
+    {
+        await _maintenanceGate.WaitAsync();
+        try
+        {
+            if (_stopping) return;
+            int evicted = _store.EvictIdle(_options.EvictIdleAfter);
+            if (evicted > 0)
+            {
+                _context.Metrics.Evicted(evicted);
+                Log.Evicted(_context.Logger, evicted);
+            }
+            CheckDiskBudget();
+        }
+        catch (ObjectDisposedException) when (_stopping)
+        {
+        }
+        catch (Exception ex)
+        {
+            Log.MaintenanceFailed(_context.Logger, ex.GetType().Name);
+        }
+        finally
+        {
+            _maintenanceGate.Release();
+        }
+    }
+
+    private void CheckDiskBudget()
+    {
+        long budget = _options.DiskBudgetBytes;
+        if (budget <= 0)
+        {
+            return;
+        }
+        bool full = _store.IsOverDiskBudget;
+        ReportBudget(full, budget);
+        if (full)
+        {
+            var stats = _store.Statistics;
+            long deleted = stats.MessagesDeleted + stats.MessagesExpired + stats.QueuesDeleted;
+            if (deleted != _deletedAtLastReclaim)
+            {
+                // Acked, expired and deleted messages still occupy the WAL and table files until
+                // a flush and a compaction drop them; without deletions there is nothing to gain.
+                _deletedAtLastReclaim = deleted;
+                _context.Metrics.Reclaimed();
+                long now = _store.ReclaimSpace();
+                Log.Reclaimed(_context.Logger, now);
+                ReportBudget(_store.IsOverDiskBudget, budget);
+            }
+        }
+    }
+
+    private void ReportBudget(bool full, long budget)
+    {
+        if (full == _wasFull)
+        {
+            return;
+        }
+        _wasFull = full;
+        long bytes = _store.Statistics.GetDiskBytes();
+        if (full)
+        {
+            Log.StoreFull(_context.Logger, bytes, budget);
+        }
+        else
+        {
+            Log.StoreNotFull(_context.Logger, bytes, budget);
+        }
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        _stopping = true;
+        if (_sweepTimer is not null) await _sweepTimer.DisposeAsync();
+        if (_maintenanceTimer is not null) await _maintenanceTimer.DisposeAsync();
+        try
+        {
+            await Task.WhenAll(_sweepTask, _maintenanceTask);
+        }
+        catch (Exception)
+        {
+            // Logged by the jobs themselves.
+        }
+    }
+}

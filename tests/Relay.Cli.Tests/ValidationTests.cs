@@ -1,0 +1,175 @@
+using System.Net;
+using System.Net.Sockets;
+
+namespace Relay.Cli.Tests;
+
+/// <summary>
+/// Every validation error of <c>relay serve</c> through the real entry point (RelayCli.RunAsync):
+/// exit code 2, exactly one line on stderr, naming the option in the form the operator used
+/// (--flag, RELAY_VAR or the JSON key). Not in parallel: the process's stderr and environment are shared.
+/// </summary>
+[NotInParallel("console")]
+public class ValidationTests
+{
+    private static async Task<(int ExitCode, string Error)> RunAsync(params string[] args)
+    {
+        var error = new StringWriter();
+        var previous = Console.Error;
+#pragma warning disable TUnit0055 // restored below; these tests do not run in parallel with each other
+        Console.SetError(error);
+        try
+        {
+            int code = await RelayCli.RunAsync(args);
+            return (code, error.ToString());
+        }
+        finally
+        {
+            Console.SetError(previous);
+#pragma warning restore TUnit0055
+        }
+    }
+
+    private static async Task AssertUsageError(string mustName, params string[] args)
+    {
+        var (code, error) = await RunAsync(args);
+        await Assert.That(code).IsEqualTo(RelayCli.Usage);
+        var lines = error.Split('\n', StringSplitOptions.RemoveEmptyEntries);
+        await Assert.That(lines.Length).IsEqualTo(1);
+        await Assert.That(lines[0]).StartsWith("relay: ");
+        await Assert.That(lines[0]).Contains(mustName);
+    }
+
+    [Test]
+    [Arguments("--listen", "nonsense")]
+    [Arguments("--listen", "127.0.0.1:70000")]
+    [Arguments("--listen", "not-an-ip:5223")]
+    [Arguments("--admin", "127.0.0.1")]
+    [Arguments("--plain-tcp=maybe", null)]
+    [Arguments("--durability", "sometimes")]
+    [Arguments("--message-ttl", "soon")]
+    [Arguments("--message-ttl", "5m")]
+    [Arguments("--idle-queue-ttl", "-1h")]
+    [Arguments("--queue-max-messages", "0")]
+    [Arguments("--queue-max-messages", "many")]
+    [Arguments("--queue-max-bytes", "12")]
+    [Arguments("--disk-budget", "huge")]
+    [Arguments("--disk-budget", "10KB")]
+    [Arguments("--max-message", "10")]
+    [Arguments("--max-connections", "0")]
+    [Arguments("--max-subscriptions", "-3")]
+    [Arguments("--handshake-timeout", "1ms")]
+    [Arguments("--idle-timeout", "0s")]
+    [Arguments("--new-queues", "perhaps")]
+    [Arguments("--sweep-interval", "0.1s")]
+    [Arguments("--admin-token", "short")]
+    [Arguments("--admin-token", "has spaces in the token")]
+    [Arguments("--shutdown-timeout", "forever")]
+    [Arguments("--log-format", "xml")]
+    [Arguments("--log-level", "loud")]
+    public async Task A_bad_flag_value_is_a_one_line_error_naming_the_flag(string flag, string? value)
+    {
+        using var files = new SettingsFiles();
+        string[] args = value is null
+            ? ["serve", "--data", files.DataDirectory, flag]
+            : ["serve", "--data", files.DataDirectory, flag, value];
+        await AssertUsageError(flag.Split('=')[0], args);
+    }
+
+    [Test]
+    public async Task A_create_password_longer_than_the_protocol_allows_is_refused()
+    {
+        using var files = new SettingsFiles();
+        await AssertUsageError("--create-password", "serve", "--data", files.DataDirectory, "--create-password", new string('p', 256));
+    }
+
+    [Test]
+    public async Task A_bad_environment_value_names_the_variable()
+    {
+        using var files = new SettingsFiles();
+        Environment.SetEnvironmentVariable("RELAY_MESSAGE_TTL", "eventually");
+        try
+        {
+            await AssertUsageError("RELAY_MESSAGE_TTL", "serve", "--data", files.DataDirectory);
+        }
+        finally
+        {
+            Environment.SetEnvironmentVariable("RELAY_MESSAGE_TTL", null);
+        }
+    }
+
+    [Test]
+    public async Task A_bad_json_value_names_the_key_and_the_file()
+    {
+        using var files = new SettingsFiles();
+        var path = files.Write("relay.json", """{"queueMaxBytes": "lots"}""");
+        await AssertUsageError("'queueMaxBytes' in " + path, "serve", "--data", files.DataDirectory, "--config", path);
+    }
+
+    [Test]
+    public async Task An_unknown_json_key_is_refused()
+    {
+        using var files = new SettingsFiles();
+        var path = files.Write("relay.json", """{"listen": "127.0.0.1:0", "lisen": "127.0.0.1:1"}""");
+        await AssertUsageError("unknown setting 'lisen'", "serve", "--data", files.DataDirectory, "--config", path);
+    }
+
+    [Test]
+    [Arguments("{\"listen\": ")]
+    [Arguments("not json at all")]
+    [Arguments("")]
+    public async Task Invalid_json_is_refused(string text)
+    {
+        using var files = new SettingsFiles();
+        var path = files.Write("relay.json", text);
+        await AssertUsageError("--config", "serve", "--data", files.DataDirectory, "--config", path);
+    }
+
+    [Test]
+    public async Task A_json_array_or_a_nested_object_is_refused()
+    {
+        using var files = new SettingsFiles();
+        var array = files.Write("array.json", "[1, 2]");
+        await AssertUsageError("must hold a JSON object", "serve", "--data", files.DataDirectory, "--config", array);
+        var nested = files.Write("nested.json", """{"listen": {"host": "x"}}""");
+        await AssertUsageError("'listen'", "serve", "--data", files.DataDirectory, "--config", nested);
+    }
+
+    [Test]
+    public async Task A_missing_config_file_is_refused()
+    {
+        using var files = new SettingsFiles();
+        await AssertUsageError("--config", "serve", "--data", files.DataDirectory, "--config", Path.Combine(files.Directory, "missing.json"));
+    }
+
+    [Test]
+    public async Task An_unknown_flag_and_a_flag_without_value_are_refused()
+    {
+        await AssertUsageError("--bogus", "serve", "--bogus");
+        await AssertUsageError("--listen", "serve", "--listen");
+    }
+
+    [Test]
+    public async Task An_unwritable_data_directory_is_refused()
+    {
+        using var files = new SettingsFiles();
+        // A path below a regular file can never be created, even by root.
+        var file = files.Write("plain-file", "x");
+        await AssertUsageError("--data", "serve", "--data", Path.Combine(file, "data"), "--listen", "127.0.0.1:0", "--admin", "off");
+    }
+
+    [Test]
+    [Arguments("--listen")]
+    [Arguments("--admin")]
+    public async Task A_port_in_use_is_refused_naming_the_listener(string option)
+    {
+        using var files = new SettingsFiles();
+        using var busy = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        busy.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+        busy.Listen();
+        string taken = "127.0.0.1:" + ((IPEndPoint)busy.LocalEndPoint!).Port;
+        string[] args = option == "--listen"
+            ? ["serve", "--data", files.DataDirectory, "--listen", taken, "--admin", "127.0.0.1:0"]
+            : ["serve", "--data", files.DataDirectory, "--listen", "127.0.0.1:0", "--admin", taken];
+        await AssertUsageError(option, args);
+    }
+}

@@ -1,0 +1,299 @@
+using System.Net;
+using System.Net.Http.Json;
+using System.Security.Cryptography;
+using System.Text;
+using System.Text.Json;
+using Relay.Client.Transport;
+using Relay.Protocol;
+using static Relay.Server.Tests.OperationsMetrics;
+
+namespace Relay.Server.Tests;
+
+/// <summary>Issue 4: metrics under a known workload, the admin API, retention and limits, end to end through a real relay.</summary>
+public class OperationsTests
+{
+    private const string Token = "test-admin-token-0123456789";
+
+    private static async Task<Delivery> NextDeliveryAsync(RelayConnection connection)
+    {
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(10));
+        while (true)
+        {
+            if (await connection.Events.ReadAsync(cts.Token) is DeliveryEvent d) return d.Delivery;
+        }
+    }
+
+    private static async Task<ErrorCode?> ErrorOf(Func<Task> action)
+    {
+        try
+        {
+            await action();
+            return null;
+        }
+        catch (RelayErrorException e)
+        {
+            return e.Code;
+        }
+    }
+
+    [Test]
+    public async Task Metrics_move_as_expected_under_a_known_workload()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var recipient = await relay.ConnectAsync();
+        await using var sender = await relay.ConnectAsync();
+        var before = await ScrapeAsync(relay);
+
+        var queue = await recipient.CreateQueueAsync();
+        var to = new SenderQueue(queue.SenderId, null);
+        await recipient.SubscribeAsync(queue);
+        const int n = 7;
+        for (int i = 0; i < n; i++)
+        {
+            await sender.SendAsync(to, Encoding.UTF8.GetBytes("message " + i));
+            var d = await NextDeliveryAsync(recipient);
+            await recipient.AckAsync(queue, d.MessageId);
+        }
+        await recipient.PingAsync();
+        var after = await ScrapeAsync(relay);
+
+        double Delta(string name, string? labels = null) => Value(after, name, labels) - Value(before, name, labels);
+        await Assert.That(Delta("relay_commands_total", "command=\"send\",result=\"ok\"")).IsEqualTo(n);
+        await Assert.That(Delta("relay_commands_total", "command=\"ack\",result=\"ok\"")).IsEqualTo(n);
+        await Assert.That(Delta("relay_commands_total", "command=\"new\",result=\"ok\"")).IsEqualTo(1);
+        await Assert.That(Delta("relay_commands_total", "command=\"ping\",result=\"ok\"")).IsEqualTo(1);
+        await Assert.That(Delta("relay_messages_stored_total")).IsEqualTo(n);
+        await Assert.That(Delta("relay_messages_acked_total")).IsEqualTo(n);
+        await Assert.That(Delta("relay_deliveries_total")).IsEqualTo(n);
+        await Assert.That(Delta("relay_messages_stored_bytes_total")).IsEqualTo(Enumerable.Range(0, n).Sum(i => ("message " + i).Length));
+        // Each message was pushed to a waiting subscriber straight after its SEND.
+        await Assert.That(Delta("relay_delivery_latency_seconds_count")).IsEqualTo(n);
+        await Assert.That(Value(after, "relay_connections_open")).IsEqualTo(2);
+        await Assert.That(Delta("relay_connections_accepted_total")).IsEqualTo(0);
+        await Assert.That(Value(after, "relay_handshakes_total", "result=\"ok\"")).IsEqualTo(2);
+        await Assert.That(Value(after, "relay_subscriptions")).IsEqualTo(1);
+        await Assert.That(Delta("relay_store_commit_operations_count")).IsGreaterThanOrEqualTo(2 * n + 1);
+        await Assert.That(Value(after, "relay_store_commit_seconds_count")).IsGreaterThan(0);
+        await Assert.That(Value(after, "relay_store_queues_created_total")).IsEqualTo(1);
+        await Assert.That(Value(after, "relay_store_disk_bytes")).IsGreaterThan(0);
+        await Assert.That(Value(after, "relay_new_queues_enabled")).IsEqualTo(1);
+
+        var families = Families(after);
+        foreach (var name in new[] { "relay_store_queues", "relay_store_messages", "relay_store_messages_bytes", "relay_store_pending_compaction_bytes",
+                     "relay_store_disk_budget_bytes", "relay_store_full", "relay_store_sweeps_total", "relay_messages_expired_total",
+                     "relay_connections_rejected_total", "process_cpu_seconds_total", "dotnet_collection_count_total" })
+        {
+            await Assert.That(families).Contains(name);
+        }
+    }
+
+    [Test]
+    public async Task Admin_api_is_off_without_a_token()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        using var anonymous = AdminClient(relay);
+        using var withToken = AdminClient(relay, Token);
+        await Assert.That((await anonymous.GetAsync("admin/stats")).StatusCode).IsEqualTo(HttpStatusCode.NotFound);
+        await Assert.That((await withToken.GetAsync("admin/stats")).StatusCode).IsEqualTo(HttpStatusCode.NotFound);
+        await Assert.That((await anonymous.GetAsync("healthz")).StatusCode).IsEqualTo(HttpStatusCode.OK);
+        await Assert.That((await anonymous.GetAsync("metrics")).StatusCode).IsEqualTo(HttpStatusCode.OK);
+    }
+
+    [Test]
+    public async Task Admin_api_needs_the_bearer_token_and_reports_stats()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.AdminToken = Token);
+        using var anonymous = AdminClient(relay);
+        using var wrong = AdminClient(relay, Token + "x");
+        using var admin = AdminClient(relay, Token);
+
+        var refused = await anonymous.GetAsync("admin/stats");
+        await Assert.That(refused.StatusCode).IsEqualTo(HttpStatusCode.Unauthorized);
+        await Assert.That(refused.Headers.WwwAuthenticate.ToString()).IsEqualTo("Bearer");
+        await Assert.That((await wrong.GetAsync("admin/stats")).StatusCode).IsEqualTo(HttpStatusCode.Unauthorized);
+        await Assert.That((await anonymous.GetAsync("admin/anything-else")).StatusCode).IsEqualTo(HttpStatusCode.Unauthorized);
+        await Assert.That((await anonymous.GetAsync("metrics")).StatusCode).IsEqualTo(HttpStatusCode.OK);
+        await Assert.That((await anonymous.GetAsync("readyz")).StatusCode).IsEqualTo(HttpStatusCode.OK);
+
+        await using var client = await relay.ConnectAsync();
+        var queue = await client.CreateQueueAsync();
+        await client.SendAsync(new SenderQueue(queue.SenderId, null), "hello"u8.ToArray());
+
+        var ok = await admin.GetAsync("admin/stats");
+        await Assert.That(ok.StatusCode).IsEqualTo(HttpStatusCode.OK);
+        await Assert.That(ok.Content.Headers.ContentType!.MediaType).IsEqualTo("application/json");
+        using var json = JsonDocument.Parse(await ok.Content.ReadAsStringAsync());
+        var root = json.RootElement;
+        await Assert.That(root.GetProperty("queues_created").GetInt64()).IsEqualTo(1);
+        await Assert.That(root.GetProperty("messages_stored").GetInt64()).IsEqualTo(1);
+        await Assert.That(root.GetProperty("connections_open").GetInt64()).IsEqualTo(1);
+        await Assert.That(root.GetProperty("disk_bytes").GetInt64()).IsGreaterThan(0);
+        await Assert.That(root.GetProperty("new_queues_enabled").GetBoolean()).IsTrue();
+        await Assert.That(root.GetProperty("durable").GetBoolean()).IsTrue();
+    }
+
+    [Test]
+    public async Task Queue_creation_switch_flips_at_runtime_and_existing_queues_keep_working()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.AdminToken = Token);
+        using var admin = AdminClient(relay, Token);
+        using var anonymous = AdminClient(relay);
+        await using var client = await relay.ConnectAsync();
+        var existing = await client.CreateQueueAsync();
+
+        var unauthorized = await anonymous.PostAsync("admin/queue-creation", JsonContent.Create(new { enabled = false }));
+        await Assert.That(unauthorized.StatusCode).IsEqualTo(HttpStatusCode.Unauthorized);
+        var bad = await admin.PostAsync("admin/queue-creation", new StringContent("nonsense", Encoding.UTF8, "application/json"));
+        await Assert.That(bad.StatusCode).IsEqualTo(HttpStatusCode.BadRequest);
+
+        var off = await admin.PostAsync("admin/queue-creation", new StringContent("""{"enabled": false}""", Encoding.UTF8, "application/json"));
+        await Assert.That(off.StatusCode).IsEqualTo(HttpStatusCode.OK);
+        await Assert.That(await off.Content.ReadAsStringAsync()).Contains("\"enabled\": false");
+        await Assert.That(await ErrorOf(() => client.CreateQueueAsync())).IsEqualTo(ErrorCode.Disabled);
+        await Assert.That(Value(await ScrapeAsync(relay), "relay_new_queues_enabled")).IsEqualTo(0);
+
+        // Existing queues keep working.
+        await client.SendAsync(new SenderQueue(existing.SenderId, null), "still"u8.ToArray());
+        var got = await client.GetAsync(existing);
+        await Assert.That(got).IsNotNull();
+        await client.AckAsync(existing, got!.MessageId);
+
+        var on = await admin.PostAsync("admin/queue-creation", new StringContent("""{"enabled": true}""", Encoding.UTF8, "application/json"));
+        await Assert.That(on.StatusCode).IsEqualTo(HttpStatusCode.OK);
+        await client.CreateQueueAsync();
+        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("[30]") && l.Contains("disabled"))).IsTrue();
+    }
+
+    [Test]
+    public async Task New_queues_switch_off_in_configuration_answers_DISABLED()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.AllowNewQueues = false);
+        await using var client = await relay.ConnectAsync();
+        await Assert.That(await ErrorOf(() => client.CreateQueueAsync())).IsEqualTo(ErrorCode.Disabled);
+        await Assert.That(await ErrorOf(() => client.CreateQueueAsync("any password"))).IsEqualTo(ErrorCode.Disabled);
+        await client.PingAsync();
+    }
+
+    [Test]
+    public async Task Queue_creation_password_is_required_when_configured()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.CreatePassword = "open sesame");
+        await using var client = await relay.ConnectAsync();
+        await Assert.That(await ErrorOf(() => client.CreateQueueAsync())).IsEqualTo(ErrorCode.Auth);
+        await Assert.That(await ErrorOf(() => client.CreateQueueAsync("open sesamE"))).IsEqualTo(ErrorCode.Auth);
+        await Assert.That(await ErrorOf(() => client.CreateQueueAsync("open sesame "))).IsEqualTo(ErrorCode.Auth);
+        var queue = await client.CreateQueueAsync("open sesame");
+        // Only creation needs it: the queue then works as any other, on the same connection.
+        await client.SendAsync(new SenderQueue(queue.SenderId, null), "x"u8.ToArray());
+        await Assert.That(await client.GetAsync(queue)).IsNotNull();
+        var text = await ScrapeAsync(relay);
+        await Assert.That(Value(text, "relay_commands_total", "command=\"new\",result=\"auth\"")).IsEqualTo(3);
+    }
+
+    [Test]
+    public async Task Disk_budget_refuses_new_queues_and_sends_then_recovers_once_messages_are_acked()
+    {
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.DiskBudgetBytes = 256 * 1024;
+            o.MaintenanceInterval = TimeSpan.FromMilliseconds(200);
+        });
+        await using var client = await relay.ConnectAsync();
+        var queue = await client.CreateQueueAsync();
+        var to = new SenderQueue(queue.SenderId, null);
+
+        // Fill the store past the budget with incompressible bodies; the budget is re-read at most once a second.
+        int stored = 0;
+        ErrorCode? refusal = null;
+        for (int i = 0; i < 100 && refusal is null; i++)
+        {
+            refusal = await ErrorOf(() => client.SendAsync(to, RandomNumberGenerator.GetBytes(30_000)));
+            if (refusal is null) stored++;
+            else break;
+            await Task.Delay(50);
+        }
+        await Assert.That(refusal).IsEqualTo(ErrorCode.Full);
+        await Assert.That(stored).IsGreaterThanOrEqualTo(8);
+        await Assert.That(await ErrorOf(() => client.CreateQueueAsync())).IsEqualTo(ErrorCode.Full);
+        await Assert.That(await OperationsMetrics.EventuallyAsync(async () => Value(await ScrapeAsync(relay), "relay_store_full") == 1)).IsTrue();
+
+        // Nothing acknowledged was dropped: every stored message is still there, in order.
+        for (int i = 0; i < stored; i++)
+        {
+            var m = await client.GetAsync(queue);
+            await Assert.That(m).IsNotNull();
+            await Assert.That(m!.Body.Length).IsEqualTo(30_000);
+            await client.AckAsync(queue, m.MessageId);
+        }
+        await Assert.That(await client.GetAsync(queue)).IsNull();
+
+        // The maintenance loop flushes and compacts; the refusals end.
+        bool recovered = await OperationsMetrics.EventuallyAsync(async () => await ErrorOf(() => client.CreateQueueAsync()) is null, 30);
+        await Assert.That(recovered).IsTrue();
+        await client.SendAsync(to, "after"u8.ToArray());
+        var text = await ScrapeAsync(relay);
+        await Assert.That(Value(text, "relay_store_full")).IsEqualTo(0);
+        await Assert.That(Value(text, "relay_store_reclaims_total")).IsGreaterThanOrEqualTo(1);
+        await Assert.That(Value(text, "relay_commands_total", "command=\"send\",result=\"full\"")).IsGreaterThanOrEqualTo(1);
+        await Assert.That(Value(text, "relay_store_disk_budget_bytes")).IsEqualTo(256 * 1024);
+        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("[23]"))).IsTrue();
+        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("[24]"))).IsTrue();
+    }
+
+    [Test]
+    public async Task Idle_queues_and_old_messages_expire_by_the_relays_clock()
+    {
+        var clock = new OperationsClock();
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Clock = clock;
+            o.IdleQueueTtl = TimeSpan.FromHours(24);
+            o.MessageTtl = TimeSpan.FromHours(2);
+            o.SweepInterval = TimeSpan.Zero;   // the test sweeps by hand
+        });
+        await using var client = await relay.ConnectAsync();
+        var idle = await client.CreateQueueAsync();
+        var busy = await client.CreateQueueAsync();
+        await client.SendAsync(new SenderQueue(busy.SenderId, null), "old"u8.ToArray());
+
+        // Three hours on: the message outlived its TTL, the queues are not idle yet.
+        clock.Advance(TimeSpan.FromHours(3));
+        await Assert.That(await relay.Server.SweepNowAsync()).IsEqualTo(1);
+        await Assert.That(await client.GetAsync(busy)).IsNull();
+        await Assert.That(await client.GetAsync(idle)).IsNull();
+
+        // A day later: the queue used meanwhile survives, the untouched one is gone.
+        clock.Advance(TimeSpan.FromHours(20));
+        await client.SendAsync(new SenderQueue(busy.SenderId, null), "fresh"u8.ToArray());
+        clock.Advance(TimeSpan.FromHours(6));
+        await relay.Server.SweepNowAsync();
+        await Assert.That(await ErrorOf(() => client.GetAsync(idle))).IsEqualTo(ErrorCode.Auth);
+        // The used queue still exists (its message, 6 h old, outlived the 2 h TTL meanwhile).
+        await Assert.That(await ErrorOf(() => client.GetAsync(busy))).IsNull();
+
+        var text = await ScrapeAsync(relay);
+        await Assert.That(Value(text, "relay_messages_expired_total")).IsEqualTo(2);
+        await Assert.That(Value(text, "relay_store_queues_deleted_total", "reason=\"idle\"")).IsEqualTo(1);
+        await Assert.That(Value(text, "relay_store_sweeps_total")).IsEqualTo(2);
+        await Assert.That(Value(text, "relay_store_sweep_seconds_count")).IsEqualTo(2);
+    }
+
+    [Test]
+    public async Task The_sweep_timer_runs_on_its_own()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.SweepInterval = TimeSpan.FromMilliseconds(100));
+        await Assert.That(await OperationsMetrics.EventuallyAsync(async () => Value(await ScrapeAsync(relay), "relay_store_sweeps_total") >= 2)).IsTrue();
+    }
+
+    [Test]
+    public async Task Stop_is_bounded_by_the_shutdown_timeout_with_clients_connected()
+    {
+        var relay = await TestRelay.StartAsync(o => o.ShutdownTimeout = TimeSpan.FromSeconds(2));
+        await using var client = await relay.ConnectAsync();
+        var queue = await client.CreateQueueAsync();
+        await client.SubscribeAsync(queue);
+        var started = System.Diagnostics.Stopwatch.StartNew();
+        await relay.DisposeAsync();
+        await Assert.That(started.Elapsed).IsLessThan(TimeSpan.FromSeconds(10));
+    }
+}

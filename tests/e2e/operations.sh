@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# End-to-end checks of issue 4 (operations) against the published binary: /metrics passes
+# promtool after traffic, a real Prometheus scrapes the relay, the admin API's token, JSON logs,
+# configuration precedence, and packaging/monitoring (rules, scrape config, dashboard) against a
+# live /metrics.
+source "$(dirname "$0")/lib.sh"
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+MON=$ROOT/packaging/monitoring
+DATA=$E2E_TMP/data
+TOKEN=e2e-admin-token-$(python3 -c 'import secrets; print(secrets.token_hex(12))')
+PORT=$(free_port); ADMIN=$(free_port)
+
+if ! start_relay ops "$DATA" "$PORT" "$ADMIN" --admin-token "$TOKEN" --log-format json --log-level debug --sweep-interval 1s; then
+    fail "relay becomes ready"; cat "$E2E_TMP/ops.log"; finish; exit 1
+fi
+pass "relay becomes ready"
+ADDR=$("$RELAY" address --data "$DATA" --host 127.0.0.1 --port "$PORT")
+
+# Traffic: `relay check` creates, secures, sends, receives, acks and deletes a queue.
+if "$RELAY" check --help >/dev/null 2>&1; then
+    check "relay check passes (1)" "$RELAY" check "$ADDR" --timeout 30
+    check "relay check passes (2)" "$RELAY" check "$ADDR" --timeout 30
+    check "relay check with a wrong fingerprint fails" bash -c "! '$RELAY' check 'relay://AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA@127.0.0.1:$PORT' --timeout 10 >/dev/null 2>&1"
+else
+    echo "NOTE relay check is missing: traffic is only failed handshakes"
+fi
+# Some failed handshakes as well (plain HTTP against the TLS listener).
+for _ in 1 2 3; do curl -s -m 2 "http://127.0.0.1:$PORT/" >/dev/null 2>&1; done
+
+METRICS=$E2E_TMP/metrics.txt
+curl -fsS "http://127.0.0.1:$ADMIN/metrics" >"$METRICS"
+check "promtool check metrics passes on a live /metrics" bash -c "promtool check metrics < '$METRICS'"
+check "metrics count the handshakes by result" grep -Eq '^relay_handshakes_total\{result="tls"\} [1-9]' "$METRICS"
+if "$RELAY" check --help >/dev/null 2>&1; then
+    check "metrics count the sends of relay check" grep -Eq '^relay_commands_total\{command="send",result="ok"\} [1-9]' "$METRICS"
+    check "metrics count deliveries" grep -Eq '^relay_deliveries_total [1-9]' "$METRICS"
+fi
+check "store gauges are exported" bash -c "grep -q '^relay_store_disk_bytes ' '$METRICS' && grep -q '^relay_store_queues ' '$METRICS' && grep -q '^relay_store_pending_compaction_bytes ' '$METRICS'"
+check "process and runtime metrics are exported" bash -c "grep -q '^process_cpu_seconds_total ' '$METRICS' && grep -q '^dotnet_collection_count_total' '$METRICS'"
+check "expiry sweeps run and are counted" bash -c "sleep 1.5; curl -fsS 'http://127.0.0.1:$ADMIN/metrics' | grep -Eq '^relay_store_sweeps_total [1-9]'"
+check "no metric label carries an address or a port" bash -c "! grep -E '\{[^}]*(127\.0\.0\.1|:$PORT)' '$METRICS'"
+
+# Admin API.
+check "admin API: 401 without the token" bash -c "[ \$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$ADMIN/admin/stats) = 401 ]"
+check "admin API: 401 with a wrong token" bash -c "[ \$(curl -s -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer wrong-token-123456789' http://127.0.0.1:$ADMIN/admin/stats) = 401 ]"
+check "admin API: 200 and JSON with the token" bash -c "curl -fsS -H 'Authorization: Bearer $TOKEN' http://127.0.0.1:$ADMIN/admin/stats | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"durable\"] is True and \"disk_bytes\" in d'"
+check "admin API: the queue-creation switch" bash -c "curl -fsS -X POST -H 'Authorization: Bearer $TOKEN' -H 'Content-Type: application/json' -d '{\"enabled\": false}' http://127.0.0.1:$ADMIN/admin/queue-creation | grep -q false && curl -fsS -X POST -H 'Authorization: Bearer $TOKEN' -H 'Content-Type: application/json' -d '{\"enabled\": true}' http://127.0.0.1:$ADMIN/admin/queue-creation | grep -q true"
+check "health and metrics need no token" bash -c "[ \$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$ADMIN/healthz) = 200 ] && [ \$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$ADMIN/metrics) = 200 ]"
+
+# A real Prometheus scraping the relay every second, with the packaged rules loaded.
+PROM_PORT=$(free_port)
+sed -e "s/127.0.0.1:5280/127.0.0.1:$ADMIN/" -e 's/scrape_interval: 15s/scrape_interval: 1s/' -e 's/evaluation_interval: 15s/evaluation_interval: 1s/' \
+    -e "s#- relay-rules.yml#- $MON/relay-rules.yml#" "$MON/prometheus.yml" >"$E2E_TMP/prometheus.yml"
+prometheus --config.file="$E2E_TMP/prometheus.yml" --storage.tsdb.path="$E2E_TMP/prom" \
+    --web.listen-address="127.0.0.1:$PROM_PORT" >"$E2E_TMP/prometheus.log" 2>&1 &
+PROM_PID=$!
+E2E_PIDS+=("$PROM_PID")
+prom_query() {  # prom_query QUERY PYTHON-CONDITION-ON-result: polls until the condition holds (30 s)
+    local deadline=$((SECONDS + 30))
+    while [ $SECONDS -lt $deadline ]; do
+        if curl -fsS -G "http://127.0.0.1:$PROM_PORT/api/v1/query" --data-urlencode "query=$1" 2>/dev/null \
+            | python3 -c "import json,sys; r=json.load(sys.stdin)['data']['result']; sys.exit(0 if ($2) else 1)" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.5
+    done
+    return 1
+}
+check "prometheus: the relay target is up" prom_query 'up{job="relay"}' 'len(r) == 1 and r[0]["value"][1] == "1"'
+check "prometheus: relay metrics are stored" prom_query 'relay_connections_accepted_total{job="relay"}' 'len(r) == 1'
+check "prometheus: handshake results are stored" prom_query 'sum(relay_handshakes_total{job="relay"})' 'len(r) == 1 and float(r[0]["value"][1]) > 0'
+check "prometheus: the packaged rules loaded" bash -c "curl -fsS http://127.0.0.1:$PROM_PORT/api/v1/rules | grep -q RelayStoreNearDiskBudget"
+kill "$PROM_PID" 2>/dev/null; wait "$PROM_PID" 2>/dev/null
+
+# packaging/monitoring: valid, and every metric it names is one the relay exports.
+check "promtool check rules" promtool check rules "$MON/relay-rules.yml"
+check "promtool check config" promtool check config "$MON/prometheus.yml"
+check "the dashboard is valid JSON" python3 -c "import json; json.load(open('$MON/grafana-dashboard.json'))"
+curl -fsS "http://127.0.0.1:$ADMIN/metrics" >"$METRICS"
+names_used() {
+    python3 - "$MON/grafana-dashboard.json" "$MON/relay-rules.yml" <<'PY'
+import json, re, sys
+exprs = []
+dash = json.load(open(sys.argv[1]))
+for p in dash["panels"]:
+    exprs += [t["expr"] for t in p.get("targets", [])]
+exprs += [a or b for a, b in re.findall(r"expr:\s*(\|[\s\S]*?)(?=\n\s*(?:for|labels|annotations):)|expr:\s*(.+)", open(sys.argv[2]).read())]
+names = set()
+for e in exprs:
+    e = re.sub(r'"[^"]*"', '""', e)       # drop label values
+    e = re.sub(r"\{[^}]*\}", "", e)          # and matchers
+    for n in re.findall(r"\b((?:relay|process|dotnet)_[a-z0-9_]+)\b", e):
+        names.add(n)
+print("\n".join(sorted(names)))
+PY
+}
+MISSING=""
+COUNT=0
+for name in $(names_used); do
+    COUNT=$((COUNT + 1))
+    grep -Eq "^$name[{ ]|^# TYPE $name " "$METRICS" || MISSING="$MISSING $name"
+done
+check "dashboard and rules name $COUNT metrics, all exported by the relay" bash -c "[ $COUNT -ge 20 ] && [ -z '$MISSING' ] || { echo 'missing:$MISSING'; false; }"
+
+# Logs: one JSON object per line, without addresses.
+check "SIGTERM exits 0" stop_relay "$RELAY_PID" TERM
+check "every log line is valid JSON" python3 -c "
+import json, sys
+lines = [l for l in open('$E2E_TMP/ops.log') if l.strip()]
+assert len(lines) >= 3, len(lines)
+for l in lines:
+    d = json.loads(l)
+    assert 'EventId' in d and 'LogLevel' in d, l
+"
+check "the JSON log carries the event ids of start and stop" python3 -c "
+import json
+ids = {json.loads(l)['EventId'] for l in open('$E2E_TMP/ops.log') if l.strip()}
+assert {1, 3, 4} <= ids, ids
+"
+check "no log line carries 127.0.0.1" bash -c "! grep -q '127\.0\.0\.1' <(grep -v '\"EventId\":1,' '$E2E_TMP/ops.log')"
+
+# Configuration precedence end to end: JSON file < RELAY_* environment < flag.
+P_JSON=$(free_port); P_ENV=$(free_port); P_FLAG=$(free_port); A2=$(free_port)
+cat >"$E2E_TMP/relay.json" <<JSON
+{ "listen": "127.0.0.1:$P_JSON", "admin": "127.0.0.1:$A2", "data": "$E2E_TMP/data2", "logFormat": "json" }
+JSON
+listens_on() {  # listens_on PORT ARGS...: serve with ARGS, wait for readiness, check the relay port, stop
+    local port=$1; shift
+    "$RELAY" serve "$@" >"$E2E_TMP/precedence.log" 2>&1 &
+    local pid=$!
+    E2E_PIDS+=("$pid")
+    local ok=1
+    if wait_for_http "http://127.0.0.1:$A2/readyz" 30; then
+        python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 2).close()" && ok=0
+    fi
+    kill -TERM "$pid"; wait "$pid"
+    return $ok
+}
+check "config: the JSON file sets the port" listens_on "$P_JSON" --config "$E2E_TMP/relay.json"
+check "config: RELAY_LISTEN overrides the file" env RELAY_LISTEN="127.0.0.1:$P_ENV" bash -c "$(declare -f listens_on wait_for_http); E2E_PIDS=(); RELAY='$RELAY'; E2E_TMP='$E2E_TMP'; A2=$A2; listens_on $P_ENV --config '$E2E_TMP/relay.json'"
+check "config: --listen overrides the environment" env RELAY_LISTEN="127.0.0.1:$P_ENV" bash -c "$(declare -f listens_on wait_for_http); E2E_PIDS=(); RELAY='$RELAY'; E2E_TMP='$E2E_TMP'; A2=$A2; listens_on $P_FLAG --config '$E2E_TMP/relay.json' --listen 127.0.0.1:$P_FLAG"
+check "config: RELAY_CONFIG names the file" env RELAY_CONFIG="$E2E_TMP/relay.json" bash -c "$(declare -f listens_on wait_for_http); E2E_PIDS=(); RELAY='$RELAY'; E2E_TMP='$E2E_TMP'; A2=$A2; listens_on $P_JSON"
+check "config: an unknown key is exit 2 naming it" bash -c "echo '{\"lisen\": 1}' > '$E2E_TMP/bad.json'; err=\$('$RELAY' serve --config '$E2E_TMP/bad.json' 2>&1 >/dev/null); [ \$? = 2 ] && echo \"\$err\" | grep -q lisen"
+check "config: a short admin token is exit 2 naming RELAY_ADMIN_TOKEN" bash -c "err=\$(RELAY_ADMIN_TOKEN=short '$RELAY' serve --data '$E2E_TMP/data3' 2>&1 >/dev/null); [ \$? = 2 ] && echo \"\$err\" | grep -q RELAY_ADMIN_TOKEN"
+
+finish
