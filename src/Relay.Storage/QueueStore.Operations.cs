@@ -156,6 +156,25 @@ public sealed partial class QueueStore
             EnterRead();
             try
             {
+                // Ids of a queue are consecutive within a run, so the oldest message is usually at
+                // exactly OldestBound: one point read, much cheaper than creating an iterator.
+                Span<byte> key = stackalloc byte[Keys.MessageKeyLength];
+                Keys.MessageKey(key, queue.RecipientId, queue.OldestBound);
+                Span<byte> header = stackalloc byte[Keys.MessageHeaderLength];
+                if (_db.TryGetRented(Cf.Messages, key, header, out byte[] rented, out int rentedLength))
+                {
+                    message = new StoredMessage
+                    {
+                        Id = queue.OldestBound,
+                        Hour = BinaryPrimitives.ReadUInt32BigEndian(header),
+                        Flags = header[4],
+                        Buffer = rented,
+                        Length = rentedLength,
+                    };
+                    queue.PeekedId = message.Id;
+                    queue.PeekedLength = rentedLength;
+                    return true;
+                }
                 using RocksDb.Iterator it = OpenMessages(queue);
                 if (!it.Valid)
                 {
@@ -173,6 +192,8 @@ public sealed partial class QueueStore
                     Buffer = buffer,
                     Length = body.Length,
                 };
+                queue.PeekedId = message.Id;
+                queue.PeekedLength = body.Length;
                 return true;
             }
             finally
@@ -205,20 +226,30 @@ public sealed partial class QueueStore
                 return new(StoreStatus.NotOldest);
             }
             int bodyLength;
-            EnterRead();
-            try
+            if (messageId == queue.PeekedId && queue.PeekedLength >= 0)
             {
-                using RocksDb.Iterator it = OpenMessages(queue);
-                if (!it.Valid || Keys.MessageIdOf(it.Key) != messageId)
+                // The message delivered last: it was the oldest when read and only an ACK (which
+                // raises OldestBound above it) can remove it, so no read is needed.
+                bodyLength = queue.PeekedLength;
+            }
+            else
+            {
+                EnterRead();
+                try
                 {
-                    return new(StoreStatus.NotOldest);
+                    using RocksDb.Iterator it = OpenMessages(queue);
+                    if (!it.Valid || Keys.MessageIdOf(it.Key) != messageId)
+                    {
+                        return new(StoreStatus.NotOldest);
+                    }
+                    bodyLength = it.Value.Length - Keys.MessageHeaderLength;
                 }
-                bodyLength = it.Value.Length - Keys.MessageHeaderLength;
+                finally
+                {
+                    ExitRead();
+                }
             }
-            finally
-            {
-                ExitRead();
-            }
+            queue.PeekedLength = -1;
 
             Span<byte> key = stackalloc byte[Keys.MessageKeyLength];
             Keys.MessageKey(key, queue.RecipientId, messageId);

@@ -61,6 +61,9 @@ public sealed class QueueHandle
     internal ulong NextId;
     /// <summary>No stored message has a smaller id: reads seek here and skip the tombstones of acked messages.</summary>
     internal ulong OldestBound;
+    /// <summary>Id and body length of the message read last by TryPeekOldest (-1: none), so its ACK needs no read.</summary>
+    internal ulong PeekedId;
+    internal int PeekedLength = -1;
     internal int PendingOps;
     internal bool Evicted;
     internal long LastUsedTicks;

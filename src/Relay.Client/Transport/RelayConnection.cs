@@ -399,6 +399,29 @@ public sealed partial class RelayConnection : IAsyncDisposable
         }
     }
 
+    private bool _flushScheduled;
+    private static readonly Action<RelayConnection> s_flush = static c => c.FlushScheduled();
+
+    // Requests written before the scheduled flush runs leave together: one TLS record, one syscall.
+    private void ScheduleFlushLocked()
+    {
+        if (_flushScheduled) return;
+        _flushScheduled = true;
+        ThreadPool.UnsafeQueueUserWorkItem(s_flush, this, preferLocal: true);
+    }
+
+    private void FlushScheduled()
+    {
+        lock (_writeLock)
+        {
+            _flushScheduled = false;
+            if (!_disposed)
+            {
+                _ = _output.Writer.FlushAsync();
+            }
+        }
+    }
+
     private uint NextCorrelation()
     {
         uint id;
@@ -434,7 +457,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
                 return Task.FromException<Response>(_failure ?? new RelayConnectException("the connection is closed"));
             }
             write(_output.Writer, corr, state);
-            _ = _output.Writer.FlushAsync();
+            ScheduleFlushLocked();
         }
         if (cancellationToken.CanBeCanceled)
         {

@@ -51,7 +51,7 @@ internal sealed partial class RelaySession
                             if (!_outputClosed)
                             {
                                 FrameWriter.WriteVersionError(_output.Writer, ProtocolConstants.MinVersion, ProtocolConstants.MaxVersion);
-                                FlushLocked();
+                                FlushNowLocked();
                             }
                         }
                         return false;
@@ -59,7 +59,7 @@ internal sealed partial class RelaySession
                     lock (_writeLock)
                     {
                         FrameWriter.WriteWelcome(_output.Writer, version, _options.MaxFrame, _options.MaxMessage, _sessionId, _sessionPublic);
-                        FlushLocked();
+                        FlushNowLocked();
                     }
                     return true;
                 }

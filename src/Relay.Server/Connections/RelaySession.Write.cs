@@ -28,7 +28,34 @@ internal sealed partial class RelaySession
         Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection ||
         Interlocked.Read(ref _bytesWritten) - Interlocked.Read(ref _bytesSent) > _options.MaxOutputBuffer;
 
+    private bool _flushScheduled;
+    private static readonly Action<RelaySession> s_flush = static session => session.FlushScheduled();
+
+    /// <summary>
+    /// Makes written frames visible to the copy loop soon, without flushing per frame: the first
+    /// writer schedules one flush on the thread pool, and every frame written before it runs (say,
+    /// the OKs of one group commit, or several deliveries) leaves in the same TLS record and syscall.
+    /// </summary>
     private void FlushLocked()
+    {
+        if (_flushScheduled) return;
+        _flushScheduled = true;
+        ThreadPool.UnsafeQueueUserWorkItem(s_flush, this, preferLocal: true);
+    }
+
+    private void FlushScheduled()
+    {
+        lock (_writeLock)
+        {
+            _flushScheduled = false;
+            if (!_outputClosed && _output.Writer.UnflushedBytes > 0)
+            {
+                FlushNowLocked();
+            }
+        }
+    }
+
+    private void FlushNowLocked()
     {
         _bytesWritten += _output.Writer.UnflushedBytes;
         // Never pauses (no threshold), so this completes synchronously and only wakes the copy loop.
@@ -41,7 +68,7 @@ internal sealed partial class RelaySession
         {
             if (!_outputClosed && _output.Writer.UnflushedBytes > 0)
             {
-                FlushLocked();
+                FlushNowLocked();
             }
         }
     }
@@ -102,7 +129,7 @@ internal sealed partial class RelaySession
         {
             if (_outputClosed) return;
             _outputClosed = true;
-            FlushLocked();
+            FlushNowLocked();
             _output.Writer.Complete();
         }
     }

@@ -98,7 +98,12 @@ public sealed class RelayServer : IAsyncDisposable
                 Clock = options.Clock,
             });
 
-            var builder = WebApplication.CreateSlimBuilder();
+            // The empty builder reads no appsettings files and so watches no directory for changes
+            // (the slim builder watched the working directory recursively, costing CPU and inotify
+            // watches); every setting comes from RelayServerOptions.
+            var builder = WebApplication.CreateEmptyBuilder(new WebApplicationOptions { ContentRootPath = AppContext.BaseDirectory });
+            builder.WebHost.UseKestrelCore();
+            builder.Services.AddRoutingCore();
             builder.Logging.ClearProviders();
             builder.Logging.AddFilter("Microsoft", LogLevel.Warning);
             builder.Logging.AddFilter("System", LogLevel.Warning);

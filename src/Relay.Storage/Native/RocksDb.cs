@@ -122,6 +122,48 @@ internal sealed unsafe class RocksDb : IDisposable
     }
 
     /// <summary>Point read. Copies the value into <paramref name="destination"/> when it fits; returns the value length, or -1 when absent.</summary>
+    /// <summary>
+    /// Point read that copies the value after its first <paramref name="headerLength"/> bytes into a
+    /// buffer rented from ArrayPool&lt;byte&gt;.Shared, and the header into <paramref name="header"/>.
+    /// False when the key does not exist (or the value is shorter than the header).
+    /// </summary>
+    public bool TryGetRented(int cf, ReadOnlySpan<byte> key, Span<byte> header, out byte[] buffer, out int length)
+    {
+        buffer = [];
+        length = 0;
+        nint err = 0;
+        nint slice;
+        fixed (byte* k = key)
+        {
+            slice = rocksdb_get_pinned_cf(_db, _readOptions, _cfs[cf], k, (nuint)key.Length, &err);
+        }
+        Check(err);
+        if (slice == 0)
+        {
+            return false;
+        }
+        try
+        {
+            nuint size;
+            byte* value = rocksdb_pinnableslice_value(slice, &size);
+            var span = new ReadOnlySpan<byte>(value, checked((int)size));
+            if (span.Length < header.Length)
+            {
+                return false;
+            }
+            span.Slice(0, header.Length).CopyTo(header);
+            var body = span.Slice(header.Length);
+            buffer = System.Buffers.ArrayPool<byte>.Shared.Rent(Math.Max(1, body.Length));
+            body.CopyTo(buffer);
+            length = body.Length;
+            return true;
+        }
+        finally
+        {
+            rocksdb_pinnableslice_destroy(slice);
+        }
+    }
+
     public int Get(int cf, ReadOnlySpan<byte> key, Span<byte> destination)
     {
         nint err = 0;
