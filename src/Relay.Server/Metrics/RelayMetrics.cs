@@ -223,15 +223,29 @@ public sealed class RelayMetrics
         _bytesStored.Inc(bytes);
     }
 
+    // Children of relay_commands_total by (frame type byte, result): read without a lock on every
+    // command; created once per combination under the lock.
+    private readonly Dictionary<string, Counter.Child>?[] _commandByType = new Dictionary<string, Counter.Child>?[257];
+
     public void Command(FrameType? type, string result)
     {
-        Counter.Child? child;
-        lock (_childLock)
+        int slot = type is { } t ? (byte)t : 256;
+        var byResult = Volatile.Read(ref _commandByType[slot]);
+        if (byResult is null || !byResult.TryGetValue(result, out var child))
         {
-            if (!_commandChildren.TryGetValue((type, result), out child))
+            lock (_childLock)
             {
-                child = _commands.WithLabels(CommandName(type), result);
-                _commandChildren[(type, result)] = child;
+                if (!_commandChildren.TryGetValue((type, result), out child))
+                {
+                    child = _commands.WithLabels(CommandName(type), result);
+                    _commandChildren[(type, result)] = child;
+                }
+                // Copy on write, so readers never see a dictionary being changed.
+                var copy = new Dictionary<string, Counter.Child>(_commandByType[slot] ?? new Dictionary<string, Counter.Child>(), StringComparer.Ordinal)
+                {
+                    [result] = child,
+                };
+                Volatile.Write(ref _commandByType[slot], copy);
             }
         }
         child.Inc();
