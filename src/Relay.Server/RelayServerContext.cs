@@ -22,6 +22,10 @@ internal sealed class RelayServerContext(RelayServerOptions options, QueueStore 
     public SslServerAuthenticationOptions TlsOptions { get; } = tlsOptions ?? new();
     public CancellationTokenSource Stopping { get; } = new();
 
+    /// <summary>Per-source connection count and queue-creation bucket; sources live only here, in memory.</summary>
+    public SourceLimiter Sources { get; } = new(options.MaxConnectionsPerSource, options.QueueCreationRate,
+        options.QueueCreationBurst, options.Clock);
+
     /// <summary>Constant-time check of the queue-creation password (empty when none is configured).</summary>
     public bool CheckCreatePassword(ReadOnlySpan<byte> password)
     {
@@ -34,6 +38,9 @@ internal sealed class RelayServerContext(RelayServerOptions options, QueueStore 
         return CryptographicOperations.FixedTimeEquals(hash, _passwordHash);
     }
 
-    /// <summary>Per-source queue-creation rate limit hook (sources known only behind the PROXY protocol).</summary>
-    public bool AllowQueueCreation(RelaySession session) => true;
+    /// <summary>
+    /// Per-source queue-creation rate limit: the session's source is the PROXY header's client address,
+    /// else the socket's peer (behind a proxy without PROXY, that is the proxy, shared by every client).
+    /// </summary>
+    public bool AllowQueueCreation(RelaySession session) => Sources.TryCreateQueue(session.Source);
 }

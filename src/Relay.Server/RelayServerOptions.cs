@@ -36,6 +36,39 @@ public sealed class RelayServerOptions
     /// <summary>Concurrent connections; further ones are closed at once. Bounds memory (~50 KiB per TLS connection).</summary>
     public int MaxConnections { get; set; } = 20_000;
 
+    /// <summary>
+    /// True: every relay connection must start with a PROXY protocol header (v1 or v2, before TLS), and
+    /// the client address it carries is the connection's source for the per-source limits. Only behind
+    /// a proxy that sends it (haproxy send-proxy-v2, stunnel protocol = proxy, Tor HiddenServiceExportCircuitID).
+    /// </summary>
+    public bool ProxyProtocol { get; set; }
+
+    /// <summary>
+    /// Time allowed for the PROXY header. A proxy sends it with the first packet, so 5 s is generous even
+    /// over a slow link, while a connection that sends nothing holds a slot for no longer.
+    /// </summary>
+    public TimeSpan ProxyHeaderTimeout { get; set; } = TimeSpan.FromSeconds(5);
+
+    /// <summary>
+    /// Concurrent connections from one source (an IPv4 address or an IPv6 /64); 0: no limit. A client holds
+    /// one connection per relay, so 100 leaves room for a carrier-grade NAT address shared by dozens of
+    /// people, while one host can take at most 0.5 % of the default <see cref="MaxConnections"/>.
+    /// </summary>
+    public int MaxConnectionsPerSource { get; set; } = 100;
+
+    /// <summary>
+    /// Queue creations (NEW) per minute and source, refilling a bucket of <see cref="QueueCreationBurst"/>;
+    /// 0: no limit. A person creates a queue per contact and rotation, a few a day: 30 a minute sustained
+    /// covers many people behind one NAT, while one address cannot fill the disk with empty queues quickly.
+    /// </summary>
+    public double QueueCreationRate { get; set; } = 30;
+
+    /// <summary>
+    /// Queue creations a source may make at once before the rate applies. A new user joining a group or
+    /// restoring many contacts creates dozens of queues in a burst; 100 covers that.
+    /// </summary>
+    public int QueueCreationBurst { get; set; } = 100;
+
     /// <summary>Subscriptions one connection may hold.</summary>
     public int MaxSubscriptionsPerConnection { get; set; } = 10_000;
 

@@ -1,8 +1,12 @@
+using System.Buffers;
 using Microsoft.AspNetCore.Connections;
 
 namespace Relay.Server.Connections;
 
-/// <summary>Accepts relay connections: enforces the connection limit and runs one session each.</summary>
+/// <summary>
+/// Accepts relay connections: enforces the connection limits, reads the PROXY header when configured,
+/// and runs one session each.
+/// </summary>
 internal sealed class RelayConnectionHandler(RelayServerContext context)
 {
     private int _open;
@@ -14,21 +18,109 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
         if (Interlocked.Increment(ref _open) > context.Options.MaxConnections || context.Stopping.IsCancellationRequested)
         {
             Interlocked.Decrement(ref _open);
-            var reason = context.Stopping.IsCancellationRequested ? "stopping" : "max_connections";
-            context.Metrics.ConnectionRejected(reason);
-            Log.ConnectionRejected(context.Logger, reason);
-            connection.Abort();
+            Reject(connection, context.Stopping.IsCancellationRequested ? "stopping" : "max_connections");
             return;
         }
-        context.Metrics.ConnectionOpened();
         try
         {
-            await new RelaySession(context).RunAsync(connection);
+            // The source: the client address of the PROXY header, else the socket's peer. Memory only.
+            var source = SourceKey.From(connection.RemoteEndPoint);
+            if (context.Options.ProxyProtocol)
+            {
+                var (header, failure) = await ReadProxyHeaderAsync(connection);
+                if (failure != null)
+                {
+                    Log.ConnectionFailed(context.Logger, failure);
+                    if (failure != ClosedBeforeHeader && !context.Stopping.IsCancellationRequested)
+                    {
+                        context.Metrics.ConnectionRejected("proxy_header");
+                    }
+                    connection.Abort();
+                    return;
+                }
+                // LOCAL (health checks), UNKNOWN, UNSPEC and UNIX name no client: the proxy's address stands in.
+                if (header.Source != null)
+                {
+                    source = SourceKey.From(header.Source.Address);
+                }
+            }
+            if (!context.Sources.TryOpen(source))
+            {
+                Reject(connection, "max_connections_per_source");
+                return;
+            }
+            context.Metrics.ConnectionOpened();
+            try
+            {
+                await new RelaySession(context, source).RunAsync(connection);
+            }
+            finally
+            {
+                context.Sources.Close(source);
+                context.Metrics.ConnectionClosed();
+            }
         }
         finally
         {
             Interlocked.Decrement(ref _open);
-            context.Metrics.ConnectionClosed();
         }
     }
+
+    private void Reject(ConnectionContext connection, string reason)
+    {
+        context.Metrics.ConnectionRejected(reason);
+        Log.ConnectionRejected(context.Logger, reason);
+        connection.Abort();
+    }
+
+    /// <summary>
+    /// Reads the PROXY header from the transport before TLS, within <see cref="RelayServerOptions.ProxyHeaderTimeout"/>.
+    /// Consumes exactly the header: bytes after it (the TLS ClientHello, often in the same packet) stay in the
+    /// pipe for the session. Without a valid header, returns the reason (a word, no address); a peer that closed
+    /// before sending a byte (a port probe, a client that gave up at the proxy) is no header failure.
+    /// </summary>
+    private async Task<(ProxyHeader Header, string? Failure)> ReadProxyHeaderAsync(ConnectionContext connection)
+    {
+        var input = connection.Transport.Input;
+        using var timeout = new CancellationTokenSource(context.Options.ProxyHeaderTimeout);
+        using var linked = CancellationTokenSource.CreateLinkedTokenSource(timeout.Token, connection.ConnectionClosed, context.Stopping.Token);
+        long received = 0;
+        try
+        {
+            while (true)
+            {
+                var result = await input.ReadAsync(linked.Token);
+                var buffer = result.Buffer;
+                received = buffer.Length;
+                var status = ProxyProtocol.TryParse(buffer, out var header, out int consumed);
+                if (status == OperationStatus.Done)
+                {
+                    input.AdvanceTo(buffer.GetPosition(consumed));
+                    return (header, null);
+                }
+                input.AdvanceTo(buffer.Start, buffer.End);
+                if (status == OperationStatus.InvalidData)
+                {
+                    return (default, InvalidHeader);
+                }
+                if (result.IsCompleted || result.IsCanceled)
+                {
+                    return (default, received == 0 ? ClosedBeforeHeader : MissingHeader);
+                }
+            }
+        }
+        catch (OperationCanceledException)
+        {
+            return (default, timeout.IsCancellationRequested ? HeaderTimeout : received == 0 ? ClosedBeforeHeader : MissingHeader);
+        }
+        catch (Exception ex) when (ex is IOException or ConnectionResetException or ObjectDisposedException or InvalidOperationException)
+        {
+            return (default, received == 0 ? ClosedBeforeHeader : MissingHeader);
+        }
+    }
+
+    private const string InvalidHeader = "proxy_header_invalid";
+    private const string MissingHeader = "proxy_header_missing";
+    private const string HeaderTimeout = "proxy_header_timeout";
+    private const string ClosedBeforeHeader = "proxy_header_closed";
 }

@@ -34,8 +34,12 @@ internal sealed partial class RelaySession
     private readonly object _subLock = new();
     private readonly Dictionary<QueueHandle, Subscription> _subscriptions = new(ReferenceEqualityComparer.Instance);
 
-    public RelaySession(RelayServerContext context)
+    /// <summary>The client's source (PROXY header or socket peer), for the per-source limits only: never logged.</summary>
+    public SourceKey Source { get; }
+
+    public RelaySession(RelayServerContext context, SourceKey source = default)
     {
+        Source = source;
         _context = context;
         _store = context.Store;
         _options = context.Options;
@@ -62,7 +66,10 @@ internal sealed partial class RelaySession
                 {
                     throw new AuthenticationException("the client did not offer ALPN relay/1");
                 }
-                input = PipeReader.Create(ssl, new StreamPipeReaderOptions(bufferSize: 16 * 1024, minimumReadSize: 4096, leaveOpen: true));
+                // Zero-byte reads: an idle connection waits for data without holding a read buffer
+                // (SslStream then also returns its own), so ten thousand idle TLS clients cost little.
+                input = PipeReader.Create(ssl, new StreamPipeReaderOptions(pool: null, bufferSize: 16 * 1024, minimumReadSize: 4096,
+                    leaveOpen: true, useZeroByteReads: true));
                 copy = CopyOutputAsync(ssl);
             }
             else

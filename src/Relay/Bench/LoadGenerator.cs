@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Diagnostics;
+using System.Runtime.CompilerServices;
 using Relay.Client.Transport;
 using Relay.Protocol;
 
@@ -175,15 +176,18 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
 
     private async Task ProduceAsync(RelayConnection[] producers, QueueInfo[] queues, int total, CancellationToken cancellationToken)
     {
-        int next = -1;
         long paceStart = Stopwatch.GetTimestamp();
         double perMessageTicks = options.Scenario == BenchScenario.Paced ? Stopwatch.Frequency / (double)options.Rate : 0;
         var workers = new List<Task>();
         for (int p = 0; p < producers.Length; p++)
         {
             var producer = producers[p];
-            var own = queues.Where((_, i) => i % producers.Length == p % producers.Length).ToArray();
+            int producerIndex = p;
+            var own = queues.Where((_, i) => i % producers.Length == producerIndex % producers.Length).ToArray();
             if (own.Length == 0) own = queues;
+            // Producer p sends sequence numbers p, p + P, p + 2P, ... and spreads them evenly over its
+            // own queues, so every queue gets exactly its share (drain fills queues to their quota).
+            var turn = new StrongBox<int>(-1);
             for (int w = 0; w < options.Window; w++)
             {
                 workers.Add(Task.Run(async () =>
@@ -191,15 +195,17 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                     var body = new byte[Math.Max(options.Size, 16)];
                     while (true)
                     {
-                        int seq = Interlocked.Increment(ref next);
-                        if (seq >= total) return;
+                        int k = Interlocked.Increment(ref turn.Value);
+                        long seqLong = producerIndex + (long)k * producers.Length;
+                        if (seqLong >= total) return;
+                        int seq = (int)seqLong;
                         if (perMessageTicks > 0)
                         {
                             long due = paceStart + (long)(seq * perMessageTicks);
                             long wait = due - Stopwatch.GetTimestamp();
                             if (wait > 0) await Task.Delay(TimeSpan.FromTicks(wait * TimeSpan.TicksPerSecond / Stopwatch.Frequency), cancellationToken);
                         }
-                        var queue = own[seq % own.Length];
+                        var queue = own[k % own.Length];
                         BinaryPrimitives.WriteInt32BigEndian(body, seq);
                         while (true)
                         {

@@ -84,7 +84,7 @@ public static class BenchCommand
         {
             directory = Path.Combine(Path.GetTempPath(), "relay-bench-" + Guid.NewGuid().ToString("N"));
             int perQueue = options.Scenario == BenchScenario.Drain
-                ? options.Messages / options.Queues + 1
+                ? (options.Messages + options.Queues - 1) / options.Queues + 1
                 : options.Producers * options.Window + 128;
             local = await RelayServer.StartAsync(new RelayServerOptions
             {
@@ -96,6 +96,9 @@ public static class BenchCommand
                 QueueMaxMessages = Math.Max(128, perQueue),
                 QueueMaxBytes = Math.Max(8L << 20, (long)Math.Max(128, perQueue) * (options.Size + 64)),
                 MaxInFlightPerConnection = Math.Max(1024, options.Window * 2),
+                // Every bench connection comes from loopback: the per-source limits would cap the load.
+                MaxConnectionsPerSource = 0,
+                QueueCreationRate = 0,
             }, logging => logging.SetMinimumLevel(LogLevel.Warning).AddSimpleConsole(o => o.SingleLine = true));
             address = local.Address;
             options.RelayPid = null;

@@ -1,0 +1,93 @@
+using System.Buffers;
+using System.Security.Cryptography;
+using BenchmarkDotNet.Attributes;
+using Relay.Protocol;
+
+namespace Relay.Benchmarks;
+
+/// <summary>
+/// The per-message authorization (HMAC-SHA256 over a SEND's MAC input, truncated to 16 bytes and
+/// compared in constant time) and, separately, the auth-key derivation (X25519 + HKDF-SHA256) that
+/// the relay does once per session and client key and then caches.
+/// </summary>
+[MemoryDiagnoser]
+public class AuthBenchmarks
+{
+    private byte[] _send = [];
+    private byte[] _authKey = [];
+    private byte[] _clientPrivate = [];
+    private byte[] _relayPublic = [];
+    private byte[] _sessionId = [];
+    private readonly byte[] _derived = new byte[ProtocolConstants.KeySize];
+
+    [GlobalSetup]
+    public void Setup()
+    {
+        _authKey = Fixtures.AuthKey(out _clientPrivate, out _relayPublic, out _sessionId);
+        var body = Fixtures.Random(Fixtures.BodySize);
+        _send = Fixtures.Write(w => FrameWriter.WriteQueueCommand(w, FrameType.Send, 7,
+            Fixtures.Random(ProtocolConstants.IdSize), [0], body, _authKey));
+    }
+
+    /// <summary>Per SEND: VerifyMac over type ‖ corr ‖ senderId ‖ flags ‖ 256-byte body.</summary>
+    [Benchmark]
+    public bool VerifyMac_Send256()
+    {
+        var view = new FrameView(_send.AsSpan(ProtocolConstants.LengthPrefixSize));
+        QueueCommand.TryParse(view, 1, int.MaxValue, out var command);
+        return RelayCrypto.VerifyMac(_authKey, command.MacInput, command.Mac);
+    }
+
+    /// <summary>Once per session and client key: X25519 agreement + HKDF-SHA256.</summary>
+    [Benchmark]
+    public bool DeriveAuthKey_PerSessionAndQueue() =>
+        RelayCrypto.TryDeriveAuthKey(_clientPrivate, _relayPublic, _sessionId, _derived);
+}
+
+/// <summary>
+/// The delivery re-encryption: the relay seals every stored body under the queue's delivery key
+/// (FrameWriter.WriteMsg, ChaCha20-Poly1305, fresh random nonce) and the recipient opens it
+/// (RelayCrypto.TryOpenDelivery).
+/// </summary>
+[MemoryDiagnoser]
+public class DeliveryBenchmarks
+{
+    private readonly ArrayBufferWriter<byte> _writer = new(70_000);
+    private ChaCha20Poly1305 _cipher = null!;
+    private byte[] _recipientId = [];
+    private byte[] _body = [];
+    private byte[] _msgPayload = [];
+    private byte[] _opened = [];
+
+    [Params(256, 4096)]
+    public int Size { get; set; }
+
+    [GlobalSetup]
+    public void Setup()
+    {
+        _cipher = new ChaCha20Poly1305(Fixtures.Random(ProtocolConstants.KeySize));
+        _recipientId = Fixtures.Random(ProtocolConstants.IdSize);
+        _body = Fixtures.Random(Size);
+        _opened = new byte[Size];
+        var frame = Fixtures.Write(w => FrameWriter.WriteMsg(w, 0, _recipientId, 42, 491_000, 0, _body, _cipher));
+        _msgPayload = frame.AsSpan(ProtocolConstants.LengthPrefixSize + ProtocolConstants.HeaderSize).ToArray();
+    }
+
+    [GlobalCleanup]
+    public void Cleanup() => _cipher.Dispose();
+
+    [Benchmark]
+    public int Seal_WriteMsg()
+    {
+        _writer.ResetWrittenCount();
+        FrameWriter.WriteMsg(_writer, 0, _recipientId, 42, 491_000, 0, _body, _cipher);
+        return _writer.WrittenCount;
+    }
+
+    [Benchmark]
+    public int Open_TryOpenDelivery()
+    {
+        RelayCrypto.TryOpenDelivery(_cipher, _msgPayload, _opened, out _, out _, out _, out int length);
+        return length;
+    }
+}

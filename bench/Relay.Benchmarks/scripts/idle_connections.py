@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Idle subscribed TLS connections against a separately running relay; prints the relay's VmRSS.
+
+    idle_connections.py RELAY_ADDRESS RELAY_PID N1 [N2 ...] [--no-subscribe]
+
+Each connection: TCP, TLS 1.3 with ALPN relay/1 (chain checked against the address fingerprint),
+HELLO/WELCOME, then NEW (its own queue) and SUB, and then nothing. After reaching each N it waits
+5 s and reads VmRSS/VmHWM from /proc/PID/status. Uses tests/interop/relay_client.py (written from
+docs/PROTOCOL.md, independent of the C# code). Needs `ulimit -n` above the largest N for both
+this script and the relay.
+"""
+
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "../../../tests/interop"))
+from relay_client import Connection  # noqa: E402
+
+
+def rss(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "VmHWM", "Threads")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0])
+    return out
+
+
+def main() -> None:
+    subscribe = "--no-subscribe" not in sys.argv
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    address, pid, targets = args[0], int(args[1]), [int(n) for n in args[2:]]
+
+    def open_one(_: int) -> Connection:
+        c = Connection.connect(address, timeout=60)
+        if subscribe:
+            c.subscribe(c.new_queue())
+        c.sock.settimeout(None)
+        return c
+
+    before = rss(pid)
+    print(f"idle: before: VmRSS {before['VmRSS'] / 1024:.1f} MB", flush=True)
+    conns: list[Connection] = []
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for target in targets:
+            start = time.monotonic()
+            conns.extend(pool.map(open_one, range(target - len(conns))))
+            took = time.monotonic() - start
+            time.sleep(5)
+            now = rss(pid)
+            per = (now["VmRSS"] - before["VmRSS"]) / max(1, len(conns))
+            print(f"idle: {len(conns)} {'subscribed' if subscribe else 'handshaked'} TLS connections "
+                  f"(opened in {took:.1f} s): VmRSS {now['VmRSS'] / 1024:.1f} MB, VmHWM {now['VmHWM'] / 1024:.1f} MB, "
+                  f"threads {now['Threads']}, {per:.1f} KB per connection over the baseline", flush=True)
+    for c in conns:
+        c.close()
+
+
+if __name__ == "__main__":
+    main()
