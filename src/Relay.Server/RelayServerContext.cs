@@ -10,7 +10,7 @@ namespace Relay.Server;
 
 /// <summary>What every connection of one relay shares.</summary>
 internal sealed class RelayServerContext(RelayServerOptions options, QueueStore store, RelayMetrics metrics,
-    ILogger logger, SslServerAuthenticationOptions? tlsOptions)
+    ILogger logger, Task<SslServerAuthenticationOptions>? tlsOptions)
 {
     private readonly byte[] _passwordHash = string.IsNullOrEmpty(options.CreatePassword)
         ? [] : SHA256.HashData(Encoding.UTF8.GetBytes(options.CreatePassword));
@@ -19,7 +19,11 @@ internal sealed class RelayServerContext(RelayServerOptions options, QueueStore 
     public QueueStore Store { get; } = store;
     public RelayMetrics Metrics { get; } = metrics;
     public ILogger Logger { get; } = logger;
-    public SslServerAuthenticationOptions TlsOptions { get; } = tlsOptions ?? new();
+    /// <summary>
+    /// The TLS settings, built in the background at start-up (signing the TLS certificate and building
+    /// its chain takes a few hundred milliseconds); the first handshakes wait for it.
+    /// </summary>
+    public Task<SslServerAuthenticationOptions> TlsOptions { get; } = tlsOptions ?? Task.FromResult(new SslServerAuthenticationOptions());
     public CancellationTokenSource Stopping { get; } = new();
 
     /// <summary>Per-source connection count and queue-creation bucket; sources live only here, in memory.</summary>

@@ -60,7 +60,7 @@ internal sealed partial class RelaySession
             if (_options.Tls)
             {
                 ssl = new SslStream(new DuplexPipeStream(connection.Transport), leaveInnerStreamOpen: false);
-                await ssl.AuthenticateAsServerAsync(_context.TlsOptions, handshakeTimeout.Token);
+                await ssl.AuthenticateAsServerAsync(await _context.TlsOptions.WaitAsync(handshakeTimeout.Token), handshakeTimeout.Token);
                 // A client that offers no ALPN at all completes TLS without one: refuse it too (PROTOCOL.md §2).
                 if (!ssl.NegotiatedApplicationProtocol.Protocol.Span.SequenceEqual(ProtocolConstants.Alpn))
                 {

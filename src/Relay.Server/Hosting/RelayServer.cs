@@ -29,7 +29,7 @@ public sealed class RelayServer : IAsyncDisposable
     private readonly RelayIdentity _identity;
     private readonly ListenOptions _relayListen;
     private readonly ListenOptions? _adminListen;
-    private readonly X509Certificate2? _tlsCertificate;
+    private readonly Task<(X509Certificate2 Certificate, SslServerAuthenticationOptions Options)>? _tlsTask;
     private readonly ILogger _logger;
     private readonly RelayMaintenance _maintenance;
     private volatile bool _ready;
@@ -61,7 +61,7 @@ public sealed class RelayServer : IAsyncDisposable
     }
 
     private RelayServer(RelayServerOptions options, WebApplication app, RelayServerContext context, RelayIdentity identity,
-        ListenOptions relayListen, ListenOptions? adminListen, X509Certificate2? tlsCertificate, RelayMaintenance maintenance)
+        ListenOptions relayListen, ListenOptions? adminListen, Task<(X509Certificate2 Certificate, SslServerAuthenticationOptions Options)>? tlsTask, RelayMaintenance maintenance)
     {
         _maintenance = maintenance;
         Options = options;
@@ -70,7 +70,7 @@ public sealed class RelayServer : IAsyncDisposable
         _identity = identity;
         _relayListen = relayListen;
         _adminListen = adminListen;
-        _tlsCertificate = tlsCertificate;
+        _tlsTask = tlsTask;
         Store = context.Store;
         Metrics = context.Metrics;
         _logger = context.Logger;
@@ -80,8 +80,18 @@ public sealed class RelayServer : IAsyncDisposable
     public static async Task<RelayServer> StartAsync(RelayServerOptions options, Action<ILoggingBuilder>? configureLogging = null,
         CancellationToken cancellationToken = default)
     {
-        var identity = RelayIdentity.LoadOrCreate(options.DataDirectory, out bool created);
+        // The identity and TLS context (PKCS#12 load, certificate signing, the chain build that reads
+        // the system certificate store) and the RocksDB open each take a few hundred milliseconds:
+        // do them at the same time.
+        Directory.CreateDirectory(options.DataDirectory);
+        var identityTask = Task.Run(() =>
+        {
+            var id = RelayIdentity.LoadOrCreate(options.DataDirectory, out bool isNew);
+            return (Identity: id, Created: isNew);
+        }, cancellationToken);
+        Task<(X509Certificate2 Certificate, SslServerAuthenticationOptions Options)>? tlsTask = null;
         QueueStore? store = null;
+        RelayIdentity? identity = null;
         try
         {
             store = QueueStore.Open(new QueueStoreOptions
@@ -126,21 +136,13 @@ public sealed class RelayServer : IAsyncDisposable
             store.Committed += metrics.Committed;
             metrics.Bind(store, options);
 
-            X509Certificate2? tlsCertificate = null;
-            SslServerAuthenticationOptions? tls = null;
-            if (options.Tls)
-            {
-                tlsCertificate = identity.CreateTlsCertificate(TimeSpan.FromDays(30));
-                var chainOnly = X509CertificateLoader.LoadCertificate(identity.IdentityCertificate.RawData);
-                tls = new SslServerAuthenticationOptions
-                {
-                    ServerCertificateContext = SslStreamCertificateContext.Create(tlsCertificate, [chainOnly], offline: true),
-                    ApplicationProtocols = [new SslApplicationProtocol(ProtocolConstants.AlpnString)],
-                    EnabledSslProtocols = SslProtocols.Tls13,
-                    ClientCertificateRequired = false,
-                    CertificateRevocationCheckMode = X509RevocationMode.NoCheck,
-                };
-            }
+            var started = await identityTask;
+            identity = started.Identity;
+            bool created = started.Created;
+            var signer = identity;
+            tlsTask = options.Tls ? Task.Run(() => BuildTls(signer)) : null;
+            Task<SslServerAuthenticationOptions>? tls = tlsTask?.ContinueWith(t => t.Result.Options,
+                CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
 
             // The logger category is the product, not a type name: operators filter on "Relay".
             var loggerHolder = new LoggerHolder();
@@ -176,7 +178,7 @@ public sealed class RelayServer : IAsyncDisposable
             MapAdmin(app, context, () => server?._ready == true);
             await app.StartAsync(cancellationToken);
             var maintenance = new RelayMaintenance(context);
-            server = new RelayServer(options, app, context, identity, relayListen!, adminListen, tlsCertificate, maintenance);
+            server = new RelayServer(options, app, context, identity, relayListen!, adminListen, tlsTask, maintenance);
             maintenance.Start();
             if (created)
             {
@@ -190,9 +192,32 @@ public sealed class RelayServer : IAsyncDisposable
         catch
         {
             store?.Dispose();
-            identity.Dispose();
+            try
+            {
+                var leftover = await identityTask;
+                leftover.Identity.Dispose();
+                if (tlsTask != null) (await tlsTask).Certificate.Dispose();
+            }
+            catch (Exception)
+            {
+                // The identity failed too; the first error is the one to report.
+            }
             throw;
         }
+    }
+
+    private static (X509Certificate2 Certificate, SslServerAuthenticationOptions Options) BuildTls(RelayIdentity identity)
+    {
+        var certificate = identity.CreateTlsCertificate(TimeSpan.FromDays(30));
+        var chainOnly = X509CertificateLoader.LoadCertificate(identity.IdentityCertificate.RawData);
+        return (certificate, new SslServerAuthenticationOptions
+        {
+            ServerCertificateContext = SslStreamCertificateContext.Create(certificate, [chainOnly], offline: true),
+            ApplicationProtocols = [new SslApplicationProtocol(ProtocolConstants.AlpnString)],
+            EnabledSslProtocols = SslProtocols.Tls13,
+            ClientCertificateRequired = false,
+            CertificateRevocationCheckMode = X509RevocationMode.NoCheck,
+        });
     }
 
     private static void MapAdmin(WebApplication app, RelayServerContext context, Func<bool> ready)
@@ -242,7 +267,10 @@ public sealed class RelayServer : IAsyncDisposable
             await _maintenance.DisposeAsync();
             await Store.DisposeAsync();
             await _app.DisposeAsync();
-            _tlsCertificate?.Dispose();
+            if (_tlsTask is { IsCompletedSuccessfully: true } t)
+            {
+                t.Result.Certificate.Dispose();
+            }
             _identity.Dispose();
             Log.Stopped(_logger);
         }

@@ -54,6 +54,8 @@ internal sealed unsafe class RocksDb : IDisposable
         // Message bodies are ciphertext and keys are random: compression would only cost CPU, and
         // leaving it off keeps the files independent of which codecs a RocksDB build includes.
         rocksdb_options_set_compression(options, NoCompression);
+        // Start-up must not depend on the data size: do not read every table file's statistics at open.
+        rocksdb_options_set_skip_stats_update_on_db_open(options, 1);
 
         nint cache = rocksdb_cache_create_lru((nuint)blockCacheBytes);
         nint table = rocksdb_block_based_options_create();
