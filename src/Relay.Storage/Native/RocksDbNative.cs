@@ -28,7 +28,7 @@ internal static unsafe partial class RocksDbNative
     [LibraryImport(Lib)] public static partial void rocksdb_options_set_max_total_wal_size(nint options, ulong bytes);
     [LibraryImport(Lib)] public static partial void rocksdb_options_set_write_buffer_size(nint options, nuint bytes);
     [LibraryImport(Lib)] public static partial void rocksdb_options_set_compression(nint options, int compression);
-    [LibraryImport(Lib)] public static partial void rocksdb_options_set_skip_stats_update_on_db_open(nint options, byte value);
+    [LibraryImport(Lib)] public static partial void rocksdb_options_set_max_open_files(nint options, int value);
     [LibraryImport(Lib)] public static partial void rocksdb_options_increase_parallelism(nint options, int threads);
     [LibraryImport(Lib)] public static partial void rocksdb_options_set_block_based_table_factory(nint options, nint tableOptions);
 
