@@ -126,16 +126,9 @@ internal sealed unsafe class RocksDb : IDisposable
         return message;
     }
 
-    /// <summary>Point read. Copies the value into <paramref name="destination"/> when it fits; returns the value length, or -1 when absent.</summary>
-    /// <summary>
-    /// Point read that copies the value after its first <paramref name="headerLength"/> bytes into a
-    /// buffer rented from ArrayPool&lt;byte&gt;.Shared, and the header into <paramref name="header"/>.
-    /// False when the key does not exist (or the value is shorter than the header).
-    /// </summary>
-    public bool TryGetRented(int cf, ReadOnlySpan<byte> key, Span<byte> header, out byte[] buffer, out int length)
+    /// <summary>A point read's pinned slice (0 when the key is absent); free it with rocksdb_pinnableslice_destroy.</summary>
+    private nint GetPinned(int cf, ReadOnlySpan<byte> key)
     {
-        buffer = [];
-        length = 0;
         nint err = 0;
         nint slice;
         fixed (byte* k = key)
@@ -143,15 +136,33 @@ internal sealed unsafe class RocksDb : IDisposable
             slice = rocksdb_get_pinned_cf(_db, _readOptions, _cfs[cf], k, (nuint)key.Length, &err);
         }
         Check(err);
+        return slice;
+    }
+
+    private static ReadOnlySpan<byte> ValueOf(nint slice)
+    {
+        nuint size;
+        byte* value = rocksdb_pinnableslice_value(slice, &size);
+        return new ReadOnlySpan<byte>(value, checked((int)size));
+    }
+
+    /// <summary>
+    /// Point read that copies the first <c>header.Length</c> bytes of the value into
+    /// <paramref name="header"/> and the rest into a buffer rented from ArrayPool&lt;byte&gt;.Shared.
+    /// False when the key does not exist (or the value is shorter than the header).
+    /// </summary>
+    public bool TryGetRented(int cf, ReadOnlySpan<byte> key, Span<byte> header, out byte[] buffer, out int length)
+    {
+        buffer = [];
+        length = 0;
+        nint slice = GetPinned(cf, key);
         if (slice == 0)
         {
             return false;
         }
         try
         {
-            nuint size;
-            byte* value = rocksdb_pinnableslice_value(slice, &size);
-            var span = new ReadOnlySpan<byte>(value, checked((int)size));
+            var span = ValueOf(slice);
             if (span.Length < header.Length)
             {
                 return false;
@@ -169,24 +180,17 @@ internal sealed unsafe class RocksDb : IDisposable
         }
     }
 
+    /// <summary>Point read. Copies the value into <paramref name="destination"/> when it fits; returns the value length, or -1 when absent.</summary>
     public int Get(int cf, ReadOnlySpan<byte> key, Span<byte> destination)
     {
-        nint err = 0;
-        nint slice;
-        fixed (byte* k = key)
-        {
-            slice = rocksdb_get_pinned_cf(_db, _readOptions, _cfs[cf], k, (nuint)key.Length, &err);
-        }
-        Check(err);
+        nint slice = GetPinned(cf, key);
         if (slice == 0)
         {
             return -1;
         }
         try
         {
-            nuint length;
-            byte* value = rocksdb_pinnableslice_value(slice, &length);
-            var span = new ReadOnlySpan<byte>(value, checked((int)length));
+            var span = ValueOf(slice);
             if (span.Length <= destination.Length)
             {
                 span.CopyTo(destination);
