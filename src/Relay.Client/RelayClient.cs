@@ -77,13 +77,13 @@ public sealed class RelayClient : IAsyncDisposable
     public Task SubscribeAsync(RelayAddress relay, RecipientQueue queue, CancellationToken cancellationToken = default)
     {
         var link = Link(relay);
-        link.Subscriptions[Convert.ToHexString(queue.RecipientId)] = queue;
+        link.Subscriptions[queue.RecipientId] = queue;
         link.EnsurePump();
         return RunAsync(relay, c => c.IsSubscribed(queue) ? Task.CompletedTask : c.SubscribeAsync(queue, cancellationToken), cancellationToken);
     }
 
     public void Unsubscribe(RelayAddress relay, RecipientQueue queue) =>
-        Link(relay).Subscriptions.TryRemove(Convert.ToHexString(queue.RecipientId), out _);
+        Link(relay).Subscriptions.TryRemove(queue.RecipientId, out _);
 
     /// <summary>Every delivery of every subscribed queue, in arrival order per queue.</summary>
     public IAsyncEnumerable<QueueDelivery> DeliveriesAsync(CancellationToken cancellationToken = default) =>
@@ -107,7 +107,7 @@ public sealed class RelayClient : IAsyncDisposable
         private RelayConnection? _current;
         private Task? _pump;
         private Task? _keepAlive;
-        public ConcurrentDictionary<string, RecipientQueue> Subscriptions { get; } = new();
+        public ConcurrentDictionary<byte[], RecipientQueue> Subscriptions { get; } = new(IdComparer.Instance);
 
         public async Task<RelayConnection> GetAsync(bool retry, CancellationToken cancellationToken)
         {
@@ -189,9 +189,9 @@ public sealed class RelayClient : IAsyncDisposable
                 {
                     await foreach (var e in connection.Events.ReadAllAsync(token))
                     {
-                        if (e is DeliveryEvent d && Subscriptions.TryGetValue(Convert.ToHexString(d.Delivery.RecipientId), out var queue))
+                        if (e is DeliveryEvent d && Subscriptions.ContainsKey(d.Queue.RecipientId))
                         {
-                            owner._deliveries.Writer.TryWrite(new QueueDelivery(relay, queue, d.Delivery));
+                            owner._deliveries.Writer.TryWrite(new QueueDelivery(relay, d.Queue, d.Delivery));
                         }
                     }
                 }
@@ -242,4 +242,15 @@ public sealed class RelayClient : IAsyncDisposable
             }
         }
     }
+}
+
+/// <summary>Queue ids (random bytes) as dictionary keys, compared by content.</summary>
+internal sealed class IdComparer : IEqualityComparer<byte[]>
+{
+    public static readonly IdComparer Instance = new();
+
+    public bool Equals(byte[]? x, byte[]? y) => x.AsSpan().SequenceEqual(y);
+
+    // Ids are uniformly random: their first bytes are a good hash.
+    public int GetHashCode(byte[] obj) => obj.Length >= 4 ? System.Buffers.Binary.BinaryPrimitives.ReadInt32LittleEndian(obj) : obj.Length;
 }

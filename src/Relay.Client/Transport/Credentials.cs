@@ -11,5 +11,6 @@ public sealed record Delivery(byte[] RecipientId, ulong MessageId, uint Hour, by
 
 /// <summary>Something the relay pushed: a delivery, or the end of a subscription.</summary>
 public abstract record RelayEvent;
-public sealed record DeliveryEvent(Delivery Delivery) : RelayEvent;
+/// <summary>A delivery, with the subscribed queue it belongs to (the one given to SubscribeAsync).</summary>
+public sealed record DeliveryEvent(Delivery Delivery, RecipientQueue Queue) : RelayEvent;
 public sealed record SubscriptionEndedEvent(byte[] RecipientId) : RelayEvent;

@@ -106,7 +106,7 @@ public sealed partial class RelayConnection
     {
         lock (_pendingLock)
         {
-            return _deliveryCiphers.ContainsKey(Id.From(queue.RecipientId));
+            return _subscribed.ContainsKey(Id.From(queue.RecipientId));
         }
     }
 
@@ -116,9 +116,9 @@ public sealed partial class RelayConnection
         lock (_pendingLock)
         {
             var id = Id.From(queue.RecipientId);
-            if (!_deliveryCiphers.ContainsKey(id))
+            if (!_subscribed.ContainsKey(id))
             {
-                _deliveryCiphers[id] = new ChaCha20Poly1305(queue.DeliveryKey);
+                _subscribed[id] = (new ChaCha20Poly1305(queue.DeliveryKey), queue);
             }
         }
         var response = await QueueCommandAsync(FrameType.Sub, queue.RecipientId, queue.RecipientPrivateKey, default, default, cancellationToken);

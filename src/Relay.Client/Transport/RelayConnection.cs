@@ -37,7 +37,8 @@ public sealed partial class RelayConnection : IAsyncDisposable
     private readonly object _writeLock = new();
     private readonly object _pendingLock = new();
     private readonly Dictionary<uint, TaskCompletionSource<Response>> _pending = new();
-    private readonly Dictionary<Id, ChaCha20Poly1305> _deliveryCiphers = new();
+    // Subscribed queues of this connection with their delivery ciphers, by recipient id.
+    private readonly Dictionary<Id, (ChaCha20Poly1305 Cipher, RecipientQueue Queue)> _subscribed = new();
     private readonly Dictionary<Id, byte[]> _authKeys = new();
     private readonly Channel<RelayEvent> _events = Channel.CreateUnbounded<RelayEvent>(new UnboundedChannelOptions { SingleReader = false, SingleWriter = true });
     private readonly CancellationTokenSource _closed = new();
@@ -303,16 +304,16 @@ public sealed partial class RelayConnection : IAsyncDisposable
         switch (frame.Type)
         {
             case FrameType.Msg:
-                if (TryOpen(frame.Payload, out var delivery))
+                if (TryOpen(frame.Payload, out var delivery, out var queue))
                 {
-                    _events.Writer.TryWrite(new DeliveryEvent(delivery));
+                    _events.Writer.TryWrite(new DeliveryEvent(delivery, queue));
                 }
                 break;
             case FrameType.End when frame.Payload.Length == ProtocolConstants.IdSize:
                 var id = frame.Payload.ToArray();
                 lock (_pendingLock)
                 {
-                    if (_deliveryCiphers.Remove(Id.From(id), out var cipher)) cipher.Dispose();
+                    if (_subscribed.Remove(Id.From(id), out var ended)) ended.Cipher.Dispose();
                 }
                 _events.Writer.TryWrite(new SubscriptionEndedEvent(id));
                 break;
@@ -323,23 +324,23 @@ public sealed partial class RelayConnection : IAsyncDisposable
         }
     }
 
-    private bool TryOpen(ReadOnlySpan<byte> payload, out Delivery delivery)
+    private bool TryOpen(ReadOnlySpan<byte> payload, out Delivery delivery, out RecipientQueue queue)
     {
         delivery = null!;
+        queue = null!;
         if (payload.Length < ProtocolConstants.MsgOverhead) return false;
-        var recipientId = payload.Slice(0, ProtocolConstants.IdSize);
-        ChaCha20Poly1305? cipher;
+        (ChaCha20Poly1305 Cipher, RecipientQueue Queue) subscribed;
         lock (_pendingLock)
         {
-            _deliveryCiphers.TryGetValue(Id.From(recipientId), out cipher);
+            if (!_subscribed.TryGetValue(Id.From(payload.Slice(0, ProtocolConstants.IdSize)), out subscribed)) return false;
         }
-        if (cipher is null) return false;
         var body = new byte[payload.Length - ProtocolConstants.MsgOverhead];
-        if (!RelayCrypto.TryOpenDelivery(cipher, payload, body, out var messageId, out var hour, out var flags, out _))
+        if (!RelayCrypto.TryOpenDelivery(subscribed.Cipher, payload, body, out var messageId, out var hour, out var flags, out _))
         {
             return false;
         }
-        delivery = new Delivery(recipientId.ToArray(), messageId, hour, flags, body, payload.ToArray());
+        queue = subscribed.Queue;
+        delivery = new Delivery(queue.RecipientId, messageId, hour, flags, body, payload.ToArray());
         return true;
     }
 
@@ -488,8 +489,8 @@ public sealed partial class RelayConnection : IAsyncDisposable
         }
         lock (_pendingLock)
         {
-            foreach (var c in _deliveryCiphers.Values) c.Dispose();
-            _deliveryCiphers.Clear();
+            foreach (var (cipher, _) in _subscribed.Values) cipher.Dispose();
+            _subscribed.Clear();
         }
         _closed.Dispose();
     }

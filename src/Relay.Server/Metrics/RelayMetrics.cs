@@ -74,7 +74,6 @@ public sealed class RelayMetrics
     private readonly Counter.Child _handshakeOk;
     private QueueStore? _store;
     private RelayServerOptions? _options;
-    private readonly Dictionary<(FrameType?, string), Counter.Child> _commandChildren = new();
     private readonly object _childLock = new();
 
     public RelayMetrics()
@@ -235,17 +234,14 @@ public sealed class RelayMetrics
         {
             lock (_childLock)
             {
-                if (!_commandChildren.TryGetValue((type, result), out child))
+                var current = _commandByType[slot];
+                if (current is null || !current.TryGetValue(result, out child))
                 {
                     child = _commands.WithLabels(CommandName(type), result);
-                    _commandChildren[(type, result)] = child;
+                    // Copy on write, so readers never see a dictionary being changed.
+                    Volatile.Write(ref _commandByType[slot], new Dictionary<string, Counter.Child>(
+                        current ?? new Dictionary<string, Counter.Child>(), StringComparer.Ordinal) { [result] = child });
                 }
-                // Copy on write, so readers never see a dictionary being changed.
-                var copy = new Dictionary<string, Counter.Child>(_commandByType[slot] ?? new Dictionary<string, Counter.Child>(), StringComparer.Ordinal)
-                {
-                    [result] = child,
-                };
-                Volatile.Write(ref _commandByType[slot], copy);
             }
         }
         child.Inc();

@@ -26,7 +26,7 @@ public sealed class BenchOptions
     public int? RelayPid { get; set; }
 }
 
-public sealed class BenchResult
+public sealed record BenchResult
 {
     public required string Scenario { get; init; }
     public long Sent { get; init; }

@@ -67,7 +67,7 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
             if (options.Scenario != BenchScenario.Drain)
             {
                 await SubscribeAllAsync(consumers, queues, cancellationToken);
-                for (int c = 0; c < consumers.Length; c++) consumerTasks.Add(ConsumeAsync(consumers[c], queues, stopConsumers.Token));
+                for (int c = 0; c < consumers.Length; c++) consumerTasks.Add(ConsumeAsync(consumers[c], stopConsumers.Token));
             }
 
             using var reporter = new Timer(_ => progress.Write(
@@ -84,7 +84,7 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                 cpuStart = Process.GetCurrentProcess().TotalProcessorTime;
                 relayCpuStart = RelayCpu();
                 start = Stopwatch.GetTimestamp();
-                for (int c = 0; c < consumers.Length; c++) consumerTasks.Add(ConsumeAsync(consumers[c], queues, stopConsumers.Token));
+                for (int c = 0; c < consumers.Length; c++) consumerTasks.Add(ConsumeAsync(consumers[c], stopConsumers.Token));
                 await SubscribeAllAsync(consumers, queues, cancellationToken);
             }
 
@@ -229,14 +229,13 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
         await Task.WhenAll(workers);
     }
 
-    private async Task ConsumeAsync(RelayConnection consumer, QueueInfo[] queues, CancellationToken cancellationToken)
+    private async Task ConsumeAsync(RelayConnection consumer, CancellationToken cancellationToken)
     {
-        var byId = queues.ToDictionary(q => Convert.ToHexString(q.Recipient.RecipientId), q => q.Recipient);
         try
         {
             await foreach (var e in consumer.Events.ReadAllAsync(cancellationToken))
             {
-                if (e is not DeliveryEvent { Delivery: var d }) continue;
+                if (e is not DeliveryEvent { Delivery: var d, Queue: var queue }) continue;
                 long now = Stopwatch.GetTimestamp();
                 int seq = BinaryPrimitives.ReadInt32BigEndian(d.Body);
                 long sentAt = BinaryPrimitives.ReadInt64BigEndian(d.Body.AsSpan(8));
@@ -252,7 +251,6 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                         Interlocked.Increment(ref _duplicated);
                     }
                 }
-                var queue = byId[Convert.ToHexString(d.RecipientId)];
                 _ = consumer.AckAsync(queue, d.MessageId, cancellationToken);
             }
         }

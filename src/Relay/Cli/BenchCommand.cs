@@ -110,7 +110,7 @@ public static class BenchCommand
                 $"{options.Consumers} consumers, {options.Size}-byte messages, window {options.Window}, " +
                 (local != null ? $"in-process relay ({(options.Tls ? "TLS" : "plain TCP")}, {(durable ? "fsync" : "relaxed")})" : address.ToString()));
             var result = await new LoadGenerator(address, options, Console.Error).RunAsync(CancellationToken.None);
-            result = local != null ? WithLocal(result) : result;
+            result = result with { LocalRelay = local != null };
             Print(result);
             if (json) Console.Out.WriteLine(ToJson(result));
             return result.Lost == 0 && result.Duplicated == 0 ? RelayCli.Ok : RelayCli.Failed;
@@ -129,14 +129,6 @@ public static class BenchCommand
             }
         }
     }
-
-    private static BenchResult WithLocal(BenchResult r) => new()
-    {
-        Scenario = r.Scenario, Sent = r.Sent, Received = r.Received, Lost = r.Lost, Duplicated = r.Duplicated,
-        QuotaRetries = r.QuotaRetries, Seconds = r.Seconds, MessagesPerSecond = r.MessagesPerSecond,
-        P50Ms = r.P50Ms, P99Ms = r.P99Ms, P999Ms = r.P999Ms, MaxMs = r.MaxMs,
-        ProcessCpuUsPerMessage = r.ProcessCpuUsPerMessage, RelayCpuUsPerMessage = r.RelayCpuUsPerMessage, LocalRelay = true,
-    };
 
     private static void Print(BenchResult r)
     {
