@@ -74,4 +74,7 @@ internal static partial class Log
 
     [LoggerMessage(6, LogLevel.Warning, "Shutdown timeout reached: aborting the connections still open")]
     public static partial void ShutdownTimedOut(ILogger logger);
+
+    [LoggerMessage(32, LogLevel.Warning, "TLS record buffers cannot be released while connections are idle on this runtime: each idle TLS connection keeps its OpenSSL record buffers")]
+    public static partial void TlsBuffersKept(ILogger logger);
 }

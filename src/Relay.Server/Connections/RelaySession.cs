@@ -66,6 +66,10 @@ internal sealed partial class RelaySession
                 {
                     throw new AuthenticationException("the client did not offer ALPN relay/1");
                 }
+                if (!TlsMemory.TryReleaseBuffersWhenIdle(ssl) && TlsMemory.FirstFailure())
+                {
+                    Log.TlsBuffersKept(_logger);
+                }
                 // Zero-byte reads: an idle connection waits for data without holding a read buffer
                 // (SslStream then also returns its own), so ten thousand idle TLS clients cost little.
                 input = PipeReader.Create(ssl, new StreamPipeReaderOptions(pool: null, bufferSize: 16 * 1024, minimumReadSize: 4096,

@@ -1,0 +1,73 @@
+using System.Net.Security;
+using System.Reflection;
+using System.Runtime.InteropServices;
+
+namespace Relay.Server.Connections;
+
+/// <summary>
+/// Lets OpenSSL free a connection's TLS record buffers while it is idle.
+/// </summary>
+/// <remarks>
+/// OpenSSL keeps a read buffer (about 17 KB) and a write buffer (about 17 KB) per connection for its whole
+/// life unless <c>SSL_MODE_RELEASE_BUFFERS</c> is set, which <see cref="SslStream"/> does not do: that is
+/// most of what an idle subscribed connection costs. The mode only changes when OpenSSL allocates; it
+/// changes no byte on the wire. <see cref="SslStream"/> keeps its <c>SSL*</c> in a private field, read
+/// here by reflection (the trimmer keeps the field it names). When a runtime no longer has
+/// that field, or the handle is not OpenSSL's (another platform), nothing happens and
+/// <see cref="TryReleaseBuffersWhenIdle"/> says so, so the relay still works, only with more memory.
+/// </remarks>
+internal static partial class TlsMemory
+{
+    private const int SslCtrlMode = 33;           // SSL_CTRL_MODE
+    private const long SslModeReleaseBuffers = 0x10; // SSL_MODE_RELEASE_BUFFERS
+
+    // A field of a type this assembly cannot name, so UnsafeAccessor cannot return it under NativeAOT;
+    // the trimmer sees the literal name on a known type and keeps the field.
+    private static readonly FieldInfo? s_securityContext =
+        typeof(SslStream).GetField("_securityContext", BindingFlags.Instance | BindingFlags.NonPublic);
+
+    private static int s_unavailable = OperatingSystem.IsLinux() && s_securityContext != null ? 0 : 1;
+
+    private static int s_reported;
+
+    /// <summary>Whether OpenSSL's handle can still be reached on this runtime.</summary>
+    public static bool Available => Volatile.Read(ref s_unavailable) == 0;
+
+    /// <summary>True once per process: the caller logs that buffers are kept.</summary>
+    public static bool FirstFailure() => Interlocked.Exchange(ref s_reported, 1) == 0;
+
+    [LibraryImport("libssl.so.3", EntryPoint = "SSL_ctrl")]
+    private static partial long SslCtrl(IntPtr ssl, int cmd, long larg, IntPtr parg);
+
+    /// <summary>Sets <c>SSL_MODE_RELEASE_BUFFERS</c> on an authenticated server stream; false when it could not.</summary>
+    public static bool TryReleaseBuffersWhenIdle(SslStream stream)
+    {
+        if (!Available)
+        {
+            return false;
+        }
+        try
+        {
+            if (s_securityContext?.GetValue(stream) is not SafeHandle handle || handle.IsInvalid || handle.IsClosed)
+            {
+                return false;
+            }
+            bool added = false;
+            handle.DangerousAddRef(ref added);
+            try
+            {
+                long mode = SslCtrl(handle.DangerousGetHandle(), SslCtrlMode, SslModeReleaseBuffers, IntPtr.Zero);
+                return (mode & SslModeReleaseBuffers) != 0;
+            }
+            finally
+            {
+                if (added) handle.DangerousRelease();
+            }
+        }
+        catch (Exception)
+        {
+            Volatile.Write(ref s_unavailable, 1);
+            return false;
+        }
+    }
+}
