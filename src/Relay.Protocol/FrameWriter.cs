@@ -104,7 +104,14 @@ public static class FrameWriter
     /// under the queue's delivery key with a fresh random nonce.
     /// </summary>
     public static void WriteMsg(IBufferWriter<byte> writer, uint correlationId, ReadOnlySpan<byte> recipientId,
-        ulong messageId, uint hour, byte flags, ReadOnlySpan<byte> body, ChaCha20Poly1305 deliveryCipher)
+        ulong messageId, uint hour, byte flags, ReadOnlySpan<byte> body, ChaCha20Poly1305 deliveryCipher) =>
+        WriteMsg(writer, correlationId, recipientId, messageId, hour, flags, body, deliveryCipher, null);
+
+    /// <summary>
+    /// MSG sealed with the next nonce of <paramref name="nonces"/> (null: a fresh random nonce).
+    /// </summary>
+    public static void WriteMsg(IBufferWriter<byte> writer, uint correlationId, ReadOnlySpan<byte> recipientId,
+        ulong messageId, uint hour, byte flags, ReadOnlySpan<byte> body, ChaCha20Poly1305 deliveryCipher, NonceSequence? nonces)
     {
         CheckLength(recipientId, ProtocolConstants.IdSize, nameof(recipientId));
         var span = Begin(writer, FrameType.Msg, correlationId, ProtocolConstants.MsgOverhead + body.Length, out int total);
@@ -113,7 +120,14 @@ public static class FrameWriter
         BinaryPrimitives.WriteUInt64BigEndian(p.Slice(ProtocolConstants.IdSize), messageId);
         var aad = p.Slice(0, ProtocolConstants.IdSize + 8);
         var nonce = p.Slice(ProtocolConstants.IdSize + 8, ProtocolConstants.NonceSize);
-        RandomNumberGenerator.Fill(nonce);
+        if (nonces is null)
+        {
+            RandomNumberGenerator.Fill(nonce);
+        }
+        else
+        {
+            nonces.Next(nonce);
+        }
         var sealedPart = p.Slice(ProtocolConstants.IdSize + 8 + ProtocolConstants.NonceSize);
         var plain = sealedPart.Slice(0, ProtocolConstants.DeliveryHeaderSize + body.Length);
         BinaryPrimitives.WriteUInt32BigEndian(plain, hour);

@@ -19,6 +19,12 @@ public sealed partial class QueueStore
                 break;
             case OpKind.Append:
                 Interlocked.Increment(ref _statistics._messagesAppended);
+                // Before the caller hears of it: from now on a delivery may hand this message out.
+                // Only this thread writes it, and batches commit in id order.
+                if (op.MessageId >= queue!.DurableNextId)
+                {
+                    Volatile.Write(ref queue.DurableNextId, op.MessageId + 1);
+                }
                 break;
             case OpKind.Ack:
                 Interlocked.Increment(ref _statistics._messagesDeleted);
@@ -77,6 +83,7 @@ public sealed partial class QueueStore
                 break;
             case OpKind.Append:
                 // The id stays used: ids only need to increase, and the next append may already have one.
+                DropFromTail(queue, op.MessageId);
                 queue.MessageCount--;
                 queue.ByteCount -= op.Bytes;
                 if (op.WroteExpiry && queue.LastExpiryHour == op.Hour)

@@ -109,9 +109,15 @@ public sealed partial class QueueStore
             using (BatchScope batch = BeginBatch())
             {
                 ulong id = queue.NextId++;
+                if (queue.MessageCount == 0)
+                {
+                    // Nothing stored: no message is older than this one, so reads start right at it.
+                    queue.OldestBound = Math.Max(queue.OldestBound, id);
+                }
                 queue.MessageCount++;
                 queue.ByteCount += body.Length;
                 op.MessageId = id;
+                AddToTail(queue, id, hour, flags, body);
                 op.Hour = hour;
                 op.Bytes = body.Length;
                 Keys.MessageKey(key, queue.RecipientId, id);
@@ -149,52 +155,49 @@ public sealed partial class QueueStore
         }
         try
         {
-            if (queue.Deleted || queue.MessageCount == 0)
+            if (queue.Deleted || queue.MessageCount == 0 || queue.OldestBound >= Volatile.Read(ref queue.DurableNextId))
             {
+                // Nothing durable at or after the bound: only appends still waiting for their commit.
                 return false;
             }
+            if (TryTakeFromTail(queue, queue.OldestBound, out message))
+            {
+                Interlocked.Increment(ref _statistics._peeksFromMemory);
+                queue.PeekedId = message.Id;
+                queue.PeekedLength = message.Length;
+                return true;
+            }
+            Interlocked.Increment(ref _statistics._peeksFromStore);
             EnterRead();
             try
             {
-                // Ids of a queue are consecutive within a run, so the oldest message is usually at
-                // exactly OldestBound: one point read, much cheaper than creating an iterator.
-                Span<byte> key = stackalloc byte[Keys.MessageKeyLength];
-                Keys.MessageKey(key, queue.RecipientId, queue.OldestBound);
-                Span<byte> header = stackalloc byte[Keys.MessageHeaderLength];
-                if (_db.TryGetRented(Cf.Messages, key, header, out byte[] rented, out int rentedLength))
+                bool found;
+                if (queue.KeepTail)
                 {
-                    message = new StoredMessage
+                    // A subscriber behind its tail (a backlog): read the next messages in one pass.
+                    found = ReadAheadIntoTail(queue, out message);
+                }
+                else
+                {
+                    // Ids of a queue are consecutive within a run, so the oldest message is usually at
+                    // exactly OldestBound: one point read, much cheaper than creating an iterator.
+                    found = TryReadAt(queue, queue.OldestBound, out message);
+                    if (!found)
                     {
-                        Id = queue.OldestBound,
-                        Hour = BinaryPrimitives.ReadUInt32BigEndian(header),
-                        Flags = header[4],
-                        Buffer = rented,
-                        Length = rentedLength,
-                    };
+                        using RocksDb.Iterator it = OpenMessages(queue);
+                        found = it.Valid;
+                        if (found)
+                        {
+                            message = ToMessage(it);
+                        }
+                    }
+                }
+                if (found)
+                {
                     queue.PeekedId = message.Id;
-                    queue.PeekedLength = rentedLength;
-                    return true;
+                    queue.PeekedLength = message.Length;
                 }
-                using RocksDb.Iterator it = OpenMessages(queue);
-                if (!it.Valid)
-                {
-                    return false;   // only appends that are not durable yet
-                }
-                ReadOnlySpan<byte> value = it.Value;
-                ReadOnlySpan<byte> body = value[Keys.MessageHeaderLength..];
-                byte[] buffer = ArrayPool<byte>.Shared.Rent(Math.Max(1, body.Length));
-                body.CopyTo(buffer);
-                message = new StoredMessage
-                {
-                    Id = Keys.MessageIdOf(it.Key),
-                    Hour = BinaryPrimitives.ReadUInt32BigEndian(value),
-                    Flags = value[4],
-                    Buffer = buffer,
-                    Length = body.Length,
-                };
-                queue.PeekedId = message.Id;
-                queue.PeekedLength = body.Length;
-                return true;
+                return found;
             }
             finally
             {
@@ -361,6 +364,7 @@ public sealed partial class QueueStore
         Keys.HourKey(idleKey, queue.LastActiveHour, queue.RecipientId);
         using BatchScope batch = BeginBatch();
         queue.Deleted = true;
+        ClearTail(queue);
         batch.Delete(Cf.Queues, queue.RecipientId);
         batch.Delete(Cf.Senders, queue.SenderId);
         // One range tombstone instead of a delete per message (and it covers appends still in flight).
@@ -433,6 +437,27 @@ public sealed partial class QueueStore
     }
 
     /// <summary>An iterator positioned on the queue's oldest durable message (if any). Caller holds StoreLock and a read.</summary>
+    private bool TryReadAt(QueueHandle queue, ulong id, out StoredMessage message)
+    {
+        Span<byte> key = stackalloc byte[Keys.MessageKeyLength];
+        Keys.MessageKey(key, queue.RecipientId, id);
+        Span<byte> header = stackalloc byte[Keys.MessageHeaderLength];
+        if (_db.TryGetRented(Cf.Messages, key, header, out byte[] rented, out int rentedLength))
+        {
+            message = new StoredMessage
+            {
+                Id = id,
+                Hour = BinaryPrimitives.ReadUInt32BigEndian(header),
+                Flags = header[4],
+                Buffer = rented,
+                Length = rentedLength,
+            };
+            return true;
+        }
+        message = new StoredMessage { Buffer = [] };
+        return false;
+    }
+
     private RocksDb.Iterator OpenMessages(QueueHandle queue)
     {
         Span<byte> lower = stackalloc byte[Keys.MessageKeyLength];

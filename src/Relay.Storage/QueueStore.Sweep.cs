@@ -366,6 +366,7 @@ public sealed partial class QueueStore
                         continue;
                     }
                     queue.Evicted = true;
+                    ClearTail(queue);
                     _queues.TryRemove(entry);
                     evicted++;
                     issuedIds |= queue.NextId > Volatile.Read(ref _epochBase);

@@ -66,6 +66,11 @@ public sealed class QueueHandle
     internal int PeekedLength = -1;
     internal int PendingOps;
     internal bool Evicted;
+    /// <summary>Ids below this are durable: set by the writer thread after each committed append.</summary>
+    internal ulong DurableNextId;
+    /// <summary>Messages held in memory for a live subscriber (null: none); see QueueStore.Tail.cs.</summary>
+    internal DeliveryTail? Tail;
+    internal bool KeepTail;
     internal long LastUsedTicks;
 }
 
@@ -246,6 +251,7 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
         queue.ByteCount = bytes;
         queue.OldestBound = first;
         queue.NextId = count > 0 ? Math.Max(last + 1, _epochBase) : _epochBase;
+        queue.DurableNextId = queue.NextId;
     }
 
     /// <summary>

@@ -44,6 +44,12 @@ public sealed class QueueStoreOptions
     /// <summary>How often the expiry sweeper runs. Default 10 minutes.</summary>
     public TimeSpan SweepInterval { get; init; } = TimeSpan.FromMinutes(10);
 
+    /// <summary>
+    /// Memory for the delivery tails (recent appends of subscribed queues, delivered without a store
+    /// read). Zero: every delivery reads the store. Default 16 MiB.
+    /// </summary>
+    public long DeliveryTailBytes { get; init; } = 16L * 1024 * 1024;
+
     /// <summary>Clock, replaceable in tests.</summary>
     public TimeProvider Clock { get; init; } = TimeProvider.System;
 }

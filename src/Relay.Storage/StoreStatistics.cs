@@ -14,6 +14,8 @@ public sealed class StoreStatistics
     internal long _idleQueuesDeleted;
     internal long _writeFailures;
     internal long _sweepFailures;
+    internal long _peeksFromMemory;
+    internal long _peeksFromStore;
 
     internal StoreStatistics(QueueStore store) => _store = store;
 
@@ -35,6 +37,12 @@ public sealed class StoreStatistics
     public long WriteFailures => Interlocked.Read(ref _writeFailures);
     /// <summary>Timer-driven sweeps that failed.</summary>
     public long SweepFailures => Interlocked.Read(ref _sweepFailures);
+    /// <summary>Deliveries whose message came from the in-memory delivery tail (no store read).</summary>
+    public long DeliveriesFromMemory => Interlocked.Read(ref _peeksFromMemory);
+    /// <summary>Deliveries (and polls) whose message was read from RocksDB.</summary>
+    public long DeliveriesFromStore => Interlocked.Read(ref _peeksFromStore);
+    /// <summary>Body bytes held in memory by delivery tails now.</summary>
+    public long DeliveryTailBytes => _store.TailBytes;
     /// <summary>Queue handles currently in memory.</summary>
     public int LoadedQueues => _store.LoadedQueueCount;
 

@@ -77,6 +77,10 @@ public class OperationsTests
         await Assert.That(Value(after, "relay_store_queues_created_total")).IsEqualTo(1);
         await Assert.That(Value(after, "relay_store_disk_bytes")).IsGreaterThan(0);
         await Assert.That(Value(after, "relay_new_queues_enabled")).IsEqualTo(1);
+        // A live subscriber gets each message from memory (the delivery tail), not from a store read.
+        await Assert.That(Delta("relay_delivery_reads_total", "source=\"memory\"")).IsEqualTo(n);
+        await Assert.That(Delta("relay_delivery_reads_total", "source=\"store\"")).IsEqualTo(0);
+        await Assert.That(Value(after, "relay_delivery_tail_bytes")).IsEqualTo(0);
 
         var families = Families(after);
         foreach (var name in new[] { "relay_store_queues", "relay_store_messages", "relay_store_messages_bytes", "relay_store_pending_compaction_bytes",

@@ -111,7 +111,7 @@ internal sealed partial class RelaySession
         {
             s.HasOutstanding = true;
             s.Outstanding = message.Id;
-            WriteMessage(0, s.Queue, message, s.Cipher);
+            WriteMessage(0, s.Queue, message, s.Cipher, s.Nonces);
             _context.Metrics.Delivered();
         }
         finally
@@ -144,6 +144,7 @@ internal sealed partial class RelaySession
                 replaced = old;
             }
             queue.Tag = subscription;
+            _store.KeepTail(queue, true);   // live deliveries straight from memory (DESIGN.md, performance rules)
             lock (_subLock)
             {
                 _subscriptions[queue] = subscription;

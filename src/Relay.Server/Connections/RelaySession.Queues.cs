@@ -18,34 +18,43 @@ internal sealed partial class RelaySession
     /// </summary>
     private bool Authorize(in QueueCommand command, byte[]? clientKey)
     {
-        byte[]? key;
+        MacKey? key;
         if (clientKey is null)
         {
             var id = Id24.From(command.QueueId);
             if (!_decoyKeys.TryGetValue(id, out key))
             {
-                key = new byte[ProtocolConstants.KeySize];
+                var bytes = new byte[ProtocolConstants.KeySize];
                 Span<byte> decoy = stackalloc byte[ProtocolConstants.KeySize];
                 RandomNumberGenerator.Fill(decoy);
-                RelayCrypto.TryDeriveAuthKey(_sessionPrivate, decoy, _sessionId, key);
-                if (_decoyKeys.Count >= MaxCachedKeys) _decoyKeys.Clear();
-                _decoyKeys[id] = key;
+                RelayCrypto.TryDeriveAuthKey(_sessionPrivate, decoy, _sessionId, bytes);
+                if (_decoyKeys.Count >= MaxCachedKeys) ClearKeys(_decoyKeys);
+                _decoyKeys[id] = key = new MacKey(bytes);
             }
-            RelayCrypto.VerifyMac(key, command.MacInput, command.Mac);
+            key.Verify(command.MacInput, command.Mac);
             return false;
         }
         var k = Key32.From(clientKey);
         if (!_authKeys.TryGetValue(k, out key))
         {
-            key = new byte[ProtocolConstants.KeySize];
-            if (!RelayCrypto.TryDeriveAuthKey(_sessionPrivate, clientKey, _sessionId, key))
+            var bytes = new byte[ProtocolConstants.KeySize];
+            if (!RelayCrypto.TryDeriveAuthKey(_sessionPrivate, clientKey, _sessionId, bytes))
             {
                 return false;
             }
-            if (_authKeys.Count >= MaxCachedKeys) _authKeys.Clear();
-            _authKeys[k] = key;
+            if (_authKeys.Count >= MaxCachedKeys) ClearKeys(_authKeys);
+            _authKeys[k] = key = new MacKey(bytes);
         }
-        return RelayCrypto.VerifyMac(key, command.MacInput, command.Mac);
+        return key.Verify(command.MacInput, command.Mac);
+    }
+
+    private static void ClearKeys<TKey>(Dictionary<TKey, MacKey> keys) where TKey : notnull
+    {
+        foreach (var key in keys.Values)
+        {
+            key.Dispose();
+        }
+        keys.Clear();
     }
 
     /// <summary>Parses a recipient command and authorizes it; answers the error itself and returns null on failure.</summary>
@@ -218,6 +227,7 @@ internal sealed partial class RelaySession
                 if (queue.Tag is Subscription s)
                 {
                     queue.Tag = null;
+                    _store.KeepTail(queue, false);
                     s.Ended = true;
                     ended = s;
                 }

@@ -103,12 +103,12 @@ internal sealed partial class RelaySession
         }
     }
 
-    internal void WriteMessage(uint corr, QueueHandle queue, in StoredMessage message, ChaCha20Poly1305 cipher)
+    internal void WriteMessage(uint corr, QueueHandle queue, in StoredMessage message, ChaCha20Poly1305 cipher, NonceSequence? nonces = null)
     {
         lock (_writeLock)
         {
             if (_outputClosed) return;
-            FrameWriter.WriteMsg(_output.Writer, corr, queue.RecipientId, message.Id, message.Hour, message.Flags, message.Body, cipher);
+            FrameWriter.WriteMsg(_output.Writer, corr, queue.RecipientId, message.Id, message.Hour, message.Flags, message.Body, cipher, nonces);
             FlushLocked();
         }
     }

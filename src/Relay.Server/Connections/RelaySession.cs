@@ -27,9 +27,9 @@ internal sealed partial class RelaySession
     private readonly byte[] _sessionPublic = new byte[ProtocolConstants.KeySize];
 
     // Derived auth keys by client public key (read loop only).
-    private readonly Dictionary<Key32, byte[]> _authKeys = new();
+    private readonly Dictionary<Key32, MacKey> _authKeys = new();
     // Keys used for ids that name no queue, so that a repeated probe costs what a real queue costs.
-    private readonly Dictionary<Id24, byte[]> _decoyKeys = new();
+    private readonly Dictionary<Id24, MacKey> _decoyKeys = new();
 
     private readonly object _subLock = new();
     private readonly Dictionary<QueueHandle, Subscription> _subscriptions = new(ReferenceEqualityComparer.Instance);
@@ -116,6 +116,8 @@ internal sealed partial class RelaySession
         {
             EndAllSubscriptions();
             await WaitForInFlightAsync();
+            ClearKeys(_authKeys);
+            ClearKeys(_decoyKeys);
             CompleteOutput();
             try
             {
@@ -148,6 +150,7 @@ internal sealed partial class RelaySession
                 if (ReferenceEquals(s.Queue.Tag, s))
                 {
                     s.Queue.Tag = null;
+                    _store.KeepTail(s.Queue, false);
                 }
                 s.Ended = true;
             }

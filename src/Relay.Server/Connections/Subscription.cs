@@ -1,4 +1,5 @@
 using System.Security.Cryptography;
+using Relay.Protocol;
 using Relay.Storage;
 
 namespace Relay.Server.Connections;
@@ -12,6 +13,8 @@ internal sealed class Subscription(RelaySession session, QueueHandle queue) : ID
     public RelaySession Session { get; } = session;
     public QueueHandle Queue { get; } = queue;
     public ChaCha20Poly1305 Cipher { get; } = new(queue.DeliveryKey);
+    /// <summary>Nonces of this subscription's deliveries: one random start, then counting (PROTOCOL.md §7).</summary>
+    public NonceSequence Nonces { get; } = new();
     public bool HasOutstanding;
     public ulong Outstanding;
     public bool Ended;

@@ -70,6 +70,8 @@ public sealed class RelayMetrics
     private readonly Counter _queuesCreated;
     private readonly Counter _queuesDeleted;
     private readonly Counter _messagesExpired;
+    private readonly Counter _deliveryReads;
+    private readonly Gauge _deliveryTailBytes;
     private readonly Counter _writeFailures;
     private readonly Counter.Child _handshakeOk;
     private QueueStore? _store;
@@ -112,6 +114,9 @@ public sealed class RelayMetrics
         _diskBudget = f.CreateGauge("relay_store_disk_budget_bytes", "The configured disk budget; 0 means unlimited.");
         _overBudget = f.CreateGauge("relay_store_full", "1 while the store is over its disk budget (NEW and SEND answer FULL), else 0.");
         _pendingCompaction = f.CreateGauge("relay_store_pending_compaction_bytes", "Bytes RocksDB estimates compaction still has to rewrite.");
+        _deliveryReads = f.CreateCounter("relay_delivery_reads_total",
+            "Messages taken for delivery or GET, by source: memory (the delivery tail of a subscribed queue) or store (a RocksDB read).", "source");
+        _deliveryTailBytes = f.CreateGauge("relay_delivery_tail_bytes", "Message bytes held in memory by delivery tails (bounded by the store's tail budget).");
         _loadedQueues = f.CreateGauge("relay_store_loaded_queues", "Queue handles in memory (touched recently).");
         _newQueuesEnabled = f.CreateGauge("relay_new_queues_enabled", "1 while NEW may create queues, 0 while the new-queues switch is off.");
         _queuesCreated = f.CreateCounter("relay_store_queues_created_total", "Queues created.");
@@ -150,6 +155,9 @@ public sealed class RelayMetrics
             _queuesDeleted.WithLabels("idle").IncTo(stats.IdleQueuesDeleted);
             _queuesDeleted.WithLabels("recipient").IncTo(stats.QueuesDeleted - stats.IdleQueuesDeleted);
             _messagesExpired.IncTo(stats.MessagesExpired);
+            _deliveryReads.WithLabels("memory").IncTo(stats.DeliveriesFromMemory);
+            _deliveryReads.WithLabels("store").IncTo(stats.DeliveriesFromStore);
+            _deliveryTailBytes.Set(stats.DeliveryTailBytes);
             _writeFailures.IncTo(stats.WriteFailures);
             _newQueuesEnabled.Set(_options?.AllowNewQueues == false ? 0 : 1);
         }
