@@ -83,6 +83,8 @@ public sealed class RelayServerOptions
     public int QueueMaxMessages { get; set; } = 128;
     public long QueueMaxBytes { get; set; } = 8L * 1024 * 1024;
     public long DiskBudgetBytes { get; set; }
+    /// <summary>Memory for the delivery tails of subscribed queues (messages delivered without a store read). 0: always read.</summary>
+    public long DeliveryMemoryBytes { get; set; } = 16L * 1024 * 1024;
 
     /// <summary>True: every acknowledged write is fsynced. False: the relaxed mode (no fsync).</summary>
     public bool Durable { get; set; } = true;

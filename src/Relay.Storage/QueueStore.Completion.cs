@@ -41,6 +41,7 @@ public sealed partial class QueueStore
                 // Only now: until the deletion is durable the handle (marked Deleted) keeps Find
                 // from loading the old record again.
                 _queues.TryRemove(new KeyValuePair<QueueKey, QueueHandle>(new QueueKey(queue!.RecipientId), queue));
+                _senders.TryRemove(new QueueKey(queue.SenderId), out _);
                 break;
         }
         if (queue is not null)
@@ -76,6 +77,7 @@ public sealed partial class QueueStore
             case OpKind.Create:
                 queue.Deleted = true;
                 _queues.TryRemove(new KeyValuePair<QueueKey, QueueHandle>(new QueueKey(queue.RecipientId), queue));
+                _senders.TryRemove(new QueueKey(queue.SenderId), out _);
                 lock (_createLock)
                 {
                     _pendingSenders.Remove(new QueueKey(queue.SenderId));

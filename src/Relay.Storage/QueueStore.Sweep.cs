@@ -368,6 +368,7 @@ public sealed partial class QueueStore
                     queue.Evicted = true;
                     ClearTail(queue);
                     _queues.TryRemove(entry);
+                    _senders.TryRemove(new QueueKey(queue.SenderId), out _);
                     evicted++;
                     issuedIds |= queue.NextId > Volatile.Read(ref _epochBase);
                 }

@@ -83,6 +83,8 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
     private readonly RocksDb _db;
     private readonly StoreStatistics _statistics;
     private readonly ConcurrentDictionary<QueueKey, QueueHandle> _queues = new();
+    /// <summary>Sender id to recipient id of the loaded queues, so a SEND needs no index read (the pair never changes).</summary>
+    private readonly ConcurrentDictionary<QueueKey, byte[]> _senders = new();
     /// <summary>Serializes loading, resurrecting and evicting handles, so at most one handle per queue exists.</summary>
     private readonly Lock _loadLock = new();
     /// <summary>Serializes queue creation (existence checks and the registration of new ids).</summary>
@@ -177,6 +179,15 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
         {
             return null;
         }
+        var senderKey = new QueueKey(senderId);
+        if (_senders.TryGetValue(senderKey, out byte[]? known))
+        {
+            QueueHandle? loaded = FindByRecipientId(known);
+            if (loaded is not null && senderId.SequenceEqual(loaded.SenderId))
+            {
+                return loaded;
+            }
+        }
         Span<byte> recipientId = stackalloc byte[QueueHandle.IdLength];
         EnterRead();
         int length;
@@ -193,7 +204,12 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
             return null;
         }
         QueueHandle? queue = FindByRecipientId(recipientId);
-        return queue is not null && senderId.SequenceEqual(queue.SenderId) ? queue : null;
+        if (queue is null || !senderId.SequenceEqual(queue.SenderId))
+        {
+            return null;
+        }
+        _senders[senderKey] = queue.RecipientId;
+        return queue;
     }
 
     /// <summary>Reads a queue record and its messages' totals into a new handle (null when there is no such queue).</summary>

@@ -102,6 +102,7 @@ public sealed class RelayServer : IAsyncDisposable
                 MaxMessagesPerQueue = options.QueueMaxMessages,
                 MaxBytesPerQueue = options.QueueMaxBytes,
                 DiskBudgetBytes = options.DiskBudgetBytes,
+                DeliveryTailBytes = options.DeliveryMemoryBytes,
                 Durable = options.Durable,
                 // The relay runs the sweeps itself (RelayMaintenance), timed and counted in metrics.
                 SweepInterval = TimeSpan.Zero,

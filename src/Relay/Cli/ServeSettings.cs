@@ -57,6 +57,8 @@ public sealed class ServeSettings
             (s, v, src) => s.Server.QueueMaxBytes = ParseSize(src, v, 1024)),
         new("disk-budget", "SIZE", "0 (unlimited)", "above this much data on disk, new queues and sends answer FULL until space returns",
             (s, v, src) => s.Server.DiskBudgetBytes = v == "0" ? 0 : ParseSize(src, v, 1 << 20)),
+        new("delivery-memory", "SIZE", "16MiB", "memory for messages of subscribed queues, delivered without a store read (0: always read)",
+            (s, v, src) => s.Server.DeliveryMemoryBytes = v == "0" ? 0 : ParseSize(src, v, 0)),
         new("max-message", "BYTES", "65000", "largest SEND body",
             (s, v, src) => s.Server.MaxMessage = (int)ParseNumber(src, v, 256, 1_000_000)),
         new("max-connections", "N", "20000", "concurrent relay connections; more are closed at once",
