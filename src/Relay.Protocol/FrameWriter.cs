@@ -161,7 +161,16 @@ public static class FrameWriter
     /// <paramref name="authKey"/>, or left zero when the key is empty (unsecured SEND).
     /// </summary>
     public static void WriteQueueCommand(IBufferWriter<byte> writer, FrameType type, uint correlationId,
-        ReadOnlySpan<byte> queueId, ReadOnlySpan<byte> args1, ReadOnlySpan<byte> args2, ReadOnlySpan<byte> authKey)
+        ReadOnlySpan<byte> queueId, ReadOnlySpan<byte> args1, ReadOnlySpan<byte> args2, ReadOnlySpan<byte> authKey) =>
+        WriteQueueCommand(writer, type, correlationId, queueId, args1, args2, authKey, null);
+
+    /// <summary>A queue command whose MAC comes from <paramref name="macKey"/> (null: none, the MAC is zero).</summary>
+    public static void WriteQueueCommand(IBufferWriter<byte> writer, FrameType type, uint correlationId,
+        ReadOnlySpan<byte> queueId, ReadOnlySpan<byte> args1, ReadOnlySpan<byte> args2, MacKey? macKey) =>
+        WriteQueueCommand(writer, type, correlationId, queueId, args1, args2, default, macKey);
+
+    private static void WriteQueueCommand(IBufferWriter<byte> writer, FrameType type, uint correlationId,
+        ReadOnlySpan<byte> queueId, ReadOnlySpan<byte> args1, ReadOnlySpan<byte> args2, ReadOnlySpan<byte> authKey, MacKey? macKey)
     {
         CheckLength(queueId, ProtocolConstants.IdSize, nameof(queueId));
         int payload = ProtocolConstants.IdSize + args1.Length + args2.Length + ProtocolConstants.MacSize;
@@ -171,7 +180,11 @@ public static class FrameWriter
         args1.CopyTo(p.Slice(ProtocolConstants.IdSize));
         args2.CopyTo(p.Slice(ProtocolConstants.IdSize + args1.Length));
         var mac = span.Slice(total - ProtocolConstants.MacSize);
-        if (authKey.IsEmpty)
+        if (macKey is not null)
+        {
+            macKey.Compute(span.Slice(4, total - 4 - ProtocolConstants.MacSize), mac);
+        }
+        else if (authKey.IsEmpty)
         {
             mac.Clear();
         }

@@ -9,7 +9,7 @@ namespace Relay.Client.Transport;
 public sealed partial class RelayConnection
 {
     /// <summary>The auth key this session shares with the relay for a client private key (docs/PROTOCOL.md §5).</summary>
-    private byte[] AuthKeyFor(byte[] privateKey)
+    private MacKey AuthKeyFor(byte[] privateKey)
     {
         var id = Id.From(privateKey);
         lock (_pendingLock)
@@ -23,9 +23,12 @@ public sealed partial class RelayConnection
         }
         lock (_pendingLock)
         {
-            _authKeys[id] = key;
+            // Written only under the write lock (MacKey is used by one writer at a time).
+            if (_authKeys.TryGetValue(id, out var raced)) return raced;
+            var macKey = new MacKey(key);
+            _authKeys[id] = macKey;
+            return macKey;
         }
-        return key;
     }
 
     private static void Expect(Response response, FrameType expected, string command)

@@ -39,7 +39,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
     private readonly Dictionary<uint, TaskCompletionSource<Response>> _pending = new();
     // Subscribed queues of this connection with their delivery ciphers, by recipient id.
     private readonly Dictionary<Id, (ChaCha20Poly1305 Cipher, RecipientQueue Queue)> _subscribed = new();
-    private readonly Dictionary<Id, byte[]> _authKeys = new();
+    private readonly Dictionary<Id, MacKey> _authKeys = new();
     private readonly Channel<RelayEvent> _events = Channel.CreateUnbounded<RelayEvent>(new UnboundedChannelOptions { SingleReader = false, SingleWriter = true });
     private readonly CancellationTokenSource _closed = new();
     private readonly Task _readLoop;
@@ -487,10 +487,13 @@ public sealed partial class RelayConnection : IAsyncDisposable
         {
             // Closing anyway.
         }
+        lock (_writeLock)
         lock (_pendingLock)
         {
             foreach (var (cipher, _) in _subscribed.Values) cipher.Dispose();
             _subscribed.Clear();
+            foreach (var key in _authKeys.Values) key.Dispose();
+            _authKeys.Clear();
         }
         _closed.Dispose();
     }

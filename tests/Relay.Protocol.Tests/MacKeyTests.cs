@@ -1,10 +1,9 @@
 using System.Security.Cryptography;
 using Relay.Protocol;
-using Relay.Server.Connections;
 
-namespace Relay.Server.Tests;
+namespace Relay.Protocol.Tests;
 
-/// <summary>The session's cached MAC check agrees with PROTOCOL.md §5 on every use, before and after it keeps a context.</summary>
+/// <summary>The cached MAC agrees with PROTOCOL.md §5 (RelayCrypto) on every use, before and after it keeps a context.</summary>
 public class MacKeyTests
 {
     [Test]
@@ -18,6 +17,9 @@ public class MacKeyTests
             byte[] mac = new byte[ProtocolConstants.MacSize];
             RelayCrypto.ComputeMac(key, input, mac);
             await Assert.That(cached.Verify(input, mac)).IsTrue();
+            byte[] computed = new byte[ProtocolConstants.MacSize];
+            cached.Compute(input, computed);
+            await Assert.That(computed.AsSpan().SequenceEqual(mac)).IsTrue();
             await Assert.That(RelayCrypto.VerifyMac(key, input, mac)).IsTrue();
 
             byte[] wrong = (byte[])mac.Clone();
