@@ -131,7 +131,7 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
             throw new StoreException($"Cannot create the store directory {options.Path}: {e.Message}", e);
         }
 
-        RocksDb db = RocksDb.Open(options.Path, Keys.ColumnFamilies, BlockCacheBytes);
+        RocksDb db = RocksDb.Open(options.Path, Keys.ColumnFamilies, BlockCacheBytes, options.DeferCompactions);
         QueueStore store;
         try
         {
@@ -150,6 +150,25 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
         store.StartWriter();
         store.StartSweepTimer();
         return store;
+    }
+
+    private int _compactionsResumed;
+
+    /// <summary>Turns RocksDB's automatic compactions on after an open with <see cref="QueueStoreOptions.DeferCompactions"/>.</summary>
+    public void ResumeCompactions()
+    {
+        if (_options.DeferCompactions && Interlocked.Exchange(ref _compactionsResumed, 1) == 0)
+        {
+            EnterRead();
+            try
+            {
+                _db.EnableAutoCompactions();
+            }
+            finally
+            {
+                ExitRead();
+            }
+        }
     }
 
     internal uint NowHour() => (uint)(_options.Clock.GetUtcNow().ToUnixTimeSeconds() / 3600);

@@ -50,6 +50,12 @@ public sealed class QueueStoreOptions
     /// </summary>
     public long DeliveryTailBytes { get; init; } = 16L * 1024 * 1024;
 
+    /// <summary>
+    /// Opens with RocksDB's automatic compactions off until <see cref="QueueStore.ResumeCompactions"/>, so that
+    /// a compaction due at open (table files left by earlier runs) does not compete with start-up.
+    /// </summary>
+    public bool DeferCompactions { get; init; }
+
     /// <summary>Clock, replaceable in tests.</summary>
     public TimeProvider Clock { get; init; } = TimeProvider.System;
 }

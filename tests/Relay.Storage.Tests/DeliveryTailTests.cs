@@ -149,3 +149,29 @@ public class DeliveryTailTests
         await Assert.That(t.Store.Statistics.DeliveriesFromStore).IsEqualTo(0);
     }
 }
+
+public class DeferredCompactionTests
+{
+    [Test]
+    public async Task Compactions_wait_for_ResumeCompactions_and_then_run()
+    {
+        await using TestStore t = TestStore.Create(path => new QueueStoreOptions { Path = path, DeferCompactions = true });
+        // Each open writes the epoch and each close flushes it: one more level-0 table file per run.
+        for (int run = 0; run < 6; run++)
+        {
+            await t.ReopenAsync();
+        }
+        long before = t.Store.Property(Cf.Default, "rocksdb.num-files-at-level0");
+        await Assert.That(before).IsGreaterThanOrEqualTo(5);   // above the trigger (4): nothing compacted them
+
+        t.Store.ResumeCompactions();
+        t.Store.ResumeCompactions();   // once is enough; again is harmless
+        long after = before;
+        for (int i = 0; i < 200 && after >= 4; i++)
+        {
+            await Task.Delay(50);
+            after = t.Store.Property(Cf.Default, "rocksdb.num-files-at-level0");
+        }
+        await Assert.That(after).IsLessThan(4);
+    }
+}

@@ -104,6 +104,7 @@ public sealed class RelayServer : IAsyncDisposable
                 DiskBudgetBytes = options.DiskBudgetBytes,
                 DeliveryTailBytes = options.DeliveryMemoryBytes,
                 Durable = options.Durable,
+                DeferCompactions = true,
                 // The relay runs the sweeps itself (RelayMaintenance), timed and counted in metrics.
                 SweepInterval = TimeSpan.Zero,
                 Clock = options.Clock,
@@ -188,6 +189,8 @@ public sealed class RelayServer : IAsyncDisposable
             Log.StoreOpened(context.Logger, options.Durable ? "durable: every acknowledged write is fsynced" : "relaxed: no fsync");
             server._ready = true;
             Log.Ready(context.Logger, server.Address.ToString());
+            // Compaction due since an earlier run waits until the relay is serving (see QueueStoreOptions).
+            store.ResumeCompactions();
             return server;
         }
         catch

@@ -39,7 +39,8 @@ internal sealed unsafe class RocksDb : IDisposable
 
     public int ColumnFamilyCount => _cfs.Length;
 
-    public static RocksDb Open(string path, IReadOnlyList<string> columnFamilies, long blockCacheBytes)
+    /// <param name="deferCompactions">Open with automatic compactions off (see <see cref="EnableAutoCompactions"/>).</param>
+    public static RocksDb Open(string path, IReadOnlyList<string> columnFamilies, long blockCacheBytes, bool deferCompactions = false)
     {
         nint options = rocksdb_options_create();
         rocksdb_options_set_create_if_missing(options, 1);
@@ -59,6 +60,10 @@ internal sealed unsafe class RocksDb : IDisposable
         // Bounded, it opens a few at start and the rest on first use. 512 files of 64 MiB cover
         // 32 GiB of live data without reopening.
         rocksdb_options_set_max_open_files(options, 512);
+        if (deferCompactions)
+        {
+            rocksdb_options_set_disable_auto_compactions(options, 1);
+        }
 
         nint cache = rocksdb_cache_create_lru((nuint)blockCacheBytes);
         nint table = rocksdb_block_based_options_create();
@@ -107,6 +112,27 @@ internal sealed unsafe class RocksDb : IDisposable
             {
                 Marshal.FreeCoTaskMem(name);
             }
+        }
+    }
+
+    /// <summary>Turns automatic compactions on in every column family (after an open that deferred them).</summary>
+    public void EnableAutoCompactions()
+    {
+        nint key = Marshal.StringToCoTaskMemUTF8("disable_auto_compactions");
+        nint value = Marshal.StringToCoTaskMemUTF8("false");
+        try
+        {
+            foreach (nint cf in _cfs)
+            {
+                nint err = 0;
+                rocksdb_set_options_cf(_db, cf, 1, &key, &value, &err);
+                Check(err);
+            }
+        }
+        finally
+        {
+            Marshal.FreeCoTaskMem(key);
+            Marshal.FreeCoTaskMem(value);
         }
     }
 

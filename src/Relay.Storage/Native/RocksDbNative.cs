@@ -28,6 +28,7 @@ internal static unsafe partial class RocksDbNative
     [LibraryImport(Lib)] public static partial void rocksdb_options_set_max_total_wal_size(nint options, ulong bytes);
     [LibraryImport(Lib)] public static partial void rocksdb_options_set_write_buffer_size(nint options, nuint bytes);
     [LibraryImport(Lib)] public static partial void rocksdb_options_set_compression(nint options, int compression);
+    [LibraryImport(Lib)] public static partial void rocksdb_options_set_disable_auto_compactions(nint options, int value);
     [LibraryImport(Lib)] public static partial void rocksdb_options_set_max_open_files(nint options, int value);
     [LibraryImport(Lib)] public static partial void rocksdb_options_increase_parallelism(nint options, int threads);
     [LibraryImport(Lib)] public static partial void rocksdb_options_set_block_based_table_factory(nint options, nint tableOptions);
@@ -62,6 +63,7 @@ internal static unsafe partial class RocksDbNative
     public static partial nint rocksdb_open_column_families(
         nint options, string name, int count, nint* names, nint* cfOptions, nint* cfHandles, nint* errptr);
     [LibraryImport(Lib)] public static partial void rocksdb_close(nint db);
+    [LibraryImport(Lib)] public static partial void rocksdb_set_options_cf(nint db, nint cf, int count, nint* keys, nint* values, nint* errptr);
     [LibraryImport(Lib)] public static partial void rocksdb_column_family_handle_destroy(nint cf);
     [LibraryImport(Lib)] public static partial void rocksdb_flush_cf(nint db, nint flushOptions, nint cf, nint* errptr);
     [LibraryImport(Lib)] public static partial void rocksdb_free(nint ptr);
