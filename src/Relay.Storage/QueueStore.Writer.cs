@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Diagnostics;
 using System.Threading.Tasks.Sources;
 using Relay.Storage.Native;
@@ -166,12 +167,13 @@ public sealed partial class QueueStore
                 catch (Exception e)
                 {
                     // Bookkeeping must never stop the writer; the caller still gets an answer.
-                    if (!op.Detached)
+                    if (!op.Detached && !op.Staged)
                     {
                         op.Fail(e);
                     }
                 }
             }
+            DispatchCompletions(batch.Ops);
 
             rocksdb_writebatch_clear(batch.Native);
             batch.Ops.Clear();
@@ -190,6 +192,35 @@ public sealed partial class QueueStore
                 // A failing subscriber must not stop the writer.
             }
         }
+    }
+
+    private static readonly Action<(WriteOp[] Ops, int Count)> s_complete = static work =>
+    {
+        for (int i = 0; i < work.Count; i++)
+        {
+            work.Ops[i].Complete();
+        }
+        ArrayPool<WriteOp>.Shared.Return(work.Ops, clearArray: true);
+    };
+
+    /// <summary>Completes the staged operations of a committed batch together, on one thread-pool thread.</summary>
+    private static void DispatchCompletions(List<WriteOp> ops)
+    {
+        int count = 0;
+        WriteOp[] staged = ArrayPool<WriteOp>.Shared.Rent(Math.Max(1, ops.Count));
+        foreach (WriteOp op in ops)
+        {
+            if (op.Staged)
+            {
+                staged[count++] = op;
+            }
+        }
+        if (count == 0)
+        {
+            ArrayPool<WriteOp>.Shared.Return(staged);
+            return;
+        }
+        ThreadPool.UnsafeQueueUserWorkItem(s_complete, (staged, count), preferLocal: false);
     }
 
     internal WriteOp RentOp(OpKind kind, QueueHandle? queue)
@@ -340,6 +371,12 @@ internal sealed class WriteOp : IValueTaskSource<AppendResult>, IValueTaskSource
 
     public ValueTask<StoreStatus> AsStatusTask() => new(this, _core.Version);
 
+    private AppendResult _result;
+    private Exception? _error;
+
+    /// <summary>Holds the outcome until <see cref="Complete"/>; true when the caller must be completed (not detached).</summary>
+    public bool Staged { get; private set; }
+
     public void Succeed(AppendResult result)
     {
         if (Detached)
@@ -348,7 +385,8 @@ internal sealed class WriteOp : IValueTaskSource<AppendResult>, IValueTaskSource
         }
         else
         {
-            _core.SetResult(result);
+            _result = result;
+            Staged = true;
         }
     }
 
@@ -357,6 +395,30 @@ internal sealed class WriteOp : IValueTaskSource<AppendResult>, IValueTaskSource
         if (Detached)
         {
             Recycle();
+        }
+        else
+        {
+            _error = error;
+            Staged = true;
+        }
+    }
+
+    /// <summary>
+    /// Completes the caller with the staged outcome, running its continuation on this thread: the
+    /// writer hands a whole batch's completions to one thread-pool work item, instead of one work
+    /// item (and often one wake-up) per operation.
+    /// </summary>
+    public void Complete()
+    {
+        Exception? error = _error;
+        AppendResult result = _result;
+        _error = null;
+        _result = default;
+        Staged = false;
+        _core.RunContinuationsAsynchronously = false;
+        if (error is null)
+        {
+            _core.SetResult(result);
         }
         else
         {
