@@ -100,7 +100,7 @@ public class FrameBenchmarks
     public int Write_Send_NoMac()
     {
         _writer.ResetWrittenCount();
-        FrameWriter.WriteQueueCommand(_writer, FrameType.Send, 7, _queueId, _flags, _body, default);
+        FrameWriter.WriteQueueCommand(_writer, FrameType.Send, 7, _queueId, _flags, _body, ReadOnlySpan<byte>.Empty);
         return _writer.WrittenCount;
     }
 
