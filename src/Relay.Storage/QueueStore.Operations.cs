@@ -106,9 +106,10 @@ public sealed partial class QueueStore
             BinaryPrimitives.WriteUInt32BigEndian(header, hour);
             header[4] = flags;
             WriteOp op = RentOp(OpKind.Append, queue);
+            ulong id;
             using (BatchScope batch = BeginBatch())
             {
-                ulong id = queue.NextId++;
+                id = queue.NextId++;
                 if (queue.MessageCount == 0)
                 {
                     // Nothing stored: no message is older than this one, so reads start right at it.
@@ -117,7 +118,6 @@ public sealed partial class QueueStore
                 queue.MessageCount++;
                 queue.ByteCount += body.Length;
                 op.MessageId = id;
-                AddToTail(queue, id, hour, flags, body);
                 op.Hour = hour;
                 op.Bytes = body.Length;
                 Keys.MessageKey(key, queue.RecipientId, id);
@@ -133,6 +133,9 @@ public sealed partial class QueueStore
                 TouchActivity(batch, queue, op, hour);
                 batch.Add(op);
             }
+            // After the batch lock (shared by every connection), still under the queue's lock: no
+            // delivery of this queue can look before the entry is there.
+            AddToTail(queue, id, hour, flags, body);
             return op.AsAppendTask();
         }
         finally

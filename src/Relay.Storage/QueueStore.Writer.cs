@@ -344,7 +344,8 @@ internal enum OpKind : byte
 /// <summary>A pooled completion for one caller's write; awaited as a ValueTask without allocating.</summary>
 internal sealed class WriteOp : IValueTaskSource<AppendResult>, IValueTaskSource<StoreStatus>
 {
-    private ManualResetValueTaskSourceCore<AppendResult> _core = new() { RunContinuationsAsynchronously = true };
+    // Continuations run where Complete is called: on the one work item that completes a whole batch.
+    private ManualResetValueTaskSourceCore<AppendResult> _core = new() { RunContinuationsAsynchronously = false };
     private readonly QueueStore _store;
 
     public OpKind Kind;
@@ -415,7 +416,6 @@ internal sealed class WriteOp : IValueTaskSource<AppendResult>, IValueTaskSource
         _error = null;
         _result = default;
         Staged = false;
-        _core.RunContinuationsAsynchronously = false;
         if (error is null)
         {
             _core.SetResult(result);
