@@ -10,7 +10,8 @@ namespace Relay.Benchmarks;
 /// The relay's per-message CPU outside the store and the sockets, composed from the public pieces
 /// the read loop calls in the same order (RelaySession.Dispatch itself is internal): a SEND is
 /// parsed, its MAC verified and OK written; the stored body is sealed into a MSG; the ACK is parsed,
-/// verified and answered with OK. Keys are the cached per-session auth keys. Must allocate nothing.
+/// verified and answered with OK. Keys are the session's cached MacKeys (one reused HMAC context each)
+/// and the MSG nonce comes from the subscription's NonceSequence, as in the relay. Must allocate nothing.
 /// </summary>
 [MemoryDiagnoser]
 public class MessagePathBenchmarks
@@ -24,6 +25,9 @@ public class MessagePathBenchmarks
     private byte[] _recipientId = [];
     private byte[] _body = [];
     private ChaCha20Poly1305 _cipher = null!;
+    private MacKey _senderMac = null!;
+    private MacKey _recipientMac = null!;
+    private readonly NonceSequence _nonces = new();
 
     [GlobalSetup]
     public void Setup()
@@ -37,17 +41,24 @@ public class MessagePathBenchmarks
         BinaryPrimitives.WriteUInt64BigEndian(id, 42);
         _send = Fixtures.Write(w => FrameWriter.WriteQueueCommand(w, FrameType.Send, 7, Fixtures.Random(ProtocolConstants.IdSize), [0], _body, _senderKey));
         _ack = Fixtures.Write(w => FrameWriter.WriteQueueCommand(w, FrameType.Ack, 8, _recipientId, id, default, _recipientKey));
+        _senderMac = new MacKey((byte[])_senderKey.Clone());
+        _recipientMac = new MacKey((byte[])_recipientKey.Clone());
     }
 
     [GlobalCleanup]
-    public void Cleanup() => _cipher.Dispose();
+    public void Cleanup()
+    {
+        _cipher.Dispose();
+        _senderMac.Dispose();
+        _recipientMac.Dispose();
+    }
 
-    private bool ReceiveCommand(byte[] wire, byte[] key, int minArgs, int maxArgs)
+    private bool ReceiveCommand(byte[] wire, MacKey key, int minArgs, int maxArgs)
     {
         var buffer = new ReadOnlySequence<byte>(wire);
         FrameReader.TryRead(ref buffer, ProtocolConstants.DefaultMaxFrame, out var frame);
         var view = new FrameView(FrameReader.AsSpan(frame, _scratch));
-        if (!QueueCommand.TryParse(view, minArgs, maxArgs, out var command) || !RelayCrypto.VerifyMac(key, command.MacInput, command.Mac))
+        if (!QueueCommand.TryParse(view, minArgs, maxArgs, out var command) || !key.Verify(command.MacInput, command.Mac))
         {
             return false;
         }
@@ -60,7 +71,7 @@ public class MessagePathBenchmarks
     public bool Relay_Send_Parse_Verify_Ok()
     {
         _writer.ResetWrittenCount();
-        return ReceiveCommand(_send, _senderKey, 1, int.MaxValue);
+        return ReceiveCommand(_send, _senderMac, 1, int.MaxValue);
     }
 
     /// <summary>MSG out: seal the stored body under the delivery key.</summary>
@@ -68,7 +79,7 @@ public class MessagePathBenchmarks
     public int Relay_Deliver_WriteMsg()
     {
         _writer.ResetWrittenCount();
-        FrameWriter.WriteMsg(_writer, 0, _recipientId, 42, 491_000, 0, _body, _cipher);
+        FrameWriter.WriteMsg(_writer, 0, _recipientId, 42, 491_000, 0, _body, _cipher, _nonces);
         return _writer.WrittenCount;
     }
 
@@ -77,7 +88,7 @@ public class MessagePathBenchmarks
     public bool Relay_Ack_Parse_Verify_Ok()
     {
         _writer.ResetWrittenCount();
-        return ReceiveCommand(_ack, _recipientKey, 8, 8);
+        return ReceiveCommand(_ack, _recipientMac, 8, 8);
     }
 
     /// <summary>All three: the relay's protocol and crypto CPU for one message, end to end.</summary>
@@ -85,9 +96,9 @@ public class MessagePathBenchmarks
     public int Relay_PerMessage_AllThree()
     {
         _writer.ResetWrittenCount();
-        ReceiveCommand(_send, _senderKey, 1, int.MaxValue);
-        FrameWriter.WriteMsg(_writer, 0, _recipientId, 42, 491_000, 0, _body, _cipher);
-        ReceiveCommand(_ack, _recipientKey, 8, 8);
+        ReceiveCommand(_send, _senderMac, 1, int.MaxValue);
+        FrameWriter.WriteMsg(_writer, 0, _recipientId, 42, 491_000, 0, _body, _cipher, _nonces);
+        ReceiveCommand(_ack, _recipientMac, 8, 8);
         return _writer.WrittenCount;
     }
 }
