@@ -11,7 +11,9 @@ namespace Relay.Server.Connections;
 /// OpenSSL keeps a read buffer (about 17 KB) and a write buffer (about 17 KB) per connection for its whole
 /// life unless <c>SSL_MODE_RELEASE_BUFFERS</c> is set, which <see cref="SslStream"/> does not do: that is
 /// most of what an idle subscribed connection costs. The mode only changes when OpenSSL allocates; it
-/// changes no byte on the wire. <see cref="SslStream"/> keeps its <c>SSL*</c> in a private field, read
+/// changes no byte on the wire. The two memory BIOs through which <see cref="SslStream"/> feeds OpenSSL
+/// keep the largest size they held (the handshake flights) and are started afresh after the handshake.
+/// <see cref="SslStream"/> keeps its <c>SSL*</c> in a private field, read
 /// here by reflection (the trimmer keeps the field it names). When a runtime no longer has
 /// that field, or the handle is not OpenSSL's (another platform), nothing happens and
 /// <see cref="TryReleaseBuffersWhenIdle"/> says so, so the relay still works, only with more memory.
@@ -36,8 +38,31 @@ internal static partial class TlsMemory
     /// <summary>True once per process: the caller logs that buffers are kept.</summary>
     public static bool FirstFailure() => Interlocked.Exchange(ref s_reported, 1) == 0;
 
+    private const int BioCtrlPending = 10;         // BIO_CTRL_PENDING
+    private const int BioSetBufMem = 114;          // BIO_C_SET_BUF_MEM
+    private const long BioClose = 1;               // BIO_CLOSE
+    private const int BioTypeMem = 0x0401;         // BIO_TYPE_MEM
+
     [LibraryImport("libssl.so.3", EntryPoint = "SSL_ctrl")]
     private static partial long SslCtrl(IntPtr ssl, int cmd, long larg, IntPtr parg);
+
+    [LibraryImport("libssl.so.3", EntryPoint = "SSL_get_rbio")]
+    private static partial IntPtr SslGetReadBio(IntPtr ssl);
+
+    [LibraryImport("libssl.so.3", EntryPoint = "SSL_get_wbio")]
+    private static partial IntPtr SslGetWriteBio(IntPtr ssl);
+
+    [LibraryImport("libcrypto.so.3", EntryPoint = "BIO_ctrl")]
+    private static partial long BioCtrl(IntPtr bio, int cmd, long larg, IntPtr parg);
+
+    [LibraryImport("libcrypto.so.3", EntryPoint = "BIO_method_type")]
+    private static partial int BioMethodType(IntPtr bio);
+
+    [LibraryImport("libcrypto.so.3", EntryPoint = "BUF_MEM_new")]
+    private static partial IntPtr BufMemNew();
+
+    [LibraryImport("libcrypto.so.3", EntryPoint = "BUF_MEM_free")]
+    private static partial void BufMemFree(IntPtr buffer);
 
     /// <summary>Sets <c>SSL_MODE_RELEASE_BUFFERS</c> on an authenticated server stream; false when it could not.</summary>
     public static bool TryReleaseBuffersWhenIdle(SslStream stream)
@@ -56,7 +81,12 @@ internal static partial class TlsMemory
             handle.DangerousAddRef(ref added);
             try
             {
-                long mode = SslCtrl(handle.DangerousGetHandle(), SslCtrlMode, SslModeReleaseBuffers, IntPtr.Zero);
+                IntPtr ssl = handle.DangerousGetHandle();
+                long mode = SslCtrl(ssl, SslCtrlMode, SslModeReleaseBuffers, IntPtr.Zero);
+                // SslStream moves bytes through two memory BIOs, which keep the largest size they
+                // ever held (the handshake flights, about 1.8 KB together): start both afresh.
+                ShrinkMemoryBio(SslGetReadBio(ssl));
+                ShrinkMemoryBio(SslGetWriteBio(ssl));
                 return (mode & SslModeReleaseBuffers) != 0;
             }
             finally
@@ -68,6 +98,33 @@ internal static partial class TlsMemory
         {
             Volatile.Write(ref s_unavailable, 1);
             return false;
+        }
+    }
+
+    private static long s_biosShrunk;
+
+    /// <summary>Memory BIOs started afresh so far (for tests).</summary>
+    internal static long BiosShrunk => Interlocked.Read(ref s_biosShrunk);
+
+    /// <summary>Gives an empty memory BIO a new, unallocated buffer; the BIO frees the old one.</summary>
+    private static void ShrinkMemoryBio(IntPtr bio)
+    {
+        if (bio == IntPtr.Zero || BioMethodType(bio) != BioTypeMem || BioCtrl(bio, BioCtrlPending, 0, IntPtr.Zero) != 0)
+        {
+            return;
+        }
+        IntPtr fresh = BufMemNew();
+        if (fresh == IntPtr.Zero)
+        {
+            return;
+        }
+        if (BioCtrl(bio, BioSetBufMem, BioClose, fresh) == 1)
+        {
+            Interlocked.Increment(ref s_biosShrunk);
+        }
+        else
+        {
+            BufMemFree(fresh);
         }
     }
 }
