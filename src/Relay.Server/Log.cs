@@ -42,6 +42,9 @@ internal static partial class Log
     [LoggerMessage(15, LogLevel.Warning, "Connection refused: {Reason}")]
     public static partial void ConnectionRejected(ILogger logger, string reason);
 
+    [LoggerMessage(16, LogLevel.Warning, "Accepting a connection failed: {Reason}")]
+    public static partial void AcceptFailed(ILogger logger, string reason);
+
     [LoggerMessage(20, LogLevel.Error, "Store operation {Command} failed: {Error}")]
     public static partial void StoreFailed(ILogger logger, string command, string error);
 

@@ -1,5 +1,4 @@
 using System.Buffers;
-using Microsoft.AspNetCore.Connections;
 
 namespace Relay.Server.Connections;
 
@@ -13,7 +12,7 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
 
     public int OpenConnections => Volatile.Read(ref _open);
 
-    public async Task OnConnectedAsync(ConnectionContext connection)
+    public async Task OnConnectedAsync(ClientStream connection)
     {
         if (Interlocked.Increment(ref _open) > context.Options.MaxConnections || context.Stopping.IsCancellationRequested)
         {
@@ -35,7 +34,7 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
                     {
                         context.Metrics.ConnectionRejected("proxy_header");
                     }
-                    connection.Abort();
+                    connection.Close(abort: true);
                     return;
                 }
                 // LOCAL (health checks), UNKNOWN, UNSPEC and UNIX name no client: the proxy's address stands in.
@@ -66,44 +65,45 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
         }
     }
 
-    private void Reject(ConnectionContext connection, string reason)
+    private void Reject(ClientStream connection, string reason)
     {
         context.Metrics.ConnectionRejected(reason);
         Log.ConnectionRejected(context.Logger, reason);
-        connection.Abort();
+        connection.Close(abort: true);
     }
 
     /// <summary>
-    /// Reads the PROXY header from the transport before TLS, within <see cref="RelayServerOptions.ProxyHeaderTimeout"/>.
-    /// Consumes exactly the header: bytes after it (the TLS ClientHello, often in the same packet) stay in the
-    /// pipe for the session. Without a valid header, returns the reason (a word, no address); a peer that closed
-    /// before sending a byte (a port probe, a client that gave up at the proxy) is no header failure.
+    /// Reads the PROXY header from the socket before TLS, within <see cref="RelayServerOptions.ProxyHeaderTimeout"/>.
+    /// Consumes exactly the header: bytes read after it (the TLS ClientHello, often in the same packet) are
+    /// put back for the session. Without a valid header, returns the reason (a word, no address); a peer
+    /// that closed before sending a byte (a port probe, a client that gave up at the proxy) is no header failure.
     /// </summary>
-    private async Task<(ProxyHeader Header, string? Failure)> ReadProxyHeaderAsync(ConnectionContext connection)
+    private async Task<(ProxyHeader Header, string? Failure)> ReadProxyHeaderAsync(ClientStream connection)
     {
-        var input = connection.Transport.Input;
         using var timeout = new CancellationTokenSource(context.Options.ProxyHeaderTimeout);
-        using var linked = CancellationTokenSource.CreateLinkedTokenSource(timeout.Token, connection.ConnectionClosed, context.Stopping.Token);
-        long received = 0;
+        using var linked = CancellationTokenSource.CreateLinkedTokenSource(timeout.Token, context.Stopping.Token);
+        var buffer = ArrayPool<byte>.Shared.Rent(ProxyProtocol.MaxHeaderLength);
+        int received = 0;
         try
         {
             while (true)
             {
-                var result = await input.ReadAsync(linked.Token);
-                var buffer = result.Buffer;
-                received = buffer.Length;
-                var status = ProxyProtocol.TryParse(buffer, out var header, out int consumed);
+                int n = await connection.ReadAsync(buffer.AsMemory(received, ProxyProtocol.MaxHeaderLength - received), linked.Token);
+                received += n;
+                var status = ProxyProtocol.TryParse(buffer.AsSpan(0, received), out var header, out int consumed);
                 if (status == OperationStatus.Done)
                 {
-                    input.AdvanceTo(buffer.GetPosition(consumed));
+                    if (consumed < received)
+                    {
+                        connection.Unread(buffer.AsSpan(consumed, received - consumed).ToArray());
+                    }
                     return (header, null);
                 }
-                input.AdvanceTo(buffer.Start, buffer.End);
                 if (status == OperationStatus.InvalidData)
                 {
                     return (default, InvalidHeader);
                 }
-                if (result.IsCompleted || result.IsCanceled)
+                if (n == 0 || received == ProxyProtocol.MaxHeaderLength)
                 {
                     return (default, received == 0 ? ClosedBeforeHeader : MissingHeader);
                 }
@@ -113,9 +113,13 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
         {
             return (default, timeout.IsCancellationRequested ? HeaderTimeout : received == 0 ? ClosedBeforeHeader : MissingHeader);
         }
-        catch (Exception ex) when (ex is IOException or ConnectionResetException or ObjectDisposedException or InvalidOperationException)
+        catch (Exception ex) when (ex is IOException or System.Net.Sockets.SocketException or ObjectDisposedException or InvalidOperationException)
         {
             return (default, received == 0 ? ClosedBeforeHeader : MissingHeader);
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(buffer);
         }
     }
 

@@ -86,9 +86,9 @@ internal sealed partial class RelaySession
     /// The standard read loop: drain every complete frame, advance in a finally, stop on completion,
     /// and treat leftover bytes at the end of the stream as a truncated frame.
     /// </summary>
-    private async Task ReadLoopAsync(PipeReader input, CancellationToken connectionClosed)
+    private async Task ReadLoopAsync(PipeReader input)
     {
-        using var idle = CancellationTokenSource.CreateLinkedTokenSource(connectionClosed, _context.Stopping.Token);
+        using var idle = CancellationTokenSource.CreateLinkedTokenSource(_context.Stopping.Token);
         while (true)
         {
             idle.CancelAfter(_options.IdleTimeout);

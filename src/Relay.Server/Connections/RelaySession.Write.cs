@@ -134,7 +134,7 @@ internal sealed partial class RelaySession
         }
     }
 
-    /// <summary>Moves output to a TLS stream, coalescing small frames into few TLS records.</summary>
+    /// <summary>Moves output to the connection (TLS or plain), coalescing small frames into few TLS records and syscalls.</summary>
     private async Task CopyOutputAsync(Stream destination)
     {
         var reader = _output.Reader;
@@ -189,36 +189,6 @@ internal sealed partial class RelaySession
                 reader.AdvanceTo(buffer.End);
                 OnSent(length);
                 if (result.IsCompleted)
-                {
-                    break;
-                }
-            }
-        }
-        finally
-        {
-            await reader.CompleteAsync();
-        }
-    }
-
-    /// <summary>Moves output to the transport's own pipe (plain TCP).</summary>
-    private async Task CopyOutputAsync(PipeWriter destination)
-    {
-        var reader = _output.Reader;
-        try
-        {
-            while (true)
-            {
-                var result = await reader.ReadAsync();
-                var buffer = result.Buffer;
-                long length = buffer.Length;
-                foreach (var segment in buffer)
-                {
-                    destination.Write(segment.Span);
-                }
-                reader.AdvanceTo(buffer.End);
-                var flush = await destination.FlushAsync();
-                OnSent(length);
-                if (result.IsCompleted || flush.IsCompleted)
                 {
                     break;
                 }

@@ -3,7 +3,6 @@ using System.IO.Pipelines;
 using System.Net.Security;
 using System.Security.Authentication;
 using System.Security.Cryptography;
-using Microsoft.AspNetCore.Connections;
 using Microsoft.Extensions.Logging;
 using Relay.Protocol;
 using Relay.Storage;
@@ -48,7 +47,7 @@ internal sealed partial class RelaySession
         RelayCrypto.GenerateKeyPair(_sessionPrivate, _sessionPublic);
     }
 
-    public async Task RunAsync(ConnectionContext connection)
+    public async Task RunAsync(ClientStream connection)
     {
         // One deadline for TLS and HELLO together: a client cannot hold a connection for longer.
         using var handshakeTimeout = new CancellationTokenSource(_options.HandshakeTimeout);
@@ -59,7 +58,7 @@ internal sealed partial class RelaySession
         {
             if (_options.Tls)
             {
-                ssl = new SslStream(new DuplexPipeStream(connection.Transport), leaveInnerStreamOpen: false);
+                ssl = new SslStream(connection, leaveInnerStreamOpen: true);
                 await ssl.AuthenticateAsServerAsync(await _context.TlsOptions.WaitAsync(handshakeTimeout.Token), handshakeTimeout.Token);
                 // A client that offers no ALPN at all completes TLS without one: refuse it too (PROTOCOL.md §2).
                 if (!ssl.NegotiatedApplicationProtocol.Protocol.Span.SequenceEqual(ProtocolConstants.Alpn))
@@ -78,8 +77,9 @@ internal sealed partial class RelaySession
             }
             else
             {
-                input = connection.Transport.Input;
-                copy = CopyOutputAsync(connection.Transport.Output);
+                input = PipeReader.Create(connection, new StreamPipeReaderOptions(pool: null, bufferSize: 16 * 1024, minimumReadSize: 4096,
+                    leaveOpen: true, useZeroByteReads: true));
+                copy = CopyOutputAsync(connection);
             }
         }
         catch (Exception ex) when (ex is OperationCanceledException or IOException or AuthenticationException or ObjectDisposedException)
@@ -95,7 +95,7 @@ internal sealed partial class RelaySession
             if (await HandshakeAsync(input, handshakeTimeout))
             {
                 _context.Metrics.HandshakeSucceeded();
-                await ReadLoopAsync(input, connection.ConnectionClosed);
+                await ReadLoopAsync(input);
             }
         }
         catch (ProtocolException ex)
@@ -108,7 +108,7 @@ internal sealed partial class RelaySession
         {
             Log.IdleClosed(_logger);
         }
-        catch (Exception ex) when (ex is IOException or ConnectionResetException or ObjectDisposedException or InvalidOperationException)
+        catch (Exception ex) when (ex is IOException or System.Net.Sockets.SocketException or ObjectDisposedException or InvalidOperationException)
         {
             Log.ConnectionFailed(_logger, ex.GetType().Name);
         }

@@ -19,15 +19,15 @@ using Relay.Storage;
 namespace Relay.Server.Hosting;
 
 /// <summary>
-/// One relay: the queue store, the relay listener (a raw Kestrel connection handler) and the admin
-/// HTTP listener (health, readiness, metrics) in one Kestrel host.
+/// One relay: the queue store, the relay listener (<see cref="RelayListener"/>: sockets straight into
+/// the sessions) and the admin HTTP listener (health, readiness, metrics) in a Kestrel host.
 /// </summary>
 public sealed class RelayServer : IAsyncDisposable
 {
     private readonly WebApplication _app;
     private readonly RelayServerContext _context;
     private readonly RelayIdentity _identity;
-    private readonly ListenOptions _relayListen;
+    private readonly RelayListener _relayListener;
     private readonly ListenOptions? _adminListen;
     private readonly Task<(X509Certificate2 Certificate, SslServerAuthenticationOptions Options)>? _tlsTask;
     private readonly ILogger _logger;
@@ -45,7 +45,7 @@ public sealed class RelayServer : IAsyncDisposable
     public CancellationToken ShutdownRequested => _app.Lifetime.ApplicationStopping;
 
     /// <summary>The bound relay endpoint (the real port when configured with port 0).</summary>
-    public IPEndPoint RelayEndPoint => (IPEndPoint)_relayListen.EndPoint;
+    public IPEndPoint RelayEndPoint => _relayListener.EndPoint;
     public IPEndPoint? AdminEndPoint => (IPEndPoint?)_adminListen?.EndPoint;
 
     /// <summary>The address clients use: the configured public hosts, else the listener's host.</summary>
@@ -61,14 +61,14 @@ public sealed class RelayServer : IAsyncDisposable
     }
 
     private RelayServer(RelayServerOptions options, WebApplication app, RelayServerContext context, RelayIdentity identity,
-        ListenOptions relayListen, ListenOptions? adminListen, Task<(X509Certificate2 Certificate, SslServerAuthenticationOptions Options)>? tlsTask, RelayMaintenance maintenance)
+        RelayListener relayListener, ListenOptions? adminListen, Task<(X509Certificate2 Certificate, SslServerAuthenticationOptions Options)>? tlsTask, RelayMaintenance maintenance)
     {
         _maintenance = maintenance;
         Options = options;
         _app = app;
         _context = context;
         _identity = identity;
-        _relayListen = relayListen;
+        _relayListener = relayListener;
         _adminListen = adminListen;
         _tlsTask = tlsTask;
         Store = context.Store;
@@ -92,6 +92,7 @@ public sealed class RelayServer : IAsyncDisposable
         Task<(X509Certificate2 Certificate, SslServerAuthenticationOptions Options)>? tlsTask = null;
         QueueStore? store = null;
         RelayIdentity? identity = null;
+        RelayListener? relayListener = null;
         try
         {
             store = QueueStore.Open(new QueueStoreOptions
@@ -114,7 +115,15 @@ public sealed class RelayServer : IAsyncDisposable
             // (the slim builder watched the working directory recursively, costing CPU and inotify
             // watches); every setting comes from RelayServerOptions.
             var builder = WebApplication.CreateEmptyBuilder(new WebApplicationOptions { ContentRootPath = AppContext.BaseDirectory });
-            builder.WebHost.UseKestrelCore();
+            if (options.Admin != null)
+            {
+                builder.WebHost.UseKestrelCore();
+            }
+            else
+            {
+                // Kestrel without an endpoint would listen on localhost:5000: no HTTP server at all.
+                builder.Services.AddSingleton<Microsoft.AspNetCore.Hosting.Server.IServer, NoHttpServer>();
+            }
             builder.Services.AddRoutingCore();
             builder.Logging.ClearProviders();
             builder.Logging.AddFilter("Microsoft", LogLevel.Warning);
@@ -151,26 +160,21 @@ public sealed class RelayServer : IAsyncDisposable
             var context = new RelayServerContext(options, store, metrics, loggerHolder, tls);
             var handler = new RelayConnectionHandler(context);
 
-            ListenOptions? relayListen = null;
+            // Bound before the host starts, so that a taken port fails the start; accepting starts once ready to serve.
+            relayListener = new RelayListener(options.Listen, handler, loggerHolder);
             ListenOptions? adminListen = null;
-            builder.WebHost.ConfigureKestrel(k =>
+            if (options.Admin != null)
             {
-                k.AddServerHeader = false;
-                k.Listen(options.Listen, lo =>
+                builder.WebHost.ConfigureKestrel(k =>
                 {
-                    relayListen = lo;
-                    lo.Protocols = HttpProtocols.None;
-                    lo.Run(handler.OnConnectedAsync);
-                });
-                if (options.Admin != null)
-                {
+                    k.AddServerHeader = false;
                     k.Listen(options.Admin, lo =>
                     {
                         adminListen = lo;
                         lo.Protocols = HttpProtocols.Http1;
                     });
-                }
-            });
+                });
+            }
 
             var app = builder.Build();
             // SIGTERM/SIGINT: end every session's read loop first, so Kestrel's stop finds them finishing.
@@ -180,7 +184,8 @@ public sealed class RelayServer : IAsyncDisposable
             MapAdmin(app, context, () => server?._ready == true);
             await app.StartAsync(cancellationToken);
             var maintenance = new RelayMaintenance(context);
-            server = new RelayServer(options, app, context, identity, relayListen!, adminListen, tlsTask, maintenance);
+            server = new RelayServer(options, app, context, identity, relayListener, adminListen, tlsTask, maintenance);
+            relayListener.Start();
             maintenance.Start();
             if (created)
             {
@@ -195,6 +200,10 @@ public sealed class RelayServer : IAsyncDisposable
         }
         catch
         {
+            if (relayListener != null)
+            {
+                await relayListener.StopAsync(TimeSpan.Zero);
+            }
             store?.Dispose();
             try
             {
@@ -257,11 +266,11 @@ public sealed class RelayServer : IAsyncDisposable
         _context.Stopping.Cancel();
         try
         {
-            // Bounded by HostOptions.ShutdownTimeout (RelayServerOptions.ShutdownTimeout): Kestrel
-            // aborts the connections still open when it expires.
+            // Bounded by RelayServerOptions.ShutdownTimeout: the connections still open then are aborted.
+            var relayStopped = _relayListener.StopAsync(Options.ShutdownTimeout);
             long start = System.Diagnostics.Stopwatch.GetTimestamp();
             await _app.StopAsync();
-            if (System.Diagnostics.Stopwatch.GetElapsedTime(start) >= Options.ShutdownTimeout)
+            if (!await relayStopped || System.Diagnostics.Stopwatch.GetElapsedTime(start) >= Options.ShutdownTimeout)
             {
                 Log.ShutdownTimedOut(_logger);
             }
@@ -294,6 +303,18 @@ public sealed class RelayServer : IAsyncDisposable
 
     /// <summary>Runs the maintenance job now (handle eviction, disk budget and space reclamation).</summary>
     public Task MaintainNowAsync() => _maintenance.MaintainAsync();
+
+    /// <summary>The host's server when there is no admin listener: serves nothing.</summary>
+    private sealed class NoHttpServer : Microsoft.AspNetCore.Hosting.Server.IServer
+    {
+        public Microsoft.AspNetCore.Http.Features.IFeatureCollection Features { get; } = new Microsoft.AspNetCore.Http.Features.FeatureCollection();
+        public Task StartAsync<TContext>(Microsoft.AspNetCore.Hosting.Server.IHttpApplication<TContext> application, CancellationToken cancellationToken) where TContext : notnull
+            => Task.CompletedTask;
+        public Task StopAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+        public void Dispose()
+        {
+        }
+    }
 
     /// <summary>Forwards to the host's logger once it exists (the context is built before the host).</summary>
     private sealed class LoggerHolder : ILogger
