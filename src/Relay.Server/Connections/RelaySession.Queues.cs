@@ -155,7 +155,7 @@ internal sealed partial class RelaySession
                 lock (_writeLock)
                 {
                     if (_outputClosed) return;
-                    FrameWriter.WriteIds(_output.Writer, corr, recipientId, senderId, serverDhPublic);
+                    FrameWriter.WriteIds(_pending, corr, recipientId, senderId, serverDhPublic);
                     FlushLocked();
                 }
             }

@@ -50,16 +50,16 @@ internal sealed partial class RelaySession
                         {
                             if (!_outputClosed)
                             {
-                                FrameWriter.WriteVersionError(_output.Writer, ProtocolConstants.MinVersion, ProtocolConstants.MaxVersion);
-                                FlushNowLocked();
+                                FrameWriter.WriteVersionError(_pending, ProtocolConstants.MinVersion, ProtocolConstants.MaxVersion);
+                                FlushLocked();
                             }
                         }
                         return false;
                     }
                     lock (_writeLock)
                     {
-                        FrameWriter.WriteWelcome(_output.Writer, version, _options.MaxFrame, _options.MaxMessage, _sessionId, _sessionPublic);
-                        FlushNowLocked();
+                        FrameWriter.WriteWelcome(_pending, version, _options.MaxFrame, _options.MaxMessage, _sessionId, _sessionPublic);
+                        FlushLocked();
                     }
                     return true;
                 }

@@ -1,5 +1,4 @@
 using System.Buffers;
-using System.IO.Pipelines;
 using System.Security.Cryptography;
 using Relay.Protocol;
 using Relay.Storage;
@@ -8,15 +7,21 @@ namespace Relay.Server.Connections;
 
 internal sealed partial class RelaySession
 {
-    // Every frame to the client goes through this pipe, written under _writeLock by the read loop,
-    // by request completions and by other connections' deliveries. It never pauses the writer (a
-    // delivery must not block the thread that makes it); memory is bounded instead by the read loop,
-    // which stops reading requests while the backlog exceeds MaxOutputBuffer, and by the single
-    // outstanding message per subscribed queue.
-    private readonly Pipe _output = new(new PipeOptions(pauseWriterThreshold: 0, resumeWriterThreshold: 0,
-        minimumSegmentSize: 4096, useSynchronizationContext: false));
+    // Every frame to the client is written into _pending under _writeLock: by the read loop, by
+    // request completions and by other connections' deliveries. One send loop at a time (_sending)
+    // swaps _pending with the empty _inSend and writes it to the connection, so every frame written
+    // meanwhile (say, the OKs of one group commit, or several deliveries) leaves in the same TLS
+    // record and syscall. Writing never blocks (a delivery must not block the thread that makes it);
+    // memory is bounded instead by the read loop, which stops reading requests while the backlog
+    // exceeds MaxOutputBuffer, and by the single outstanding message per subscribed queue. An idle
+    // connection holds no buffer and no pending operation for its output.
+    private OutputBuffer _pending = new();
+    private OutputBuffer _inSend = new();
+    private Stream? _destination;
     private readonly object _writeLock = new();
     private bool _outputClosed;
+    private bool _sending;
+    private TaskCompletionSource? _sendsDone;
     private long _bytesWritten;
     private long _bytesSent;
 
@@ -28,48 +33,86 @@ internal sealed partial class RelaySession
         Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection ||
         Interlocked.Read(ref _bytesWritten) - Interlocked.Read(ref _bytesSent) > _options.MaxOutputBuffer;
 
-    private bool _flushScheduled;
-    private static readonly Action<RelaySession> s_flush = static session => session.FlushScheduled();
+    private static readonly Action<RelaySession> s_send = static session => _ = session.SendLoopAsync();
+
+    /// <summary>Where output goes once the connection is established (TLS or plain).</summary>
+    private void StartOutput(Stream destination) => _destination = destination;
 
     /// <summary>
-    /// Makes written frames visible to the copy loop soon, without flushing per frame: the first
-    /// writer schedules one flush on the thread pool, and every frame written before it runs (say,
-    /// the OKs of one group commit, or several deliveries) leaves in the same TLS record and syscall.
+    /// Makes written frames leave soon, without a send per frame: the first writer schedules the send
+    /// loop on the thread pool, and every frame written before it swaps the buffers goes with them.
     /// </summary>
     private void FlushLocked()
     {
-        if (_flushScheduled) return;
-        _flushScheduled = true;
-        ThreadPool.UnsafeQueueUserWorkItem(s_flush, this, preferLocal: true);
+        if (_sending || _destination is null) return;
+        _sending = true;
+        ThreadPool.UnsafeQueueUserWorkItem(s_send, this, preferLocal: true);
     }
 
-    private void FlushScheduled()
-    {
-        lock (_writeLock)
-        {
-            _flushScheduled = false;
-            if (!_outputClosed && _output.Writer.UnflushedBytes > 0)
-            {
-                FlushNowLocked();
-            }
-        }
-    }
-
-    private void FlushNowLocked()
-    {
-        _bytesWritten += _output.Writer.UnflushedBytes;
-        // Never pauses (no threshold), so this completes synchronously and only wakes the copy loop.
-        _ = _output.Writer.FlushAsync();
-    }
-
+    /// <summary>The read loop, after a batch of requests: sends what they wrote from this thread.</summary>
     private void Flush()
     {
         lock (_writeLock)
         {
-            if (!_outputClosed && _output.Writer.UnflushedBytes > 0)
+            if (_sending || _destination is null || _pending.Length == 0) return;
+            _sending = true;
+        }
+        _ = SendLoopAsync();
+    }
+
+    /// <summary>Writes _pending to the connection until nothing is left; only one runs at a time.</summary>
+    private async Task SendLoopAsync()
+    {
+        var destination = _destination!;
+        while (true)
+        {
+            OutputBuffer batch;
+            TaskCompletionSource? done = null;
+            lock (_writeLock)
             {
-                FlushNowLocked();
+                if (_pending.Length == 0)
+                {
+                    _sending = false;
+                    done = _outputClosed ? _sendsDone : null;
+                    batch = null!;
+                }
+                else
+                {
+                    batch = _pending;
+                    _pending = _inSend;
+                    _inSend = batch;
+                    _bytesWritten += batch.Length;
+                }
             }
+            if (done != null || batch is null)
+            {
+                done?.TrySetResult();
+                return;
+            }
+            int length = batch.Length;
+            try
+            {
+                await destination.WriteAsync(batch.WrittenMemory);
+                await destination.FlushAsync();
+            }
+            catch (Exception)
+            {
+                // The peer is gone (or the connection was aborted): nothing more can be sent. The read
+                // loop ends on its own read failing; drop what is pending and stop accepting writes.
+                lock (_writeLock)
+                {
+                    _outputClosed = true;
+                    _sending = false;
+                    _pending.Reset();
+                    done = _sendsDone;
+                }
+                batch.Reset();
+                OnSent(length);
+                done?.TrySetResult();
+                return;
+            }
+            batch.Reset();
+            OnSent(length);
         }
     }
 
@@ -78,7 +121,7 @@ internal sealed partial class RelaySession
         lock (_writeLock)
         {
             if (_outputClosed) return;
-            FrameWriter.WriteEmpty(_output.Writer, type, corr);
+            FrameWriter.WriteEmpty(_pending, type, corr);
         }
     }
 
@@ -87,7 +130,7 @@ internal sealed partial class RelaySession
         lock (_writeLock)
         {
             if (_outputClosed) return;
-            FrameWriter.WriteError(_output.Writer, corr, code);
+            FrameWriter.WriteError(_pending, corr, code);
             FlushLocked();
         }
     }
@@ -98,7 +141,7 @@ internal sealed partial class RelaySession
         lock (_writeLock)
         {
             if (_outputClosed) return;
-            FrameWriter.WriteEmpty(_output.Writer, type, corr);
+            FrameWriter.WriteEmpty(_pending, type, corr);
             FlushLocked();
         }
     }
@@ -108,7 +151,7 @@ internal sealed partial class RelaySession
         lock (_writeLock)
         {
             if (_outputClosed) return;
-            FrameWriter.WriteMsg(_output.Writer, corr, queue.RecipientId, message.Id, message.Hour, message.Flags, message.Body, cipher, nonces);
+            FrameWriter.WriteMsg(_pending, corr, queue.RecipientId, message.Id, message.Hour, message.Flags, message.Body, cipher, nonces);
             FlushLocked();
         }
     }
@@ -118,85 +161,25 @@ internal sealed partial class RelaySession
         lock (_writeLock)
         {
             if (_outputClosed) return;
-            FrameWriter.WriteEnd(_output.Writer, recipientId);
+            FrameWriter.WriteEnd(_pending, recipientId);
             FlushLocked();
         }
     }
 
-    private void CompleteOutput()
+    /// <summary>Stops taking frames and completes when everything written so far has been sent (or cannot be).</summary>
+    private Task CompleteOutputAsync()
     {
         lock (_writeLock)
         {
-            if (_outputClosed) return;
             _outputClosed = true;
-            FlushNowLocked();
-            _output.Writer.Complete();
-        }
-    }
-
-    /// <summary>Moves output to the connection (TLS or plain), coalescing small frames into few TLS records and syscalls.</summary>
-    private async Task CopyOutputAsync(Stream destination)
-    {
-        var reader = _output.Reader;
-        try
-        {
-            while (true)
+            if (!_sending && (_pending.Length == 0 || _destination is null))
             {
-                var result = await reader.ReadAsync();
-                var buffer = result.Buffer;
-                long length = buffer.Length;
-                if (length > 0)
-                {
-                    if (buffer.IsSingleSegment)
-                    {
-                        await destination.WriteAsync(buffer.First);
-                    }
-                    else
-                    {
-                        // One TLS record carries up to 16 KiB: gather segments into record-sized writes.
-                        var chunk = ArrayPool<byte>.Shared.Rent(16 * 1024);
-                        try
-                        {
-                            int filled = 0;
-                            foreach (var segment in buffer)
-                            {
-                                var rest = segment;
-                                while (!rest.IsEmpty)
-                                {
-                                    int n = Math.Min(rest.Length, chunk.Length - filled);
-                                    rest.Span.Slice(0, n).CopyTo(chunk.AsSpan(filled));
-                                    filled += n;
-                                    rest = rest.Slice(n);
-                                    if (filled == chunk.Length)
-                                    {
-                                        await destination.WriteAsync(chunk.AsMemory(0, filled));
-                                        filled = 0;
-                                    }
-                                }
-                            }
-                            if (filled > 0)
-                            {
-                                await destination.WriteAsync(chunk.AsMemory(0, filled));
-                            }
-                        }
-                        finally
-                        {
-                            ArrayPool<byte>.Shared.Return(chunk);
-                        }
-                    }
-                    await destination.FlushAsync();
-                }
-                reader.AdvanceTo(buffer.End);
-                OnSent(length);
-                if (result.IsCompleted)
-                {
-                    break;
-                }
+                _pending.Reset();
+                return Task.CompletedTask;
             }
-        }
-        finally
-        {
-            await reader.CompleteAsync();
+            _sendsDone ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            FlushLocked();
+            return _sendsDone.Task;
         }
     }
 

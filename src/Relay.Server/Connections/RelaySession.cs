@@ -53,7 +53,6 @@ internal sealed partial class RelaySession
         using var handshakeTimeout = new CancellationTokenSource(_options.HandshakeTimeout);
         SslStream? ssl = null;
         PipeReader input;
-        Task copy;
         try
         {
             if (_options.Tls)
@@ -73,13 +72,13 @@ internal sealed partial class RelaySession
                 // (SslStream then also returns its own), so ten thousand idle TLS clients cost little.
                 input = PipeReader.Create(ssl, new StreamPipeReaderOptions(pool: null, bufferSize: 16 * 1024, minimumReadSize: 4096,
                     leaveOpen: true, useZeroByteReads: true));
-                copy = CopyOutputAsync(ssl);
+                StartOutput(ssl);
             }
             else
             {
                 input = PipeReader.Create(connection, new StreamPipeReaderOptions(pool: null, bufferSize: 16 * 1024, minimumReadSize: 4096,
                     leaveOpen: true, useZeroByteReads: true));
-                copy = CopyOutputAsync(connection);
+                StartOutput(connection);
             }
         }
         catch (Exception ex) when (ex is OperationCanceledException or IOException or AuthenticationException or ObjectDisposedException)
@@ -118,10 +117,9 @@ internal sealed partial class RelaySession
             await WaitForInFlightAsync();
             ClearKeys(_authKeys);
             ClearKeys(_decoyKeys);
-            CompleteOutput();
             try
             {
-                await copy.WaitAsync(TimeSpan.FromSeconds(5));
+                await CompleteOutputAsync().WaitAsync(TimeSpan.FromSeconds(5));
             }
             catch (Exception)
             {
