@@ -8,13 +8,76 @@ namespace Relay.Server.Connections;
 /// (or the frame reader on plain TCP) straight from the socket. Bytes read past a PROXY header are
 /// handed back with <see cref="Unread"/> and come first.
 /// </summary>
-internal sealed class ClientStream(Socket socket) : NetworkStream(socket, ownsSocket: true)
+internal sealed class ClientStream(Socket socket, Action<ClientStream>? onClosed = null) : NetworkStream(socket, ownsSocket: true)
 {
     private ReadOnlyMemory<byte> _unread;
+    private Action<ClientStream>? _onClosed = onClosed;
+    private CancellationTokenSource? _ended;
+    private int _state; // 0 open, 1 reading ended (idle or shutdown), 2 closed
 
-    // The listener's list of open connections (for the abort at the end of a shutdown).
+    // The listener's list of open connections (idle sweep, shutdown).
     internal ClientStream? Previous;
     internal ClientStream? Next;
+
+    /// <summary>When the connection last asked for bytes (<see cref="Environment.TickCount64"/>): its idle clock.</summary>
+    internal long LastRead => Volatile.Read(ref _lastRead);
+
+    private long _lastRead = Environment.TickCount64;
+
+    /// <summary>True when the idle sweep ended the connection's reading.</summary>
+    public bool IdleExpired { get; private set; }
+
+    /// <summary>True once reading was ended from outside (idle or shutdown).</summary>
+    public bool ReadingEnded => Volatile.Read(ref _state) != 0;
+
+    /// <summary>
+    /// Cancelled when reading is ended from outside: for waits other than reads (a read just returns end
+    /// of stream). Made on first use, so a connection that never waits for anything else has none.
+    /// </summary>
+    public CancellationToken Ended
+    {
+        get
+        {
+            var cts = Volatile.Read(ref _ended);
+            if (cts == null)
+            {
+                var fresh = new CancellationTokenSource();
+                cts = Interlocked.CompareExchange(ref _ended, fresh, null) ?? fresh;
+                if (cts != fresh)
+                {
+                    fresh.Dispose();
+                }
+            }
+            if (ReadingEnded)
+            {
+                cts.Cancel();
+            }
+            return cts.Token;
+        }
+    }
+
+    /// <summary>
+    /// Ends reading: a pending or later read returns end of stream, so the session finishes what it has
+    /// in flight, sends what it wrote and closes. Writing still works. False when already ended.
+    /// </summary>
+    public bool EndReading(bool idle)
+    {
+        if (Interlocked.CompareExchange(ref _state, 1, 0) != 0)
+        {
+            return false;
+        }
+        IdleExpired = idle;
+        try
+        {
+            Socket.Shutdown(SocketShutdown.Receive);
+        }
+        catch (Exception ex) when (ex is SocketException or ObjectDisposedException)
+        {
+            // Already gone.
+        }
+        Volatile.Read(ref _ended)?.Cancel();
+        return true;
+    }
 
     public EndPoint? RemoteEndPoint
     {
@@ -36,6 +99,7 @@ internal sealed class ClientStream(Socket socket) : NetworkStream(socket, ownsSo
 
     public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
     {
+        _lastRead = Environment.TickCount64;
         if (!_unread.IsEmpty)
         {
             return new ValueTask<int>(TakeUnread(buffer.Span));
@@ -46,7 +110,11 @@ internal sealed class ClientStream(Socket socket) : NetworkStream(socket, ownsSo
     public override Task<int> ReadAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken)
         => ReadAsync(buffer.AsMemory(offset, count), cancellationToken).AsTask();
 
-    public override int Read(Span<byte> buffer) => _unread.IsEmpty ? base.Read(buffer) : TakeUnread(buffer);
+    public override int Read(Span<byte> buffer)
+    {
+        _lastRead = Environment.TickCount64;
+        return _unread.IsEmpty ? base.Read(buffer) : TakeUnread(buffer);
+    }
 
     public override int Read(byte[] buffer, int offset, int count) => Read(buffer.AsSpan(offset, count));
 
@@ -58,9 +126,20 @@ internal sealed class ClientStream(Socket socket) : NetworkStream(socket, ownsSo
         return n;
     }
 
-    /// <summary>Ends the connection in an orderly way: the peer still gets what was sent, then FIN.</summary>
+    /// <summary>
+    /// Ends the connection: in an orderly way (the peer still gets what was sent, then FIN), or at once.
+    /// The first call also tells the listener.
+    /// </summary>
     public void Close(bool abort)
     {
+        if (Interlocked.Exchange(ref _state, 2) == 2)
+        {
+            if (abort)
+            {
+                Dispose();
+            }
+            return;
+        }
         try
         {
             if (!abort)
@@ -73,5 +152,6 @@ internal sealed class ClientStream(Socket socket) : NetworkStream(socket, ownsSo
             // Already gone.
         }
         Dispose();
+        Interlocked.Exchange(ref _onClosed, null)?.Invoke(this);
     }
 }

@@ -12,6 +12,7 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
 
     public int OpenConnections => Volatile.Read(ref _open);
 
+    /// <summary>Runs one connection to its end and closes it; never throws.</summary>
     public async Task OnConnectedAsync(ClientStream connection)
     {
         if (Interlocked.Increment(ref _open) > context.Options.MaxConnections || context.Stopping.IsCancellationRequested)
@@ -59,9 +60,15 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
                 context.Metrics.ConnectionClosed();
             }
         }
+        catch (Exception ex)
+        {
+            // The session answers every expected failure itself; this is the last guard of the process.
+            Log.ConnectionFailed(context.Logger, ex.GetType().Name);
+        }
         finally
         {
             Interlocked.Decrement(ref _open);
+            connection.Close(abort: false);
         }
     }
 

@@ -86,13 +86,15 @@ internal sealed partial class RelaySession
     /// The standard read loop: drain every complete frame, advance in a finally, stop on completion,
     /// and treat leftover bytes at the end of the stream as a truncated frame.
     /// </summary>
-    private async Task ReadLoopAsync(PipeReader input)
+    /// <remarks>
+    /// Reads take no token: the listener's idle sweep and its shutdown end reading on the socket, so a
+    /// read returns end of stream (an idle connection holds no timer or cancellation registration).
+    /// </remarks>
+    private async Task ReadLoopAsync(PipeReader input, ClientStream connection)
     {
-        using var idle = CancellationTokenSource.CreateLinkedTokenSource(_context.Stopping.Token);
         while (true)
         {
-            idle.CancelAfter(_options.IdleTimeout);
-            var result = await input.ReadAsync(idle.Token);
+            var result = await input.ReadAsync();
             var buffer = result.Buffer;
             bool paused = false;
             try
@@ -111,7 +113,7 @@ internal sealed partial class RelaySession
                 }
                 if (result.IsCompleted && !paused)
                 {
-                    if (!buffer.IsEmpty)
+                    if (!buffer.IsEmpty && !connection.ReadingEnded)
                     {
                         ProtocolException.Throw(ErrorCode.Syntax, "connection closed in the middle of a frame");
                     }
@@ -132,7 +134,7 @@ internal sealed partial class RelaySession
             }
             if (paused)
             {
-                await WaitForCapacityAsync(idle.Token);
+                await WaitForCapacityAsync(connection.Ended);
             }
         }
     }

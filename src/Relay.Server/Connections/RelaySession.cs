@@ -94,7 +94,11 @@ internal sealed partial class RelaySession
             if (await HandshakeAsync(input, handshakeTimeout))
             {
                 _context.Metrics.HandshakeSucceeded();
-                await ReadLoopAsync(input);
+                await ReadLoopAsync(input, connection);
+                if (connection.IdleExpired)
+                {
+                    Log.IdleClosed(_logger);
+                }
             }
         }
         catch (ProtocolException ex)

@@ -20,6 +20,9 @@ internal sealed class RelayListener
     private readonly Socket _socket;
     private readonly RelayConnectionHandler _handler;
     private readonly ILogger _logger;
+    private readonly long _idleMilliseconds;
+    private readonly Action<ClientStream> _untrack;
+    private Timer? _idleSweep;
     private readonly object _lock = new();
     private ClientStream? _first;
     private int _count;
@@ -30,10 +33,12 @@ internal sealed class RelayListener
     public IPEndPoint EndPoint { get; }
 
     /// <summary>Binds and listens; throws <see cref="IOException"/> (with the <see cref="SocketException"/> inside) when it cannot.</summary>
-    public RelayListener(IPEndPoint endPoint, RelayConnectionHandler handler, ILogger logger)
+    public RelayListener(IPEndPoint endPoint, TimeSpan idleTimeout, RelayConnectionHandler handler, ILogger logger)
     {
         _handler = handler;
         _logger = logger;
+        _idleMilliseconds = (long)idleTimeout.TotalMilliseconds;
+        _untrack = Untrack;
         _socket = new Socket(endPoint.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
         try
         {
@@ -54,7 +59,37 @@ internal sealed class RelayListener
         EndPoint = (IPEndPoint)_socket.LocalEndPoint!;
     }
 
-    public void Start() => _acceptLoop = Task.Run(AcceptLoopAsync);
+    public void Start()
+    {
+        // One timer for every connection (a timer per connection would cost each idle one about 600 bytes).
+        var period = TimeSpan.FromMilliseconds(Math.Clamp(_idleMilliseconds / 4, 100, 1000));
+        _idleSweep = new Timer(static state => ((RelayListener)state!).SweepIdle(), this, period, period);
+        _acceptLoop = Task.Run(AcceptLoopAsync);
+    }
+
+    /// <summary>Ends reading on every connection that has not asked for bytes for the idle timeout.</summary>
+    private void SweepIdle()
+    {
+        long now = Environment.TickCount64;
+        List<ClientStream>? expired = null;
+        lock (_lock)
+        {
+            for (var c = _first; c != null; c = c.Next)
+            {
+                if (now - c.LastRead > _idleMilliseconds && !c.ReadingEnded)
+                {
+                    (expired ??= []).Add(c);
+                }
+            }
+        }
+        if (expired != null)
+        {
+            foreach (var c in expired)
+            {
+                c.EndReading(idle: true);
+            }
+        }
+    }
 
     private async Task AcceptLoopAsync()
     {
@@ -81,33 +116,16 @@ internal sealed class RelayListener
                 continue;
             }
             socket.NoDelay = true;
-            var connection = new ClientStream(socket);
+            var connection = new ClientStream(socket, _untrack);
             if (!Track(connection))
             {
-                connection.Close(abort: true);
+                socket.Dispose();
                 continue;
             }
-            // Off the accept loop: a TLS handshake must not delay the next accept.
-            ThreadPool.UnsafeQueueUserWorkItem(static state => _ = state.Listener.RunAsync(state.Connection),
-                (Listener: this, Connection: connection), preferLocal: false);
-        }
-    }
-
-    private async Task RunAsync(ClientStream connection)
-    {
-        try
-        {
-            await _handler.OnConnectedAsync(connection);
-        }
-        catch (Exception ex)
-        {
-            // The handler answers every expected failure itself; this is the last guard of the process.
-            Log.ConnectionFailed(_logger, ex.GetType().Name);
-        }
-        finally
-        {
-            connection.Close(abort: false);
-            Untrack(connection);
+            // Off the accept loop: a TLS handshake must not delay the next accept. The handler closes
+            // the connection when it is done, which takes it off the list.
+            ThreadPool.UnsafeQueueUserWorkItem(static state => _ = state.Handler.OnConnectedAsync(state.Connection),
+                (Handler: _handler, Connection: connection), preferLocal: false);
         }
     }
 
@@ -157,25 +175,39 @@ internal sealed class RelayListener
     }
 
     /// <summary>
-    /// Stops accepting, waits up to <paramref name="timeout"/> for the sessions (already told to stop)
-    /// to finish, then aborts the rest. True when every session finished in time.
+    /// Stops accepting and ends reading on every connection, so each session finishes what it has in
+    /// flight, sends it and closes; waits up to <paramref name="timeout"/> for that, then aborts the
+    /// rest. True when every session finished in time.
     /// </summary>
     public async Task<bool> StopAsync(TimeSpan timeout)
     {
         Task drained;
+        List<ClientStream> open = [];
         lock (_lock)
         {
             _stopping = true;
             _drained = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
             drained = _count == 0 ? Task.CompletedTask : _drained.Task;
+            for (var c = _first; c != null; c = c.Next)
+            {
+                open.Add(c);
+            }
         }
         _socket.Dispose();
+        if (_idleSweep != null)
+        {
+            await _idleSweep.DisposeAsync();
+        }
         await _acceptLoop;
+        foreach (var c in open)
+        {
+            c.EndReading(idle: false);
+        }
         if (await Task.WhenAny(drained, Task.Delay(timeout)) == drained)
         {
             return true;
         }
-        List<ClientStream> open = [];
+        open.Clear();
         lock (_lock)
         {
             for (var c = _first; c != null; c = c.Next)

@@ -161,7 +161,7 @@ public sealed class RelayServer : IAsyncDisposable
             var handler = new RelayConnectionHandler(context);
 
             // Bound before the host starts, so that a taken port fails the start; accepting starts once ready to serve.
-            relayListener = new RelayListener(options.Listen, handler, loggerHolder);
+            relayListener = new RelayListener(options.Listen, options.IdleTimeout, handler, loggerHolder);
             ListenOptions? adminListen = null;
             if (options.Admin != null)
             {

@@ -1,0 +1,49 @@
+using System.Diagnostics;
+using Relay.Protocol;
+
+namespace Relay.Server.Tests;
+
+/// <summary>
+/// How long a connection lives: the idle timeout closes a silent connection and spares one that
+/// pings; a shutdown ends every connection after what it has in flight.
+/// </summary>
+public class ConnectionLifetimeTests
+{
+    [Test]
+    public async Task A_silent_connection_is_closed_after_the_idle_timeout_and_a_pinging_one_stays()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.IdleTimeout = TimeSpan.FromSeconds(1));
+        await using var silent = await RawClient.ConnectAsync(relay);
+        await using var pinging = await RawClient.ConnectAsync(relay);
+
+        var sinceLastPing = Stopwatch.StartNew();
+        // The pinging client speaks every 300 ms for 3 s (three idle timeouts) and is answered each time.
+        for (int i = 0; i < 10; i++)
+        {
+            uint corr = pinging.NextCorr();
+            var pong = await pinging.RequestAsync(RawClient.Frame(FrameType.Ping, corr, []));
+            await Assert.That(pong.Type).IsEqualTo(FrameType.Pong);
+            sinceLastPing.Restart();
+            await Task.Delay(300);
+        }
+
+        // Meanwhile the silent one was closed: between 1 s (the timeout) and the sweep's slack after it.
+        var (closed, frames) = await silent.WaitForCloseAsync(TimeSpan.FromSeconds(1));
+        await Assert.That(closed).IsTrue();
+        await Assert.That(frames).IsEmpty();
+        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("Idle connection closed"))).IsTrue();
+
+        // Once the pinging client falls silent, it is closed too, not before the timeout.
+        var (closedLater, _) = await pinging.WaitForCloseAsync(TimeSpan.FromSeconds(5));
+        await Assert.That(closedLater).IsTrue();
+        await Assert.That(sinceLastPing.Elapsed).IsGreaterThanOrEqualTo(TimeSpan.FromSeconds(1));
+        // And the relay counts no connection open any more.
+        long open = -1;
+        for (int i = 0; i < 50 && open != 0; i++)
+        {
+            open = relay.Server.Metrics.Snapshot(relay.Server.Store, relay.Server.Options, TimeSpan.Zero).ConnectionsOpen;
+            if (open != 0) await Task.Delay(100);
+        }
+        await Assert.That(open).IsEqualTo(0);
+    }
+}
