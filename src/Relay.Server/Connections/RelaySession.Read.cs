@@ -1,6 +1,5 @@
 using System.Buffers;
 using System.Buffers.Binary;
-using System.IO.Pipelines;
 using Relay.Protocol;
 using Relay.Server.Metrics;
 
@@ -8,17 +7,80 @@ namespace Relay.Server.Connections;
 
 internal sealed partial class RelaySession
 {
-    private byte[]? _scratch;
+    // The request bytes: one array from the shared pool, rented when bytes arrive and returned when
+    // every complete frame in it has been handled, so an idle connection holds none. Bytes
+    // [_readStart, _readEnd) are received and not yet handled (at most the start of one frame).
+    private byte[]? _readBuffer;
+    private int _readStart;
+    private int _readEnd;
+    private const int ReadBufferSize = 16 * 1024;
+    private const int MinimumReadSize = 4096;
+
+    /// <summary>
+    /// Waits for more request bytes. Without bytes pending it first waits with a zero-byte read (no
+    /// buffer held while waiting), then rents one. False at the end of the stream.
+    /// </summary>
+    private async ValueTask<bool> ReadMoreAsync(Stream input, CancellationToken cancellationToken)
+    {
+        if (_readStart == _readEnd)
+        {
+            ReturnReadBuffer();
+            // Returns when bytes arrive or the stream ends (the real read below tells which).
+            _ = await input.ReadAsync(Memory<byte>.Empty, cancellationToken);
+            _readBuffer = ArrayPool<byte>.Shared.Rent(ReadBufferSize);
+        }
+        else if (_readBuffer!.Length - _readEnd < MinimumReadSize && (_readStart > 0 || _readEnd == _readBuffer.Length))
+        {
+            // Little room after the frame in progress: move it to the front, or grow for it (a frame
+            // longer than the buffer; FrameReader has already refused any above the maximum).
+            int pending = _readEnd - _readStart;
+            var target = _readStart > 0 ? _readBuffer : ArrayPool<byte>.Shared.Rent(_readBuffer.Length * 2);
+            _readBuffer.AsSpan(_readStart, pending).CopyTo(target);
+            if (!ReferenceEquals(target, _readBuffer))
+            {
+                ArrayPool<byte>.Shared.Return(_readBuffer);
+                _readBuffer = target;
+            }
+            _readStart = 0;
+            _readEnd = pending;
+        }
+        int n = await input.ReadAsync(_readBuffer.AsMemory(_readEnd), cancellationToken);
+        _readEnd += n;
+        return n > 0;
+    }
+
+    /// <summary>The received, unhandled bytes.</summary>
+    private ReadOnlySequence<byte> Received => new(_readBuffer ?? [], _readStart, _readEnd - _readStart);
+
+    /// <summary>Marks the bytes before <paramref name="rest"/> (a slice of <see cref="Received"/>) handled.</summary>
+    private void Consumed(in ReadOnlySequence<byte> rest)
+    {
+        _readStart = _readEnd - (int)rest.Length;
+        if (_readStart == _readEnd)
+        {
+            _readStart = _readEnd = 0;
+        }
+    }
+
+    private void ReturnReadBuffer()
+    {
+        if (_readBuffer != null)
+        {
+            ArrayPool<byte>.Shared.Return(_readBuffer);
+            _readBuffer = null;
+        }
+        _readStart = _readEnd = 0;
+    }
 
     /// <summary>Reads HELLO and answers WELCOME. False when the client was refused (the error is written).</summary>
-    private async ValueTask<bool> HandshakeAsync(PipeReader input, CancellationTokenSource cts)
+    private async ValueTask<bool> HandshakeAsync(Stream input, CancellationTokenSource cts)
     {
         while (true)
         {
-            ReadResult result;
+            bool more;
             try
             {
-                result = await input.ReadAsync(cts.Token);
+                more = await ReadMoreAsync(input, cts.Token);
             }
             catch (OperationCanceledException)
             {
@@ -26,14 +88,12 @@ internal sealed partial class RelaySession
                 Log.HandshakeTimeout(_logger);
                 return false;
             }
-            var buffer = result.Buffer;
+            var buffer = Received;
             try
             {
                 if (FrameReader.TryRead(ref buffer, ProtocolConstants.HandshakeMaxFrame, out var frameBytes))
                 {
-                    Span<byte> copy = stackalloc byte[(int)frameBytes.Length];
-                    frameBytes.CopyTo(copy);
-                    var frame = new FrameView(copy);
+                    var frame = new FrameView(frameBytes.FirstSpan);
                     if (frame.Type != FrameType.Hello || frame.Payload.Length != 4)
                     {
                         _context.Metrics.HandshakeFailed("syntax");
@@ -61,9 +121,10 @@ internal sealed partial class RelaySession
                         FrameWriter.WriteWelcome(_pending, version, _options.MaxFrame, _options.MaxMessage, _sessionId, _sessionPublic);
                         FlushLocked();
                     }
+                    Consumed(buffer);
                     return true;
                 }
-                if (result.IsCompleted)
+                if (!more)
                 {
                     _context.Metrics.HandshakeFailed(buffer.IsEmpty ? "closed" : "truncated");
                     return false;
@@ -75,43 +136,37 @@ internal sealed partial class RelaySession
                 WriteError(0, ex.Code);
                 return false;
             }
-            finally
-            {
-                input.AdvanceTo(buffer.Start, buffer.End);
-            }
         }
     }
 
     /// <summary>
-    /// The standard read loop: drain every complete frame, advance in a finally, stop on completion,
-    /// and treat leftover bytes at the end of the stream as a truncated frame.
+    /// The read loop: handle every complete frame received, stop at the end of the stream, and treat
+    /// leftover bytes at the end as a truncated frame.
     /// </summary>
     /// <remarks>
     /// Reads take no token: the listener's idle sweep and its shutdown end reading on the socket, so a
     /// read returns end of stream (an idle connection holds no timer or cancellation registration).
     /// </remarks>
-    private async Task ReadLoopAsync(PipeReader input, ClientStream connection)
+    private async Task ReadLoopAsync(Stream input, ClientStream connection)
     {
+        // Frames that came with HELLO are handled before the first read.
+        bool more = true;
         while (true)
         {
-            var result = await input.ReadAsync();
-            var buffer = result.Buffer;
+            var buffer = Received;
             bool paused = false;
             try
             {
                 while (FrameReader.TryRead(ref buffer, _options.MaxFrame, out var frameBytes))
                 {
-                    var span = frameBytes.IsSingleSegment
-                        ? frameBytes.FirstSpan
-                        : FrameReader.AsSpan(frameBytes, _scratch ??= new byte[_options.MaxFrame]);
-                    Dispatch(new FrameView(span));
+                    Dispatch(new FrameView(frameBytes.FirstSpan));
                     if (MustPause)
                     {
                         paused = true;
                         break;
                     }
                 }
-                if (result.IsCompleted && !paused)
+                if (!more && !paused)
                 {
                     if (!buffer.IsEmpty && !connection.ReadingEnded)
                     {
@@ -122,20 +177,15 @@ internal sealed partial class RelaySession
             }
             finally
             {
-                if (paused)
-                {
-                    input.AdvanceTo(buffer.Start);
-                }
-                else
-                {
-                    input.AdvanceTo(buffer.Start, buffer.End);
-                }
+                Consumed(buffer);
                 Flush();
             }
             if (paused)
             {
                 await WaitForCapacityAsync(connection.Ended);
+                continue;
             }
+            more = await ReadMoreAsync(input, CancellationToken.None);
         }
     }
 

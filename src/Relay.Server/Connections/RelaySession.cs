@@ -1,5 +1,4 @@
 using System.Buffers;
-using System.IO.Pipelines;
 using System.Net.Security;
 using System.Security.Authentication;
 using System.Security.Cryptography;
@@ -52,7 +51,7 @@ internal sealed partial class RelaySession
         // One deadline for TLS and HELLO together: a client cannot hold a connection for longer.
         using var handshakeTimeout = new CancellationTokenSource(_options.HandshakeTimeout);
         SslStream? ssl = null;
-        PipeReader input;
+        Stream input = connection;
         try
         {
             if (_options.Tls)
@@ -68,18 +67,9 @@ internal sealed partial class RelaySession
                 {
                     Log.TlsBuffersKept(_logger);
                 }
-                // Zero-byte reads: an idle connection waits for data without holding a read buffer
-                // (SslStream then also returns its own), so ten thousand idle TLS clients cost little.
-                input = PipeReader.Create(ssl, new StreamPipeReaderOptions(pool: null, bufferSize: 16 * 1024, minimumReadSize: 4096,
-                    leaveOpen: true, useZeroByteReads: true));
-                StartOutput(ssl);
+                input = ssl;
             }
-            else
-            {
-                input = PipeReader.Create(connection, new StreamPipeReaderOptions(pool: null, bufferSize: 16 * 1024, minimumReadSize: 4096,
-                    leaveOpen: true, useZeroByteReads: true));
-                StartOutput(connection);
-            }
+            StartOutput(input);
         }
         catch (Exception ex) when (ex is OperationCanceledException or IOException or AuthenticationException or ObjectDisposedException)
         {
@@ -129,7 +119,7 @@ internal sealed partial class RelaySession
             {
                 // The peer is gone or too slow; the connection is closing anyway.
             }
-            await input.CompleteAsync();
+            ReturnReadBuffer();
             if (ssl != null)
             {
                 await ssl.DisposeAsync();
