@@ -8,10 +8,17 @@ namespace Relay.Server.Connections;
 /// (or the frame reader on plain TCP) straight from the socket. Bytes read past a PROXY header are
 /// handed back with <see cref="Unread"/> and come first.
 /// </summary>
-internal sealed class ClientStream(Socket socket, Action<ClientStream>? onClosed = null) : NetworkStream(socket, ownsSocket: true)
+internal sealed class ClientStream : NetworkStream
 {
     private ReadOnlyMemory<byte> _unread;
-    private Action<ClientStream>? _onClosed = onClosed;
+    private Action<ClientStream>? _onClosed;
+
+    public ClientStream(Socket socket, Action<ClientStream>? onClosed = null) : base(socket, ownsSocket: true)
+    {
+        _onClosed = onClosed;
+        // Synchronous sends must never wait (see WriteAsync); async reads and writes are unaffected.
+        socket.Blocking = false;
+    }
     private CancellationTokenSource? _ended;
     private int _state; // 0 open, 1 reading ended (idle or shutdown), 2 closed
 
@@ -117,6 +124,31 @@ internal sealed class ClientStream(Socket socket, Action<ClientStream>? onClosed
     }
 
     public override int Read(byte[] buffer, int offset, int count) => Read(buffer.AsSpan(offset, count));
+
+    /// <summary>
+    /// Sends at once when the socket buffer has room (almost always), else waits asynchronously for the
+    /// rest. An idle connection that only ever sent this way keeps no asynchronous send state.
+    /// </summary>
+    public override ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default)
+    {
+        int sent = Socket.Send(buffer.Span, SocketFlags.None, out SocketError error);
+        if (error == SocketError.Success)
+        {
+            if (sent == buffer.Length)
+            {
+                return default;
+            }
+            buffer = buffer.Slice(sent);
+        }
+        else if (error != SocketError.WouldBlock)
+        {
+            return ValueTask.FromException(new IOException($"Unable to write data to the transport connection: {error}.", new SocketException((int)error)));
+        }
+        return base.WriteAsync(buffer, cancellationToken);
+    }
+
+    public override Task WriteAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken)
+        => WriteAsync(buffer.AsMemory(offset, count), cancellationToken).AsTask();
 
     private int TakeUnread(Span<byte> destination)
     {

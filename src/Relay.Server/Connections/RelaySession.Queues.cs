@@ -22,6 +22,7 @@ internal sealed partial class RelaySession
         if (clientKey is null)
         {
             var id = Id24.From(command.QueueId);
+            _decoyKeys ??= new();
             if (!_decoyKeys.TryGetValue(id, out key))
             {
                 var bytes = new byte[ProtocolConstants.KeySize];

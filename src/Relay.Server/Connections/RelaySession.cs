@@ -27,7 +27,7 @@ internal sealed partial class RelaySession
     // Derived auth keys by client public key (read loop only).
     private readonly Dictionary<Key32, MacKey> _authKeys = new();
     // Keys used for ids that name no queue, so that a repeated probe costs what a real queue costs.
-    private readonly Dictionary<Id24, MacKey> _decoyKeys = new();
+    private Dictionary<Id24, MacKey>? _decoyKeys;
 
     private readonly object _subLock = new();
     private readonly Dictionary<QueueHandle, Subscription> _subscriptions = new(ReferenceEqualityComparer.Instance);
@@ -49,7 +49,8 @@ internal sealed partial class RelaySession
     public async Task RunAsync(ClientStream connection)
     {
         // One deadline for TLS and HELLO together: a client cannot hold a connection for longer.
-        using var handshakeTimeout = new CancellationTokenSource(_options.HandshakeTimeout);
+        // Disposed (and dropped) once HELLO is answered: an established session keeps no timer.
+        CancellationTokenSource? handshakeTimeout = new(_options.HandshakeTimeout);
         SslStream? ssl = null;
         Stream input = connection;
         try
@@ -75,13 +76,24 @@ internal sealed partial class RelaySession
         {
             _context.Metrics.HandshakeFailed("tls");
             Log.TlsFailed(_logger, ex.GetType().Name);
+            handshakeTimeout.Dispose();
             if (ssl != null) await ssl.DisposeAsync();
             return;
         }
 
         try
         {
-            if (await HandshakeAsync(input, handshakeTimeout))
+            bool welcomed;
+            try
+            {
+                welcomed = await HandshakeAsync(input, handshakeTimeout);
+            }
+            finally
+            {
+                handshakeTimeout.Dispose();
+                handshakeTimeout = null;
+            }
+            if (welcomed)
             {
                 _context.Metrics.HandshakeSucceeded();
                 await ReadLoopAsync(input, connection);
@@ -110,7 +122,7 @@ internal sealed partial class RelaySession
             EndAllSubscriptions();
             await WaitForInFlightAsync();
             ClearKeys(_authKeys);
-            ClearKeys(_decoyKeys);
+            if (_decoyKeys != null) ClearKeys(_decoyKeys);
             try
             {
                 await CompleteOutputAsync().WaitAsync(TimeSpan.FromSeconds(5));
