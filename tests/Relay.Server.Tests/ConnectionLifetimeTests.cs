@@ -46,4 +46,43 @@ public class ConnectionLifetimeTests
         }
         await Assert.That(open).IsEqualTo(0);
     }
+
+    [Test]
+    public async Task A_client_that_does_not_read_its_answers_stops_being_read()
+    {
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Tls = false;
+            o.MaxOutputBuffer = 64 * 1024;
+        });
+        await using var client = await RawClient.ConnectAsync(relay);
+
+        // PINGs without ever reading a PONG: 1 MiB of frames per write.
+        var ping = RawClient.Frame(FrameType.Ping, 7, []);
+        var chunk = new byte[ping.Length * ((1 << 20) / ping.Length)];
+        for (int i = 0; i + ping.Length <= chunk.Length; i += ping.Length)
+        {
+            ping.CopyTo(chunk, i);
+        }
+        long written = 0;
+        const long Limit = 128L << 20;
+        while (written < Limit)
+        {
+            var write = client.WriteAsync(chunk);
+            if (await Task.WhenAny(write, Task.Delay(TimeSpan.FromSeconds(3))) != write)
+            {
+                break;
+            }
+            await write; // the connection stays open: a failed write fails the test
+            written += chunk.Length;
+        }
+
+        // The relay stopped reading once the unsent PONGs passed its output limit: what went in is what
+        // the kernel buffers hold plus about 64 KiB worth of PINGs, not the 128 MiB offered.
+        await Assert.That(written).IsLessThan(32L << 20);
+        // And it still serves everyone else.
+        await using var other = await RawClient.ConnectAsync(relay);
+        var pong = await other.RequestAsync(RawClient.Frame(FrameType.Ping, other.NextCorr(), []));
+        await Assert.That(pong.Type).IsEqualTo(FrameType.Pong);
+    }
 }

@@ -30,8 +30,10 @@ internal sealed partial class RelaySession
     private readonly object _capacityLock = new();
 
     private bool MustPause =>
-        Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection ||
-        Interlocked.Read(ref _bytesWritten) - Interlocked.Read(ref _bytesSent) > _options.MaxOutputBuffer;
+        Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection || Backlog > _options.MaxOutputBuffer;
+
+    /// <summary>Bytes written and not yet sent: those being sent and those waiting for the next send (read without the lock: an estimate).</summary>
+    private long Backlog => Interlocked.Read(ref _bytesWritten) - Interlocked.Read(ref _bytesSent) + Volatile.Read(ref _pending).Length;
 
     private static readonly Action<RelaySession> s_send = static session => _ = session.SendLoopAsync();
 
@@ -214,8 +216,7 @@ internal sealed partial class RelaySession
 
     // Resume at half the limits, as Kestrel's pipes do, so that reading does not flap.
     private bool MustPauseHalf =>
-        Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection / 2 + 1 ||
-        Interlocked.Read(ref _bytesWritten) - Interlocked.Read(ref _bytesSent) > _options.MaxOutputBuffer / 2;
+        Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection / 2 + 1 || Backlog > _options.MaxOutputBuffer / 2;
 
     private async Task WaitForCapacityAsync(CancellationToken cancellationToken)
     {
