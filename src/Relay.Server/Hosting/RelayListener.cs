@@ -115,8 +115,18 @@ internal sealed class RelayListener
                 await Task.Delay(50);
                 continue;
             }
-            socket.NoDelay = true;
-            var connection = new ClientStream(socket, _untrack);
+            ClientStream connection;
+            try
+            {
+                socket.NoDelay = true;
+                connection = new ClientStream(socket, _untrack);
+            }
+            catch (Exception ex) when (ex is SocketException or IOException or ObjectDisposedException)
+            {
+                // Reset by the peer between accept and set-up: nothing to serve.
+                socket.Dispose();
+                continue;
+            }
             if (!Track(connection))
             {
                 socket.Dispose();
