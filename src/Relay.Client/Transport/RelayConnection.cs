@@ -378,9 +378,16 @@ public sealed partial class RelayConnection : IAsyncDisposable
             {
                 var result = await reader.ReadAsync();
                 var buffer = result.Buffer;
-                foreach (var segment in buffer)
+                if (buffer.IsSingleSegment)
                 {
-                    await _stream.WriteAsync(segment);
+                    if (!buffer.IsEmpty)
+                    {
+                        await _stream.WriteAsync(buffer.First);
+                    }
+                }
+                else
+                {
+                    await WriteGatheredAsync(buffer);
                 }
                 if (!buffer.IsEmpty)
                 {
@@ -397,6 +404,43 @@ public sealed partial class RelayConnection : IAsyncDisposable
         finally
         {
             await reader.CompleteAsync();
+        }
+    }
+
+    /// <summary>
+    /// Writes a multi-segment buffer in writes of up to 16 KiB: one TLS record and one send each,
+    /// instead of one per 4 KiB pipe segment.
+    /// </summary>
+    private async ValueTask WriteGatheredAsync(ReadOnlySequence<byte> buffer)
+    {
+        var chunk = ArrayPool<byte>.Shared.Rent(16 * 1024);
+        try
+        {
+            int filled = 0;
+            foreach (var segment in buffer)
+            {
+                var rest = segment;
+                while (!rest.IsEmpty)
+                {
+                    int n = Math.Min(rest.Length, chunk.Length - filled);
+                    rest.Span.Slice(0, n).CopyTo(chunk.AsSpan(filled));
+                    filled += n;
+                    rest = rest.Slice(n);
+                    if (filled == chunk.Length)
+                    {
+                        await _stream.WriteAsync(chunk.AsMemory(0, filled));
+                        filled = 0;
+                    }
+                }
+            }
+            if (filled > 0)
+            {
+                await _stream.WriteAsync(chunk.AsMemory(0, filled));
+            }
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(chunk);
         }
     }
 
