@@ -12,29 +12,29 @@ internal sealed class ClientStream : NetworkStream
 {
     private ReadOnlyMemory<byte> _unread;
     private Action<ClientStream>? _onClosed;
-
-    public ClientStream(Socket socket, Action<ClientStream>? onClosed = null) : base(socket, ownsSocket: true)
-    {
-        _onClosed = onClosed;
-        // Synchronous sends must never wait (see WriteAsync); async reads and writes are unaffected.
-        socket.Blocking = false;
-    }
     private CancellationTokenSource? _ended;
     private int _state; // 0 open, 1 reading ended (idle or shutdown), 2 closed
+    private long _lastRead = Environment.TickCount64;
 
     // The listener's list of open connections (idle sweep, shutdown).
     internal ClientStream? Previous;
     internal ClientStream? Next;
 
+    public ClientStream(Socket socket, Action<ClientStream>? onClosed = null) : base(socket, ownsSocket: true)
+    {
+        _onClosed = onClosed;
+        // Synchronous sends must never wait (see WriteAsync); async reads and writes are unaffected.
+        // (NetworkStream's constructor refuses a non-blocking socket, hence after it.)
+        socket.Blocking = false;
+    }
+
     /// <summary>When the connection last asked for bytes (<see cref="Environment.TickCount64"/>): its idle clock.</summary>
     internal long LastRead => Volatile.Read(ref _lastRead);
-
-    private long _lastRead = Environment.TickCount64;
 
     /// <summary>True when the idle sweep ended the connection's reading.</summary>
     public bool IdleExpired { get; private set; }
 
-    /// <summary>True once reading was ended from outside (idle or shutdown).</summary>
+    /// <summary>True once reading was ended from outside (idle or shutdown), or the connection closed.</summary>
     public bool ReadingEnded => Volatile.Read(ref _state) != 0;
 
     /// <summary>
