@@ -22,8 +22,6 @@ internal sealed partial class RelaySession
     private bool _outputClosed;
     private bool _sending;
     private TaskCompletionSource? _sendsDone;
-    private long _bytesWritten;
-    private long _bytesSent;
 
     private int _inFlight;
     private TaskCompletionSource? _capacityWaiter;
@@ -32,8 +30,11 @@ internal sealed partial class RelaySession
     private bool MustPause =>
         Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection || Backlog > _options.MaxOutputBuffer;
 
-    /// <summary>Bytes written and not yet sent: those being sent and those waiting for the next send (read without the lock: an estimate).</summary>
-    private long Backlog => Interlocked.Read(ref _bytesWritten) - Interlocked.Read(ref _bytesSent) + Volatile.Read(ref _pending).Length;
+    /// <summary>
+    /// Bytes written and not yet sent: those waiting for the next send and those being sent (_inSend is
+    /// emptied once its send returns). Read without the lock: an estimate, which is all a limit needs.
+    /// </summary>
+    private long Backlog => (long)Volatile.Read(ref _pending).Length + Volatile.Read(ref _inSend).Length;
 
     private static readonly Action<RelaySession> s_send = static session => _ = session.SendLoopAsync();
 
@@ -69,29 +70,21 @@ internal sealed partial class RelaySession
         while (true)
         {
             OutputBuffer batch;
-            TaskCompletionSource? done = null;
             lock (_writeLock)
             {
                 if (_pending.Length == 0)
                 {
                     _sending = false;
-                    done = _outputClosed ? _sendsDone : null;
-                    batch = null!;
+                    if (_outputClosed)
+                    {
+                        _sendsDone?.TrySetResult();
+                    }
+                    return;
                 }
-                else
-                {
-                    batch = _pending;
-                    _pending = _inSend;
-                    _inSend = batch;
-                    _bytesWritten += batch.Length;
-                }
+                batch = _pending;
+                _pending = _inSend;
+                _inSend = batch;
             }
-            if (done != null || batch is null)
-            {
-                done?.TrySetResult();
-                return;
-            }
-            int length = batch.Length;
             try
             {
                 await destination.WriteAsync(batch.WrittenMemory);
@@ -106,15 +99,14 @@ internal sealed partial class RelaySession
                     _outputClosed = true;
                     _sending = false;
                     _pending.Reset();
-                    done = _sendsDone;
+                    _sendsDone?.TrySetResult();
                 }
                 batch.Reset();
-                OnSent(length);
-                done?.TrySetResult();
+                SignalCapacity();
                 return;
             }
             batch.Reset();
-            OnSent(length);
+            SignalCapacity();
         }
     }
 
@@ -183,12 +175,6 @@ internal sealed partial class RelaySession
             FlushLocked();
             return _sendsDone.Task;
         }
-    }
-
-    private void OnSent(long length)
-    {
-        Interlocked.Add(ref _bytesSent, length);
-        SignalCapacity();
     }
 
     private void BeginInFlight() => Interlocked.Increment(ref _inFlight);
