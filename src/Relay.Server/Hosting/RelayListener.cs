@@ -25,7 +25,6 @@ internal sealed class RelayListener
     private Timer? _idleSweep;
     private readonly object _lock = new();
     private ClientStream? _first;
-    private int _count;
     private bool _stopping;
     private TaskCompletionSource? _drained;
     private Task _acceptLoop = Task.CompletedTask;
@@ -70,25 +69,27 @@ internal sealed class RelayListener
     /// <summary>Ends reading on every connection that has not asked for bytes for the idle timeout.</summary>
     private void SweepIdle()
     {
-        long now = Environment.TickCount64;
-        List<ClientStream>? expired = null;
+        foreach (var c in Snapshot(lastReadBefore: Environment.TickCount64 - _idleMilliseconds))
+        {
+            c.EndReading(idle: true);
+        }
+    }
+
+    /// <summary>The open connections that last asked for bytes before <paramref name="lastReadBefore"/> (all by default).</summary>
+    private List<ClientStream> Snapshot(long lastReadBefore = long.MaxValue)
+    {
+        List<ClientStream> found = [];
         lock (_lock)
         {
             for (var c = _first; c != null; c = c.Next)
             {
-                if (now - c.LastRead > _idleMilliseconds && !c.ReadingEnded)
+                if (c.LastRead < lastReadBefore)
                 {
-                    (expired ??= []).Add(c);
+                    found.Add(c);
                 }
             }
         }
-        if (expired != null)
-        {
-            foreach (var c in expired)
-            {
-                c.EndReading(idle: true);
-            }
-        }
+        return found;
     }
 
     private async Task AcceptLoopAsync()
@@ -153,7 +154,6 @@ internal sealed class RelayListener
                 _first.Previous = connection;
             }
             _first = connection;
-            _count++;
             return true;
         }
     }
@@ -176,7 +176,7 @@ internal sealed class RelayListener
                 connection.Next.Previous = connection.Previous;
             }
             connection.Previous = connection.Next = null;
-            if (--_count == 0 && _stopping)
+            if (_first == null && _stopping)
             {
                 drained = _drained;
             }
@@ -192,16 +192,11 @@ internal sealed class RelayListener
     public async Task<bool> StopAsync(TimeSpan timeout)
     {
         Task drained;
-        List<ClientStream> open = [];
         lock (_lock)
         {
             _stopping = true;
             _drained = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-            drained = _count == 0 ? Task.CompletedTask : _drained.Task;
-            for (var c = _first; c != null; c = c.Next)
-            {
-                open.Add(c);
-            }
+            drained = _first == null ? Task.CompletedTask : _drained.Task;
         }
         _socket.Dispose();
         if (_idleSweep != null)
@@ -209,7 +204,7 @@ internal sealed class RelayListener
             await _idleSweep.DisposeAsync();
         }
         await _acceptLoop;
-        foreach (var c in open)
+        foreach (var c in Snapshot())
         {
             c.EndReading(idle: false);
         }
@@ -217,15 +212,7 @@ internal sealed class RelayListener
         {
             return true;
         }
-        open.Clear();
-        lock (_lock)
-        {
-            for (var c = _first; c != null; c = c.Next)
-            {
-                open.Add(c);
-            }
-        }
-        foreach (var c in open)
+        foreach (var c in Snapshot())
         {
             c.Close(abort: true);
         }
