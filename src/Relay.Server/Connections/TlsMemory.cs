@@ -64,9 +64,14 @@ internal static partial class TlsMemory
     [LibraryImport("libcrypto.so.3", EntryPoint = "BUF_MEM_free")]
     private static partial void BufMemFree(IntPtr buffer);
 
-    /// <summary>Sets <c>SSL_MODE_RELEASE_BUFFERS</c> on an authenticated server stream; false when it could not.</summary>
-    public static bool TryReleaseBuffersWhenIdle(SslStream stream)
+    /// <summary>Sets <c>SSL_MODE_RELEASE_BUFFERS</c> on an authenticated server stream and starts its memory BIOs afresh; false when it could not.</summary>
+    public static bool TryReleaseBuffersWhenIdle(SslStream stream) => TryReleaseBuffersWhenIdle(stream, out _);
+
+    /// <inheritdoc cref="TryReleaseBuffersWhenIdle(SslStream)"/>
+    /// <param name="biosShrunk">How many of the stream's two memory BIOs were given a fresh buffer.</param>
+    internal static bool TryReleaseBuffersWhenIdle(SslStream stream, out int biosShrunk)
     {
+        biosShrunk = 0;
         if (!Available)
         {
             return false;
@@ -85,8 +90,7 @@ internal static partial class TlsMemory
                 long mode = SslCtrl(ssl, SslCtrlMode, SslModeReleaseBuffers, IntPtr.Zero);
                 // SslStream moves bytes through two memory BIOs, which keep the largest size they
                 // ever held (the handshake flights, about 1.8 KB together): start both afresh.
-                ShrinkMemoryBio(SslGetReadBio(ssl));
-                ShrinkMemoryBio(SslGetWriteBio(ssl));
+                biosShrunk = (ShrinkMemoryBio(SslGetReadBio(ssl)) ? 1 : 0) + (ShrinkMemoryBio(SslGetWriteBio(ssl)) ? 1 : 0);
                 return (mode & SslModeReleaseBuffers) != 0;
             }
             finally
@@ -101,30 +105,23 @@ internal static partial class TlsMemory
         }
     }
 
-    private static long s_biosShrunk;
-
-    /// <summary>Memory BIOs started afresh so far (for tests).</summary>
-    internal static long BiosShrunk => Interlocked.Read(ref s_biosShrunk);
-
-    /// <summary>Gives an empty memory BIO a new, unallocated buffer; the BIO frees the old one.</summary>
-    private static void ShrinkMemoryBio(IntPtr bio)
+    /// <summary>Gives an empty memory BIO a new, unallocated buffer (the BIO frees the old one); false when it did not.</summary>
+    private static bool ShrinkMemoryBio(IntPtr bio)
     {
         if (bio == IntPtr.Zero || BioMethodType(bio) != BioTypeMem || BioCtrl(bio, BioCtrlPending, 0, IntPtr.Zero) != 0)
         {
-            return;
+            return false;
         }
         IntPtr fresh = BufMemNew();
         if (fresh == IntPtr.Zero)
         {
-            return;
+            return false;
         }
         if (BioCtrl(bio, BioSetBufMem, BioClose, fresh) == 1)
         {
-            Interlocked.Increment(ref s_biosShrunk);
+            return true;
         }
-        else
-        {
-            BufMemFree(fresh);
-        }
+        BufMemFree(fresh);
+        return false;
     }
 }
