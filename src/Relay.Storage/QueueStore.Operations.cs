@@ -439,7 +439,7 @@ public sealed partial class QueueStore
         return true;
     }
 
-    /// <summary>An iterator positioned on the queue's oldest durable message (if any). Caller holds StoreLock and a read.</summary>
+    /// <summary>Point read of message <paramref name="id"/> into a rented buffer. Caller holds StoreLock and a read.</summary>
     private bool TryReadAt(QueueHandle queue, ulong id, out StoredMessage message)
     {
         Span<byte> key = stackalloc byte[Keys.MessageKeyLength];
@@ -461,6 +461,7 @@ public sealed partial class QueueStore
         return false;
     }
 
+    /// <summary>An iterator positioned on the queue's oldest durable message (if any). Caller holds StoreLock and a read.</summary>
     private RocksDb.Iterator OpenMessages(QueueHandle queue)
     {
         Span<byte> lower = stackalloc byte[Keys.MessageKeyLength];

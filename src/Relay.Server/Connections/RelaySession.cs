@@ -111,7 +111,11 @@ internal sealed partial class RelaySession
         }
         catch (OperationCanceledException)
         {
-            Log.IdleClosed(_logger);
+            // A paused read loop whose reading was ended (idle sweep or shutdown) while it waited.
+            if (connection.IdleExpired)
+            {
+                Log.IdleClosed(_logger);
+            }
         }
         catch (Exception ex) when (ex is IOException or System.Net.Sockets.SocketException or ObjectDisposedException or InvalidOperationException)
         {
