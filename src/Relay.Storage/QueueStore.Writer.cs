@@ -6,11 +6,12 @@ using static Relay.Storage.Native.RocksDbNative;
 
 namespace Relay.Storage;
 
-// Group commit. Callers put their mutations straight into the open native write batch under
-// _batchLock (so a caller's buffer is copied before its call returns, and operations enter the batch
-// in call order) and register a pooled WriteOp. One writer thread takes whole batches, writes each
-// with one rocksdb_write (sync = Durable, i.e. one fsync per batch) and then completes every
-// operation of the batch, in order. While one batch is being fsynced the next one fills up.
+// Group commit. Callers copy their mutations into the open batch under _batchLock (so a caller's
+// buffer is copied before its call returns, and operations enter the batch in call order) and
+// register a pooled WriteOp. One writer thread takes whole batches, hands each to RocksDB in key
+// order (MutationBatch) with one rocksdb_write (sync = Durable, i.e. one fsync per batch) and then
+// completes every operation of the batch, in call order. While one batch is being fsynced the next
+// one fills up.
 public sealed partial class QueueStore
 {
     private const int MaxOpsPerBatch = 4096;
@@ -20,6 +21,8 @@ public sealed partial class QueueStore
     private PendingBatch _current = null!;
     private readonly Queue<PendingBatch> _sealed = new();
     private readonly Stack<PendingBatch> _spareBatches = new();
+    /// <summary>The native write batch, used by the writer thread only.</summary>
+    private nint _nativeBatch;
     private bool _writerStopping;
     private bool _writerWaiting;
     private Thread _writer = null!;
@@ -33,6 +36,7 @@ public sealed partial class QueueStore
     private void StartWriter()
     {
         _current = RentBatch();
+        _nativeBatch = rocksdb_writebatch_create();
         _writer = new Thread(WriterLoop) { IsBackground = true, Name = "Relay.Storage writer" };
         _writer.Start();
     }
@@ -46,22 +50,10 @@ public sealed partial class QueueStore
             Monitor.Pulse(_batchLock);
         }
         _writer.Join();
-        lock (_batchLock)
+        if (_nativeBatch != 0)
         {
-            DestroyBatch(_current);
-            while (_spareBatches.TryPop(out PendingBatch? spare))
-            {
-                DestroyBatch(spare);
-            }
-        }
-    }
-
-    private static void DestroyBatch(PendingBatch batch)
-    {
-        if (batch.Native != 0)
-        {
-            rocksdb_writebatch_destroy(batch.Native);
-            batch.Native = 0;
+            rocksdb_writebatch_destroy(_nativeBatch);
+            _nativeBatch = 0;
         }
     }
 
@@ -71,7 +63,7 @@ public sealed partial class QueueStore
         {
             return batch;
         }
-        return new PendingBatch { Native = rocksdb_writebatch_create() };
+        return new PendingBatch();
     }
 
     /// <summary>Enters the batch lock. Throws <see cref="ObjectDisposedException"/> (holding nothing) once the store is closing.</summary>
@@ -90,7 +82,7 @@ public sealed partial class QueueStore
     private void AddOp(PendingBatch batch, WriteOp op)
     {
         batch.Ops.Add(op);
-        if (batch.Ops.Count >= MaxOpsPerBatch || batch.Bytes >= MaxBytesPerBatch)
+        if (batch.Ops.Count >= MaxOpsPerBatch || batch.Mutations.Bytes >= MaxBytesPerBatch)
         {
             _sealed.Enqueue(batch);
             _current = RentBatch();
@@ -136,9 +128,11 @@ public sealed partial class QueueStore
             try
             {
                 // An operation without mutations (a barrier) only needs the batches before it written.
-                if (rocksdb_writebatch_count(batch.Native) > 0)
+                if (batch.Mutations.Count > 0)
                 {
-                    _db.Write(batch.Native, _options.Durable);
+                    batch.Mutations.Sort();
+                    batch.Mutations.WriteTo(_nativeBatch, _db);
+                    _db.Write(_nativeBatch, _options.Durable);
                 }
             }
             catch (Exception e)
@@ -175,9 +169,9 @@ public sealed partial class QueueStore
             }
             DispatchCompletions(batch.Ops);
 
-            rocksdb_writebatch_clear(batch.Native);
+            rocksdb_writebatch_clear(_nativeBatch);
+            batch.Mutations.Clear();
             batch.Ops.Clear();
-            batch.Bytes = 0;
             lock (_batchLock)
             {
                 _spareBatches.Push(batch);
@@ -252,8 +246,7 @@ public sealed partial class QueueStore
 
     internal sealed class PendingBatch
     {
-        public nint Native;
-        public long Bytes;
+        public readonly MutationBatch Mutations = new();
         public readonly List<WriteOp> Ops = [];
     }
 
@@ -261,7 +254,7 @@ public sealed partial class QueueStore
     /// Holds the batch lock while a caller adds its mutations and then its operation (<see cref="Add"/>,
     /// exactly once). Dispose releases the lock.
     /// </summary>
-    internal unsafe ref struct BatchScope
+    internal ref struct BatchScope
     {
         private readonly QueueStore _store;
         private readonly PendingBatch _batch;
@@ -272,46 +265,16 @@ public sealed partial class QueueStore
             _batch = batch;
         }
 
-        public readonly void Put(int cf, ReadOnlySpan<byte> key, ReadOnlySpan<byte> value)
-        {
-            fixed (byte* k = key, v = value)
-            {
-                rocksdb_writebatch_put_cf(_batch.Native, _store._db[cf], k, (nuint)key.Length, v, (nuint)value.Length);
-            }
-            _batch.Bytes += key.Length + value.Length;
-        }
+        public readonly void Put(int cf, ReadOnlySpan<byte> key, ReadOnlySpan<byte> value) => _batch.Mutations.Put(cf, key, value);
 
         /// <summary>Puts a value made of two parts without first joining them.</summary>
-        public readonly void Put(int cf, ReadOnlySpan<byte> key, ReadOnlySpan<byte> value1, ReadOnlySpan<byte> value2)
-        {
-            fixed (byte* k = key, v1 = value1, v2 = value2)
-            {
-                byte** values = stackalloc byte*[2] { v1, v2 };
-                nuint* valueLengths = stackalloc nuint[2] { (nuint)value1.Length, (nuint)value2.Length };
-                nuint keyLength = (nuint)key.Length;
-                byte* keyPtr = k;
-                rocksdb_writebatch_putv_cf(_batch.Native, _store._db[cf], 1, &keyPtr, &keyLength, 2, values, valueLengths);
-            }
-            _batch.Bytes += key.Length + value1.Length + value2.Length;
-        }
+        public readonly void Put(int cf, ReadOnlySpan<byte> key, ReadOnlySpan<byte> value1, ReadOnlySpan<byte> value2) =>
+            _batch.Mutations.Put(cf, key, value1, value2);
 
-        public readonly void Delete(int cf, ReadOnlySpan<byte> key)
-        {
-            fixed (byte* k = key)
-            {
-                rocksdb_writebatch_delete_cf(_batch.Native, _store._db[cf], k, (nuint)key.Length);
-            }
-            _batch.Bytes += key.Length;
-        }
+        public readonly void Delete(int cf, ReadOnlySpan<byte> key) => _batch.Mutations.Delete(cf, key);
 
-        public readonly void DeleteRange(int cf, ReadOnlySpan<byte> start, ReadOnlySpan<byte> end)
-        {
-            fixed (byte* s = start, e = end)
-            {
-                rocksdb_writebatch_delete_range_cf(_batch.Native, _store._db[cf], s, (nuint)start.Length, e, (nuint)end.Length);
-            }
-            _batch.Bytes += start.Length + end.Length;
-        }
+        public readonly void DeleteRange(int cf, ReadOnlySpan<byte> start, ReadOnlySpan<byte> end) =>
+            _batch.Mutations.DeleteRange(cf, start, end);
 
         public readonly void Add(WriteOp op)
         {
