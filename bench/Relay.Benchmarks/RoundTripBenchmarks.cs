@@ -8,8 +8,8 @@ using Relay.Server.Hosting;
 namespace Relay.Benchmarks;
 
 /// <summary>
-/// A LOOPBACK round trip, not an embedded one: RelayServer only serves through Kestrel sockets and
-/// its session type is internal, so this goes over plain TCP on 127.0.0.1 to an in-process relay.
+/// A round trip over plain TCP on 127.0.0.1 to a relay in the same process (compare
+/// <see cref="EmbeddedRoundTripBenchmarks"/>, the same without sockets).
 /// One message, awaited step by step: SEND → OK (after the store commit) → MSG push → ACK → OK,
 /// with Relay.Client's RelayConnection (a producer and a consumer connection). Allocated counts the
 /// whole process (client SDK and relay together), since BenchmarkDotNet reads the process-wide
@@ -46,6 +46,80 @@ public class LoopbackRoundTripBenchmarks
         var options = new RelayConnectionOptions { Tls = false };
         _producer = await RelayConnection.ConnectAsync(_server.Address, options);
         _consumer = await RelayConnection.ConnectAsync(_server.Address, options);
+        _recipient = await _consumer.CreateQueueAsync();
+        var senderKey = new byte[ProtocolConstants.KeySize];
+        RelayCrypto.GenerateKeyPair(senderKey, new byte[ProtocolConstants.KeySize]);
+        await _producer.SecureAsync(_recipient.SenderId, senderKey);
+        _sender = new SenderQueue(_recipient.SenderId, senderKey);
+        await _consumer.SubscribeAsync(_recipient);
+        _body = Fixtures.Random(Fixtures.BodySize);
+    }
+
+    [GlobalCleanup]
+    public void Cleanup()
+    {
+        _producer.DisposeAsync().AsTask().GetAwaiter().GetResult();
+        _consumer.DisposeAsync().AsTask().GetAwaiter().GetResult();
+        _server.StopAsync().GetAwaiter().GetResult();
+        Directory.Delete(_directory, recursive: true);
+    }
+
+    [Benchmark]
+    public async Task<ulong> Send_Ok_Msg_Ack_Ok()
+    {
+        await _producer.SendAsync(_sender, _body);
+        while (true)
+        {
+            var e = await _consumer.Events.ReadAsync();
+            if (e is DeliveryEvent { Delivery: var d })
+            {
+                await _consumer.AckAsync(_recipient, d.MessageId);
+                return d.MessageId;
+            }
+        }
+    }
+}
+
+/// <summary>
+/// The embedded round trip: the same steps as <see cref="LoopbackRoundTripBenchmarks"/> (SEND → OK →
+/// MSG → ACK → OK, one message awaited step by step) over <c>RelayServer.ConnectInProcess()</c>
+/// connections, so no socket and no kernel is involved: the relay's session, store and group commit,
+/// and the client SDK, with or without TLS. Allocated counts client and relay together.
+/// </summary>
+[MemoryDiagnoser]
+public class EmbeddedRoundTripBenchmarks
+{
+    private string _directory = "";
+    private RelayServer _server = null!;
+    private RelayConnection _producer = null!;
+    private RelayConnection _consumer = null!;
+    private RecipientQueue _recipient = null!;
+    private SenderQueue _sender = null!;
+    private byte[] _body = [];
+
+    [Params(false, true)]
+    public bool Durable { get; set; }
+
+    [Params(false, true)]
+    public bool Tls { get; set; }
+
+    [GlobalSetup]
+    public void Setup() => SetupAsync().GetAwaiter().GetResult();
+
+    private async Task SetupAsync()
+    {
+        _directory = Path.Combine(Path.GetTempPath(), "relay-bench-embedded-" + Guid.NewGuid().ToString("N"));
+        _server = await RelayServer.StartAsync(new RelayServerOptions
+        {
+            DataDirectory = _directory,
+            Listen = new IPEndPoint(IPAddress.Loopback, 0),
+            Admin = null,
+            Tls = Tls,
+            Durable = Durable,
+        }, configureLogging: _ => { });
+        var options = new RelayConnectionOptions { Tls = Tls };
+        _producer = await RelayConnection.ConnectAsync(_server.Address, _server.ConnectInProcess(), options);
+        _consumer = await RelayConnection.ConnectAsync(_server.Address, _server.ConnectInProcess(), options);
         _recipient = await _consumer.CreateQueueAsync();
         var senderKey = new byte[ProtocolConstants.KeySize];
         RelayCrypto.GenerateKeyPair(senderKey, new byte[ProtocolConstants.KeySize]);

@@ -139,7 +139,7 @@ public partial class DurabilityE2ETests
                     var received = await DrainAsync(connection, queues[q], cancellationToken);
                     // In order, each at most once; a message that got no OK may or may not be there.
                     var numbers = received.Select(b => int.Parse(b.AsSpan(b.IndexOf('-') + 1))).ToList();
-                    await Assert.That(numbers).IsEquivalentTo(numbers.Order().Distinct().ToList()).Because($"queue {q} in order, once each");
+                    await Assert.That(numbers).IsEquivalentTo(numbers.Order().Distinct().ToList(), TUnit.Assertions.Enums.CollectionOrdering.Matching).Because($"queue {q} in order, once each");
                     await Assert.That(received.All(b => b.StartsWith($"q{q}-", StringComparison.Ordinal))).IsTrue();
                     delivered.UnionWith(received);
                 }

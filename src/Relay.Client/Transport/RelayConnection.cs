@@ -118,7 +118,30 @@ public sealed partial class RelayConnection : IAsyncDisposable
         {
             throw new RelayConnectException($"cannot connect to {host}:{address.Port}: {ex.Message}", ex);
         }
+        return await HandshakeAsync(address, host, stream, options, timeout.Token, cancellationToken);
+    }
 
+    /// <summary>
+    /// Speaks relay/1 over a byte stream the caller opened (a Unix socket, a tunnel, or
+    /// <c>RelayServer.ConnectInProcess()</c> of a relay in the same process): TLS first when
+    /// <see cref="RelayConnectionOptions.Tls"/> is on (the relay's certificate pinned to the address's
+    /// fingerprint as over TCP), then the handshake. The connection owns the stream from here on and
+    /// disposes it; <see cref="RelayConnectionOptions.Socks"/> does not apply.
+    /// </summary>
+    public static async Task<RelayConnection> ConnectAsync(RelayAddress address, Stream transport, RelayConnectionOptions? options = null,
+        CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(transport);
+        options ??= new RelayConnectionOptions();
+        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        timeout.CancelAfter(options.ConnectTimeout);
+        return await HandshakeAsync(address, options.Host ?? address.Host, transport, options, timeout.Token, cancellationToken);
+    }
+
+    /// <summary>TLS (when on) and HELLO over an open stream; disposes the stream when either fails.</summary>
+    private static async Task<RelayConnection> HandshakeAsync(RelayAddress address, string host, Stream stream,
+        RelayConnectionOptions options, CancellationToken timeout, CancellationToken cancellationToken)
+    {
         try
         {
             if (options.Tls)
@@ -142,7 +165,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
                 };
                 try
                 {
-                    await ssl.AuthenticateAsClientAsync(tlsOptions, timeout.Token);
+                    await ssl.AuthenticateAsClientAsync(tlsOptions, timeout);
                 }
                 catch (AuthenticationException) when (!pinned)
                 {
@@ -160,9 +183,9 @@ public sealed partial class RelayConnection : IAsyncDisposable
             var input = PipeReader.Create(stream, new StreamPipeReaderOptions(bufferSize: 64 * 1024, leaveOpen: true));
             var hello = new ArrayBufferWriter<byte>(16);
             FrameWriter.WriteHello(hello, ProtocolConstants.MinVersion, ProtocolConstants.MaxVersion);
-            await stream.WriteAsync(hello.WrittenMemory, timeout.Token);
-            await stream.FlushAsync(timeout.Token);
-            var (type, payload) = await ReadOneFrameAsync(input, timeout.Token);
+            await stream.WriteAsync(hello.WrittenMemory, timeout);
+            await stream.FlushAsync(timeout);
+            var (type, payload) = await ReadOneFrameAsync(input, timeout);
             if (type == FrameType.Err)
             {
                 var code = payload.Length > 0 ? (ErrorCode)payload[0] : ErrorCode.Syntax;

@@ -8,7 +8,7 @@ namespace Relay.Server.Connections;
 /// (or the frame reader on plain TCP) straight from the socket. Bytes read past a PROXY header are
 /// handed back with <see cref="Unread"/> and come first.
 /// </summary>
-internal sealed class ClientStream : NetworkStream
+internal sealed class ClientStream : NetworkStream, IConnectionState
 {
     private ReadOnlyMemory<byte> _unread;
     private Action<ClientStream>? _onClosed;

@@ -52,7 +52,7 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
             context.Metrics.ConnectionOpened();
             try
             {
-                await new RelaySession(context, source).RunAsync(connection);
+                await new RelaySession(context, source).RunAsync(connection, connection);
             }
             finally
             {
@@ -69,6 +69,38 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
         {
             Interlocked.Decrement(ref _open);
             connection.Close(abort: false);
+        }
+    }
+
+    /// <summary>
+    /// Runs one in-process connection to its end and closes it; never throws. Counted against the
+    /// connection limit like a socket; it has no source, so the per-source limits do not apply.
+    /// </summary>
+    public async Task OnConnectedAsync(InProcessConnection connection)
+    {
+        if (Interlocked.Increment(ref _open) > context.Options.MaxConnections || context.Stopping.IsCancellationRequested)
+        {
+            Interlocked.Decrement(ref _open);
+            string reason = context.Stopping.IsCancellationRequested ? "stopping" : "max_connections";
+            context.Metrics.ConnectionRejected(reason);
+            Log.ConnectionRejected(context.Logger, reason);
+            connection.Dispose();
+            return;
+        }
+        context.Metrics.ConnectionOpened();
+        try
+        {
+            await new RelaySession(context, SourceKey.None).RunAsync(connection, connection);
+        }
+        catch (Exception ex)
+        {
+            Log.ConnectionFailed(context.Logger, ex.GetType().Name);
+        }
+        finally
+        {
+            context.Metrics.ConnectionClosed();
+            Interlocked.Decrement(ref _open);
+            connection.Dispose();
         }
     }
 

@@ -167,7 +167,7 @@ internal sealed partial class RelaySession
     /// Reads take no token: the listener's idle sweep and its shutdown end reading on the socket, so a
     /// read returns end of stream (an idle connection holds no timer or cancellation registration).
     /// </remarks>
-    private async Task ReadLoopAsync(Stream input, ClientStream connection)
+    private async Task ReadLoopAsync(Stream input, IConnectionState connection)
     {
         // Frames that came with HELLO are handled before the first read.
         bool more = true;

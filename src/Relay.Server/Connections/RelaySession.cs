@@ -46,18 +46,19 @@ internal sealed partial class RelaySession
         RelayCrypto.GenerateKeyPair(_sessionPrivate, _sessionPublic);
     }
 
-    public async Task RunAsync(ClientStream connection)
+    /// <summary>Runs the session over <paramref name="transport"/> (a socket, or an in-process stream) to its end.</summary>
+    public async Task RunAsync(Stream transport, IConnectionState connection)
     {
         // One deadline for TLS and HELLO together: a client cannot hold a connection for longer.
         // Disposed (and dropped) once HELLO is answered: an established session keeps no timer.
         CancellationTokenSource? handshakeTimeout = new(_options.HandshakeTimeout);
         SslStream? ssl = null;
-        Stream input = connection;
+        Stream input = transport;
         try
         {
             if (_options.Tls)
             {
-                ssl = new SslStream(connection, leaveInnerStreamOpen: true);
+                ssl = new SslStream(transport, leaveInnerStreamOpen: true);
                 await ssl.AuthenticateAsServerAsync(await _context.TlsOptions.WaitAsync(handshakeTimeout.Token), handshakeTimeout.Token);
                 // A client that offers no ALPN at all completes TLS without one: refuse it too (PROTOCOL.md §2).
                 if (!ssl.NegotiatedApplicationProtocol.Protocol.Span.SequenceEqual(ProtocolConstants.Alpn))

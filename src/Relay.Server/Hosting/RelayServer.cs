@@ -28,6 +28,8 @@ public sealed class RelayServer : IAsyncDisposable
     private readonly RelayServerContext _context;
     private readonly RelayIdentity _identity;
     private readonly RelayListener _relayListener;
+    private readonly RelayConnectionHandler _handler;
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<InProcessConnection, Task> _inProcess = new();
     private readonly ListenOptions? _adminListen;
     private readonly Task<(X509Certificate2 Certificate, SslServerAuthenticationOptions Options)>? _tlsTask;
     private readonly ILogger _logger;
@@ -61,7 +63,7 @@ public sealed class RelayServer : IAsyncDisposable
     }
 
     private RelayServer(RelayServerOptions options, WebApplication app, RelayServerContext context, RelayIdentity identity,
-        RelayListener relayListener, ListenOptions? adminListen, Task<(X509Certificate2 Certificate, SslServerAuthenticationOptions Options)>? tlsTask, RelayMaintenance maintenance)
+        RelayListener relayListener, RelayConnectionHandler handler, ListenOptions? adminListen, Task<(X509Certificate2 Certificate, SslServerAuthenticationOptions Options)>? tlsTask, RelayMaintenance maintenance)
     {
         _maintenance = maintenance;
         Options = options;
@@ -69,6 +71,7 @@ public sealed class RelayServer : IAsyncDisposable
         _context = context;
         _identity = identity;
         _relayListener = relayListener;
+        _handler = handler;
         _adminListen = adminListen;
         _tlsTask = tlsTask;
         Store = context.Store;
@@ -184,7 +187,7 @@ public sealed class RelayServer : IAsyncDisposable
             MapAdmin(app, context, () => server?._ready == true);
             await app.StartAsync(cancellationToken);
             var maintenance = new RelayMaintenance(context);
-            server = new RelayServer(options, app, context, identity, relayListener, adminListen, tlsTask, maintenance);
+            server = new RelayServer(options, app, context, identity, relayListener, handler, adminListen, tlsTask, maintenance);
             relayListener.Start();
             maintenance.Start();
             if (created)
@@ -252,6 +255,54 @@ public sealed class RelayServer : IAsyncDisposable
     }
 
     /// <summary>
+    /// Opens a connection to this relay that goes through no socket: the returned stream is the
+    /// client's end, carrying exactly what a TCP connection would (TLS first when
+    /// <see cref="RelayServerOptions.Tls"/> is on, then relay/1 frames). For a process that hosts its
+    /// own relay, and for tests and benchmarks; <c>RelayConnection.ConnectAsync(address, stream)</c>
+    /// of the client SDK speaks over it. Counted against <see cref="RelayServerOptions.MaxConnections"/>;
+    /// it has no source address, so the per-source limits do not apply. Disposing the stream closes
+    /// the connection; stopping the relay ends it like a socket's.
+    /// </summary>
+    /// <exception cref="ObjectDisposedException">The relay is stopping or stopped.</exception>
+    public Stream ConnectInProcess()
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _stopped) != 0, this);
+        var (relay, client) = InProcessConnection.Create();
+        _inProcess[relay] = Task.Run(async () =>
+        {
+            try
+            {
+                await _handler.OnConnectedAsync(relay);
+            }
+            finally
+            {
+                _inProcess.TryRemove(relay, out _);
+            }
+        });
+        return client;
+    }
+
+    /// <summary>Ends reading on every in-process connection, waits for them, then aborts what is left.</summary>
+    private async Task<bool> StopInProcessAsync(TimeSpan timeout)
+    {
+        foreach (var connection in _inProcess.Keys)
+        {
+            connection.EndReading();
+        }
+        var all = Task.WhenAll(_inProcess.Values);
+        if (await Task.WhenAny(all, Task.Delay(timeout)) == all)
+        {
+            return true;
+        }
+        foreach (var connection in _inProcess.Keys)
+        {
+            connection.Dispose();
+        }
+        await Task.WhenAny(Task.WhenAll(_inProcess.Values), Task.Delay(TimeSpan.FromSeconds(2)));
+        return false;
+    }
+
+    /// <summary>
     /// Stops accepting, lets every connection finish what it has in flight and closes it, then
     /// flushes and closes the store. Every acknowledged message is on disk when this returns.
     /// </summary>
@@ -268,9 +319,10 @@ public sealed class RelayServer : IAsyncDisposable
         {
             // Bounded by RelayServerOptions.ShutdownTimeout: the connections still open then are aborted.
             var relayStopped = _relayListener.StopAsync(Options.ShutdownTimeout);
+            var inProcessStopped = StopInProcessAsync(Options.ShutdownTimeout);
             long start = System.Diagnostics.Stopwatch.GetTimestamp();
             await _app.StopAsync();
-            if (!await relayStopped || System.Diagnostics.Stopwatch.GetElapsedTime(start) >= Options.ShutdownTimeout)
+            if (!await relayStopped | !await inProcessStopped || System.Diagnostics.Stopwatch.GetElapsedTime(start) >= Options.ShutdownTimeout)
             {
                 Log.ShutdownTimedOut(_logger);
             }

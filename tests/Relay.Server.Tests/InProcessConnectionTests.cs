@@ -1,0 +1,108 @@
+using Relay.Client.Transport;
+using Relay.Protocol;
+
+namespace Relay.Server.Tests;
+
+/// <summary>
+/// <see cref="Hosting.RelayServer.ConnectInProcess"/>: a connection that goes through no socket
+/// behaves as one over TCP (TLS, handshake, queues, delivery), counts against the connection limit,
+/// and ends with the relay's shutdown.
+/// </summary>
+public class InProcessConnectionTests
+{
+    [Test]
+    [Arguments(true)]
+    [Arguments(false)]
+    public async Task A_message_goes_from_producer_to_consumer_over_in_process_connections(bool tls)
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = tls);
+        var options = new RelayConnectionOptions { Tls = tls };
+        await using var consumer = await RelayConnection.ConnectAsync(relay.Address, relay.Server.ConnectInProcess(), options);
+        await using var producer = await RelayConnection.ConnectAsync(relay.Address, relay.Server.ConnectInProcess(), options);
+
+        var recipient = await consumer.CreateQueueAsync();
+        var senderKey = new byte[ProtocolConstants.KeySize];
+        RelayCrypto.GenerateKeyPair(senderKey, new byte[ProtocolConstants.KeySize]);
+        await producer.SecureAsync(recipient.SenderId, senderKey);
+        var sender = new SenderQueue(recipient.SenderId, senderKey);
+        await consumer.SubscribeAsync(recipient);
+
+        var body = "over no socket"u8.ToArray();
+        await producer.SendAsync(sender, body);
+        var delivery = await NextDeliveryAsync(consumer);
+        await Assert.That(delivery.Body).IsEquivalentTo(body, TUnit.Assertions.Enums.CollectionOrdering.Matching);
+        await consumer.AckAsync(recipient, delivery.MessageId);
+
+        // Stored once, deleted by the ACK.
+        await Assert.That(relay.Server.Store.Statistics.MessagesAppended).IsEqualTo(1);
+        await Assert.That(relay.Server.Store.Statistics.MessagesDeleted).IsEqualTo(1);
+        await Assert.That(OpenConnections(relay)).IsEqualTo(2);
+    }
+
+    [Test]
+    public async Task A_pinned_fingerprint_that_does_not_match_is_refused_in_process_too()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var other = await TestRelay.StartAsync();
+
+        // The address of another relay: its fingerprint does not match this relay's certificate.
+        await Assert.That(async () => await RelayConnection.ConnectAsync(other.Address, relay.Server.ConnectInProcess()))
+            .Throws<FingerprintMismatchException>();
+    }
+
+    [Test]
+    public async Task In_process_connections_count_against_the_connection_limit()
+    {
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Tls = false;
+            o.MaxConnections = 1;
+        });
+        var options = new RelayConnectionOptions { Tls = false, ConnectTimeout = TimeSpan.FromSeconds(5) };
+        await using var first = await RelayConnection.ConnectAsync(relay.Address, relay.Server.ConnectInProcess(), options);
+
+        await Assert.That(async () => await RelayConnection.ConnectAsync(relay.Address, relay.Server.ConnectInProcess(), options))
+            .Throws<RelayConnectException>();
+        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("max_connections"))).IsTrue();
+
+        // The first one still works.
+        await first.PingAsync();
+    }
+
+    [Test]
+    public async Task Stopping_the_relay_ends_an_in_process_connection_and_closing_it_frees_its_slot()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        var options = new RelayConnectionOptions { Tls = false };
+        var closing = await RelayConnection.ConnectAsync(relay.Address, relay.Server.ConnectInProcess(), options);
+        await closing.DisposeAsync();
+        for (int i = 0; i < 50 && OpenConnections(relay) != 0; i++)
+        {
+            await Task.Delay(50);
+        }
+        await Assert.That(OpenConnections(relay)).IsEqualTo(0);
+
+        await using var connection = await RelayConnection.ConnectAsync(relay.Address, relay.Server.ConnectInProcess(), options);
+        await relay.Server.StopAsync();
+        using var wait = new CancellationTokenSource(TimeSpan.FromSeconds(10));
+        await Assert.That(async () => await Task.Delay(Timeout.Infinite, CancellationTokenSource.CreateLinkedTokenSource(connection.Closed, wait.Token).Token))
+            .Throws<OperationCanceledException>();
+        await Assert.That(connection.Closed.IsCancellationRequested).IsTrue();
+        await Assert.That(() => relay.Server.ConnectInProcess()).Throws<ObjectDisposedException>();
+    }
+
+    private static long OpenConnections(TestRelay relay) =>
+        relay.Server.Metrics.Snapshot(relay.Server.Store, relay.Server.Options, TimeSpan.Zero).ConnectionsOpen;
+
+    private static async Task<Delivery> NextDeliveryAsync(RelayConnection connection)
+    {
+        using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(10));
+        while (true)
+        {
+            if (await connection.Events.ReadAsync(timeout.Token) is DeliveryEvent { Delivery: var delivery })
+            {
+                return delivery;
+            }
+        }
+    }
+}
