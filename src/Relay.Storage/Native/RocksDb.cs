@@ -50,12 +50,7 @@ internal sealed unsafe class RocksDb : IDisposable
         rocksdb_options_set_max_log_file_size(options, 4 * 1024 * 1024);
         // Bounds the WAL (counted in the disk budget): older memtables get flushed when it is reached.
         rocksdb_options_set_max_total_wal_size(options, 64UL * 1024 * 1024);
-        // Small memtables: every message is inserted once and deleted once, and a memtable's skip list
-        // costs a cache miss per level searched; at 4 MiB it stays warmer in cache than at 16 MiB
-        // (docs/PERFORMANCE.md, fourth round: relay CPU per message -5% live, -8% drain). Up to four
-        // of them (16 MiB per column family, as before) absorb a flush that falls behind.
-        rocksdb_options_set_write_buffer_size(options, 4 * 1024 * 1024);
-        rocksdb_options_set_max_write_buffer_number(options, 4);
+        rocksdb_options_set_write_buffer_size(options, 16 * 1024 * 1024);
         rocksdb_options_increase_parallelism(options, Math.Max(2, Environment.ProcessorCount / 2));
         // Message bodies are ciphertext and keys are random: compression would only cost CPU, and
         // leaving it off keeps the files independent of which codecs a RocksDB build includes.

@@ -27,7 +27,6 @@ internal static unsafe partial class RocksDbNative
     [LibraryImport(Lib)] public static partial void rocksdb_options_set_max_log_file_size(nint options, nuint bytes);
     [LibraryImport(Lib)] public static partial void rocksdb_options_set_max_total_wal_size(nint options, ulong bytes);
     [LibraryImport(Lib)] public static partial void rocksdb_options_set_write_buffer_size(nint options, nuint bytes);
-    [LibraryImport(Lib)] public static partial void rocksdb_options_set_max_write_buffer_number(nint options, int count);
     [LibraryImport(Lib)] public static partial void rocksdb_options_set_compression(nint options, int compression);
     [LibraryImport(Lib)] public static partial void rocksdb_options_set_disable_auto_compactions(nint options, int value);
     [LibraryImport(Lib)] public static partial void rocksdb_options_set_max_open_files(nint options, int value);
