@@ -142,7 +142,14 @@ internal sealed class InProcessConnection : PipeStream, IConnectionState
     {
         if (Interlocked.Exchange(ref _readingEnded, 1) == 0)
         {
-            _reader.CancelPendingRead();
+            try
+            {
+                _reader.CancelPendingRead();
+            }
+            catch (InvalidOperationException)
+            {
+                // The connection closed meanwhile: nothing is reading.
+            }
             _ended.Cancel();
         }
     }

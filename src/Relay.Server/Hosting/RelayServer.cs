@@ -29,7 +29,10 @@ public sealed class RelayServer : IAsyncDisposable
     private readonly RelayIdentity _identity;
     private readonly RelayListener _relayListener;
     private readonly RelayConnectionHandler _handler;
-    private readonly System.Collections.Concurrent.ConcurrentDictionary<InProcessConnection, Task> _inProcess = new();
+    // Open in-process connections and the ends of their sessions; under its own lock, with the flag
+    // that closes it to new ones once the shutdown has taken its snapshot.
+    private readonly Dictionary<InProcessConnection, Task> _inProcess = new(ReferenceEqualityComparer.Instance);
+    private bool _inProcessClosed;
     private readonly ListenOptions? _adminListen;
     private readonly Task<(X509Certificate2 Certificate, SslServerAuthenticationOptions Options)>? _tlsTask;
     private readonly ILogger _logger;
@@ -266,9 +269,15 @@ public sealed class RelayServer : IAsyncDisposable
     /// <exception cref="ObjectDisposedException">The relay is stopping or stopped.</exception>
     public Stream ConnectInProcess()
     {
-        ObjectDisposedException.ThrowIf(Volatile.Read(ref _stopped) != 0, this);
         var (relay, client) = InProcessConnection.Create();
-        _inProcess[relay] = Task.Run(async () =>
+        // Registered before it runs: a connection refused at once must not be registered after its removal.
+        var ended = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        lock (_inProcess)
+        {
+            ObjectDisposedException.ThrowIf(_inProcessClosed || Volatile.Read(ref _stopped) != 0, this);
+            _inProcess[relay] = ended.Task;
+        }
+        _ = Task.Run(async () =>
         {
             try
             {
@@ -276,7 +285,11 @@ public sealed class RelayServer : IAsyncDisposable
             }
             finally
             {
-                _inProcess.TryRemove(relay, out _);
+                lock (_inProcess)
+                {
+                    _inProcess.Remove(relay);
+                }
+                ended.TrySetResult();
             }
         });
         return client;
@@ -285,20 +298,26 @@ public sealed class RelayServer : IAsyncDisposable
     /// <summary>Ends reading on every in-process connection, waits for them, then aborts what is left.</summary>
     private async Task<bool> StopInProcessAsync(TimeSpan timeout)
     {
-        foreach (var connection in _inProcess.Keys)
+        KeyValuePair<InProcessConnection, Task>[] open;
+        lock (_inProcess)
+        {
+            _inProcessClosed = true;
+            open = [.. _inProcess];
+        }
+        foreach (var (connection, _) in open)
         {
             connection.EndReading();
         }
-        var all = Task.WhenAll(_inProcess.Values);
+        var all = Task.WhenAll(open.Select(c => c.Value));
         if (await Task.WhenAny(all, Task.Delay(timeout)) == all)
         {
             return true;
         }
-        foreach (var connection in _inProcess.Keys)
+        foreach (var (connection, _) in open)
         {
             connection.Dispose();
         }
-        await Task.WhenAny(Task.WhenAll(_inProcess.Values), Task.Delay(TimeSpan.FromSeconds(2)));
+        await Task.WhenAny(all, Task.Delay(TimeSpan.FromSeconds(2)));
         return false;
     }
 
@@ -322,7 +341,9 @@ public sealed class RelayServer : IAsyncDisposable
             var inProcessStopped = StopInProcessAsync(Options.ShutdownTimeout);
             long start = System.Diagnostics.Stopwatch.GetTimestamp();
             await _app.StopAsync();
-            if (!await relayStopped | !await inProcessStopped || System.Diagnostics.Stopwatch.GetElapsedTime(start) >= Options.ShutdownTimeout)
+            bool relayDrained = await relayStopped;
+            bool inProcessDrained = await inProcessStopped;
+            if (!relayDrained || !inProcessDrained || System.Diagnostics.Stopwatch.GetElapsedTime(start) >= Options.ShutdownTimeout)
             {
                 Log.ShutdownTimedOut(_logger);
             }
