@@ -91,6 +91,41 @@ public class InProcessConnectionTests
         await Assert.That(() => relay.Server.ConnectInProcess()).Throws<ObjectDisposedException>();
     }
 
+    [Test]
+    public async Task A_client_that_stops_reading_cannot_hold_up_the_shutdown()
+    {
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Tls = false;
+            o.ShutdownTimeout = TimeSpan.FromSeconds(1);
+            o.MaxOutputBuffer = 64 * 1024;
+        });
+        await using var stream = relay.Server.ConnectInProcess();
+        await stream.WriteAsync(RawClient.Hello(1, 1));
+        // PINGs and never a read: the PONGs fill the in-memory stream and the relay's sends wait.
+        var ping = RawClient.Frame(FrameType.Ping, 1, []);
+        var chunk = new byte[ping.Length * 1024];
+        for (int i = 0; i < 1024; i++)
+        {
+            ping.CopyTo(chunk, i * ping.Length);
+        }
+        bool stalled = false;
+        for (int i = 0; i < 1000 && !stalled; i++)
+        {
+            var write = stream.WriteAsync(chunk).AsTask();
+            // The relay stopped reading: its output is full.
+            stalled = await Task.WhenAny(write, Task.Delay(TimeSpan.FromSeconds(2))) != write;
+        }
+        await Assert.That(stalled).IsTrue();
+
+        var stopping = System.Diagnostics.Stopwatch.StartNew();
+        await relay.Server.StopAsync();
+        // The shutdown timeout (1 s), then the abort ends the session at once: neither the 5 s a
+        // session gives its last sends nor the 2 s the shutdown waits for aborted sessions.
+        await Assert.That(stopping.Elapsed).IsLessThan(TimeSpan.FromSeconds(2.5));
+        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("Shutdown timeout reached"))).IsTrue();
+    }
+
     private static long OpenConnections(TestRelay relay) =>
         relay.Server.Metrics.Snapshot(relay.Server.Store, relay.Server.Options, TimeSpan.Zero).ConnectionsOpen;
 

@@ -71,9 +71,9 @@ internal class PipeStream(PipeReader reader, PipeWriter writer) : Stream
             throw new ObjectDisposedException(nameof(PipeStream));
         }
         FlushResult result = await writer.WriteAsync(buffer, cancellationToken).ConfigureAwait(false);
-        if (result.IsCompleted)
+        if (result.IsCompleted || result.IsCanceled)
         {
-            throw new IOException("The other end of the in-process connection is closed.");
+            throw new IOException(result.IsCanceled ? "The in-process connection was aborted." : "The other end of the in-process connection is closed.");
         }
     }
 
@@ -116,10 +116,15 @@ internal class PipeStream(PipeReader reader, PipeWriter writer) : Stream
 internal sealed class InProcessConnection : PipeStream, IConnectionState
 {
     private readonly PipeReader _reader;
+    private readonly PipeWriter _writer;
     private readonly CancellationTokenSource _ended = new();   // no timer: needs no Dispose
     private int _readingEnded;
 
-    private InProcessConnection(PipeReader reader, PipeWriter writer) : base(reader, writer) => _reader = reader;
+    private InProcessConnection(PipeReader reader, PipeWriter writer) : base(reader, writer)
+    {
+        _reader = reader;
+        _writer = writer;
+    }
 
     /// <summary>A connected pair: the relay's end and the client's end.</summary>
     public static (InProcessConnection Relay, Stream Client) Create()
@@ -152,5 +157,20 @@ internal sealed class InProcessConnection : PipeStream, IConnectionState
             }
             _ended.Cancel();
         }
+    }
+
+    /// <summary>Ends the connection at once: reading ends and a send waiting for the client fails.</summary>
+    public void Abort()
+    {
+        EndReading();
+        try
+        {
+            _writer.CancelPendingFlush();
+        }
+        catch (InvalidOperationException)
+        {
+            // Already closed.
+        }
+        Dispose();
     }
 }

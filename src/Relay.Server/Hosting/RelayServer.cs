@@ -315,7 +315,7 @@ public sealed class RelayServer : IAsyncDisposable
         }
         foreach (var (connection, _) in open)
         {
-            connection.Dispose();
+            connection.Abort();
         }
         await Task.WhenAny(all, Task.Delay(TimeSpan.FromSeconds(2)));
         return false;
