@@ -263,8 +263,9 @@ public sealed class RelayServer : IAsyncDisposable
     /// <see cref="RelayServerOptions.Tls"/> is on, then relay/1 frames). For a process that hosts its
     /// own relay, and for tests and benchmarks; <c>RelayConnection.ConnectAsync(address, stream)</c>
     /// of the client SDK speaks over it. Counted against <see cref="RelayServerOptions.MaxConnections"/>;
-    /// it has no source address, so the per-source limits do not apply. Disposing the stream closes
-    /// the connection; stopping the relay ends it like a socket's.
+    /// it has no source address, so the per-source limits do not apply, and no idle timeout ends it
+    /// (its other end is in this process). Disposing the stream closes the connection; stopping the
+    /// relay ends it like a socket's.
     /// </summary>
     /// <exception cref="ObjectDisposedException">The relay is stopping or stopped.</exception>
     public Stream ConnectInProcess()
