@@ -94,9 +94,7 @@ internal static unsafe partial class RocksDbNative
     [LibraryImport(Lib)] public static partial nint rocksdb_writebatch_create();
     [LibraryImport(Lib)] public static partial void rocksdb_writebatch_destroy(nint batch);
     [LibraryImport(Lib)] public static partial void rocksdb_writebatch_clear(nint batch);
-    [LibraryImport(Lib)] public static partial int rocksdb_writebatch_count(nint batch);
     [LibraryImport(Lib)] public static partial void rocksdb_writebatch_put_cf(nint batch, nint cf, byte* key, nuint keyLength, byte* value, nuint valueLength);
-    [LibraryImport(Lib)] public static partial void rocksdb_writebatch_putv_cf(nint batch, nint cf, int keyCount, byte** keys, nuint* keyLengths, int valueCount, byte** values, nuint* valueLengths);
     [LibraryImport(Lib)] public static partial void rocksdb_writebatch_delete_cf(nint batch, nint cf, byte* key, nuint keyLength);
     [LibraryImport(Lib)] public static partial void rocksdb_writebatch_delete_range_cf(nint batch, nint cf, byte* startKey, nuint startLength, byte* endKey, nuint endLength);
     [LibraryImport(Lib)] public static partial void rocksdb_write(nint db, nint writeOptions, nint batch, nint* errptr);
