@@ -3,24 +3,16 @@ using System.IO.Pipelines;
 
 namespace Relay.Server.Connections;
 
-/// <summary>What a session needs of its connection besides the bytes: whether reading was ended from outside.</summary>
-internal interface IConnectionState
-{
-    /// <summary>True when the idle sweep ended the connection's reading.</summary>
-    bool IdleExpired { get; }
-
-    /// <summary>True once reading was ended from outside (idle or shutdown), or the connection closed.</summary>
-    bool ReadingEnded { get; }
-
-    /// <summary>Cancelled when reading is ended from outside: for waits other than reads.</summary>
-    CancellationToken Ended { get; }
-}
-
 /// <summary>
 /// One end of an in-memory byte stream pair: what one end writes, the other reads. Writes wait while
 /// the other end has 64 KiB unread (the same backpressure a socket buffer gives).
 /// </summary>
-internal class PipeStream(PipeReader reader, PipeWriter writer) : Stream
+/// <remarks>
+/// Not <c>PipeReader.AsStream()</c> with <c>PipeWriter.AsStream()</c>: there a cancelled read throws
+/// and a write to a closed peer is dropped without error; a session needs what a socket gives, end
+/// of stream when its reading is ended and an error when the peer is gone.
+/// </remarks>
+internal class PipeEndStream(PipeReader reader, PipeWriter writer) : Stream
 {
     private int _disposed;
 
@@ -68,7 +60,7 @@ internal class PipeStream(PipeReader reader, PipeWriter writer) : Stream
     {
         if (Volatile.Read(ref _disposed) != 0)
         {
-            throw new ObjectDisposedException(nameof(PipeStream));
+            throw new ObjectDisposedException(nameof(PipeEndStream));
         }
         FlushResult result = await writer.WriteAsync(buffer, cancellationToken).ConfigureAwait(false);
         if (result.IsCompleted || result.IsCanceled)
@@ -113,7 +105,7 @@ internal class PipeStream(PipeReader reader, PipeWriter writer) : Stream
 /// The relay's end of an in-process connection (<see cref="Hosting.RelayServer.ConnectInProcess"/>):
 /// a session runs over it exactly as over a socket. A shutdown ends its reading like a socket's.
 /// </summary>
-internal sealed class InProcessConnection : PipeStream, IConnectionState
+internal sealed class InProcessConnection : PipeEndStream, IConnectionState
 {
     private readonly PipeReader _reader;
     private readonly PipeWriter _writer;
@@ -131,7 +123,7 @@ internal sealed class InProcessConnection : PipeStream, IConnectionState
     {
         var toRelay = new Pipe();
         var toClient = new Pipe();
-        return (new InProcessConnection(toRelay.Reader, toClient.Writer), new PipeStream(toClient.Reader, toRelay.Writer));
+        return (new InProcessConnection(toRelay.Reader, toClient.Writer), new PipeEndStream(toClient.Reader, toRelay.Writer));
     }
 
     public bool IdleExpired => false;

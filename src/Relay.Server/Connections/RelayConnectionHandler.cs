@@ -15,10 +15,9 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
     /// <summary>Runs one connection to its end and closes it; never throws.</summary>
     public async Task OnConnectedAsync(ClientStream connection)
     {
-        if (Interlocked.Increment(ref _open) > context.Options.MaxConnections || context.Stopping.IsCancellationRequested)
+        if (!TryAdmit())
         {
-            Interlocked.Decrement(ref _open);
-            Reject(connection, context.Stopping.IsCancellationRequested ? "stopping" : "max_connections");
+            connection.Close(abort: true);
             return;
         }
         try
@@ -46,18 +45,17 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
             }
             if (!context.Sources.TryOpen(source))
             {
-                Reject(connection, "max_connections_per_source");
+                Refuse("max_connections_per_source");
+                connection.Close(abort: true);
                 return;
             }
-            context.Metrics.ConnectionOpened();
             try
             {
-                await new RelaySession(context, source).RunAsync(connection, connection);
+                await RunSessionAsync(connection, connection, source);
             }
             finally
             {
                 context.Sources.Close(source);
-                context.Metrics.ConnectionClosed();
             }
         }
         catch (Exception ex)
@@ -78,19 +76,14 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
     /// </summary>
     public async Task OnConnectedAsync(InProcessConnection connection)
     {
-        if (Interlocked.Increment(ref _open) > context.Options.MaxConnections || context.Stopping.IsCancellationRequested)
+        if (!TryAdmit())
         {
-            Interlocked.Decrement(ref _open);
-            string reason = context.Stopping.IsCancellationRequested ? "stopping" : "max_connections";
-            context.Metrics.ConnectionRejected(reason);
-            Log.ConnectionRejected(context.Logger, reason);
             connection.Dispose();
             return;
         }
-        context.Metrics.ConnectionOpened();
         try
         {
-            await new RelaySession(context, SourceKey.None).RunAsync(connection, connection);
+            await RunSessionAsync(connection, connection, SourceKey.None);
         }
         catch (Exception ex)
         {
@@ -98,17 +91,40 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
         }
         finally
         {
-            context.Metrics.ConnectionClosed();
             Interlocked.Decrement(ref _open);
             connection.Dispose();
         }
     }
 
-    private void Reject(ClientStream connection, string reason)
+    /// <summary>Takes a connection slot; false (the refusal counted and logged) when the relay is full or stopping.</summary>
+    private bool TryAdmit()
+    {
+        if (Interlocked.Increment(ref _open) <= context.Options.MaxConnections && !context.Stopping.IsCancellationRequested)
+        {
+            return true;
+        }
+        Interlocked.Decrement(ref _open);
+        Refuse(context.Stopping.IsCancellationRequested ? "stopping" : "max_connections");
+        return false;
+    }
+
+    private void Refuse(string reason)
     {
         context.Metrics.ConnectionRejected(reason);
         Log.ConnectionRejected(context.Logger, reason);
-        connection.Close(abort: true);
+    }
+
+    private async Task RunSessionAsync(Stream transport, IConnectionState state, SourceKey source)
+    {
+        context.Metrics.ConnectionOpened();
+        try
+        {
+            await new RelaySession(context, source).RunAsync(transport, state);
+        }
+        finally
+        {
+            context.Metrics.ConnectionClosed();
+        }
     }
 
     /// <summary>

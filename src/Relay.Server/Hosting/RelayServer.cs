@@ -29,10 +29,10 @@ public sealed class RelayServer : IAsyncDisposable
     private readonly RelayIdentity _identity;
     private readonly RelayListener _relayListener;
     private readonly RelayConnectionHandler _handler;
-    // Open in-process connections and the ends of their sessions; under its own lock, with the flag
-    // that closes it to new ones once the shutdown has taken its snapshot.
+    // Open in-process connections and the ends of their sessions, under its own lock. A connection
+    // is registered only while _stopped is 0, and the shutdown sets _stopped before it takes its
+    // snapshot under the same lock: none is registered after the snapshot.
     private readonly Dictionary<InProcessConnection, Task> _inProcess = new(ReferenceEqualityComparer.Instance);
-    private bool _inProcessClosed;
     private readonly ListenOptions? _adminListen;
     private readonly Task<(X509Certificate2 Certificate, SslServerAuthenticationOptions Options)>? _tlsTask;
     private readonly ILogger _logger;
@@ -275,7 +275,7 @@ public sealed class RelayServer : IAsyncDisposable
         var ended = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         lock (_inProcess)
         {
-            ObjectDisposedException.ThrowIf(_inProcessClosed || Volatile.Read(ref _stopped) != 0, this);
+            ObjectDisposedException.ThrowIf(Volatile.Read(ref _stopped) != 0, this);
             _inProcess[relay] = ended.Task;
         }
         _ = Task.Run(async () =>
@@ -302,7 +302,6 @@ public sealed class RelayServer : IAsyncDisposable
         KeyValuePair<InProcessConnection, Task>[] open;
         lock (_inProcess)
         {
-            _inProcessClosed = true;
             open = [.. _inProcess];
         }
         foreach (var (connection, _) in open)
