@@ -84,9 +84,8 @@ public class InProcessConnectionTests
 
         await using var connection = await RelayConnection.ConnectAsync(relay.Address, relay.Server.ConnectInProcess(), options);
         await relay.Server.StopAsync();
-        using var wait = new CancellationTokenSource(TimeSpan.FromSeconds(10));
-        await Assert.That(async () => await Task.Delay(Timeout.Infinite, CancellationTokenSource.CreateLinkedTokenSource(connection.Closed, wait.Token).Token))
-            .Throws<OperationCanceledException>();
+        // The client sees its connection end (within 10 s; at once in practice).
+        await Task.WhenAny(Task.Delay(Timeout.Infinite, connection.Closed), Task.Delay(TimeSpan.FromSeconds(10)));
         await Assert.That(connection.Closed.IsCancellationRequested).IsTrue();
         await Assert.That(() => relay.Server.ConnectInProcess()).Throws<ObjectDisposedException>();
     }
