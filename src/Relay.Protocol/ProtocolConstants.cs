@@ -32,6 +32,9 @@ public static class ProtocolConstants
     /// <summary>Bytes of a SEND frame besides the body: type, corr, sender id, flags, mac.</summary>
     public const int SendOverhead = HeaderSize + IdSize + 1 + MacSize;
 
+    /// <summary>Largest delivery window a SUB can ask for (PROTOCOL.md §6 SUB); larger requests get this.</summary>
+    public const int MaxDeliveryWindow = 64;
+
     /// <summary>Plaintext header inside a sealed delivery: u32 hour, u8 flags.</summary>
     public const int DeliveryHeaderSize = 5;
 

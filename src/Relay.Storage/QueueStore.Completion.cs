@@ -99,6 +99,7 @@ public sealed partial class QueueStore
                 queue.MessageCount += op.Kind == OpKind.Ack ? 1 : op.Count;
                 queue.ByteCount += op.Bytes;
                 queue.OldestBound = Math.Min(queue.OldestBound, op.MessageId);
+                queue.Peeked?.Clear();   // the oldest is back: the recorded run no longer starts at it
                 break;
             case OpKind.Secure:
                 queue.SenderKey = null;

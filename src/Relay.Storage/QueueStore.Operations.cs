@@ -148,7 +148,15 @@ public sealed partial class QueueStore
     /// Reads the oldest durable message of the queue; false when there is none. The body is in a
     /// buffer rented from ArrayPool&lt;byte&gt;.Shared: call <see cref="StoredMessage.Return"/>.
     /// </summary>
-    public bool TryPeekOldest(QueueHandle queue, out StoredMessage message)
+    public bool TryPeekOldest(QueueHandle queue, out StoredMessage message) => TryPeek(queue, 0, out message);
+
+    /// <summary>
+    /// Reads the first durable message whose id is at least <paramref name="from"/> (the oldest when
+    /// <paramref name="from"/> is at or below it); false when there is none yet. A subscriber with a
+    /// delivery window passes the id after the one it delivered last. The body is in a buffer rented
+    /// from ArrayPool&lt;byte&gt;.Shared: call <see cref="StoredMessage.Return"/>.
+    /// </summary>
+    public bool TryPeek(QueueHandle queue, ulong from, out StoredMessage message)
     {
         ArgumentNullException.ThrowIfNull(queue);
         message = new StoredMessage { Buffer = [] };
@@ -158,58 +166,85 @@ public sealed partial class QueueStore
         }
         try
         {
-            if (queue.Deleted || queue.MessageCount == 0 || queue.OldestBound >= Volatile.Read(ref queue.DurableNextId))
+            ulong bound = Math.Max(from, queue.OldestBound);
+            if (queue.Deleted || queue.MessageCount == 0 || bound >= Volatile.Read(ref queue.DurableNextId))
             {
                 // Nothing durable at or after the bound: only appends still waiting for their commit.
                 return false;
             }
-            if (TryTakeFromTail(queue, queue.OldestBound, out message))
+            bool found;
+            if (TryTakeFromTail(queue, bound, out message))
             {
                 Interlocked.Increment(ref _statistics._peeksFromMemory);
-                queue.PeekedId = message.Id;
-                queue.PeekedLength = message.Length;
-                return true;
+                found = true;
             }
-            Interlocked.Increment(ref _statistics._peeksFromStore);
-            EnterRead();
-            try
+            else
             {
-                bool found;
-                if (queue.KeepTail)
+                Interlocked.Increment(ref _statistics._peeksFromStore);
+                EnterRead();
+                try
                 {
-                    // A subscriber behind its tail (a backlog): read the next messages in one pass.
-                    found = ReadAheadIntoTail(queue, out message);
-                }
-                else
-                {
-                    // Ids of a queue are consecutive within a run, so the oldest message is usually at
-                    // exactly OldestBound: one point read, much cheaper than creating an iterator.
-                    found = TryReadAt(queue, queue.OldestBound, out message);
-                    if (!found)
+                    if (queue.KeepTail)
                     {
-                        using RocksDb.Iterator it = OpenMessages(queue);
-                        found = it.Valid;
-                        if (found)
+                        // A subscriber behind its tail (a backlog): read the next messages in one pass.
+                        found = ReadAheadIntoTail(queue, bound, out message);
+                    }
+                    else
+                    {
+                        // Ids of a queue are consecutive within a run, so the message wanted is usually at
+                        // exactly the bound: one point read, much cheaper than creating an iterator.
+                        found = TryReadAt(queue, bound, out message);
+                        if (!found)
                         {
-                            message = ToMessage(it);
+                            using RocksDb.Iterator it = OpenMessages(queue, bound);
+                            found = it.Valid;
+                            if (found)
+                            {
+                                message = ToMessage(it);
+                            }
                         }
                     }
                 }
-                if (found)
+                finally
                 {
-                    queue.PeekedId = message.Id;
-                    queue.PeekedLength = message.Length;
+                    ExitRead();
                 }
-                return found;
             }
-            finally
+            if (found)
             {
-                ExitRead();
+                RecordPeek(queue, bound, message);
             }
+            return found;
         }
         finally
         {
             queue.StoreLock.Exit();
+        }
+    }
+
+    /// <summary>Keeps the run of handed-out messages (see <see cref="PeekedMessages"/>). Caller holds StoreLock.</summary>
+    private static void RecordPeek(QueueHandle queue, ulong bound, in StoredMessage message)
+    {
+        PeekedMessages peeked = queue.Peeked ??= new PeekedMessages();
+        if (bound == queue.OldestBound)
+        {
+            // The oldest message: a run starts here.
+            peeked.Clear();
+            peeked.TryAdd(message.Id, message.Length);
+            return;
+        }
+        peeked.RemoveBelow(queue.OldestBound);
+        if (peeked.Count > 0 && bound == peeked.LastId + 1)
+        {
+            if (!peeked.TryAdd(message.Id, message.Length))
+            {
+                peeked.Clear();
+            }
+        }
+        else
+        {
+            // Not a continuation of the recorded run (its start is unknown here): record nothing.
+            peeked.Clear();
         }
     }
 
@@ -232,14 +267,18 @@ public sealed partial class QueueStore
                 return new(StoreStatus.NotOldest);
             }
             int bodyLength;
-            if (messageId == queue.PeekedId && queue.PeekedLength >= 0)
+            PeekedMessages? peeked = queue.Peeked;
+            peeked?.RemoveBelow(queue.OldestBound);
+            if (peeked is { Count: > 0 } && peeked.FirstId == messageId)
             {
-                // The message delivered last: it was the oldest when read and only an ACK (which
-                // raises OldestBound above it) can remove it, so no read is needed.
-                bodyLength = queue.PeekedLength;
+                // The first of the messages handed out: the oldest stored (PeekedMessages' invariant),
+                // with its length known, so no read is needed.
+                bodyLength = peeked.FirstLength;
+                peeked.RemoveFirst();
             }
             else
             {
+                peeked?.Clear();
                 EnterRead();
                 try
                 {
@@ -255,7 +294,6 @@ public sealed partial class QueueStore
                     ExitRead();
                 }
             }
-            queue.PeekedLength = -1;
 
             Span<byte> key = stackalloc byte[Keys.MessageKeyLength];
             Keys.MessageKey(key, queue.RecipientId, messageId);
@@ -462,11 +500,14 @@ public sealed partial class QueueStore
     }
 
     /// <summary>An iterator positioned on the queue's oldest durable message (if any). Caller holds StoreLock and a read.</summary>
-    private RocksDb.Iterator OpenMessages(QueueHandle queue)
+    private RocksDb.Iterator OpenMessages(QueueHandle queue) => OpenMessages(queue, queue.OldestBound);
+
+    /// <summary>An iterator positioned on the queue's first message with an id of at least <paramref name="from"/>. Caller holds StoreLock and a read.</summary>
+    private RocksDb.Iterator OpenMessages(QueueHandle queue, ulong from)
     {
         Span<byte> lower = stackalloc byte[Keys.MessageKeyLength];
         Span<byte> upper = stackalloc byte[Keys.MessageKeyLength + 1];
-        Keys.MessageKey(lower, queue.RecipientId, queue.OldestBound);
+        Keys.MessageKey(lower, queue.RecipientId, from);
         Keys.MessageUpperBound(upper, queue.RecipientId);
         RocksDb.Iterator it = _db.CreateIterator(Cf.Messages, lower, upper);
         it.SeekToFirst();

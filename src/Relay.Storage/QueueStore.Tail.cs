@@ -66,6 +66,74 @@ internal sealed class DeliveryTail
     }
 }
 
+/// <summary>
+/// The messages a queue handed out for delivery and not yet acknowledged, in id order, with their
+/// body lengths: an ACK of the first one needs no read to know it is the oldest and how large it is.
+/// Invariant: the first entry was the queue's oldest stored message when it was read, and each
+/// later entry the first stored message after the one before it. Only an ACK of the oldest, an
+/// expiry (a prefix) or a deletion removes stored messages, so while the entries at or above
+/// OldestBound are kept, the first of them is still the oldest. Anything that could break this
+/// (an undone ACK or expiry, a peek that does not continue the run) empties it: a miss costs a read,
+/// never a wrong answer. Guarded by the queue's StoreLock.
+/// </summary>
+internal sealed class PeekedMessages
+{
+    /// <summary>Most entries kept; a longer run stops being recorded (its ACKs read instead).</summary>
+    public const int Capacity = 256;
+
+    private (ulong Id, int Length)[] _items = new (ulong, int)[4];
+    private int _head;
+    private int _count;
+
+    public int Count => _count;
+    public ulong FirstId => _items[_head].Id;
+    public int FirstLength => _items[_head].Length;
+    public ulong LastId => _items[(_head + _count - 1) % _items.Length].Id;
+
+    public void Clear()
+    {
+        _head = 0;
+        _count = 0;
+    }
+
+    /// <summary>False when full (the caller clears: a gap would break the invariant).</summary>
+    public bool TryAdd(ulong id, int length)
+    {
+        if (_count == _items.Length)
+        {
+            if (_items.Length == Capacity)
+            {
+                return false;
+            }
+            var larger = new (ulong, int)[_items.Length * 2];
+            for (int i = 0; i < _count; i++)
+            {
+                larger[i] = _items[(_head + i) % _items.Length];
+            }
+            _items = larger;
+            _head = 0;
+        }
+        _items[(_head + _count) % _items.Length] = (id, length);
+        _count++;
+        return true;
+    }
+
+    public void RemoveFirst()
+    {
+        _head = (_head + 1) % _items.Length;
+        _count--;
+    }
+
+    /// <summary>Drops entries below <paramref name="bound"/> (expired or acknowledged).</summary>
+    public void RemoveBelow(ulong bound)
+    {
+        while (_count > 0 && FirstId < bound)
+        {
+            RemoveFirst();
+        }
+    }
+}
+
 // The delivery tail: while a queue has a live subscriber, its messages are also held in memory in id
 // order, so a delivery after a commit or an ACK is served without reading RocksDB. Two sources fill
 // it: each append (a copy of the body, taken when the append is queued), and, when a delivery finds
@@ -159,18 +227,18 @@ public sealed partial class QueueStore
     }
 
     /// <summary>
-    /// Reads the oldest stored message with one iterator and puts up to <see cref="ReadAhead"/> of the
-    /// messages after it (those not in the tail already) into the tail. Caller holds StoreLock and
-    /// the read lock; the queue keeps a tail.
+    /// Reads the first stored message at or after <paramref name="from"/> with one iterator and puts up
+    /// to <see cref="ReadAhead"/> of the messages after it (those not in the tail already) into the
+    /// tail. Caller holds StoreLock and the read lock; the queue keeps a tail.
     /// </summary>
-    private bool ReadAheadIntoTail(QueueHandle queue, out StoredMessage message)
+    private bool ReadAheadIntoTail(QueueHandle queue, ulong from, out StoredMessage message)
     {
         message = default;
         DeliveryTail tail = queue.Tail ??= new DeliveryTail();
         ulong stopAt = tail.Count > 0 ? tail.Front.Id : ulong.MaxValue;
         TailEntry[] ahead = ArrayPool<TailEntry>.Shared.Rent(ReadAhead);
         int n = 0;
-        using (RocksDb.Iterator it = OpenMessages(queue))
+        using (RocksDb.Iterator it = OpenMessages(queue, from))
         {
             if (!it.Valid)
             {

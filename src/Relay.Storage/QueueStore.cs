@@ -61,9 +61,8 @@ public sealed class QueueHandle
     internal ulong NextId;
     /// <summary>No stored message has a smaller id: reads seek here and skip the tombstones of acked messages.</summary>
     internal ulong OldestBound;
-    /// <summary>Id and body length of the message read last by TryPeekOldest (-1: none), so its ACK needs no read.</summary>
-    internal ulong PeekedId;
-    internal int PeekedLength = -1;
+    /// <summary>Ids and body lengths of the messages handed out by TryPeek, so their ACKs need no read (QueueStore.Tail.cs).</summary>
+    internal PeekedMessages? Peeked;
     internal int PendingOps;
     internal bool Evicted;
     /// <summary>Ids below this are durable: set by the writer thread after each committed append.</summary>

@@ -263,6 +263,7 @@ public class BadInputTests
         var cases = new List<(string Name, Func<uint, byte[]> Frame)>
         {
             ("SUB with an extra byte", c => client.QueueCommand(FrameType.Sub, c, rid, [0], key)),
+            ("SUB with three bytes of window", c => client.QueueCommand(FrameType.Sub, c, rid, [0, 0, 8], key)),
             ("SUB shorter than id + MAC", c => RawClient.Frame(FrameType.Sub, c, rid.AsSpan(0, 20))),
             ("GET with an extra byte", c => client.QueueCommand(FrameType.Get, c, rid, [0], key)),
             ("OFF with an extra byte", c => client.QueueCommand(FrameType.Off, c, rid, [0], key)),

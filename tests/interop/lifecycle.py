@@ -265,6 +265,28 @@ def run(address: str, plain: bool) -> None:
         check("GET and push carry the same id", lambda: got.msg_id == third.msg_id and got.body == b"third")
         check("ACK from the polling connection", lambda: c.ack(q, got.msg_id))
 
+    # A delivery window: three outstanding before any ACK, ACKs in delivery order.
+    w = check("NEW/IDS for the window checks", lambda: c.new_queue())
+    if w is not None:
+        for i in range(4):
+            c.send(w.sender_id, b"w%d" % i)
+        check("SUB with window 3: OK", lambda: c.subscribe(w, window=3))
+        pushed = [check(f"window push {i + 1} of 3", lambda: rc.open_delivery(w, c.next_push().payload)) for i in range(3)]
+
+        def no_fourth():
+            c.ping()   # the relay wrote every push it was going to before this PONG
+            assert not c.pushes, f"{len(c.pushes)} more pushed past the window"
+        check("the window holds: no fourth push before an ACK", no_fourth)
+        if all(p is not None for p in pushed):
+            check("window pushes in order", lambda: [p.body for p in pushed] == [b"w0", b"w1", b"w2"])
+            expect_error("ACK of the second before the first: NO_MSG", "NO_MSG", lambda: c.ack(w, pushed[1].msg_id))
+            check("ACK of the first: OK", lambda: c.ack(w, pushed[0].msg_id))
+            fourth = check("the ACK releases the fourth", lambda: rc.open_delivery(w, c.next_push().payload))
+            check("fourth body", lambda: fourth is not None and fourth.body == b"w3")
+            for p in pushed[1:] + ([fourth] if fourth is not None else []):
+                check("ACK in order", lambda p=p: c.ack(w, p.msg_id))
+            check("window queue drained: GET/EMPTY", lambda: c.get(w) is None)
+
     def unknown_command():
         f = c.request(0x7F, b"\x00" * 8)
         assert f.type == rc.ERR and f.payload == b"\x0a", f"got {f.name} {f.payload.hex()}"

@@ -376,8 +376,10 @@ class Connection:
     def send(self, sender_id: bytes, body: bytes, sender_private: bytes | None = None, flags: int = 0) -> None:
         self.expect(self.queue_request(SEND, sender_id, bytes([flags]) + body, sender_private), OK, "SEND")
 
-    def subscribe(self, q: Queue) -> None:
-        self.expect(self.queue_request(SUB, q.recipient_id, b"", q.recipient_private), OK, "SUB")
+    def subscribe(self, q: Queue, window: int = 1) -> None:
+        """SUB (§6): no args for one message at a time, u16 window for up to that many outstanding."""
+        args = b"" if window == 1 else struct.pack(">H", window)
+        self.expect(self.queue_request(SUB, q.recipient_id, args, q.recipient_private), OK, "SUB")
 
     def ack(self, q: Queue, msg_id: int) -> None:
         self.expect(self.queue_request(ACK, q.recipient_id, struct.pack(">Q", msg_id), q.recipient_private), OK, "ACK")

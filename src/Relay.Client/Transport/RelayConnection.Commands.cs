@@ -113,9 +113,20 @@ public sealed partial class RelayConnection
         }
     }
 
-    /// <summary>SUB: deliveries of this queue arrive on <see cref="Events"/>.</summary>
-    public async Task SubscribeAsync(RecipientQueue queue, CancellationToken cancellationToken = default)
+    /// <summary>SUB: deliveries of this queue arrive on <see cref="Events"/>, one at a time (each after the ACK of the one before).</summary>
+    public Task SubscribeAsync(RecipientQueue queue, CancellationToken cancellationToken = default) =>
+        SubscribeAsync(queue, 1, cancellationToken);
+
+    /// <summary>
+    /// SUB with a delivery window: up to <paramref name="window"/> messages of this queue arrive on
+    /// <see cref="Events"/> before the first is ACKed (the relay grants at most
+    /// <see cref="ProtocolConstants.MaxDeliveryWindow"/>). ACKs must follow delivery order. A window
+    /// above 1 saves a round trip per message on a slow link (Tor) and when draining a backlog.
+    /// </summary>
+    public async Task SubscribeAsync(RecipientQueue queue, int window, CancellationToken cancellationToken = default)
     {
+        ArgumentOutOfRangeException.ThrowIfLessThan(window, 1);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(window, ushort.MaxValue);
         lock (_pendingLock)
         {
             var id = Id.From(queue.RecipientId);
@@ -124,7 +135,14 @@ public sealed partial class RelayConnection
                 _subscribed[id] = (new ChaCha20Poly1305(queue.DeliveryKey), queue);
             }
         }
-        var response = await QueueCommandAsync(FrameType.Sub, queue.RecipientId, queue.RecipientPrivateKey, default, default, cancellationToken);
+        // A window of 1 sends no args: the SUB of a relay/1 client without windows.
+        byte[]? args = null;
+        if (window > 1)
+        {
+            args = new byte[2];
+            BinaryPrimitives.WriteUInt16BigEndian(args, (ushort)window);
+        }
+        var response = await QueueCommandAsync(FrameType.Sub, queue.RecipientId, queue.RecipientPrivateKey, args, default, cancellationToken);
         Expect(response, FrameType.Ok, "SUB");
     }
 

@@ -74,7 +74,7 @@ internal sealed partial class RelaySession
                     if (queue.Tag is Subscription s)
                     {
                         s.Session.DeliverNextLocked(s);
-                        if (s.HasOutstanding && s.Outstanding == result.MessageId)
+                        if (s.OutstandingCount > 0 && s.LastDelivered == result.MessageId)
                         {
                             _context.Metrics.DeliveredAfter(arrived);
                         }
@@ -94,37 +94,45 @@ internal sealed partial class RelaySession
     }
 
     /// <summary>
-    /// Pushes the oldest stored message to <paramref name="s"/> unless one is outstanding.
-    /// The caller holds <c>s.Queue.Sync</c>.
+    /// Pushes the next stored messages to <paramref name="s"/> while its window has room: the oldest
+    /// first, then each the one after the message delivered last. The caller holds <c>s.Queue.Sync</c>.
     /// </summary>
     internal void DeliverNextLocked(Subscription s)
     {
-        if (s.Ended || s.HasOutstanding || s.Queue.Deleted || !ReferenceEquals(s.Queue.Tag, s))
+        while (s.HasRoom && !s.Ended && !s.Queue.Deleted && ReferenceEquals(s.Queue.Tag, s))
         {
-            return;
-        }
-        if (!_store.TryPeekOldest(s.Queue, out var message))
-        {
-            return;
-        }
-        try
-        {
-            s.HasOutstanding = true;
-            s.Outstanding = message.Id;
-            WriteMessage(0, s.Queue, message, s.Cipher, s.Nonces);
-            _context.Metrics.Delivered();
-        }
-        finally
-        {
-            message.Return();
+            if (!_store.TryPeek(s.Queue, s.NextFrom, out var message))
+            {
+                return;
+            }
+            try
+            {
+                s.Delivered(message.Id);
+                WriteMessage(0, s.Queue, message, s.Cipher, s.Nonces);
+                _context.Metrics.Delivered();
+            }
+            finally
+            {
+                message.Return();
+            }
         }
     }
 
     private void HandleSubscribe(in FrameView frame)
     {
-        var queue = RecipientCommand(frame, 0, out _);
-        if (queue is null) return;
+        // Args: none (a window of 1) or u16 window (PROTOCOL.md §6 SUB).
         uint corr = frame.CorrelationId;
+        int argsLength = frame.Payload.Length - ProtocolConstants.IdSize - ProtocolConstants.MacSize;
+        if (argsLength is not (0 or 2))
+        {
+            Fail(FrameType.Sub, corr, ErrorCode.Syntax);
+            return;
+        }
+        var queue = RecipientCommand(frame, argsLength, out var command);
+        if (queue is null) return;
+        int window = command.Args.Length == 2
+            ? Math.Clamp((int)BinaryPrimitives.ReadUInt16BigEndian(command.Args), 1, ProtocolConstants.MaxDeliveryWindow)
+            : 1;
 
         Subscription? replaced = null;
         lock (_subLock)
@@ -135,7 +143,7 @@ internal sealed partial class RelaySession
                 return;
             }
         }
-        var subscription = new Subscription(this, queue);
+        var subscription = new Subscription(this, queue, window);
         lock (queue.Sync)
         {
             if (queue.Tag is Subscription old)
@@ -206,9 +214,8 @@ internal sealed partial class RelaySession
     {
         lock (queue.Sync)
         {
-            if (queue.Tag is Subscription s && s.HasOutstanding && s.Outstanding == id)
+            if (queue.Tag is Subscription s && s.TryRelease(id))
             {
-                s.HasOutstanding = false;
                 s.Session.DeliverNextLocked(s);
             }
         }

@@ -6,22 +6,53 @@ namespace Relay.Server.Connections;
 
 /// <summary>
 /// The one live subscription of a queue, hung on <see cref="QueueHandle.Tag"/>. Guarded by
-/// <see cref="QueueHandle.Sync"/>: at most one message is outstanding (delivered, not yet acked).
+/// <see cref="QueueHandle.Sync"/>: at most <see cref="Window"/> messages are outstanding (delivered,
+/// not yet acked), in delivery order.
 /// </summary>
-internal sealed class Subscription(RelaySession session, QueueHandle queue) : IDisposable
+internal sealed class Subscription(RelaySession session, QueueHandle queue, int window) : IDisposable
 {
     private ChaCha20Poly1305? _cipher;
     private NonceSequence? _nonces;
+    private ulong[]? _outstanding;   // ring of the outstanding ids, oldest first
+    private int _head;
 
     public RelaySession Session { get; } = session;
     public QueueHandle Queue { get; } = queue;
+    /// <summary>Messages that may be outstanding at once (1 to <see cref="ProtocolConstants.MaxDeliveryWindow"/>).</summary>
+    public int Window { get; } = window;
     /// <summary>Created at the first delivery: a subscriber that only waits holds no cipher context.</summary>
     public ChaCha20Poly1305 Cipher => _cipher ??= new(Queue.DeliveryKey);
     /// <summary>Nonces of this subscription's deliveries: one random start, then counting (PROTOCOL.md §7).</summary>
     public NonceSequence Nonces => _nonces ??= new();
-    public bool HasOutstanding;
-    public ulong Outstanding;
+    public int OutstandingCount { get; private set; }
+    /// <summary>Id of the message delivered last (valid while <see cref="OutstandingCount"/> &gt; 0).</summary>
+    public ulong LastDelivered { get; private set; }
+    /// <summary>Where the next delivery reads from: after the last one delivered, or the oldest (0).</summary>
+    public ulong NextFrom { get; private set; }
     public bool Ended;
+
+    public bool HasRoom => OutstandingCount < Window;
+
+    public void Delivered(ulong id)
+    {
+        _outstanding ??= new ulong[Window];
+        _outstanding[(_head + OutstandingCount) % Window] = id;
+        OutstandingCount++;
+        LastDelivered = id;
+        NextFrom = id + 1;
+    }
+
+    /// <summary>Releases <paramref name="id"/> when it is the oldest outstanding message; false otherwise (also when already released).</summary>
+    public bool TryRelease(ulong id)
+    {
+        if (OutstandingCount == 0 || _outstanding![_head] != id)
+        {
+            return false;
+        }
+        _head = (_head + 1) % Window;
+        OutstandingCount--;
+        return true;
+    }
 
     public void Dispose() => _cipher?.Dispose();
 }

@@ -18,6 +18,8 @@ public sealed class BenchOptions
     public int Size { get; set; } = 256;
     public int Messages { get; set; } = 200_000;
     public int Window { get; set; } = 64;
+    /// <summary>Messages each subscription may have outstanding (SUB's delivery window).</summary>
+    public int DeliveryWindow { get; set; } = 1;
     public BenchScenario Scenario { get; set; } = BenchScenario.Live;
     public int Rate { get; set; } = 5_000;
     public TimeSpan Duration { get; set; } = TimeSpan.FromSeconds(10);

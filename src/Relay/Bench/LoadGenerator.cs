@@ -147,12 +147,12 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
         }
     }
 
-    private static async Task SubscribeAllAsync(RelayConnection[] consumers, QueueInfo[] queues, CancellationToken cancellationToken)
+    private async Task SubscribeAllAsync(RelayConnection[] consumers, QueueInfo[] queues, CancellationToken cancellationToken)
     {
         var subs = new List<Task>();
         for (int q = 0; q < queues.Length; q++)
         {
-            subs.Add(consumers[q % consumers.Length].SubscribeAsync(queues[q].Recipient, cancellationToken));
+            subs.Add(consumers[q % consumers.Length].SubscribeAsync(queues[q].Recipient, options.DeliveryWindow, cancellationToken));
         }
         await Task.WhenAll(subs);
     }

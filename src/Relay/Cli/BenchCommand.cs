@@ -16,13 +16,13 @@ public static class BenchCommand
     public static async Task<int> RunAsync(string[] args)
     {
         var a = CliArgs.Parse("bench", args,
-            new HashSet<string> { "queues", "producers", "consumers", "size", "messages", "window", "scenario", "rate", "duration", "socks", "durability", "relay-pid" },
+            new HashSet<string> { "queues", "producers", "consumers", "size", "messages", "window", "delivery-window", "scenario", "rate", "duration", "socks", "durability", "relay-pid" },
             new HashSet<string> { "json", "plain-tcp" }, 1);
         if (a.Help)
         {
             Console.Out.Write(RelayCli.CommandHelp(
                 "relay bench [ADDRESS] [--queues Q] [--producers P] [--consumers C] [--size BYTES] [--messages N]\n" +
-                "                   [--window W] [--scenario live|drain|paced] [--rate R] [--duration S] [--json]",
+                "                   [--window W] [--delivery-window D] [--scenario live|drain|paced] [--rate R] [--duration S] [--json]",
                 "Measures a relay: messages per second, send-to-receive latency, lost and duplicated messages.\n" +
                 "Without ADDRESS it starts a relay in this process on a temporary directory (TLS, fsync per acknowledged write).",
                 [
@@ -32,6 +32,7 @@ public static class BenchCommand
                     ("--size BYTES", "message body size (default 256)"),
                     ("--messages N", "messages for live and drain (default 200000)"),
                     ("--window W", "unacknowledged sends per producer (default 64)"),
+                    ("--delivery-window D", $"messages each subscription may have outstanding before its ACK (SUB's window; default 1, at most {ProtocolConstants.MaxDeliveryWindow})"),
                     ("--scenario S", "live: consumers subscribed; drain: send N, then subscribe and drain; paced: fixed rate (default live)"),
                     ("--rate R", "paced: total messages per second (default 5000)"),
                     ("--duration S", "paced: seconds (default 10)"),
@@ -51,6 +52,7 @@ public static class BenchCommand
             Size = a.GetInt("size", 256, 16, 65_000),
             Messages = a.GetInt("messages", 200_000, 1, 100_000_000),
             Window = a.GetInt("window", 64, 1, 100_000),
+            DeliveryWindow = a.GetInt("delivery-window", 1, 1, ProtocolConstants.MaxDeliveryWindow),
             Rate = a.GetInt("rate", 5_000, 1, 10_000_000),
             Duration = TimeSpan.FromSeconds(a.GetInt("duration", 10, 1, 86_400)),
             Socks = a.Get("socks"),
@@ -107,7 +109,7 @@ public static class BenchCommand
         try
         {
             Console.Error.WriteLine($"bench: {options.Scenario.ToString().ToLowerInvariant()}, {options.Queues} queues, {options.Producers} producers, " +
-                $"{options.Consumers} consumers, {options.Size}-byte messages, window {options.Window}, " +
+                $"{options.Consumers} consumers, {options.Size}-byte messages, window {options.Window}, delivery window {options.DeliveryWindow}, " +
                 (local != null ? $"in-process relay ({(options.Tls ? "TLS" : "plain TCP")}, {(durable ? "fsync" : "relaxed")})" : address.ToString()));
             var result = await new LoadGenerator(address, options, Console.Error).RunAsync(CancellationToken.None);
             result = result with { LocalRelay = local != null };

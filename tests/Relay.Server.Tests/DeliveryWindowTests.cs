@@ -1,0 +1,173 @@
+using System.Text;
+using Relay.Client.Transport;
+using Relay.Protocol;
+
+namespace Relay.Server.Tests;
+
+/// <summary>
+/// SUB with a delivery window (PROTOCOL.md §6 SUB): up to W messages outstanding, in order, each ACK
+/// (oldest first) releasing the next; over real TCP and TLS through the client SDK.
+/// </summary>
+public class DeliveryWindowTests
+{
+    private static async Task<Delivery> NextDeliveryAsync(RelayConnection connection)
+    {
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(10));
+        var e = await connection.Events.ReadAsync(cts.Token);
+        return e is DeliveryEvent d ? d.Delivery : throw new InvalidOperationException($"expected a delivery, got {e}");
+    }
+
+    /// <summary>True when no event arrives within <paramref name="wait"/>.</summary>
+    private static async Task<bool> NothingArrivesAsync(RelayConnection connection, TimeSpan wait)
+    {
+        using var cts = new CancellationTokenSource(wait);
+        try
+        {
+            await connection.Events.WaitToReadAsync(cts.Token);
+            return !connection.Events.TryPeek(out _);
+        }
+        catch (OperationCanceledException)
+        {
+            return true;
+        }
+    }
+
+    private static async Task SendAllAsync(RelayConnection sender, RecipientQueue queue, int from, int count)
+    {
+        var to = new SenderQueue(queue.SenderId, null);
+        for (int i = from; i < from + count; i++)
+        {
+            await sender.SendAsync(to, Encoding.UTF8.GetBytes($"m{i}"));
+        }
+    }
+
+    private static string Text(Delivery d) => Encoding.UTF8.GetString(d.Body);
+
+    [Test]
+    [Arguments(false)]
+    [Arguments(true)]
+    public async Task Up_to_the_window_arrives_before_any_ack_and_each_ack_releases_one_more(bool tls)
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = tls);
+        await using var recipient = await relay.ConnectAsync();
+        await using var sender = await relay.ConnectAsync();
+        var queue = await recipient.CreateQueueAsync();
+        await SendAllAsync(sender, queue, 1, 6);          // stored before the SUB
+
+        await recipient.SubscribeAsync(queue, window: 4);
+        var outstanding = new List<Delivery>();
+        for (int i = 1; i <= 4; i++)
+        {
+            var d = await NextDeliveryAsync(recipient);
+            await Assert.That(Text(d)).IsEqualTo($"m{i}");
+            outstanding.Add(d);
+        }
+        await Assert.That(await NothingArrivesAsync(recipient, TimeSpan.FromMilliseconds(300))).IsTrue();
+
+        await recipient.AckAsync(queue, outstanding[0].MessageId);
+        var fifth = await NextDeliveryAsync(recipient);
+        await Assert.That(Text(fifth)).IsEqualTo("m5");
+        outstanding.Add(fifth);
+        await Assert.That(await NothingArrivesAsync(recipient, TimeSpan.FromMilliseconds(300))).IsTrue();
+
+        // Messages sent while subscribed fill the window as it frees up: one per ACK, in order.
+        await SendAllAsync(sender, queue, 7, 6);
+        int next = 6;
+        for (int k = 1; k < 12; k++)
+        {
+            await recipient.AckAsync(queue, outstanding[k].MessageId);
+            if (next <= 12)
+            {
+                var d = await NextDeliveryAsync(recipient);
+                await Assert.That(Text(d)).IsEqualTo($"m{next}");
+                await Assert.That(d.MessageId).IsGreaterThan(outstanding[^1].MessageId);
+                outstanding.Add(d);
+                next++;
+            }
+        }
+        await Assert.That(outstanding.Count).IsEqualTo(12);
+        await Assert.That(await recipient.GetAsync(queue)).IsNull();
+    }
+
+    [Test]
+    [Arguments(false)]
+    [Arguments(true)]
+    public async Task An_ack_out_of_order_is_refused_and_loses_nothing(bool tls)
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = tls);
+        await using var recipient = await relay.ConnectAsync();
+        await using var sender = await relay.ConnectAsync();
+        var queue = await recipient.CreateQueueAsync();
+        await SendAllAsync(sender, queue, 1, 5);
+
+        await recipient.SubscribeAsync(queue, window: 3);
+        var d1 = await NextDeliveryAsync(recipient);
+        var d2 = await NextDeliveryAsync(recipient);
+        var d3 = await NextDeliveryAsync(recipient);
+
+        var refused = await Assert.That(() => recipient.AckAsync(queue, d2.MessageId)).Throws<RelayErrorException>();
+        await Assert.That(refused!.Code).IsEqualTo(ErrorCode.NoMsg);
+        // The refused ACK released nothing.
+        await Assert.That(await NothingArrivesAsync(recipient, TimeSpan.FromMilliseconds(300))).IsTrue();
+
+        await recipient.AckAsync(queue, d1.MessageId);
+        await Assert.That(Text(await NextDeliveryAsync(recipient))).IsEqualTo("m4");
+        await recipient.AckAsync(queue, d2.MessageId);
+        await Assert.That(Text(await NextDeliveryAsync(recipient))).IsEqualTo("m5");
+        await recipient.AckAsync(queue, d3.MessageId);
+        await Assert.That(Text(d1) + Text(d2) + Text(d3)).IsEqualTo("m1m2m3");
+        var m4 = await recipient.GetAsync(queue);
+        await Assert.That(Text(m4!)).IsEqualTo("m4");
+    }
+
+    [Test]
+    [Arguments(false)]
+    [Arguments(true)]
+    public async Task A_new_sub_delivers_again_from_the_oldest_unacknowledged(bool tls)
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = tls);
+        await using var recipient = await relay.ConnectAsync();
+        await using var sender = await relay.ConnectAsync();
+        var queue = await recipient.CreateQueueAsync();
+        await SendAllAsync(sender, queue, 1, 6);
+
+        await recipient.SubscribeAsync(queue, window: 4);
+        var first = new List<Delivery>();
+        for (int i = 0; i < 4; i++) first.Add(await NextDeliveryAsync(recipient));
+        await recipient.AckAsync(queue, first[0].MessageId);
+        await Assert.That(Text(await NextDeliveryAsync(recipient))).IsEqualTo("m5");
+
+        // A SUB again (a smaller window): m2 onwards again, two at a time.
+        await recipient.SubscribeAsync(queue, window: 2);
+        var again1 = await NextDeliveryAsync(recipient);
+        var again2 = await NextDeliveryAsync(recipient);
+        await Assert.That(Text(again1) + Text(again2)).IsEqualTo("m2m3");
+        await Assert.That(again1.MessageId).IsEqualTo(first[1].MessageId);
+        await Assert.That(await NothingArrivesAsync(recipient, TimeSpan.FromMilliseconds(300))).IsTrue();
+
+        // Another connection takes over with the default window of one.
+        await using var other = await relay.ConnectAsync();
+        await other.SubscribeAsync(queue);
+        await Assert.That(Text(await NextDeliveryAsync(other))).IsEqualTo("m2");
+        await Assert.That(await NothingArrivesAsync(other, TimeSpan.FromMilliseconds(300))).IsTrue();
+    }
+
+    [Test]
+    public async Task A_window_above_the_maximum_gets_the_maximum()
+    {
+        int n = ProtocolConstants.MaxDeliveryWindow + 10;
+        await using var relay = await TestRelay.StartAsync();
+        await using var recipient = await relay.ConnectAsync();
+        await using var sender = await relay.ConnectAsync();
+        var queue = await recipient.CreateQueueAsync();
+        await SendAllAsync(sender, queue, 1, n);
+
+        await recipient.SubscribeAsync(queue, window: ushort.MaxValue);
+        var received = new List<Delivery>();
+        for (int i = 0; i < ProtocolConstants.MaxDeliveryWindow; i++) received.Add(await NextDeliveryAsync(recipient));
+        await Assert.That(await NothingArrivesAsync(recipient, TimeSpan.FromMilliseconds(300))).IsTrue();
+        await Assert.That(received.Select(Text)).IsEquivalentTo(Enumerable.Range(1, ProtocolConstants.MaxDeliveryWindow).Select(i => $"m{i}"), TUnit.Assertions.Enums.CollectionOrdering.Matching);
+
+        await Assert.That(() => recipient.SubscribeAsync(queue, window: 0)).Throws<ArgumentOutOfRangeException>();
+    }
+}
