@@ -1,4 +1,5 @@
 using System.Text;
+using Relay.Client;
 using Relay.Client.Transport;
 using Relay.Protocol;
 
@@ -169,5 +170,53 @@ public class DeliveryWindowTests
         await Assert.That(received.Select(Text)).IsEquivalentTo(Enumerable.Range(1, ProtocolConstants.MaxDeliveryWindow).Select(i => $"m{i}"), TUnit.Assertions.Enums.CollectionOrdering.Matching);
 
         await Assert.That(() => recipient.SubscribeAsync(queue, window: 0)).Throws<ArgumentOutOfRangeException>();
+    }
+    [Test]
+    public async Task RelayClient_subscribes_with_its_window_and_again_after_a_relay_restart()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var sender = await relay.ConnectAsync();
+        RecipientQueue queue;
+        await using (var setup = await relay.ConnectAsync())
+        {
+            queue = await setup.CreateQueueAsync();
+        }
+        await SendAllAsync(sender, queue, 1, 6);
+
+        await using var client = new RelayClient(new RelayClientOptions
+        {
+            DeliveryWindow = 3,
+            ReconnectMin = TimeSpan.FromMilliseconds(50),
+            ReconnectMax = TimeSpan.FromMilliseconds(500),
+        });
+        await client.SubscribeAsync(relay.Address, queue);
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        await using var deliveries = client.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
+        async Task<Delivery> NextAsync()
+        {
+            if (!await deliveries.MoveNextAsync()) throw new InvalidOperationException("the delivery stream ended");
+            return deliveries.Current.Delivery;
+        }
+
+        var first = new List<Delivery>();
+        for (int i = 0; i < 3; i++) first.Add(await NextAsync());
+        await Assert.That(first.Select(Text)).IsEquivalentTo(["m1", "m2", "m3"], TUnit.Assertions.Enums.CollectionOrdering.Matching);
+        var early = deliveries.MoveNextAsync().AsTask();
+        await Assert.That(await Task.WhenAny(early, Task.Delay(300)) != early).IsTrue();
+
+        await client.RunAsync(relay.Address, c => c.AckAsync(queue, first[0].MessageId));
+        await Assert.That(await early).IsTrue();
+        await Assert.That(Text(deliveries.Current.Delivery)).IsEqualTo("m4");
+
+        // A restart: the client reconnects and subscribes again with its window, from the oldest.
+        await relay.RestartAsync();
+        var again = new List<Delivery>();
+        for (int i = 0; i < 3; i++) again.Add(await NextAsync());
+        await Assert.That(again.Select(Text)).IsEquivalentTo(["m2", "m3", "m4"], TUnit.Assertions.Enums.CollectionOrdering.Matching);
+        foreach (var d in again)
+        {
+            await client.RunAsync(relay.Address, c => c.AckAsync(queue, d.MessageId));
+        }
+        await Assert.That(Text(await NextAsync()) + Text(await NextAsync())).IsEqualTo("m5m6");
     }
 }
