@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# End-to-end checks of `relay bench` on the published binary: every scenario in-process, against a
+# separate relay (its CPU read from /proc), with delivery windows, through a real SOCKS5 proxy
+# (microsocks), and its refusals of bad options. What is checked is what a user relies on: the JSON
+# line and its fields, no lost or duplicated message, the progress on stderr, the exit codes. No
+# speed is asserted: figures belong in docs/PERFORMANCE.md, not in a pass/fail check on a shared VM.
+source "$(dirname "$0")/lib.sh"
+
+# json_ok FILE EXPECTED_MESSAGES [python condition on d]: the last stdout line is one JSON object
+# with the fields issue 6 names, nothing lost or duplicated, and the condition true.
+json_ok() {
+    local file=$1 expected=$2 cond=${3:-True}
+    python3 - "$file" "$expected" "$cond" <<'PY'
+import json, sys
+path, expected, cond = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+lines = [l for l in open(path).read().splitlines() if l.strip()]
+d = json.loads(lines[-1])
+for key in ("messages_per_second", "p50_ms", "p99_ms", "p999_ms", "lost", "duplicated"):
+    assert key in d, f"missing {key}: {d}"
+assert d["lost"] == 0 and d["duplicated"] == 0, d
+assert expected == 0 or d["messages"] == expected, d
+assert d["messages_per_second"] > 0 and 0 <= d["p50_ms"] <= d["p99_ms"] <= d["p999_ms"], d
+assert eval(cond, {"d": d}), f"{cond}: {d}"
+PY
+}
+
+# bench NAME EXPECTED CONDITION ARGS...: runs relay bench --json ARGS, checks exit 0 and the JSON.
+bench() {
+    local name=$1 expected=$2 cond=$3; shift 3
+    local out=$E2E_TMP/$name.out err=$E2E_TMP/$name.err
+    if timeout 180 "$RELAY" bench --json "$@" >"$out" 2>"$err" && json_ok "$out" "$expected" "$cond"; then
+        pass "bench $name"
+    else
+        fail "bench $name"; tail -5 "$out" "$err"
+    fi
+}
+
+bench live-in-process 4000 'd["local_relay"] is True and d["sent"] == 4000' --messages 4000
+check "bench prints its setup on stderr" grep -q '^bench: live, 100 queues, 4 producers, 4 consumers, 256-byte messages, window 64, delivery window 1, in-process relay (TLS, fsync)' "$E2E_TMP/live-in-process.err"
+bench drain-in-process-window 4000 'd["scenario"] == "drain"' --scenario drain --messages 4000 --delivery-window 16
+check "drain reports its store phase on stderr" grep -q 'bench drain: 4000 messages stored in' "$E2E_TMP/drain-in-process-window.err"
+bench paced-in-process 0 'd["scenario"] == "paced" and 700 <= d["messages"] <= 1000' --scenario paced --rate 500 --duration 2
+check "paced shows progress on stderr while it runs" grep -q 'bench paced: sent [0-9]*, received [0-9]*' "$E2E_TMP/paced-in-process.err"
+bench plain-tcp-relaxed 3000 True --messages 3000 --plain-tcp --durability relaxed --queues 10 --producers 2 --consumers 3 --size 64
+
+# A separate relay: ADDRESS plus --relay-pid measures the relay process's CPU.
+DATA=$E2E_TMP/relay
+PORT=$(free_port); ADMIN=$(free_port)
+"$RELAY" init --data "$DATA" >/dev/null 2>&1
+ADDR=$("$RELAY" address --data "$DATA" --host 127.0.0.1 --port "$PORT")
+if start_relay relay "$DATA" "$PORT" "$ADMIN" --max-connections-per-source 0 --queue-creation-rate 0; then
+    bench separate-live 5000 'd["local_relay"] is False and d["relay_cpu_us_per_message"] > 0' "$ADDR" --messages 5000 --relay-pid "$RELAY_PID"
+    bench separate-windows 5000 'd["relay_cpu_us_per_message"] > 0' "$ADDR" --messages 5000 --relay-pid "$RELAY_PID" --window 128 --delivery-window 32
+    bench separate-drain-window-64 5000 'd["scenario"] == "drain"' "$ADDR" --scenario drain --messages 5000 --delivery-window 64
+
+    SOCKS_PORT=$(free_port)
+    microsocks -i 127.0.0.1 -p "$SOCKS_PORT" >"$E2E_TMP/socks.log" 2>&1 &
+    E2E_PIDS+=($!)
+    sleep 0.3
+    bench through-socks5 2000 True "$ADDR" --socks "127.0.0.1:$SOCKS_PORT" --messages 2000 --delivery-window 8
+    check "the relay logged no failure under bench load" bash -c "! grep -Eq 'fail:|crit:' '$E2E_TMP/relay.log'"
+    check "the relay stops cleanly after the benches" stop_relay "$RELAY_PID" TERM
+else
+    fail "relay starts"; cat "$E2E_TMP/relay.log"
+fi
+
+# Bad options: a clear message on stderr and exit code 2, before any load is made.
+refused() {
+    local name=$1 expect=$2; shift 2
+    local err rc=0
+    err=$(timeout 30 "$RELAY" bench "$@" 2>&1 >/dev/null) || rc=$?
+    if [ "$rc" = 2 ] && echo "$err" | grep -q -- "$expect"; then pass "bench refuses $name"; else fail "bench refuses $name (exit $rc: $err)"; fi
+}
+refused "an unknown scenario" "--scenario must be live, drain or paced, got 'bogus'" --scenario bogus
+refused "a delivery window of 0" "option --delivery-window must be a whole number from 1 to 64, got '0'" --delivery-window 0
+refused "a delivery window above 64" "option --delivery-window must be a whole number from 1 to 64, got '65'" --delivery-window 65
+refused "an unknown durability" "--durability must be fsync or relaxed" --durability sometimes
+refused "a malformed address" "ADDRESS:" relay://nonsense
+
+finish
