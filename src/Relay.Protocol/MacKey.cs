@@ -6,8 +6,8 @@ namespace Relay.Protocol;
 /// A session's derived auth key (PROTOCOL.md §5) with the MAC of §5: HMAC-SHA256 truncated to 16 bytes,
 /// the same bytes as <see cref="RelayCrypto.ComputeMac"/>. A key used more than a couple of times keeps
 /// its two keyed SHA-256 states (224 bytes, <see cref="Sha256Native"/>) and starts each MAC from a
-/// copy of them, about a third of the BCL's reused HMAC context (331 vs 963 ns for a SEND of 256
-/// bytes, AuthBenchmarks); where libcrypto 3 cannot be called directly it keeps one BCL HMAC context
+/// copy of them, about half the cost of the BCL's reused HMAC context (a SEND of 256 bytes: 421 vs
+/// 780 ns, AuthBenchmarks); where libcrypto 3 cannot be called directly it keeps one BCL HMAC context
 /// instead. A key used once or twice (an idle subscriber) keeps neither.
 /// The relay passes its decoy keys through the same class, so a missing queue and a wrong key cost the
 /// same. Not thread-safe: one user at a time (the relay's read loop, the client's write lock).
