@@ -2,6 +2,7 @@ using System.Text;
 using Relay.Client;
 using Relay.Client.Transport;
 using Relay.Protocol;
+using static Relay.Server.Tests.EventWaits;
 
 namespace Relay.Server.Tests;
 
@@ -11,28 +12,6 @@ namespace Relay.Server.Tests;
 /// </summary>
 public class DeliveryWindowTests
 {
-    private static async Task<Delivery> NextDeliveryAsync(RelayConnection connection)
-    {
-        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(10));
-        var e = await connection.Events.ReadAsync(cts.Token);
-        return e is DeliveryEvent d ? d.Delivery : throw new InvalidOperationException($"expected a delivery, got {e}");
-    }
-
-    /// <summary>True when no event arrives within <paramref name="wait"/>.</summary>
-    private static async Task<bool> NothingArrivesAsync(RelayConnection connection, TimeSpan wait)
-    {
-        using var cts = new CancellationTokenSource(wait);
-        try
-        {
-            await connection.Events.WaitToReadAsync(cts.Token);
-            return !connection.Events.TryPeek(out _);
-        }
-        catch (OperationCanceledException)
-        {
-            return true;
-        }
-    }
-
     private static async Task SendAllAsync(RelayConnection sender, RecipientQueue queue, int from, int count)
     {
         var to = new SenderQueue(queue.SenderId, null);

@@ -3,39 +3,13 @@ using System.Security.Cryptography;
 using System.Text;
 using Relay.Client.Transport;
 using Relay.Protocol;
+using static Relay.Server.Tests.EventWaits;
 
 namespace Relay.Server.Tests;
 
 /// <summary>Protocol behaviour over real TCP and TLS: takeover, pipelining, session binding, unlinkability, flow control, pinning.</summary>
 public class ProtocolBehaviourTests
 {
-    private static async Task<RelayEvent> NextEventAsync(RelayConnection connection, TimeSpan? timeout = null)
-    {
-        using var cts = new CancellationTokenSource(timeout ?? TimeSpan.FromSeconds(10));
-        return await connection.Events.ReadAsync(cts.Token);
-    }
-
-    private static async Task<Delivery> NextDeliveryAsync(RelayConnection connection)
-    {
-        var e = await NextEventAsync(connection);
-        return e is DeliveryEvent d ? d.Delivery : throw new InvalidOperationException($"expected a delivery, got {e}");
-    }
-
-    /// <summary>True when no event arrives within <paramref name="wait"/>.</summary>
-    private static async Task<bool> NothingArrivesAsync(RelayConnection connection, TimeSpan wait)
-    {
-        using var cts = new CancellationTokenSource(wait);
-        try
-        {
-            await connection.Events.WaitToReadAsync(cts.Token);
-            return !connection.Events.TryPeek(out _);
-        }
-        catch (OperationCanceledException)
-        {
-            return true;
-        }
-    }
-
     /// <summary>The next push (corr 0): one already set aside by <see cref="RawClient.RequestAsync"/>, else the next from the socket.</summary>
     private static async Task<RawFrame> NextPushAsync(RawClient client, List<RawFrame>? setAside = null)
     {
