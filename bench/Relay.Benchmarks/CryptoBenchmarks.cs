@@ -85,7 +85,7 @@ public class AuthBenchmarks
 public class DeliveryBenchmarks
 {
     private readonly ArrayBufferWriter<byte> _writer = new(70_000);
-    private ChaCha20Poly1305 _cipher = null!;
+    private DeliveryCipher _cipher = null!;
     private byte[] _recipientId = [];
     private byte[] _body = [];
     private byte[] _msgPayload = [];
@@ -98,7 +98,7 @@ public class DeliveryBenchmarks
     [GlobalSetup]
     public void Setup()
     {
-        _cipher = new ChaCha20Poly1305(Fixtures.Random(ProtocolConstants.KeySize));
+        _cipher = new DeliveryCipher(Fixtures.Random(ProtocolConstants.KeySize));
         _recipientId = Fixtures.Random(ProtocolConstants.IdSize);
         _body = Fixtures.Random(Size);
         _opened = new byte[Size];

@@ -25,7 +25,7 @@ public class FrameBenchmarks
     private byte[] _body = [];
     private readonly byte[] _flags = [0];
     private readonly byte[] _messageIdBytes = new byte[8];
-    private ChaCha20Poly1305 _cipher = null!;
+    private DeliveryCipher _cipher = null!;
 
     [GlobalSetup]
     public void Setup()
@@ -33,7 +33,7 @@ public class FrameBenchmarks
         _authKey = Fixtures.Random(ProtocolConstants.KeySize);
         _queueId = Fixtures.Random(ProtocolConstants.IdSize);
         _body = Fixtures.Random(Fixtures.BodySize);
-        _cipher = new ChaCha20Poly1305(Fixtures.Random(ProtocolConstants.KeySize));
+        _cipher = new DeliveryCipher(Fixtures.Random(ProtocolConstants.KeySize));
         BinaryPrimitives.WriteUInt64BigEndian(_messageIdBytes, 42);
         _send = Fixtures.Write(w => FrameWriter.WriteQueueCommand(w, FrameType.Send, 7, _queueId, _flags, _body, _authKey));
         _msg = Fixtures.Write(w => FrameWriter.WriteMsg(w, 0, _queueId, 42, 491_000, 0, _body, _cipher));

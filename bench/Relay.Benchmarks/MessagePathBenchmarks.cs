@@ -24,7 +24,7 @@ public class MessagePathBenchmarks
     private byte[] _recipientKey = [];
     private byte[] _recipientId = [];
     private byte[] _body = [];
-    private ChaCha20Poly1305 _cipher = null!;
+    private DeliveryCipher _cipher = null!;
     private MacKey _senderMac = null!;
     private MacKey _recipientMac = null!;
     private readonly NonceSequence _nonces = new();
@@ -36,7 +36,7 @@ public class MessagePathBenchmarks
         _recipientKey = Fixtures.Random(ProtocolConstants.KeySize);
         _recipientId = Fixtures.Random(ProtocolConstants.IdSize);
         _body = Fixtures.Random(Fixtures.BodySize);
-        _cipher = new ChaCha20Poly1305(Fixtures.Random(ProtocolConstants.KeySize));
+        _cipher = new DeliveryCipher(Fixtures.Random(ProtocolConstants.KeySize));
         var id = new byte[8];
         BinaryPrimitives.WriteUInt64BigEndian(id, 42);
         _send = Fixtures.Write(w => FrameWriter.WriteQueueCommand(w, FrameType.Send, 7, Fixtures.Random(ProtocolConstants.IdSize), [0], _body, _senderKey));

@@ -104,14 +104,14 @@ public static class FrameWriter
     /// under the queue's delivery key with a fresh random nonce.
     /// </summary>
     public static void WriteMsg(IBufferWriter<byte> writer, uint correlationId, ReadOnlySpan<byte> recipientId,
-        ulong messageId, uint hour, byte flags, ReadOnlySpan<byte> body, ChaCha20Poly1305 deliveryCipher) =>
+        ulong messageId, uint hour, byte flags, ReadOnlySpan<byte> body, DeliveryCipher deliveryCipher) =>
         WriteMsg(writer, correlationId, recipientId, messageId, hour, flags, body, deliveryCipher, null);
 
     /// <summary>
     /// MSG sealed with the next nonce of <paramref name="nonces"/> (null: a fresh random nonce).
     /// </summary>
     public static void WriteMsg(IBufferWriter<byte> writer, uint correlationId, ReadOnlySpan<byte> recipientId,
-        ulong messageId, uint hour, byte flags, ReadOnlySpan<byte> body, ChaCha20Poly1305 deliveryCipher, NonceSequence? nonces)
+        ulong messageId, uint hour, byte flags, ReadOnlySpan<byte> body, DeliveryCipher deliveryCipher, NonceSequence? nonces)
     {
         CheckLength(recipientId, ProtocolConstants.IdSize, nameof(recipientId));
         var span = Begin(writer, FrameType.Msg, correlationId, ProtocolConstants.MsgOverhead + body.Length, out int total);

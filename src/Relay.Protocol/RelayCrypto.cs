@@ -85,7 +85,7 @@ public static class RelayCrypto
     /// Opens a MSG payload (<c>recipientId ‖ msgId ‖ nonce ‖ sealed ‖ tag</c>) into
     /// <paramref name="body"/>. False when authentication fails.
     /// </summary>
-    public static bool TryOpenDelivery(ChaCha20Poly1305 cipher, ReadOnlySpan<byte> msgPayload, Span<byte> body,
+    public static bool TryOpenDelivery(DeliveryCipher cipher, ReadOnlySpan<byte> msgPayload, Span<byte> body,
         out ulong messageId, out uint hour, out byte flags, out int bodyLength)
     {
         messageId = 0; hour = 0; flags = 0; bodyLength = 0;
@@ -101,13 +101,8 @@ public static class RelayCrypto
         byte[]? rented = null;
         Span<byte> plain = ciphertext.Length <= 512 ? stackalloc byte[ciphertext.Length]
             : (rented = System.Buffers.ArrayPool<byte>.Shared.Rent(ciphertext.Length)).AsSpan(0, ciphertext.Length);
-        try
+        if (!cipher.TryDecrypt(nonce, ciphertext, tag, plain, aad))
         {
-            cipher.Decrypt(nonce, ciphertext, tag, plain, aad);
-        }
-        catch (AuthenticationTagMismatchException)
-        {
-            CryptographicOperations.ZeroMemory(plain);
             if (rented != null) System.Buffers.ArrayPool<byte>.Shared.Return(rented);
             return false;
         }

@@ -10,7 +10,7 @@ public class CryptoTests
 {
     internal static Opened Open(byte[] deliveryKey, byte[] msgPayload)
     {
-        using var cipher = new ChaCha20Poly1305(deliveryKey);
+        using var cipher = new DeliveryCipher(deliveryKey);
         var body = new byte[Math.Max(0, msgPayload.Length)];
         bool ok = RelayCrypto.TryOpenDelivery(cipher, msgPayload, body, out var id, out var hour, out var flags, out var length);
         return new Opened(ok, id, hour, flags, ok ? body[..length] : []);
@@ -222,7 +222,7 @@ public class CryptoTests
 
     private static byte[] SealedPayload(byte[] key, byte[] recipientId, ulong messageId, uint hour, byte flags, byte[] body)
     {
-        using var cipher = new ChaCha20Poly1305(key);
+        using var cipher = new DeliveryCipher(key);
         var wire = Write(w => FrameWriter.WriteMsg(w, 0, recipientId, messageId, hour, flags, body, cipher));
         return wire[9..];
     }
@@ -267,6 +267,7 @@ public class CryptoTests
         var ciphertext = payload[44..^16];
         var tag = payload[^16..];
         var plain = new byte[ciphertext.Length];
+        // The BCL's own ChaCha20-Poly1305, independent of DeliveryCipher, opens what the relay sealed.
         using var cipher = new ChaCha20Poly1305(key);
         cipher.Decrypt(nonce, ciphertext, tag, plain, aad);
 
@@ -282,7 +283,7 @@ public class CryptoTests
     {
         var (key, recipientId) = DeliveryKey();
         var body = Pattern(bodyLength, 0x61);
-        using var cipher = new ChaCha20Poly1305(key);
+        using var cipher = new DeliveryCipher(key);
         var wire = Write(w => FrameWriter.WriteMsg(w, 0, recipientId, 1, 1, 0, body, cipher));
         var leaks = new List<int>();
         for (int i = 0; i + 16 <= body.Length; i++)

@@ -18,7 +18,7 @@ internal static class Fixtures
 
     private static Dictionary<string, byte[]> Build()
     {
-        using var cipher = new ChaCha20Poly1305(DeliveryKey);
+        using var cipher = new DeliveryCipher(DeliveryKey);
         var ack = new byte[8];
         System.Buffers.Binary.BinaryPrimitives.WriteUInt64BigEndian(ack, 0x0102030405060708);
         return new Dictionary<string, byte[]>

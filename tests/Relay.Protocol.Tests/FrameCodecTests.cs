@@ -216,7 +216,7 @@ public class FrameCodecTests
     {
         var recipientId = RandomNumberGenerator.GetBytes(24);
         var body = RandomNumberGenerator.GetBytes(bodyLength);
-        using var cipher = new ChaCha20Poly1305(Fixtures.DeliveryKey);
+        using var cipher = new DeliveryCipher(Fixtures.DeliveryKey);
         var f = ReadOne(Write(w => FrameWriter.WriteMsg(w, 31, recipientId, 0x1122334455667788, 491_234, 0x81, body, cipher)));
 
         await Assert.That(f.Read).IsTrue();

@@ -37,7 +37,7 @@ public class NonceSequenceTests
     public async Task Msg_frames_sealed_from_a_sequence_open_and_carry_distinct_nonces()
     {
         byte[] key = RandomNumberGenerator.GetBytes(32), recipientId = RandomNumberGenerator.GetBytes(24);
-        using var cipher = new ChaCha20Poly1305(key);
+        using var cipher = new DeliveryCipher(key);
         var nonces = new NonceSequence();
         var frameNonces = new HashSet<string>();
         for (int i = 0; i < 3; i++)

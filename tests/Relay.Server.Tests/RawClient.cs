@@ -298,7 +298,7 @@ public sealed class RawClient : IAsyncDisposable
     /// <summary>Opens a MSG payload with the queue's delivery key: (msgId, flags, body).</summary>
     public static (ulong Id, byte Flags, byte[] Body) Open(RawQueue queue, byte[] msgPayload)
     {
-        using var cipher = new ChaCha20Poly1305(queue.DeliveryKey);
+        using var cipher = new DeliveryCipher(queue.DeliveryKey);
         var body = new byte[msgPayload.Length - ProtocolConstants.MsgOverhead];
         if (!RelayCrypto.TryOpenDelivery(cipher, msgPayload, body, out var id, out _, out var flags, out _))
         {

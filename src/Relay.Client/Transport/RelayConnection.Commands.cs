@@ -132,7 +132,7 @@ public sealed partial class RelayConnection
             var id = Id.From(queue.RecipientId);
             if (!_subscribed.ContainsKey(id))
             {
-                _subscribed[id] = (new ChaCha20Poly1305(queue.DeliveryKey), queue);
+                _subscribed[id] = (new DeliveryCipher(queue.DeliveryKey), queue);
             }
         }
         // A window of 1 sends no args: the SUB of a relay/1 client without windows.
@@ -160,7 +160,7 @@ public sealed partial class RelayConnection
         var response = await QueueCommandAsync(FrameType.Get, queue.RecipientId, queue.RecipientPrivateKey, default, default, cancellationToken);
         if (response.Type == FrameType.Empty) return null;
         Expect(response, FrameType.Msg, "GET");
-        using var cipher = new ChaCha20Poly1305(queue.DeliveryKey);
+        using var cipher = new DeliveryCipher(queue.DeliveryKey);
         var body = new byte[Math.Max(0, response.Payload.Length - ProtocolConstants.MsgOverhead)];
         if (!RelayCrypto.TryOpenDelivery(cipher, response.Payload, body, out var messageId, out var hour, out var flags, out _))
         {

@@ -38,7 +38,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
     private readonly object _pendingLock = new();
     private readonly Dictionary<uint, TaskCompletionSource<Response>> _pending = new();
     // Subscribed queues of this connection with their delivery ciphers, by recipient id.
-    private readonly Dictionary<Id, (ChaCha20Poly1305 Cipher, RecipientQueue Queue)> _subscribed = new();
+    private readonly Dictionary<Id, (DeliveryCipher Cipher, RecipientQueue Queue)> _subscribed = new();
     private readonly Dictionary<Id, MacKey> _authKeys = new();
     private readonly Channel<RelayEvent> _events = Channel.CreateUnbounded<RelayEvent>(new UnboundedChannelOptions { SingleReader = false, SingleWriter = true });
     private readonly CancellationTokenSource _closed = new();
@@ -352,7 +352,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
         delivery = null!;
         queue = null!;
         if (payload.Length < ProtocolConstants.MsgOverhead) return false;
-        (ChaCha20Poly1305 Cipher, RecipientQueue Queue) subscribed;
+        (DeliveryCipher Cipher, RecipientQueue Queue) subscribed;
         lock (_pendingLock)
         {
             if (!_subscribed.TryGetValue(Id.From(payload.Slice(0, ProtocolConstants.IdSize)), out subscribed)) return false;

@@ -260,7 +260,7 @@ internal sealed partial class RelaySession
         }
         try
         {
-            using var cipher = new ChaCha20Poly1305(queue.DeliveryKey);
+            using var cipher = new DeliveryCipher(queue.DeliveryKey);
             _context.Metrics.Command(FrameType.Get, CommandResult.Ok);
             WriteMessage(corr, queue, message, cipher);
         }

@@ -140,7 +140,7 @@ internal sealed partial class RelaySession
         }
     }
 
-    internal void WriteMessage(uint corr, QueueHandle queue, in StoredMessage message, ChaCha20Poly1305 cipher, NonceSequence? nonces = null)
+    internal void WriteMessage(uint corr, QueueHandle queue, in StoredMessage message, DeliveryCipher cipher, NonceSequence? nonces = null)
     {
         lock (_writeLock)
         {

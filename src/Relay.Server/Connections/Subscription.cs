@@ -11,7 +11,7 @@ namespace Relay.Server.Connections;
 /// </summary>
 internal sealed class Subscription(RelaySession session, QueueHandle queue, int window) : IDisposable
 {
-    private ChaCha20Poly1305? _cipher;
+    private DeliveryCipher? _cipher;
     private NonceSequence? _nonces;
     private ulong[]? _outstanding;   // ring of the outstanding ids, oldest first
     private int _head;
@@ -21,7 +21,7 @@ internal sealed class Subscription(RelaySession session, QueueHandle queue, int 
     /// <summary>Messages that may be outstanding at once (1 to <see cref="ProtocolConstants.MaxDeliveryWindow"/>).</summary>
     public int Window { get; } = window;
     /// <summary>Created at the first delivery: a subscriber that only waits holds no cipher context.</summary>
-    public ChaCha20Poly1305 Cipher => _cipher ??= new(Queue.DeliveryKey);
+    public DeliveryCipher Cipher => _cipher ??= new(Queue.DeliveryKey);
     /// <summary>Nonces of this subscription's deliveries: one random start, then counting (PROTOCOL.md §7).</summary>
     public NonceSequence Nonces => _nonces ??= new();
     public int OutstandingCount { get; private set; }
