@@ -34,12 +34,12 @@ public sealed unsafe class DeliveryCipher : IDisposable
     public void Encrypt(ReadOnlySpan<byte> nonce, ReadOnlySpan<byte> plaintext, Span<byte> ciphertext, Span<byte> tag, ReadOnlySpan<byte> aad)
     {
         CheckSizes(nonce, plaintext.Length, ciphertext.Length, tag.Length);
+        ObjectDisposedException.ThrowIf(_disposed, this);
         if (!EvpChaCha20Poly1305.Available)
         {
             (_bcl ??= new ChaCha20Poly1305(_key)).Encrypt(nonce, plaintext, ciphertext, tag, aad);
             return;
         }
-        ObjectDisposedException.ThrowIf(_disposed, this);
         if (_seal == 0)
         {
             _seal = EvpChaCha20Poly1305.NewContext(_key, encrypt: true);
@@ -51,6 +51,7 @@ public sealed unsafe class DeliveryCipher : IDisposable
     public bool TryDecrypt(ReadOnlySpan<byte> nonce, ReadOnlySpan<byte> ciphertext, ReadOnlySpan<byte> tag, Span<byte> plaintext, ReadOnlySpan<byte> aad)
     {
         CheckSizes(nonce, ciphertext.Length, plaintext.Length, tag.Length);
+        ObjectDisposedException.ThrowIf(_disposed, this);
         bool ok;
         if (!EvpChaCha20Poly1305.Available)
         {
@@ -66,7 +67,6 @@ public sealed unsafe class DeliveryCipher : IDisposable
         }
         else
         {
-            ObjectDisposedException.ThrowIf(_disposed, this);
             if (_open == 0)
             {
                 _open = EvpChaCha20Poly1305.NewContext(_key, encrypt: false);
@@ -95,6 +95,14 @@ public sealed unsafe class DeliveryCipher : IDisposable
         EvpChaCha20Poly1305.Free(ref _open);
         _bcl?.Dispose();
         CryptographicOperations.ZeroMemory(_key);
+        GC.SuppressFinalize(this);
+    }
+
+    /// <summary>A cipher nobody disposed still frees its native contexts.</summary>
+    ~DeliveryCipher()
+    {
+        EvpChaCha20Poly1305.Free(ref _seal);
+        EvpChaCha20Poly1305.Free(ref _open);
     }
 }
 
