@@ -21,13 +21,22 @@ public sealed unsafe class DeliveryCipher : IDisposable
     private ChaCha20Poly1305? _bcl;
     private bool _disposed;
 
+    private readonly bool _native;
+
     public DeliveryCipher(ReadOnlySpan<byte> key)
+        : this(key, EvpChaCha20Poly1305.Available)
+    {
+    }
+
+    /// <summary>With <paramref name="native"/> false: the BCL path, as where libcrypto 3 is missing (tests).</summary>
+    internal DeliveryCipher(ReadOnlySpan<byte> key, bool native)
     {
         if (key.Length != ProtocolConstants.KeySize)
         {
             throw new ArgumentException($"a delivery key is {ProtocolConstants.KeySize} bytes", nameof(key));
         }
         _key = key.ToArray();
+        _native = native;
     }
 
     /// <summary>Seals <paramref name="plaintext"/> into <paramref name="ciphertext"/> (same length; may be the same memory) and writes the 16-byte tag.</summary>
@@ -35,7 +44,7 @@ public sealed unsafe class DeliveryCipher : IDisposable
     {
         CheckSizes(nonce, plaintext.Length, ciphertext.Length, tag.Length);
         ObjectDisposedException.ThrowIf(_disposed, this);
-        if (!EvpChaCha20Poly1305.Available)
+        if (!_native)
         {
             (_bcl ??= new ChaCha20Poly1305(_key)).Encrypt(nonce, plaintext, ciphertext, tag, aad);
             return;
@@ -53,7 +62,7 @@ public sealed unsafe class DeliveryCipher : IDisposable
         CheckSizes(nonce, ciphertext.Length, plaintext.Length, tag.Length);
         ObjectDisposedException.ThrowIf(_disposed, this);
         bool ok;
-        if (!EvpChaCha20Poly1305.Available)
+        if (!_native)
         {
             try
             {

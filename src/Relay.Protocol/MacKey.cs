@@ -12,14 +12,27 @@ namespace Relay.Protocol;
 /// The relay passes its decoy keys through the same class, so a missing queue and a wrong key cost the
 /// same. Not thread-safe: one user at a time (the relay's read loop, the client's write lock).
 /// </summary>
-public sealed class MacKey(byte[] key) : IDisposable
+public sealed class MacKey : IDisposable
 {
     private const int ReuseAfter = 3;
 
-    private readonly byte[] _key = key;
+    private readonly byte[] _key;
+    private readonly bool _native;
     private byte[]? _states;          // keyed SHA-256 states (Sha256Native), when libcrypto is there
     private IncrementalHash? _hmac;   // otherwise one reused BCL HMAC context
     private int _uses;
+
+    public MacKey(byte[] key)
+        : this(key, Sha256Native.Available)
+    {
+    }
+
+    /// <summary>With <paramref name="native"/> false: the BCL path, as where libcrypto 3 is missing (tests).</summary>
+    internal MacKey(byte[] key, bool native)
+    {
+        _key = key;
+        _native = native;
+    }
 
     /// <summary>Constant-time check of a 16-byte MAC over <paramref name="input"/>.</summary>
     public bool Verify(ReadOnlySpan<byte> input, ReadOnlySpan<byte> mac)
@@ -46,7 +59,7 @@ public sealed class MacKey(byte[] key) : IDisposable
         }
         if (_hmac is null && ++_uses >= ReuseAfter)
         {
-            if (Sha256Native.Available)
+            if (_native)
             {
                 _states = new byte[2 * Sha256Native.ContextSize];
                 Sha256Native.KeyStates(_key, _states);

@@ -20,9 +20,11 @@ public class DeliveryCipherTests
     }
 
     [Test]
-    public async Task Seals_and_opens_the_RFC_8439_vector()
+    [Arguments(true)]
+    [Arguments(false)]
+    public async Task Seals_and_opens_the_RFC_8439_vector(bool native)
     {
-        using var cipher = new DeliveryCipher(RfcKey);
+        using var cipher = new DeliveryCipher(RfcKey, native);
         var sealedBytes = new byte[RfcPlain.Length];
         var tag = new byte[16];
         cipher.Encrypt(RfcNonce, RfcPlain, sealedBytes, tag, RfcAad);
@@ -51,11 +53,13 @@ public class DeliveryCipherTests
     }
 
     [Test]
-    public async Task Agrees_with_the_BCL_both_ways_on_every_length_and_in_place()
+    [Arguments(true)]
+    [Arguments(false)]
+    public async Task Agrees_with_the_BCL_both_ways_on_every_length_and_in_place(bool native)
     {
         var wrong = new List<string>();
         byte[] key = RandomNumberGenerator.GetBytes(32);
-        using var mine = new DeliveryCipher(key);
+        using var mine = new DeliveryCipher(key, native);
         using var bcl = new ChaCha20Poly1305(key);
         foreach (int length in new[] { 0, 1, 15, 16, 63, 64, 65, 256, 261, 4096, 65_000 })
         {
@@ -79,10 +83,12 @@ public class DeliveryCipherTests
     }
 
     [Test]
-    public async Task Refuses_wrong_sizes_and_use_after_dispose()
+    [Arguments(true)]
+    [Arguments(false)]
+    public async Task Refuses_wrong_sizes_and_use_after_dispose(bool native)
     {
-        await Assert.That(() => new DeliveryCipher(new byte[31])).Throws<ArgumentException>();
-        var cipher = new DeliveryCipher(RfcKey);
+        await Assert.That(() => new DeliveryCipher(new byte[31], native)).Throws<ArgumentException>();
+        var cipher = new DeliveryCipher(RfcKey, native);
         await Assert.That(() => cipher.Encrypt(new byte[11], new byte[4], new byte[4], new byte[16], [])).Throws<ArgumentException>();
         await Assert.That(() => cipher.Encrypt(new byte[12], new byte[4], new byte[5], new byte[16], [])).Throws<ArgumentException>();
         await Assert.That(() => cipher.Encrypt(new byte[12], new byte[4], new byte[4], new byte[15], [])).Throws<ArgumentException>();

@@ -7,10 +7,12 @@ namespace Relay.Protocol.Tests;
 public class MacKeyTests
 {
     [Test]
-    public async Task Verifies_exactly_like_the_protocol_function_on_every_use()
+    [Arguments(true)]
+    [Arguments(false)]
+    public async Task Verifies_exactly_like_the_protocol_function_on_every_use(bool native)
     {
         byte[] key = RandomNumberGenerator.GetBytes(32);
-        using var cached = new MacKey((byte[])key.Clone());
+        using var cached = new MacKey((byte[])key.Clone(), native);
         for (int use = 0; use < 12; use++)
         {
             byte[] input = RandomNumberGenerator.GetBytes(use * 37 + 1);
