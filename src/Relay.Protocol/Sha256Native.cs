@@ -33,6 +33,7 @@ internal static unsafe partial class Sha256Native
     /// </summary>
     public static void KeyStates(ReadOnlySpan<byte> key, Span<byte> states)
     {
+        ArgumentOutOfRangeException.ThrowIfLessThan(states.Length, 2 * ContextSize, nameof(states));
         Span<byte> block = stackalloc byte[BlockSize];
         block.Clear();
         if (key.Length > BlockSize)
@@ -61,6 +62,8 @@ internal static unsafe partial class Sha256Native
     /// <summary>HMAC-SHA256 of <paramref name="input"/> from the states of <see cref="KeyStates"/>.</summary>
     public static void Hmac(ReadOnlySpan<byte> states, ReadOnlySpan<byte> input, Span<byte> mac)
     {
+        ArgumentOutOfRangeException.ThrowIfLessThan(states.Length, 2 * ContextSize, nameof(states));
+        ArgumentOutOfRangeException.ThrowIfLessThan(mac.Length, HashSize, nameof(mac));
         byte* context = stackalloc byte[ContextSize];
         fixed (byte* s = states)
         fixed (byte* data = input)
