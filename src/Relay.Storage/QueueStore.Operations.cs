@@ -269,11 +269,11 @@ public sealed partial class QueueStore
             int bodyLength;
             PeekedMessages? peeked = queue.Peeked;
             peeked?.RemoveBelow(queue.OldestBound);
-            if (peeked is { Count: > 0 } && peeked.FirstId == messageId)
+            if (peeked is { Count: > 0 } && peeked.First.Id == messageId)
             {
                 // The first of the messages handed out: the oldest stored (PeekedMessages' invariant),
                 // with its length known, so no read is needed.
-                bodyLength = peeked.FirstLength;
+                bodyLength = peeked.First.Length;
                 peeked.RemoveFirst();
             }
             else

@@ -81,55 +81,35 @@ internal sealed class PeekedMessages
     /// <summary>Most entries kept; a longer run stops being recorded (its ACKs read instead).</summary>
     public const int Capacity = 256;
 
-    private (ulong Id, int Length)[] _items = new (ulong, int)[4];
-    private int _head;
-    private int _count;
+    private readonly Queue<(ulong Id, int Length)> _run = new();
 
-    public int Count => _count;
-    public ulong FirstId => _items[_head].Id;
-    public int FirstLength => _items[_head].Length;
-    public ulong LastId => _items[(_head + _count - 1) % _items.Length].Id;
+    public int Count => _run.Count;
+    public (ulong Id, int Length) First => _run.Peek();
+    /// <summary>Id of the entry added last (valid while <see cref="Count"/> &gt; 0).</summary>
+    public ulong LastId { get; private set; }
 
-    public void Clear()
-    {
-        _head = 0;
-        _count = 0;
-    }
+    public void Clear() => _run.Clear();
 
     /// <summary>False when full (the caller clears: a gap would break the invariant).</summary>
     public bool TryAdd(ulong id, int length)
     {
-        if (_count == _items.Length)
+        if (_run.Count == Capacity)
         {
-            if (_items.Length == Capacity)
-            {
-                return false;
-            }
-            var larger = new (ulong, int)[_items.Length * 2];
-            for (int i = 0; i < _count; i++)
-            {
-                larger[i] = _items[(_head + i) % _items.Length];
-            }
-            _items = larger;
-            _head = 0;
+            return false;
         }
-        _items[(_head + _count) % _items.Length] = (id, length);
-        _count++;
+        _run.Enqueue((id, length));
+        LastId = id;
         return true;
     }
 
-    public void RemoveFirst()
-    {
-        _head = (_head + 1) % _items.Length;
-        _count--;
-    }
+    public void RemoveFirst() => _run.Dequeue();
 
     /// <summary>Drops entries below <paramref name="bound"/> (expired or acknowledged).</summary>
     public void RemoveBelow(ulong bound)
     {
-        while (_count > 0 && FirstId < bound)
+        while (_run.TryPeek(out var first) && first.Id < bound)
         {
-            RemoveFirst();
+            _run.Dequeue();
         }
     }
 }

@@ -3,6 +3,7 @@ using Relay.Client;
 using Relay.Client.Transport;
 using Relay.Protocol;
 using static Relay.Server.Tests.EventWaits;
+using static Relay.Server.Tests.OperationsMetrics;
 
 namespace Relay.Server.Tests;
 
@@ -130,6 +131,24 @@ public class DeliveryWindowTests
         await other.SubscribeAsync(queue);
         await Assert.That(Text(await NextDeliveryAsync(other))).IsEqualTo("m2");
         await Assert.That(await NothingArrivesAsync(other, TimeSpan.FromMilliseconds(300))).IsTrue();
+    }
+
+    [Test]
+    public async Task Delivery_latency_observes_the_messages_pushed_straight_after_their_send()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var recipient = await relay.ConnectAsync();
+        await using var sender = await relay.ConnectAsync();
+        var queue = await recipient.CreateQueueAsync();
+        await recipient.SubscribeAsync(queue, window: 4);
+        double before = Value(await ScrapeAsync(relay), "relay_delivery_latency_seconds_count");
+
+        // Six sends, no ACK: the first four go out as they arrive, the last two wait in the queue.
+        await SendAllAsync(sender, queue, 1, 6);
+        for (int i = 1; i <= 4; i++) await Assert.That(Text(await NextDeliveryAsync(recipient))).IsEqualTo($"m{i}");
+        await recipient.PingAsync();
+        double after = Value(await ScrapeAsync(relay), "relay_delivery_latency_seconds_count");
+        await Assert.That(after - before).IsEqualTo(4);
     }
 
     [Test]

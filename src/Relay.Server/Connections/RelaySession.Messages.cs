@@ -73,8 +73,10 @@ internal sealed partial class RelaySession
                 {
                     if (queue.Tag is Subscription s)
                     {
+                        // This call pushes the messages from NextFrom on; observe this one if it was among them.
+                        ulong from = s.NextFrom;
                         s.Session.DeliverNextLocked(s);
-                        if (s.OutstandingCount > 0 && s.LastDelivered == result.MessageId)
+                        if (result.MessageId >= from && result.MessageId < s.NextFrom)
                         {
                             _context.Metrics.DeliveredAfter(arrived);
                         }

@@ -13,8 +13,7 @@ internal sealed class Subscription(RelaySession session, QueueHandle queue, int 
 {
     private DeliveryCipher? _cipher;
     private NonceSequence? _nonces;
-    private ulong[]? _outstanding;   // ring of the outstanding ids, oldest first
-    private int _head;
+    private Queue<ulong>? _outstanding;   // the outstanding ids, oldest first
 
     public RelaySession Session { get; } = session;
     public QueueHandle Queue { get; } = queue;
@@ -24,33 +23,26 @@ internal sealed class Subscription(RelaySession session, QueueHandle queue, int 
     public DeliveryCipher Cipher => _cipher ??= new(Queue.DeliveryKey);
     /// <summary>Nonces of this subscription's deliveries: one random start, then counting (PROTOCOL.md §7).</summary>
     public NonceSequence Nonces => _nonces ??= new();
-    public int OutstandingCount { get; private set; }
-    /// <summary>Id of the message delivered last (valid while <see cref="OutstandingCount"/> &gt; 0).</summary>
-    public ulong LastDelivered { get; private set; }
-    /// <summary>Where the next delivery reads from: after the last one delivered, or the oldest (0).</summary>
+    /// <summary>Where the next delivery reads from: after the message delivered last, or the oldest (0).</summary>
     public ulong NextFrom { get; private set; }
     public bool Ended;
 
-    public bool HasRoom => OutstandingCount < Window;
+    public bool HasRoom => (_outstanding?.Count ?? 0) < Window;
 
     public void Delivered(ulong id)
     {
-        _outstanding ??= new ulong[Window];
-        _outstanding[(_head + OutstandingCount) % Window] = id;
-        OutstandingCount++;
-        LastDelivered = id;
+        (_outstanding ??= new Queue<ulong>(Window)).Enqueue(id);
         NextFrom = id + 1;
     }
 
     /// <summary>Releases <paramref name="id"/> when it is the oldest outstanding message; false otherwise (also when already released).</summary>
     public bool TryRelease(ulong id)
     {
-        if (OutstandingCount == 0 || _outstanding![_head] != id)
+        if (_outstanding is null || !_outstanding.TryPeek(out ulong oldest) || oldest != id)
         {
             return false;
         }
-        _head = (_head + 1) % Window;
-        OutstandingCount--;
+        _outstanding.Dequeue();
         return true;
     }
 
