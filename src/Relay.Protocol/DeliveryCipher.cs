@@ -161,16 +161,11 @@ internal static unsafe partial class EvpChaCha20Poly1305
 
     public static void Seal(nint context, ReadOnlySpan<byte> nonce, ReadOnlySpan<byte> plaintext, Span<byte> ciphertext, Span<byte> tag, ReadOnlySpan<byte> aad)
     {
-        fixed (byte* n = nonce)
-        fixed (byte* a = aad)
-        fixed (byte* p = plaintext)
         fixed (byte* c = ciphertext)
         fixed (byte* t = tag)
         {
-            int written = 0, last = 0;
-            if (EVP_CipherInit_ex(context, 0, 0, null, n, -1) != 1
-                || (aad.Length > 0 && EVP_CipherUpdate(context, null, &written, a, aad.Length) != 1)
-                || EVP_CipherUpdate(context, c, &written, p, plaintext.Length) != 1
+            int last = 0;
+            if (!Update(context, nonce, aad, plaintext, c, out int written)
                 || EVP_CipherFinal_ex(context, c + written, &last) != 1
                 || written + last != plaintext.Length
                 || EVP_CIPHER_CTX_ctrl(context, CtrlAeadGetTag, ProtocolConstants.TagSize, t) != 1)
@@ -182,22 +177,34 @@ internal static unsafe partial class EvpChaCha20Poly1305
 
     public static bool Open(nint context, ReadOnlySpan<byte> nonce, ReadOnlySpan<byte> ciphertext, ReadOnlySpan<byte> tag, Span<byte> plaintext, ReadOnlySpan<byte> aad)
     {
-        fixed (byte* n = nonce)
-        fixed (byte* a = aad)
-        fixed (byte* c = ciphertext)
         fixed (byte* p = plaintext)
         fixed (byte* t = tag)
         {
-            int written = 0, last = 0;
-            if (EVP_CipherInit_ex(context, 0, 0, null, n, -1) != 1
-                || EVP_CIPHER_CTX_ctrl(context, CtrlAeadSetTag, ProtocolConstants.TagSize, t) != 1
-                || (aad.Length > 0 && EVP_CipherUpdate(context, null, &written, a, aad.Length) != 1)
-                || EVP_CipherUpdate(context, p, &written, c, ciphertext.Length) != 1)
+            if (!Update(context, nonce, aad, ciphertext, p, out int written)
+                || EVP_CIPHER_CTX_ctrl(context, CtrlAeadSetTag, ProtocolConstants.TagSize, t) != 1)
             {
                 throw new CryptographicException("libcrypto failed to open with ChaCha20-Poly1305");
             }
             // The tag is checked here: 1 when it matches.
+            int last = 0;
             return EVP_CipherFinal_ex(context, p + written, &last) == 1 && written + last == ciphertext.Length;
+        }
+    }
+
+    /// <summary>Starts a message under <paramref name="nonce"/> (the key stays) and runs the AAD and <paramref name="input"/> through it.</summary>
+    private static bool Update(nint context, ReadOnlySpan<byte> nonce, ReadOnlySpan<byte> aad, ReadOnlySpan<byte> input, byte* output, out int written)
+    {
+        written = 0;
+        int n = 0;
+        fixed (byte* iv = nonce)
+        fixed (byte* a = aad)
+        fixed (byte* i = input)
+        {
+            bool ok = EVP_CipherInit_ex(context, 0, 0, null, iv, -1) == 1
+                && (aad.Length == 0 || EVP_CipherUpdate(context, null, &n, a, aad.Length) == 1)
+                && EVP_CipherUpdate(context, output, &n, i, input.Length) == 1;
+            written = n;
+            return ok;
         }
     }
 
