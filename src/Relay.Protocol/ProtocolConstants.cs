@@ -35,6 +35,9 @@ public static class ProtocolConstants
     /// <summary>Largest delivery window a SUB can ask for (PROTOCOL.md §6 SUB); larger requests get this.</summary>
     public const int MaxDeliveryWindow = 64;
 
+    /// <summary>ACK flags bit 0 (PROTOCOL.md §6 ACK): every outstanding message up to and including the id.</summary>
+    public const byte AckThrough = 0x01;
+
     /// <summary>Plaintext header inside a sealed delivery: u32 hour, u8 flags.</summary>
     public const int DeliveryHeaderSize = 5;
 

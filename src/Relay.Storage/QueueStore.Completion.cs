@@ -27,7 +27,7 @@ public sealed partial class QueueStore
                 }
                 break;
             case OpKind.Ack:
-                Interlocked.Increment(ref _statistics._messagesDeleted);
+                Interlocked.Add(ref _statistics._messagesDeleted, op.Count);
                 break;
             case OpKind.Expire:
                 Interlocked.Add(ref _statistics._messagesExpired, op.Count);
@@ -96,7 +96,7 @@ public sealed partial class QueueStore
             case OpKind.Ack:
             case OpKind.Expire:
                 // The messages are still stored: make them visible again.
-                queue.MessageCount += op.Kind == OpKind.Ack ? 1 : op.Count;
+                queue.MessageCount += op.Count;
                 queue.ByteCount += op.Bytes;
                 queue.OldestBound = Math.Min(queue.OldestBound, op.MessageId);
                 queue.Peeked?.Clear();   // the oldest is back: the recorded run no longer starts at it

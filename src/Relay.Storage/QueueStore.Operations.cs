@@ -248,10 +248,18 @@ public sealed partial class QueueStore
         }
     }
 
-    /// <summary>Deletes <paramref name="messageId"/> if it is the queue's oldest durable message; NotOldest otherwise.</summary>
-    public ValueTask<StoreStatus> AckAsync(QueueHandle queue, ulong messageId)
+    /// <summary>Deletes the queue's oldest message, which must be <paramref name="messageId"/> (NotOldest otherwise).</summary>
+    public ValueTask<StoreStatus> AckAsync(QueueHandle queue, ulong messageId) => AckAsync(queue, messageId, 1);
+
+    /// <summary>
+    /// Deletes the queue's <paramref name="count"/> oldest messages in one operation, the last of
+    /// which must be <paramref name="lastId"/>; NotOldest (and nothing deleted) otherwise.
+    /// </summary>
+    public ValueTask<StoreStatus> AckAsync(QueueHandle queue, ulong lastId, int count)
     {
         ArgumentNullException.ThrowIfNull(queue);
+        ArgumentOutOfRangeException.ThrowIfLessThan(count, 1);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(count, MaxAckCount);
         if (!Acquire(queue))
         {
             return new(StoreStatus.NotFound);
@@ -262,50 +270,43 @@ public sealed partial class QueueStore
             {
                 return new(StoreStatus.NotFound);
             }
-            if (queue.MessageCount == 0 || messageId < queue.OldestBound)
+            if (queue.MessageCount < count || lastId < queue.OldestBound)
             {
                 return new(StoreStatus.NotOldest);
             }
-            int bodyLength;
+            Span<ulong> ids = stackalloc ulong[count];
+            long bytes;
             PeekedMessages? peeked = queue.Peeked;
             peeked?.RemoveBelow(queue.OldestBound);
-            if (peeked is { Count: > 0 } && peeked.First.Id == messageId)
+            if (peeked is not null && peeked.TryTakeFirst(lastId, ids, out bytes))
             {
                 // The first of the messages handed out: the oldest stored (PeekedMessages' invariant),
-                // with its length known, so no read is needed.
-                bodyLength = peeked.First.Length;
-                peeked.RemoveFirst();
+                // with their lengths known, so no read is needed.
             }
             else
             {
                 peeked?.Clear();
-                EnterRead();
-                try
+                if (!TryReadOldest(queue, lastId, ids, out bytes))
                 {
-                    using RocksDb.Iterator it = OpenMessages(queue);
-                    if (!it.Valid || Keys.MessageIdOf(it.Key) != messageId)
-                    {
-                        return new(StoreStatus.NotOldest);
-                    }
-                    bodyLength = it.Value.Length - Keys.MessageHeaderLength;
-                }
-                finally
-                {
-                    ExitRead();
+                    return new(StoreStatus.NotOldest);
                 }
             }
 
             Span<byte> key = stackalloc byte[Keys.MessageKeyLength];
-            Keys.MessageKey(key, queue.RecipientId, messageId);
             WriteOp op = RentOp(OpKind.Ack, queue);
             using (BatchScope batch = BeginBatch())
             {
-                queue.OldestBound = messageId + 1;
-                queue.MessageCount--;
-                queue.ByteCount -= bodyLength;
-                op.MessageId = messageId;
-                op.Bytes = bodyLength;
-                batch.Delete(Cf.Messages, key);
+                queue.OldestBound = lastId + 1;
+                queue.MessageCount -= count;
+                queue.ByteCount -= bytes;
+                op.MessageId = ids[0];
+                op.Count = count;
+                op.Bytes = bytes;
+                foreach (ulong id in ids)
+                {
+                    Keys.MessageKey(key, queue.RecipientId, id);
+                    batch.Delete(Cf.Messages, key);
+                }
                 TouchActivity(batch, queue, op, NowHour());
                 batch.Add(op);
             }
@@ -314,6 +315,31 @@ public sealed partial class QueueStore
         finally
         {
             queue.StoreLock.Exit();
+        }
+    }
+
+    /// <summary>The ids of the queue's <c>ids.Length</c> oldest messages and their body bytes; false unless the last is <paramref name="lastId"/>. Caller holds StoreLock.</summary>
+    private bool TryReadOldest(QueueHandle queue, ulong lastId, Span<ulong> ids, out long bytes)
+    {
+        bytes = 0;
+        EnterRead();
+        try
+        {
+            using RocksDb.Iterator it = OpenMessages(queue);
+            for (int i = 0; i < ids.Length; i++, it.Next())
+            {
+                if (!it.Valid)
+                {
+                    return false;
+                }
+                ids[i] = Keys.MessageIdOf(it.Key);
+                bytes += it.Value.Length - Keys.MessageHeaderLength;
+            }
+            return ids[^1] == lastId;
+        }
+        finally
+        {
+            ExitRead();
         }
     }
 

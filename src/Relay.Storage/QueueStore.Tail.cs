@@ -102,7 +102,37 @@ internal sealed class PeekedMessages
         return true;
     }
 
-    public void RemoveFirst() => _run.Dequeue();
+    /// <summary>
+    /// Takes the first <c>ids.Length</c> entries when the last of them is <paramref name="lastId"/>:
+    /// their ids and body bytes. False (nothing taken) when the run is shorter or ends elsewhere.
+    /// </summary>
+    public bool TryTakeFirst(ulong lastId, Span<ulong> ids, out long bytes)
+    {
+        bytes = 0;
+        if (_run.Count < ids.Length)
+        {
+            return false;
+        }
+        int i = 0;
+        foreach (var (id, length) in _run)
+        {
+            if (i == ids.Length)
+            {
+                break;
+            }
+            ids[i++] = id;
+            bytes += length;
+        }
+        if (ids[^1] != lastId)
+        {
+            return false;
+        }
+        for (i = 0; i < ids.Length; i++)
+        {
+            _run.Dequeue();
+        }
+        return true;
+    }
 
     /// <summary>Drops entries below <paramref name="bound"/> (expired or acknowledged).</summary>
     public void RemoveBelow(ulong bound)
@@ -129,6 +159,9 @@ public sealed partial class QueueStore
 
     /// <summary>Most messages one queue's tail holds.</summary>
     internal const int MaxTailEntries = 4096;
+
+    /// <summary>Most messages one <see cref="AckAsync(QueueHandle, ulong, int)"/> deletes.</summary>
+    public const int MaxAckCount = PeekedMessages.Capacity;
 
     private long _tailBytes;
 

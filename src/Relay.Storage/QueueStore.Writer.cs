@@ -313,12 +313,12 @@ internal sealed class WriteOp : IValueTaskSource<AppendResult>, IValueTaskSource
 
     public OpKind Kind;
     public QueueHandle? Queue;
-    /// <summary>Append/Ack: the message id; Expire: the oldest expired id.</summary>
+    /// <summary>Append: the message id; Ack, Expire: the oldest deleted id.</summary>
     public ulong MessageId;
     public uint Hour;
     /// <summary>Body bytes appended, acked or expired (for rolling back counters).</summary>
     public long Bytes;
-    /// <summary>Expire: messages deleted.</summary>
+    /// <summary>Ack, Expire: messages deleted.</summary>
     public int Count;
     /// <summary>The operation moved the queue's last-active hour from this value (0: it did not).</summary>
     public uint PreviousActiveHour;

@@ -269,7 +269,9 @@ public class BadInputTests
             ("OFF with an extra byte", c => client.QueueCommand(FrameType.Off, c, rid, [0], key)),
             ("DEL with an extra byte", c => client.QueueCommand(FrameType.Del, c, rid, [0], key)),
             ("ACK with a 4-byte id", c => client.QueueCommand(FrameType.Ack, c, rid, [0, 0, 0, 1], key)),
-            ("ACK with a 9-byte id", c => client.QueueCommand(FrameType.Ack, c, rid, new byte[9], key)),
+            ("ACK with a 10-byte id", c => client.QueueCommand(FrameType.Ack, c, rid, new byte[10], key)),
+            ("ACK with an unknown flag", c => client.QueueCommand(FrameType.Ack, c, rid, [0, 0, 0, 0, 0, 0, 0, 1, 0x02], key)),
+            ("ACK through with an unknown flag", c => client.QueueCommand(FrameType.Ack, c, rid, [0, 0, 0, 0, 0, 0, 0, 1, 0x81], key)),
             ("ACK with no id", c => client.QueueCommand(FrameType.Ack, c, rid, [], key)),
             ("SKEY with a 31-byte key", c => client.QueueCommand(FrameType.SKey, c, queue.SenderId, new byte[31], key)),
             ("SKEY with a 33-byte key", c => client.QueueCommand(FrameType.SKey, c, queue.SenderId, new byte[33], key)),
@@ -378,7 +380,11 @@ public class BadInputTests
         uint c5 = client.NextCorr();
         var noMsg = await client.RequestAsync(client.QueueCommand(FrameType.Ack, c5, queue.RecipientId, RawClient.U64(id + 1), queue.RecipientPrivate));
         await Assert.That(noMsg.Wire).IsEquivalentTo(ErrWire(c5, ErrorCode.NoMsg));
-        var acked = await client.RequestAsync(client.QueueCommand(FrameType.Ack, client.NextCorr(), queue.RecipientId, RawClient.U64(id), queue.RecipientPrivate));
+        // ACK through without a subscription on this connection covers no more than the id itself.
+        uint c5b = client.NextCorr();
+        var throughNoSub = await client.RequestAsync(client.QueueCommand(FrameType.Ack, c5b, queue.RecipientId, [.. RawClient.U64(id + 1), ProtocolConstants.AckThrough], queue.RecipientPrivate));
+        await Assert.That(throughNoSub.Wire).IsEquivalentTo(ErrWire(c5b, ErrorCode.NoMsg));
+        var acked = await client.RequestAsync(client.QueueCommand(FrameType.Ack, client.NextCorr(), queue.RecipientId, [.. RawClient.U64(id), ProtocolConstants.AckThrough], queue.RecipientPrivate));
         await Assert.That(acked.Type).IsEqualTo(FrameType.Ok);
         uint c6 = client.NextCorr();
         var again = await client.RequestAsync(client.QueueCommand(FrameType.Ack, c6, queue.RecipientId, RawClient.U64(id), queue.RecipientPrivate));

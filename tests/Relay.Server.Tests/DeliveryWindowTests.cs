@@ -134,6 +134,84 @@ public class DeliveryWindowTests
     }
 
     [Test]
+    [Arguments(false)]
+    [Arguments(true)]
+    public async Task One_ack_through_deletes_every_outstanding_message_up_to_it(bool tls)
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = tls);
+        await using var recipient = await relay.ConnectAsync();
+        await using var sender = await relay.ConnectAsync();
+        var queue = await recipient.CreateQueueAsync();
+        await SendAllAsync(sender, queue, 1, 10);
+        double ackedBefore = Value(await ScrapeAsync(relay), "relay_messages_acked_total");
+
+        await recipient.SubscribeAsync(queue, window: 6);
+        var outstanding = new List<Delivery>();
+        for (int i = 1; i <= 6; i++) outstanding.Add(await NextDeliveryAsync(recipient));
+        await Assert.That(await NothingArrivesAsync(recipient, TimeSpan.FromMilliseconds(300))).IsTrue();
+
+        // Through the fourth: four deleted, four places free, m7..m10 follow.
+        await recipient.AckThroughAsync(queue, outstanding[3].MessageId);
+        var next = new List<Delivery>();
+        for (int i = 0; i < 4; i++) next.Add(await NextDeliveryAsync(recipient));
+        await Assert.That(next.Select(Text)).IsEquivalentTo(["m7", "m8", "m9", "m10"], TUnit.Assertions.Enums.CollectionOrdering.Matching);
+        await recipient.PingAsync();
+        await Assert.That(Value(await ScrapeAsync(relay), "relay_messages_acked_total") - ackedBefore).IsEqualTo(4);
+        await using (var other = await relay.ConnectAsync())
+        {
+            await Assert.That(Text((await other.GetAsync(queue))!)).IsEqualTo("m5");
+        }
+
+        // What was acknowledged stays deleted across a restart; the rest comes again, from m5.
+        await relay.RestartAsync();
+        await using var again = await relay.ConnectAsync();
+        await again.SubscribeAsync(queue, window: 8);
+        var redelivered = new List<Delivery>();
+        for (int i = 0; i < 6; i++) redelivered.Add(await NextDeliveryAsync(again));
+        await Assert.That(redelivered.Select(Text)).IsEquivalentTo(["m5", "m6", "m7", "m8", "m9", "m10"], TUnit.Assertions.Enums.CollectionOrdering.Matching);
+        await again.AckThroughAsync(queue, redelivered[^1].MessageId);
+        await Assert.That(await again.GetAsync(queue)).IsNull();
+    }
+
+    [Test]
+    [Arguments(false)]
+    [Arguments(true)]
+    public async Task An_ack_through_a_message_not_outstanding_here_is_refused_and_loses_nothing(bool tls)
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = tls);
+        await using var recipient = await relay.ConnectAsync();
+        await using var sender = await relay.ConnectAsync();
+        var queue = await recipient.CreateQueueAsync();
+        await SendAllAsync(sender, queue, 1, 6);
+
+        await recipient.SubscribeAsync(queue, window: 3);
+        var d1 = await NextDeliveryAsync(recipient);
+        var d2 = await NextDeliveryAsync(recipient);
+        var d3 = await NextDeliveryAsync(recipient);
+
+        // m4 is stored but not delivered yet: its id is not outstanding, nor is one past the newest.
+        foreach (ulong id in new[] { d3.MessageId + 1, d3.MessageId + 100, d1.MessageId - 1 })
+        {
+            var refused = await Assert.That(() => recipient.AckThroughAsync(queue, id)).Throws<RelayErrorException>();
+            await Assert.That(refused!.Code).IsEqualTo(ErrorCode.NoMsg);
+        }
+        // On another connection nothing is outstanding: an ACK through covers the named id only,
+        // which must be the oldest.
+        await using var other = await relay.ConnectAsync();
+        var elsewhere = await Assert.That(() => other.AckThroughAsync(queue, d2.MessageId)).Throws<RelayErrorException>();
+        await Assert.That(elsewhere!.Code).IsEqualTo(ErrorCode.NoMsg);
+        await Assert.That(await NothingArrivesAsync(recipient, TimeSpan.FromMilliseconds(300))).IsTrue();
+        await Assert.That(Text((await other.GetAsync(queue))!)).IsEqualTo("m1");
+
+        await other.AckThroughAsync(queue, d1.MessageId);
+        await Assert.That(Text(await NextDeliveryAsync(recipient))).IsEqualTo("m4");
+        await recipient.AckThroughAsync(queue, d3.MessageId);
+        var rest = new[] { await NextDeliveryAsync(recipient), await NextDeliveryAsync(recipient) };
+        await Assert.That(Text(rest[0]) + Text(rest[1])).IsEqualTo("m5m6");
+        await Assert.That(Text((await other.GetAsync(queue))!)).IsEqualTo("m4");
+    }
+
+    [Test]
     public async Task Delivery_latency_observes_the_messages_pushed_straight_after_their_send()
     {
         await using var relay = await TestRelay.StartAsync();

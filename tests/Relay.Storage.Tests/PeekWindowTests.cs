@@ -105,4 +105,54 @@ public class PeekWindowTests
         await Assert.That(m!.Value.Body.AsSpan().SequenceEqual(third)).IsTrue();
         await Assert.That(PeekFrom(t, q, 0)!.Value.Body.AsSpan().SequenceEqual(sent[0])).IsTrue();
     }
+
+    [Test]
+    [Arguments(true)]
+    [Arguments(false)]
+    public async Task One_ack_deletes_the_oldest_messages_through_the_named_one(bool peekFirst)
+    {
+        await using TestStore t = TestStore.Create();
+        QueueHandle q = await t.CreateQueueAsync();
+        t.Store.KeepTail(q, true);
+        var sent = await AppendAsync(t, q, 8);
+        var ids = new List<ulong>();
+        ulong from = 0;
+        for (int i = 0; i < 6; i++)
+        {
+            var m = PeekFrom(t, q, from)!.Value;
+            ids.Add(m.Id);
+            from = m.Id + 1;
+        }
+        if (!peekFirst)
+        {
+            // Nothing handed out in this process: the store reads the oldest to check the ids.
+            await t.ReopenAsync();
+            q = t.Store.FindByRecipientId(q.RecipientId)!;
+        }
+        // Otherwise the messages handed out (their lengths known): the ACK needs no read.
+        long deletedBefore = t.Store.Statistics.MessagesDeleted;
+
+        await Assert.That(await t.Store.AckAsync(q, ids[3], 4)).IsEqualTo(StoreStatus.Ok);
+        await Assert.That(q.MessageCount).IsEqualTo(4);
+        await Assert.That(q.ByteCount).IsEqualTo(sent.Skip(4).Sum(b => (long)b.Length));
+        await Assert.That(t.Store.Statistics.MessagesDeleted - deletedBefore).IsEqualTo(4);
+        await Assert.That(PeekFrom(t, q, 0)!.Value.Body.AsSpan().SequenceEqual(sent[4])).IsTrue();
+
+        // The count must end at the named id: anything else deletes nothing. Deleted ones are gone.
+        await Assert.That(await t.Store.AckAsync(q, ids[5], 1)).IsEqualTo(StoreStatus.NotOldest);
+        await Assert.That(await t.Store.AckAsync(q, ids[5], 3)).IsEqualTo(StoreStatus.NotOldest);
+        await Assert.That(await t.Store.AckAsync(q, ids[5], 5)).IsEqualTo(StoreStatus.NotOldest);
+        await Assert.That(await t.Store.AckAsync(q, ids[3], 1)).IsEqualTo(StoreStatus.NotOldest);
+        await Assert.That(q.MessageCount).IsEqualTo(4);
+        await Assert.That(await t.Store.AckAsync(q, ids[5], 2)).IsEqualTo(StoreStatus.Ok);
+
+        // On disk: two left, the oldest the seventh.
+        await t.ReopenAsync();
+        QueueHandle again = t.Store.FindByRecipientId(q.RecipientId)!;
+        await Assert.That(again.MessageCount).IsEqualTo(2);
+        await Assert.That(again.ByteCount).IsEqualTo(sent.Skip(6).Sum(b => (long)b.Length));
+        await Assert.That(t.Peek(again)!.Value.Body.AsSpan().SequenceEqual(sent[6])).IsTrue();
+        await Assert.That(() => t.Store.AckAsync(again, ids[5], 0).AsTask()).Throws<ArgumentOutOfRangeException>();
+        await Assert.That(() => t.Store.AckAsync(again, ids[5], QueueStore.MaxAckCount + 1).AsTask()).Throws<ArgumentOutOfRangeException>();
+    }
 }

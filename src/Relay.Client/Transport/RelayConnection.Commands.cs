@@ -146,11 +146,27 @@ public sealed partial class RelayConnection
         Expect(response, FrameType.Ok, "SUB");
     }
 
+    /// <summary>ACK: deletes <paramref name="messageId"/>, which must be the queue's oldest message.</summary>
     public async Task AckAsync(RecipientQueue queue, ulong messageId, CancellationToken cancellationToken = default)
     {
         var id = new byte[8];
         BinaryPrimitives.WriteUInt64BigEndian(id, messageId);
         var response = await QueueCommandAsync(FrameType.Ack, queue.RecipientId, queue.RecipientPrivateKey, id, default, cancellationToken);
+        Expect(response, FrameType.Ok, "ACK");
+    }
+
+    /// <summary>
+    /// ACK through: deletes every message this connection's subscription to <paramref name="queue"/>
+    /// has delivered and not yet acknowledged, up to and including <paramref name="messageId"/>, in
+    /// one command (PROTOCOL.md §6 ACK). With a delivery window this costs one ACK per batch of
+    /// deliveries instead of one per message.
+    /// </summary>
+    public async Task AckThroughAsync(RecipientQueue queue, ulong messageId, CancellationToken cancellationToken = default)
+    {
+        var args = new byte[9];
+        BinaryPrimitives.WriteUInt64BigEndian(args, messageId);
+        args[8] = ProtocolConstants.AckThrough;
+        var response = await QueueCommandAsync(FrameType.Ack, queue.RecipientId, queue.RecipientPrivateKey, args, default, cancellationToken);
         Expect(response, FrameType.Ok, "ACK");
     }
 

@@ -183,40 +183,73 @@ internal sealed partial class RelaySession
         }
     }
 
-    // ACK: recipientId[24] ‖ u64 msgId ‖ mac
+    // ACK: recipientId[24] ‖ u64 msgId ‖ [u8 flags] ‖ mac
     private void HandleAck(in FrameView frame)
     {
-        var queue = RecipientCommand(frame, 8, out var command);
+        uint corr = frame.CorrelationId;
+        int argsLength = frame.Payload.Length - ProtocolConstants.IdSize - ProtocolConstants.MacSize;
+        if (argsLength is not (8 or 9))
+        {
+            Fail(FrameType.Ack, corr, ErrorCode.Syntax);
+            return;
+        }
+        var queue = RecipientCommand(frame, argsLength, out var command);
         if (queue is null) return;
         ulong id = BinaryPrimitives.ReadUInt64BigEndian(command.Args);
+        int count = 1;
+        if (argsLength == 9)
+        {
+            byte flags = command.Args[8];
+            if ((flags & ~ProtocolConstants.AckThrough) != 0)
+            {
+                Fail(FrameType.Ack, corr, ErrorCode.Syntax);
+                return;
+            }
+            if ((flags & ProtocolConstants.AckThrough) != 0)
+            {
+                // Every message this connection's subscription has outstanding, up to and including id.
+                lock (queue.Sync)
+                {
+                    if (queue.Tag is Subscription s && ReferenceEquals(s.Session, this))
+                    {
+                        count = s.CountThrough(id);
+                    }
+                }
+                if (count == 0)
+                {
+                    Fail(FrameType.Ack, corr, ErrorCode.NoMsg);
+                    return;
+                }
+            }
+        }
         ValueTask<StoreStatus> ack;
         try
         {
-            ack = _store.AckAsync(queue, id);
+            ack = _store.AckAsync(queue, id, count);
         }
         catch (Exception ex)
         {
             Log.StoreFailed(_logger, "ACK", ex.GetType().Name);
-            Fail(FrameType.Ack, frame.CorrelationId, ErrorCode.Internal);
+            Fail(FrameType.Ack, corr, ErrorCode.Internal);
             return;
         }
         if (!ack.IsCompleted)
         {
-            // The store accepted the ACK and moved past the message in memory; its delete is on its
-            // way to disk. Release the next message now rather than after that fsync: if the relay
-            // crashed before the delete is durable, the acknowledged message would be delivered
-            // again, which at-least-once delivery allows and clients absorb.
-            ReleaseNext(queue, id);
+            // The store accepted the ACK and moved past the messages in memory; the deletes are on
+            // their way to disk. Release the next messages now rather than after that fsync: if the
+            // relay crashed before the deletes are durable, the acknowledged messages would be
+            // delivered again, which at-least-once delivery allows and clients absorb.
+            ReleaseThrough(queue, id);
         }
         BeginInFlight();
-        _ = CompleteAckAsync(frame.CorrelationId, queue, id, ack);
+        _ = CompleteAckAsync(corr, queue, id, count, ack);
     }
 
-    private static void ReleaseNext(QueueHandle queue, ulong id)
+    private static void ReleaseThrough(QueueHandle queue, ulong id)
     {
         lock (queue.Sync)
         {
-            if (queue.Tag is Subscription s && s.TryRelease(id))
+            if (queue.Tag is Subscription s && s.TryReleaseThrough(id))
             {
                 s.Session.DeliverNextLocked(s);
             }
@@ -224,7 +257,7 @@ internal sealed partial class RelaySession
     }
 
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    private async ValueTask CompleteAckAsync(uint corr, QueueHandle queue, ulong id, ValueTask<StoreStatus> ack)
+    private async ValueTask CompleteAckAsync(uint corr, QueueHandle queue, ulong id, int count, ValueTask<StoreStatus> ack)
     {
         try
         {
@@ -234,9 +267,9 @@ internal sealed partial class RelaySession
                 Fail(FrameType.Ack, corr, status == StoreStatus.NotFound && !queue.Deleted ? ErrorCode.NoMsg : ErrorFor(status));
                 return;
             }
-            _context.Metrics.MessageAcked();
+            _context.Metrics.MessagesAcked(count);
             Succeed(FrameType.Ack, corr);
-            ReleaseNext(queue, id);
+            ReleaseThrough(queue, id);
         }
         catch (Exception ex)
         {

@@ -35,15 +35,39 @@ internal sealed class Subscription(RelaySession session, QueueHandle queue, int 
         NextFrom = id + 1;
     }
 
-    /// <summary>Releases <paramref name="id"/> when it is the oldest outstanding message; false otherwise (also when already released).</summary>
-    public bool TryRelease(ulong id)
+    /// <summary>How many outstanding messages an ACK through <paramref name="id"/> covers: its place in delivery order (1 = the oldest), 0 when it is not outstanding.</summary>
+    public int CountThrough(ulong id)
     {
-        if (_outstanding is null || !_outstanding.TryPeek(out ulong oldest) || oldest != id)
+        if (_outstanding is null)
         {
-            return false;
+            return 0;
         }
-        _outstanding.Dequeue();
-        return true;
+        int n = 0;
+        foreach (ulong outstanding in _outstanding)
+        {
+            n++;
+            if (outstanding == id)
+            {
+                return n;
+            }
+            if (outstanding > id)
+            {
+                break;
+            }
+        }
+        return 0;
+    }
+
+    /// <summary>Releases every outstanding message up to and including <paramref name="id"/>; false when none was.</summary>
+    public bool TryReleaseThrough(ulong id)
+    {
+        bool released = false;
+        while (_outstanding is not null && _outstanding.TryPeek(out ulong oldest) && oldest <= id)
+        {
+            _outstanding.Dequeue();
+            released = true;
+        }
+        return released;
     }
 
     public void Dispose() => _cipher?.Dispose();

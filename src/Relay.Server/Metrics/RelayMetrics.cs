@@ -222,7 +222,7 @@ public sealed class RelayMetrics
     public void ProtocolError(ErrorCode code) => _protocolErrors.WithLabels(CommandResult.From(code)).Inc();
     public void SubscriptionsChanged(int delta) => _subscriptions.Inc(delta);
     public void Delivered() => _deliveries.Inc();
-    public void MessageAcked() => _acked.Inc();
+    public void MessagesAcked(int count) => _acked.Inc(count);
 
     public void MessageStored(int bytes)
     {

@@ -20,6 +20,8 @@ public sealed class BenchOptions
     public int Window { get; set; } = 64;
     /// <summary>Messages each subscription may have outstanding (SUB's delivery window).</summary>
     public int DeliveryWindow { get; set; } = 1;
+    /// <summary>Consumers acknowledge with ACK through (one per batch of deliveries read) instead of one ACK per message.</summary>
+    public bool AckThrough { get; set; } = true;
     public BenchScenario Scenario { get; set; } = BenchScenario.Live;
     public int Rate { get; set; } = 5_000;
     public TimeSpan Duration { get; set; } = TimeSpan.FromSeconds(10);

@@ -231,31 +231,66 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
 
     private async Task ConsumeAsync(RelayConnection consumer, CancellationToken cancellationToken)
     {
+        // With --ack through, one ACK covers every delivery of a queue read so far: sent when nothing
+        // more is waiting to be read, or when half a delivery window has gathered (so the relay can go on).
+        var unacked = new Dictionary<RecipientQueue, (ulong Last, int Count)>(ReferenceEqualityComparer.Instance);
+        int ackEvery = Math.Max(1, options.DeliveryWindow / 2);
+        var events = consumer.Events;
         try
         {
-            await foreach (var e in consumer.Events.ReadAllAsync(cancellationToken))
+            while (await events.WaitToReadAsync(cancellationToken))
             {
-                if (e is not DeliveryEvent { Delivery: var d, Queue: var queue }) continue;
-                long now = Stopwatch.GetTimestamp();
-                int seq = BinaryPrimitives.ReadInt32BigEndian(d.Body);
-                long sentAt = BinaryPrimitives.ReadInt64BigEndian(d.Body.AsSpan(8));
-                if ((uint)seq < (uint)_seen.Length)
+                while (events.TryRead(out var e))
                 {
-                    if (Interlocked.Increment(ref _seen[seq]) == 1)
+                    if (e is not DeliveryEvent { Delivery: var d, Queue: var queue }) continue;
+                    Record(d);
+                    if (!options.AckThrough)
                     {
-                        _latencyTicks[seq] = now - sentAt;
-                        Interlocked.Increment(ref _received);
+                        _ = consumer.AckAsync(queue, d.MessageId, cancellationToken);
+                        continue;
+                    }
+                    int count = unacked.GetValueOrDefault(queue).Count + 1;
+                    if (count >= ackEvery)
+                    {
+                        unacked.Remove(queue);
+                        Ack(consumer, queue, d.MessageId, count, cancellationToken);
                     }
                     else
                     {
-                        Interlocked.Increment(ref _duplicated);
+                        unacked[queue] = (d.MessageId, count);
                     }
                 }
-                _ = consumer.AckAsync(queue, d.MessageId, cancellationToken);
+                foreach (var (queue, (last, count)) in unacked)
+                {
+                    Ack(consumer, queue, last, count, cancellationToken);
+                }
+                unacked.Clear();
             }
         }
         catch (OperationCanceledException)
         {
+        }
+    }
+
+    private static void Ack(RelayConnection consumer, RecipientQueue queue, ulong last, int count, CancellationToken cancellationToken)
+        => _ = count == 1 ? consumer.AckAsync(queue, last, cancellationToken) : consumer.AckThroughAsync(queue, last, cancellationToken);
+
+    private void Record(Delivery d)
+    {
+        long now = Stopwatch.GetTimestamp();
+        int seq = BinaryPrimitives.ReadInt32BigEndian(d.Body);
+        long sentAt = BinaryPrimitives.ReadInt64BigEndian(d.Body.AsSpan(8));
+        if ((uint)seq < (uint)_seen.Length)
+        {
+            if (Interlocked.Increment(ref _seen[seq]) == 1)
+            {
+                _latencyTicks[seq] = now - sentAt;
+                Interlocked.Increment(ref _received);
+            }
+            else
+            {
+                Interlocked.Increment(ref _duplicated);
+            }
         }
     }
 }

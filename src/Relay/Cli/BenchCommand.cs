@@ -16,13 +16,13 @@ public static class BenchCommand
     public static async Task<int> RunAsync(string[] args)
     {
         var a = CliArgs.Parse("bench", args,
-            new HashSet<string> { "queues", "producers", "consumers", "size", "messages", "window", "delivery-window", "scenario", "rate", "duration", "socks", "durability", "relay-pid" },
+            new HashSet<string> { "queues", "producers", "consumers", "size", "messages", "window", "delivery-window", "ack", "scenario", "rate", "duration", "socks", "durability", "relay-pid" },
             new HashSet<string> { "json", "plain-tcp" }, 1);
         if (a.Help)
         {
             Console.Out.Write(RelayCli.CommandHelp(
                 "relay bench [ADDRESS] [--queues Q] [--producers P] [--consumers C] [--size BYTES] [--messages N]\n" +
-                "                   [--window W] [--delivery-window D] [--scenario live|drain|paced] [--rate R] [--duration S] [--json]",
+                "                   [--window W] [--delivery-window D] [--ack each|through] [--scenario live|drain|paced] [--rate R] [--duration S] [--json]",
                 "Measures a relay: messages per second, send-to-receive latency, lost and duplicated messages.\n" +
                 "Without ADDRESS it starts a relay in this process on a temporary directory (TLS, fsync per acknowledged write).",
                 [
@@ -33,6 +33,7 @@ public static class BenchCommand
                     ("--messages N", "messages for live and drain (default 200000)"),
                     ("--window W", "unacknowledged sends per producer (default 64)"),
                     ("--delivery-window D", $"messages each subscription may have outstanding before its ACK (SUB's window; default 1, at most {ProtocolConstants.MaxDeliveryWindow})"),
+                    ("--ack MODE", "through: one ACK covers every delivery a consumer has read so far (default); each: one ACK per message"),
                     ("--scenario S", "live: consumers subscribed; drain: send N, then subscribe and drain; paced: fixed rate (default live)"),
                     ("--rate R", "paced: total messages per second (default 5000)"),
                     ("--duration S", "paced: seconds (default 10)"),
@@ -58,6 +59,12 @@ public static class BenchCommand
             Socks = a.Get("socks"),
             Tls = !a.Switch("plain-tcp"),
             RelayPid = a.TryGet("relay-pid", out _) ? a.GetInt("relay-pid", 0, 1, int.MaxValue) : null,
+            AckThrough = (a.Get("ack") ?? "through") switch
+            {
+                "through" => true,
+                "each" => false,
+                var m => throw new UsageException($"--ack must be each or through, got '{m}'"),
+            },
             Scenario = (a.Get("scenario") ?? "live") switch
             {
                 "live" => BenchScenario.Live,
