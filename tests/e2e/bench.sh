@@ -36,8 +36,9 @@ bench() {
 }
 
 bench live-in-process 4000 'd["local_relay"] is True and d["sent"] == 4000' --messages 4000
-check "bench prints its setup on stderr" grep -q '^bench: live, 100 queues, 4 producers, 4 consumers, 256-byte messages, window 64, delivery window 1, in-process relay (TLS, fsync)' "$E2E_TMP/live-in-process.err"
-bench drain-in-process-window 4000 'd["scenario"] == "drain"' --scenario drain --messages 4000 --delivery-window 16
+check "bench prints its setup on stderr" grep -q '^bench: live, 100 queues, 4 producers, 4 consumers, 256-byte messages, window 64, delivery window 1, ack through, in-process relay (TLS, fsync)' "$E2E_TMP/live-in-process.err"
+# With a window, one ACK through covers several deliveries; --ack each sends one per message.
+bench drain-in-process-window 4000 'd["scenario"] == "drain" and 0 < d["acks"] < 4000' --scenario drain --messages 4000 --delivery-window 16
 check "drain reports its store phase on stderr" grep -q 'bench drain: 4000 messages stored in' "$E2E_TMP/drain-in-process-window.err"
 bench paced-in-process 0 'd["scenario"] == "paced" and 700 <= d["messages"] <= 1000' --scenario paced --rate 500 --duration 2
 check "paced shows progress on stderr while it runs" grep -q 'bench paced: sent [0-9]*, received [0-9]*' "$E2E_TMP/paced-in-process.err"
@@ -51,7 +52,8 @@ ADDR=$("$RELAY" address --data "$DATA" --host 127.0.0.1 --port "$PORT")
 if start_relay relay "$DATA" "$PORT" "$ADMIN" --max-connections-per-source 0 --queue-creation-rate 0; then
     bench separate-live 5000 'd["local_relay"] is False and d["relay_cpu_us_per_message"] > 0' "$ADDR" --messages 5000 --relay-pid "$RELAY_PID"
     bench separate-windows 5000 'd["relay_cpu_us_per_message"] > 0' "$ADDR" --messages 5000 --relay-pid "$RELAY_PID" --window 128 --delivery-window 32
-    bench separate-drain-window-64 5000 'd["scenario"] == "drain"' "$ADDR" --scenario drain --messages 5000 --delivery-window 64
+    bench separate-drain-window-64 5000 'd["scenario"] == "drain" and 0 < d["acks"] < 5000' "$ADDR" --scenario drain --messages 5000 --delivery-window 64
+    bench separate-drain-ack-each 5000 'd["scenario"] == "drain" and d["acks"] == 5000' "$ADDR" --scenario drain --messages 5000 --delivery-window 64 --ack each
 
     SOCKS_PORT=$(free_port)
     microsocks -i 127.0.0.1 -p "$SOCKS_PORT" >"$E2E_TMP/socks.log" 2>&1 &
@@ -74,6 +76,7 @@ refused() {
 refused "an unknown scenario" "--scenario must be live, drain or paced, got 'bogus'" --scenario bogus
 refused "a delivery window of 0" "option --delivery-window must be a whole number from 1 to 64, got '0'" --delivery-window 0
 refused "a delivery window above 64" "option --delivery-window must be a whole number from 1 to 64, got '65'" --delivery-window 65
+refused "an unknown ACK mode" "--ack must be each or through, got 'sometimes'" --ack sometimes
 refused "an unknown durability" "--durability must be fsync or relaxed" --durability sometimes
 refused "a malformed address" "ADDRESS:" relay://nonsense
 

@@ -381,8 +381,10 @@ class Connection:
         args = b"" if window == 1 else struct.pack(">H", window)
         self.expect(self.queue_request(SUB, q.recipient_id, args, q.recipient_private), OK, "SUB")
 
-    def ack(self, q: Queue, msg_id: int) -> None:
-        self.expect(self.queue_request(ACK, q.recipient_id, struct.pack(">Q", msg_id), q.recipient_private), OK, "ACK")
+    def ack(self, q: Queue, msg_id: int, through: bool = False) -> None:
+        """ACK (§6): msg_id alone, or (through) every message outstanding on this connection up to it."""
+        args = struct.pack(">Q", msg_id) + (b"\x01" if through else b"")
+        self.expect(self.queue_request(ACK, q.recipient_id, args, q.recipient_private), OK, "ACK")
 
     def get(self, q: Queue) -> Delivery | None:
         frame = self.queue_request(GET, q.recipient_id, b"", q.recipient_private)

@@ -38,6 +38,8 @@ public sealed record BenchResult
     public long Lost { get; init; }
     public long Duplicated { get; init; }
     public long QuotaRetries { get; init; }
+    /// <summary>ACK commands the consumers sent (with --ack through, fewer than the messages).</summary>
+    public long Acks { get; init; }
     public double Seconds { get; init; }
     public double MessagesPerSecond { get; init; }
     public double P50Ms { get; init; }

@@ -24,6 +24,7 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
     private long _received;
     private long _duplicated;
     private long _quotaRetries;
+    private long _acks;
     private int[] _seen = [];
     private long[] _latencyTicks = [];
 
@@ -131,6 +132,7 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                 Lost = sent - received,
                 Duplicated = Interlocked.Read(ref _duplicated),
                 QuotaRetries = Interlocked.Read(ref _quotaRetries),
+                Acks = Interlocked.Read(ref _acks),
                 Seconds = seconds,
                 MessagesPerSecond = received / seconds,
                 P50Ms = Percentile(0.50),
@@ -243,12 +245,15 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                 while (events.TryRead(out var e))
                 {
                     if (e is not DeliveryEvent { Delivery: var d, Queue: var queue }) continue;
-                    Record(d);
+                    long now = Stopwatch.GetTimestamp();
                     if (!options.AckThrough)
                     {
-                        _ = consumer.AckAsync(queue, d.MessageId, cancellationToken);
+                        // Counted before the message: the run ends when the last one is recorded.
+                        Ack(consumer, queue, d.MessageId, 1, cancellationToken);
+                        Record(d, now);
                         continue;
                     }
+                    Record(d, now);
                     int count = unacked.GetValueOrDefault(queue).Count + 1;
                     if (count >= ackEvery)
                     {
@@ -272,12 +277,14 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
         }
     }
 
-    private static void Ack(RelayConnection consumer, RecipientQueue queue, ulong last, int count, CancellationToken cancellationToken)
-        => _ = count == 1 ? consumer.AckAsync(queue, last, cancellationToken) : consumer.AckThroughAsync(queue, last, cancellationToken);
-
-    private void Record(Delivery d)
+    private void Ack(RelayConnection consumer, RecipientQueue queue, ulong last, int count, CancellationToken cancellationToken)
     {
-        long now = Stopwatch.GetTimestamp();
+        Interlocked.Increment(ref _acks);
+        _ = count == 1 ? consumer.AckAsync(queue, last, cancellationToken) : consumer.AckThroughAsync(queue, last, cancellationToken);
+    }
+
+    private void Record(Delivery d, long now)
+    {
         int seq = BinaryPrimitives.ReadInt32BigEndian(d.Body);
         long sentAt = BinaryPrimitives.ReadInt64BigEndian(d.Body.AsSpan(8));
         if ((uint)seq < (uint)_seen.Length)

@@ -116,7 +116,7 @@ public static class BenchCommand
         try
         {
             Console.Error.WriteLine($"bench: {options.Scenario.ToString().ToLowerInvariant()}, {options.Queues} queues, {options.Producers} producers, " +
-                $"{options.Consumers} consumers, {options.Size}-byte messages, window {options.Window}, delivery window {options.DeliveryWindow}, " +
+                $"{options.Consumers} consumers, {options.Size}-byte messages, window {options.Window}, delivery window {options.DeliveryWindow}, ack {(options.AckThrough ? "through" : "each")}, " +
                 (local != null ? $"in-process relay ({(options.Tls ? "TLS" : "plain TCP")}, {(durable ? "fsync" : "relaxed")})" : address.ToString()));
             var result = await new LoadGenerator(address, options, Console.Error).RunAsync(CancellationToken.None);
             result = result with { LocalRelay = local != null };
@@ -144,7 +144,7 @@ public static class BenchCommand
         var c = CultureInfo.InvariantCulture;
         Console.Out.WriteLine(string.Format(c, "{0}: {1:N0} messages in {2:0.00} s = {3:N0} msg/s", r.Scenario, r.Received, r.Seconds, r.MessagesPerSecond));
         Console.Out.WriteLine(string.Format(c, "latency send->receive: p50 {0:0.000} ms, p99 {1:0.000} ms, p99.9 {2:0.000} ms, max {3:0.000} ms", r.P50Ms, r.P99Ms, r.P999Ms, r.MaxMs));
-        Console.Out.WriteLine(string.Format(c, "lost {0}, duplicated {1}, quota retries {2}", r.Lost, r.Duplicated, r.QuotaRetries));
+        Console.Out.WriteLine(string.Format(c, "lost {0}, duplicated {1}, quota retries {2}, ACKs sent {3}", r.Lost, r.Duplicated, r.QuotaRetries, r.Acks));
         Console.Out.WriteLine(string.Format(c, "CPU per message: {0:0.00} us in this process{1}{2}", r.ProcessCpuUsPerMessage,
             r.LocalRelay ? " (relay and load generator together)" : "",
             r.RelayCpuUsPerMessage is { } rc ? string.Format(c, "; relay process {0:0.00} us", rc) : ""));
@@ -168,6 +168,7 @@ public static class BenchCommand
             w.WriteNumber("lost", r.Lost);
             w.WriteNumber("duplicated", r.Duplicated);
             w.WriteNumber("quota_retries", r.QuotaRetries);
+            w.WriteNumber("acks", r.Acks);
             w.WriteNumber("process_cpu_us_per_message", Math.Round(r.ProcessCpuUsPerMessage, 2));
             if (r.RelayCpuUsPerMessage is { } rc) w.WriteNumber("relay_cpu_us_per_message", Math.Round(rc, 2));
             w.WriteBoolean("local_relay", r.LocalRelay);
