@@ -535,7 +535,9 @@ public sealed partial class QueueStore
         Span<byte> upper = stackalloc byte[Keys.MessageKeyLength + 1];
         Keys.MessageKey(lower, queue.RecipientId, from);
         Keys.MessageUpperBound(upper, queue.RecipientId);
-        RocksDb.Iterator it = _db.CreateIterator(Cf.Messages, lower, upper);
+        // Messages are read to be delivered and then deleted: their blocks are not worth a place in the
+        // block cache (filling it made a fresh relay grow by its size while draining, a page fault per block).
+        RocksDb.Iterator it = _db.CreateIterator(Cf.Messages, lower, upper, fillCache: false);
         it.SeekToFirst();
         return it;
     }

@@ -255,7 +255,8 @@ internal sealed unsafe class RocksDb : IDisposable
     }
 
     /// <summary>An iterator over keys in [lower, upper) of one column family (either bound may be empty: open).</summary>
-    public Iterator CreateIterator(int cf, ReadOnlySpan<byte> lower, ReadOnlySpan<byte> upper) => new(this, cf, lower, upper);
+    /// <param name="fillCache">False: the data blocks this iterator reads do not go into the block cache (data read once).</param>
+    public Iterator CreateIterator(int cf, ReadOnlySpan<byte> lower, ReadOnlySpan<byte> upper, bool fillCache = true) => new(this, cf, lower, upper, fillCache);
 
     public long PropertyLong(int cf, string name)
     {
@@ -326,9 +327,13 @@ internal sealed unsafe class RocksDb : IDisposable
         private nint _readOptions;
         private byte* _bounds;
 
-        internal Iterator(RocksDb db, int cf, ReadOnlySpan<byte> lower, ReadOnlySpan<byte> upper)
+        internal Iterator(RocksDb db, int cf, ReadOnlySpan<byte> lower, ReadOnlySpan<byte> upper, bool fillCache)
         {
             _readOptions = rocksdb_readoptions_create();
+            if (!fillCache)
+            {
+                rocksdb_readoptions_set_fill_cache(_readOptions, 0);
+            }
             _bounds = (byte*)NativeMemory.Alloc((nuint)Math.Max(1, lower.Length + upper.Length));
             lower.CopyTo(new Span<byte>(_bounds, lower.Length));
             upper.CopyTo(new Span<byte>(_bounds + lower.Length, upper.Length));

@@ -51,6 +51,7 @@ internal static unsafe partial class RocksDbNative
     [LibraryImport(Lib)] public static partial void rocksdb_readoptions_destroy(nint options);
     /// <summary>Keeps a pointer to <paramref name="key"/> (no copy): it must outlive the iterator.</summary>
     [LibraryImport(Lib)] public static partial void rocksdb_readoptions_set_iterate_upper_bound(nint options, byte* key, nuint keyLength);
+    [LibraryImport(Lib)] public static partial void rocksdb_readoptions_set_fill_cache(nint options, byte fillCache);
     /// <summary>Keeps a pointer to <paramref name="key"/> (no copy): it must outlive the iterator.</summary>
     [LibraryImport(Lib)] public static partial void rocksdb_readoptions_set_iterate_lower_bound(nint options, byte* key, nuint keyLength);
 
