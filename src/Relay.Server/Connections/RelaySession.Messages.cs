@@ -187,17 +187,11 @@ internal sealed partial class RelaySession
     private void HandleAck(in FrameView frame)
     {
         uint corr = frame.CorrelationId;
-        int argsLength = frame.Payload.Length - ProtocolConstants.IdSize - ProtocolConstants.MacSize;
-        if (argsLength is not (8 or 9))
-        {
-            Fail(FrameType.Ack, corr, ErrorCode.Syntax);
-            return;
-        }
-        var queue = RecipientCommand(frame, argsLength, out var command);
+        var queue = RecipientCommand(frame, 8, 9, out var command);
         if (queue is null) return;
         ulong id = BinaryPrimitives.ReadUInt64BigEndian(command.Args);
         int count = 1;
-        if (argsLength == 9)
+        if (command.Args.Length == 9)
         {
             byte flags = command.Args[8];
             if ((flags & ~ProtocolConstants.AckThrough) != 0)

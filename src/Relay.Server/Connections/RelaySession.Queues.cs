@@ -60,8 +60,12 @@ internal sealed partial class RelaySession
 
     /// <summary>Parses a recipient command and authorizes it; answers the error itself and returns null on failure.</summary>
     private QueueHandle? RecipientCommand(in FrameView frame, int argsLength, out QueueCommand command)
+        => RecipientCommand(frame, argsLength, argsLength, out command);
+
+    /// <summary>A recipient command with <paramref name="minArgs"/> to <paramref name="maxArgs"/> args bytes: SYNTAX otherwise, then the recipient key's MAC (AUTH).</summary>
+    private QueueHandle? RecipientCommand(in FrameView frame, int minArgs, int maxArgs, out QueueCommand command)
     {
-        if (!QueueCommand.TryParse(frame, argsLength, argsLength, out command))
+        if (!QueueCommand.TryParse(frame, minArgs, maxArgs, out command))
         {
             Fail(frame.Type, frame.CorrelationId, ErrorCode.Syntax);
             return null;
