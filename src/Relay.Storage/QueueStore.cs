@@ -130,7 +130,8 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
             throw new StoreException($"Cannot create the store directory {options.Path}: {e.Message}", e);
         }
 
-        RocksDb db = RocksDb.Open(options.Path, Keys.ColumnFamilies, BlockCacheBytes, options.DeferCompactions);
+        // A queue's message keys (recipient id ‖ increasing id) grow within their 24-byte prefix.
+        RocksDb db = RocksDb.Open(options.Path, Keys.ColumnFamilies, BlockCacheBytes, options.DeferCompactions, (Cf.Messages, Keys.Id));
         QueueStore store;
         try
         {

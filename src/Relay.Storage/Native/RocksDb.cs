@@ -40,7 +40,8 @@ internal sealed unsafe class RocksDb : IDisposable
     public int ColumnFamilyCount => _cfs.Length;
 
     /// <param name="deferCompactions">Open with automatic compactions off (see <see cref="EnableAutoCompactions"/>).</param>
-    public static RocksDb Open(string path, IReadOnlyList<string> columnFamilies, long blockCacheBytes, bool deferCompactions = false)
+    /// <param name="appendOnlyPrefix">A column family whose keys mostly arrive in increasing order within a fixed-length prefix, and that prefix's length (memtable insert hints).</param>
+    public static RocksDb Open(string path, IReadOnlyList<string> columnFamilies, long blockCacheBytes, bool deferCompactions = false, (int Cf, int PrefixLength)? appendOnlyPrefix = null)
     {
         nint options = rocksdb_options_create();
         rocksdb_options_set_create_if_missing(options, 1);
@@ -77,12 +78,24 @@ internal sealed unsafe class RocksDb : IDisposable
         var names = new nint[n];
         var cfOptions = new nint[n];
         var handles = new nint[n];
+        nint hintOptions = 0;
         try
         {
             for (int i = 0; i < n; i++)
             {
                 names[i] = Marshal.StringToCoTaskMemUTF8(columnFamilies[i]);
                 cfOptions[i] = options;
+            }
+            if (appendOnlyPrefix is var (hintCf, prefixLength))
+            {
+                // Keys of this column family grow within each prefix (a queue's messages): RocksDB keeps
+                // the memtable position of each prefix's last insert and starts the next one there,
+                // instead of searching the skip list from its top. The C API has no setter for it.
+                hintOptions = rocksdb_options_create();
+                nint hintErr = 0;
+                rocksdb_get_options_from_string(options, $"memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.{prefixLength}", hintOptions, &hintErr);
+                Check(hintErr);
+                cfOptions[hintCf] = hintOptions;
             }
             nint err = 0;
             nint db;
@@ -108,6 +121,10 @@ internal sealed unsafe class RocksDb : IDisposable
         }
         finally
         {
+            if (hintOptions != 0)
+            {
+                rocksdb_options_destroy(hintOptions);   // the open copied it
+            }
             foreach (nint name in names)
             {
                 Marshal.FreeCoTaskMem(name);

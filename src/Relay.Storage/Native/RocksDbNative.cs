@@ -52,6 +52,7 @@ internal static unsafe partial class RocksDbNative
     /// <summary>Keeps a pointer to <paramref name="key"/> (no copy): it must outlive the iterator.</summary>
     [LibraryImport(Lib)] public static partial void rocksdb_readoptions_set_iterate_upper_bound(nint options, byte* key, nuint keyLength);
     [LibraryImport(Lib)] public static partial void rocksdb_readoptions_set_fill_cache(nint options, byte fillCache);
+    [LibraryImport(Lib, StringMarshalling = StringMarshalling.Utf8)] public static partial void rocksdb_get_options_from_string(nint baseOptions, string optionsString, nint newOptions, nint* err);
     /// <summary>Keeps a pointer to <paramref name="key"/> (no copy): it must outlive the iterator.</summary>
     [LibraryImport(Lib)] public static partial void rocksdb_readoptions_set_iterate_lower_bound(nint options, byte* key, nuint keyLength);
 
