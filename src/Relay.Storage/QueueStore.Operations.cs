@@ -423,10 +423,8 @@ public sealed partial class QueueStore
     /// <summary>Caller holds the queue's StoreLock.</summary>
     private void EnqueueDelete(QueueHandle queue, WriteOp op)
     {
-        Span<byte> start = stackalloc byte[Keys.MessageKeyLength];
         Span<byte> end = stackalloc byte[Keys.MessageKeyLength + 1];
         Span<byte> idleKey = stackalloc byte[Keys.HourKeyLength];
-        Keys.MessageKey(start, queue.RecipientId, 0);
         Keys.MessageUpperBound(end, queue.RecipientId);
         Keys.HourKey(idleKey, queue.LastActiveHour, queue.RecipientId);
         using BatchScope batch = BeginBatch();
@@ -435,7 +433,9 @@ public sealed partial class QueueStore
         batch.Delete(Cf.Queues, queue.RecipientId);
         batch.Delete(Cf.Senders, queue.SenderId);
         // One range tombstone instead of a delete per message (and it covers appends still in flight).
-        batch.DeleteRange(Cf.Messages, start, end);
+        // It starts at the bare recipient id, which sorts before every message key of the queue and
+        // after every key of a smaller one, and is shorter than the memtable hint prefix (QueueStore.Open).
+        batch.DeleteRange(Cf.Messages, queue.RecipientId, end);
         batch.Delete(Cf.Idle, idleKey);
         // Expiry entries of the queue stay; the sweeper drops them when it finds no queue.
         batch.Add(op);

@@ -77,6 +77,7 @@ public sealed class QueueHandle
 public sealed partial class QueueStore : IAsyncDisposable, IDisposable
 {
     private const long BlockCacheBytes = 64L * 1024 * 1024;
+    internal const int MessageHintPrefix = Keys.Id + 1;
 
     private readonly QueueStoreOptions _options;
     private readonly RocksDb _db;
@@ -130,8 +131,12 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
             throw new StoreException($"Cannot create the store directory {options.Path}: {e.Message}", e);
         }
 
-        // A queue's message keys (recipient id ‖ increasing id) grow within their 24-byte prefix.
-        RocksDb db = RocksDb.Open(options.Path, Keys.ColumnFamilies, BlockCacheBytes, options.DeferCompactions, (Cf.Messages, Keys.Id));
+        // A queue's message keys (recipient id ‖ increasing id) grow within their prefix: the recipient
+        // id and the id's first byte (0 until the 2^24th open). One byte longer than the recipient id
+        // because a queue's range delete starts at the bare recipient id, outside the prefix's domain:
+        // RocksDB 7.8 would otherwise use the point keys' hint for the range tombstone (its
+        // MemTable::Add does not keep the two apart; later versions do) and crash.
+        RocksDb db = RocksDb.Open(options.Path, Keys.ColumnFamilies, BlockCacheBytes, options.DeferCompactions, (Cf.Messages, MessageHintPrefix));
         QueueStore store;
         try
         {

@@ -73,16 +73,17 @@ public class NativeTests
     [Test]
     public async Task Insert_hints_by_prefix_keep_every_key_in_order()
     {
-        // Column family 1 gets memtable insert hints on a 4-byte prefix. Keys go in as a relay writes
-        // them (increasing within a prefix, prefixes interleaved), but also out of order, with deletes
-        // and keys shorter than the prefix: what is read back must be exactly the model, before and
-        // after a flush and a reopen.
+        // Column family 1 gets memtable insert hints on a 5-byte prefix. Keys go in as a relay writes
+        // them (increasing within a prefix, prefixes interleaved), but also out of order, with deletes,
+        // keys shorter than the prefix and range deletes that start shorter than the prefix (as a
+        // queue's deletion does): what is read back must be exactly the model, before and after a
+        // flush and a reopen.
         string path = Path.Combine(Path.GetTempPath(), "relay-native-test-" + Guid.NewGuid().ToString("N"));
         var random = new Random(7);
         var model = new SortedSet<byte[]>(Comparer<byte[]>.Create((x, y) => x.AsSpan().SequenceCompareTo(y)));
         try
         {
-            using (RocksDb db = RocksDb.Open(path, Families, 1 << 20, appendOnlyPrefix: (1, 4)))
+            using (RocksDb db = RocksDb.Open(path, Families, 1 << 20, appendOnlyPrefix: (1, 5)))
             {
                 nint batch = rocksdb_writebatch_create();
                 try
@@ -102,6 +103,14 @@ public class NativeTests
                         byte[] shortKey = [(byte)round];
                         Put(db, batch, 1, shortKey, [3]);
                         model.Add(shortKey);
+                        if (round % 10 == 9)
+                        {
+                            byte q = (byte)random.Next(25);
+                            byte[] start = [0, 0, 0, q];
+                            byte[] end = [0, 0, 0, q, 0xFF, 0xFF, 0xFF];
+                            DeleteRange(db, batch, 1, start, end);
+                            model.RemoveWhere(k => k.AsSpan().SequenceCompareTo(start) >= 0 && k.AsSpan().SequenceCompareTo(end) < 0);
+                        }
                         if (round > 5)
                         {
                             byte[] old = [0, 0, 0, (byte)random.Next(25), 0, (byte)(round - 5)];
@@ -120,13 +129,13 @@ public class NativeTests
                 db.FlushAll();
                 await Assert.That(Keys(db, 1)).IsEquivalentTo(model.ToList(), TUnit.Assertions.Enums.CollectionOrdering.Matching);
             }
-            using (RocksDb db = RocksDb.Open(path, Families, 1 << 20, appendOnlyPrefix: (1, 4)))
+            using (RocksDb db = RocksDb.Open(path, Families, 1 << 20, appendOnlyPrefix: (1, 5)))
             {
                 await Assert.That(Keys(db, 1)).IsEquivalentTo(model.ToList(), TUnit.Assertions.Enums.CollectionOrdering.Matching);
             }
             // The option is set where it was asked for, and only there.
             string options = File.ReadAllText(Directory.GetFiles(path, "OPTIONS-*").Max()!);
-            await Assert.That(options).Contains("memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.4");
+            await Assert.That(options).Contains("memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.5");
             await Assert.That(options.Split("memtable_insert_with_hint_prefix_extractor=nullptr").Length - 1).IsEqualTo(Families.Length - 1);
         }
         finally
