@@ -249,17 +249,20 @@ public sealed partial class QueueStore
     }
 
     /// <summary>Deletes the queue's oldest message, which must be <paramref name="messageId"/> (NotOldest otherwise).</summary>
-    public ValueTask<StoreStatus> AckAsync(QueueHandle queue, ulong messageId) => AckAsync(queue, messageId, 1);
+    public ValueTask<StoreStatus> AckAsync(QueueHandle queue, ulong messageId) => AckAsync(queue, messageId, 1, out _);
 
     /// <summary>
-    /// Deletes the queue's <paramref name="count"/> oldest messages in one operation, the last of
-    /// which must be <paramref name="lastId"/>; NotOldest (and nothing deleted) otherwise.
+    /// Deletes, in one operation, the queue's oldest messages up to and including <paramref name="lastId"/>:
+    /// at most <paramref name="maxCount"/> of them, and <paramref name="lastId"/> must be among them
+    /// (NotOldest and nothing deleted otherwise). <paramref name="deleted"/>: how many (0 unless Ok is
+    /// to come). Messages that left the queue meanwhile (expired) simply are not among them.
     /// </summary>
-    public ValueTask<StoreStatus> AckAsync(QueueHandle queue, ulong lastId, int count)
+    public ValueTask<StoreStatus> AckAsync(QueueHandle queue, ulong lastId, int maxCount, out int deleted)
     {
         ArgumentNullException.ThrowIfNull(queue);
-        ArgumentOutOfRangeException.ThrowIfLessThan(count, 1);
-        ArgumentOutOfRangeException.ThrowIfGreaterThan(count, MaxAckCount);
+        ArgumentOutOfRangeException.ThrowIfLessThan(maxCount, 1);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(maxCount, MaxAckCount);
+        deleted = 0;
         if (!Acquire(queue))
         {
             return new(StoreStatus.NotFound);
@@ -270,15 +273,16 @@ public sealed partial class QueueStore
             {
                 return new(StoreStatus.NotFound);
             }
-            if (queue.MessageCount < count || lastId < queue.OldestBound)
+            if (queue.MessageCount == 0 || lastId < queue.OldestBound)
             {
                 return new(StoreStatus.NotOldest);
             }
-            Span<ulong> ids = stackalloc ulong[count];
+            Span<ulong> found = stackalloc ulong[maxCount];
+            int count;
             long bytes;
             PeekedMessages? peeked = queue.Peeked;
             peeked?.RemoveBelow(queue.OldestBound);
-            if (peeked is not null && peeked.TryTakeFirst(lastId, ids, out bytes))
+            if (peeked is not null && peeked.TryTakeThrough(lastId, found, out count, out bytes))
             {
                 // The first of the messages handed out: the oldest stored (PeekedMessages' invariant),
                 // with their lengths known, so no read is needed.
@@ -286,14 +290,16 @@ public sealed partial class QueueStore
             else
             {
                 peeked?.Clear();
-                if (!TryReadOldest(queue, lastId, ids, out bytes))
+                if (!TryReadThrough(queue, lastId, found, out count, out bytes))
                 {
                     return new(StoreStatus.NotOldest);
                 }
             }
+            ReadOnlySpan<ulong> ids = found[..count];
 
             Span<byte> key = stackalloc byte[Keys.MessageKeyLength];
             WriteOp op = RentOp(OpKind.Ack, queue);
+            deleted = count;
             using (BatchScope batch = BeginBatch())
             {
                 queue.OldestBound = lastId + 1;
@@ -318,24 +324,29 @@ public sealed partial class QueueStore
         }
     }
 
-    /// <summary>The ids of the queue's <c>ids.Length</c> oldest messages and their body bytes; false unless the last is <paramref name="lastId"/>. Caller holds StoreLock.</summary>
-    private bool TryReadOldest(QueueHandle queue, ulong lastId, Span<ulong> ids, out long bytes)
+    /// <summary>
+    /// The ids (at most <c>ids.Length</c>) and body bytes of the queue's oldest messages up to
+    /// <paramref name="lastId"/>; false unless the last of them is <paramref name="lastId"/>. Caller holds StoreLock.
+    /// </summary>
+    private bool TryReadThrough(QueueHandle queue, ulong lastId, Span<ulong> ids, out int count, out long bytes)
     {
+        count = 0;
         bytes = 0;
         EnterRead();
         try
         {
             using RocksDb.Iterator it = OpenMessages(queue);
-            for (int i = 0; i < ids.Length; i++, it.Next())
+            for (; count < ids.Length && it.Valid; it.Next())
             {
-                if (!it.Valid)
+                ulong id = Keys.MessageIdOf(it.Key);
+                if (id > lastId)
                 {
-                    return false;
+                    break;
                 }
-                ids[i] = Keys.MessageIdOf(it.Key);
+                ids[count++] = id;
                 bytes += it.Value.Length - Keys.MessageHeaderLength;
             }
-            return ids[^1] == lastId;
+            return count > 0 && ids[count - 1] == lastId;
         }
         finally
         {

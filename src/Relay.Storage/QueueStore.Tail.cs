@@ -103,31 +103,30 @@ internal sealed class PeekedMessages
     }
 
     /// <summary>
-    /// Takes the first <c>ids.Length</c> entries when the last of them is <paramref name="lastId"/>:
-    /// their ids and body bytes. False (nothing taken) when the run is shorter or ends elsewhere.
+    /// Takes the entries up to <paramref name="lastId"/> (at most <c>ids.Length</c>) when the last of
+    /// them is <paramref name="lastId"/>: their ids, count and body bytes. False (nothing taken)
+    /// when the run ends before it or it is not in the run.
     /// </summary>
-    public bool TryTakeFirst(ulong lastId, Span<ulong> ids, out long bytes)
+    public bool TryTakeThrough(ulong lastId, Span<ulong> ids, out int count, out long bytes)
     {
+        count = 0;
         bytes = 0;
-        if (_run.Count < ids.Length)
-        {
-            return false;
-        }
-        int i = 0;
         foreach (var (id, length) in _run)
         {
-            if (i == ids.Length)
+            if (count == ids.Length || id > lastId)
             {
                 break;
             }
-            ids[i++] = id;
+            ids[count++] = id;
             bytes += length;
         }
-        if (ids[^1] != lastId)
+        if (count == 0 || ids[count - 1] != lastId)
         {
+            count = 0;
+            bytes = 0;
             return false;
         }
-        for (i = 0; i < ids.Length; i++)
+        for (int i = 0; i < count; i++)
         {
             _run.Dequeue();
         }
@@ -160,7 +159,7 @@ public sealed partial class QueueStore
     /// <summary>Most messages one queue's tail holds.</summary>
     internal const int MaxTailEntries = 4096;
 
-    /// <summary>Most messages one <see cref="AckAsync(QueueHandle, ulong, int)"/> deletes.</summary>
+    /// <summary>Most messages one <see cref="AckAsync(QueueHandle, ulong, int, out int)"/> deletes.</summary>
     public const int MaxAckCount = PeekedMessages.Capacity;
 
     private long _tailBytes;

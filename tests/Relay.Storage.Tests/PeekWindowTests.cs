@@ -132,19 +132,23 @@ public class PeekWindowTests
         // Otherwise the messages handed out (their lengths known): the ACK needs no read.
         long deletedBefore = t.Store.Statistics.MessagesDeleted;
 
-        await Assert.That(await t.Store.AckAsync(q, ids[3], 4)).IsEqualTo(StoreStatus.Ok);
+        await Assert.That(await t.Store.AckAsync(q, ids[3], 4, out int deleted)).IsEqualTo(StoreStatus.Ok);
+        await Assert.That(deleted).IsEqualTo(4);
         await Assert.That(q.MessageCount).IsEqualTo(4);
         await Assert.That(q.ByteCount).IsEqualTo(sent.Skip(4).Sum(b => (long)b.Length));
         await Assert.That(t.Store.Statistics.MessagesDeleted - deletedBefore).IsEqualTo(4);
         await Assert.That(PeekFrom(t, q, 0)!.Value.Body.AsSpan().SequenceEqual(sent[4])).IsTrue();
 
-        // The count must end at the named id: anything else deletes nothing. Deleted ones are gone.
-        await Assert.That(await t.Store.AckAsync(q, ids[5], 1)).IsEqualTo(StoreStatus.NotOldest);
-        await Assert.That(await t.Store.AckAsync(q, ids[5], 3)).IsEqualTo(StoreStatus.NotOldest);
-        await Assert.That(await t.Store.AckAsync(q, ids[5], 5)).IsEqualTo(StoreStatus.NotOldest);
-        await Assert.That(await t.Store.AckAsync(q, ids[3], 1)).IsEqualTo(StoreStatus.NotOldest);
+        // The named id must be stored and within the count from the oldest: anything else deletes
+        // nothing. Deleted ones are gone.
+        await Assert.That(await t.Store.AckAsync(q, ids[5], 1, out deleted)).IsEqualTo(StoreStatus.NotOldest);
+        await Assert.That(deleted).IsEqualTo(0);
+        await Assert.That(await t.Store.AckAsync(q, ids[3], 1, out _)).IsEqualTo(StoreStatus.NotOldest);
+        await Assert.That(await t.Store.AckAsync(q, ulong.MaxValue, 8, out _)).IsEqualTo(StoreStatus.NotOldest);
         await Assert.That(q.MessageCount).IsEqualTo(4);
-        await Assert.That(await t.Store.AckAsync(q, ids[5], 2)).IsEqualTo(StoreStatus.Ok);
+        // A count above what is stored up to the id is only a bound.
+        await Assert.That(await t.Store.AckAsync(q, ids[5], 5, out deleted)).IsEqualTo(StoreStatus.Ok);
+        await Assert.That(deleted).IsEqualTo(2);
 
         // On disk: two left, the oldest the seventh.
         await t.ReopenAsync();
@@ -152,7 +156,7 @@ public class PeekWindowTests
         await Assert.That(again.MessageCount).IsEqualTo(2);
         await Assert.That(again.ByteCount).IsEqualTo(sent.Skip(6).Sum(b => (long)b.Length));
         await Assert.That(t.Peek(again)!.Value.Body.AsSpan().SequenceEqual(sent[6])).IsTrue();
-        await Assert.That(() => t.Store.AckAsync(again, ids[5], 0).AsTask()).Throws<ArgumentOutOfRangeException>();
-        await Assert.That(() => t.Store.AckAsync(again, ids[5], QueueStore.MaxAckCount + 1).AsTask()).Throws<ArgumentOutOfRangeException>();
+        await Assert.That(() => t.Store.AckAsync(again, ids[5], 0, out _).AsTask()).Throws<ArgumentOutOfRangeException>();
+        await Assert.That(() => t.Store.AckAsync(again, ids[5], QueueStore.MaxAckCount + 1, out _).AsTask()).Throws<ArgumentOutOfRangeException>();
     }
 }

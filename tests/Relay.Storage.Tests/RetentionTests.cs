@@ -60,6 +60,44 @@ public class RetentionTests
     }
 
     [Test]
+    [Arguments(true)]
+    [Arguments(false)]
+    public async Task An_ack_through_skips_what_expired_after_it_was_handed_out(bool handedOutHere)
+    {
+        var clock = new ManualClock();
+        await using TestStore t = TestStore.Create(With(clock));
+        QueueHandle q = await t.CreateQueueAsync();
+        t.Store.KeepTail(q, true);
+        AppendResult old = await t.Store.AppendAsync(q, 0, "old"u8);
+        clock.Advance(TimeSpan.FromDays(20));
+        AppendResult second = await t.Store.AppendAsync(q, 0, "second"u8);
+        AppendResult third = await t.Store.AppendAsync(q, 0, "third!"u8);
+        // A subscriber with a window holds all three, then the oldest expires before its ACK.
+        ulong from = 0;
+        for (int i = 0; i < 3; i++)
+        {
+            await Assert.That(t.Store.TryPeek(q, from, out StoredMessage m)).IsTrue();
+            from = m.Id + 1;
+            m.Return();
+        }
+        if (!handedOutHere)
+        {
+            await t.ReopenAsync();
+            q = t.Store.FindByRecipientId(q.RecipientId)!;
+        }
+        clock.Advance(TimeSpan.FromDays(2));
+        await Assert.That(await t.Store.SweepExpiredAsync()).IsEqualTo(1);
+
+        // The ACK through the third covers three outstanding; two are still stored, both go.
+        await Assert.That(await t.Store.AckAsync(q, third.MessageId, 3, out int deleted)).IsEqualTo(StoreStatus.Ok);
+        await Assert.That(deleted).IsEqualTo(2);
+        await Assert.That(q.MessageCount).IsEqualTo(0);
+        await Assert.That(q.ByteCount).IsEqualTo(0);
+        await Assert.That(t.Peek(q)).IsNull();
+        await Assert.That(old.MessageId).IsLessThan(second.MessageId);
+    }
+
+    [Test]
     public async Task Expiry_of_a_deleted_queue_just_drops_its_index_entry()
     {
         var clock = new ManualClock();

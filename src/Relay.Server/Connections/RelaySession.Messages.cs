@@ -219,7 +219,8 @@ internal sealed partial class RelaySession
         ValueTask<StoreStatus> ack;
         try
         {
-            ack = _store.AckAsync(queue, id, count);
+            // count is an upper bound: an outstanding message may have expired meanwhile.
+            ack = _store.AckAsync(queue, id, count, out count);
         }
         catch (Exception ex)
         {
