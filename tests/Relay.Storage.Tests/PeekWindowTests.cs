@@ -32,6 +32,18 @@ public class PeekWindowTests
         return result;
     }
 
+    /// <summary>Peeks up to <paramref name="n"/> messages as a delivery window does: from <paramref name="from"/>, then each after the previous.</summary>
+    private static List<(ulong Id, byte[] Body)> PeekWindow(TestStore t, QueueHandle q, ulong from, int n)
+    {
+        var peeked = new List<(ulong Id, byte[] Body)>();
+        while (peeked.Count < n && PeekFrom(t, q, from) is { } m)
+        {
+            peeked.Add(m);
+            from = m.Id + 1;
+        }
+        return peeked;
+    }
+
     [Test]
     [Arguments(true)]
     [Arguments(false)]
@@ -43,16 +55,14 @@ public class PeekWindowTests
         var sent = await AppendAsync(t, q, 6);
 
         // A window of three: the oldest, then each the one after the last.
-        var ids = new List<ulong>();
-        ulong from = 0;
+        var window = PeekWindow(t, q, 0, 3);
+        await Assert.That(window.Count).IsEqualTo(3);
         for (int i = 0; i < 3; i++)
         {
-            var m = PeekFrom(t, q, from);
-            await Assert.That(m).IsNotNull();
-            await Assert.That(m!.Value.Body.AsSpan().SequenceEqual(sent[i])).IsTrue();
-            ids.Add(m.Value.Id);
-            from = m.Value.Id + 1;
+            await Assert.That(window[i].Body.AsSpan().SequenceEqual(sent[i])).IsTrue();
         }
+        var ids = window.Select(m => m.Id).ToList();
+        ulong from = ids[^1] + 1;
 
         // Only the oldest can be acknowledged.
         await Assert.That(await t.Store.AckAsync(q, ids[1])).IsEqualTo(StoreStatus.NotOldest);
@@ -65,15 +75,14 @@ public class PeekWindowTests
         await Assert.That(await t.Store.AckAsync(q, ids[1])).IsEqualTo(StoreStatus.Ok);
         await Assert.That(await t.Store.AckAsync(q, ids[2])).IsEqualTo(StoreStatus.Ok);
 
-        // The rest, three ahead again.
-        for (int i = 3; i < 6; i++)
+        // The rest, three ahead again, and nothing after them.
+        var rest = PeekWindow(t, q, from, 4);
+        await Assert.That(rest.Count).IsEqualTo(3);
+        for (int i = 0; i < 3; i++)
         {
-            var m = PeekFrom(t, q, from);
-            await Assert.That(m!.Value.Body.AsSpan().SequenceEqual(sent[i])).IsTrue();
-            ids.Add(m.Value.Id);
-            from = m.Value.Id + 1;
+            await Assert.That(rest[i].Body.AsSpan().SequenceEqual(sent[3 + i])).IsTrue();
         }
-        await Assert.That(PeekFrom(t, q, from)).IsNull();
+        ids.AddRange(rest.Select(m => m.Id));
         await Assert.That(q.MessageCount).IsEqualTo(3);
         await Assert.That(q.ByteCount).IsEqualTo(sent.Skip(3).Sum(b => (long)b.Length));
         await Assert.That(await t.Store.AckAsync(q, ids[3])).IsEqualTo(StoreStatus.Ok);
@@ -115,14 +124,8 @@ public class PeekWindowTests
         QueueHandle q = await t.CreateQueueAsync();
         t.Store.KeepTail(q, true);
         var sent = await AppendAsync(t, q, 8);
-        var ids = new List<ulong>();
-        ulong from = 0;
-        for (int i = 0; i < 6; i++)
-        {
-            var m = PeekFrom(t, q, from)!.Value;
-            ids.Add(m.Id);
-            from = m.Id + 1;
-        }
+        var ids = PeekWindow(t, q, 0, 6).Select(m => m.Id).ToList();
+        await Assert.That(ids.Count).IsEqualTo(6);
         if (!peekFirst)
         {
             // Nothing handed out in this process: the store reads the oldest to check the ids.
