@@ -280,14 +280,11 @@ public sealed partial class QueueStore
             Span<ulong> found = stackalloc ulong[maxCount];
             int count;
             long bytes;
+            // The messages handed out start at the oldest stored (PeekedMessages' invariant) and carry
+            // their lengths: when they reach lastId no read is needed.
             PeekedMessages? peeked = queue.Peeked;
             peeked?.RemoveBelow(queue.OldestBound);
-            if (peeked is not null && peeked.TryTakeThrough(lastId, found, out count, out bytes))
-            {
-                // The first of the messages handed out: the oldest stored (PeekedMessages' invariant),
-                // with their lengths known, so no read is needed.
-            }
-            else
+            if (peeked is null || !peeked.TryTakeThrough(lastId, found, out count, out bytes))
             {
                 peeked?.Clear();
                 if (!TryReadThrough(queue, lastId, found, out count, out bytes))

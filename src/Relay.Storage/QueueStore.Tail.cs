@@ -84,7 +84,6 @@ internal sealed class PeekedMessages
     private readonly Queue<(ulong Id, int Length)> _run = new();
 
     public int Count => _run.Count;
-    public (ulong Id, int Length) First => _run.Peek();
     /// <summary>Id of the entry added last (valid while <see cref="Count"/> &gt; 0).</summary>
     public ulong LastId { get; private set; }
 
