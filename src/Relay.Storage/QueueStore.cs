@@ -47,7 +47,7 @@ public sealed class QueueHandle
     public long ByteCount { get; internal set; }
 
     /// <summary>Lock for the server's per-queue ordering (subscription, delivery state).</summary>
-    public object Sync { get; } = new();
+    public Lock Sync { get; } = new();
 
     /// <summary>Server-owned state (the subscription); the store never touches it.</summary>
     public object? Tag { get; set; }

@@ -34,8 +34,8 @@ public sealed partial class RelayConnection : IAsyncDisposable
 {
     private readonly Stream _stream;
     private readonly Pipe _output = new(new PipeOptions(pauseWriterThreshold: 0, resumeWriterThreshold: 0, useSynchronizationContext: false));
-    private readonly object _writeLock = new();
-    private readonly object _pendingLock = new();
+    private readonly Lock _writeLock = new();
+    private readonly Lock _pendingLock = new();
     private readonly Dictionary<uint, TaskCompletionSource<Response>> _pending = new();
     // Subscribed queues of this connection with their delivery ciphers, by recipient id.
     private readonly Dictionary<Id, (DeliveryCipher Cipher, RecipientQueue Queue)> _subscribed = new();

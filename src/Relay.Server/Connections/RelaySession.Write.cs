@@ -18,14 +18,14 @@ internal sealed partial class RelaySession
     private OutputBuffer _pending = new();
     private OutputBuffer _inSend = new();
     private Stream? _destination;
-    private readonly object _writeLock = new();
+    private readonly Lock _writeLock = new();
     private bool _outputClosed;
     private bool _sending;
     private TaskCompletionSource? _sendsDone;
 
     private int _inFlight;
     private TaskCompletionSource? _capacityWaiter;
-    private readonly object _capacityLock = new();
+    private readonly Lock _capacityLock = new();
 
     private bool MustPause =>
         Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection || Backlog > _options.MaxOutputBuffer;

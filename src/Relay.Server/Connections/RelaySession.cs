@@ -29,7 +29,7 @@ internal sealed partial class RelaySession
     // Keys used for ids that name no queue, so that a repeated probe costs what a real queue costs.
     private Dictionary<Id24, MacKey>? _decoyKeys;
 
-    private readonly object _subLock = new();
+    private readonly Lock _subLock = new();
     private readonly Dictionary<QueueHandle, Subscription> _subscriptions = new(ReferenceEqualityComparer.Instance);
 
     /// <summary>The client's source (PROXY header or socket peer), for the per-source limits only: never logged.</summary>
