@@ -80,4 +80,29 @@ refused "an unknown ACK mode" "--ack must be each or through, got 'sometimes'" -
 refused "an unknown durability" "--durability must be fsync or relaxed" --durability sometimes
 refused "a malformed address" "ADDRESS:" relay://nonsense
 
+# The disk probe operators run before deploying (OPERATIONS.md, "What the disk adds to latency"):
+# both patterns reported with ordered percentiles, its file removed, bad counts refused.
+DISK_SYNC=$(dirname "$0")/../../bench/Relay.Benchmarks/scripts/disk_sync.py
+mkdir -p "$E2E_TMP/disk"
+disk_ok() {
+    python3 "$DISK_SYNC" "$E2E_TMP/disk" --count 50 --gap-ms 0 >"$E2E_TMP/disk.out" 2>&1 || return 1
+    python3 - "$E2E_TMP/disk.out" <<'PY'
+import re, sys
+lines = open(sys.argv[1]).read().splitlines()
+assert [l.split()[0] for l in lines] == ["append", "overwrite"], lines
+for l in lines:
+    p = [float(x) for x in re.findall(r"p[0-9.]+ ([0-9.]+)", l)]
+    assert len(p) == 4 and 0 < p[0] <= p[1] <= p[2] <= p[3], l
+    assert "(50 writes of 600 B)" in l, l
+PY
+    [ -z "$(ls -A "$E2E_TMP/disk")" ]
+}
+check "disk_sync.py times appends and overwrites with fdatasync and leaves nothing behind" disk_ok
+disk_refuses() {
+    local err rc=0
+    err=$(python3 "$DISK_SYNC" "$E2E_TMP/disk" --count 5 2>&1) || rc=$?
+    [ "$rc" = 2 ] && echo "$err" | grep -q -- "--count must be at least 10"
+}
+check "disk_sync.py refuses a count below 10" disk_refuses
+
 finish
