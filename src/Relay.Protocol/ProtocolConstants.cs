@@ -43,6 +43,12 @@ public static class ProtocolConstants
 
     /// <summary>MSG payload bytes besides the sealed body: recipient id, msg id, nonce, delivery header, tag.</summary>
     public const int MsgOverhead = IdSize + 8 + NonceSize + DeliveryHeaderSize + TagSize;
+
+    /// <summary>
+    /// Largest SEND body a relay can take with a frame limit of <paramref name="maxFrame"/>: its
+    /// delivery (MSG: header, recipient id, msg id, nonce, delivery header, tag) must fit one frame.
+    /// </summary>
+    public static int LargestMessage(int maxFrame) => maxFrame - HeaderSize - MsgOverhead;
 }
 
 /// <summary>Frame types (docs/PROTOCOL.md §4, §6, §8).</summary>

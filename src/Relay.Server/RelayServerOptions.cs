@@ -24,16 +24,16 @@ public sealed class RelayServerOptions
     /// <summary>Largest frame length accepted after the handshake.</summary>
     public int MaxFrame { get; set; } = ProtocolConstants.DefaultMaxFrame;
 
-    /// <summary>Largest SEND body.</summary>
+    /// <summary>Largest SEND body; at most <see cref="ProtocolConstants.LargestMessage"/> of <see cref="MaxFrame"/> (checked at start).</summary>
     public int MaxMessage { get; set; } = ProtocolConstants.DefaultMaxMessage;
 
     /// <summary>Time allowed for TLS plus HELLO. Slow links (Tor) need well under 10 s.</summary>
     public TimeSpan HandshakeTimeout { get; set; } = TimeSpan.FromSeconds(10);
 
-    /// <summary>A connection that sends nothing for this long is closed. Clients PING every 60 s.</summary>
+    /// <summary>A connection that sends nothing for this long is closed. The client SDK PINGs every 30 s.</summary>
     public TimeSpan IdleTimeout { get; set; } = TimeSpan.FromSeconds(300);
 
-    /// <summary>Concurrent connections; further ones are closed at once. Bounds memory (~50 KiB per TLS connection).</summary>
+    /// <summary>Concurrent connections; further ones are closed at once. Bounds memory (about 20 KB per idle TLS connection, more while active).</summary>
     public int MaxConnections { get; set; } = 20_000;
 
     /// <summary>

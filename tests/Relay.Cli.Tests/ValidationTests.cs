@@ -55,6 +55,7 @@ public class ValidationTests
     [Arguments("--disk-budget", "huge")]
     [Arguments("--disk-budget", "10KB")]
     [Arguments("--max-message", "10")]
+    [Arguments("--max-message", "65467")]
     [Arguments("--max-connections", "0")]
     [Arguments("--max-subscriptions", "-3")]
     [Arguments("--handshake-timeout", "1ms")]
@@ -73,6 +74,32 @@ public class ValidationTests
             ? ["serve", "--data", files.DataDirectory, flag]
             : ["serve", "--data", files.DataDirectory, flag, value];
         await AssertUsageError(flag.Split('=')[0], args);
+    }
+
+    [Test]
+    public async Task The_largest_max_message_is_the_one_whose_delivery_fits_a_frame()
+    {
+        using var files = new SettingsFiles();
+        var (code, error) = await RunAsync("serve", "--data", files.DataDirectory, "--max-message", "65467");
+        await Assert.That(code).IsEqualTo(RelayCli.Usage);
+        await Assert.That(error.Trim()).IsEqualTo("relay: --max-message must be a whole number from 256 to 65466, got '65467'");
+    }
+
+    [Test]
+    [Arguments("garbage")]
+    [Arguments("")]
+    public async Task An_unreadable_identity_file_is_a_one_line_error_for_serve_and_address(string content)
+    {
+        using var files = new SettingsFiles();
+        Directory.CreateDirectory(files.DataDirectory);
+        var identity = Path.Combine(files.DataDirectory, "identity.pfx");
+        await File.WriteAllTextAsync(identity, content);
+        await AssertUsageError("--data: " + identity + " is not a relay identity", "serve", "--data", files.DataDirectory,
+            "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0");
+        await AssertUsageError("--data: " + identity + " is not a relay identity", "address", "--data", files.DataDirectory);
+        await AssertUsageError("--data: " + identity + " is not a relay identity", "init", "--data", files.DataDirectory);
+        // Nothing was overwritten: the operator still has the file to restore or inspect.
+        await Assert.That(await File.ReadAllTextAsync(identity)).IsEqualTo(content);
     }
 
     [Test]

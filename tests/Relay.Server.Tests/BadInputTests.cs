@@ -329,6 +329,44 @@ public class BadInputTests
     }
 
     [Test]
+    public async Task The_largest_message_the_frame_limit_allows_is_delivered_whole_and_one_byte_more_is_refused()
+    {
+        // A delivery (MSG) carries 70 bytes besides the body: the largest body is the frame limit minus those.
+        int largest = ProtocolConstants.LargestMessage(ProtocolConstants.DefaultMaxFrame);
+        await Assert.That(largest).IsEqualTo(65_466);
+        await using var relay = await TestRelay.StartAsync(o => o.MaxMessage = largest);
+        await using var client = await RawClient.ConnectAsync(relay);
+        await Assert.That(client.MaxMessage).IsEqualTo(largest);
+        var queue = await client.CreateQueueAsync();
+
+        uint over = client.NextCorr();
+        var tooLarge = await client.RequestAsync(client.Send(over, queue.SenderId, new byte[largest + 1]));
+        await Assert.That(tooLarge.Wire).IsEquivalentTo(ErrWire(over, ErrorCode.TooLarge));
+        var body = RandomNumberGenerator.GetBytes(largest);
+        await Assert.That((await client.RequestAsync(client.Send(client.NextCorr(), queue.SenderId, body))).Type).IsEqualTo(FrameType.Ok);
+
+        // Pushed to a subscriber: one frame of exactly the limit, opened to the same bytes.
+        await using var recipient = await RawClient.ConnectAsync(relay);
+        await Assert.That((await recipient.RequestAsync(recipient.QueueCommand(FrameType.Sub, recipient.NextCorr(), queue.RecipientId, [], queue.RecipientPrivate))).Type).IsEqualTo(FrameType.Ok);
+        var pushed = await recipient.ReadResponseAsync();
+        await Assert.That(pushed.Type).IsEqualTo(FrameType.Msg);
+        await Assert.That(pushed.Wire.Length).IsEqualTo(ProtocolConstants.LengthPrefixSize + ProtocolConstants.DefaultMaxFrame);
+        var (_, _, opened) = RawClient.Open(queue, pushed.Payload);
+        await Assert.That(opened).IsEquivalentTo(body);
+    }
+
+    [Test]
+    public async Task A_message_limit_whose_delivery_would_not_fit_a_frame_is_refused_at_start()
+    {
+        int largest = ProtocolConstants.LargestMessage(ProtocolConstants.DefaultMaxFrame);
+        var ex = await Assert.ThrowsAsync<ArgumentException>(async () =>
+        {
+            await using var relay = await TestRelay.StartAsync(o => o.MaxMessage = largest + 1);
+        });
+        await Assert.That(ex!.Message).Contains($"at most {largest}");
+    }
+
+    [Test]
     [Arguments(false)]
     [Arguments(true)]
     public async Task Request_level_errors_are_answered_and_the_connection_goes_on(bool tls)

@@ -174,8 +174,15 @@ class Address:
         if not text.startswith("relay://") or "@" not in text:
             raise ValueError(f"not a relay address: {text}")
         fingerprint, rest = text[len("relay://"):].split("@", 1)
-        hosts, port = rest.rsplit(":", 1)
-        return Address(fingerprint, hosts.split(","), int(port))
+        rest = rest.rstrip("/")
+        # §1: the port is optional (5223); an IPv6 literal host is in brackets, so only a colon
+        # after the last "]" can start the port.
+        port = 5223
+        colon = rest.rfind(":")
+        if colon > rest.rfind("]"):
+            rest, port = rest[:colon], int(rest[colon + 1:])
+        hosts = [h[1:-1] if h.startswith("[") and h.endswith("]") else h for h in rest.split(",")]
+        return Address(fingerprint, hosts, port)
 
 
 # ---- frames (PROTOCOL.md §3) -----------------------------------------------------------------------

@@ -66,11 +66,20 @@ public sealed class RelayIdentity : IDisposable
             File.Move(tmp, path);
             created = true;
         }
-        var loaded = X509CertificateLoader.LoadPkcs12FromFile(path, password: null,
-            X509KeyStorageFlags.EphemeralKeySet | X509KeyStorageFlags.Exportable);
+        X509Certificate2 loaded;
+        try
+        {
+            loaded = X509CertificateLoader.LoadPkcs12FromFile(path, password: null,
+                X509KeyStorageFlags.EphemeralKeySet | X509KeyStorageFlags.Exportable);
+        }
+        catch (CryptographicException ex)
+        {
+            throw new InvalidDataException($"{path} is not a relay identity (the PKCS#12 file relay init writes): {ex.Message}", ex);
+        }
         if (!loaded.HasPrivateKey)
         {
-            throw new InvalidOperationException($"{path} holds no private key");
+            loaded.Dispose();
+            throw new InvalidDataException($"{path} is not a relay identity: it holds no private key");
         }
         return new RelayIdentity(loaded);
     }

@@ -89,6 +89,12 @@ public sealed class RelayServer : IAsyncDisposable
         // The identity and TLS context (PKCS#12 load, certificate signing, the chain build that reads
         // the system certificate store) and the RocksDB open each take a few hundred milliseconds:
         // do them at the same time.
+        int largestMessage = ProtocolConstants.LargestMessage(options.MaxFrame);
+        if (options.MaxMessage > largestMessage)
+        {
+            throw new ArgumentException(
+                $"MaxMessage {options.MaxMessage} does not fit a delivery into MaxFrame {options.MaxFrame}: at most {largestMessage}", nameof(options));
+        }
         Directory.CreateDirectory(options.DataDirectory);
         var identityTask = Task.Run(() =>
         {

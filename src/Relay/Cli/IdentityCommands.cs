@@ -30,6 +30,11 @@ public static class IdentityCommands
         {
             identity = RelayIdentity.LoadOrCreate(data, out created);
         }
+        catch (InvalidDataException ex)
+        {
+            Console.Error.WriteLine($"relay: --data: {ex.Message}");
+            return RelayCli.Usage;
+        }
         catch (Exception ex) when (ex is IOException or UnauthorizedAccessException or System.Security.Cryptography.CryptographicException)
         {
             Console.Error.WriteLine($"relay: --data: cannot use {data}: {ex.Message}");
@@ -59,8 +64,20 @@ public static class IdentityCommands
             Console.Error.WriteLine($"relay: no relay identity in {data}; create one with 'relay init --data {data}'");
             return RelayCli.Failed;
         }
-        using var identity = RelayIdentity.LoadOrCreate(data, out _);
-        Console.Out.WriteLine(identity.AddressFor(hosts, port));
+        RelayIdentity identity;
+        try
+        {
+            identity = RelayIdentity.LoadOrCreate(data, out _);
+        }
+        catch (InvalidDataException ex)
+        {
+            Console.Error.WriteLine($"relay: --data: {ex.Message}");
+            return RelayCli.Usage;
+        }
+        using (identity)
+        {
+            Console.Out.WriteLine(identity.AddressFor(hosts, port));
+        }
         return RelayCli.Ok;
     }
 

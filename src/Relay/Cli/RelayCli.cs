@@ -58,6 +58,12 @@ public static class RelayCli
             Console.Error.WriteLine($"relay: {ex.Message}");
             return Usage;
         }
+        catch (Exception ex)
+        {
+            // Anything unforeseen: one line and exit code 1, not a runtime crash report.
+            Console.Error.WriteLine($"relay: {ex.Message} ({ex.GetType().Name})");
+            return Failed;
+        }
     }
 
     private static string MainHelp()

@@ -65,7 +65,7 @@ public static class ServeCommand
                 }
             });
         }
-        catch (Relay.Storage.StoreException ex)
+        catch (Exception ex) when (ex is Relay.Storage.StoreException or InvalidDataException)
         {
             Console.Error.WriteLine($"relay: --data: {ex.Message}");
             return RelayCli.Usage;

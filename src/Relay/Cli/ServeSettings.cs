@@ -1,6 +1,7 @@
 using System.Globalization;
 using System.Net;
 using System.Text.Json;
+using Relay.Protocol;
 using Relay.Server;
 
 namespace Relay.Cli;
@@ -60,7 +61,7 @@ public sealed class ServeSettings
         new("delivery-memory", "SIZE", "16MiB", "memory for messages of subscribed queues, delivered without a store read (0: always read)",
             (s, v, src) => s.Server.DeliveryMemoryBytes = v == "0" ? 0 : ParseSize(src, v, 0)),
         new("max-message", "BYTES", "65000", "largest SEND body",
-            (s, v, src) => s.Server.MaxMessage = (int)ParseNumber(src, v, 256, 1_000_000)),
+            (s, v, src) => s.Server.MaxMessage = (int)ParseNumber(src, v, 256, ProtocolConstants.LargestMessage(ProtocolConstants.DefaultMaxFrame))),
         new("max-connections", "N", "20000", "concurrent relay connections; more are closed at once",
             (s, v, src) => s.Server.MaxConnections = (int)ParseNumber(src, v, 1, 10_000_000)),
         new("proxy-protocol", "", "false", "require a PROXY protocol v1 or v2 header (haproxy send-proxy-v2, stunnel protocol = proxy) on every relay connection, before TLS; its client address feeds the per-source limits, in memory only",
