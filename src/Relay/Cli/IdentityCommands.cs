@@ -24,27 +24,13 @@ public static class IdentityCommands
         }
         var data = a.Get("data") ?? "relay-data";
         var (hosts, port) = HostsAndPort(a);
-        RelayIdentity identity;
-        bool created;
-        try
+        using var identity = Load(data, out bool created);
+        if (identity is null)
         {
-            identity = RelayIdentity.LoadOrCreate(data, out created);
-        }
-        catch (InvalidDataException ex)
-        {
-            Console.Error.WriteLine($"relay: --data: {ex.Message}");
             return RelayCli.Usage;
         }
-        catch (Exception ex) when (ex is IOException or UnauthorizedAccessException or System.Security.Cryptography.CryptographicException)
-        {
-            Console.Error.WriteLine($"relay: --data: cannot use {data}: {ex.Message}");
-            return RelayCli.Usage;
-        }
-        using (identity)
-        {
-            Console.Error.WriteLine(created ? $"created a relay identity in {data}" : $"the relay identity in {data} already exists");
-            Console.Out.WriteLine(identity.AddressFor(hosts, port));
-        }
+        Console.Error.WriteLine(created ? $"created a relay identity in {data}" : $"the relay identity in {data} already exists");
+        Console.Out.WriteLine(identity.AddressFor(hosts, port));
         return RelayCli.Ok;
     }
 
@@ -64,21 +50,32 @@ public static class IdentityCommands
             Console.Error.WriteLine($"relay: no relay identity in {data}; create one with 'relay init --data {data}'");
             return RelayCli.Failed;
         }
-        RelayIdentity identity;
+        using var identity = Load(data, out _);
+        if (identity is null)
+        {
+            return RelayCli.Usage;
+        }
+        Console.Out.WriteLine(identity.AddressFor(hosts, port));
+        return RelayCli.Ok;
+    }
+
+    /// <summary>The identity in <paramref name="data"/> (created if missing), or null after one line on stderr saying why not.</summary>
+    private static RelayIdentity? Load(string data, out bool created)
+    {
+        created = false;
         try
         {
-            identity = RelayIdentity.LoadOrCreate(data, out _);
+            return RelayIdentity.LoadOrCreate(data, out created);
         }
         catch (InvalidDataException ex)
         {
             Console.Error.WriteLine($"relay: --data: {ex.Message}");
-            return RelayCli.Usage;
         }
-        using (identity)
+        catch (Exception ex) when (ex is IOException or UnauthorizedAccessException or System.Security.Cryptography.CryptographicException)
         {
-            Console.Out.WriteLine(identity.AddressFor(hosts, port));
+            Console.Error.WriteLine($"relay: --data: cannot use {data}: {ex.Message}");
         }
-        return RelayCli.Ok;
+        return null;
     }
 
     private static (IReadOnlyList<string> Hosts, int Port) HostsAndPort(CliArgs a)
