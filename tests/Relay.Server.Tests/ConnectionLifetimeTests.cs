@@ -1,5 +1,7 @@
+using System.Buffers.Binary;
 using System.Diagnostics;
 using Relay.Protocol;
+using static Relay.Server.Tests.OperationsMetrics;
 
 namespace Relay.Server.Tests;
 
@@ -84,5 +86,68 @@ public class ConnectionLifetimeTests
         await using var other = await RawClient.ConnectAsync(relay);
         var pong = await other.RequestAsync(RawClient.Frame(FrameType.Ping, other.NextCorr(), []));
         await Assert.That(pong.Type).IsEqualTo(FrameType.Pong);
+    }
+
+    [Test]
+    public async Task A_subscriber_that_does_not_read_gets_no_more_than_its_output_limit_and_then_everything()
+    {
+        const int Queues = 50, PerQueue = 64, Size = 16 * 1024;
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Tls = false;
+            o.MaxOutputBuffer = 64 * 1024;
+            o.QueueMaxMessages = PerQueue;
+        });
+        await using var recipient = await RawClient.ConnectAsync(relay);
+        var queues = new List<RawQueue>();
+        for (int q = 0; q < Queues; q++)
+        {
+            var queue = await recipient.CreateQueueAsync();
+            var window = new byte[2];
+            BinaryPrimitives.WriteUInt16BigEndian(window, PerQueue);
+            var sub = await recipient.RequestAsync(recipient.QueueCommand(FrameType.Sub, recipient.NextCorr(), queue.RecipientId, window, queue.RecipientPrivate));
+            await Assert.That(sub.Type).IsEqualTo(FrameType.Ok);
+            queues.Add(queue);
+        }
+
+        // The recipient stops reading; 50 MiB arrive for its 50 subscriptions (window 64 each).
+        await using var sender = await RawClient.ConnectAsync(relay);
+        double deliveredBefore = Value(await ScrapeAsync(relay), "relay_deliveries_total");
+        for (int i = 0; i < PerQueue; i++)
+        {
+            for (int q = 0; q < Queues; q++)
+            {
+                var body = new byte[Size];
+                BinaryPrimitives.WriteInt32BigEndian(body, q);
+                BinaryPrimitives.WriteInt32BigEndian(body.AsSpan(4), i);
+                var ok = await sender.RequestAsync(sender.Send(sender.NextCorr(), queues[q].SenderId, body));
+                await Assert.That(ok.Type).IsEqualTo(FrameType.Ok);
+            }
+        }
+
+        // Pushed (written for the connection): what the kernel's socket buffers took plus about the
+        // 64 KiB limit, far from the 50 MiB the windows allow. The rest waits in the store.
+        double pushed = Value(await ScrapeAsync(relay), "relay_deliveries_total") - deliveredBefore;
+        await Assert.That(pushed).IsLessThan(Queues * PerQueue / 2);
+        await using (var other = await RawClient.ConnectAsync(relay))
+        {
+            var pong = await other.RequestAsync(RawClient.Frame(FrameType.Ping, other.NextCorr(), []));
+            await Assert.That(pong.Type).IsEqualTo(FrameType.Pong);
+        }
+
+        // Once it reads, every message arrives, whole and in order per queue.
+        var next = new int[Queues];
+        for (int n = 0; n < Queues * PerQueue; n++)
+        {
+            var frame = await recipient.ReadFrameAsync(TimeSpan.FromSeconds(20));
+            await Assert.That(frame).IsNotNull();
+            await Assert.That(frame!.Type).IsEqualTo(FrameType.Msg);
+            int q = queues.FindIndex(x => frame.Payload.AsSpan(0, ProtocolConstants.IdSize).SequenceEqual(x.RecipientId));
+            var (_, _, body) = RawClient.Open(queues[q], frame.Payload);
+            await Assert.That(body.Length).IsEqualTo(Size);
+            await Assert.That(BinaryPrimitives.ReadInt32BigEndian(body)).IsEqualTo(q);
+            await Assert.That(BinaryPrimitives.ReadInt32BigEndian(body.AsSpan(4))).IsEqualTo(next[q]++);
+        }
+        await Assert.That(Value(await ScrapeAsync(relay), "relay_deliveries_total") - deliveredBefore).IsEqualTo(Queues * PerQueue);
     }
 }

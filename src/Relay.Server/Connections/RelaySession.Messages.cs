@@ -103,6 +103,12 @@ internal sealed partial class RelaySession
     {
         while (s.HasRoom && !s.Ended && !s.Queue.Deleted && ReferenceEquals(s.Queue.Tag, s))
         {
+            // A subscriber that does not read its socket gets no more than the output limit: the
+            // messages stay in the store and go out as the send loop drains (ResumeDeferred).
+            if (Backlog > _options.MaxOutputBuffer && DeferDelivery(s))
+            {
+                return;
+            }
             if (!_store.TryPeek(s.Queue, s.NextFrom, out var message))
             {
                 return;

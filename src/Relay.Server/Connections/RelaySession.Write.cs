@@ -12,9 +12,11 @@ internal sealed partial class RelaySession
     // swaps _pending with the empty _inSend and writes it to the connection, so every frame written
     // meanwhile (say, the OKs of one group commit, or several deliveries) leaves in the same TLS
     // record and syscall. Writing never blocks (a delivery must not block the thread that makes it);
-    // memory is bounded instead by the read loop, which stops reading requests while the backlog
-    // exceeds MaxOutputBuffer, and by the single outstanding message per subscribed queue. An idle
-    // connection holds no buffer and no pending operation for its output.
+    // memory is bounded instead: the read loop stops reading requests while the backlog exceeds
+    // MaxOutputBuffer, and deliveries stop there too (the subscription waits in _deferred and the
+    // send loop resumes it once half is sent), so a subscriber that never reads holds at most about
+    // the limit plus one message per thread delivering at that moment. An idle connection holds no
+    // buffer and no pending operation for its output.
     private OutputBuffer _pending = new();
     private OutputBuffer _inSend = new();
     private Stream? _destination;
@@ -22,6 +24,7 @@ internal sealed partial class RelaySession
     private bool _outputClosed;
     private bool _sending;
     private TaskCompletionSource? _sendsDone;
+    private List<Subscription>? _deferred;   // subscriptions waiting for output to drain (under _writeLock)
 
     private int _inFlight;
     private TaskCompletionSource? _capacityWaiter;
@@ -79,7 +82,7 @@ internal sealed partial class RelaySession
                     {
                         _sendsDone?.TrySetResult();
                     }
-                    return;
+                    break;
                 }
                 batch = _pending;
                 _pending = _inSend;
@@ -99,6 +102,7 @@ internal sealed partial class RelaySession
                     _outputClosed = true;
                     _sending = false;
                     _pending.Reset();
+                    _deferred = null;
                     _sendsDone?.TrySetResult();
                 }
                 batch.Reset();
@@ -106,7 +110,62 @@ internal sealed partial class RelaySession
                 return;
             }
             batch.Reset();
+            ResumeDeferred();
             SignalCapacity();
+        }
+        // Deliveries held back while the backlog was over the limit go on now that it is empty (a
+        // new send loop starts for what they write).
+        ResumeDeferred();
+    }
+
+    /// <summary>
+    /// Called by a delivery (under the queue's lock) when the backlog is over the output limit:
+    /// true when <paramref name="s"/> must wait, remembered to be resumed by the send loop.
+    /// </summary>
+    private bool DeferDelivery(Subscription s)
+    {
+        lock (_writeLock)
+        {
+            if (_outputClosed)
+            {
+                return true;
+            }
+            if (Backlog <= _options.MaxOutputBuffer)
+            {
+                return false;
+            }
+            if (!s.OutputDeferred)
+            {
+                s.OutputDeferred = true;
+                (_deferred ??= []).Add(s);
+            }
+            return true;
+        }
+    }
+
+    /// <summary>Delivers to the subscriptions held back by <see cref="DeferDelivery"/> once the backlog is down to half the limit.</summary>
+    private void ResumeDeferred()
+    {
+        List<Subscription> resume;
+        lock (_writeLock)
+        {
+            if (_deferred is null || _outputClosed || Backlog > _options.MaxOutputBuffer / 2)
+            {
+                return;
+            }
+            resume = _deferred;
+            _deferred = null;
+            foreach (var s in resume)
+            {
+                s.OutputDeferred = false;
+            }
+        }
+        foreach (var s in resume)
+        {
+            lock (s.Queue.Sync)
+            {
+                DeliverNextLocked(s);
+            }
         }
     }
 
@@ -187,6 +246,10 @@ internal sealed partial class RelaySession
 
     private void SignalCapacity()
     {
+        // Full fence between the caller's change (a send done, an operation ended) and reading the
+        // waiter; WaitForCapacityAsync fences between publishing it and checking again. So either it
+        // sees the change or this sees its waiter: a reader never sleeps through the last signal.
+        Interlocked.MemoryBarrier();
         if (Volatile.Read(ref _capacityWaiter) is null) return;
         TaskCompletionSource? waiter = null;
         lock (_capacityLock)
@@ -211,6 +274,13 @@ internal sealed partial class RelaySession
         {
             if (!MustPauseHalf) return;
             waiter = _capacityWaiter ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            Interlocked.MemoryBarrier();
+            if (!MustPauseHalf)
+            {
+                // The last send or operation ended between the check and the waiter's publication.
+                _capacityWaiter = null;
+                return;
+            }
         }
         await waiter.Task.WaitAsync(cancellationToken);
     }

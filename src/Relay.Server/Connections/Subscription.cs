@@ -26,6 +26,8 @@ internal sealed class Subscription(RelaySession session, QueueHandle queue, int 
     /// <summary>Where the next delivery reads from: after the message delivered last, or the oldest (0).</summary>
     public ulong NextFrom { get; private set; }
     public bool Ended;
+    /// <summary>Waiting for the session's output to drain before its next delivery (guarded by the session's write lock).</summary>
+    public bool OutputDeferred;
 
     public bool HasRoom => (_outstanding?.Count ?? 0) < Window;
 
