@@ -252,6 +252,19 @@ public sealed partial class QueueStore
     public ValueTask<StoreStatus> AckAsync(QueueHandle queue, ulong messageId) => AckAsync(queue, messageId, 1, out _);
 
     /// <summary>
+    /// True when no message with an id up to <paramref name="messageId"/> is stored any more (all were
+    /// acknowledged or expired): an ACK of such an id finds nothing, and nothing is left to wait for.
+    /// </summary>
+    public bool IsGone(QueueHandle queue, ulong messageId)
+    {
+        ArgumentNullException.ThrowIfNull(queue);
+        lock (queue.StoreLock)
+        {
+            return messageId < queue.OldestBound || queue.MessageCount == 0;
+        }
+    }
+
+    /// <summary>
     /// Deletes, in one operation, the queue's oldest messages up to and including <paramref name="lastId"/>:
     /// at most <paramref name="maxCount"/> of them, and <paramref name="lastId"/> must be among them
     /// (NotOldest and nothing deleted otherwise). <paramref name="deleted"/>: how many (0 unless Ok is

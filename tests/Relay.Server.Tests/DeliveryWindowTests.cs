@@ -71,6 +71,47 @@ public class DeliveryWindowTests
     }
 
     [Test]
+    [Arguments(1, false)]
+    [Arguments(2, true)]
+    public async Task A_message_that_expired_while_outstanding_frees_its_place_when_acked(int window, bool through)
+    {
+        var clock = new OperationsClock();
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Clock = clock;
+            o.MessageTtl = TimeSpan.FromHours(2);
+            o.SweepInterval = TimeSpan.Zero;   // the test sweeps by hand
+        });
+        await using var recipient = await relay.ConnectAsync();
+        await using var sender = await relay.ConnectAsync();
+        var queue = await recipient.CreateQueueAsync();
+        await SendAllAsync(sender, queue, 1, window);
+        await recipient.SubscribeAsync(queue, window);
+        var outstanding = new List<Delivery>();
+        for (int i = 1; i <= window; i++)
+        {
+            outstanding.Add(await NextDeliveryAsync(recipient));
+        }
+
+        // The outstanding messages outlive their TTL without an ACK; a fresh one waits behind them.
+        clock.Advance(TimeSpan.FromHours(3));
+        await SendAllAsync(sender, queue, 100, 1);
+        await Assert.That(await relay.Server.SweepNowAsync()).IsEqualTo(window);
+        await Assert.That(await NothingArrivesAsync(recipient, TimeSpan.FromMilliseconds(300))).IsTrue();
+
+        // Their ACK finds nothing to delete (NO_MSG) but frees the window: the fresh message arrives.
+        var ack = through
+            ? recipient.AckThroughAsync(queue, outstanding[^1].MessageId)
+            : recipient.AckAsync(queue, outstanding[^1].MessageId);
+        var error = await Assert.ThrowsAsync<RelayErrorException>(async () => await ack);
+        await Assert.That(error!.Code).IsEqualTo(ErrorCode.NoMsg);
+        var fresh = await NextDeliveryAsync(recipient);
+        await Assert.That(Text(fresh)).IsEqualTo("m100");
+        await recipient.AckAsync(queue, fresh.MessageId);
+        await Assert.That(await recipient.GetAsync(queue)).IsNull();
+    }
+
+    [Test]
     [Arguments(false)]
     [Arguments(true)]
     public async Task An_ack_out_of_order_is_refused_and_loses_nothing(bool tls)

@@ -265,6 +265,12 @@ internal sealed partial class RelaySession
             var status = await ack;
             if (status != StoreStatus.Ok)
             {
+                if (status == StoreStatus.NotOldest && _store.IsGone(queue, id))
+                {
+                    // Outstanding messages that expired before their ACK: nothing to delete, but
+                    // their places in the window are free, so the next messages can go out.
+                    ReleaseThrough(queue, id);
+                }
                 Fail(FrameType.Ack, corr, status == StoreStatus.NotFound && !queue.Deleted ? ErrorCode.NoMsg : ErrorFor(status));
                 return;
             }
