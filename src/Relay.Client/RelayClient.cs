@@ -81,16 +81,44 @@ public sealed class RelayClient : IAsyncDisposable
         RunAsync(relay, async c => { await operation(c); return true; }, cancellationToken);
 
     /// <summary>Subscribes a queue; it stays subscribed across reconnections until <see cref="Unsubscribe"/>.</summary>
-    public Task SubscribeAsync(RelayAddress relay, RecipientQueue queue, CancellationToken cancellationToken = default)
+    public async Task SubscribeAsync(RelayAddress relay, RecipientQueue queue, CancellationToken cancellationToken = default)
     {
         var link = Link(relay);
         link.Subscriptions[queue.RecipientId] = queue;
         link.EnsurePump();
-        return RunAsync(relay, c => c.IsSubscribed(queue) ? Task.CompletedTask : c.SubscribeAsync(queue, Options.DeliveryWindow, cancellationToken), cancellationToken);
+        try
+        {
+            await RunAsync(relay, c => c.IsSubscribed(queue) ? Task.CompletedTask : c.SubscribeAsync(queue, Options.DeliveryWindow, cancellationToken), cancellationToken);
+        }
+        catch (RelayErrorException)
+        {
+            // Refused (AUTH, LIMIT): not subscribed, and not renewed after a reconnection either.
+            link.Subscriptions.TryRemove(queue.RecipientId, out _);
+            throw;
+        }
     }
 
     public void Unsubscribe(RelayAddress relay, RecipientQueue queue) =>
         Link(relay).Subscriptions.TryRemove(queue.RecipientId, out _);
+
+    /// <summary>
+    /// Raised when a relay refuses to renew a subscription after a reconnection (the queue was deleted
+    /// meanwhile: AUTH; too many subscriptions: LIMIT). The queue is no longer subscribed; the other
+    /// queues of that relay go on. Runs on the reconnecting task: keep it short.
+    /// </summary>
+    public event Action<RelayAddress, RecipientQueue, RelayErrorException>? SubscriptionRefused;
+
+    private void OnSubscriptionRefused(RelayAddress relay, RecipientQueue queue, RelayErrorException refused)
+    {
+        try
+        {
+            SubscriptionRefused?.Invoke(relay, queue, refused);
+        }
+        catch
+        {
+            // An app's handler must not stop the reconnection.
+        }
+    }
 
     /// <summary>Every delivery of every subscribed queue, in arrival order per queue.</summary>
     public IAsyncEnumerable<QueueDelivery> DeliveriesAsync(CancellationToken cancellationToken = default) =>
@@ -126,7 +154,11 @@ public sealed class RelayClient : IAsyncDisposable
             {
                 current = _current;
                 if (current is { Closed.IsCancellationRequested: false }) return current;
-                if (current != null) await current.DisposeAsync();
+                if (current != null)
+                {
+                    Interlocked.CompareExchange(ref _current, null, current);
+                    await current.DisposeAsync();
+                }
                 var delay = owner.Options.ReconnectMin;
                 while (true)
                 {
@@ -138,9 +170,14 @@ public sealed class RelayClient : IAsyncDisposable
                             Tls = owner.Options.Tls,
                             ConnectTimeout = owner.Options.ConnectTimeout,
                         }, linked.Token);
-                        foreach (var queue in Subscriptions.Values)
+                        try
                         {
-                            await connection.SubscribeAsync(queue, owner.Options.DeliveryWindow, linked.Token);
+                            await ResubscribeAsync(connection, linked.Token);
+                        }
+                        catch
+                        {
+                            await connection.DisposeAsync();
+                            throw;
                         }
                         Volatile.Write(ref _current, connection);
                         _keepAlive ??= KeepAliveAsync();
@@ -159,9 +196,34 @@ public sealed class RelayClient : IAsyncDisposable
             }
         }
 
+        /// <summary>
+        /// Renews every subscription on a new connection. A queue the relay refuses (deleted meanwhile:
+        /// AUTH; too many subscriptions: LIMIT) is dropped from the subscriptions and reported through
+        /// <see cref="RelayClient.SubscriptionRefused"/>; the others go on.
+        /// </summary>
+        private async Task ResubscribeAsync(RelayConnection connection, CancellationToken cancellationToken)
+        {
+            foreach (var (id, queue) in Subscriptions)
+            {
+                try
+                {
+                    await connection.SubscribeAsync(queue, owner.Options.DeliveryWindow, cancellationToken);
+                }
+                catch (RelayErrorException refused)
+                {
+                    Subscriptions.TryRemove(id, out _);
+                    owner.OnSubscriptionRefused(relay, queue, refused);
+                }
+            }
+        }
+
+        /// <summary>Forgets a lost connection (if it is still the current one) and closes it.</summary>
         public void Drop(RelayConnection connection)
         {
-            Interlocked.CompareExchange(ref _current, null, connection);
+            if (Interlocked.CompareExchange(ref _current, null, connection) == connection)
+            {
+                _ = connection.DisposeAsync().AsTask();
+            }
         }
 
         public void EnsurePump()
@@ -187,10 +249,24 @@ public sealed class RelayClient : IAsyncDisposable
                 {
                     return;
                 }
-                catch (RelayConnectException)
+                catch (FingerprintMismatchException)
                 {
-                    // Fingerprint mismatch: retrying cannot help.
+                    // Retrying cannot help.
                     return;
+                }
+                catch (Exception)
+                {
+                    // Anything else (not retried inside GetAsync): wait, then try again; the pump must
+                    // not end while queues are subscribed.
+                    try
+                    {
+                        await Task.Delay(owner.Options.ReconnectMax, token);
+                    }
+                    catch (OperationCanceledException)
+                    {
+                        return;
+                    }
+                    continue;
                 }
                 try
                 {

@@ -77,7 +77,11 @@ public partial class PrivacyTests
         await ExpectError(ErrorCode.Auth, () => sender.SendAsync(new SenderQueue(queue.SenderId, null), "x"u8.ToArray())); // no MAC
         await ExpectError(ErrorCode.Auth, () => sender.SecureAsync(queue.SenderId, RandomNumberGenerator.GetBytes(32)));  // secured already
         await ExpectError(ErrorCode.NoMsg, () => recipient.AckAsync(queue, 12345));
-        await ExpectError(ErrorCode.TooLarge, () => sender.SendAsync(to, new byte[2000]));
+        await ExpectError(ErrorCode.TooLarge, () => sender.SendAsync(to, new byte[2000]));           // refused by the SDK itself
+        var tooLarge = await sender.RequestAsync(other.SenderId, static (w, corr, id) =>                  // and by the relay
+            FrameWriter.WriteQueueCommand(w, FrameType.Send, corr, id, [0], new byte[2000], ReadOnlySpan<byte>.Empty));
+        await Assert.That(tooLarge.Type).IsEqualTo(FrameType.Err);
+        await Assert.That((ErrorCode)tooLarge.Payload[0]).IsEqualTo(ErrorCode.TooLarge);
         await ExpectError(ErrorCode.Limit, () => recipient.SubscribeAsync(other));
         var otherTo = new SenderQueue(other.SenderId, null);
         await sender.SendAsync(otherTo, "a"u8.ToArray());

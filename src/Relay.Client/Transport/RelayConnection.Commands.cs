@@ -100,6 +100,12 @@ public sealed partial class RelayConnection
     /// <summary>SEND: completes when the relay has the message on disk.</summary>
     public async Task SendAsync(SenderQueue queue, ReadOnlyMemory<byte> body, byte flags = 0, CancellationToken cancellationToken = default)
     {
+        if (body.Length > MaxMessage)
+        {
+            // The relay's answer, given here: a frame over its limit would close the connection for
+            // every request on it.
+            throw new RelayErrorException(ErrorCode.TooLarge, "SEND");
+        }
         var response = await QueueCommandAsync(FrameType.Send, queue.SenderId, queue.SenderPrivateKey, new byte[] { flags }, body, cancellationToken);
         Expect(response, FrameType.Ok, "SEND");
     }
@@ -127,12 +133,15 @@ public sealed partial class RelayConnection
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(window, 1);
         ArgumentOutOfRangeException.ThrowIfGreaterThan(window, ushort.MaxValue);
+        // Registered before the SUB: its deliveries may follow the OK in the same read.
+        var id = Id.From(queue.RecipientId);
+        bool added = false;
         lock (_pendingLock)
         {
-            var id = Id.From(queue.RecipientId);
             if (!_subscribed.ContainsKey(id))
             {
                 _subscribed[id] = (new DeliveryCipher(queue.DeliveryKey), queue);
+                added = true;
             }
         }
         // A window of 1 sends no args: the SUB of a relay/1 client without windows.
@@ -142,8 +151,30 @@ public sealed partial class RelayConnection
             args = new byte[2];
             BinaryPrimitives.WriteUInt16BigEndian(args, (ushort)window);
         }
-        var response = await QueueCommandAsync(FrameType.Sub, queue.RecipientId, queue.RecipientPrivateKey, args, default, cancellationToken);
+        Response response;
+        try
+        {
+            response = await QueueCommandAsync(FrameType.Sub, queue.RecipientId, queue.RecipientPrivateKey, args, default, cancellationToken);
+        }
+        catch when (added)
+        {
+            Unsubscribed(id);
+            throw;
+        }
+        if (response.Type != FrameType.Ok && added)
+        {
+            // Refused: the queue is not subscribed here (IsSubscribed says so).
+            Unsubscribed(id);
+        }
         Expect(response, FrameType.Ok, "SUB");
+    }
+
+    private void Unsubscribed(Id id)
+    {
+        lock (_pendingLock)
+        {
+            if (_subscribed.Remove(id, out var entry)) entry.Cipher.Dispose();
+        }
     }
 
     /// <summary>ACK: deletes <paramref name="messageId"/>, which must be the queue's oldest message.</summary>

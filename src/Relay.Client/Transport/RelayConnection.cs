@@ -47,6 +47,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
     private uint _nextCorrelation;
     private Exception? _failure;
     private bool _disposed;
+    private bool _failing;   // under _pendingLock: Fail has taken the pending requests
 
     public RelayAddress Address { get; }
     public ushort Version { get; }
@@ -342,7 +343,10 @@ public sealed partial class RelayConnection : IAsyncDisposable
                 break;
             case FrameType.Err:
                 var code = frame.Payload.Length > 0 ? (ErrorCode)frame.Payload[0] : ErrorCode.Syntax;
-                _failure ??= new RelayErrorException(code, "the connection");
+                // The relay ends the connection: every request on it fails as a lost connection
+                // (RunAsync retries those), with the relay's reason inside.
+                _failure ??= new RelayConnectException($"the relay closed the connection: {RelayErrorException.Describe(code)}",
+                    new RelayErrorException(code, "the connection"));
                 break;
         }
     }
@@ -373,14 +377,11 @@ public sealed partial class RelayConnection : IAsyncDisposable
         List<TaskCompletionSource<Response>> pending;
         lock (_pendingLock)
         {
+            // From here on RequestAsync refuses new requests: none can slip in after the copy below.
+            _failing = true;
             pending = [.. _pending.Values];
             _pending.Clear();
         }
-        foreach (var p in pending)
-        {
-            p.TrySetException(_failure);
-        }
-        _events.Writer.TryComplete();
         lock (_writeLock)
         {
             if (!_disposed)
@@ -389,7 +390,13 @@ public sealed partial class RelayConnection : IAsyncDisposable
                 _output.Writer.Complete();
             }
         }
-        try { _closed.Cancel(); } catch (ObjectDisposedException) { }
+        // Closed before the failures: a caller that sees one sees the connection closed (RunAsync retries).
+        try { _closed.Cancel(); } catch (AggregateException) { /* a caller's callback threw: the connection is closed anyway */ }
+        foreach (var p in pending)
+        {
+            p.TrySetException(_failure);
+        }
+        _events.Writer.TryComplete();
     }
 
     private async Task CopyOutputAsync()
@@ -511,9 +518,9 @@ public sealed partial class RelayConnection : IAsyncDisposable
         uint corr = NextCorrelation();
         lock (_pendingLock)
         {
-            if (_failure != null && _disposed)
+            if (_failing)
             {
-                return Task.FromException<Response>(_failure);
+                return Task.FromException<Response>(_failure ?? new RelayConnectException("the connection is closed"));
             }
             _pending[corr] = tcs;
         }
@@ -562,7 +569,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
             foreach (var key in _authKeys.Values) key.Dispose();
             _authKeys.Clear();
         }
-        _closed.Dispose();
+        // _closed is not disposed: Closed stays readable (and cancelled) after disposal.
     }
 
     /// <summary>A 24- or 32-byte value as a dictionary key.</summary>
