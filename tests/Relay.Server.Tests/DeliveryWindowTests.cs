@@ -336,4 +336,40 @@ public class DeliveryWindowTests
         }
         await Assert.That(Text(await NextAsync()) + Text(await NextAsync())).IsEqualTo("m5m6");
     }
+
+    [Test]
+    public async Task A_queue_the_relay_refuses_after_a_reconnection_is_reported_and_the_others_go_on()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var owner = await relay.ConnectAsync();
+        await using var sender = await relay.ConnectAsync();
+        var kept = await owner.CreateQueueAsync();
+        var deleted = await owner.CreateQueueAsync();
+
+        await using var client = new RelayClient(new RelayClientOptions
+        {
+            ReconnectMin = TimeSpan.FromMilliseconds(50),
+            ReconnectMax = TimeSpan.FromMilliseconds(500),
+        });
+        var refused = new TaskCompletionSource<(RecipientQueue Queue, ErrorCode Code)>(TaskCreationOptions.RunContinuationsAsynchronously);
+        client.SubscriptionRefused += (_, queue, error) => refused.TrySetResult((queue, error.Code));
+        await client.SubscribeAsync(relay.Address, kept);
+        await client.SubscribeAsync(relay.Address, deleted);
+
+        // Deleted from another device, then the connection is lost: the renewal of its SUB is refused.
+        await owner.DeleteAsync(deleted);
+        await relay.RestartAsync();
+        var (queue, code) = await refused.Task.WaitAsync(TimeSpan.FromSeconds(20));
+        await Assert.That(queue.RecipientId).IsEquivalentTo(deleted.RecipientId);
+        await Assert.That(code).IsEqualTo(ErrorCode.Auth);
+
+        // The other queue of that relay still delivers, and requests on the connection work.
+        await using var again = await relay.ConnectAsync();
+        await again.SendAsync(new SenderQueue(kept.SenderId, null), "after"u8.ToArray());
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        await using var deliveries = client.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
+        await Assert.That(await deliveries.MoveNextAsync()).IsTrue();
+        await Assert.That(Text(deliveries.Current.Delivery)).IsEqualTo("after");
+        await client.RunAsync(relay.Address, c => c.PingAsync());
+    }
 }
