@@ -29,6 +29,13 @@ public sealed class RelayClientOptions
     /// per message on slow links such as Tor. ACKs must follow delivery order.
     /// </summary>
     public int DeliveryWindow { get; init; } = 1;
+
+    /// <summary>
+    /// How long <see cref="RelayClient.RunAsync{T}"/> and subscriptions keep trying to reach a relay
+    /// before they give up with the last <see cref="RelayConnectException"/>. Null (the default):
+    /// for ever, with back-off (a long-running app); a one-shot tool sets a bound.
+    /// </summary>
+    public TimeSpan? RetryFor { get; init; }
 }
 
 /// <summary>A message that arrived on one of the subscribed queues of some relay.</summary>
@@ -160,6 +167,8 @@ public sealed class RelayClient : IAsyncDisposable
                     await current.DisposeAsync();
                 }
                 var delay = owner.Options.ReconnectMin;
+                long started = System.Diagnostics.Stopwatch.GetTimestamp();
+                bool MayRetry() => owner.Options.RetryFor is not { } limit || System.Diagnostics.Stopwatch.GetElapsedTime(started) < limit;
                 while (true)
                 {
                     try
@@ -183,7 +192,7 @@ public sealed class RelayClient : IAsyncDisposable
                         _keepAlive ??= KeepAliveAsync();
                         return connection;
                     }
-                    catch (RelayConnectException ex) when (retry && !linked.IsCancellationRequested && ex is not FingerprintMismatchException)
+                    catch (RelayConnectException ex) when (retry && !linked.IsCancellationRequested && ex is not FingerprintMismatchException && MayRetry())
                     {
                         await Task.Delay(delay, linked.Token);
                         delay = TimeSpan.FromTicks(Math.Min(delay.Ticks * 2, owner.Options.ReconnectMax.Ticks));

@@ -56,6 +56,10 @@ public class ValidationTests
     [Arguments("--disk-budget", "10KB")]
     [Arguments("--max-message", "10")]
     [Arguments("--max-message", "65467")]
+    [Arguments("--message-ttl", "nan")]
+    [Arguments("--sweep-interval", "NaN")]
+    [Arguments("--shutdown-timeout", "nan")]
+    [Arguments("--delivery-memory", "nan")]
     [Arguments("--max-connections", "0")]
     [Arguments("--max-subscriptions", "-3")]
     [Arguments("--handshake-timeout", "1ms")]
@@ -74,6 +78,32 @@ public class ValidationTests
             ? ["serve", "--data", files.DataDirectory, flag]
             : ["serve", "--data", files.DataDirectory, flag, value];
         await AssertUsageError(flag.Split('=')[0], args);
+    }
+
+    [Test]
+    public async Task The_relay_and_admin_listeners_on_one_port_are_refused_before_anything_starts()
+    {
+        using var files = new SettingsFiles();
+        int port;
+        using (var probe = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp))
+        {
+            probe.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+            port = ((IPEndPoint)probe.LocalEndPoint!).Port;
+        }
+        await AssertUsageError("--admin", "serve", "--data", files.DataDirectory, "--listen", $"127.0.0.1:{port}", "--admin", $"127.0.0.1:{port}");
+        await AssertUsageError("--admin", "serve", "--data", files.DataDirectory, "--listen", $"0.0.0.0:{port}", "--admin", $"127.0.0.1:{port}");
+    }
+
+    [Test]
+    [Arguments("plain text", "plain text")]
+    [Arguments("two\nlines", "two\\nlines")]
+    [Arguments("tab\there", "tab\\there")]
+    [Arguments("\u001b[31mred", "\\u001b[31mred")]
+    [Arguments("evil\u202Etxt.exe", "evil\\u202etxt.exe")]
+    [Arguments("emoji 👍🏽 and ümlauts", "emoji 👍🏽 and ümlauts")]
+    public async Task Text_from_contacts_prints_on_one_line_without_control_characters(string text, string printed)
+    {
+        await Assert.That(ClientCommands.Printable(text)).IsEqualTo(printed);
     }
 
     [Test]

@@ -49,6 +49,13 @@ check "the joiner receives the reply" bash -c "[ \"\$('$RELAY' listen --profile 
 check "listen --timeout exits 1 when nothing arrives" bash -c "'$RELAY' listen --profile '$A' --timeout 1 >/dev/null 2>&1; [ \$? = 1 ]"
 check "contacts lists the contact" bash -c "'$RELAY' contacts --profile '$A' | grep -q '^bob	joined$'"
 check "send to an unknown contact fails clearly" bash -c "'$RELAY' send --profile '$A' --to carol x 2>&1 | grep -q \"no contact named 'carol'\""
+# A message whose text carries a newline and an escape sequence prints on one line, escaped.
+check "send a message with control characters" "$RELAY" send --profile "$B" --to alice $'line one\n* mallory joined\e[31m'
+check "listen prints it on one line with the controls escaped" bash -c "[ \"\$('$RELAY' listen --profile '$A' --once --timeout 10)\" = 'bob: line one\\n* mallory joined\\u001b[31m' ]"
+# A relay that cannot be reached: invite gives up with one line and exit 1 instead of waiting for ever.
+DEAD_PORT=$(free_port)
+DEAD_ADDR=$(echo "$ADDR" | sed "s/:$PORT\$/:$DEAD_PORT/")
+check "invite to an unreachable relay gives up within a minute, one line, exit 1" bash -c "out=\$(timeout 60 '$RELAY' invite --profile '$E2E_TMP/dead' --relay '$DEAD_ADDR' 2>&1 >/dev/null); rc=\$?; [ \$rc = 1 ] && [ \$(echo \"\$out\" | wc -l) = 1 ] && echo \"\$out\" | grep -q '^relay: '"
 check "profile key file is mode 0600" bash -c "[ \"\$(stat -c %a '$A/profile.json')\" = 600 ]"
 chmod 644 "$A/profile.json"
 check "a profile readable by others is refused" bash -c "'$RELAY' send --profile '$A' --to bob x 2>&1 | grep -q 'accessible by other users'; [ \${PIPESTATUS[0]} = 1 ]"

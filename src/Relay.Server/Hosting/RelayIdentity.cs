@@ -66,10 +66,20 @@ public sealed class RelayIdentity : IDisposable
             File.Move(tmp, path);
             created = true;
         }
+        byte[] pkcs12;
+        try
+        {
+            pkcs12 = File.ReadAllBytes(path);
+        }
+        catch (Exception ex) when (ex is IOException or UnauthorizedAccessException)
+        {
+            // Not readable (say, by another user): the file may be fine, so never suggest it is damaged.
+            throw new InvalidDataException($"cannot read the relay identity {path}: {ex.Message}", ex);
+        }
         X509Certificate2 loaded;
         try
         {
-            loaded = X509CertificateLoader.LoadPkcs12FromFile(path, password: null,
+            loaded = X509CertificateLoader.LoadPkcs12(pkcs12, password: null,
                 X509KeyStorageFlags.EphemeralKeySet | X509KeyStorageFlags.Exportable);
         }
         catch (CryptographicException ex)

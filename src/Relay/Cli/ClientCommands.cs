@@ -13,11 +13,14 @@ public static class ClientCommands
     private static readonly (string, string) PlainHelp = ("--plain-tcp", "the relay serves plain TCP (no TLS)");
     private static readonly (string, string) ProfileHelp = ("--profile DIR", "profile directory: contacts and private keys (created with mode 0700)");
 
-    private static RelayClientOptions ClientOptions(CliArgs a)
+    /// <summary>How long invite, join and send try to reach a relay before they give up (listen keeps trying).</summary>
+    private static readonly TimeSpan OneShotRetry = TimeSpan.FromSeconds(15);
+
+    private static RelayClientOptions ClientOptions(CliArgs a, TimeSpan? retryFor = null)
     {
         var socks = a.Get("socks");
         if (socks != null) ParseSocks(socks);
-        return new RelayClientOptions { Socks = socks, Tls = !a.Switch("plain-tcp") };
+        return new RelayClientOptions { Socks = socks, Tls = !a.Switch("plain-tcp"), RetryFor = retryFor };
     }
 
     private static void ParseSocks(string value)
@@ -62,7 +65,7 @@ public static class ClientCommands
             return Task.FromResult(RelayCli.Ok);
         }
         var relay = ParseAddress("--relay", a.Require("relay"));
-        var options = ClientOptions(a);
+        var options = ClientOptions(a, OneShotRetry);
         var store = Profile(a);
         return Guard(async () =>
         {
@@ -89,7 +92,7 @@ public static class ClientCommands
         var link = a.Positional[0];
         if (!Invitation.TryParse(link, out _, out var linkError)) throw new UsageException(linkError);
         var relay = a.Get("relay") is { } r ? ParseAddress("--relay", r) : null;
-        var options = ClientOptions(a);
+        var options = ClientOptions(a, OneShotRetry);
         var store = Profile(a);
         return Guard(async () =>
         {
@@ -112,7 +115,7 @@ public static class ClientCommands
         }
         var to = a.Require("to");
         var text = a.Positional.Count > 0 ? a.Positional[0] : Console.In.ReadToEnd().TrimEnd('\n', '\r');
-        var options = ClientOptions(a);
+        var options = ClientOptions(a, OneShotRetry);
         var store = Profile(a);
         return Guard(async () =>
         {
@@ -156,13 +159,13 @@ public static class ClientCommands
                     switch (e)
                     {
                         case MessageReceived m:
-                            Console.Out.WriteLine($"{m.Contact}: {m.Text}");
+                            Console.Out.WriteLine($"{Printable(m.Contact)}: {Printable(m.Text)}");
                             Console.Out.Flush();
                             gotMessage = true;
                             if (timeout > 0) idle.CancelAfter(TimeSpan.FromSeconds(timeout));
                             break;
                         case ContactJoined j:
-                            Console.Out.WriteLine($"* {j.Contact} joined");
+                            Console.Out.WriteLine($"* {Printable(j.Contact)} joined");
                             Console.Out.Flush();
                             break;
                         case MessageRejected r:
@@ -190,6 +193,27 @@ public static class ClientCommands
         });
     }
 
+    /// <summary>
+    /// Text from a contact, made safe for one terminal line: control characters (newlines, escape
+    /// sequences) and bidirectional overrides appear escaped (\n, \t, \u001b…), so a message can
+    /// neither forge further lines nor drive the terminal.
+    /// </summary>
+    public static string Printable(string text)
+    {
+        static bool Unsafe(char c) => char.IsControl(c) || c is >= '\u202A' and <= '\u202E' or >= '\u2066' and <= '\u2069';
+        if (!text.Any(Unsafe)) return text;
+        var b = new System.Text.StringBuilder(text.Length + 8);
+        foreach (char c in text)
+        {
+            if (!Unsafe(c)) b.Append(c);
+            else if (c == '\n') b.Append("\\n");
+            else if (c == '\t') b.Append("\\t");
+            else if (c == '\r') b.Append("\\r");
+            else b.Append("\\u").Append(((int)c).ToString("x4", System.Globalization.CultureInfo.InvariantCulture));
+        }
+        return b.ToString();
+    }
+
     public static int Contacts(string[] args)
     {
         var a = CliArgs.Parse("contacts", args, new HashSet<string> { "profile" }, new HashSet<string>(), 0);
@@ -202,7 +226,7 @@ public static class ClientCommands
         {
             foreach (var c in Profile(a).Load().Contacts)
             {
-                Console.Out.WriteLine($"{c.Name}\t{c.Status}");
+                Console.Out.WriteLine($"{Printable(c.Name)}\t{c.Status}");
             }
             return RelayCli.Ok;
         }

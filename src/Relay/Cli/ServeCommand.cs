@@ -30,6 +30,11 @@ public static class ServeCommand
         if (options.Admin != null)
         {
             CheckPortFree("--admin", options.Admin);
+            if (options.Admin.Port != 0 && options.Admin.Port == options.Listen.Port &&
+                (options.Admin.Address.Equals(options.Listen.Address) || IsAny(options.Admin.Address) || IsAny(options.Listen.Address)))
+            {
+                throw new UsageException($"--admin: cannot listen on {options.Admin}: --listen {options.Listen} takes the same port");
+            }
         }
 
         var level = settings.LogLevel switch
@@ -110,6 +115,8 @@ public static class ServeCommand
             throw new UsageException($"--data: the data directory {path} is not writable: {ex.Message}");
         }
     }
+
+    private static bool IsAny(IPAddress address) => address.Equals(IPAddress.Any) || address.Equals(IPAddress.IPv6Any);
 
     private static void CheckPortFree(string option, IPEndPoint endPoint)
     {

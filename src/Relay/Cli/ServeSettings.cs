@@ -200,7 +200,7 @@ public sealed class ServeSettings
             _ when v.EndsWith('d') => (v[..^1], 86400),
             _ => (v, 1),
         };
-        if (!double.TryParse(number, NumberStyles.Float, CultureInfo.InvariantCulture, out double n) || n < 0 || double.IsInfinity(n) || n * unit > 100 * 365 * 86400.0)
+        if (!double.TryParse(number, NumberStyles.Float, CultureInfo.InvariantCulture, out double n) || !(n >= 0) || double.IsInfinity(n) || n * unit > 100 * 365 * 86400.0)
         {
             throw new UsageException($"{what} must be a duration such as 45s, 30m, 12h or 21d, got '{value}'");
         }
@@ -233,7 +233,7 @@ public sealed class ServeSettings
             var u when u.EndsWith('B') => (v[..^1], 1L),
             _ => (v, 1L),
         };
-        if (!double.TryParse(number, NumberStyles.Float, CultureInfo.InvariantCulture, out double n) || n < 0 || n * unit > long.MaxValue / 2)
+        if (!double.TryParse(number, NumberStyles.Float, CultureInfo.InvariantCulture, out double n) || !(n >= 0) || n * unit > long.MaxValue / 2)
         {
             throw new UsageException($"{what} must be a size such as 500MB, 8MiB or 10GB, got '{value}'");
         }
