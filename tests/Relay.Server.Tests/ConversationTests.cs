@@ -78,6 +78,77 @@ public class ConversationTests
     }
 
     [Test]
+    public async Task A_join_under_a_name_already_taken_is_refused_before_the_invitation_is_used()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        var bobStore = new MemoryProfileStore();
+        await using var alice = new Messenger(new MemoryProfileStore(), Fast);
+        await using var bob = new Messenger(bobStore, Fast);
+        var (first, _) = await alice.InviteAsync(relay.Address, "bob");
+        await bob.JoinAsync(first, name: "alice");
+        var (second, _) = await alice.InviteAsync(relay.Address, "bob2");
+
+        var refused = await Assert.ThrowsAsync<ArgumentException>(() => bob.JoinAsync(second, name: "alice"));
+        await Assert.That(refused!.Message).Contains("already a contact named 'alice'");
+        await Assert.That(bobStore.Load().Contacts.Count).IsEqualTo(1);
+        // The invitation was not used: joining it under another name works.
+        await Assert.That(await bob.JoinAsync(second, name: "alice-again")).IsEqualTo("alice-again");
+    }
+
+    [Test]
+    public async Task A_join_processed_again_after_the_inviter_stopped_before_saving_still_opens_the_conversation()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        var (alice, bob, aliceStore, bobStore) = await ConnectedPairAsync(relay);
+        await using (alice)
+        await using (bob)
+        {
+            // Alice's first run secured Bob's queue (with the key PROTOCOL.md §11.1 derives), then
+            // stopped before saving or acknowledging the JOIN.
+            var ownPrivate = aliceStore.Load().Find("bob")!.OwnPrivate;
+            var bobSenderId = bobStore.Load().Find("alice")!.ReceiveSenderId;
+            byte[] label = [.. "relay/1 join sender key"u8, .. bobSenderId];
+            var key = System.Security.Cryptography.HMACSHA256.HashData(ownPrivate, label);
+            await using (var crashed = await relay.ConnectAsync())
+            {
+                await crashed.SecureAsync(bobSenderId, key);
+            }
+
+            // The JOIN arrives again: the same key secures the queue again, and both ways work.
+            await using var aliceListener = new Listener(alice);
+            await Assert.That((await aliceListener.NextAsync<ContactJoined>()).Contact).IsEqualTo("bob");
+            await alice.SendAsync("bob", "hello bob");
+            await using var bobListener = new Listener(bob);
+            await Assert.That((await bobListener.NextAsync<MessageReceived>()).Text).IsEqualTo("hello bob");
+        }
+    }
+
+    [Test]
+    public async Task A_contact_whose_queue_is_gone_is_reported_and_the_others_still_arrive()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        var (alice, bob, aliceStore, _) = await ConnectedPairAsync(relay);
+        await using (alice)
+        await using (bob)
+        {
+            var (_, ghost) = await alice.InviteAsync(relay.Address, "ghost");
+            var ghostQueue = aliceStore.Load().Find(ghost)!;
+            await using (var other = await relay.ConnectAsync())
+            {
+                await other.DeleteAsync(new RecipientQueue(ghostQueue.RecipientId, ghostQueue.ReceiveSenderId, ghostQueue.RecipientPrivate, ghostQueue.DeliveryKey));
+            }
+
+            await using var aliceListener = new Listener(alice);
+            var unavailable = await aliceListener.NextAsync<ContactUnavailable>();
+            await Assert.That(unavailable.Contact).IsEqualTo("ghost");
+            await Assert.That(unavailable.Reason).Contains("AUTH");
+            await Assert.That((await aliceListener.NextAsync<ContactJoined>()).Contact).IsEqualTo("bob");
+            await bob.SendAsync("alice", "still here");
+            await Assert.That((await aliceListener.NextAsync<MessageReceived>()).Text).IsEqualTo("still here");
+        }
+    }
+
+    [Test]
     public async Task Two_clients_converse_both_ways_and_offline_messages_arrive_in_order()
     {
         await using var relay = await TestRelay.StartAsync();

@@ -18,6 +18,9 @@ public sealed record MessageRejected(string Contact, EnvelopeError Error, string
 /// <summary>Envelopes that never arrived before a later one did (dropped or reordered by the network or the relay).</summary>
 public sealed record MessagesMissing(string Contact, ulong Count) : ConversationEvent(Contact);
 
+/// <summary>A contact's queue cannot be received from (its relay refused the SUB: the queue was deleted, say); the other contacts go on.</summary>
+public sealed record ContactUnavailable(string Contact, string Reason) : ConversationEvent(Contact);
+
 /// <summary>
 /// Private conversations over any relays: invitations, joins, end-to-end encrypted messages with a
 /// per-direction key chain, and listening with acknowledgement only after the new state is saved
@@ -64,6 +67,8 @@ public sealed class Messenger : IAsyncDisposable
     public async Task<(string Link, string Name)> InviteAsync(RelayAddress relay, string? name = null, string? password = null,
         CancellationToken cancellationToken = default)
     {
+        // The name and the profile are checked before the relay is asked for anything.
+        _store.Update(profile => UniqueName(profile, name));
         var queue = await _client.RunAsync(relay, c => c.CreateQueueAsync(password, cancellationToken), cancellationToken);
         var own = new byte[32];
         var ownPublic = new byte[32];
@@ -109,6 +114,8 @@ public sealed class Messenger : IAsyncDisposable
         RelayCrypto.GenerateKeyPair(senderPrivate, new byte[32]);
         var (j2i, i2j) = E2eCrypto.InitialChains(own, invitation.InviterKey, invitation.InviterKey, ownPublic);
 
+        // The name and the profile are checked before the invitation is used: a refusal after SKEY would burn it.
+        _store.Update(profile => UniqueName(profile, name));
         var queue = await _client.RunAsync(relay, c => c.CreateQueueAsync(password, cancellationToken), cancellationToken);
         await _client.RunAsync(invitation.Relay, c => c.SecureAsync(invitation.SenderId, senderPrivate, cancellationToken), cancellationToken);
 
@@ -214,10 +221,22 @@ public sealed class Messenger : IAsyncDisposable
                 await FlushOutboxAsync(contact.Name, cancellationToken);
             }
         }
+        var unavailable = new List<ConversationEvent>();
         foreach (var contact in profile.Contacts)
         {
             var relay = RelayAddress.Parse(contact.ReceiveRelay);
-            await _client.SubscribeAsync(relay, ReceiveQueue(contact), cancellationToken);
+            try
+            {
+                await _client.SubscribeAsync(relay, ReceiveQueue(contact), cancellationToken);
+            }
+            catch (RelayErrorException ex)
+            {
+                unavailable.Add(new ContactUnavailable(contact.Name, ex.Message));
+            }
+        }
+        foreach (var e in unavailable)
+        {
+            yield return e;
         }
         await foreach (var delivery in _client.DeliveriesAsync(cancellationToken))
         {
@@ -236,6 +255,17 @@ public sealed class Messenger : IAsyncDisposable
             }
         }
     }
+
+    /// <summary>The inviter's sender key for the joiner's queue: HMAC-SHA256(ownPrivate, "relay/1 join sender key" ‖ senderId).</summary>
+    internal static byte[] JoinSenderKey(byte[] ownPrivate, ReadOnlySpan<byte> peerSenderId)
+    {
+        Span<byte> input = stackalloc byte[JoinSenderKeyLabel.Length + 24];
+        JoinSenderKeyLabel.CopyTo(input);
+        peerSenderId.CopyTo(input[JoinSenderKeyLabel.Length..]);
+        return System.Security.Cryptography.HMACSHA256.HashData(ownPrivate, input);
+    }
+
+    private static ReadOnlySpan<byte> JoinSenderKeyLabel => "relay/1 join sender key"u8;
 
     private static RecipientQueue ReceiveQueue(ContactData c) => new(c.RecipientId, c.ReceiveSenderId, c.RecipientPrivate, c.DeliveryKey);
 
@@ -279,9 +309,19 @@ public sealed class Messenger : IAsyncDisposable
                 return events;
             }
             var peerSenderId = content.AsSpan(2 + addressLength, 24).ToArray();
-            var senderPrivate = new byte[32];
-            RelayCrypto.GenerateKeyPair(senderPrivate, new byte[32]);
-            await _client.RunAsync(peerRelay, c => c.SecureAsync(peerSenderId, senderPrivate, cancellationToken), cancellationToken);
+            // Derived, not drawn: a JOIN processed again (the process stopped before saving) secures
+            // the queue with the same key, which SKEY accepts again (PROTOCOL.md §11.2).
+            var senderPrivate = JoinSenderKey(contact.OwnPrivate, peerSenderId);
+            try
+            {
+                await _client.RunAsync(peerRelay, c => c.SecureAsync(peerSenderId, senderPrivate, cancellationToken), cancellationToken);
+            }
+            catch (RelayErrorException ex)
+            {
+                // Secured with another key already: not this contact's JOIN to complete.
+                events.Add(new MessageRejected(contact.Name, EnvelopeError.Malformed, "the joiner's queue cannot be secured: " + ex.Message));
+                return events;
+            }
             _store.Update(profile =>
             {
                 var c = profile.Find(contact.Name)!;

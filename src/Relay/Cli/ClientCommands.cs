@@ -169,10 +169,13 @@ public static class ClientCommands
                             Console.Out.Flush();
                             break;
                         case MessageRejected r:
-                            Console.Error.WriteLine($"relay: rejected a message from {r.Contact}: {r.Reason}");
+                            Console.Error.WriteLine($"relay: rejected a message from {Printable(r.Contact)}: {r.Reason}");
                             break;
                         case MessagesMissing g:
-                            Console.Error.WriteLine($"relay: {g.Count} message(s) from {g.Contact} never arrived before a later one");
+                            Console.Error.WriteLine($"relay: {g.Count} message(s) from {Printable(g.Contact)} never arrived before a later one");
+                            break;
+                        case ContactUnavailable u:
+                            Console.Error.WriteLine($"relay: cannot receive from {Printable(u.Contact)}: {u.Reason}");
                             break;
                     }
                     if (once && gotMessage) return RelayCli.Ok;
