@@ -149,7 +149,13 @@ public sealed partial class QueueStore
             {
                 try
                 {
-                    if (error is null)
+                    if (error is null && op.Kind == OpKind.Barrier && Interlocked.Read(ref _statistics._writeFailures) != op.FailuresBefore)
+                    {
+                        // A batch failed after this barrier was made: the write it waits for (an SKEY
+                        // or OFF retried) may have been in it, and was undone. Never answer OK for it.
+                        OnFailed(op, new StoreException("An earlier write failed; the operation was not made durable."));
+                    }
+                    else if (error is null)
                     {
                         OnCommitted(op);
                     }
@@ -326,6 +332,8 @@ internal sealed class WriteOp : IValueTaskSource<AppendResult>, IValueTaskSource
     public bool WroteExpiry;
     /// <summary>Delete: the queue was removed for idleness.</summary>
     public bool Idle;
+    /// <summary>Barrier: the store's count of failed batches when it was made.</summary>
+    public long FailuresBefore;
     /// <summary>Nobody awaits it: the writer recycles it.</summary>
     public bool Detached;
 
@@ -429,6 +437,7 @@ internal sealed class WriteOp : IValueTaskSource<AppendResult>, IValueTaskSource
         PreviousActiveHour = 0;
         WroteExpiry = false;
         Idle = false;
+        FailuresBefore = 0;
         Detached = false;
         _store.ReturnOp(this);
     }
