@@ -139,10 +139,13 @@ public sealed partial class QueueStore
             EnterRead();
             try
             {
-                using RocksDb.Iterator it = OpenMessages(queue);
-                using BatchScope batch = BeginBatch();
+                // The old messages are found first, holding only this queue's lock: reading them may
+                // go to disk, and every other writer waits while the batch lock is held.
+                List<ulong>? ids = null;
+                long bytes = 0;
                 if (!queue.Deleted)
                 {
+                    using RocksDb.Iterator it = OpenMessages(queue);
                     // Ids and hours both increase within a queue: stop at the first young message.
                     for (; it.Valid; it.Next())
                     {
@@ -151,12 +154,21 @@ public sealed partial class QueueStore
                         {
                             break;
                         }
-                        it.Key.CopyTo(key);
-                        batch.Delete(Cf.Messages, key);
-                        op.Count++;
-                        op.Bytes += value.Length - Keys.MessageHeaderLength;
-                        queue.OldestBound = Keys.MessageIdOf(key) + 1;
+                        (ids ??= []).Add(Keys.MessageIdOf(it.Key));
+                        bytes += value.Length - Keys.MessageHeaderLength;
                     }
+                }
+                using BatchScope batch = BeginBatch();
+                if (ids is not null)
+                {
+                    foreach (ulong id in ids)
+                    {
+                        Keys.MessageKey(key, queue.RecipientId, id);
+                        batch.Delete(Cf.Messages, key);
+                    }
+                    op.Count = ids.Count;
+                    op.Bytes = bytes;
+                    queue.OldestBound = ids[^1] + 1;
                     queue.MessageCount -= op.Count;
                     queue.ByteCount -= op.Bytes;
                 }
