@@ -272,6 +272,16 @@ public class ProtocolBehaviourTests
     }
 
     [Test]
+    public async Task TLS_to_a_plain_TCP_relay_fails_as_such_and_not_as_an_identity_mismatch()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        var error = await Assert.ThrowsAsync<RelayConnectException>(() =>
+            RelayConnection.ConnectAsync(relay.Address, new RelayConnectionOptions { Tls = true, ConnectTimeout = TimeSpan.FromSeconds(10) }));
+        await Assert.That(error).IsNotTypeOf<FingerprintMismatchException>();
+        await Assert.That(error!.Message).Contains("plain-TCP");
+    }
+
+    [Test]
     public async Task Address_with_another_fingerprint_is_refused_by_the_client()
     {
         await using var relay = await TestRelay.StartAsync(o => o.Tls = true);

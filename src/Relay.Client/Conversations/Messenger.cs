@@ -326,6 +326,7 @@ public sealed class Messenger : IAsyncDisposable
             {
                 var c = profile.Find(contact.Name)!;
                 c.Status = ContactStatus.Joined;
+                c.ReceivedThrough = delivery.Delivery.MessageId;
                 c.PeerPublic = joinerKey;
                 c.SendRelay = peerRelay.ToString();
                 c.SendSenderId = peerSenderId;
@@ -347,6 +348,13 @@ public sealed class Messenger : IAsyncDisposable
         return _store.Update(profile =>
         {
             var c = profile.Find(contact.Name)!;
+            if (delivery.Delivery.MessageId <= c.ReceivedThrough)
+            {
+                // Delivered again (its ACK was lost, or the relay restarted before the delete was on
+                // disk): processed already, so nothing to report; the caller acknowledges it again.
+                return events;
+            }
+            c.ReceivedThrough = delivery.Delivery.MessageId;
             var chain = c.ReceiveChain!;
             ulong expected = c.ReceiveCounter;
             if (kind == E2eCrypto.KindJoin)

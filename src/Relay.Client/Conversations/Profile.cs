@@ -49,6 +49,8 @@ public sealed class ContactData
     public ulong SendCounter { get; set; }
     public byte[]? ReceiveChain { get; set; }
     public ulong ReceiveCounter { get; set; }
+    /// <summary>The relay's id of the last delivery processed from this contact's queue: a redelivery (at-least-once) is recognised and absorbed.</summary>
+    public ulong ReceivedThrough { get; set; }
 
     /// <summary>Sealed envelopes not yet acknowledged by the relay, oldest first; sent again as they are.</summary>
     public List<byte[]> Outbox { get; set; } = [];

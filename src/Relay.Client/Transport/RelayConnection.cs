@@ -148,7 +148,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
             if (options.Tls)
             {
                 var ssl = new SslStream(stream, leaveInnerStreamOpen: false);
-                bool pinned = false;
+                bool pinned = false, checkedCertificate = false;
                 var tlsOptions = new SslClientAuthenticationOptions
                 {
                     TargetHost = host.EndsWith(".onion", StringComparison.OrdinalIgnoreCase) || !host.Any(char.IsLetter) ? "relay" : host,
@@ -158,6 +158,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
                     RemoteCertificateValidationCallback = (_, certificate, chain, _) =>
                     {
                         if (certificate is null) return false;
+                        checkedCertificate = true;
                         var leaf = certificate as X509Certificate2 ?? X509CertificateLoader.LoadCertificate(certificate.GetRawCertData());
                         var presented = chain?.ChainPolicy.ExtraStore.Cast<X509Certificate2>().ToList() ?? [];
                         pinned = RelayAddress.VerifyChain(leaf, presented, address.Fingerprint, DateTime.UtcNow);
@@ -168,10 +169,17 @@ public sealed partial class RelayConnection : IAsyncDisposable
                 {
                     await ssl.AuthenticateAsClientAsync(tlsOptions, timeout);
                 }
-                catch (AuthenticationException) when (!pinned)
+                catch (AuthenticationException) when (!pinned && checkedCertificate)
                 {
                     await ssl.DisposeAsync();
                     throw new FingerprintMismatchException(address.Fingerprint);
+                }
+                catch (AuthenticationException ex)
+                {
+                    // No certificate got as far as the pin check: no TLS at all (a plain-TCP relay?) or
+                    // no common TLS 1.3 setup; not an identity mismatch.
+                    await ssl.DisposeAsync();
+                    throw new RelayConnectException($"the TLS handshake with {host}:{address.Port} failed before the relay's identity could be checked (is it a plain-TCP relay?): {ex.Message}", ex);
                 }
                 if (ssl.NegotiatedApplicationProtocol.ToString() != ProtocolConstants.AlpnString)
                 {

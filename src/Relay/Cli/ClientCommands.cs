@@ -257,7 +257,7 @@ public static class ClientCommands
         {
             long start = Stopwatch.GetTimestamp();
             await using var connection = await RelayConnection.ConnectAsync(address, new RelayConnectionOptions { Socks = options.Socks, Tls = options.Tls });
-            Console.Out.WriteLine($"connected to {address.Host}:{address.Port} (protocol {connection.Version}, identity verified) in {Ms(Stopwatch.GetElapsedTime(start))}");
+            Console.Out.WriteLine($"connected to {address.Host}:{address.Port} (protocol {connection.Version}, {(options.Tls ? "identity verified" : "plain TCP: identity not checked")}) in {Ms(Stopwatch.GetElapsedTime(start))}");
             for (int i = 0; i < count; i++)
             {
                 var rtt = await connection.PingAsync();
