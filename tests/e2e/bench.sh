@@ -79,6 +79,7 @@ refused "a delivery window above 64" "option --delivery-window must be a whole n
 refused "an unknown ACK mode" "--ack must be each or through, got 'sometimes'" --ack sometimes
 refused "an unknown durability" "--durability must be fsync or relaxed" --durability sometimes
 refused "a malformed address" "ADDRESS:" relay://nonsense
+refused "a malformed SOCKS5 proxy" "--socks must be HOST:PORT, got 'nonsense'" --socks nonsense
 
 # The disk probe operators run before deploying (OPERATIONS.md, "What the disk adds to latency"):
 # both patterns reported with ordered percentiles, its file removed, bad counts refused.

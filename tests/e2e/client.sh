@@ -56,6 +56,13 @@ check "listen prints it on one line with the controls escaped" bash -c "[ \"\$('
 DEAD_PORT=$(free_port)
 DEAD_ADDR=$(echo "$ADDR" | sed "s/:$PORT\$/:$DEAD_PORT/")
 check "invite to an unreachable relay gives up within a minute, one line, exit 1" bash -c "out=\$(timeout 60 '$RELAY' invite --profile '$E2E_TMP/dead' --relay '$DEAD_ADDR' 2>&1 >/dev/null); rc=\$?; [ \$rc = 1 ] && [ \$(echo \"\$out\" | wc -l) = 1 ] && echo \"\$out\" | grep -q '^relay: '"
+# Damaged profiles that still parse as JSON: one line naming the file, exit 1, nothing overwritten.
+for damaged in '{"contacts":null}' '{"contacts":[null]}' '{"version":99,"contacts":[]}' '{"contacts":[{"name":"x"}]}'; do
+    mkdir -p "$E2E_TMP/damaged" && chmod 700 "$E2E_TMP/damaged"
+    printf '%s' "$damaged" > "$E2E_TMP/damaged/profile.json" && chmod 600 "$E2E_TMP/damaged/profile.json"
+    check "a damaged profile ($damaged) is one clear line and exit 1" bash -c "out=\$('$RELAY' contacts --profile '$E2E_TMP/damaged' 2>&1); rc=\$?; [ \$rc = 1 ] && [ \$(echo \"\$out\" | wc -l) = 1 ] && echo \"\$out\" | grep -Eq 'profile.json (is damaged|is a profile of version 99)' && [ \"\$(cat '$E2E_TMP/damaged/profile.json')\" = '$damaged' ]"
+done
+check "relay without arguments prints its help on stderr and exits 2" bash -c "out=\$('$RELAY' 2>/dev/null); rc=\$?; [ \$rc = 2 ] && [ -z \"\$out\" ] && '$RELAY' 2>&1 | grep -q '^Usage: relay'"
 check "profile key file is mode 0600" bash -c "[ \"\$(stat -c %a '$A/profile.json')\" = 600 ]"
 chmod 644 "$A/profile.json"
 check "a profile readable by others is refused" bash -c "'$RELAY' send --profile '$A' --to bob x 2>&1 | grep -q 'accessible by other users'; [ \${PIPESTATUS[0]} = 1 ]"

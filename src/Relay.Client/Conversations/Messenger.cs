@@ -117,7 +117,14 @@ public sealed class Messenger : IAsyncDisposable
         // The name and the profile are checked before the invitation is used: a refusal after SKEY would burn it.
         _store.Update(profile => UniqueName(profile, name));
         var queue = await _client.RunAsync(relay, c => c.CreateQueueAsync(password, cancellationToken), cancellationToken);
-        await _client.RunAsync(invitation.Relay, c => c.SecureAsync(invitation.SenderId, senderPrivate, cancellationToken), cancellationToken);
+        try
+        {
+            await _client.RunAsync(invitation.Relay, c => c.SecureAsync(invitation.SenderId, senderPrivate, cancellationToken), cancellationToken);
+        }
+        catch (RelayErrorException ex) when (ex.Code == ErrorCode.Auth)
+        {
+            throw new InvalidOperationException("this invitation cannot be used: it was used already, or its queue no longer exists", ex);
+        }
 
         // JOIN content: u16 addressLength ‖ relay address ‖ senderId[24] of this side's queue.
         var address = Encoding.UTF8.GetBytes(relay.ToString());

@@ -1,5 +1,6 @@
 using System.Text.Json;
 using System.Text.Json.Serialization;
+using Relay.Protocol;
 
 namespace Relay.Client.Conversations;
 
@@ -149,14 +150,40 @@ public sealed class FileProfileStore : IProfileStore
                 throw new ProfileException($"{_path} holds private keys but is accessible by other users (mode {Convert.ToString((int)mode, 8)}); run 'chmod 600 {_path}' if you trust that nobody copied it");
             }
         }
+        ProfileData profile;
         try
         {
-            return JsonSerializer.Deserialize(File.ReadAllBytes(_path), ProfileJsonContext.Default.ProfileData)
+            profile = JsonSerializer.Deserialize(File.ReadAllBytes(_path), ProfileJsonContext.Default.ProfileData)
                 ?? throw new ProfileException($"{_path} is empty");
         }
         catch (JsonException ex)
         {
             throw new ProfileException($"{_path} is damaged: {ex.Message}");
+        }
+        Check(profile);
+        return profile;
+    }
+
+    /// <summary>What the JSON parser lets through but the profile cannot work with: a damaged file, said as such.</summary>
+    private void Check(ProfileData profile)
+    {
+        if (profile.Version != 1)
+        {
+            throw new ProfileException($"{_path} is a profile of version {profile.Version}; this relay understands version 1");
+        }
+        // The parser puts null wherever the file says null, whatever the declared types.
+        if (profile.Contacts is null)
+        {
+            throw new ProfileException($"{_path} is damaged: it has no contact list");
+        }
+        foreach (ContactData? c in profile.Contacts)
+        {
+            if (c is null || string.IsNullOrEmpty(c.Name) || c.OwnPrivate is not { Length: 32 } ||
+                c.RecipientId is not { Length: 24 } || c.RecipientPrivate is not { Length: 32 } || c.DeliveryKey is not { Length: 32 } ||
+                c.ReceiveRelay is null || !RelayAddress.TryParse(c.ReceiveRelay, out _, out _) || c.Outbox is null)
+            {
+                throw new ProfileException($"{_path} is damaged: a contact is missing or incomplete");
+            }
         }
     }
 

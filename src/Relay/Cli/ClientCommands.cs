@@ -23,7 +23,7 @@ public static class ClientCommands
         return new RelayClientOptions { Socks = socks, Tls = !a.Switch("plain-tcp"), RetryFor = retryFor };
     }
 
-    private static void ParseSocks(string value)
+    internal static void ParseSocks(string value)
     {
         int colon = value.LastIndexOf(':');
         if (colon <= 0 || !int.TryParse(value.AsSpan(colon + 1), out int port) || port is < 1 or > 65535)

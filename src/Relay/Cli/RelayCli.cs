@@ -26,10 +26,16 @@ public static class RelayCli
     {
         try
         {
-            if (args.Length == 0 || args[0] is "--help" or "-h" or "help")
+            if (args.Length == 0)
+            {
+                // A usage error: the help goes where errors go.
+                Console.Error.Write(MainHelp());
+                return Usage;
+            }
+            if (args[0] is "--help" or "-h" or "help")
             {
                 Console.Out.Write(MainHelp());
-                return args.Length == 0 ? Usage : Ok;
+                return Ok;
             }
             if (args[0] is "--version")
             {
