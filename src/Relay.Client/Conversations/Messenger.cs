@@ -11,7 +11,7 @@ namespace Relay.Client.Conversations;
 public abstract record ConversationEvent(string Contact);
 /// <summary>The invited side joined: the conversation is open both ways.</summary>
 public sealed record ContactJoined(string Contact) : ConversationEvent(Contact);
-/// <summary>A message, decrypted and verified, delivered to the application exactly once.</summary>
+/// <summary>A message, decrypted and verified; yielded once (a redelivery of it is absorbed).</summary>
 public sealed record MessageReceived(string Contact, string Text, DateTimeOffset Hour, ulong Counter) : ConversationEvent(Contact);
 /// <summary>An envelope refused (tampered, replayed, malformed); the conversation goes on.</summary>
 public sealed record MessageRejected(string Contact, EnvelopeError Error, string Reason) : ConversationEvent(Contact);
@@ -215,8 +215,10 @@ public sealed class Messenger : IAsyncDisposable
     }
 
     /// <summary>
-    /// Subscribes to every contact's queue and yields what arrives: joins, messages (each exactly once),
-    /// and refusals. Each delivery is acknowledged after the contact's new state is saved.
+    /// Subscribes to every contact's queue and yields what arrives: joins, messages (each once; a
+    /// redelivery is absorbed), refusals and contacts that cannot be received from. Each delivery is
+    /// acknowledged after the contact's new state is saved and before its events are yielded: an app
+    /// that must keep every message stores it before it asks for the next event.
     /// </summary>
     public async IAsyncEnumerable<ConversationEvent> ListenAsync([EnumeratorCancellation] CancellationToken cancellationToken = default)
     {
