@@ -40,6 +40,7 @@ public sealed partial class QueueStore
                 }
                 // Only now: until the deletion is durable the handle (marked Deleted) keeps Find
                 // from loading the old record again.
+                Interlocked.Increment(ref _handleRemovals);   // before the removal: see Load
                 _queues.TryRemove(new KeyValuePair<QueueKey, QueueHandle>(new QueueKey(queue!.RecipientId), queue));
                 _senders.TryRemove(new QueueKey(queue.SenderId), out _);
                 break;
@@ -76,6 +77,7 @@ public sealed partial class QueueStore
         {
             case OpKind.Create:
                 queue.Deleted = true;
+                Interlocked.Increment(ref _handleRemovals);   // before the removal: see Load
                 _queues.TryRemove(new KeyValuePair<QueueKey, QueueHandle>(new QueueKey(queue.RecipientId), queue));
                 _senders.TryRemove(new QueueKey(queue.SenderId), out _);
                 lock (_createLock)

@@ -379,6 +379,7 @@ public sealed partial class QueueStore
                     }
                     queue.Evicted = true;
                     ClearTail(queue);
+                    Interlocked.Increment(ref _handleRemovals);   // before the removal: see Load
                     _queues.TryRemove(entry);
                     _senders.TryRemove(new QueueKey(queue.SenderId), out _);
                     evicted++;

@@ -92,6 +92,8 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
     private readonly HashSet<QueueKey> _pendingSenders = [];
     private ulong _epoch;
     private ulong _epochBase;
+    // Handles taken out of _queues (deleted, creation undone, evicted); counted before each removal.
+    private long _handleRemovals;
 
     // Native reads in flight; Dispose waits for them before closing the database.
     private int _readers;
@@ -242,19 +244,39 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
         EnterRead();
         try
         {
+            // The reads happen outside _loadLock: a lookup of an unknown id (any client can send one)
+            // or the count of a long queue must not hold up every other load and eviction. Without a
+            // handle in memory nothing writes the queue, so what is read stays true, unless a handle
+            // that existed meanwhile was removed (a DEL made durable, say): then it is read again
+            // under the lock, as every load was before.
+            long removals = Interlocked.Read(ref _handleRemovals);
+            Span<byte> record = stackalloc byte[Keys.QueueRecordLength];
+            bool found = _db.Get(Cf.Queues, recipientId, record) == Keys.QueueRecordLength;
+            var totals = found ? ReadMessageTotals(recipientId) : default;
             lock (_loadLock)
             {
                 if (_queues.TryGetValue(key, out QueueHandle? existing))
                 {
                     return existing;
                 }
-                Span<byte> record = stackalloc byte[Keys.QueueRecordLength];
-                if (_db.Get(Cf.Queues, recipientId, record) != Keys.QueueRecordLength)
+                if (Interlocked.Read(ref _handleRemovals) != removals)
+                {
+                    found = _db.Get(Cf.Queues, recipientId, record) == Keys.QueueRecordLength;
+                    totals = found ? ReadMessageTotals(recipientId) : default;
+                }
+                if (!found)
                 {
                     return null;
                 }
                 QueueHandle queue = Keys.ParseQueueRecord(recipientId, record);
-                LoadMessageTotals(queue);
+                var (count, bytes, first, last) = totals;
+                // The epoch is read here, under the lock evictions bump it with, so no id is issued twice.
+                ulong epochBase = Volatile.Read(ref _epochBase);
+                queue.MessageCount = count;
+                queue.ByteCount = bytes;
+                queue.OldestBound = first;
+                queue.NextId = count > 0 ? Math.Max(last + 1, epochBase) : epochBase;
+                queue.DurableNextId = queue.NextId;
                 _queues[key] = queue;
                 return queue;
             }
@@ -265,13 +287,13 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
         }
     }
 
-    /// <summary>Counts the queue's stored messages (at most a quota's worth) and sets the id bounds.</summary>
-    private void LoadMessageTotals(QueueHandle queue)
+    /// <summary>Counts a queue's stored messages (at most a quota's worth): count, body bytes, first and last id.</summary>
+    private (int Count, long Bytes, ulong First, ulong Last) ReadMessageTotals(ReadOnlySpan<byte> recipientId)
     {
         Span<byte> lower = stackalloc byte[Keys.MessageKeyLength];
         Span<byte> upper = stackalloc byte[Keys.MessageKeyLength + 1];
-        Keys.MessageKey(lower, queue.RecipientId, 0);
-        Keys.MessageUpperBound(upper, queue.RecipientId);
+        Keys.MessageKey(lower, recipientId, 0);
+        Keys.MessageUpperBound(upper, recipientId);
         using RocksDb.Iterator it = _db.CreateIterator(Cf.Messages, lower, upper);
         int count = 0;
         long bytes = 0;
@@ -287,11 +309,7 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
             count++;
             bytes += it.Value.Length - Keys.MessageHeaderLength;
         }
-        queue.MessageCount = count;
-        queue.ByteCount = bytes;
-        queue.OldestBound = first;
-        queue.NextId = count > 0 ? Math.Max(last + 1, _epochBase) : _epochBase;
-        queue.DurableNextId = queue.NextId;
+        return (count, bytes, first, last);
     }
 
     /// <summary>
