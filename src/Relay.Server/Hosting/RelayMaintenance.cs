@@ -29,6 +29,12 @@ internal sealed class RelayMaintenance : IAsyncDisposable
     private volatile bool _stopping;
     private bool _wasFull;
     private long _deletedAtLastReclaim = -1;
+    // A reclamation that left the store over its budget waits this many maintenance ticks before the
+    // next (doubling up to MaxReclaimBackoff): a full compaction of a store full of live messages
+    // every tick would cost every writer its disk for nothing.
+    private int _reclaimBackoff = 1;
+    private int _ticksUntilReclaim;
+    private const int MaxReclaimBackoff = 32;
 
     public RelayMaintenance(RelayServerContext context)
     {
@@ -130,19 +136,33 @@ internal sealed class RelayMaintenance : IAsyncDisposable
         }
         bool full = _store.IsOverDiskBudget;
         ReportBudget(full, budget);
-        if (full)
+        if (!full)
         {
-            var stats = _store.Statistics;
-            long deleted = stats.MessagesDeleted + stats.MessagesExpired + stats.QueuesDeleted;
-            if (deleted != _deletedAtLastReclaim)
+            _reclaimBackoff = 1;
+            _ticksUntilReclaim = 0;
+            return;
+        }
+        if (_ticksUntilReclaim > 0)
+        {
+            _ticksUntilReclaim--;
+            return;
+        }
+        var stats = _store.Statistics;
+        long deleted = stats.MessagesDeleted + stats.MessagesExpired + stats.QueuesDeleted;
+        if (deleted != _deletedAtLastReclaim)
+        {
+            // Acked, expired and deleted messages still occupy the WAL and table files until
+            // a flush and a compaction drop them; without deletions there is nothing to gain.
+            _deletedAtLastReclaim = deleted;
+            _context.Metrics.Reclaimed();
+            long now = _store.ReclaimSpace();
+            Log.Reclaimed(_context.Logger, now);
+            bool stillFull = _store.IsOverDiskBudget;
+            ReportBudget(stillFull, budget);
+            if (stillFull)
             {
-                // Acked, expired and deleted messages still occupy the WAL and table files until
-                // a flush and a compaction drop them; without deletions there is nothing to gain.
-                _deletedAtLastReclaim = deleted;
-                _context.Metrics.Reclaimed();
-                long now = _store.ReclaimSpace();
-                Log.Reclaimed(_context.Logger, now);
-                ReportBudget(_store.IsOverDiskBudget, budget);
+                _ticksUntilReclaim = _reclaimBackoff;
+                _reclaimBackoff = Math.Min(_reclaimBackoff * 2, MaxReclaimBackoff);
             }
         }
     }
