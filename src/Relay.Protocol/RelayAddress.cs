@@ -1,4 +1,5 @@
 using System.Diagnostics.CodeAnalysis;
+using System.Globalization;
 using System.Formats.Asn1;
 using System.Security.Cryptography;
 using System.Security.Cryptography.X509Certificates;
@@ -49,7 +50,7 @@ public sealed record RelayAddress(string Fingerprint, IReadOnlyList<string> Host
         ReadOnlySpan<char> hostsPart = hostPort;
         if (colon >= 0 && !hostPort.EndsWith("]"))
         {
-            if (!int.TryParse(hostPort.Slice(colon + 1), out port) || port is < 1 or > 65535)
+            if (!int.TryParse(hostPort.Slice(colon + 1), NumberStyles.None, CultureInfo.InvariantCulture, out port) || port is < 1 or > 65535)
             {
                 error = "the port must be a number from 1 to 65535";
                 return false;
@@ -57,6 +58,11 @@ public sealed record RelayAddress(string Fingerprint, IReadOnlyList<string> Host
             hostsPart = hostPort.Slice(0, colon);
         }
         var hosts = hostsPart.ToString().Split(',', StringSplitOptions.TrimEntries);
+        if (hosts.Any(h => h.Contains(':') && !(h.StartsWith('[') && h.EndsWith(']'))))
+        {
+            error = "an IPv6 host is written in brackets, e.g. relay://<fingerprint>@[2001:db8::1]:5223";
+            return false;
+        }
         if (hosts.Length == 0 || hosts.Any(h => h.Length == 0 || h.Any(char.IsWhiteSpace) || h.Contains('/') || h.Contains('@') || (h.Contains(':') && !(h.StartsWith('[') && h.EndsWith(']')))))
         {
             error = "the address needs at least one host name";

@@ -125,6 +125,17 @@ public class RelayAddressTests
         yield return $"relay://{Fp}@relay example.com:443";
         yield return $"relay://{Fp}@a.example:1,b.example:2";
         yield return $"relay://{Fp}@relay.example.com:443:80";
+        yield return $"relay://{Fp}@relay.example.com: 443";
+        yield return $"relay://{Fp}@relay.example.com:+443";
+        yield return $"relay://{Fp}@relay.example.com:0443x";
+        yield return $"relay://{Fp}@::1:443";
+    }
+
+    [Test]
+    public async Task An_IPv6_host_without_brackets_is_refused_saying_how_to_write_it()
+    {
+        await Assert.That(RelayAddress.TryParse($"relay://{Fp}@::1:443", out _, out var error)).IsFalse();
+        await Assert.That(error).Contains("in brackets");
     }
 
     [Test]
@@ -293,8 +304,9 @@ public class RelayAddressTests
                     await client.GetStream().WriteAsync("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"u8.ToArray(), stop.Token);
                 }
             }
-            catch (OperationCanceledException)
+            catch (Exception) when (stop.IsCancellationRequested)
             {
+                // Stopped (a loop that only now reaches its first accept finds the listener stopped).
             }
         });
 
