@@ -10,6 +10,8 @@ check "init keeps the identity" bash -c "[ \"\$('$RELAY' init --data '$DATA' 2>/
 check "identity file is private (0600)" bash -c "[ \"\$(stat -c %a '$DATA/identity.pfx')\" = 600 ]"
 check "address prints only the address" bash -c "[ \"\$('$RELAY' address --data '$DATA' --host relay.example,abc.onion --port 443 | wc -l)\" = 1 ] && '$RELAY' address --data '$DATA' --host relay.example,abc.onion --port 443 | grep -Eq '^relay://[A-Za-z0-9_-]{43}@relay.example,abc.onion:443$'"
 check "address without identity fails clearly" bash -c "'$RELAY' address --data '$E2E_TMP/none' 2>&1 | grep -q 'relay init'; r=(\${PIPESTATUS[@]}); [ \${r[0]} = 1 ]"
+check "address takes an IPv6 host in brackets" bash -c "'$RELAY' address --data '$DATA' --host '[::1],x.onion' --port 5223 | grep -q '@\\[::1\\],x.onion:5223\$'"
+check "address refuses an IPv6 host without brackets, saying how" bash -c "out=\$('$RELAY' address --data '$DATA' --host ::1 2>&1); rc=\$?; [ \$rc = 2 ] && echo \"\$out\" | grep -q 'in brackets'"
 check "--help lists the commands" bash -c "'$RELAY' --help | grep -q serve && '$RELAY' --help | grep -q address"
 check "serve --help lists every option" bash -c "'$RELAY' serve --help | grep -q -- '--listen' && '$RELAY' serve --help | grep -q -- '--admin' && '$RELAY' serve --help | grep -q -- '--data' && '$RELAY' serve --help | grep -q -- '--config'"
 
