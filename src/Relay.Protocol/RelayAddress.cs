@@ -58,12 +58,12 @@ public sealed record RelayAddress(string Fingerprint, IReadOnlyList<string> Host
             hostsPart = hostPort.Slice(0, colon);
         }
         var hosts = hostsPart.ToString().Split(',', StringSplitOptions.TrimEntries);
-        if (hosts.Any(h => h.Contains(':') && !(h.StartsWith('[') && h.EndsWith(']'))))
+        if (hosts.Any(IsUnbracketedIPv6))
         {
             error = "an IPv6 host is written in brackets, e.g. relay://<fingerprint>@[2001:db8::1]:5223";
             return false;
         }
-        if (hosts.Length == 0 || hosts.Any(h => h.Length == 0 || h.Any(char.IsWhiteSpace) || h.Contains('/') || h.Contains('@') || (h.Contains(':') && !(h.StartsWith('[') && h.EndsWith(']')))))
+        if (hosts.Length == 0 || !hosts.All(IsHost))
         {
             error = "the address needs at least one host name";
             return false;
@@ -72,6 +72,12 @@ public sealed record RelayAddress(string Fingerprint, IReadOnlyList<string> Host
         error = null;
         return true;
     }
+
+    /// <summary>A host as an address holds it: a name, an IPv4 address or an IPv6 address in brackets; no spaces, '/' or '@'.</summary>
+    public static bool IsHost(string host) =>
+        host.Length > 0 && !host.Any(c => char.IsWhiteSpace(c) || c is '/' or '@') && !IsUnbracketedIPv6(host);
+
+    private static bool IsUnbracketedIPv6(string host) => host.Contains(':') && !(host.StartsWith('[') && host.EndsWith(']'));
 
     public static bool IsFingerprint(string s) =>
         s.Length == 43 && s.All(c => c is >= 'A' and <= 'Z' or >= 'a' and <= 'z' or >= '0' and <= '9' or '-' or '_');

@@ -251,8 +251,7 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
             // under the lock, as every load was before.
             long removals = Interlocked.Read(ref _handleRemovals);
             Span<byte> record = stackalloc byte[Keys.QueueRecordLength];
-            bool found = _db.Get(Cf.Queues, recipientId, record) == Keys.QueueRecordLength;
-            var totals = found ? ReadMessageTotals(recipientId) : default;
+            bool found = Read(recipientId, record, out var totals);
             lock (_loadLock)
             {
                 if (_queues.TryGetValue(key, out QueueHandle? existing))
@@ -261,8 +260,7 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
                 }
                 if (Interlocked.Read(ref _handleRemovals) != removals)
                 {
-                    found = _db.Get(Cf.Queues, recipientId, record) == Keys.QueueRecordLength;
-                    totals = found ? ReadMessageTotals(recipientId) : default;
+                    found = Read(recipientId, record, out totals);
                 }
                 if (!found)
                 {
@@ -285,6 +283,14 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
         {
             ExitRead();
         }
+    }
+
+    /// <summary>The queue's record (false: none) and, when there is one, its messages' totals.</summary>
+    private bool Read(ReadOnlySpan<byte> recipientId, Span<byte> record, out (int Count, long Bytes, ulong First, ulong Last) totals)
+    {
+        bool found = _db.Get(Cf.Queues, recipientId, record) == Keys.QueueRecordLength;
+        totals = found ? ReadMessageTotals(recipientId) : default;
+        return found;
     }
 
     /// <summary>Counts a queue's stored messages (at most a quota's worth): count, body bytes, first and last id.</summary>

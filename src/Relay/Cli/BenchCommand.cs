@@ -56,7 +56,7 @@ public static class BenchCommand
             DeliveryWindow = a.GetInt("delivery-window", 1, 1, ProtocolConstants.MaxDeliveryWindow),
             Rate = a.GetInt("rate", 5_000, 1, 10_000_000),
             Duration = TimeSpan.FromSeconds(a.GetInt("duration", 10, 1, 86_400)),
-            Socks = a.Get("socks") is { } socks ? CheckedSocks(socks) : null,
+            Socks = a.Get("socks") is { } socks ? ClientCommands.CheckSocks(socks) : null,
             Tls = !a.Switch("plain-tcp"),
             RelayPid = a.TryGet("relay-pid", out _) ? a.GetInt("relay-pid", 0, 1, int.MaxValue) : null,
             AckThrough = (a.Get("ack") ?? "through") switch
@@ -175,11 +175,5 @@ public static class BenchCommand
             w.WriteEndObject();
         }
         return Encoding.UTF8.GetString(stream.ToArray());
-    }
-
-    private static string CheckedSocks(string value)
-    {
-        ClientCommands.ParseSocks(value);
-        return value;
     }
 }

@@ -18,18 +18,19 @@ public static class ClientCommands
 
     private static RelayClientOptions ClientOptions(CliArgs a, TimeSpan? retryFor = null)
     {
-        var socks = a.Get("socks");
-        if (socks != null) ParseSocks(socks);
+        var socks = a.Get("socks") is { } value ? CheckSocks(value) : null;
         return new RelayClientOptions { Socks = socks, Tls = !a.Switch("plain-tcp"), RetryFor = retryFor };
     }
 
-    internal static void ParseSocks(string value)
+    /// <summary>The --socks value, checked to be HOST:PORT.</summary>
+    internal static string CheckSocks(string value)
     {
         int colon = value.LastIndexOf(':');
         if (colon <= 0 || !int.TryParse(value.AsSpan(colon + 1), out int port) || port is < 1 or > 65535)
         {
             throw new UsageException($"--socks must be HOST:PORT, got '{value}'");
         }
+        return value;
     }
 
     private static RelayAddress ParseAddress(string what, string value) =>

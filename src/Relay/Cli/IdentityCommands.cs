@@ -81,8 +81,7 @@ public static class IdentityCommands
     private static (IReadOnlyList<string> Hosts, int Port) HostsAndPort(CliArgs a)
     {
         var hosts = (a.Get("host") ?? "localhost").Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
-        if (hosts.Length == 0 || hosts.Any(h => h.Any(c => char.IsWhiteSpace(c) || c is '/' or '@') ||
-                                                (h.Contains(':') && !(h.StartsWith('[') && h.EndsWith(']')))))
+        if (hosts.Length == 0 || !hosts.All(RelayAddress.IsHost))
         {
             throw new UsageException("--host must be one or more host names separated by commas (an IPv6 address in brackets: [2001:db8::1])");
         }
