@@ -30,7 +30,7 @@ public sealed partial class QueueStore
     private readonly System.Collections.Concurrent.ConcurrentQueue<WriteOp> _opPool = new();
     private int _opPoolCount;
 
-    /// <summary>Raised by the writer thread after each batch: operations in it and seconds spent writing (and fsyncing) it.</summary>
+    /// <summary>Raised by the writer thread after each batch, before any of its operations is answered: operations in it and seconds spent writing (and fsyncing) it.</summary>
     public event Action<StoreCommit>? Committed;
 
     private void StartWriter()
@@ -173,6 +173,15 @@ public sealed partial class QueueStore
                     }
                 }
             }
+            // Before the callers hear of their operations: whoever awaited one sees its batch counted.
+            try
+            {
+                Committed?.Invoke(new StoreCommit(count, seconds));
+            }
+            catch
+            {
+                // A failing subscriber must not stop the writer.
+            }
             DispatchCompletions(batch.Ops);
 
             rocksdb_writebatch_clear(_nativeBatch);
@@ -181,15 +190,6 @@ public sealed partial class QueueStore
             lock (_batchLock)
             {
                 _spareBatches.Push(batch);
-            }
-
-            try
-            {
-                Committed?.Invoke(new StoreCommit(count, seconds));
-            }
-            catch
-            {
-                // A failing subscriber must not stop the writer.
             }
         }
     }
