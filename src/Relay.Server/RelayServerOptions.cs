@@ -75,6 +75,13 @@ public sealed class RelayServerOptions
     /// <summary>Requests one connection may have in flight (waiting for the disk); more are read when these complete.</summary>
     public int MaxInFlightPerConnection { get; set; } = 1024;
 
+    /// <summary>
+    /// Message bytes of one connection's SENDs in flight (held in memory until their batch is written);
+    /// more are read when these complete. With <see cref="MaxOutputBuffer"/> it bounds what one connection
+    /// makes the relay hold: without it, 1,024 SENDs of 64 KB would be 64 MiB.
+    /// </summary>
+    public int MaxInFlightBytesPerConnection { get; set; } = 1 << 20;
+
     /// <summary>Unsent output a connection may buffer before the relay stops reading its requests.</summary>
     public int MaxOutputBuffer { get; set; } = 1 << 20;
 

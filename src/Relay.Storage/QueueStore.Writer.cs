@@ -30,6 +30,13 @@ public sealed partial class QueueStore
     private readonly System.Collections.Concurrent.ConcurrentQueue<WriteOp> _opPool = new();
     private int _opPoolCount;
 
+    /// <summary>
+    /// Called on the writer thread before each batch is written, with its operation count and message
+    /// bytes. Throwing fails the batch as a failed disk write would; blocking stands for a slow disk.
+    /// For tests of what the layers above do then.
+    /// </summary>
+    internal Action<int, long>? BeforeWrite;
+
     /// <summary>Raised by the writer thread after each batch, before any of its operations is answered: operations in it and seconds spent writing (and fsyncing) it.</summary>
     public event Action<StoreCommit>? Committed;
 
@@ -127,6 +134,7 @@ public sealed partial class QueueStore
             long start = Stopwatch.GetTimestamp();
             try
             {
+                BeforeWrite?.Invoke(batch.Ops.Count, batch.Mutations.Bytes);
                 // An operation without mutations (a barrier) only needs the batches before it written.
                 if (batch.Mutations.Count > 0)
                 {

@@ -89,6 +89,62 @@ public class ConnectionLifetimeTests
     }
 
     [Test]
+    public async Task A_client_pipelining_large_messages_to_a_slow_disk_holds_no_more_than_its_in_flight_limit()
+    {
+        const int Size = 16 * 1024, Sends = 64, Limit = 256 * 1024;
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Tls = false;
+            o.MaxInFlightBytesPerConnection = Limit;
+        });
+        await using var recipient = await RawClient.ConnectAsync(relay);
+        var queue = await recipient.CreateQueueAsync();
+        await using var sender = await RawClient.ConnectAsync(relay);
+
+        // The disk stalls on the first batch with a SEND in it, and reports each batch after it.
+        using var release = new ManualResetEventSlim(false);
+        var held = new TaskCompletionSource<int>(TaskCreationOptions.RunContinuationsAsynchronously);
+        var batches = new System.Collections.Concurrent.ConcurrentQueue<int>();
+        relay.Server.Store.BeforeWrite = (ops, bytes) =>
+        {
+            if (bytes < Size) return;   // not a batch with a message in it
+            if (held.TrySetResult(ops))
+            {
+                release.Wait(TimeSpan.FromSeconds(30));
+                return;
+            }
+            batches.Enqueue(ops);
+        };
+
+        // 1 MiB of SENDs, pipelined: four times what the relay will hold for one connection.
+        var frames = new List<byte[]>();
+        for (int i = 0; i < Sends; i++)
+        {
+            var body = new byte[Size];
+            BinaryPrimitives.WriteInt32BigEndian(body, i);
+            frames.Add(sender.Send(sender.NextCorr(), queue.SenderId, body));
+        }
+        var writing = sender.WriteAsync(frames.SelectMany(f => f).ToArray());
+        int first = await held.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        await Task.Delay(500);   // time to read every frame, were it not for the limit
+        release.Set();
+
+        var answers = new List<RawFrame>();
+        for (int i = 0; i < Sends; i++)
+        {
+            answers.Add(await sender.ReadResponseAsync());
+        }
+        await writing;
+        // While the disk stalled, the relay read up to the limit (16 SENDs of 16 KB) and stopped: the
+        // batch written after the stall holds what it read meanwhile, and no batch holds more.
+        await Assert.That(batches).IsNotEmpty();
+        await Assert.That(batches.Prepend(first).Max()).IsLessThanOrEqualTo(Limit / Size);
+        // And then it went on: every SEND answered OK, every message stored in order.
+        await Assert.That(answers.All(a => a.Type == FrameType.Ok)).IsTrue();
+        await Assert.That(relay.Server.Store.FindBySenderId(queue.SenderId)!.MessageCount).IsEqualTo(Sends);
+    }
+
+    [Test]
     public async Task A_subscriber_that_does_not_read_gets_no_more_than_its_output_limit_and_then_everything()
     {
         const int Queues = 50, PerQueue = 64, Size = 16 * 1024;

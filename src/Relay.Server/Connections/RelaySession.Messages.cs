@@ -50,8 +50,9 @@ internal sealed partial class RelaySession
             Fail(FrameType.Send, corr, ErrorCode.Internal);
             return;
         }
-        BeginInFlight();
-        _ = CompleteSendAsync(corr, queue, append, command.Args.Length - 1, arrived);
+        int length = command.Args.Length - 1;
+        BeginInFlight(length);
+        _ = CompleteSendAsync(corr, queue, append, length, arrived);
     }
 
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
@@ -91,7 +92,7 @@ internal sealed partial class RelaySession
         }
         finally
         {
-            EndInFlight();
+            EndInFlight(length);
         }
     }
 

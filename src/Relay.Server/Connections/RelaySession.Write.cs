@@ -27,11 +27,14 @@ internal sealed partial class RelaySession
     private List<Subscription>? _deferred;   // subscriptions waiting for output to drain (under _writeLock)
 
     private int _inFlight;
+    private long _inFlightBytes;   // message bytes of the SENDs in flight (held until their batch is written)
     private TaskCompletionSource? _capacityWaiter;
     private readonly Lock _capacityLock = new();
 
     private bool MustPause =>
-        Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection || Backlog > _options.MaxOutputBuffer;
+        Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection
+        || Volatile.Read(ref _inFlightBytes) >= _options.MaxInFlightBytesPerConnection
+        || Backlog > _options.MaxOutputBuffer;
 
     /// <summary>
     /// Bytes written and not yet sent: those waiting for the next send and those being sent (_inSend is
@@ -244,6 +247,19 @@ internal sealed partial class RelaySession
         SignalCapacity();
     }
 
+    /// <summary>A SEND: an operation in flight that also holds its message's bytes until written.</summary>
+    private void BeginInFlight(int bytes)
+    {
+        Interlocked.Add(ref _inFlightBytes, bytes);
+        Interlocked.Increment(ref _inFlight);
+    }
+
+    private void EndInFlight(int bytes)
+    {
+        Interlocked.Add(ref _inFlightBytes, -bytes);
+        EndInFlight();
+    }
+
     private void SignalCapacity()
     {
         // Full fence between the caller's change (a send done, an operation ended) and reading the
@@ -265,7 +281,9 @@ internal sealed partial class RelaySession
 
     // Resume at half the limits, as Kestrel's pipes do, so that reading does not flap.
     private bool MustPauseHalf =>
-        Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection / 2 + 1 || Backlog > _options.MaxOutputBuffer / 2;
+        Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection / 2 + 1
+        || Volatile.Read(ref _inFlightBytes) > _options.MaxInFlightBytesPerConnection / 2
+        || Backlog > _options.MaxOutputBuffer / 2;
 
     private async Task WaitForCapacityAsync(CancellationToken cancellationToken)
     {

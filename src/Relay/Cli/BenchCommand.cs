@@ -105,6 +105,7 @@ public static class BenchCommand
                 QueueMaxMessages = Math.Max(128, perQueue),
                 QueueMaxBytes = Math.Max(8L << 20, (long)Math.Max(128, perQueue) * (options.Size + 64)),
                 MaxInFlightPerConnection = Math.Max(1024, options.Window * 2),
+                MaxInFlightBytesPerConnection = (int)Math.Min(int.MaxValue, Math.Max(1L << 20, 2L * options.Window * options.Size)),
                 // Every bench connection comes from loopback: the per-source limits would cap the load.
                 MaxConnectionsPerSource = 0,
                 QueueCreationRate = 0,

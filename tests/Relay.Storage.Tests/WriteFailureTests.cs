@@ -1,0 +1,105 @@
+using System.Security.Cryptography;
+
+namespace Relay.Storage.Tests;
+
+/// <summary>
+/// What callers see when a batch cannot be written (the disk fails): its operations fail, nothing of
+/// them stays visible, and nothing that depended on them is answered as done.
+/// </summary>
+public class WriteFailureTests
+{
+    /// <summary>Holds the writer in its next batch until released; then fails that batch or lets it through.</summary>
+    private sealed class FaultyDisk
+    {
+        private readonly ManualResetEventSlim _release = new(false);
+        private readonly TaskCompletionSource _held = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        private int _calls;
+        public bool FailHeldBatch { get; set; }
+
+        public void BeforeWrite(int ops, long bytes)
+        {
+            if (Interlocked.Increment(ref _calls) != 1) return;
+            _held.TrySetResult();
+            if (!_release.Wait(TimeSpan.FromSeconds(30))) throw new TimeoutException("never released");
+            if (FailHeldBatch) throw new IOException("injected write failure");
+        }
+
+        public Task Held => _held.Task;
+
+        public void Release() => _release.Set();
+    }
+
+    [Test]
+    public async Task A_failed_append_is_an_error_and_leaves_no_message()
+    {
+        await using TestStore t = TestStore.Create();
+        QueueHandle q = await t.CreateQueueAsync();
+        var disk = new FaultyDisk { FailHeldBatch = true };
+        t.Store.BeforeWrite = disk.BeforeWrite;
+
+        var append = t.Store.AppendAsync(q, 0, [1, 2, 3]).AsTask();
+        await disk.Held.WaitAsync(TimeSpan.FromSeconds(10));
+        disk.Release();
+        await Assert.ThrowsAsync<StoreException>(async () => await append);
+
+        await Assert.That(q.MessageCount).IsEqualTo(0);
+        await Assert.That(q.ByteCount).IsEqualTo(0);
+        await Assert.That(t.Peek(q)).IsNull();
+        await Assert.That(t.Store.Statistics.WriteFailures).IsEqualTo(1);
+
+        // The store goes on: the next append is written and found after a restart.
+        var next = await t.Store.AppendAsync(q, 0, [4]);
+        await Assert.That(next.Status).IsEqualTo(StoreStatus.Ok);
+        await t.ReopenAsync();
+        q = t.Store.FindByRecipientId(q.RecipientId)!;
+        await Assert.That(t.Peek(q)!.Value.Body).IsEquivalentTo(new byte[] { 4 });
+    }
+
+    [Test]
+    public async Task A_retried_sender_key_is_not_confirmed_when_the_first_write_failed()
+    {
+        await using TestStore t = TestStore.Create();
+        QueueHandle q = await t.CreateQueueAsync();
+        byte[] key = RandomNumberGenerator.GetBytes(QueueHandle.KeyLength);
+        var disk = new FaultyDisk { FailHeldBatch = true };
+        t.Store.BeforeWrite = disk.BeforeWrite;
+
+        // The first SKEY's write is on its way to the disk when the client, having heard nothing,
+        // sends the same SKEY again: the retry waits for the first write rather than writing again.
+        var first = t.Store.SecureAsync(q, key).AsTask();
+        await disk.Held.WaitAsync(TimeSpan.FromSeconds(10));
+        var retry = t.Store.SecureAsync(q, key).AsTask();
+        disk.Release();
+
+        await Assert.ThrowsAsync<StoreException>(async () => await first);
+        // The write it waited for was undone: the retry must not answer OK.
+        await Assert.ThrowsAsync<StoreException>(async () => await retry);
+        await Assert.That(q.SenderKey).IsNull();
+
+        // A third attempt writes the key, and it survives a restart.
+        await Assert.That(await t.Store.SecureAsync(q, key)).IsEqualTo(StoreStatus.Ok);
+        await t.ReopenAsync();
+        q = t.Store.FindByRecipientId(q.RecipientId)!;
+        await Assert.That(q.SenderKey).IsEquivalentTo(key);
+    }
+
+    [Test]
+    public async Task A_retried_sender_key_is_confirmed_once_the_first_write_is_durable()
+    {
+        await using TestStore t = TestStore.Create();
+        QueueHandle q = await t.CreateQueueAsync();
+        byte[] key = RandomNumberGenerator.GetBytes(QueueHandle.KeyLength);
+        var disk = new FaultyDisk();
+        t.Store.BeforeWrite = disk.BeforeWrite;
+
+        var first = t.Store.SecureAsync(q, key).AsTask();
+        await disk.Held.WaitAsync(TimeSpan.FromSeconds(10));
+        var retry = t.Store.SecureAsync(q, key).AsTask();
+        await Task.Delay(100);
+        // Not before the first write is done.
+        await Assert.That(retry.IsCompleted).IsFalse();
+        disk.Release();
+        await Assert.That(await first).IsEqualTo(StoreStatus.Ok);
+        await Assert.That(await retry).IsEqualTo(StoreStatus.Ok);
+    }
+}
