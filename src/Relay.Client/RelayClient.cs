@@ -19,7 +19,11 @@ public sealed class RelayClientOptions
 
     public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(30);
 
-    /// <summary>Back-off between reconnection attempts: doubles from the first value up to the second.</summary>
+    /// <summary>
+    /// Back-off between reconnection attempts: doubles from the first value up to the second, each wait
+    /// drawn from the upper half of its step; a connection lost before it lasted the second value counts
+    /// as a failed attempt (the back-off goes on growing), one that lasted is replaced after about the first.
+    /// </summary>
     public TimeSpan ReconnectMin { get; init; } = TimeSpan.FromMilliseconds(100);
     public TimeSpan ReconnectMax { get; init; } = TimeSpan.FromSeconds(10);
 
@@ -127,6 +131,26 @@ public sealed class RelayClient : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// Raised when a relay ends a subscription (END): another connection subscribed the queue (another
+    /// device of the same recipient) or the queue was deleted. The queue is no longer subscribed and is
+    /// not renewed after a reconnection, so two devices do not take it from each other for ever;
+    /// <see cref="SubscribeAsync"/> takes it back. Runs on the delivery pump: keep it short.
+    /// </summary>
+    public event Action<RelayAddress, RecipientQueue>? SubscriptionEnded;
+
+    private void OnSubscriptionEnded(RelayAddress relay, RecipientQueue queue)
+    {
+        try
+        {
+            SubscriptionEnded?.Invoke(relay, queue);
+        }
+        catch
+        {
+            // An app's handler must not stop the deliveries.
+        }
+    }
+
     /// <summary>Every delivery of every subscribed queue, in arrival order per queue.</summary>
     public IAsyncEnumerable<QueueDelivery> DeliveriesAsync(CancellationToken cancellationToken = default) =>
         _deliveries.Reader.ReadAllAsync(cancellationToken);
@@ -146,6 +170,7 @@ public sealed class RelayClient : IAsyncDisposable
     private sealed class RelayLink(RelayClient owner, RelayAddress relay) : IAsyncDisposable
     {
         private readonly SemaphoreSlim _connectLock = new(1, 1);
+        private readonly ReconnectBackoff _backoff = new(owner.Options.ReconnectMin, owner.Options.ReconnectMax);   // under _connectLock
         private RelayConnection? _current;
         private Task? _pump;
         private Task? _keepAlive;
@@ -166,7 +191,14 @@ public sealed class RelayClient : IAsyncDisposable
                     Interlocked.CompareExchange(ref _current, null, current);
                     await current.DisposeAsync();
                 }
-                var delay = owner.Options.ReconnectMin;
+                if (retry)
+                {
+                    // After a connection that was lost soon after it was made, the back-off goes on
+                    // growing rather than starting again: a relay that accepts and then drops (full,
+                    // restarting) is not hammered, and no two clients come back in step.
+                    var wait = _backoff.BeforeConnect();
+                    if (wait > TimeSpan.Zero) await Task.Delay(wait, linked.Token);
+                }
                 long started = System.Diagnostics.Stopwatch.GetTimestamp();
                 bool MayRetry() => owner.Options.RetryFor is not { } limit || System.Diagnostics.Stopwatch.GetElapsedTime(started) < limit;
                 while (true)
@@ -189,13 +221,13 @@ public sealed class RelayClient : IAsyncDisposable
                             throw;
                         }
                         Volatile.Write(ref _current, connection);
+                        _backoff.Connected();
                         _keepAlive ??= KeepAliveAsync();
                         return connection;
                     }
                     catch (RelayConnectException ex) when (retry && !linked.IsCancellationRequested && ex is not FingerprintMismatchException && MayRetry())
                     {
-                        await Task.Delay(delay, linked.Token);
-                        delay = TimeSpan.FromTicks(Math.Min(delay.Ticks * 2, owner.Options.ReconnectMax.Ticks));
+                        await Task.Delay(_backoff.Failed(), linked.Token);
                     }
                 }
             }
@@ -285,6 +317,12 @@ public sealed class RelayClient : IAsyncDisposable
                         {
                             owner._deliveries.Writer.TryWrite(new QueueDelivery(relay, d.Queue, d.Delivery));
                         }
+                        else if (e is SubscriptionEndedEvent ended && !connection.IsSubscribed(ended.RecipientId)
+                                 && Subscriptions.TryRemove(ended.RecipientId, out var queue))
+                        {
+                            // (A SubscribeAsync that raced the END and subscribed again keeps it.)
+                            owner.OnSubscriptionEnded(relay, queue);
+                        }
                     }
                 }
                 catch (OperationCanceledException)
@@ -334,6 +372,44 @@ public sealed class RelayClient : IAsyncDisposable
             }
         }
     }
+}
+
+/// <summary>
+/// How long a client waits before it connects to a relay again: nothing the first time; after a failed
+/// attempt, or a connection lost before it lasted <c>max</c>, a step that doubles from <c>min</c> up to
+/// <c>max</c>; after a connection that lasted, about <c>min</c>. Each wait is drawn from the upper half
+/// of its step, so clients that lost the same relay at the same moment do not return together.
+/// </summary>
+internal sealed class ReconnectBackoff(TimeSpan min, TimeSpan max, Func<double>? random = null)
+{
+    private readonly Func<double> _random = random ?? Random.Shared.NextDouble;
+    private TimeSpan _step;          // zero: nothing failed since the last connection that lasted
+    private long _connectedAt;       // when the current connection was made; 0: none since the last wait
+
+    public void Connected() => _connectedAt = System.Diagnostics.Stopwatch.GetTimestamp();
+
+    /// <summary>The wait before connecting again (zero before the first connection).</summary>
+    public TimeSpan BeforeConnect()
+    {
+        if (_connectedAt == 0) return TimeSpan.Zero;
+        var lasted = System.Diagnostics.Stopwatch.GetElapsedTime(_connectedAt);
+        _connectedAt = 0;
+        if (lasted >= max)
+        {
+            _step = TimeSpan.Zero;
+            return Spread(min);
+        }
+        return Failed();
+    }
+
+    /// <summary>The wait after a failed attempt.</summary>
+    public TimeSpan Failed()
+    {
+        _step = _step == TimeSpan.Zero ? min : TimeSpan.FromTicks(Math.Min(_step.Ticks * 2, max.Ticks));
+        return Spread(_step);
+    }
+
+    private TimeSpan Spread(TimeSpan step) => TimeSpan.FromTicks((long)(step.Ticks * (0.5 + 0.5 * _random())));
 }
 
 /// <summary>Queue ids (random bytes) as dictionary keys, compared by content.</summary>

@@ -149,6 +149,34 @@ public class ConversationTests
     }
 
     [Test]
+    public async Task A_listener_whose_contact_queue_another_device_takes_is_told_and_the_other_device_receives()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        var (alice, bob, aliceStore, _) = await ConnectedPairAsync(relay);
+        await using (alice)
+        await using (bob)
+        {
+            await using var aliceListener = new Listener(alice);
+            await Assert.That((await aliceListener.NextAsync<ContactJoined>()).Contact).IsEqualTo("bob");
+
+            // Alice's profile copied to a second device, which starts listening: it takes the queue.
+            var secondStore = new MemoryProfileStore();
+            var copy = aliceStore.Load();
+            secondStore.Update(p => { p.Contacts = copy.Contacts; return true; });
+            await using var second = new Messenger(secondStore, Fast);
+            await using var secondListener = new Listener(second);
+            var told = await aliceListener.NextAsync<ContactUnavailable>();
+            await Assert.That(told.Contact).IsEqualTo("bob");
+            await Assert.That(told.Reason).Contains("another device");
+
+            // Bob's messages go to the device that listens now, not back and forth.
+            await bob.SendAsync("alice", "to the second device");
+            await Assert.That((await secondListener.NextAsync<MessageReceived>()).Text).IsEqualTo("to the second device");
+            await Assert.That((await aliceListener.DrainAsync()).OfType<MessageReceived>()).IsEmpty();
+        }
+    }
+
+    [Test]
     public async Task Two_clients_converse_both_ways_and_offline_messages_arrive_in_order()
     {
         await using var relay = await TestRelay.StartAsync();

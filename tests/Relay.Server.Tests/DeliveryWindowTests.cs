@@ -356,9 +356,13 @@ public class DeliveryWindowTests
         await client.SubscribeAsync(relay.Address, kept);
         await client.SubscribeAsync(relay.Address, deleted);
 
-        // Deleted from another device, then the connection is lost: the renewal of its SUB is refused.
-        await owner.DeleteAsync(deleted);
-        await relay.RestartAsync();
+        // Deleted while the client was away (the relay stopped): the renewal of its SUB is refused.
+        await relay.RestartAsync(async () =>
+        {
+            await using var store = relay.OpenStore();
+            var handle = store.FindByRecipientId(deleted.RecipientId)!;
+            await Assert.That(await store.DeleteQueueAsync(handle)).IsEqualTo(Storage.StoreStatus.Ok);
+        });
         var (queue, code) = await refused.Task.WaitAsync(TimeSpan.FromSeconds(20));
         await Assert.That(queue.RecipientId).IsEquivalentTo(deleted.RecipientId);
         await Assert.That(code).IsEqualTo(ErrorCode.Auth);

@@ -49,11 +49,12 @@ public sealed class TestRelay : IAsyncDisposable
         });
     }
 
-    /// <summary>Stops the relay and starts it again on the same port and data directory.</summary>
-    public async Task RestartAsync()
+    /// <summary>Stops the relay and starts it again on the same port and data directory (running <paramref name="whileStopped"/> in between).</summary>
+    public async Task RestartAsync(Func<Task>? whileStopped = null)
     {
         int port = Server.RelayEndPoint.Port;
         await Server.StopAsync();
+        if (whileStopped != null) await whileStopped();
         for (int attempt = 0; ; attempt++)
         {
             try
@@ -67,6 +68,9 @@ public sealed class TestRelay : IAsyncDisposable
             }
         }
     }
+
+    /// <summary>Opens the stopped relay's queue store (what an operator's offline tool would do).</summary>
+    public Storage.QueueStore OpenStore() => Storage.QueueStore.Open(new Storage.QueueStoreOptions { Path = Path.Combine(DataDirectory, "queues") });
 
     public Task<RelayConnection> ConnectAsync(RelayConnectionOptions? options = null) =>
         RelayConnection.ConnectAsync(Address, options ?? new RelayConnectionOptions { Tls = Server.Options.Tls });

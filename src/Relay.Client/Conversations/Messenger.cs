@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
 using System.Runtime.CompilerServices;
 using System.Text;
+using System.Threading.Channels;
 using Relay.Client.EndToEnd;
 using Relay.Client.Transport;
 using Relay.Protocol;
@@ -247,21 +248,71 @@ public sealed class Messenger : IAsyncDisposable
         {
             yield return e;
         }
-        await foreach (var delivery in _client.DeliveriesAsync(cancellationToken))
+
+        // A queue lost while listening (taken by another device, or deleted and refused after a
+        // reconnection) is reported between deliveries; the other contacts go on.
+        var lost = Channel.CreateUnbounded<ConversationEvent>();
+        void Ended(RelayAddress relay, RecipientQueue queue) => Report(queue, "another device is receiving this contact's messages now (or the queue was deleted)");
+        void Refused(RelayAddress relay, RecipientQueue queue, RelayErrorException error) => Report(queue, error.Message);
+        void Report(RecipientQueue queue, string reason)
         {
-            var events = await ProcessAsync(delivery, cancellationToken);
+            var contact = _store.Load().Contacts.FirstOrDefault(c => c.RecipientId.AsSpan().SequenceEqual(queue.RecipientId));
+            if (contact != null) lost.Writer.TryWrite(new ContactUnavailable(contact.Name, reason));
+        }
+        _client.SubscriptionEnded += Ended;
+        _client.SubscriptionRefused += Refused;
+        using var stopDeliveries = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        var deliveries = _client.DeliveriesAsync(stopDeliveries.Token).GetAsyncEnumerator(stopDeliveries.Token);
+        Task<bool>? nextDelivery = null;
+        try
+        {
+            nextDelivery = deliveries.MoveNextAsync().AsTask();
+            var nextLost = lost.Reader.WaitToReadAsync(cancellationToken).AsTask();
+            while (true)
+            {
+                await Task.WhenAny(nextDelivery, nextLost);
+                if (nextLost.IsCompleted)
+                {
+                    while (lost.Reader.TryRead(out var e))
+                    {
+                        yield return e;
+                    }
+                    await nextLost;   // throws if cancelled
+                    nextLost = lost.Reader.WaitToReadAsync(cancellationToken).AsTask();
+                }
+                if (!nextDelivery.IsCompleted) continue;
+                if (!await nextDelivery) break;
+                var delivery = deliveries.Current;
+                var events = await ProcessAsync(delivery, cancellationToken);
+                try
+                {
+                    await _client.RunAsync(delivery.Relay, c => c.AckAsync(delivery.Queue, delivery.Delivery.MessageId, cancellationToken), cancellationToken);
+                }
+                catch (RelayErrorException ex) when (ex.Code == ErrorCode.NoMsg)
+                {
+                    // Already acknowledged through an earlier connection: the state is saved, nothing is lost.
+                }
+                foreach (var e in events)
+                {
+                    yield return e;
+                }
+                nextDelivery = deliveries.MoveNextAsync().AsTask();
+            }
+        }
+        finally
+        {
+            _client.SubscriptionEnded -= Ended;
+            _client.SubscriptionRefused -= Refused;
+            // The app may stop listening while the next delivery is awaited: end that wait first.
+            stopDeliveries.Cancel();
             try
             {
-                await _client.RunAsync(delivery.Relay, c => c.AckAsync(delivery.Queue, delivery.Delivery.MessageId, cancellationToken), cancellationToken);
+                if (nextDelivery != null) await nextDelivery;
             }
-            catch (RelayErrorException ex) when (ex.Code == ErrorCode.NoMsg)
+            catch (OperationCanceledException)
             {
-                // Already acknowledged through an earlier connection: the state is saved, nothing is lost.
             }
-            foreach (var e in events)
-            {
-                yield return e;
-            }
+            await deliveries.DisposeAsync();
         }
     }
 

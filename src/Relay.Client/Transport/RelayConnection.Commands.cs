@@ -111,11 +111,14 @@ public sealed partial class RelayConnection
     }
 
     /// <summary>True once SUB was sent for this queue on this connection (and no END since).</summary>
-    public bool IsSubscribed(RecipientQueue queue)
+    public bool IsSubscribed(RecipientQueue queue) => IsSubscribed(queue.RecipientId);
+
+    /// <summary>Whether the queue with this recipient id is subscribed on this connection.</summary>
+    public bool IsSubscribed(ReadOnlySpan<byte> recipientId)
     {
         lock (_pendingLock)
         {
-            return _subscribed.ContainsKey(Id.From(queue.RecipientId));
+            return _subscribed.ContainsKey(Id.From(recipientId));
         }
     }
 

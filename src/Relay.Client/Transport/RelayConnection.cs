@@ -363,7 +363,10 @@ public sealed partial class RelayConnection : IAsyncDisposable
     {
         delivery = null!;
         queue = null!;
-        if (payload.Length < ProtocolConstants.MsgOverhead) return false;
+        if (payload.Length < ProtocolConstants.MsgOverhead)
+        {
+            throw new RelayConnectException("the relay sent a malformed delivery; the connection was closed");
+        }
         (DeliveryCipher Cipher, RecipientQueue Queue) subscribed;
         lock (_pendingLock)
         {
@@ -372,7 +375,10 @@ public sealed partial class RelayConnection : IAsyncDisposable
         var body = new byte[payload.Length - ProtocolConstants.MsgOverhead];
         if (!RelayCrypto.TryOpenDelivery(subscribed.Cipher, payload, body, out var messageId, out var hour, out var flags, out _))
         {
-            return false;
+            // Not from the relay this connection authenticated, or altered on the way: nothing on this
+            // connection can be trusted any more. Closing it (rather than skipping the message) makes a
+            // new connection fetch it again, so a delivery window never waits for it.
+            throw new RelayConnectException("a delivery failed its integrity check; the connection was closed");
         }
         queue = subscribed.Queue;
         delivery = new Delivery(queue.RecipientId, messageId, hour, flags, body, payload.ToArray());

@@ -1,0 +1,219 @@
+using System.Buffers.Binary;
+using System.Net;
+using System.Net.Sockets;
+using System.Text;
+using Relay.Client;
+using Relay.Client.Transport;
+using Relay.Protocol;
+
+namespace Relay.Server.Tests;
+
+/// <summary>
+/// How the client SDK recovers: a subscription another device took is let go, a delivery that fails
+/// its integrity check closes the connection, and reconnections back off with jitter.
+/// </summary>
+public class ClientRecoveryTests
+{
+    private static string Text(Delivery d) => Encoding.UTF8.GetString(d.Body);
+
+    [Test]
+    public async Task A_subscription_taken_by_another_device_is_reported_and_not_taken_back_after_a_reconnection()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var owner = await relay.ConnectAsync();
+        var queue = await owner.CreateQueueAsync();
+        var options = new RelayClientOptions
+        {
+            ReconnectMin = TimeSpan.FromMilliseconds(50),
+            ReconnectMax = TimeSpan.FromMilliseconds(500),
+        };
+        await using var phone = new RelayClient(options);
+        await using var laptop = new RelayClient(options);
+        var ended = new TaskCompletionSource<RecipientQueue>(TaskCreationOptions.RunContinuationsAsynchronously);
+        phone.SubscriptionEnded += (_, q) => ended.TrySetResult(q);
+        bool laptopEnded = false;
+        laptop.SubscriptionEnded += (_, _) => laptopEnded = true;
+
+        await phone.SubscribeAsync(relay.Address, queue);
+        await laptop.SubscribeAsync(relay.Address, queue);   // the relay ends the phone's subscription (END)
+        var endedQueue = await ended.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        await Assert.That(endedQueue.RecipientId).IsEquivalentTo(queue.RecipientId);
+
+        // Both lose their connection and come back; the phone does not take the queue back, so the
+        // laptop keeps receiving and the phone gets nothing.
+        await relay.RestartAsync();
+        await phone.RunAsync(relay.Address, c => c.PingAsync());
+        await laptop.RunAsync(relay.Address, c => c.PingAsync());
+        await Task.Delay(300);
+        await using var sender = await relay.ConnectAsync();
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        await using var laptopDeliveries = laptop.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
+        await using var phoneDeliveries = phone.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
+        var phoneNext = phoneDeliveries.MoveNextAsync().AsTask();
+        for (int i = 1; i <= 3; i++)
+        {
+            await sender.SendAsync(new SenderQueue(queue.SenderId, null), Encoding.UTF8.GetBytes($"m{i}"));
+            await Assert.That(await laptopDeliveries.MoveNextAsync()).IsTrue();
+            await Assert.That(Text(laptopDeliveries.Current.Delivery)).IsEqualTo($"m{i}");
+            await laptop.RunAsync(relay.Address, c => c.AckAsync(queue, laptopDeliveries.Current.Delivery.MessageId));
+        }
+        await Assert.That(await Task.WhenAny(phoneNext, Task.Delay(300)) == phoneNext).IsFalse();
+        await Assert.That(laptopEnded).IsFalse();
+
+        // The phone takes it back when its app asks: then the laptop is told.
+        var laptopTold = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        laptop.SubscriptionEnded += (_, _) => laptopTold.TrySetResult();
+        await phone.SubscribeAsync(relay.Address, queue);
+        await laptopTold.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        await sender.SendAsync(new SenderQueue(queue.SenderId, null), "m4"u8.ToArray());
+        await Assert.That(await phoneNext.WaitAsync(TimeSpan.FromSeconds(10))).IsTrue();
+        await Assert.That(Text(phoneDeliveries.Current.Delivery)).IsEqualTo("m4");
+    }
+
+    [Test]
+    public async Task A_delivery_altered_on_the_way_closes_the_connection_and_is_not_handed_out()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        await using var proxy = TamperingProxy.Start(relay.Server.RelayEndPoint);
+        await using var owner = await relay.ConnectAsync();
+        var queue = await owner.CreateQueueAsync();
+        await owner.SendAsync(new SenderQueue(queue.SenderId, null), "stored"u8.ToArray());
+
+        var through = relay.Address with { Hosts = ["127.0.0.1"], Port = proxy.Port };
+        await using var recipient = await RelayConnection.ConnectAsync(through, new RelayConnectionOptions { Tls = false });
+        await recipient.SubscribeAsync(queue);
+
+        // The proxy flipped one byte of the MSG: the connection is closed, nothing was delivered.
+        await Assert.That(recipient.Closed.WaitHandle.WaitOne(TimeSpan.FromSeconds(10))).IsTrue();
+        var events = new List<RelayEvent>();
+        await foreach (var e in recipient.Events.ReadAllAsync().WithCancellation(new CancellationTokenSource(TimeSpan.FromSeconds(5)).Token))
+        {
+            events.Add(e);
+        }
+        await Assert.That(events.OfType<DeliveryEvent>()).IsEmpty();
+        var failure = await Assert.ThrowsAsync<RelayConnectException>(async () => await recipient.PingAsync());
+        await Assert.That(failure!.Message).Contains("integrity");
+
+        // The message is still stored: a connection that is not tampered with gets it.
+        await using var direct = await relay.ConnectAsync();
+        await direct.SubscribeAsync(queue);
+        var delivered = await direct.Events.ReadAsync().AsTask().WaitAsync(TimeSpan.FromSeconds(10));
+        await Assert.That(Text(((DeliveryEvent)delivered).Delivery)).IsEqualTo("stored");
+    }
+
+    [Test]
+    public async Task Reconnection_waits_grow_with_failures_and_with_connections_that_do_not_last_and_are_spread()
+    {
+        var min = TimeSpan.FromMilliseconds(100);
+        var max = TimeSpan.FromMilliseconds(800);
+        double draw = 1.0;
+        var backoff = new ReconnectBackoff(min, max, () => draw);
+
+        // The first connection goes at once; failed attempts double the step up to max.
+        await Assert.That(backoff.BeforeConnect()).IsEqualTo(TimeSpan.Zero);
+        var steps = Enumerable.Range(0, 6).Select(_ => backoff.Failed().TotalMilliseconds).ToList();
+        await Assert.That(steps).IsEquivalentTo(new List<double> { 100, 200, 400, 800, 800, 800 }, TUnit.Assertions.Enums.CollectionOrdering.Matching);
+
+        // A connection lost right after it was made counts as a failure: the step does not start again.
+        backoff.Connected();
+        await Assert.That(backoff.BeforeConnect()).IsEqualTo(max);
+
+        // One that lasted max: the next connection comes after about min, and failures start from min.
+        backoff.Connected();
+        await Task.Delay(max + TimeSpan.FromMilliseconds(50));
+        await Assert.That(backoff.BeforeConnect()).IsEqualTo(min);
+        await Assert.That(backoff.Failed()).IsEqualTo(min);
+        await Assert.That(backoff.Failed()).IsEqualTo(2 * min);
+
+        // Each wait is drawn from the upper half of its step.
+        draw = 0.0;
+        await Assert.That(backoff.Failed()).IsEqualTo(2 * min);       // step 400, drawn at its half
+        draw = 0.5;
+        await Assert.That(backoff.Failed()).IsEqualTo(TimeSpan.FromMilliseconds(600));   // step 800
+        var spread = new ReconnectBackoff(min, max);
+        var waits = new List<TimeSpan>();
+        for (int i = 0; i < 200; i++)
+        {
+            var wait = spread.Failed();
+            if (i >= 3) waits.Add(wait);   // steps 100, 200, 400, then 800 from the fourth on
+        }
+        await Assert.That(waits.Min()).IsGreaterThanOrEqualTo(max / 2);
+        await Assert.That(waits.Max()).IsLessThanOrEqualTo(max);
+        await Assert.That(waits.Distinct().Count()).IsGreaterThan(100);
+    }
+
+    /// <summary>Forwards a relay's plain TCP both ways, flipping the last byte of every MSG frame it passes to the client.</summary>
+    private sealed class TamperingProxy : IAsyncDisposable
+    {
+        private readonly TcpListener _listener;
+        private readonly IPEndPoint _relay;
+        private readonly CancellationTokenSource _stop = new();
+        private readonly List<TcpClient> _open = [];
+
+        private TamperingProxy(IPEndPoint relay)
+        {
+            _relay = relay;
+            _listener = new TcpListener(IPAddress.Loopback, 0);
+            _listener.Start();
+            _ = AcceptAsync();
+        }
+
+        public int Port => ((IPEndPoint)_listener.LocalEndpoint).Port;
+
+        public static TamperingProxy Start(IPEndPoint relay) => new(relay);
+
+        private async Task AcceptAsync()
+        {
+            try
+            {
+                while (true)
+                {
+                    var client = await _listener.AcceptTcpClientAsync(_stop.Token);
+                    var upstream = new TcpClient();
+                    await upstream.ConnectAsync(_relay, _stop.Token);
+                    lock (_open) _open.AddRange([client, upstream]);
+                    _ = client.GetStream().CopyToAsync(upstream.GetStream(), _stop.Token).ContinueWith(_ => upstream.Client.Shutdown(SocketShutdown.Send));
+                    _ = ForwardTamperingAsync(upstream.GetStream(), client.GetStream());
+                }
+            }
+            catch (Exception) when (_stop.IsCancellationRequested)
+            {
+            }
+        }
+
+        private async Task ForwardTamperingAsync(NetworkStream from, NetworkStream to)
+        {
+            var prefix = new byte[4];
+            try
+            {
+                while (true)
+                {
+                    await from.ReadExactlyAsync(prefix, _stop.Token);
+                    var frame = new byte[BinaryPrimitives.ReadUInt32BigEndian(prefix)];
+                    await from.ReadExactlyAsync(frame, _stop.Token);
+                    if (frame.Length > ProtocolConstants.HeaderSize && frame[0] == (byte)FrameType.Msg)
+                    {
+                        frame[^1] ^= 0x01;
+                    }
+                    await to.WriteAsync(prefix, _stop.Token);
+                    await to.WriteAsync(frame, _stop.Token);
+                }
+            }
+            catch (Exception)
+            {
+                to.Socket.Shutdown(SocketShutdown.Send);
+            }
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            await _stop.CancelAsync();
+            _listener.Stop();
+            lock (_open)
+            {
+                foreach (var c in _open) c.Dispose();
+            }
+            _stop.Dispose();
+        }
+    }
+}
