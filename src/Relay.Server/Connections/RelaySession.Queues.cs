@@ -9,8 +9,6 @@ namespace Relay.Server.Connections;
 /// <summary>Queue management: NEW, SKEY, OFF, DEL, and the authorization every queue command goes through.</summary>
 internal sealed partial class RelaySession
 {
-    private const int MaxCachedKeys = 16_384;
-
     /// <summary>
     /// Verifies the MAC of <paramref name="command"/> under the key the session shares with
     /// <paramref name="clientKey"/>. For a missing queue (null) the same work is done under a decoy
@@ -22,40 +20,28 @@ internal sealed partial class RelaySession
         if (clientKey is null)
         {
             var id = Id24.From(command.QueueId);
-            _decoyKeys ??= new();
-            if (!_decoyKeys.TryGetValue(id, out key))
+            if (!_keys.TryGetDecoy(id, out key))
             {
                 var bytes = new byte[ProtocolConstants.KeySize];
                 Span<byte> decoy = stackalloc byte[ProtocolConstants.KeySize];
                 RandomNumberGenerator.Fill(decoy);
                 RelayCrypto.TryDeriveAuthKey(_sessionPrivate, decoy, _sessionId, bytes);
-                if (_decoyKeys.Count >= MaxCachedKeys) ClearKeys(_decoyKeys);
-                _decoyKeys[id] = key = new MacKey(bytes);
+                key = _keys.AddDecoy(id, bytes);
             }
             key.Verify(command.MacInput, command.Mac);
             return false;
         }
         var k = Key32.From(clientKey);
-        if (!_authKeys.TryGetValue(k, out key))
+        if (!_keys.TryGetReal(k, out key))
         {
             var bytes = new byte[ProtocolConstants.KeySize];
             if (!RelayCrypto.TryDeriveAuthKey(_sessionPrivate, clientKey, _sessionId, bytes))
             {
                 return false;
             }
-            if (_authKeys.Count >= MaxCachedKeys) ClearKeys(_authKeys);
-            _authKeys[k] = key = new MacKey(bytes);
+            key = _keys.AddReal(k, bytes);
         }
         return key.Verify(command.MacInput, command.Mac);
-    }
-
-    private static void ClearKeys<TKey>(Dictionary<TKey, MacKey> keys) where TKey : notnull
-    {
-        foreach (var key in keys.Values)
-        {
-            key.Dispose();
-        }
-        keys.Clear();
     }
 
     /// <summary>Parses a recipient command and authorizes it; answers the error itself and returns null on failure.</summary>

@@ -24,10 +24,8 @@ internal sealed partial class RelaySession
     private readonly byte[] _sessionPrivate = new byte[ProtocolConstants.KeySize];
     private readonly byte[] _sessionPublic = new byte[ProtocolConstants.KeySize];
 
-    // Derived auth keys by client public key (read loop only).
-    private readonly Dictionary<Key32, MacKey> _authKeys = new();
-    // Keys used for ids that name no queue, so that a repeated probe costs what a real queue costs.
-    private Dictionary<Id24, MacKey>? _decoyKeys;
+    // Derived auth keys, real and decoy (read loop only).
+    private readonly SessionKeys _keys = new();
 
     private readonly Lock _subLock = new();
     private readonly Dictionary<QueueHandle, Subscription> _subscriptions = new(ReferenceEqualityComparer.Instance);
@@ -126,8 +124,7 @@ internal sealed partial class RelaySession
         {
             EndAllSubscriptions();
             await WaitForInFlightAsync();
-            ClearKeys(_authKeys);
-            if (_decoyKeys != null) ClearKeys(_decoyKeys);
+            _keys.Dispose();
             try
             {
                 await CompleteOutputAsync().WaitAsync(TimeSpan.FromSeconds(5));

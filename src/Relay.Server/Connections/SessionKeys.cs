@@ -1,0 +1,66 @@
+using Relay.Protocol;
+
+namespace Relay.Server.Connections;
+
+/// <summary>
+/// One connection's derived auth keys (read loop only): real ones by the client's public key, and
+/// decoys by the queue id a request named when no queue has it, so that a repeated probe of a missing
+/// queue costs what a repeated wrong key costs. Both share one budget and are dropped together when
+/// it is reached: how long a key stays cached never depends on whether its queue exists, and a
+/// connection that names many random ids holds at most <see cref="Capacity"/> keys (about 200 bytes
+/// each, 450 once used often).
+/// </summary>
+internal sealed class SessionKeys(int capacity = SessionKeys.DefaultCapacity) : IDisposable
+{
+    /// <summary>More distinct queue keys than one client uses on a connection, small enough that 100 connections of one source hold a few hundred MB at most.</summary>
+    public const int DefaultCapacity = 4_096;
+
+    private readonly Dictionary<Key32, MacKey> _real = new();
+    private Dictionary<Id24, MacKey>? _decoys;
+
+    public int Capacity => capacity;
+
+    public int Count => _real.Count + (_decoys?.Count ?? 0);
+
+    public bool TryGetReal(in Key32 clientKey, out MacKey key) => _real.TryGetValue(clientKey, out key!);
+
+    public MacKey AddReal(in Key32 clientKey, byte[] derived)
+    {
+        MakeRoom();
+        return _real[clientKey] = new MacKey(derived);
+    }
+
+    public bool TryGetDecoy(in Id24 queueId, out MacKey key)
+    {
+        key = null!;
+        return _decoys != null && _decoys.TryGetValue(queueId, out key!);
+    }
+
+    public MacKey AddDecoy(in Id24 queueId, byte[] derived)
+    {
+        MakeRoom();
+        return (_decoys ??= new())[queueId] = new MacKey(derived);
+    }
+
+    private void MakeRoom()
+    {
+        if (Count >= capacity) Clear();
+    }
+
+    public void Clear()
+    {
+        Clear(_real);
+        if (_decoys != null) Clear(_decoys);
+    }
+
+    private static void Clear<TKey>(Dictionary<TKey, MacKey> keys) where TKey : notnull
+    {
+        foreach (var key in keys.Values)
+        {
+            key.Dispose();
+        }
+        keys.Clear();
+    }
+
+    public void Dispose() => Clear();
+}
