@@ -95,7 +95,7 @@ public sealed class RelayClient : IAsyncDisposable
     public async Task SubscribeAsync(RelayAddress relay, RecipientQueue queue, CancellationToken cancellationToken = default)
     {
         var link = Link(relay);
-        link.Subscriptions[queue.RecipientId] = queue;
+        link.BeginSubscribing(queue);
         link.EnsurePump();
         try
         {
@@ -106,6 +106,10 @@ public sealed class RelayClient : IAsyncDisposable
             // Refused (AUTH, LIMIT): not subscribed, and not renewed after a reconnection either.
             link.Subscriptions.TryRemove(queue.RecipientId, out _);
             throw;
+        }
+        finally
+        {
+            link.EndSubscribing(queue);
         }
     }
 
@@ -151,9 +155,32 @@ public sealed class RelayClient : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// Raised when a delivery of a subscribed queue fails its integrity check: the app's delivery key
+    /// for it is not the queue's (damaged or mixed-up data), or the relay does not follow the protocol.
+    /// The queue is no longer subscribed (retrying cannot help) and its messages stay on the relay; the
+    /// other queues go on. Runs on the delivery pump: keep it short.
+    /// </summary>
+    public event Action<RelayAddress, RecipientQueue, string>? DeliveryRejected;
+
+    private void OnDeliveryRejected(RelayAddress relay, RecipientQueue queue, string reason)
+    {
+        try
+        {
+            DeliveryRejected?.Invoke(relay, queue, reason);
+        }
+        catch
+        {
+            // An app's handler must not stop the deliveries.
+        }
+    }
+
     /// <summary>Every delivery of every subscribed queue, in arrival order per queue.</summary>
     public IAsyncEnumerable<QueueDelivery> DeliveriesAsync(CancellationToken cancellationToken = default) =>
         _deliveries.Reader.ReadAllAsync(cancellationToken);
+
+    /// <summary>The delivery stream itself, for a reader that takes an item only when it is ready to handle it.</summary>
+    internal ChannelReader<QueueDelivery> Deliveries => _deliveries.Reader;
 
     public async ValueTask DisposeAsync()
     {
@@ -175,6 +202,45 @@ public sealed class RelayClient : IAsyncDisposable
         private Task? _pump;
         private Task? _keepAlive;
         public ConcurrentDictionary<byte[], RecipientQueue> Subscriptions { get; } = new(IdComparer.Instance);
+        // Queues whose SubscribeAsync is under way (with a count for concurrent calls), under _subscribing's lock:
+        // an END that arrives meanwhile concerns the subscription being replaced, not the new one.
+        private readonly Dictionary<byte[], int> _subscribing = new(IdComparer.Instance);
+
+        public void BeginSubscribing(RecipientQueue queue)
+        {
+            lock (_subscribing)
+            {
+                Subscriptions[queue.RecipientId] = queue;
+                _subscribing[queue.RecipientId] = _subscribing.GetValueOrDefault(queue.RecipientId) + 1;
+            }
+        }
+
+        public void EndSubscribing(RecipientQueue queue)
+        {
+            lock (_subscribing)
+            {
+                if (_subscribing.TryGetValue(queue.RecipientId, out int n))
+                {
+                    if (n > 1) _subscribing[queue.RecipientId] = n - 1;
+                    else _subscribing.Remove(queue.RecipientId);
+                }
+            }
+        }
+
+        /// <summary>The relay ended <paramref name="connection"/>'s subscription: let the queue go unless it is subscribed anew.</summary>
+        private RecipientQueue? OnEnded(RelayConnection connection, byte[] recipientId)
+        {
+            lock (_subscribing)
+            {
+                // An END from a connection that is not the current one any more concerns a
+                // subscription that was renewed on the new connection since.
+                if (Volatile.Read(ref _current) != connection || connection.IsSubscribed(recipientId) || _subscribing.ContainsKey(recipientId))
+                {
+                    return null;
+                }
+                return Subscriptions.TryRemove(recipientId, out var queue) ? queue : null;
+            }
+        }
 
         public async Task<RelayConnection> GetAsync(bool retry, CancellationToken cancellationToken)
         {
@@ -317,11 +383,13 @@ public sealed class RelayClient : IAsyncDisposable
                         {
                             owner._deliveries.Writer.TryWrite(new QueueDelivery(relay, d.Queue, d.Delivery));
                         }
-                        else if (e is SubscriptionEndedEvent ended && !connection.IsSubscribed(ended.RecipientId)
-                                 && Subscriptions.TryRemove(ended.RecipientId, out var queue))
+                        else if (e is SubscriptionEndedEvent ended && OnEnded(connection, ended.RecipientId) is { } queue)
                         {
-                            // (A SubscribeAsync that raced the END and subscribed again keeps it.)
                             owner.OnSubscriptionEnded(relay, queue);
+                        }
+                        else if (e is DeliveryRejectedEvent rejected && Subscriptions.TryRemove(rejected.Queue.RecipientId, out var dropped))
+                        {
+                            owner.OnDeliveryRejected(relay, dropped, rejected.Reason);
                         }
                     }
                 }
@@ -388,10 +456,15 @@ internal sealed class ReconnectBackoff(TimeSpan min, TimeSpan max, Func<double>?
 
     public void Connected() => _connectedAt = System.Diagnostics.Stopwatch.GetTimestamp();
 
-    /// <summary>The wait before connecting again (zero before the first connection).</summary>
+    /// <summary>The wait before connecting again (zero before the first connection and after one that lasted).</summary>
     public TimeSpan BeforeConnect()
     {
-        if (_connectedAt == 0) return TimeSpan.Zero;
+        if (_connectedAt == 0)
+        {
+            // No connection since the last wait: the first ever (step zero), or attempts that failed
+            // and were given up (the caller's cancellation, RetryFor): go on from their step.
+            return _step == TimeSpan.Zero ? TimeSpan.Zero : Spread(_step);
+        }
         var lasted = System.Diagnostics.Stopwatch.GetElapsedTime(_connectedAt);
         _connectedAt = 0;
         if (lasted >= max)

@@ -401,7 +401,7 @@ public sealed partial class QueueStore
     private void BumpEpoch()
     {
         Span<byte> value = stackalloc byte[8];
-        WriteOp op = RentOp(OpKind.Meta, null);
+        WriteOp op = RentOp(OpKind.Epoch, null);
         op.Detached = true;
         using BatchScope batch = BeginBatch();
         ulong epoch = ++_epoch;

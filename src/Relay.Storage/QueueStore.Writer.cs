@@ -1,4 +1,5 @@
 using System.Buffers;
+using System.Buffers.Binary;
 using System.Diagnostics;
 using System.Threading.Tasks.Sources;
 using Relay.Storage.Native;
@@ -24,6 +25,10 @@ public sealed partial class QueueStore
     /// <summary>The native write batch, used by the writer thread only.</summary>
     private nint _nativeBatch;
     private bool _writerStopping;
+    /// <summary>A failed batch's operations and every one staged after it are being undone: no new staging meanwhile.</summary>
+    private bool _undoing;
+    /// <summary>The last epoch bump was in a failed batch: the next batch written carries the epoch (writer thread only).</summary>
+    private bool _epochUnwritten;
     private bool _writerWaiting;
     private Thread _writer = null!;
 
@@ -73,7 +78,10 @@ public sealed partial class QueueStore
         return new PendingBatch();
     }
 
-    /// <summary>Enters the batch lock. Throws <see cref="ObjectDisposedException"/> (holding nothing) once the store is closing.</summary>
+    /// <summary>
+    /// Enters the batch lock. Throws (holding nothing, changing nothing) <see cref="ObjectDisposedException"/>
+    /// once the store is closing, and <see cref="StoreException"/> while a failed write is being undone.
+    /// </summary>
     internal BatchScope BeginBatch()
     {
         Monitor.Enter(_batchLock);
@@ -81,6 +89,13 @@ public sealed partial class QueueStore
         {
             Monitor.Exit(_batchLock);
             throw new ObjectDisposedException(nameof(QueueStore));
+        }
+        if (_undoing)
+        {
+            // What is staged now could copy state that the undo is about to take back (a queue
+            // record with a sender key whose write failed) and make it durable after all.
+            Monitor.Exit(_batchLock);
+            throw new StoreException("A write failed and is being undone; try again.");
         }
         return new BatchScope(this, _current);
     }
@@ -138,6 +153,11 @@ public sealed partial class QueueStore
                 // An operation without mutations (a barrier) only needs the batches before it written.
                 if (batch.Mutations.Count > 0)
                 {
+                    if (_epochUnwritten)
+                    {
+                        // Ids of this batch may come from an epoch whose bump failed: make it durable with them.
+                        PutEpoch(batch.Mutations);
+                    }
                     batch.Mutations.Sort();
                     batch.Mutations.WriteTo(_nativeBatch, _db);
                     _db.Write(_nativeBatch, _options.Durable);
@@ -146,40 +166,32 @@ public sealed partial class QueueStore
             catch (Exception e)
             {
                 error = e as StoreException ?? new StoreException("The write failed: " + e.Message, e);
-                Interlocked.Increment(ref _statistics._writeFailures);
             }
             double seconds = Stopwatch.GetElapsedTime(start).TotalSeconds;
             int count = batch.Ops.Count;
             Interlocked.Increment(ref _statistics._batches);
             Interlocked.Add(ref _statistics._operations, count);
 
-            foreach (WriteOp op in batch.Ops)
+            if (error is null)
             {
-                try
+                _epochUnwritten &= batch.Mutations.Count == 0;
+                foreach (WriteOp op in batch.Ops)
                 {
-                    if (error is null && op.Kind == OpKind.Barrier && Interlocked.Read(ref _statistics._writeFailures) != op.FailuresBefore)
+                    if (op.Kind == OpKind.Barrier && Interlocked.Read(ref _statistics._writeFailures) != op.FailuresBefore)
                     {
                         // A batch failed after this barrier was made: the write it waits for (an SKEY
                         // or OFF retried) may have been in it, and was undone. Never answer OK for it.
-                        OnFailed(op, new StoreException("An earlier write failed; the operation was not made durable."));
-                    }
-                    else if (error is null)
-                    {
-                        OnCommitted(op);
+                        Finish(op, new StoreException("An earlier write failed; the operation was not made durable."));
                     }
                     else
                     {
-                        OnFailed(op, error);
+                        Finish(op, null);
                     }
                 }
-                catch (Exception e)
-                {
-                    // Bookkeeping must never stop the writer; the caller still gets an answer.
-                    if (!op.Detached && !op.Staged)
-                    {
-                        op.Fail(e);
-                    }
-                }
+            }
+            else
+            {
+                FailFrom(batch, error);
             }
             // Before the callers hear of their operations: whoever awaited one sees its batch counted.
             try
@@ -199,6 +211,105 @@ public sealed partial class QueueStore
             {
                 _spareBatches.Push(batch);
             }
+        }
+    }
+
+    private void PutEpoch(MutationBatch mutations)
+    {
+        Span<byte> epoch = stackalloc byte[8];
+        BinaryPrimitives.WriteUInt64BigEndian(epoch, Volatile.Read(ref _epoch));
+        mutations.Put(Cf.Default, Keys.EpochKey, epoch);
+    }
+
+    /// <summary>Commits or fails one operation's bookkeeping; never throws (the caller still gets an answer).</summary>
+    private void Finish(WriteOp op, Exception? error)
+    {
+        try
+        {
+            if (error is null)
+            {
+                OnCommitted(op);
+            }
+            else
+            {
+                OnFailed(op, error);
+            }
+        }
+        catch (Exception e)
+        {
+            if (!op.Detached && !op.Staged)
+            {
+                op.Fail(e);
+            }
+        }
+    }
+
+    /// <summary>
+    /// A batch failed: it and every batch staged after it fail together, newest operation first, so
+    /// each undo restores what the operation before it left. A later batch may hold state copied
+    /// from a failed one (a queue record with the sender key of a failed SKEY, an append that relied
+    /// on the expiry entry or the activity hour of a failed one, quota that a failed ACK released)
+    /// and must not reach the disk. Staging is refused meanwhile, and the failure is counted only
+    /// after the undo, so a barrier made in between is not answered OK either.
+    /// </summary>
+    private void FailFrom(PendingBatch failed, Exception error)
+    {
+        var later = new List<PendingBatch>();
+        lock (_batchLock)
+        {
+            _undoing = true;
+            while (_sealed.TryDequeue(out PendingBatch? next))
+            {
+                later.Add(next);
+            }
+            if (_current.Ops.Count > 0)
+            {
+                later.Add(_current);
+                _current = RentBatch();
+            }
+        }
+        try
+        {
+            var after = new StoreException("An earlier write failed; the operation was not made durable.", error);
+            for (int b = later.Count - 1; b >= 0; b--)
+            {
+                UndoAll(later[b], after);
+            }
+            UndoAll(failed, error);
+        }
+        finally
+        {
+            Interlocked.Increment(ref _statistics._writeFailures);
+            lock (_batchLock)
+            {
+                _undoing = false;
+            }
+        }
+        // The later batches are answered here; the failed one by the caller, as a written one is.
+        foreach (PendingBatch batch in later)
+        {
+            Interlocked.Increment(ref _statistics._batches);
+            Interlocked.Add(ref _statistics._operations, batch.Ops.Count);
+            DispatchCompletions(batch.Ops);
+            batch.Mutations.Clear();
+            batch.Ops.Clear();
+            lock (_batchLock)
+            {
+                _spareBatches.Push(batch);
+            }
+        }
+    }
+
+    private void UndoAll(PendingBatch batch, Exception error)
+    {
+        for (int i = batch.Ops.Count - 1; i >= 0; i--)
+        {
+            WriteOp op = batch.Ops[i];
+            if (op.Kind == OpKind.Epoch)
+            {
+                _epochUnwritten = true;
+            }
+            Finish(op, error);
         }
     }
 
@@ -307,8 +418,10 @@ internal enum OpKind : byte
 {
     /// <summary>No mutations: completes once everything enqueued before it is durable.</summary>
     Barrier,
-    /// <summary>Store metadata (epoch), or cleanup without a queue handle.</summary>
+    /// <summary>Cleanup without a queue handle.</summary>
     Meta,
+    /// <summary>The id epoch, bumped when a queue with ids of the current epoch leaves memory.</summary>
+    Epoch,
     Create,
     Append,
     Ack,

@@ -71,28 +71,40 @@ public class ClientRecoveryTests
     }
 
     [Test]
-    public async Task A_delivery_altered_on_the_way_closes_the_connection_and_is_not_handed_out()
+    public async Task A_delivery_that_fails_its_integrity_check_drops_that_queue_only_and_stays_stored()
     {
         await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
         await using var proxy = TamperingProxy.Start(relay.Server.RelayEndPoint);
         await using var owner = await relay.ConnectAsync();
         var queue = await owner.CreateQueueAsync();
+        var other = await owner.CreateQueueAsync();
         await owner.SendAsync(new SenderQueue(queue.SenderId, null), "stored"u8.ToArray());
 
         var through = relay.Address with { Hosts = ["127.0.0.1"], Port = proxy.Port };
-        await using var recipient = await RelayConnection.ConnectAsync(through, new RelayConnectionOptions { Tls = false });
-        await recipient.SubscribeAsync(queue);
-
-        // The proxy flipped one byte of the MSG: the connection is closed, nothing was delivered.
-        await Assert.That(recipient.Closed.WaitHandle.WaitOne(TimeSpan.FromSeconds(10))).IsTrue();
-        var events = new List<RelayEvent>();
-        await foreach (var e in recipient.Events.ReadAllAsync().WithCancellation(new CancellationTokenSource(TimeSpan.FromSeconds(5)).Token))
+        await using var client = new RelayClient(new RelayClientOptions
         {
-            events.Add(e);
-        }
-        await Assert.That(events.OfType<DeliveryEvent>()).IsEmpty();
-        var failure = await Assert.ThrowsAsync<RelayConnectException>(async () => await recipient.PingAsync());
-        await Assert.That(failure!.Message).Contains("integrity");
+            Tls = false,
+            ReconnectMin = TimeSpan.FromMilliseconds(50),
+            ReconnectMax = TimeSpan.FromMilliseconds(500),
+        });
+        var rejected = new TaskCompletionSource<(RecipientQueue Queue, string Reason)>(TaskCreationOptions.RunContinuationsAsynchronously);
+        client.DeliveryRejected += (_, q, reason) => rejected.TrySetResult((q, reason));
+        await client.SubscribeAsync(through, other);
+        proxy.TamperWith(queue.RecipientId);
+        await client.SubscribeAsync(through, queue);
+
+        // The proxy altered the MSG of one queue: that queue is reported and dropped, nothing of it
+        // is handed out, and the connection goes on for the others (no reconnection loop).
+        var (droppedQueue, reason) = await rejected.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        await Assert.That(droppedQueue.RecipientId).IsEquivalentTo(queue.RecipientId);
+        await Assert.That(reason).Contains("integrity");
+        await client.RunAsync(through, c => c.PingAsync());
+        await owner.SendAsync(new SenderQueue(other.SenderId, null), "unaltered"u8.ToArray());
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(10));
+        await using var deliveries = client.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
+        await Assert.That(await deliveries.MoveNextAsync()).IsTrue();
+        await Assert.That(Text(deliveries.Current.Delivery)).IsEqualTo("unaltered");
+        await Assert.That(proxy.Accepted).IsEqualTo(1);
 
         // The message is still stored: a connection that is not tampered with gets it.
         await using var direct = await relay.ConnectAsync();
@@ -125,6 +137,12 @@ public class ClientRecoveryTests
         await Assert.That(backoff.Failed()).IsEqualTo(min);
         await Assert.That(backoff.Failed()).IsEqualTo(2 * min);
 
+        // Attempts given up (RetryFor, the caller's cancellation) are not forgotten: the next call
+        // waits for the step they reached instead of connecting at once.
+        var givenUp = new ReconnectBackoff(min, max, () => 1.0);
+        givenUp.Failed(); givenUp.Failed(); givenUp.Failed();
+        await Assert.That(givenUp.BeforeConnect()).IsEqualTo(4 * min);
+
         // Each wait is drawn from the upper half of its step.
         draw = 0.0;
         await Assert.That(backoff.Failed()).IsEqualTo(2 * min);       // step 400, drawn at its half
@@ -142,13 +160,19 @@ public class ClientRecoveryTests
         await Assert.That(waits.Distinct().Count()).IsGreaterThan(100);
     }
 
-    /// <summary>Forwards a relay's plain TCP both ways, flipping the last byte of every MSG frame it passes to the client.</summary>
+    /// <summary>Forwards a relay's plain TCP both ways, flipping the last byte of every MSG frame of the chosen queue it passes to the client.</summary>
     private sealed class TamperingProxy : IAsyncDisposable
     {
         private readonly TcpListener _listener;
         private readonly IPEndPoint _relay;
         private readonly CancellationTokenSource _stop = new();
         private readonly List<TcpClient> _open = [];
+        private byte[]? _victim;
+        private int _accepted;
+
+        public int Accepted => Volatile.Read(ref _accepted);
+
+        public void TamperWith(byte[] recipientId) => Volatile.Write(ref _victim, recipientId);
 
         private TamperingProxy(IPEndPoint relay)
         {
@@ -169,6 +193,7 @@ public class ClientRecoveryTests
                 while (true)
                 {
                     var client = await _listener.AcceptTcpClientAsync(_stop.Token);
+                    Interlocked.Increment(ref _accepted);
                     var upstream = new TcpClient();
                     await upstream.ConnectAsync(_relay, _stop.Token);
                     lock (_open) _open.AddRange([client, upstream]);
@@ -191,7 +216,8 @@ public class ClientRecoveryTests
                     await from.ReadExactlyAsync(prefix, _stop.Token);
                     var frame = new byte[BinaryPrimitives.ReadUInt32BigEndian(prefix)];
                     await from.ReadExactlyAsync(frame, _stop.Token);
-                    if (frame.Length > ProtocolConstants.HeaderSize && frame[0] == (byte)FrameType.Msg)
+                    if (frame.Length > ProtocolConstants.HeaderSize + ProtocolConstants.IdSize && frame[0] == (byte)FrameType.Msg
+                        && Volatile.Read(ref _victim) is { } victim && frame.AsSpan(ProtocolConstants.HeaderSize, ProtocolConstants.IdSize).SequenceEqual(victim))
                     {
                         frame[^1] ^= 0x01;
                     }

@@ -139,6 +139,8 @@ public class ConnectionLifetimeTests
         // batch written after the stall holds what it read meanwhile, and no batch holds more.
         await Assert.That(batches).IsNotEmpty();
         await Assert.That(batches.Prepend(first).Max()).IsLessThanOrEqualTo(Limit / Size);
+        // It did read while the disk stalled (the limit, not slowness, is what stopped it).
+        await Assert.That(first + batches.First()).IsGreaterThanOrEqualTo(Limit / Size / 2);
         // And then it went on: every SEND answered OK, every message stored in order.
         await Assert.That(answers.All(a => a.Type == FrameType.Ok)).IsTrue();
         await Assert.That(relay.Server.Store.FindBySenderId(queue.SenderId)!.MessageCount).IsEqualTo(Sends);

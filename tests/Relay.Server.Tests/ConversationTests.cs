@@ -169,10 +169,18 @@ public class ConversationTests
             await Assert.That(told.Contact).IsEqualTo("bob");
             await Assert.That(told.Reason).Contains("another device");
 
-            // Bob's messages go to the device that listens now, not back and forth.
+            // Bob's messages go to the device that listens now; and after both reconnect (a relay
+            // restart) the first device does not take the queue back.
             await bob.SendAsync("alice", "to the second device");
             await Assert.That((await secondListener.NextAsync<MessageReceived>()).Text).IsEqualTo("to the second device");
-            await Assert.That((await aliceListener.DrainAsync()).OfType<MessageReceived>()).IsEmpty();
+            await relay.RestartAsync();
+            await alice.Client.RunAsync(relay.Address, c => c.PingAsync());
+            await second.Client.RunAsync(relay.Address, c => c.PingAsync());
+            await bob.SendAsync("alice", "after the restart");
+            await Assert.That((await secondListener.NextAsync<MessageReceived>()).Text).IsEqualTo("after the restart");
+            var firstDevice = await aliceListener.DrainAsync();
+            await Assert.That(firstDevice.OfType<MessageReceived>()).IsEmpty();
+            await Assert.That(firstDevice.OfType<ContactUnavailable>()).IsEmpty();   // told once, above
         }
     }
 

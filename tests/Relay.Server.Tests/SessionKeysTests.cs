@@ -7,7 +7,7 @@ namespace Relay.Server.Tests;
 public class SessionKeysTests
 {
     private static Key32 RandomKey() => Key32.From(RandomNumberGenerator.GetBytes(32));
-    private static Id24 RandomId() => Id24.From(RandomNumberGenerator.GetBytes(24));
+    private static DecoyKey RandomId() => new(Id24.From(RandomNumberGenerator.GetBytes(24)), SenderSide: false);
     private static byte[] Derived() => RandomNumberGenerator.GetBytes(32);
 
     [Test]
@@ -30,6 +30,18 @@ public class SessionKeysTests
         await Assert.That(real.Any(k => keys.TryGetReal(k, out _))).IsFalse();
         await Assert.That(decoys.Any(id => keys.TryGetDecoy(id, out _))).IsFalse();
         await Assert.That(keys.TryGetDecoy(ninth, out _)).IsTrue();
+    }
+
+    [Test]
+    public async Task A_decoy_made_for_a_recipient_id_is_not_found_for_the_same_bytes_as_a_sender_id()
+    {
+        // Otherwise a recipient command on X followed by a SEND on X would be fast when X names no
+        // queue and slow (a fresh derivation) when X is an existing queue's sender id.
+        using var keys = new SessionKeys();
+        var id = Id24.From(RandomNumberGenerator.GetBytes(24));
+        keys.AddDecoy(new DecoyKey(id, SenderSide: false), Derived());
+        await Assert.That(keys.TryGetDecoy(new DecoyKey(id, SenderSide: true), out _)).IsFalse();
+        await Assert.That(keys.TryGetDecoy(new DecoyKey(id, SenderSide: false), out _)).IsTrue();
     }
 
     [Test]

@@ -84,6 +84,75 @@ public class WriteFailureTests
     }
 
     [Test]
+    public async Task A_write_staged_after_a_failed_one_fails_with_it_and_cannot_make_it_durable()
+    {
+        await using TestStore t = TestStore.Create();
+        QueueHandle q = await t.CreateQueueAsync();
+        byte[] key = RandomNumberGenerator.GetBytes(QueueHandle.KeyLength);
+        var disk = new FaultyDisk { FailHeldBatch = true };
+        t.Store.BeforeWrite = disk.BeforeWrite;
+
+        // SKEY's batch is on its way to the disk; OFF, staged meanwhile, writes the queue's record,
+        // which at that moment carries the new sender key.
+        var secure = t.Store.SecureAsync(q, key).AsTask();
+        await disk.Held.WaitAsync(TimeSpan.FromSeconds(10));
+        var suspend = t.Store.SuspendAsync(q).AsTask();
+        disk.Release();
+
+        await Assert.ThrowsAsync<StoreException>(async () => await secure);
+        var later = await Assert.ThrowsAsync<StoreException>(async () => await suspend);
+        await Assert.That(later!.Message).Contains("earlier write failed");
+        await Assert.That(q.SenderKey).IsNull();
+        await Assert.That(q.Suspended).IsFalse();
+
+        // On disk too: after a restart the queue is neither secured nor suspended, and takes a key.
+        await t.ReopenAsync();
+        q = t.Store.FindByRecipientId(q.RecipientId)!;
+        await Assert.That(q.SenderKey).IsNull();
+        await Assert.That(q.Suspended).IsFalse();
+        byte[] other = RandomNumberGenerator.GetBytes(QueueHandle.KeyLength);
+        await Assert.That(await t.Store.SecureAsync(q, other)).IsEqualTo(StoreStatus.Ok);
+    }
+
+    [Test]
+    public async Task Appends_staged_after_a_failed_append_fail_too_and_the_counts_stay_true()
+    {
+        await using TestStore t = TestStore.Create(p => new QueueStoreOptions { Path = p, MaxMessagesPerQueue = 3 });
+        QueueHandle q = await t.CreateQueueAsync();
+        var disk = new FaultyDisk { FailHeldBatch = true };
+        t.Store.BeforeWrite = disk.BeforeWrite;
+
+        var first = t.Store.AppendAsync(q, 0, [1]).AsTask();
+        await disk.Held.WaitAsync(TimeSpan.FromSeconds(10));
+        var second = t.Store.AppendAsync(q, 0, [2]).AsTask();
+        var third = t.Store.AppendAsync(q, 0, [3]).AsTask();
+        disk.Release();
+        foreach (var append in new[] { first, second, third })
+        {
+            await Assert.ThrowsAsync<StoreException>(async () => await append);
+        }
+        await Assert.That(q.MessageCount).IsEqualTo(0);
+        await Assert.That(q.ByteCount).IsEqualTo(0);
+        await Assert.That(t.Store.Statistics.WriteFailures).IsEqualTo(1);
+
+        // The whole quota is free again, and what is written now is all there is after a restart.
+        for (byte b = 4; b <= 6; b++)
+        {
+            await Assert.That((await t.Store.AppendAsync(q, 0, [b])).Status).IsEqualTo(StoreStatus.Ok);
+        }
+        await t.ReopenAsync();
+        q = t.Store.FindByRecipientId(q.RecipientId)!;
+        await Assert.That(q.MessageCount).IsEqualTo(3);
+        var bodies = new List<byte>();
+        while (t.Peek(q) is { } m)
+        {
+            bodies.Add(m.Body[0]);
+            await t.Store.AckAsync(q, m.Id);
+        }
+        await Assert.That(bodies).IsEquivalentTo(new List<byte> { 4, 5, 6 }, TUnit.Assertions.Enums.CollectionOrdering.Matching);
+    }
+
+    [Test]
     public async Task A_retried_sender_key_is_confirmed_once_the_first_write_is_durable()
     {
         await using TestStore t = TestStore.Create();

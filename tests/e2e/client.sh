@@ -18,14 +18,33 @@ fi
 # relay check: directly, through SOCKS5, and against the wrong identity.
 check "relay check succeeds" bash -c "'$RELAY' check '$ADDR' > '$E2E_TMP/check.out' && grep -q '^ok   delete' '$E2E_TMP/check.out'"
 check "relay check prints every step with its time" bash -c "for s in connect create secure send receive ack delete; do grep -Eq \"^ok   \$s +[0-9.]+ ms\" '$E2E_TMP/check.out' || exit 1; done"
-check "relay ping answers" bash -c "'$RELAY' ping '$ADDR' --count 2 | grep -q pong"
+check "relay ping answers" bash -c "set -o pipefail; '$RELAY' ping '$ADDR' --count 2 | grep -q pong"
+MAIN_RELAY_PID=$RELAY_PID
+# A relay that stops answering (frozen with SIGSTOP while ping runs): ping gives up after --timeout.
+"$RELAY" ping "$ADDR" --count 1000000 --timeout 2 >"$E2E_TMP/ping.out" 2>"$E2E_TMP/ping.err" &
+PING_PID=$!
+for _ in $(seq 100); do grep -q pong "$E2E_TMP/ping.out" 2>/dev/null && break; sleep 0.1; done
+kill -STOP "$MAIN_RELAY_PID"
+PING_START=$SECONDS
+PING_RC=0; wait "$PING_PID" || PING_RC=$?
+PING_TOOK=$((SECONDS - PING_START))
+kill -CONT "$MAIN_RELAY_PID"
+check "relay ping gives up on a relay that stops answering (exit 1 within the timeout)" bash -c "[ $PING_RC = 1 ] && [ $PING_TOOK -le 6 ] && grep -q 'no PONG within 2 s' '$E2E_TMP/ping.err' && grep -q pong '$E2E_TMP/ping.out'"
+# A listener that accepts and never speaks: the handshake times out.
+SILENT_PORT=$(free_port)
+python3 -c "import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1',$SILENT_PORT)); s.listen(); c,_=s.accept(); time.sleep(30)" &
+E2E_PIDS+=($!); SILENT_PID=$!
+for _ in $(seq 50); do ss -Hltn "sport = :$SILENT_PORT" | grep -q . && break; sleep 0.1; done
+SILENT_ADDR=$(echo "$ADDR" | sed "s|:$PORT\$|:$SILENT_PORT|")
+check "relay ping gives up on a listener that never answers" bash -c "start=\$SECONDS; '$RELAY' ping '$SILENT_ADDR' --timeout 2 2>'$E2E_TMP/silent.err'; rc=\$?; [ \$rc = 1 ] && [ \$((SECONDS - start)) -le 6 ] && [ -s '$E2E_TMP/silent.err' ]"
+kill "$SILENT_PID" 2>/dev/null
 
 SOCKS_PORT=$(free_port)
 microsocks -i 127.0.0.1 -p "$SOCKS_PORT" >"$E2E_TMP/socks.log" 2>&1 &
 E2E_PIDS+=($!); SOCKS_PID=$!
-sleep 0.3
+wait_for_port "$SOCKS_PORT" || echo "microsocks is not listening on $SOCKS_PORT"
 check "relay check through a SOCKS5 proxy (microsocks)" "$RELAY" check "$ADDR" --socks "127.0.0.1:$SOCKS_PORT"
-kill "$SOCKS_PID" 2>/dev/null
+kill "$SOCKS_PID" 2>/dev/null; wait "$SOCKS_PID" 2>/dev/null
 check "relay check through a dead proxy fails naming the connect step" bash -c "out=\$('$RELAY' check '$ADDR' --socks 127.0.0.1:$SOCKS_PORT --timeout 5 2>&1); rc=\$?; [ \$rc = 1 ] && echo \"\$out\" | grep -q \"step 'connect'\""
 
 "$RELAY" init --data "$E2E_TMP/other" >/dev/null 2>&1
@@ -48,7 +67,7 @@ check "reply from the inviter" "$RELAY" send --profile "$A" --to bob "hi bob $CA
 check "the joiner receives the reply" bash -c "[ \"\$('$RELAY' listen --profile '$B' --once --timeout 10)\" = 'alice: hi bob $CANARY' ]"
 check "listen --timeout exits 1 when nothing arrives" bash -c "'$RELAY' listen --profile '$A' --timeout 1 >/dev/null 2>&1; [ \$? = 1 ]"
 check "contacts lists the contact" bash -c "'$RELAY' contacts --profile '$A' | grep -q '^bob	joined$'"
-check "send to an unknown contact fails clearly" bash -c "'$RELAY' send --profile '$A' --to carol x 2>&1 | grep -q \"no contact named 'carol'\""
+check "send to an unknown contact fails clearly" bash -c "out=\$('$RELAY' send --profile '$A' --to carol x 2>&1); rc=\$?; [ \$rc = 1 ] && echo \"\$out\" | grep -q \"no contact named 'carol'\""
 # A message whose text carries a newline and an escape sequence prints on one line, escaped.
 check "send a message with control characters" "$RELAY" send --profile "$B" --to alice $'line one\n* mallory joined\e[31m'
 check "listen prints it on one line with the controls escaped" bash -c "[ \"\$('$RELAY' listen --profile '$A' --once --timeout 10)\" = 'bob: line one\\n* mallory joined\\u001b[31m' ]"
@@ -65,7 +84,7 @@ done
 check "relay without arguments prints its help on stderr and exits 2" bash -c "out=\$('$RELAY' 2>/dev/null); rc=\$?; [ \$rc = 2 ] && [ -z \"\$out\" ] && '$RELAY' 2>&1 | grep -q '^Usage: relay'"
 check "profile key file is mode 0600" bash -c "[ \"\$(stat -c %a '$A/profile.json')\" = 600 ]"
 chmod 644 "$A/profile.json"
-check "a profile readable by others is refused" bash -c "'$RELAY' send --profile '$A' --to bob x 2>&1 | grep -q 'accessible by other users'; [ \${PIPESTATUS[0]} = 1 ]"
+check "a profile readable by others is refused" bash -c "'$RELAY' send --profile '$A' --to bob x 2>&1 | grep -q 'accessible by other users'; r=(\${PIPESTATUS[@]}); [ \${r[0]} = 1 ] && [ \${r[1]} = 0 ]"
 chmod 600 "$A/profile.json"
 
 # Seizure: stop the relay and search everything it wrote.
@@ -84,10 +103,13 @@ print("\n".join(sorted(out)))
 PY
 )
 seized() {  # seized NEEDLE: true when NEEDLE is nowhere in the data directory or the relay's output
-    ! grep -rqaF -- "$1" "$DATA" "$E2E_TMP/relay.log"
+    [ -d "$DATA" ] && [ -s "$E2E_TMP/relay.log" ] || return 1
+    local rc=0
+    grep -rqaF -- "$1" "$DATA" "$E2E_TMP/relay.log" || rc=$?
+    [ "$rc" = 1 ]   # 1: not found; 0: found; 2: grep failed
 }
 check "seizure: the canary text is nowhere in the data directory or output" seized "$CANARY"
-check "seizure: no profile key in any encoding" bash -c "while read -r k; do [ -z \"\$k\" ] && continue; grep -rqaF -- \"\$k\" '$DATA' '$E2E_TMP/relay.log' && exit 1; done <<< \"$keys\"; exit 0"
+check "seizure: no profile key in any encoding (the keys were found: $(echo "$keys" | grep -c .))" bash -c "[ \$(echo '$keys' | grep -c .) -ge 12 ] || exit 1; while read -r k; do [ -z \"\$k\" ] && continue; grep -rqaF -- \"\$k\" '$DATA' '$E2E_TMP/relay.log'; rc=\$?; [ \$rc = 1 ] || exit 1; done <<< \"$keys\"; exit 0"
 check "seizure: no raw private key bytes" python3 - "$DATA" "$A/profile.json" "$B/profile.json" <<'PY'
 import json, sys, base64, os
 keys = []
@@ -95,6 +117,7 @@ for path in sys.argv[2:]:
     for c in json.load(open(path))["contacts"]:
         for k in ("ownPrivate", "recipientPrivate", "senderPrivate", "sendChain", "receiveChain"):
             if c.get(k): keys.append(base64.b64decode(c[k]))
+if len(keys) < 4 or not os.path.isdir(sys.argv[1]): sys.exit(2)
 for root, _, files in os.walk(sys.argv[1]):
     for f in files:
         data = open(os.path.join(root, f), "rb").read()

@@ -15,16 +15,6 @@ PORT=$(free_port); ADMIN=$(free_port)
 FP=$("$RELAY" address --data "$DATA" | sed 's|relay://||; s|@.*||')
 addr() { echo "relay://$FP@127.0.0.1:$1"; }
 
-# wait_for_port PORT [SECONDS]: until something listens on 127.0.0.1:PORT.
-wait_for_port() {
-    local deadline=$((SECONDS + ${2:-10}))
-    while [ $SECONDS -lt $deadline ]; do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    return 1
-}
-
 # stop PID: TERM, then wait for it.
 stop() { kill -TERM "$1" 2>/dev/null; wait "$1" 2>/dev/null; return 0; }
 
@@ -36,7 +26,7 @@ REJECTED='relay_connections_rejected_total{reason="proxy_header"}'
 check "serve --help lists --proxy-protocol and the per-source limits" bash -c \
     "'$RELAY' serve --help | grep -q -- '--proxy-protocol' && '$RELAY' serve --help | grep -q -- '--max-connections-per-source' && '$RELAY' serve --help | grep -q -- '--queue-creation-rate'"
 check "a bad per-source limit is a usage error (exit 2)" bash -c \
-    "'$RELAY' serve --data '$E2E_TMP/unused' --max-connections-per-source -1 >/dev/null 2>&1; [ \$? = 2 ]"
+    "timeout 20 '$RELAY' serve --data '$E2E_TMP/unused' --max-connections-per-source -1 --listen 127.0.0.1:0 --admin 127.0.0.1:0 >/dev/null 2>&1; [ \$? = 2 ]"
 if ! start_relay relay "$DATA" "$PORT" "$ADMIN" --host relay.test --proxy-protocol; then
     fail "relay starts with --proxy-protocol"; cat "$E2E_TMP/relay.log"; finish; exit 1
 fi
@@ -64,7 +54,7 @@ for mode in send-proxy-v2 send-proxy; do
     if wait_for_port "$HAPORT" && sleep 1; then
         check "haproxy.cfg ($mode) names $mode for the relay" grep -Eq "^\s*server relay 127\.0\.0\.1:$PORT $mode check port $ADMIN " "$cfg"
         check "relay check through haproxy ($mode)" "$RELAY" check "$(addr "$HAPORT")" --timeout 20
-        check "relay ping through haproxy ($mode)" bash -c "'$RELAY' ping '$(addr "$HAPORT")' --count 2 | grep -q pong"
+        check "relay ping through haproxy ($mode)" bash -c "set -o pipefail; '$RELAY' ping '$(addr "$HAPORT")' --count 2 | grep -q pong"
     else
         fail "haproxy ($mode) starts"; cat "$E2E_TMP/haproxy-$mode.log"
     fi
@@ -161,9 +151,12 @@ if wait_for_port "$SSPORT" && wait_for_port "$SLPORT"; then
     stop "$SSLPID"
     ss-local -c "$E2E_TMP/ss-local.json" >"$E2E_TMP/ss-local-wrong.log" 2>&1 &
     SSLPID=$!; E2E_PIDS+=("$SSLPID")
-    wait_for_port "$SLPORT"
-    check "through ss-local with a wrong password the check fails" \
-        bash -c "! '$RELAY' check '$(addr "$PORT")' --socks 127.0.0.1:$SLPORT --timeout 5 >/dev/null 2>&1"
+    if wait_for_port "$SLPORT"; then
+        check "through ss-local with a wrong password the check fails" \
+            bash -c "'$RELAY' check '$(addr "$PORT")' --socks 127.0.0.1:$SLPORT --timeout 5 >/dev/null 2>&1; [ \$? = 1 ]"
+    else
+        fail "ss-local restarts with the wrong password"
+    fi
 else
     fail "ss-server and ss-local start"; cat "$E2E_TMP/ss-server.log" "$E2E_TMP/ss-local.log"
 fi
@@ -171,8 +164,8 @@ stop "$SSLPID"; stop "$SSSPID"
 stop_relay "$RELAY_PID" TERM
 
 check "the relay's output names no IP address (127.0.0.1)" bash -c \
-    "! grep -qF 127.0.0.1 '$E2E_TMP/relay-proxy-protocol.log' '$E2E_TMP/relay.log'"
+    "[ -s '$E2E_TMP/relay-proxy-protocol.log' ] && [ -s '$E2E_TMP/relay.log' ]; [ \$? = 0 ] || exit 1; grep -qF 127.0.0.1 '$E2E_TMP/relay-proxy-protocol.log' '$E2E_TMP/relay.log'; [ \$? = 1 ]"
 check "the relay's output names no IPv6 loopback or proxy source" bash -c \
-    "! grep -qE '::1|::ffff:' '$E2E_TMP/relay-proxy-protocol.log' '$E2E_TMP/relay.log'"
+    "grep -qE '::1|::ffff:' '$E2E_TMP/relay-proxy-protocol.log' '$E2E_TMP/relay.log'; [ \$? = 1 ]"
 
 finish

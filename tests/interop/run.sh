@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Interoperability: a Python client written from docs/PROTOCOL.md alone (relay_client.py) runs the
 # whole queue lifecycle against the published relay binary ($RELAY), over TLS with a pinned
-# fingerprint and over plain TCP. Ends with "N passed, N failed".
+# fingerprint and over plain TCP. Ends with "e2e total: N passed, N failed".
 # Needs /usr/bin/python3 with python3-cryptography (Debian). TRANSCRIPT_OUT=FILE keeps the annotated
 # hex transcript of one exchange of each command (docs/PROTOCOL.md Appendix A is made from it).
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -66,9 +66,7 @@ else
 fi
 
 # The transcript in docs/PROTOCOL.md Appendix A is recomputable from the keys printed beside it.
-if [ -f "$HERE/../../docs/PROTOCOL.md" ] && grep -q '^## Appendix A' "$HERE/../../docs/PROTOCOL.md"; then
-    check "PROTOCOL.md Appendix A recomputes (lengths, MACs, deliveries)" \
-        bash -c "cd '$HERE' && '$PY' verify_transcript.py ../../docs/PROTOCOL.md"
-fi
+check "PROTOCOL.md Appendix A recomputes (lengths, MACs, deliveries)" \
+    bash -c "grep -q '^## Appendix A' '$HERE/../../docs/PROTOCOL.md' && cd '$HERE' && '$PY' verify_transcript.py ../../docs/PROTOCOL.md"
 
 finish

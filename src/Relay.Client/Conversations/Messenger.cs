@@ -231,29 +231,13 @@ public sealed class Messenger : IAsyncDisposable
                 await FlushOutboxAsync(contact.Name, cancellationToken);
             }
         }
-        var unavailable = new List<ConversationEvent>();
-        foreach (var contact in profile.Contacts)
-        {
-            var relay = RelayAddress.Parse(contact.ReceiveRelay);
-            try
-            {
-                await _client.SubscribeAsync(relay, ReceiveQueue(contact), cancellationToken);
-            }
-            catch (RelayErrorException ex)
-            {
-                unavailable.Add(new ContactUnavailable(contact.Name, ex.Message));
-            }
-        }
-        foreach (var e in unavailable)
-        {
-            yield return e;
-        }
-
-        // A queue lost while listening (taken by another device, or deleted and refused after a
-        // reconnection) is reported between deliveries; the other contacts go on.
+        // A queue lost while listening (taken by another device, deleted and refused after a
+        // reconnection, or a delivery that fails its integrity check) is reported between
+        // deliveries; the other contacts go on. Watched from before the first SUB.
         var lost = Channel.CreateUnbounded<ConversationEvent>();
         void Ended(RelayAddress relay, RecipientQueue queue) => Report(queue, "another device is receiving this contact's messages now (or the queue was deleted)");
         void Refused(RelayAddress relay, RecipientQueue queue, RelayErrorException error) => Report(queue, error.Message);
+        void Rejected(RelayAddress relay, RecipientQueue queue, string reason) => Report(queue, reason);
         void Report(RecipientQueue queue, string reason)
         {
             var contact = _store.Load().Contacts.FirstOrDefault(c => c.RecipientId.AsSpan().SequenceEqual(queue.RecipientId));
@@ -261,16 +245,30 @@ public sealed class Messenger : IAsyncDisposable
         }
         _client.SubscriptionEnded += Ended;
         _client.SubscriptionRefused += Refused;
-        using var stopDeliveries = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
-        var deliveries = _client.DeliveriesAsync(stopDeliveries.Token).GetAsyncEnumerator(stopDeliveries.Token);
-        Task<bool>? nextDelivery = null;
+        _client.DeliveryRejected += Rejected;
+        using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        // Deliveries are taken from the stream only when they are about to be handled: an app that
+        // stops listening after an event leaves the next delivery there for the next listener.
+        var deliveries = _client.Deliveries;
+        Task<bool>? nextDelivery = null, nextLost = null;
         try
         {
-            nextDelivery = deliveries.MoveNextAsync().AsTask();
-            var nextLost = lost.Reader.WaitToReadAsync(cancellationToken).AsTask();
+            foreach (var contact in profile.Contacts)
+            {
+                var relay = RelayAddress.Parse(contact.ReceiveRelay);
+                try
+                {
+                    await _client.SubscribeAsync(relay, ReceiveQueue(contact), cancellationToken);
+                }
+                catch (RelayErrorException ex)
+                {
+                    lost.Writer.TryWrite(new ContactUnavailable(contact.Name, ex.Message));
+                }
+            }
+            nextDelivery = deliveries.WaitToReadAsync(stop.Token).AsTask();
+            nextLost = lost.Reader.WaitToReadAsync(stop.Token).AsTask();
             while (true)
             {
-                await Task.WhenAny(nextDelivery, nextLost);
                 if (nextLost.IsCompleted)
                 {
                     while (lost.Reader.TryRead(out var e))
@@ -278,41 +276,51 @@ public sealed class Messenger : IAsyncDisposable
                         yield return e;
                     }
                     await nextLost;   // throws if cancelled
-                    nextLost = lost.Reader.WaitToReadAsync(cancellationToken).AsTask();
+                    nextLost = lost.Reader.WaitToReadAsync(stop.Token).AsTask();
+                    continue;
                 }
-                if (!nextDelivery.IsCompleted) continue;
-                if (!await nextDelivery) break;
-                var delivery = deliveries.Current;
-                var events = await ProcessAsync(delivery, cancellationToken);
-                try
+                if (!nextDelivery.IsCompleted)
                 {
-                    await _client.RunAsync(delivery.Relay, c => c.AckAsync(delivery.Queue, delivery.Delivery.MessageId, cancellationToken), cancellationToken);
+                    await Task.WhenAny(nextDelivery, nextLost);
+                    continue;
                 }
-                catch (RelayErrorException ex) when (ex.Code == ErrorCode.NoMsg)
+                if (!await nextDelivery) break;   // the client was disposed
+                if (deliveries.TryRead(out var delivery))
                 {
-                    // Already acknowledged through an earlier connection: the state is saved, nothing is lost.
+                    var events = await ProcessAsync(delivery, cancellationToken);
+                    try
+                    {
+                        await _client.RunAsync(delivery.Relay, c => c.AckAsync(delivery.Queue, delivery.Delivery.MessageId, cancellationToken), cancellationToken);
+                    }
+                    catch (RelayErrorException ex) when (ex.Code == ErrorCode.NoMsg)
+                    {
+                        // Already acknowledged through an earlier connection: the state is saved, nothing is lost.
+                    }
+                    foreach (var e in events)
+                    {
+                        yield return e;
+                    }
                 }
-                foreach (var e in events)
-                {
-                    yield return e;
-                }
-                nextDelivery = deliveries.MoveNextAsync().AsTask();
+                nextDelivery = deliveries.WaitToReadAsync(stop.Token).AsTask();
             }
         }
         finally
         {
             _client.SubscriptionEnded -= Ended;
             _client.SubscriptionRefused -= Refused;
-            // The app may stop listening while the next delivery is awaited: end that wait first.
-            stopDeliveries.Cancel();
-            try
+            _client.DeliveryRejected -= Rejected;
+            // The waits hold registrations on the token and waiters on the channels: end them.
+            stop.Cancel();
+            foreach (var wait in new[] { nextDelivery, nextLost })
             {
-                if (nextDelivery != null) await nextDelivery;
+                try
+                {
+                    if (wait != null) await wait;
+                }
+                catch (OperationCanceledException)
+                {
+                }
             }
-            catch (OperationCanceledException)
-            {
-            }
-            await deliveries.DisposeAsync();
         }
     }
 

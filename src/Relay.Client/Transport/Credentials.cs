@@ -14,3 +14,9 @@ public abstract record RelayEvent;
 /// <summary>A delivery, with the subscribed queue it belongs to (the one given to SubscribeAsync).</summary>
 public sealed record DeliveryEvent(Delivery Delivery, RecipientQueue Queue) : RelayEvent;
 public sealed record SubscriptionEndedEvent(byte[] RecipientId) : RelayEvent;
+/// <summary>
+/// A delivery of this subscribed queue failed its integrity check (a delivery key that is not the
+/// queue's, or a relay that does not follow the protocol): the queue is no longer subscribed on this
+/// connection, and the message stays stored on the relay.
+/// </summary>
+public sealed record DeliveryRejectedEvent(RecipientQueue Queue, string Reason) : RelayEvent;

@@ -363,22 +363,30 @@ public sealed partial class RelayConnection : IAsyncDisposable
     {
         delivery = null!;
         queue = null!;
-        if (payload.Length < ProtocolConstants.MsgOverhead)
+        if (payload.Length < ProtocolConstants.IdSize)
         {
             throw new RelayConnectException("the relay sent a malformed delivery; the connection was closed");
         }
+        var id = Id.From(payload.Slice(0, ProtocolConstants.IdSize));
         (DeliveryCipher Cipher, RecipientQueue Queue) subscribed;
         lock (_pendingLock)
         {
-            if (!_subscribed.TryGetValue(Id.From(payload.Slice(0, ProtocolConstants.IdSize)), out subscribed)) return false;
+            // Not (or no longer) subscribed here: a push that crossed an END or a refusal.
+            if (!_subscribed.TryGetValue(id, out subscribed)) return false;
         }
-        var body = new byte[payload.Length - ProtocolConstants.MsgOverhead];
-        if (!RelayCrypto.TryOpenDelivery(subscribed.Cipher, payload, body, out var messageId, out var hour, out var flags, out _))
+        var body = payload.Length >= ProtocolConstants.MsgOverhead ? new byte[payload.Length - ProtocolConstants.MsgOverhead] : null;
+        if (body is null || !RelayCrypto.TryOpenDelivery(subscribed.Cipher, payload, body, out var messageId, out var hour, out var flags, out _))
         {
-            // Not from the relay this connection authenticated, or altered on the way: nothing on this
-            // connection can be trusted any more. Closing it (rather than skipping the message) makes a
-            // new connection fetch it again, so a delivery window never waits for it.
-            throw new RelayConnectException("a delivery failed its integrity check; the connection was closed");
+            // Not sealed with this queue's delivery key: the app's key for it is wrong, or the relay
+            // does not follow the protocol. Retrying cannot help, and skipping the message would
+            // leave it holding a place of the window: the queue stops here, the others go on.
+            lock (_pendingLock)
+            {
+                if (_subscribed.Remove(id, out var dropped)) dropped.Cipher.Dispose();
+            }
+            _events.Writer.TryWrite(new DeliveryRejectedEvent(subscribed.Queue,
+                "a delivery failed its integrity check (wrong delivery key, or a relay that does not follow the protocol); the queue is no longer subscribed and its messages stay on the relay"));
+            return false;
         }
         queue = subscribed.Queue;
         delivery = new Delivery(queue.RecipientId, messageId, hour, flags, body, payload.ToArray());

@@ -28,13 +28,13 @@ internal sealed partial class RelaySession
         var queue = _store.FindBySenderId(command.QueueId);
         if (queue is null)
         {
-            Authorize(command, null);
+            Authorize(command, null, senderSide: true);
             Fail(FrameType.Send, corr, ErrorCode.Auth);
             return;
         }
         var senderKey = queue.SenderKey;
         // An unsecured queue takes its first messages without a MAC: they carry the sender's key.
-        if ((senderKey != null && !Authorize(command, senderKey)) || queue.Suspended)
+        if ((senderKey != null && !Authorize(command, senderKey, senderSide: true)) || queue.Suspended)
         {
             Fail(FrameType.Send, corr, ErrorCode.Auth);
             return;

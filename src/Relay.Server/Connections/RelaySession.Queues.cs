@@ -12,14 +12,17 @@ internal sealed partial class RelaySession
     /// <summary>
     /// Verifies the MAC of <paramref name="command"/> under the key the session shares with
     /// <paramref name="clientKey"/>. For a missing queue (null) the same work is done under a decoy
-    /// key, so that "no such queue" and "wrong key" cannot be told apart by content or time.
+    /// key, so that "no such queue" and "wrong key" cannot be told apart by content or time. A decoy
+    /// is cached by the id and the side it was looked up on (<paramref name="senderSide"/>: sender
+    /// ids, else recipient ids), so it is found again exactly when a real queue's key would be: a
+    /// decoy made for a recipient id cannot speed up a SEND naming the same bytes.
     /// </summary>
-    private bool Authorize(in QueueCommand command, byte[]? clientKey)
+    private bool Authorize(in QueueCommand command, byte[]? clientKey, bool senderSide)
     {
         MacKey? key;
         if (clientKey is null)
         {
-            var id = Id24.From(command.QueueId);
+            var id = new DecoyKey(Id24.From(command.QueueId), senderSide);
             if (!_keys.TryGetDecoy(id, out key))
             {
                 var bytes = new byte[ProtocolConstants.KeySize];
@@ -57,7 +60,7 @@ internal sealed partial class RelaySession
             return null;
         }
         var queue = _store.FindByRecipientId(command.QueueId);
-        if (!Authorize(command, queue?.RecipientKey) || queue is null)
+        if (!Authorize(command, queue?.RecipientKey, senderSide: false) || queue is null)
         {
             Fail(frame.Type, frame.CorrelationId, ErrorCode.Auth);
             return null;
@@ -177,7 +180,10 @@ internal sealed partial class RelaySession
         }
         var queue = _store.FindBySenderId(command.QueueId);
         var senderKey = command.Args.ToArray();
-        if (!Authorize(command, queue is null ? null : senderKey) || queue is null)
+        // The MAC key comes from the key in the request, whether the queue exists or not: the same
+        // derivation, cached under the same key, in both cases (a decoy here would be told apart by
+        // a client that sent the same key for a queue of its own first).
+        if (!Authorize(command, senderKey, senderSide: true) || queue is null)
         {
             Fail(FrameType.SKey, corr, ErrorCode.Auth);
             return;

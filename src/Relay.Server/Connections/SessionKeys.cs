@@ -4,8 +4,9 @@ namespace Relay.Server.Connections;
 
 /// <summary>
 /// One connection's derived auth keys (read loop only): real ones by the client's public key, and
-/// decoys by the queue id a request named when no queue has it, so that a repeated probe of a missing
-/// queue costs what a repeated wrong key costs. Both share one budget and are dropped together when
+/// decoys by the queue id (and the side, sender or recipient, it was looked up on) a request named
+/// when no queue has it, so that a repeated probe of a missing queue costs what a repeated wrong key
+/// costs. Both share one budget and are dropped together when
 /// it is reached: how long a key stays cached never depends on whether its queue exists, and a
 /// connection that names many random ids holds at most <see cref="Capacity"/> keys (about 200 bytes
 /// each, 450 once used often).
@@ -16,7 +17,7 @@ internal sealed class SessionKeys(int capacity = SessionKeys.DefaultCapacity) : 
     public const int DefaultCapacity = 4_096;
 
     private readonly Dictionary<Key32, MacKey> _real = new();
-    private Dictionary<Id24, MacKey>? _decoys;
+    private Dictionary<DecoyKey, MacKey>? _decoys;
 
     public int Capacity => capacity;
 
@@ -30,13 +31,13 @@ internal sealed class SessionKeys(int capacity = SessionKeys.DefaultCapacity) : 
         return _real[clientKey] = new MacKey(derived);
     }
 
-    public bool TryGetDecoy(in Id24 queueId, out MacKey key)
+    public bool TryGetDecoy(in DecoyKey queueId, out MacKey key)
     {
         key = null!;
         return _decoys != null && _decoys.TryGetValue(queueId, out key!);
     }
 
-    public MacKey AddDecoy(in Id24 queueId, byte[] derived)
+    public MacKey AddDecoy(in DecoyKey queueId, byte[] derived)
     {
         MakeRoom();
         return (_decoys ??= new())[queueId] = new MacKey(derived);
@@ -64,3 +65,6 @@ internal sealed class SessionKeys(int capacity = SessionKeys.DefaultCapacity) : 
 
     public void Dispose() => Clear();
 }
+
+/// <summary>A decoy's cache key: the id a request named and whether it was looked up as a sender id.</summary>
+internal readonly record struct DecoyKey(Id24 Id, bool SenderSide);

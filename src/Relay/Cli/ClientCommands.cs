@@ -243,25 +243,36 @@ public static class ClientCommands
 
     public static Task<int> Ping(string[] args)
     {
-        var a = CliArgs.Parse("ping", args, new HashSet<string> { "socks", "count" }, new HashSet<string> { "plain-tcp" }, 1);
+        var a = CliArgs.Parse("ping", args, new HashSet<string> { "socks", "count", "timeout" }, new HashSet<string> { "plain-tcp" }, 1);
         if (a.Help || a.Positional.Count == 0)
         {
             if (!a.Help) throw new UsageException("ping needs the relay ADDRESS");
-            Console.Out.Write(RelayCli.CommandHelp("relay ping ADDRESS [--count N]", "Connects (TLS, pinned identity, handshake) and measures PING round trips.",
-                [("--count N", "round trips (default 3)"), SocksHelp, PlainHelp]));
+            Console.Out.Write(RelayCli.CommandHelp("relay ping ADDRESS [--count N] [--timeout SECONDS]", "Connects (TLS, pinned identity, handshake) and measures PING round trips.",
+                [("--count N", "round trips (default 3)"), ("--timeout SECONDS", "for the connection and for each round trip (default 10); exit 1 when it passes"), SocksHelp, PlainHelp]));
             return Task.FromResult(RelayCli.Ok);
         }
         var address = ParseAddress("ADDRESS", a.Positional[0]);
         int count = a.GetInt("count", 3, 1, 1_000_000);
+        var timeout = TimeSpan.FromSeconds(a.GetInt("timeout", 10, 1, 3600));
         var options = ClientOptions(a);
         return Guard(async () =>
         {
             long start = Stopwatch.GetTimestamp();
-            await using var connection = await RelayConnection.ConnectAsync(address, new RelayConnectionOptions { Socks = options.Socks, Tls = options.Tls });
+            await using var connection = await RelayConnection.ConnectAsync(address, new RelayConnectionOptions { Socks = options.Socks, Tls = options.Tls, ConnectTimeout = timeout });
             Console.Out.WriteLine($"connected to {address.Host}:{address.Port} (protocol {connection.Version}, {(options.Tls ? "identity verified" : "plain TCP: identity not checked")}) in {Ms(Stopwatch.GetElapsedTime(start))}");
             for (int i = 0; i < count; i++)
             {
-                var rtt = await connection.PingAsync();
+                using var wait = new CancellationTokenSource(timeout);
+                TimeSpan rtt;
+                try
+                {
+                    rtt = await connection.PingAsync(wait.Token);
+                }
+                catch (OperationCanceledException) when (wait.IsCancellationRequested)
+                {
+                    Console.Error.WriteLine($"relay: no PONG within {timeout.TotalSeconds:0} s");
+                    return RelayCli.Failed;
+                }
                 Console.Out.WriteLine($"pong: {Ms(rtt)}");
             }
             return RelayCli.Ok;
