@@ -5,6 +5,7 @@
 # line and its fields, no lost or duplicated message, the progress on stderr, the exit codes. No
 # speed is asserted: figures belong in docs/PERFORMANCE.md, not in a pass/fail check on a shared VM.
 source "$(dirname "$0")/lib.sh"
+expect_checks 23
 
 # json_ok FILE EXPECTED_MESSAGES [python condition on d]: the last stdout line is one JSON object
 # with the fields issue 6 names, nothing lost or duplicated, and the condition true.

@@ -4,6 +4,7 @@
 # and with a wrong fingerprint; profile key-file permissions; and the seizure test (nothing from
 # the conversation, no key and no peer address in the relay's data directory or output).
 source "$(dirname "$0")/lib.sh"
+expect_checks 34
 
 DATA=$E2E_TMP/relay
 PORT=$(free_port); ADMIN=$(free_port)

@@ -4,6 +4,7 @@
 # configuration precedence, and packaging/monitoring (rules, scrape config, dashboard) against a
 # live /metrics.
 source "$(dirname "$0")/lib.sh"
+expect_checks 35
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 MON=$ROOT/packaging/monitoring

@@ -4,6 +4,7 @@
 # the expected files and metadata and its binary and default configuration work, the systemd unit
 # verifies and the relay really notifies systemd when ready, the Dockerfile builds with the script.
 source "$(dirname "$0")/lib.sh"
+expect_checks 39
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 VERSION=$(tr -d ' \n' < "$ROOT/packaging/VERSION")
 

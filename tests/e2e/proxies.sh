@@ -6,6 +6,7 @@
 # and shadowsocks-libev (ss-server in front of the relay, ss-local as the client's SOCKS5 proxy).
 # Each proxy is started and stopped here; the relay's output must name no IP address.
 source "$(dirname "$0")/lib.sh"
+expect_checks 20
 
 PROXIES=$(cd "$(dirname "$0")/../../packaging/proxies" && pwd)
 DATA=$E2E_TMP/relay
