@@ -53,7 +53,7 @@ for mode in send-proxy-v2 send-proxy; do
     HAPID=$!; E2E_PIDS+=("$HAPID")
     # A failing health check (every 200 ms here) would take the relay out of haproxy at once.
     if wait_for_port "$HAPORT" && sleep 1; then
-        check "haproxy.cfg ($mode) names $mode for the relay" grep -Eq "^\s*server relay 127\.0\.0\.1:$PORT $mode check port $ADMIN " "$cfg"
+        check "the shipped haproxy.cfg has the relay's server line (here with $mode)" grep -Eq "^\s*server relay 127\.0\.0\.1:$PORT $mode check port $ADMIN " "$cfg"
         check "relay check through haproxy ($mode)" "$RELAY" check "$(addr "$HAPORT")" --timeout 20
         check "relay ping through haproxy ($mode)" bash -c "set -o pipefail; '$RELAY' ping '$(addr "$HAPORT")' --count 2 | grep -q pong"
     else
@@ -61,7 +61,7 @@ for mode in send-proxy-v2 send-proxy; do
     fi
     stop "$HAPID"
 done
-check "haproxy's connections and health checks were never refused for their header" [ "$(metric "$REJECTED")" = "$before" ]
+check "haproxy's connections were never refused for their PROXY header" [ "$(metric "$REJECTED")" = "$before" ]
 
 # stunnel: outer TLS on the server side (PROXY v1 to the relay), client mode on the other side.
 if command -v stunnel >/dev/null 2>&1; then
