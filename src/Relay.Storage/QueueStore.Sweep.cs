@@ -198,10 +198,16 @@ public sealed partial class QueueStore
             foreach ((uint hour, byte[] recipientId) in entries)
             {
                 QueueHandle? queue = FindByRecipientId(recipientId);
-                if (queue is null || !Acquire(queue))
+                if (queue is null)
                 {
                     ops.Add(DeleteIndexEntry(Cf.Idle, hour, recipientId));
                     progress++;
+                    continue;
+                }
+                if (!Acquire(queue))
+                {
+                    // The handle was evicted and replaced in between: the queue exists, and its
+                    // entry stays for the next sweep (dropping it would exempt the queue for ever).
                     continue;
                 }
                 try
