@@ -309,8 +309,20 @@ public sealed partial class QueueStore
 
             Span<byte> key = stackalloc byte[Keys.MessageKeyLength];
             WriteOp op = RentOp(OpKind.Ack, queue);
+            BatchScope batch;
+            try
+            {
+                batch = BeginBatch();
+            }
+            catch
+            {
+                // Refused (closing, or undoing a failed write): the messages taken from the handed-out
+                // run are still stored, so the run no longer starts at the oldest. Start it afresh.
+                peeked?.Clear();
+                throw;
+            }
             deleted = count;
-            using (BatchScope batch = BeginBatch())
+            using (batch)
             {
                 queue.OldestBound = lastId + 1;
                 queue.MessageCount -= count;

@@ -192,16 +192,18 @@ public sealed partial class QueueStore
     {
         var entries = new List<(uint Hour, byte[] RecipientId)>();
         var ops = new List<WriteOp>();
-        while (ReadHourIndex(Cf.Idle, cutoff, entries) > 0)
+        (uint, byte[])? after = null;
+        // Each chunk goes on after the last entry of the one before: entries that stay (queues with a
+        // subscriber) never hide the ones behind them.
+        while (ReadHourIndex(Cf.Idle, cutoff, entries, after) > 0)
         {
-            int progress = 0;
+            after = entries[^1];
             foreach ((uint hour, byte[] recipientId) in entries)
             {
                 QueueHandle? queue = FindByRecipientId(recipientId);
                 if (queue is null)
                 {
                     ops.Add(DeleteIndexEntry(Cf.Idle, hour, recipientId));
-                    progress++;
                     continue;
                 }
                 if (!Acquire(queue))
@@ -216,7 +218,6 @@ public sealed partial class QueueStore
                     {
                         // Stale entry (a failed write left it): drop it and make sure the current one exists.
                         ops.Add(FixIdleEntry(queue, hour));
-                        progress++;
                     }
                     else if (queue.Tag is null && !queue.Deleted)
                     {
@@ -225,7 +226,6 @@ public sealed partial class QueueStore
                         op.Idle = true;
                         EnqueueDelete(queue, op);
                         ops.Add(op);
-                        progress++;
                     }
                 }
                 finally
@@ -238,10 +238,6 @@ public sealed partial class QueueStore
                 await op.AsStatusTask().ConfigureAwait(false);
             }
             ops.Clear();
-            if (progress == 0)
-            {
-                break;   // only subscribed queues are left below the cutoff
-            }
         }
     }
 
@@ -270,16 +266,31 @@ public sealed partial class QueueStore
     }
 
     /// <summary>Reads up to <see cref="SweepChunk"/> entries with hour &lt; cutoff from an hour index.</summary>
-    private int ReadHourIndex(int cf, uint cutoff, List<(uint Hour, byte[] RecipientId)> entries)
+    /// <summary>Reads up to a chunk of entries below <paramref name="cutoff"/>, from the first or from the one after <paramref name="after"/>.</summary>
+    private int ReadHourIndex(int cf, uint cutoff, List<(uint Hour, byte[] RecipientId)> entries, (uint Hour, byte[] RecipientId)? after = null)
     {
         entries.Clear();
         Span<byte> upper = stackalloc byte[4];
         BinaryPrimitives.WriteUInt32BigEndian(upper, cutoff);
+        Span<byte> from = stackalloc byte[Keys.HourKeyLength];
         EnterRead();
         try
         {
             using RocksDb.Iterator it = _db.CreateIterator(cf, [], upper);
-            for (it.SeekToFirst(); it.Valid && entries.Count < SweepChunk; it.Next())
+            if (after is var (afterHour, afterId))
+            {
+                Keys.HourKey(from, afterHour, afterId);
+                it.Seek(from);
+                if (it.Valid && it.Key.SequenceEqual(from))
+                {
+                    it.Next();
+                }
+            }
+            else
+            {
+                it.SeekToFirst();
+            }
+            for (; it.Valid && entries.Count < SweepChunk; it.Next())
             {
                 ReadOnlySpan<byte> key = it.Key;
                 if (key.Length == Keys.HourKeyLength)
@@ -409,7 +420,7 @@ public sealed partial class QueueStore
         Span<byte> value = stackalloc byte[8];
         WriteOp op = RentOp(OpKind.Epoch, null);
         op.Detached = true;
-        using BatchScope batch = BeginBatch();
+        using BatchScope batch = BeginBatch(evenWhileUndoing: true);
         ulong epoch = ++_epoch;
         BinaryPrimitives.WriteUInt64BigEndian(value, epoch);
         batch.Put(Cf.Default, Keys.EpochKey, value);

@@ -42,6 +42,9 @@ public sealed partial class QueueStore
     /// </summary>
     internal Action<int, long>? BeforeWrite;
 
+    /// <summary>Called on the writer thread while a failed write is being undone (staging is refused then). For tests.</summary>
+    internal Action? WhileUndoing;
+
     /// <summary>Raised by the writer thread after each batch, before any of its operations is answered: operations in it and seconds spent writing (and fsyncing) it.</summary>
     public event Action<StoreCommit>? Committed;
 
@@ -82,7 +85,11 @@ public sealed partial class QueueStore
     /// Enters the batch lock. Throws (holding nothing, changing nothing) <see cref="ObjectDisposedException"/>
     /// once the store is closing, and <see cref="StoreException"/> while a failed write is being undone.
     /// </summary>
-    internal BatchScope BeginBatch()
+    /// <param name="evenWhileUndoing">
+    /// For a write that copies no queue state (the id epoch, which only goes up): staged even while a
+    /// failed write is being undone, since refusing it would leave ids of the new epoch unrecorded.
+    /// </param>
+    internal BatchScope BeginBatch(bool evenWhileUndoing = false)
     {
         Monitor.Enter(_batchLock);
         if (_writerStopping)
@@ -90,7 +97,7 @@ public sealed partial class QueueStore
             Monitor.Exit(_batchLock);
             throw new ObjectDisposedException(nameof(QueueStore));
         }
-        if (_undoing)
+        if (_undoing && !evenWhileUndoing)
         {
             // What is staged now could copy state that the undo is about to take back (a queue
             // record with a sender key whose write failed) and make it durable after all.
@@ -270,6 +277,7 @@ public sealed partial class QueueStore
         }
         try
         {
+            WhileUndoing?.Invoke();
             var after = new StoreException("An earlier write failed; the operation was not made durable.", error);
             for (int b = later.Count - 1; b >= 0; b--)
             {
@@ -285,11 +293,10 @@ public sealed partial class QueueStore
                 _undoing = false;
             }
         }
-        // The later batches are answered here; the failed one by the caller, as a written one is.
+        // The later batches are answered here (never written: not counted as batches); the failed
+        // one by the caller, as a written one is.
         foreach (PendingBatch batch in later)
         {
-            Interlocked.Increment(ref _statistics._batches);
-            Interlocked.Add(ref _statistics._operations, batch.Ops.Count);
             DispatchCompletions(batch.Ops);
             batch.Mutations.Clear();
             batch.Ops.Clear();

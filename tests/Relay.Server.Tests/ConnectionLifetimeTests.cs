@@ -147,6 +147,51 @@ public class ConnectionLifetimeTests
     }
 
     [Test]
+    public async Task A_command_the_store_refuses_while_it_undoes_a_failed_write_is_answered_and_the_connection_goes_on()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        await using var client = await RawClient.ConnectAsync(relay);
+        var queue = await client.CreateQueueAsync();
+        var other = await client.CreateQueueAsync();
+        var (senderPrivate, senderPublic) = RawClient.KeyPair();
+
+        // The disk fails the next write with a message in it; while the store undoes it, the test
+        // sends SKEY (which the store refuses at once) and lets the undo finish once it is answered.
+        var store = relay.Server.Store;
+        var undoing = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        using var answered = new ManualResetEventSlim(false);
+        int writes = 0;
+        store.BeforeWrite = (ops, bytes) =>
+        {
+            if (bytes > 0 && Interlocked.Increment(ref writes) == 1) throw new IOException("injected write failure");
+        };
+        store.WhileUndoing = () =>
+        {
+            undoing.TrySetResult();
+            answered.Wait(TimeSpan.FromSeconds(10));
+        };
+        uint sendCorr = client.NextCorr();
+        await client.WriteAsync(client.Send(sendCorr, other.SenderId, "lost"u8));
+        await undoing.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        uint skeyCorr = client.NextCorr();
+        await client.WriteAsync(client.QueueCommand(FrameType.SKey, skeyCorr, queue.SenderId, senderPublic, senderPrivate));
+        var refused = await client.ReadResponseAsync();   // the SEND is answered only after the undo
+        answered.Set();
+        var failed = await client.ReadResponseAsync();
+        store.WhileUndoing = null;
+        await Assert.That(refused.Correlation).IsEqualTo(skeyCorr);
+        await Assert.That(refused.Error).IsEqualTo(ErrorCode.Internal);
+        await Assert.That(failed.Correlation).IsEqualTo(sendCorr);
+        await Assert.That(failed.Error).IsEqualTo(ErrorCode.Internal);
+
+        // The connection goes on, and the same SKEY now succeeds.
+        var pong = await client.RequestAsync(RawClient.Frame(FrameType.Ping, client.NextCorr(), []));
+        await Assert.That(pong.Type).IsEqualTo(FrameType.Pong);
+        var secured = await client.RequestAsync(client.QueueCommand(FrameType.SKey, client.NextCorr(), queue.SenderId, senderPublic, senderPrivate));
+        await Assert.That(secured.Type).IsEqualTo(FrameType.Ok);
+    }
+
+    [Test]
     public async Task A_subscriber_that_does_not_read_gets_no_more_than_its_output_limit_and_then_everything()
     {
         const int Queues = 50, PerQueue = 64, Size = 16 * 1024;

@@ -111,6 +111,36 @@ public class RetentionTests
     }
 
     [Test]
+    public async Task Idle_queues_behind_a_full_chunk_of_subscribed_ones_are_deleted_too()
+    {
+        var clock = new ManualClock();
+        await using TestStore t = TestStore.Create(With(clock, idle: TimeSpan.FromDays(30)));
+        // More subscribed idle queues than one sweep chunk (1,024), all sorting before the idle ones
+        // (the index is ordered by hour, then recipient id).
+        var subscribed = new List<byte[]>();
+        var idle = new List<byte[]>();
+        for (int i = 0; i < 1_030; i++)
+        {
+            byte[] rid = System.Security.Cryptography.RandomNumberGenerator.GetBytes(24);
+            rid[0] = (byte)(i < 1_025 ? 0x10 : 0xF0);
+            var key = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32);
+            var (status, _) = await t.Store.CreateQueueAsync(rid, System.Security.Cryptography.RandomNumberGenerator.GetBytes(24), key, key);
+            await Assert.That(status).IsEqualTo(StoreStatus.Ok);
+            (i < 1_025 ? subscribed : idle).Add(rid);
+        }
+        clock.Advance(TimeSpan.FromDays(31));
+        foreach (var rid in subscribed)
+        {
+            t.Store.FindByRecipientId(rid)!.Tag = "subscriber";
+        }
+
+        await t.Store.SweepExpiredAsync();
+        await Assert.That(idle.All(rid => t.Store.FindByRecipientId(rid) is null)).IsTrue();
+        await Assert.That(subscribed.All(rid => t.Store.FindByRecipientId(rid) is not null)).IsTrue();
+        await Assert.That(t.Store.Statistics.IdleQueuesDeleted).IsEqualTo(5);
+    }
+
+    [Test]
     public async Task Idle_queues_are_deleted_and_active_ones_kept()
     {
         var clock = new ManualClock();

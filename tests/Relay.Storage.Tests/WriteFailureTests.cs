@@ -153,6 +153,52 @@ public class WriteFailureTests
     }
 
     [Test]
+    public async Task While_a_failed_write_is_undone_new_writes_are_refused_and_an_ack_refused_then_changes_nothing()
+    {
+        await using TestStore t = TestStore.Create();
+        QueueHandle q = await t.CreateQueueAsync();
+        QueueHandle other = await t.CreateQueueAsync();
+        var ids = new List<ulong>();
+        for (byte b = 1; b <= 3; b++)
+        {
+            ids.Add((await t.Store.AppendAsync(q, 0, [b])).MessageId);
+        }
+        // The first two are handed out, as to a subscriber with a window (the run an ACK takes from).
+        await Assert.That(t.Store.TryPeekOldest(q, out var m1)).IsTrue();
+        m1.Return();
+        await Assert.That(t.Store.TryPeek(q, ids[0] + 1, out var m2)).IsTrue();
+        m2.Return();
+
+        var disk = new FaultyDisk { FailHeldBatch = true };
+        t.Store.BeforeWrite = disk.BeforeWrite;
+        Exception? refusedAck = null, refusedAppend = null;
+        t.Store.WhileUndoing = () =>
+        {
+            try { _ = t.Store.AckAsync(q, ids[0]); } catch (Exception e) { refusedAck = e; }
+            try { _ = t.Store.AppendAsync(q, 0, [9]); } catch (Exception e) { refusedAppend = e; }
+        };
+        var failing = t.Store.AppendAsync(other, 0, [7]).AsTask();
+        await disk.Held.WaitAsync(TimeSpan.FromSeconds(10));
+        disk.Release();
+        await Assert.ThrowsAsync<StoreException>(async () => await failing);
+        t.Store.WhileUndoing = null;
+
+        await Assert.That(refusedAck).IsTypeOf<StoreException>();
+        await Assert.That(refusedAppend).IsTypeOf<StoreException>();
+        // The refused ACK deleted nothing and left the order intact: the second message cannot be
+        // acknowledged before the first, and all three arrive in order.
+        await Assert.That(q.MessageCount).IsEqualTo(3);
+        await Assert.That(await t.Store.AckAsync(q, ids[1])).IsEqualTo(StoreStatus.NotOldest);
+        var bodies = new List<byte>();
+        while (t.Peek(q) is { } m)
+        {
+            bodies.Add(m.Body[0]);
+            await Assert.That(await t.Store.AckAsync(q, m.Id)).IsEqualTo(StoreStatus.Ok);
+        }
+        await Assert.That(bodies).IsEquivalentTo(new List<byte> { 1, 2, 3 }, TUnit.Assertions.Enums.CollectionOrdering.Matching);
+    }
+
+    [Test]
     public async Task A_retried_sender_key_is_confirmed_once_the_first_write_is_durable()
     {
         await using TestStore t = TestStore.Create();

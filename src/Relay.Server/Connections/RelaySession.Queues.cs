@@ -188,16 +188,39 @@ internal sealed partial class RelaySession
             Fail(FrameType.SKey, corr, ErrorCode.Auth);
             return;
         }
+        ValueTask<StoreStatus> secure;
+        try
+        {
+            secure = _store.SecureAsync(queue, senderKey);
+        }
+        catch (Exception ex)
+        {
+            // Refused at once: the store is closing, or undoing a failed write.
+            Log.StoreFailed(_logger, "SKEY", ex.GetType().Name);
+            Fail(FrameType.SKey, corr, ErrorCode.Internal);
+            return;
+        }
         BeginInFlight();
-        _ = CompleteAsync(FrameType.SKey, corr, _store.SecureAsync(queue, senderKey));
+        _ = CompleteAsync(FrameType.SKey, corr, secure);
     }
 
     private void HandleSuspend(in FrameView frame)
     {
         var queue = RecipientCommand(frame, 0, out _);
         if (queue is null) return;
+        ValueTask<StoreStatus> suspend;
+        try
+        {
+            suspend = _store.SuspendAsync(queue);
+        }
+        catch (Exception ex)
+        {
+            Log.StoreFailed(_logger, "OFF", ex.GetType().Name);
+            Fail(FrameType.Off, frame.CorrelationId, ErrorCode.Internal);
+            return;
+        }
         BeginInFlight();
-        _ = CompleteAsync(FrameType.Off, frame.CorrelationId, _store.SuspendAsync(queue));
+        _ = CompleteAsync(FrameType.Off, frame.CorrelationId, suspend);
     }
 
     private void HandleDelete(in FrameView frame)
