@@ -338,6 +338,48 @@ public class DeliveryWindowTests
     }
 
     [Test]
+    public async Task An_ack_whose_write_fails_is_an_error_and_the_subscription_delivers_again_from_the_oldest()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var recipient = await relay.ConnectAsync();
+        await using var sender = await relay.ConnectAsync();
+        var queue = await recipient.CreateQueueAsync();
+        await SendAllAsync(sender, queue, 1, 3);
+        await recipient.SubscribeAsync(queue, window: 1);
+        var first = await NextDeliveryAsync(recipient);
+        await Assert.That(Text(first)).IsEqualTo("m1");
+
+        // The disk fails the ACK's write: the relay answers an error, and m1 is still stored.
+        int writes = 0;
+        relay.Server.Store.BeforeWrite = (ops, bytes) =>
+        {
+            if (Interlocked.Increment(ref writes) == 1) throw new IOException("injected write failure");
+        };
+        var failed = await Assert.ThrowsAsync<RelayErrorException>(() => recipient.AckAsync(queue, first.MessageId));
+        await Assert.That(failed!.Code).IsEqualTo(ErrorCode.Internal);
+        relay.Server.Store.BeforeWrite = null;
+
+        // Without a new SUB, deliveries start again from the oldest (m1, perhaps after m2 pushed
+        // when the ACK was accepted), and acknowledging in order drains the queue.
+        var seen = new List<string>();
+        Delivery d;
+        do
+        {
+            d = await NextDeliveryAsync(recipient);
+            seen.Add(Text(d));
+        }
+        while (Text(d) != "m1");
+        for (int i = 1; i <= 3; i++)
+        {
+            await Assert.That(Text(d)).IsEqualTo($"m{i}");
+            await recipient.AckAsync(queue, d.MessageId);
+            if (i < 3) d = await NextDeliveryAsync(recipient);
+        }
+        await Assert.That(await NothingArrivesAsync(recipient, TimeSpan.FromMilliseconds(300))).IsTrue();
+        await Assert.That(seen.Count).IsLessThanOrEqualTo(2);
+    }
+
+    [Test]
     public async Task A_queue_the_relay_refuses_after_a_reconnection_is_reported_and_the_others_go_on()
     {
         await using var relay = await TestRelay.StartAsync();

@@ -283,6 +283,16 @@ internal sealed partial class RelaySession
         {
             Log.StoreFailed(_logger, "ACK", ex.GetType().Name);
             Fail(FrameType.Ack, corr, ErrorCode.Internal);
+            // The write failed and was undone: the messages are stored again, oldest first, but the
+            // subscription moved past them when the ACK was accepted. Deliver again from the oldest.
+            lock (queue.Sync)
+            {
+                if (queue.Tag is Subscription s && ReferenceEquals(s.Session, this))
+                {
+                    s.Restart();
+                    DeliverNextLocked(s);
+                }
+            }
         }
         finally
         {

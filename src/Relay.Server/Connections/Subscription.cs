@@ -72,5 +72,12 @@ internal sealed class Subscription(RelaySession session, QueueHandle queue, int 
         return released;
     }
 
+    /// <summary>Starts again from the oldest stored message with nothing outstanding (as a SUB repeated on the same connection).</summary>
+    public void Restart()
+    {
+        _outstanding?.Clear();
+        NextFrom = 0;
+    }
+
     public void Dispose() => _cipher?.Dispose();
 }
