@@ -185,6 +185,36 @@ public class ConversationTests
     }
 
     [Test]
+    public async Task A_listener_goes_on_when_the_relay_cannot_write_an_ack_and_reports_the_message_once()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        var (alice, bob, _, _) = await ConnectedPairAsync(relay);
+        await using (alice)
+        await using (bob)
+        {
+            await using var aliceListener = new Listener(alice);
+            await Assert.That((await aliceListener.NextAsync<ContactJoined>()).Contact).IsEqualTo("bob");
+
+            // The relay's disk fails the next write with a deletion in it: the ACK of "one".
+            int failures = 0;
+            relay.Server.Store.BeforeWrite = (ops, bytes) =>
+            {
+                if (ops == 1 && bytes < 200 && Interlocked.Increment(ref failures) == 1) throw new IOException("injected write failure");
+            };
+            await bob.SendAsync("alice", "one");
+            await Assert.That((await aliceListener.NextAsync<MessageReceived>()).Text).IsEqualTo("one");
+            await bob.SendAsync("alice", "two");
+            await Assert.That((await aliceListener.NextAsync<MessageReceived>()).Text).IsEqualTo("two");
+            relay.Server.Store.BeforeWrite = null;
+            await Assert.That(failures).IsGreaterThanOrEqualTo(1);
+            // "one" came again after the failed ACK and was absorbed: reported once.
+            var rest = await aliceListener.DrainAsync();
+            await Assert.That(aliceListener.Seen.OfType<MessageReceived>().Count(m => m.Text == "one")).IsEqualTo(1);
+            await Assert.That(rest.OfType<MessageRejected>()).IsEmpty();
+        }
+    }
+
+    [Test]
     public async Task Two_clients_converse_both_ways_and_offline_messages_arrive_in_order()
     {
         await using var relay = await TestRelay.StartAsync();

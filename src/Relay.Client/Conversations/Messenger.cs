@@ -296,6 +296,11 @@ public sealed class Messenger : IAsyncDisposable
                     {
                         // Already acknowledged through an earlier connection: the state is saved, nothing is lost.
                     }
+                    catch (RelayErrorException ex) when (ex.Code == ErrorCode.Internal)
+                    {
+                        // The relay could not write the ACK: it delivers the message again (PROTOCOL.md
+                        // §6 ACK), and the saved state absorbs it then. Nothing to do now.
+                    }
                     foreach (var e in events)
                     {
                         yield return e;
