@@ -279,7 +279,18 @@ public sealed class RelayClient : IAsyncDisposable
                         }, linked.Token);
                         try
                         {
-                            await ResubscribeAsync(connection, linked.Token);
+                            // A relay that answers the handshake but not the SUBs must not hold this
+                            // link (and every request waiting for it) for ever: bounded like a connect.
+                            using var renewal = CancellationTokenSource.CreateLinkedTokenSource(linked.Token);
+                            renewal.CancelAfter(owner.Options.ConnectTimeout);
+                            try
+                            {
+                                await ResubscribeAsync(connection, renewal.Token);
+                            }
+                            catch (OperationCanceledException) when (!linked.IsCancellationRequested)
+                            {
+                                throw new RelayConnectException($"the relay did not answer the renewal of {Subscriptions.Count} subscription(s) within {owner.Options.ConnectTimeout.TotalSeconds:0.#} s");
+                            }
                         }
                         catch
                         {

@@ -97,6 +97,9 @@ public sealed unsafe class DeliveryCipher : IDisposable
         }
     }
 
+    /// <summary>True once disposed (its native contexts are freed).</summary>
+    public bool IsDisposed => _disposed;
+
     public void Dispose()
     {
         _disposed = true;

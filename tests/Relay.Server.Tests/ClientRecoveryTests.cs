@@ -114,6 +114,62 @@ public class ClientRecoveryTests
     }
 
     [Test]
+    public async Task A_relay_that_never_answers_the_renewed_subscriptions_does_not_hold_the_client_for_ever()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        await using var proxy = TamperingProxy.Start(relay.Server.RelayEndPoint);
+        await using var owner = await relay.ConnectAsync();
+        var queue = await owner.CreateQueueAsync();
+        var through = relay.Address with { Hosts = ["127.0.0.1"], Port = proxy.Port };
+        await using var client = new RelayClient(new RelayClientOptions
+        {
+            Tls = false,
+            ConnectTimeout = TimeSpan.FromSeconds(2),
+            ReconnectMin = TimeSpan.FromMilliseconds(50),
+            ReconnectMax = TimeSpan.FromMilliseconds(500),
+        });
+        await client.SubscribeAsync(through, queue);
+
+        // The connection is lost, and for a while the relay (here: the path to it) answers the
+        // handshake but never the renewed SUB. Once it answers again the client is back.
+        proxy.DropSubs = true;
+        await relay.RestartAsync();
+        await Task.Delay(TimeSpan.FromSeconds(3));
+        proxy.DropSubs = false;
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        await client.RunAsync(through, c => c.PingAsync(), cts.Token);
+        await using var sender = await relay.ConnectAsync();
+        await sender.SendAsync(new SenderQueue(queue.SenderId, null), "back"u8.ToArray());
+        await using var deliveries = client.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
+        await Assert.That(await deliveries.MoveNextAsync()).IsTrue();
+        await Assert.That(Text(deliveries.Current.Delivery)).IsEqualTo("back");
+    }
+
+    [Test]
+    public async Task A_welcome_announcing_an_oversized_frame_is_refused()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        await using var proxy = TamperingProxy.Start(relay.Server.RelayEndPoint);
+        proxy.AnnounceMaxFrame = int.MaxValue;
+        var through = relay.Address with { Hosts = ["127.0.0.1"], Port = proxy.Port };
+        var refused = await Assert.ThrowsAsync<RelayConnectException>(() => RelayConnection.ConnectAsync(through, new RelayConnectionOptions { Tls = false }));
+        await Assert.That(refused!.Message).Contains("maxFrame 2147483647");
+    }
+
+    [Test]
+    public async Task An_error_without_a_correlation_id_ends_the_connection_at_once()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        await using var proxy = TamperingProxy.Start(relay.Server.RelayEndPoint);
+        var through = relay.Address with { Hosts = ["127.0.0.1"], Port = proxy.Port };
+        await using var connection = await RelayConnection.ConnectAsync(through, new RelayConnectionOptions { Tls = false });
+        proxy.PongAsConnectionError = true;
+        var failed = await Assert.ThrowsAsync<RelayConnectException>(() => connection.PingAsync().WaitAsync(TimeSpan.FromSeconds(10)));
+        await Assert.That(failed!.Message).Contains("closed the connection");
+        await Assert.That(connection.Closed.IsCancellationRequested).IsTrue();
+    }
+
+    [Test]
     public async Task Reconnection_waits_grow_with_failures_and_with_connections_that_do_not_last_and_are_spread()
     {
         var min = TimeSpan.FromMilliseconds(100);
@@ -174,6 +230,13 @@ public class ClientRecoveryTests
 
         public void TamperWith(byte[] recipientId) => Volatile.Write(ref _victim, recipientId);
 
+        /// <summary>SUB frames from clients are dropped (a relay that never answers them).</summary>
+        public volatile bool DropSubs;
+        /// <summary>WELCOME announces this maxFrame instead of the relay's.</summary>
+        public volatile int AnnounceMaxFrame;
+        /// <summary>PONG frames are replaced by an ERR with correlation id 0 (code SYNTAX), as when a relay ends a connection.</summary>
+        public volatile bool PongAsConnectionError;
+
         private TamperingProxy(IPEndPoint relay)
         {
             _relay = relay;
@@ -195,10 +258,20 @@ public class ClientRecoveryTests
                     var client = await _listener.AcceptTcpClientAsync(_stop.Token);
                     Interlocked.Increment(ref _accepted);
                     var upstream = new TcpClient();
-                    await upstream.ConnectAsync(_relay, _stop.Token);
+                    try
+                    {
+                        await upstream.ConnectAsync(_relay, _stop.Token);
+                    }
+                    catch (SocketException)
+                    {
+                        // The relay is down (restarting): this client's connection fails, the next may not.
+                        client.Dispose();
+                        upstream.Dispose();
+                        continue;
+                    }
                     lock (_open) _open.AddRange([client, upstream]);
-                    _ = client.GetStream().CopyToAsync(upstream.GetStream(), _stop.Token).ContinueWith(_ => upstream.Client.Shutdown(SocketShutdown.Send));
-                    _ = ForwardTamperingAsync(upstream.GetStream(), client.GetStream());
+                    _ = ForwardAsync(client.GetStream(), upstream.GetStream(), toClient: false);
+                    _ = ForwardAsync(upstream.GetStream(), client.GetStream(), toClient: true);
                 }
             }
             catch (Exception) when (_stop.IsCancellationRequested)
@@ -206,7 +279,7 @@ public class ClientRecoveryTests
             }
         }
 
-        private async Task ForwardTamperingAsync(NetworkStream from, NetworkStream to)
+        private async Task ForwardAsync(NetworkStream from, NetworkStream to, bool toClient)
         {
             var prefix = new byte[4];
             try
@@ -216,10 +289,24 @@ public class ClientRecoveryTests
                     await from.ReadExactlyAsync(prefix, _stop.Token);
                     var frame = new byte[BinaryPrimitives.ReadUInt32BigEndian(prefix)];
                     await from.ReadExactlyAsync(frame, _stop.Token);
-                    if (frame.Length > ProtocolConstants.HeaderSize + ProtocolConstants.IdSize && frame[0] == (byte)FrameType.Msg
+                    var type = (FrameType)frame[0];
+                    if (!toClient)
+                    {
+                        if (DropSubs && type == FrameType.Sub) continue;
+                    }
+                    else if (type == FrameType.Msg && frame.Length > ProtocolConstants.HeaderSize + ProtocolConstants.IdSize
                         && Volatile.Read(ref _victim) is { } victim && frame.AsSpan(ProtocolConstants.HeaderSize, ProtocolConstants.IdSize).SequenceEqual(victim))
                     {
                         frame[^1] ^= 0x01;
+                    }
+                    else if (type == FrameType.Welcome && AnnounceMaxFrame != 0)
+                    {
+                        BinaryPrimitives.WriteUInt32BigEndian(frame.AsSpan(ProtocolConstants.HeaderSize + 2), (uint)AnnounceMaxFrame);
+                    }
+                    else if (type == FrameType.Pong && PongAsConnectionError)
+                    {
+                        frame = [(byte)FrameType.Err, 0, 0, 0, 0, (byte)ErrorCode.Syntax];
+                        BinaryPrimitives.WriteUInt32BigEndian(prefix, (uint)frame.Length);
                     }
                     await to.WriteAsync(prefix, _stop.Token);
                     await to.WriteAsync(frame, _stop.Token);

@@ -174,10 +174,12 @@ public sealed partial class RelayConnection
 
     private void Unsubscribed(Id id)
     {
+        (DeliveryCipher Cipher, RecipientQueue Queue) entry;
         lock (_pendingLock)
         {
-            if (_subscribed.Remove(id, out var entry)) entry.Cipher.Dispose();
+            if (!_subscribed.Remove(id, out entry)) return;
         }
+        DisposeCipher(entry.Cipher);
     }
 
     /// <summary>ACK: deletes <paramref name="messageId"/>, which must be the queue's oldest message.</summary>

@@ -81,6 +81,9 @@ public sealed partial class RelayConnection : IAsyncDisposable
         _readLoop = ReadLoopAsync(input);
     }
 
+    /// <summary>The largest maxFrame a relay may announce to this client (the default is 65,536; no option raises it).</summary>
+    public const int MaxAnnouncedFrame = 1 << 20;
+
     public static async Task<RelayConnection> ConnectAsync(RelayAddress address, RelayConnectionOptions? options = null,
         CancellationToken cancellationToken = default)
     {
@@ -205,8 +208,18 @@ public sealed partial class RelayConnection : IAsyncDisposable
                 throw new RelayConnectException("the relay answered the handshake with something unexpected");
             }
             ushort version = BinaryPrimitives.ReadUInt16BigEndian(payload);
-            int maxFrame = (int)BinaryPrimitives.ReadUInt32BigEndian(payload.AsSpan(2));
-            int maxMessage = (int)BinaryPrimitives.ReadUInt32BigEndian(payload.AsSpan(6));
+            uint maxFrameField = BinaryPrimitives.ReadUInt32BigEndian(payload.AsSpan(2));
+            uint maxMessageField = BinaryPrimitives.ReadUInt32BigEndian(payload.AsSpan(6));
+            // What the relay announces sizes the client's buffers: refuse what no relay following
+            // PROTOCOL.md announces (a frame over 1 MiB, a message that does not fit a delivery frame).
+            if (version < ProtocolConstants.MinVersion || version > ProtocolConstants.MaxVersion
+                || maxFrameField < ProtocolConstants.HandshakeMaxFrame || maxFrameField > MaxAnnouncedFrame
+                || maxMessageField < 1 || maxMessageField > (uint)ProtocolConstants.LargestMessage((int)maxFrameField))
+            {
+                throw new RelayConnectException($"the relay announced limits this client does not accept (version {version}, maxFrame {maxFrameField}, maxMessage {maxMessageField})");
+            }
+            int maxFrame = (int)maxFrameField;
+            int maxMessage = (int)maxMessageField;
             var sessionId = payload.AsSpan(10, ProtocolConstants.SessionIdSize).ToArray();
             var sessionKey = payload.AsSpan(10 + ProtocolConstants.SessionIdSize, ProtocolConstants.KeySize).ToArray();
             return new RelayConnection(address, stream, input, version, maxFrame, maxMessage, sessionId, sessionKey);
@@ -216,7 +229,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
             await stream.DisposeAsync();
             throw new RelayConnectException($"timed out during the handshake with {host}:{address.Port}");
         }
-        catch (Exception ex) when (ex is IOException or AuthenticationException)
+        catch (Exception ex) when (ex is IOException or AuthenticationException or ProtocolException)
         {
             await stream.DisposeAsync();
             throw new RelayConnectException($"the connection to {host}:{address.Port} failed during the handshake: {ex.Message}", ex);
@@ -343,19 +356,26 @@ public sealed partial class RelayConnection : IAsyncDisposable
                 break;
             case FrameType.End when frame.Payload.Length == ProtocolConstants.IdSize:
                 var id = frame.Payload.ToArray();
+                (DeliveryCipher Cipher, RecipientQueue Queue) ended;
+                bool wasSubscribed;
                 lock (_pendingLock)
                 {
-                    if (_subscribed.Remove(Id.From(id), out var ended)) ended.Cipher.Dispose();
+                    wasSubscribed = _subscribed.Remove(Id.From(id), out ended);
                 }
-                _events.Writer.TryWrite(new SubscriptionEndedEvent(id));
+                if (wasSubscribed)
+                {
+                    // (An END for a queue not subscribed here tells the app nothing: dropped.)
+                    DisposeCipher(ended.Cipher);
+                    _events.Writer.TryWrite(new SubscriptionEndedEvent(id));
+                }
                 break;
             case FrameType.Err:
                 var code = frame.Payload.Length > 0 ? (ErrorCode)frame.Payload[0] : ErrorCode.Syntax;
                 // The relay ends the connection: every request on it fails as a lost connection
                 // (RunAsync retries those), with the relay's reason inside.
-                _failure ??= new RelayConnectException($"the relay closed the connection: {RelayErrorException.Describe(code)}",
+                // Ends the read loop now: nothing after it on this connection is to be trusted.
+                throw new RelayConnectException($"the relay closed the connection: {RelayErrorException.Describe(code)}",
                     new RelayErrorException(code, "the connection"));
-                break;
         }
     }
 
@@ -375,22 +395,42 @@ public sealed partial class RelayConnection : IAsyncDisposable
             if (!_subscribed.TryGetValue(id, out subscribed)) return false;
         }
         var body = payload.Length >= ProtocolConstants.MsgOverhead ? new byte[payload.Length - ProtocolConstants.MsgOverhead] : null;
-        if (body is null || !RelayCrypto.TryOpenDelivery(subscribed.Cipher, payload, body, out var messageId, out var hour, out var flags, out _))
+        bool opened = false;
+        ulong messageId = 0;
+        uint hour = 0;
+        byte flags = 0;
+        // A refused or cancelled SUB removes and disposes the cipher from another thread: decrypting
+        // and disposing take its lock, so a freed native context is never used.
+        lock (subscribed.Cipher)
+        {
+            if (subscribed.Cipher.IsDisposed) return false;
+            opened = body is not null && RelayCrypto.TryOpenDelivery(subscribed.Cipher, payload, body, out messageId, out hour, out flags, out _);
+        }
+        if (!opened)
         {
             // Not sealed with this queue's delivery key: the app's key for it is wrong, or the relay
             // does not follow the protocol. Retrying cannot help, and skipping the message would
             // leave it holding a place of the window: the queue stops here, the others go on.
             lock (_pendingLock)
             {
-                if (_subscribed.Remove(id, out var dropped)) dropped.Cipher.Dispose();
+                _subscribed.Remove(id);
             }
+            DisposeCipher(subscribed.Cipher);
             _events.Writer.TryWrite(new DeliveryRejectedEvent(subscribed.Queue,
                 "a delivery failed its integrity check (wrong delivery key, or a relay that does not follow the protocol); the queue is no longer subscribed and its messages stay on the relay"));
             return false;
         }
         queue = subscribed.Queue;
-        delivery = new Delivery(queue.RecipientId, messageId, hour, flags, body, payload.ToArray());
+        delivery = new Delivery(queue.RecipientId, messageId, hour, flags, body!, payload.ToArray());
         return true;
+    }
+
+    private static void DisposeCipher(DeliveryCipher cipher)
+    {
+        lock (cipher)
+        {
+            cipher.Dispose();
+        }
     }
 
     private void Fail(Exception failure)
@@ -586,7 +626,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
         lock (_writeLock)
         lock (_pendingLock)
         {
-            foreach (var (cipher, _) in _subscribed.Values) cipher.Dispose();
+            foreach (var (cipher, _) in _subscribed.Values) DisposeCipher(cipher);
             _subscribed.Clear();
             foreach (var key in _authKeys.Values) key.Dispose();
             _authKeys.Clear();
