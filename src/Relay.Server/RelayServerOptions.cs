@@ -33,6 +33,12 @@ public sealed class RelayServerOptions
     /// <summary>A connection that sends nothing for this long is closed. The client SDK PINGs every 30 s.</summary>
     public TimeSpan IdleTimeout { get; set; } = TimeSpan.FromSeconds(300);
 
+    /// <summary>
+    /// Time a started frame may stay incomplete while no other frame of the connection completes;
+    /// then the connection ends (SYNTAX). A 64 KB frame takes seconds even over Tor.
+    /// </summary>
+    public TimeSpan PartialFrameTimeout { get; set; } = TimeSpan.FromSeconds(60);
+
     /// <summary>Concurrent connections; further ones are closed at once. Bounds memory (about 20 KB per idle TLS connection, more while active).</summary>
     public int MaxConnections { get; set; } = 20_000;
 

@@ -192,6 +192,38 @@ public class ConnectionLifetimeTests
     }
 
     [Test]
+    public async Task A_frame_trickled_slower_than_the_partial_frame_timeout_ends_the_connection_and_a_slow_one_within_it_does_not()
+    {
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Tls = false;
+            o.PartialFrameTimeout = TimeSpan.FromSeconds(1);
+        });
+        // Within the timeout: a PING in three pieces, 300 ms apart, is answered.
+        await using var slow = await RawClient.ConnectAsync(relay);
+        var ping = RawClient.Frame(FrameType.Ping, slow.NextCorr(), []);
+        for (int i = 0; i < ping.Length; i += 3)
+        {
+            await slow.WriteAsync(ping[i..Math.Min(ping.Length, i + 3)]);
+            await Task.Delay(300);
+        }
+        await Assert.That((await slow.ReadResponseAsync()).Type).IsEqualTo(FrameType.Pong);
+
+        // Beyond it: 10 bytes of a 1,000-byte frame, then one more byte 1.5 s later.
+        await using var trickler = await RawClient.ConnectAsync(relay);
+        var frame = new byte[14];
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(frame, 1_000);
+        frame[4] = (byte)FrameType.Send;
+        await trickler.WriteAsync(frame);
+        await Task.Delay(1_500);
+        await trickler.WriteAsync([0]);
+        var (closed, frames) = await trickler.WaitForCloseAsync(TimeSpan.FromSeconds(10));
+        await Assert.That(closed).IsTrue();
+        await Assert.That(frames.Select(f => f.Error)).IsEquivalentTo(new ErrorCode?[] { ErrorCode.Syntax });
+        await Assert.That(frames.Single().Correlation).IsEqualTo(0u);
+    }
+
+    [Test]
     public async Task A_subscriber_that_does_not_read_gets_no_more_than_its_output_limit_and_then_everything()
     {
         const int Queues = 50, PerQueue = 64, Size = 16 * 1024;

@@ -33,6 +33,32 @@ internal sealed partial class RelaySession
         return n > 0;
     }
 
+    private long _partialSince;   // when the frame now pending started to wait (0: none pending)
+
+    /// <summary>
+    /// A frame that stays incomplete for <see cref="RelayServerOptions.PartialFrameTimeout"/> while
+    /// no other frame completes ends the connection (SYNTAX): a client trickling a large frame a byte
+    /// at a time would otherwise hold its grown read buffer (up to twice maxFrame) for ever, since
+    /// each byte resets the idle timeout. Checked when bytes arrive; the idle timeout covers silence.
+    /// </summary>
+    private void CheckFrameProgress(bool dispatched)
+    {
+        if (_readStart == _readEnd)
+        {
+            _partialSince = 0;
+            return;
+        }
+        long now = Environment.TickCount64;
+        if (dispatched || _partialSince == 0)
+        {
+            _partialSince = now;
+        }
+        else if (now - _partialSince > (long)_options.PartialFrameTimeout.TotalMilliseconds)
+        {
+            ProtocolException.Throw(ErrorCode.Syntax, "a frame stayed incomplete for too long");
+        }
+    }
+
     /// <summary>True (and the buffer returned) when no received byte is waiting to be handled.</summary>
     private bool NothingPending()
     {
@@ -175,10 +201,12 @@ internal sealed partial class RelaySession
         {
             var buffer = Received;
             bool paused = false;
+            bool dispatched = false;
             try
             {
                 while (FrameReader.TryRead(ref buffer, _options.MaxFrame, out var frameBytes))
                 {
+                    dispatched = true;
                     Dispatch(new FrameView(frameBytes.FirstSpan));
                     if (MustPause)
                     {
@@ -205,6 +233,7 @@ internal sealed partial class RelaySession
                 await WaitForCapacityAsync(connection.Ended);
                 continue;
             }
+            CheckFrameProgress(dispatched);
             if (NothingPending())
             {
                 _ = await input.ReadAsync(Memory<byte>.Empty);
