@@ -197,7 +197,7 @@ public class ConnectionLifetimeTests
         await using var relay = await TestRelay.StartAsync(o =>
         {
             o.Tls = false;
-            o.PartialFrameTimeout = TimeSpan.FromSeconds(1);
+            o.PartialFrameTimeout = TimeSpan.FromSeconds(2);
         });
         // Within the timeout: a PING in three pieces, 300 ms apart, is answered.
         await using var slow = await RawClient.ConnectAsync(relay);
@@ -209,13 +209,13 @@ public class ConnectionLifetimeTests
         }
         await Assert.That((await slow.ReadResponseAsync()).Type).IsEqualTo(FrameType.Pong);
 
-        // Beyond it: 10 bytes of a 1,000-byte frame, then one more byte 1.5 s later.
+        // Beyond it: 10 bytes of a 1,000-byte frame, then one more byte 3 s later.
         await using var trickler = await RawClient.ConnectAsync(relay);
         var frame = new byte[14];
         System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(frame, 1_000);
         frame[4] = (byte)FrameType.Send;
         await trickler.WriteAsync(frame);
-        await Task.Delay(1_500);
+        await Task.Delay(3_000);
         await trickler.WriteAsync([0]);
         var (closed, frames) = await trickler.WaitForCloseAsync(TimeSpan.FromSeconds(10));
         await Assert.That(closed).IsTrue();

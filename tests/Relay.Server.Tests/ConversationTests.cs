@@ -199,10 +199,12 @@ public class ConversationTests
             int failures = 0;
             relay.Server.Store.BeforeWrite = (ops, bytes) =>
             {
-                if (ops == 1 && bytes < 200 && Interlocked.Increment(ref failures) == 1) throw new IOException("injected write failure");
+                // A batch without a message in it (a message is over 256 bytes): the ACK.
+                if (bytes < 200 && Interlocked.Increment(ref failures) == 1) throw new IOException("injected write failure");
             };
             await bob.SendAsync("alice", "one");
             await Assert.That((await aliceListener.NextAsync<MessageReceived>()).Text).IsEqualTo("one");
+            for (int i = 0; i < 100 && Volatile.Read(ref failures) == 0; i++) await Task.Delay(100);
             await bob.SendAsync("alice", "two");
             await Assert.That((await aliceListener.NextAsync<MessageReceived>()).Text).IsEqualTo("two");
             relay.Server.Store.BeforeWrite = null;
