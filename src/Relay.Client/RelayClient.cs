@@ -123,17 +123,21 @@ public sealed class RelayClient : IAsyncDisposable
     /// </summary>
     public event Action<RelayAddress, RecipientQueue, RelayErrorException>? SubscriptionRefused;
 
-    private void OnSubscriptionRefused(RelayAddress relay, RecipientQueue queue, RelayErrorException refused)
+    /// <summary>Runs an app's event handlers; one that throws must not stop the reconnection or the deliveries.</summary>
+    private static void Raise(Action raise)
     {
         try
         {
-            SubscriptionRefused?.Invoke(relay, queue, refused);
+            raise();
         }
         catch
         {
-            // An app's handler must not stop the reconnection.
+            // The app's problem: the queue's state is already what the event says.
         }
     }
+
+    private void OnSubscriptionRefused(RelayAddress relay, RecipientQueue queue, RelayErrorException refused) =>
+        Raise(() => SubscriptionRefused?.Invoke(relay, queue, refused));
 
     /// <summary>
     /// Raised when a relay ends a subscription (END): another connection subscribed the queue (another
@@ -143,17 +147,8 @@ public sealed class RelayClient : IAsyncDisposable
     /// </summary>
     public event Action<RelayAddress, RecipientQueue>? SubscriptionEnded;
 
-    private void OnSubscriptionEnded(RelayAddress relay, RecipientQueue queue)
-    {
-        try
-        {
-            SubscriptionEnded?.Invoke(relay, queue);
-        }
-        catch
-        {
-            // An app's handler must not stop the deliveries.
-        }
-    }
+    private void OnSubscriptionEnded(RelayAddress relay, RecipientQueue queue) =>
+        Raise(() => SubscriptionEnded?.Invoke(relay, queue));
 
     /// <summary>
     /// Raised when a delivery of a subscribed queue fails its integrity check: the app's delivery key
@@ -163,17 +158,8 @@ public sealed class RelayClient : IAsyncDisposable
     /// </summary>
     public event Action<RelayAddress, RecipientQueue, string>? DeliveryRejected;
 
-    private void OnDeliveryRejected(RelayAddress relay, RecipientQueue queue, string reason)
-    {
-        try
-        {
-            DeliveryRejected?.Invoke(relay, queue, reason);
-        }
-        catch
-        {
-            // An app's handler must not stop the deliveries.
-        }
-    }
+    private void OnDeliveryRejected(RelayAddress relay, RecipientQueue queue, string reason) =>
+        Raise(() => DeliveryRejected?.Invoke(relay, queue, reason));
 
     /// <summary>Every delivery of every subscribed queue, in arrival order per queue.</summary>
     public IAsyncEnumerable<QueueDelivery> DeliveriesAsync(CancellationToken cancellationToken = default) =>

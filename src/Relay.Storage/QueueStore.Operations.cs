@@ -505,7 +505,6 @@ public sealed partial class QueueStore
     private ValueTask<StoreStatus> Barrier(QueueHandle queue)
     {
         WriteOp op = RentOp(OpKind.Barrier, queue);
-        op.FailuresBefore = Interlocked.Read(ref _statistics._writeFailures);
         using (BatchScope batch = BeginBatch())
         {
             batch.Add(op);

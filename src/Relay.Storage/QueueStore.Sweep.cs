@@ -265,8 +265,7 @@ public sealed partial class QueueStore
         return op;
     }
 
-    /// <summary>Reads up to <see cref="SweepChunk"/> entries with hour &lt; cutoff from an hour index.</summary>
-    /// <summary>Reads up to a chunk of entries below <paramref name="cutoff"/>, from the first or from the one after <paramref name="after"/>.</summary>
+    /// <summary>Reads up to <see cref="SweepChunk"/> entries with hour &lt; cutoff from an hour index, from its first or from the one after <paramref name="after"/>.</summary>
     private int ReadHourIndex(int cf, uint cutoff, List<(uint Hour, byte[] RecipientId)> entries, (uint Hour, byte[] RecipientId)? after = null)
     {
         entries.Clear();

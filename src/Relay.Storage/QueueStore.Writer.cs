@@ -181,19 +181,16 @@ public sealed partial class QueueStore
 
             if (error is null)
             {
-                _epochUnwritten &= batch.Mutations.Count == 0;
+                if (batch.Mutations.Count > 0)
+                {
+                    _epochUnwritten = false;   // written with this batch
+                }
+                // A barrier here is answered OK rightly: the write it waits for (an SKEY or OFF
+                // retried) was staged before it, so it is in this batch or an earlier one, all written
+                // (had one failed, FailFrom would have failed this batch too).
                 foreach (WriteOp op in batch.Ops)
                 {
-                    if (op.Kind == OpKind.Barrier && Interlocked.Read(ref _statistics._writeFailures) != op.FailuresBefore)
-                    {
-                        // A batch failed after this barrier was made: the write it waits for (an SKEY
-                        // or OFF retried) may have been in it, and was undone. Never answer OK for it.
-                        Finish(op, new StoreException("An earlier write failed; the operation was not made durable."));
-                    }
-                    else
-                    {
-                        Finish(op, null);
-                    }
+                    Finish(op, null);
                 }
             }
             else
@@ -256,8 +253,9 @@ public sealed partial class QueueStore
     /// each undo restores what the operation before it left. A later batch may hold state copied
     /// from a failed one (a queue record with the sender key of a failed SKEY, an append that relied
     /// on the expiry entry or the activity hour of a failed one, quota that a failed ACK released)
-    /// and must not reach the disk. Staging is refused meanwhile, and the failure is counted only
-    /// after the undo, so a barrier made in between is not answered OK either.
+    /// and must not reach the disk. Staging is refused meanwhile: what is staged after the undo sees
+    /// the state as it is on disk (a retried SKEY whose first write failed writes again rather than
+    /// waiting on a barrier).
     /// </summary>
     private void FailFrom(PendingBatch failed, Exception error)
     {
@@ -460,8 +458,6 @@ internal sealed class WriteOp : IValueTaskSource<AppendResult>, IValueTaskSource
     public bool WroteExpiry;
     /// <summary>Delete: the queue was removed for idleness.</summary>
     public bool Idle;
-    /// <summary>Barrier: the store's count of failed batches when it was made.</summary>
-    public long FailuresBefore;
     /// <summary>Nobody awaits it: the writer recycles it.</summary>
     public bool Detached;
 
@@ -565,7 +561,6 @@ internal sealed class WriteOp : IValueTaskSource<AppendResult>, IValueTaskSource
         PreviousActiveHour = 0;
         WroteExpiry = false;
         Idle = false;
-        FailuresBefore = 0;
         Detached = false;
         _store.ReturnOp(this);
     }

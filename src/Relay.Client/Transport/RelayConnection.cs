@@ -371,9 +371,9 @@ public sealed partial class RelayConnection : IAsyncDisposable
                 break;
             case FrameType.Err:
                 var code = frame.Payload.Length > 0 ? (ErrorCode)frame.Payload[0] : ErrorCode.Syntax;
-                // The relay ends the connection: every request on it fails as a lost connection
-                // (RunAsync retries those), with the relay's reason inside.
-                // Ends the read loop now: nothing after it on this connection is to be trusted.
+                // The relay ends the connection: the read loop stops here (nothing after it is to be
+                // trusted) and every request fails as a lost connection (RunAsync retries those),
+                // with the relay's reason inside.
                 throw new RelayConnectException($"the relay closed the connection: {RelayErrorException.Describe(code)}",
                     new RelayErrorException(code, "the connection"));
         }
@@ -394,17 +394,17 @@ public sealed partial class RelayConnection : IAsyncDisposable
             // Not (or no longer) subscribed here: a push that crossed an END or a refusal.
             if (!_subscribed.TryGetValue(id, out subscribed)) return false;
         }
-        var body = payload.Length >= ProtocolConstants.MsgOverhead ? new byte[payload.Length - ProtocolConstants.MsgOverhead] : null;
-        bool opened = false;
-        ulong messageId = 0;
-        uint hour = 0;
-        byte flags = 0;
+        var body = new byte[Math.Max(0, payload.Length - ProtocolConstants.MsgOverhead)];
+        bool opened;
+        ulong messageId;
+        uint hour;
+        byte flags;
         // A refused or cancelled SUB removes and disposes the cipher from another thread: decrypting
         // and disposing take its lock, so a freed native context is never used.
         lock (subscribed.Cipher)
         {
             if (subscribed.Cipher.IsDisposed) return false;
-            opened = body is not null && RelayCrypto.TryOpenDelivery(subscribed.Cipher, payload, body, out messageId, out hour, out flags, out _);
+            opened = RelayCrypto.TryOpenDelivery(subscribed.Cipher, payload, body, out messageId, out hour, out flags, out _);
         }
         if (!opened)
         {
@@ -421,7 +421,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
             return false;
         }
         queue = subscribed.Queue;
-        delivery = new Delivery(queue.RecipientId, messageId, hour, flags, body!, payload.ToArray());
+        delivery = new Delivery(queue.RecipientId, messageId, hour, flags, body, payload.ToArray());
         return true;
     }
 

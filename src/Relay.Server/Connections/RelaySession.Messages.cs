@@ -46,8 +46,7 @@ internal sealed partial class RelaySession
         }
         catch (Exception ex)
         {
-            Log.StoreFailed(_logger, "SEND", ex.GetType().Name);
-            Fail(FrameType.Send, corr, ErrorCode.Internal);
+            StoreFailed(FrameType.Send, corr, ex);
             return;
         }
         int length = command.Args.Length - 1;
@@ -87,8 +86,7 @@ internal sealed partial class RelaySession
         }
         catch (Exception ex)
         {
-            Log.StoreFailed(_logger, "SEND", ex.GetType().Name);
-            Fail(FrameType.Send, corr, ErrorCode.Internal);
+            StoreFailed(FrameType.Send, corr, ex);
         }
         finally
         {
@@ -231,8 +229,7 @@ internal sealed partial class RelaySession
         }
         catch (Exception ex)
         {
-            Log.StoreFailed(_logger, "ACK", ex.GetType().Name);
-            Fail(FrameType.Ack, corr, ErrorCode.Internal);
+            StoreFailed(FrameType.Ack, corr, ex);
             return;
         }
         if (!ack.IsCompleted)
@@ -281,8 +278,7 @@ internal sealed partial class RelaySession
         }
         catch (Exception ex)
         {
-            Log.StoreFailed(_logger, "ACK", ex.GetType().Name);
-            Fail(FrameType.Ack, corr, ErrorCode.Internal);
+            StoreFailed(FrameType.Ack, corr, ex);
             // The write failed and was undone: the messages are stored again, oldest first, but the
             // subscription moved past them when the ACK was accepted. Deliver again from the oldest.
             lock (queue.Sync)

@@ -160,8 +160,7 @@ internal sealed partial class RelaySession
         }
         catch (Exception ex)
         {
-            Log.StoreFailed(_logger, "NEW", ex.GetType().Name);
-            Fail(FrameType.New, corr, ErrorCode.Internal);
+            StoreFailed(FrameType.New, corr, ex);
         }
         finally
         {
@@ -195,9 +194,7 @@ internal sealed partial class RelaySession
         }
         catch (Exception ex)
         {
-            // Refused at once: the store is closing, or undoing a failed write.
-            Log.StoreFailed(_logger, "SKEY", ex.GetType().Name);
-            Fail(FrameType.SKey, corr, ErrorCode.Internal);
+            StoreFailed(FrameType.SKey, corr, ex);
             return;
         }
         BeginInFlight();
@@ -215,8 +212,7 @@ internal sealed partial class RelaySession
         }
         catch (Exception ex)
         {
-            Log.StoreFailed(_logger, "OFF", ex.GetType().Name);
-            Fail(FrameType.Off, frame.CorrelationId, ErrorCode.Internal);
+            StoreFailed(FrameType.Off, frame.CorrelationId, ex);
             return;
         }
         BeginInFlight();
@@ -260,8 +256,7 @@ internal sealed partial class RelaySession
         }
         catch (Exception ex)
         {
-            Log.StoreFailed(_logger, "DEL", ex.GetType().Name);
-            Fail(FrameType.Del, corr, ErrorCode.Internal);
+            StoreFailed(FrameType.Del, corr, ex);
         }
         finally
         {
@@ -286,8 +281,7 @@ internal sealed partial class RelaySession
         }
         catch (Exception ex)
         {
-            Log.StoreFailed(_logger, type.ToString(), ex.GetType().Name);
-            Fail(type, corr, ErrorCode.Internal);
+            StoreFailed(type, corr, ex);
         }
         finally
         {

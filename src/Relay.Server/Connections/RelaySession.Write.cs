@@ -247,6 +247,16 @@ internal sealed partial class RelaySession
         SignalCapacity();
     }
 
+    /// <summary>
+    /// The store could not take or make an operation durable (closing, a failed write, or one being
+    /// undone): logged without the queue, answered INTERNAL.
+    /// </summary>
+    private void StoreFailed(FrameType type, uint corr, Exception ex)
+    {
+        Log.StoreFailed(_logger, type.ToString().ToUpperInvariant(), ex.GetType().Name);
+        Fail(type, corr, ErrorCode.Internal);
+    }
+
     /// <summary>A SEND: an operation in flight that also holds its message's bytes until written.</summary>
     private void BeginInFlight(int bytes)
     {

@@ -6,10 +6,9 @@ namespace Relay.Server.Connections;
 /// One connection's derived auth keys (read loop only): real ones by the client's public key, and
 /// decoys by the queue id (and the side, sender or recipient, it was looked up on) a request named
 /// when no queue has it, so that a repeated probe of a missing queue costs what a repeated wrong key
-/// costs. Both share one budget and are dropped together when
-/// it is reached: how long a key stays cached never depends on whether its queue exists, and a
-/// connection that names many random ids holds at most <see cref="Capacity"/> keys (about 200 bytes
-/// each, 450 once used often).
+/// costs. Both share one budget and are dropped together when it is reached: how long a key stays
+/// cached never depends on whether its queue exists, and a connection that names many random ids
+/// holds at most the capacity's worth of keys (about 200 bytes each, 450 once used often).
 /// </summary>
 internal sealed class SessionKeys(int capacity = SessionKeys.DefaultCapacity) : IDisposable
 {
@@ -18,8 +17,6 @@ internal sealed class SessionKeys(int capacity = SessionKeys.DefaultCapacity) : 
 
     private readonly Dictionary<Key32, MacKey> _real = new();
     private Dictionary<DecoyKey, MacKey>? _decoys;
-
-    public int Capacity => capacity;
 
     public int Count => _real.Count + (_decoys?.Count ?? 0);
 
