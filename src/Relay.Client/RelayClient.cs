@@ -445,13 +445,14 @@ public sealed class RelayClient : IAsyncDisposable
 /// <c>max</c>; after a connection that lasted, about <c>min</c>. Each wait is drawn from the upper half
 /// of its step, so clients that lost the same relay at the same moment do not return together.
 /// </summary>
-internal sealed class ReconnectBackoff(TimeSpan min, TimeSpan max, Func<double>? random = null)
+internal sealed class ReconnectBackoff(TimeSpan min, TimeSpan max, Func<double>? random = null, TimeProvider? clock = null)
 {
     private readonly Func<double> _random = random ?? Random.Shared.NextDouble;
+    private readonly TimeProvider _clock = clock ?? TimeProvider.System;
     private TimeSpan _step;          // zero: nothing failed since the last connection that lasted
     private long _connectedAt;       // when the current connection was made; 0: none since the last wait
 
-    public void Connected() => _connectedAt = System.Diagnostics.Stopwatch.GetTimestamp();
+    public void Connected() => _connectedAt = _clock.GetTimestamp();
 
     /// <summary>The wait before connecting again (zero before the first connection and after one that lasted).</summary>
     public TimeSpan BeforeConnect()
@@ -462,7 +463,7 @@ internal sealed class ReconnectBackoff(TimeSpan min, TimeSpan max, Func<double>?
             // and were given up (the caller's cancellation, RetryFor): go on from their step.
             return _step == TimeSpan.Zero ? TimeSpan.Zero : Spread(_step);
         }
-        var lasted = System.Diagnostics.Stopwatch.GetElapsedTime(_connectedAt);
+        var lasted = _clock.GetElapsedTime(_connectedAt);
         _connectedAt = 0;
         if (lasted >= max)
         {

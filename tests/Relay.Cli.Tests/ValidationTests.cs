@@ -55,7 +55,6 @@ public class ValidationTests
     [Arguments("--disk-budget", "huge")]
     [Arguments("--disk-budget", "10KB")]
     [Arguments("--max-message", "10")]
-    [Arguments("--max-message", "65467")]
     [Arguments("--message-ttl", "nan")]
     [Arguments("--sweep-interval", "NaN")]
     [Arguments("--shutdown-timeout", "nan")]

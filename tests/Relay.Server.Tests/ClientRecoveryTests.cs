@@ -31,8 +31,9 @@ public class ClientRecoveryTests
         await using var laptop = new RelayClient(options);
         var ended = new TaskCompletionSource<RecipientQueue>(TaskCreationOptions.RunContinuationsAsynchronously);
         phone.SubscriptionEnded += (_, q) => ended.TrySetResult(q);
-        bool laptopEnded = false;
-        laptop.SubscriptionEnded += (_, _) => laptopEnded = true;
+        int phoneEnds = 0, laptopEnds = 0;
+        phone.SubscriptionEnded += (_, _) => Interlocked.Increment(ref phoneEnds);
+        laptop.SubscriptionEnded += (_, _) => Interlocked.Increment(ref laptopEnds);
 
         await phone.SubscribeAsync(relay.Address, queue);
         await laptop.SubscribeAsync(relay.Address, queue);   // the relay ends the phone's subscription (END)
@@ -58,7 +59,9 @@ public class ClientRecoveryTests
             await laptop.RunAsync(relay.Address, c => c.AckAsync(queue, laptopDeliveries.Current.Delivery.MessageId));
         }
         await Assert.That(await Task.WhenAny(phoneNext, Task.Delay(300)) == phoneNext).IsFalse();
-        await Assert.That(laptopEnded).IsFalse();
+        await Assert.That(Volatile.Read(ref laptopEnds)).IsEqualTo(0);
+        // Had the phone subscribed again after the restart, one of the two would have had a second END.
+        await Assert.That(Volatile.Read(ref phoneEnds)).IsEqualTo(1);
 
         // The phone takes it back when its app asks: then the laptop is told.
         var laptopTold = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -80,7 +83,7 @@ public class ClientRecoveryTests
         var other = await owner.CreateQueueAsync();
         await owner.SendAsync(new SenderQueue(queue.SenderId, null), "stored"u8.ToArray());
 
-        var through = relay.Address with { Hosts = ["127.0.0.1"], Port = proxy.Port };
+        var through = proxy.AddressOf(relay);
         await using var client = new RelayClient(new RelayClientOptions
         {
             Tls = false,
@@ -120,7 +123,7 @@ public class ClientRecoveryTests
         await using var proxy = TamperingProxy.Start(relay.Server.RelayEndPoint);
         await using var owner = await relay.ConnectAsync();
         var queue = await owner.CreateQueueAsync();
-        var through = relay.Address with { Hosts = ["127.0.0.1"], Port = proxy.Port };
+        var through = proxy.AddressOf(relay);
         await using var client = new RelayClient(new RelayClientOptions
         {
             Tls = false,
@@ -151,7 +154,7 @@ public class ClientRecoveryTests
         await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
         await using var proxy = TamperingProxy.Start(relay.Server.RelayEndPoint);
         proxy.AnnounceMaxFrame = int.MaxValue;
-        var through = relay.Address with { Hosts = ["127.0.0.1"], Port = proxy.Port };
+        var through = proxy.AddressOf(relay);
         var refused = await Assert.ThrowsAsync<RelayConnectException>(() => RelayConnection.ConnectAsync(through, new RelayConnectionOptions { Tls = false }));
         await Assert.That(refused!.Message).Contains("maxFrame 2147483647");
     }
@@ -161,7 +164,7 @@ public class ClientRecoveryTests
     {
         await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
         await using var proxy = TamperingProxy.Start(relay.Server.RelayEndPoint);
-        var through = relay.Address with { Hosts = ["127.0.0.1"], Port = proxy.Port };
+        var through = proxy.AddressOf(relay);
         await using var connection = await RelayConnection.ConnectAsync(through, new RelayConnectionOptions { Tls = false });
         proxy.PongAsConnectionError = true;
         var failed = await Assert.ThrowsAsync<RelayConnectException>(() => connection.PingAsync().WaitAsync(TimeSpan.FromSeconds(10)));
@@ -172,23 +175,25 @@ public class ClientRecoveryTests
     [Test]
     public async Task Reconnection_waits_grow_with_failures_and_with_connections_that_do_not_last_and_are_spread()
     {
-        var min = TimeSpan.FromMilliseconds(100);
-        var max = TimeSpan.FromMilliseconds(800);
+        var min = TimeSpan.FromSeconds(1);
+        var max = TimeSpan.FromSeconds(8);
         double draw = 1.0;
-        var backoff = new ReconnectBackoff(min, max, () => draw);
+        var clock = new OperationsClock();
+        var backoff = new ReconnectBackoff(min, max, () => draw, clock);
 
         // The first connection goes at once; failed attempts double the step up to max.
         await Assert.That(backoff.BeforeConnect()).IsEqualTo(TimeSpan.Zero);
-        var steps = Enumerable.Range(0, 6).Select(_ => backoff.Failed().TotalMilliseconds).ToList();
-        await Assert.That(steps).IsEquivalentTo(new List<double> { 100, 200, 400, 800, 800, 800 }, TUnit.Assertions.Enums.CollectionOrdering.Matching);
+        var steps = Enumerable.Range(0, 6).Select(_ => backoff.Failed().TotalSeconds).ToList();
+        await Assert.That(steps).IsEquivalentTo(new List<double> { 1, 2, 4, 8, 8, 8 }, TUnit.Assertions.Enums.CollectionOrdering.Matching);
 
-        // A connection lost right after it was made counts as a failure: the step does not start again.
+        // A connection lost soon after it was made counts as a failure: the step does not start again.
         backoff.Connected();
+        clock.Advance(max / 2);
         await Assert.That(backoff.BeforeConnect()).IsEqualTo(max);
 
         // One that lasted max: the next connection comes after about min, and failures start from min.
         backoff.Connected();
-        await Task.Delay(max + TimeSpan.FromMilliseconds(50));
+        clock.Advance(max);
         await Assert.That(backoff.BeforeConnect()).IsEqualTo(min);
         await Assert.That(backoff.Failed()).IsEqualTo(min);
         await Assert.That(backoff.Failed()).IsEqualTo(2 * min);
@@ -201,15 +206,15 @@ public class ClientRecoveryTests
 
         // Each wait is drawn from the upper half of its step.
         draw = 0.0;
-        await Assert.That(backoff.Failed()).IsEqualTo(2 * min);       // step 400, drawn at its half
+        await Assert.That(backoff.Failed()).IsEqualTo(2 * min);       // step 4 s, drawn at its half
         draw = 0.5;
-        await Assert.That(backoff.Failed()).IsEqualTo(TimeSpan.FromMilliseconds(600));   // step 800
+        await Assert.That(backoff.Failed()).IsEqualTo(TimeSpan.FromSeconds(6));   // step 8 s
         var spread = new ReconnectBackoff(min, max);
         var waits = new List<TimeSpan>();
         for (int i = 0; i < 200; i++)
         {
             var wait = spread.Failed();
-            if (i >= 3) waits.Add(wait);   // steps 100, 200, 400, then 800 from the fourth on
+            if (i >= 3) waits.Add(wait);   // steps 1, 2, 4 s, then 8 s from the fourth on
         }
         await Assert.That(waits.Min()).IsGreaterThanOrEqualTo(max / 2);
         await Assert.That(waits.Max()).IsLessThanOrEqualTo(max);
@@ -246,6 +251,9 @@ public class ClientRecoveryTests
         }
 
         public int Port => ((IPEndPoint)_listener.LocalEndpoint).Port;
+
+        /// <summary>The relay's address with this proxy as its host and port.</summary>
+        public RelayAddress AddressOf(TestRelay relay) => relay.Address with { Hosts = ["127.0.0.1"], Port = Port };
 
         public static TamperingProxy Start(IPEndPoint relay) => new(relay);
 

@@ -126,7 +126,7 @@ public class ConnectionLifetimeTests
         }
         var writing = sender.WriteAsync(frames.SelectMany(f => f).ToArray());
         int first = await held.Task.WaitAsync(TimeSpan.FromSeconds(10));
-        await Task.Delay(500);   // time to read every frame, were it not for the limit
+        await Task.Delay(2_000);   // time to read every frame, were it not for the limit
         release.Set();
 
         var answers = new List<RawFrame>();

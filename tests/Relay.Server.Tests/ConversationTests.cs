@@ -208,8 +208,12 @@ public class ConversationTests
             await bob.SendAsync("alice", "two");
             await Assert.That((await aliceListener.NextAsync<MessageReceived>()).Text).IsEqualTo("two");
             relay.Server.Store.BeforeWrite = null;
-            await Assert.That(failures).IsGreaterThanOrEqualTo(1);
-            // "one" came again after the failed ACK and was absorbed: reported once.
+            // The injected failure was the ACK's (answered INTERNAL), and "one" was delivered again
+            // after it: three deliveries for two messages.
+            var metrics = await OperationsMetrics.ScrapeAsync(relay);
+            await Assert.That(OperationsMetrics.Value(metrics, "relay_commands_total", "command=\"ack\",result=\"internal\"")).IsEqualTo(1);
+            await Assert.That(OperationsMetrics.Value(metrics, "relay_deliveries_total")).IsGreaterThanOrEqualTo(3);
+            // ... and absorbed: reported once.
             var rest = await aliceListener.DrainAsync();
             await Assert.That(aliceListener.Seen.OfType<MessageReceived>().Count(m => m.Text == "one")).IsEqualTo(1);
             await Assert.That(rest.OfType<MessageRejected>()).IsEmpty();

@@ -368,15 +368,16 @@ public class DeliveryWindowTests
             d = await NextDeliveryAsync(recipient);
             seen.Add(Text(d));
         }
-        while (Text(d) != "m1");
-        for (int i = 1; i <= 3; i++)
+        while (Text(d) != "m1" && seen.Count < 3);
+        await Assert.That(seen.SequenceEqual(["m1"]) || seen.SequenceEqual(["m2", "m1"])).IsTrue();
+        for (int i = 2; i <= 3; i++)
         {
-            await Assert.That(Text(d)).IsEqualTo($"m{i}");
             await recipient.AckAsync(queue, d.MessageId);
-            if (i < 3) d = await NextDeliveryAsync(recipient);
+            d = await NextDeliveryAsync(recipient);
+            await Assert.That(Text(d)).IsEqualTo($"m{i}");
         }
+        await recipient.AckAsync(queue, d.MessageId);
         await Assert.That(await NothingArrivesAsync(recipient, TimeSpan.FromMilliseconds(300))).IsTrue();
-        await Assert.That(seen.Count).IsLessThanOrEqualTo(2);
     }
 
     [Test]

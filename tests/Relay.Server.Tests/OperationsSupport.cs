@@ -64,4 +64,6 @@ public sealed class OperationsClock : TimeProvider
     private long _offsetTicks;
     public void Advance(TimeSpan by) => Interlocked.Add(ref _offsetTicks, by.Ticks);
     public override DateTimeOffset GetUtcNow() => base.GetUtcNow().AddTicks(Interlocked.Read(ref _offsetTicks));
+    public override long GetTimestamp() =>
+        base.GetTimestamp() + Interlocked.Read(ref _offsetTicks) * TimestampFrequency / TimeSpan.TicksPerSecond;
 }

@@ -51,10 +51,9 @@ public class SessionKeysTests
         int most = 0;
         for (int i = 0; i < 3 * SessionKeys.DefaultCapacity; i++)
         {
-            if (!keys.TryGetDecoy(RandomId(), out _)) keys.AddDecoy(RandomId(), Derived());
+            keys.AddDecoy(RandomId(), Derived());
             most = Math.Max(most, keys.Count);
         }
         await Assert.That(most).IsEqualTo(SessionKeys.DefaultCapacity);
-        await Assert.That(keys.Count).IsLessThanOrEqualTo(SessionKeys.DefaultCapacity);
     }
 }

@@ -8,23 +8,34 @@ namespace Relay.Storage.Tests;
 /// </summary>
 public class WriteFailureTests
 {
-    /// <summary>Holds the writer in its next batch until released; then fails that batch or lets it through.</summary>
+    /// <summary>Holds the store's writer in its next batch until released; then fails that batch or lets it through.</summary>
     private sealed class FaultyDisk
     {
         private readonly ManualResetEventSlim _release = new(false);
         private readonly TaskCompletionSource _held = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        private readonly bool _failHeldBatch;
         private int _calls;
-        public bool FailHeldBatch { get; set; }
 
-        public void BeforeWrite(int ops, long bytes)
+        private FaultyDisk(bool failHeldBatch) => _failHeldBatch = failHeldBatch;
+
+        /// <summary>Puts the faulty disk under <paramref name="store"/>'s writer.</summary>
+        public static FaultyDisk Under(QueueStore store, bool failHeldBatch)
+        {
+            var disk = new FaultyDisk(failHeldBatch);
+            store.BeforeWrite = disk.BeforeWrite;
+            return disk;
+        }
+
+        private void BeforeWrite(int ops, long bytes)
         {
             if (Interlocked.Increment(ref _calls) != 1) return;
             _held.TrySetResult();
             if (!_release.Wait(TimeSpan.FromSeconds(30))) throw new TimeoutException("never released");
-            if (FailHeldBatch) throw new IOException("injected write failure");
+            if (_failHeldBatch) throw new IOException("injected write failure");
         }
 
-        public Task Held => _held.Task;
+        /// <summary>Until the writer is held in a batch.</summary>
+        public Task HeldAsync() => _held.Task.WaitAsync(TimeSpan.FromSeconds(10));
 
         public void Release() => _release.Set();
     }
@@ -34,11 +45,10 @@ public class WriteFailureTests
     {
         await using TestStore t = TestStore.Create();
         QueueHandle q = await t.CreateQueueAsync();
-        var disk = new FaultyDisk { FailHeldBatch = true };
-        t.Store.BeforeWrite = disk.BeforeWrite;
+        var disk = FaultyDisk.Under(t.Store, failHeldBatch: true);
 
         var append = t.Store.AppendAsync(q, 0, [1, 2, 3]).AsTask();
-        await disk.Held.WaitAsync(TimeSpan.FromSeconds(10));
+        await disk.HeldAsync();
         disk.Release();
         await Assert.ThrowsAsync<StoreException>(async () => await append);
 
@@ -61,13 +71,12 @@ public class WriteFailureTests
         await using TestStore t = TestStore.Create();
         QueueHandle q = await t.CreateQueueAsync();
         byte[] key = RandomNumberGenerator.GetBytes(QueueHandle.KeyLength);
-        var disk = new FaultyDisk { FailHeldBatch = true };
-        t.Store.BeforeWrite = disk.BeforeWrite;
+        var disk = FaultyDisk.Under(t.Store, failHeldBatch: true);
 
         // The first SKEY's write is on its way to the disk when the client, having heard nothing,
         // sends the same SKEY again: the retry waits for the first write rather than writing again.
         var first = t.Store.SecureAsync(q, key).AsTask();
-        await disk.Held.WaitAsync(TimeSpan.FromSeconds(10));
+        await disk.HeldAsync();
         var retry = t.Store.SecureAsync(q, key).AsTask();
         disk.Release();
 
@@ -89,13 +98,12 @@ public class WriteFailureTests
         await using TestStore t = TestStore.Create();
         QueueHandle q = await t.CreateQueueAsync();
         byte[] key = RandomNumberGenerator.GetBytes(QueueHandle.KeyLength);
-        var disk = new FaultyDisk { FailHeldBatch = true };
-        t.Store.BeforeWrite = disk.BeforeWrite;
+        var disk = FaultyDisk.Under(t.Store, failHeldBatch: true);
 
         // SKEY's batch is on its way to the disk; OFF, staged meanwhile, writes the queue's record,
         // which at that moment carries the new sender key.
         var secure = t.Store.SecureAsync(q, key).AsTask();
-        await disk.Held.WaitAsync(TimeSpan.FromSeconds(10));
+        await disk.HeldAsync();
         var suspend = t.Store.SuspendAsync(q).AsTask();
         disk.Release();
 
@@ -119,11 +127,10 @@ public class WriteFailureTests
     {
         await using TestStore t = TestStore.Create(p => new QueueStoreOptions { Path = p, MaxMessagesPerQueue = 3 });
         QueueHandle q = await t.CreateQueueAsync();
-        var disk = new FaultyDisk { FailHeldBatch = true };
-        t.Store.BeforeWrite = disk.BeforeWrite;
+        var disk = FaultyDisk.Under(t.Store, failHeldBatch: true);
 
         var first = t.Store.AppendAsync(q, 0, [1]).AsTask();
-        await disk.Held.WaitAsync(TimeSpan.FromSeconds(10));
+        await disk.HeldAsync();
         var second = t.Store.AppendAsync(q, 0, [2]).AsTask();
         var third = t.Store.AppendAsync(q, 0, [3]).AsTask();
         disk.Release();
@@ -169,8 +176,7 @@ public class WriteFailureTests
         await Assert.That(t.Store.TryPeek(q, ids[0] + 1, out var m2)).IsTrue();
         m2.Return();
 
-        var disk = new FaultyDisk { FailHeldBatch = true };
-        t.Store.BeforeWrite = disk.BeforeWrite;
+        var disk = FaultyDisk.Under(t.Store, failHeldBatch: true);
         Exception? refusedAck = null, refusedAppend = null;
         t.Store.WhileUndoing = () =>
         {
@@ -178,7 +184,7 @@ public class WriteFailureTests
             try { _ = t.Store.AppendAsync(q, 0, [9]); } catch (Exception e) { refusedAppend = e; }
         };
         var failing = t.Store.AppendAsync(other, 0, [7]).AsTask();
-        await disk.Held.WaitAsync(TimeSpan.FromSeconds(10));
+        await disk.HeldAsync();
         disk.Release();
         await Assert.ThrowsAsync<StoreException>(async () => await failing);
         t.Store.WhileUndoing = null;
@@ -204,11 +210,10 @@ public class WriteFailureTests
         await using TestStore t = TestStore.Create();
         QueueHandle q = await t.CreateQueueAsync();
         byte[] key = RandomNumberGenerator.GetBytes(QueueHandle.KeyLength);
-        var disk = new FaultyDisk();
-        t.Store.BeforeWrite = disk.BeforeWrite;
+        var disk = FaultyDisk.Under(t.Store, failHeldBatch: false);
 
         var first = t.Store.SecureAsync(q, key).AsTask();
-        await disk.Held.WaitAsync(TimeSpan.FromSeconds(10));
+        await disk.HeldAsync();
         var retry = t.Store.SecureAsync(q, key).AsTask();
         await Task.Delay(100);
         // Not before the first write is done.

@@ -43,7 +43,7 @@ if start_relay serve "$DATA" "$PORT" "$ADMIN"; then
     check "readyz answers 200" curl -fsSo /dev/null "http://127.0.0.1:$ADMIN/readyz"
     check "ready line carries the address" grep -Eq "Relay ready at relay://[A-Za-z0-9_-]{43}@" "$E2E_TMP/serve.log"
     # What a relay started without --admin listens on (ss), not what its help says.
-    check "admin listener is loopback only by default (127.0.0.1:5280)" bash -c "'$RELAY' serve --data '$E2E_TMP/default-admin' --listen 127.0.0.1:$(free_port) >'$E2E_TMP/default-admin.log' 2>&1 & pid=\$!; ok=1; for _ in \$(seq 100); do curl -m 2 -fsS http://127.0.0.1:5280/readyz >/dev/null 2>&1 && { ok=0; break; }; sleep 0.1; done; l=\$(ss -Hltn 'sport = :5280'); kill \$pid; wait \$pid; [ \$ok = 0 ] && echo \"\$l\" | grep -q '127.0.0.1:5280' && ! echo \"\$l\" | grep -Eq '(0\.0\.0\.0|\*|\[::\]):5280'"
+    check "admin listener is loopback only by default (127.0.0.1:5280)" bash -c "'$RELAY' serve --data '$E2E_TMP/default-admin' --listen 127.0.0.1:$(free_port) >'$E2E_TMP/default-admin.log' 2>&1 & pid=\$!; ok=1; for _ in \$(seq 100); do curl -m 2 -fsS http://127.0.0.1:5280/readyz >/dev/null 2>&1 && { ok=0; break; }; sleep 0.1; done; l=\$(ss -Hltnp 'sport = :5280'); kill \$pid; wait \$pid; [ \$ok = 0 ] && echo \"\$l\" | grep -q \"pid=\$pid,\" && echo \"\$l\" | grep -q '127.0.0.1:5280' && ! echo \"\$l\" | grep -Eq '(0\.0\.0\.0|\*|\[::\]):5280'"
     check "SIGTERM exits 0" stop_relay "$RELAY_PID" TERM
 else
     fail "serve becomes ready"; cat "$E2E_TMP/serve.log"

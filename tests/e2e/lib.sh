@@ -109,6 +109,10 @@ finish() {
     if [ "$ran" -lt "$E2E_EXPECTED" ]; then
         echo "FAIL $((E2E_EXPECTED - ran)) check(s) did not run"
         E2E_FAILED=$((E2E_FAILED + E2E_EXPECTED - ran))
+    elif [ "$ran" -gt "$E2E_EXPECTED" ]; then
+        # Checks were added without updating expect_checks: an early exit could then hide as many.
+        echo "FAIL $ran checks ran, expect_checks says $E2E_EXPECTED: update it"
+        E2E_FAILED=$((E2E_FAILED + 1))
     fi
     echo "e2e total: $E2E_PASSED passed, $E2E_FAILED failed"
     [ "$E2E_FAILED" -eq 0 ]
