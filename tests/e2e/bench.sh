@@ -37,7 +37,7 @@ bench() {
 }
 
 bench live-in-process 4000 'd["local_relay"] is True and d["sent"] == 4000' --messages 4000
-check "bench prints its setup on stderr" grep -q '^bench: live, 100 queues, 4 producers, 4 consumers, 256-byte messages, window 64, delivery window 1, ack through, in-process relay (TLS, fsync)' "$E2E_TMP/live-in-process.err"
+check "bench prints its setup on stderr" grep -q '^bench: live, 100 queues, 4 producers, 4 consumers, 256-byte messages, window 256, delivery window 32, ack through, in-process relay (TLS, fsync)' "$E2E_TMP/live-in-process.err"
 # With a window, one ACK through covers several deliveries; --ack each sends one per message.
 bench drain-in-process-window 4000 'd["scenario"] == "drain" and 0 < d["acks"] < 4000' --scenario drain --messages 4000 --delivery-window 16
 check "drain reports its store phase on stderr" grep -q 'bench drain: 4000 messages stored in' "$E2E_TMP/drain-in-process-window.err"
@@ -52,7 +52,8 @@ PORT=$(free_port); ADMIN=$(free_port)
 ADDR=$("$RELAY" address --data "$DATA" --host 127.0.0.1 --port "$PORT")
 if start_relay relay "$DATA" "$PORT" "$ADMIN" --max-connections-per-source 0 --queue-creation-rate 0; then
     bench separate-live 5000 'd["local_relay"] is False and d["relay_cpu_us_per_message"] > 0' "$ADDR" --messages 5000 --relay-pid "$RELAY_PID"
-    bench separate-windows 5000 'd["relay_cpu_us_per_message"] > 0' "$ADDR" --messages 5000 --relay-pid "$RELAY_PID" --window 128 --delivery-window 32
+    # One delivery at a time (SUB without a window's worth): every ACK covers one message.
+    bench separate-one-at-a-time 5000 'd["relay_cpu_us_per_message"] > 0 and d["acks"] == 5000' "$ADDR" --messages 5000 --relay-pid "$RELAY_PID" --window 64 --delivery-window 1
     bench separate-drain-window-64 5000 'd["scenario"] == "drain" and 0 < d["acks"] < 5000' "$ADDR" --scenario drain --messages 5000 --delivery-window 64
     bench separate-drain-ack-each 5000 'd["scenario"] == "drain" and d["acks"] == 5000' "$ADDR" --scenario drain --messages 5000 --delivery-window 64 --ack each
 

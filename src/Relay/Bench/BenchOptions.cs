@@ -17,9 +17,9 @@ public sealed class BenchOptions
     public int Consumers { get; set; } = 4;
     public int Size { get; set; } = 256;
     public int Messages { get; set; } = 200_000;
-    public int Window { get; set; } = 64;
+    public int Window { get; set; } = 256;
     /// <summary>Messages each subscription may have outstanding (SUB's delivery window).</summary>
-    public int DeliveryWindow { get; set; } = 1;
+    public int DeliveryWindow { get; set; } = 32;
     /// <summary>Consumers acknowledge with ACK through (one per batch of deliveries read) instead of one ACK per message.</summary>
     public bool AckThrough { get; set; } = true;
     public BenchScenario Scenario { get; set; } = BenchScenario.Live;
