@@ -127,4 +127,26 @@ public class PrecedenceTests
         await Assert.That(names).Contains("shutdown-timeout");
         await Assert.That(names.Distinct().Count()).IsEqualTo(names.Count);
     }
+
+    [Test]
+    public async Task Every_option_is_documented_in_the_operations_guide()
+    {
+        string guide = File.ReadAllText(RepositoryFile("docs/OPERATIONS.md"));
+        foreach (var option in ServeSettings.Options)
+        {
+            await Assert.That(guide).Contains("--" + option.Name);
+            await Assert.That(guide).Contains(option.EnvName);
+        }
+    }
+
+    /// <summary>A file of this repository, found from the test's output directory upwards.</summary>
+    private static string RepositoryFile(string relative)
+    {
+        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir != null; dir = dir.Parent)
+        {
+            string candidate = Path.Combine(dir.FullName, relative);
+            if (File.Exists(candidate)) return candidate;
+        }
+        throw new FileNotFoundException($"{relative} not found above {AppContext.BaseDirectory}");
+    }
 }

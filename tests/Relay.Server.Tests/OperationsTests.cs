@@ -89,6 +89,23 @@ public class OperationsTests
         {
             await Assert.That(families).Contains(name);
         }
+        // Every family of the relay's own is explained to operators.
+        string guide = await File.ReadAllTextAsync(RepositoryFile("docs/OPERATIONS.md"));
+        foreach (var name in families.Where(f => f.StartsWith("relay_", StringComparison.Ordinal)))
+        {
+            await Assert.That(guide).Contains(name);
+        }
+    }
+
+    /// <summary>A file of this repository, found from the test's output directory upwards.</summary>
+    private static string RepositoryFile(string relative)
+    {
+        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir != null; dir = dir.Parent)
+        {
+            string candidate = Path.Combine(dir.FullName, relative);
+            if (File.Exists(candidate)) return candidate;
+        }
+        throw new FileNotFoundException($"{relative} not found above {AppContext.BaseDirectory}");
     }
 
     [Test]
