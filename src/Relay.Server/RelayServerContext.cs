@@ -26,6 +26,9 @@ internal sealed class RelayServerContext(RelayServerOptions options, QueueStore 
     public Task<SslServerAuthenticationOptions> TlsOptions { get; } = tlsOptions ?? Task.FromResult(new SslServerAuthenticationOptions());
     public CancellationTokenSource Stopping { get; } = new();
 
+    /// <summary>The output buffers of all connections, counted against <see cref="RelayServerOptions.OutputMemoryBudget"/>.</summary>
+    public OutputMemory Output { get; } = new(options.OutputMemoryBudget);
+
     /// <summary>Per-source connection count and queue-creation bucket; sources live only here, in memory.</summary>
     public SourceLimiter Sources { get; } = new(options.MaxConnectionsPerSource, options.QueueCreationRate,
         options.QueueCreationBurst, options.Clock);

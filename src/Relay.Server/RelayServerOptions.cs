@@ -91,6 +91,17 @@ public sealed class RelayServerOptions
     /// <summary>Unsent output a connection may buffer before the relay stops reading its requests.</summary>
     public int MaxOutputBuffer { get; set; } = 1 << 20;
 
+    /// <summary>
+    /// Memory for the output buffers of all connections together (0: no relay-wide bound). While they
+    /// hold this much, each connection buffers at most <see cref="OutputBufferWhenMemoryIsShort"/>
+    /// instead of <see cref="MaxOutputBuffer"/>: many clients that do not read cannot each make the
+    /// relay hold the per-connection maximum.
+    /// </summary>
+    public long OutputMemoryBudget { get; set; } = 256L << 20;
+
+    /// <summary>Unsent output a connection may buffer while <see cref="OutputMemoryBudget"/> is used up.</summary>
+    public int OutputBufferWhenMemoryIsShort { get; set; } = 32 * 1024;
+
     public TimeSpan MessageTtl { get; set; } = TimeSpan.FromDays(21);
     public TimeSpan IdleQueueTtl { get; set; } = TimeSpan.Zero;
     public int QueueMaxMessages { get; set; } = 128;

@@ -89,6 +89,86 @@ public class ConnectionLifetimeTests
     }
 
     [Test]
+    [Arguments(0L)]
+    [Arguments(1L << 20)]
+    public async Task Clients_that_do_not_read_share_one_output_memory_budget(long budget)
+    {
+        const int Clients = 12, Gets = 300, Size = 60_000;
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Tls = false;
+            o.OutputMemoryBudget = budget;
+        });
+        await using var owner = await RawClient.ConnectAsync(relay);
+        var queue = await owner.CreateQueueAsync();
+        var sent = await owner.RequestAsync(owner.Send(owner.NextCorr(), queue.SenderId, new byte[Size]));
+        await Assert.That(sent.Type).IsEqualTo(FrameType.Ok);
+
+        // Each client asks for the 60 KB message 300 times (18 MB of answers) and never reads.
+        var clients = new List<RawClient>();
+        try
+        {
+            for (int c = 0; c < Clients; c++)
+            {
+                var client = await RawClient.ConnectAsync(relay);
+                clients.Add(client);
+                var gets = new List<byte>();
+                for (int i = 0; i < Gets; i++)
+                {
+                    gets.AddRange(client.QueueCommand(FrameType.Get, client.NextCorr(), queue.RecipientId, [], queue.RecipientPrivate));
+                }
+                await client.WriteAsync([.. gets]);
+            }
+            // Held once it stops growing: each connection stopped being read at its limit.
+            double held = -1, last;
+            var settle = Stopwatch.StartNew();
+            do
+            {
+                last = held;
+                await Task.Delay(500);
+                held = Value(await ScrapeAsync(relay), "relay_output_memory_bytes");
+            }
+            while (held != last && settle.Elapsed < TimeSpan.FromSeconds(20));
+            await Assert.That(Value(await ScrapeAsync(relay), "relay_output_memory_budget_bytes")).IsEqualTo(budget);
+            if (budget == 0)
+            {
+                // Without a relay-wide bound each connection buffers its own 1 MiB (and more for the
+                // arrays' rounding and the write in progress).
+                await Assert.That(held).IsGreaterThan(Clients * (1 << 20));
+            }
+            else
+            {
+                // With one: about the budget, then 32 KiB each (twice for the write in progress and
+                // the arrays' rounding), far below 12 MiB.
+                await Assert.That(held).IsLessThan(budget + (2 << 20) + Clients * 256 * 1024);
+            }
+
+            // Everyone else is served meanwhile, a 60 KB delivery included.
+            await using var other = await RawClient.ConnectAsync(relay);
+            var answer = await other.RequestAsync(other.QueueCommand(FrameType.Get, other.NextCorr(), queue.RecipientId, [], queue.RecipientPrivate));
+            await Assert.That(answer.Type).IsEqualTo(FrameType.Msg);
+            await Assert.That(RawClient.Open(queue, answer.Payload).Body.Length).IsEqualTo(Size);
+
+            // And a client that was held back gets every answer once it reads.
+            var reader = clients[^1];
+            for (int i = 0; i < Gets; i++)
+            {
+                var frame = await reader.ReadFrameAsync(TimeSpan.FromSeconds(20));
+                await Assert.That(frame?.Type).IsEqualTo(FrameType.Msg);
+            }
+        }
+        finally
+        {
+            foreach (var client in clients)
+            {
+                await client.DisposeAsync();
+            }
+        }
+        // Every buffer is given back once the connections are gone.
+        await Assert.That(await EventuallyAsync(async () => Value(await ScrapeAsync(relay), "relay_output_memory_bytes") == 0)).IsTrue();
+    }
+
+    [Test]
     public async Task A_client_pipelining_large_messages_to_a_slow_disk_holds_no_more_than_its_in_flight_limit()
     {
         const int Size = 16 * 1024, Sends = 64, Limit = 256 * 1024;

@@ -4,9 +4,10 @@ namespace Relay.Server.Connections;
 
 /// <summary>
 /// A connection's output bytes between sends: one contiguous array from the shared pool, rented when the
-/// first frame is written and returned once it is sent, so an idle connection holds none.
+/// first frame is written and returned once it is sent, so an idle connection holds none. The arrays'
+/// sizes are counted in <paramref name="memory"/>, the relay-wide total.
 /// </summary>
-internal sealed class OutputBuffer : IBufferWriter<byte>
+internal sealed class OutputBuffer(OutputMemory? memory = null) : IBufferWriter<byte>
 {
     private const int MinimumSize = 4096;
 
@@ -44,6 +45,7 @@ internal sealed class OutputBuffer : IBufferWriter<byte>
         _written = 0;
         if (_buffer != null)
         {
+            memory?.Add(-_buffer.Length);
             ArrayPool<byte>.Shared.Return(_buffer);
             _buffer = null;
         }
@@ -59,6 +61,7 @@ internal sealed class OutputBuffer : IBufferWriter<byte>
             return;
         }
         var larger = ArrayPool<byte>.Shared.Rent(Math.Max(needed, Math.Max(MinimumSize, Capacity * 2)));
+        memory?.Add(larger.Length - Capacity);
         if (_buffer != null)
         {
             _buffer.AsSpan(0, _written).CopyTo(larger);

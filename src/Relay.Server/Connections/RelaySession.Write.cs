@@ -17,8 +17,8 @@ internal sealed partial class RelaySession
     // send loop resumes it once half is sent), so a subscriber that never reads holds at most about
     // the limit plus one message per thread delivering at that moment. An idle connection holds no
     // buffer and no pending operation for its output.
-    private OutputBuffer _pending = new();
-    private OutputBuffer _inSend = new();
+    private OutputBuffer _pending;
+    private OutputBuffer _inSend;
     private Stream? _destination;
     private readonly Lock _writeLock = new();
     private bool _outputClosed;
@@ -34,7 +34,13 @@ internal sealed partial class RelaySession
     private bool MustPause =>
         Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection
         || Volatile.Read(ref _inFlightBytes) >= _options.MaxInFlightBytesPerConnection
-        || Backlog > _options.MaxOutputBuffer;
+        || Backlog > OutputLimit;
+
+    /// <summary>
+    /// Unsent output this connection may hold: <see cref="RelayServerOptions.MaxOutputBuffer"/>, or
+    /// much less while the output buffers of all connections together are at their budget.
+    /// </summary>
+    private long OutputLimit => _context.Output.Short ? _options.OutputBufferWhenMemoryIsShort : _options.MaxOutputBuffer;
 
     /// <summary>
     /// Bytes written and not yet sent: those waiting for the next send and those being sent (_inSend is
@@ -133,7 +139,7 @@ internal sealed partial class RelaySession
             {
                 return true;
             }
-            if (Backlog <= _options.MaxOutputBuffer)
+            if (Backlog <= OutputLimit)
             {
                 return false;
             }
@@ -152,7 +158,7 @@ internal sealed partial class RelaySession
         List<Subscription> resume;
         lock (_writeLock)
         {
-            if (_deferred is null || _outputClosed || Backlog > _options.MaxOutputBuffer / 2)
+            if (_deferred is null || _outputClosed || Backlog > OutputLimit / 2)
             {
                 return;
             }
@@ -293,7 +299,7 @@ internal sealed partial class RelaySession
     private bool MustPauseHalf =>
         Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection / 2 + 1
         || Volatile.Read(ref _inFlightBytes) > _options.MaxInFlightBytesPerConnection / 2
-        || Backlog > _options.MaxOutputBuffer / 2;
+        || Backlog > OutputLimit / 2;
 
     private async Task WaitForCapacityAsync(CancellationToken cancellationToken)
     {

@@ -40,6 +40,8 @@ internal sealed partial class RelaySession
         _store = context.Store;
         _options = context.Options;
         _logger = context.Logger;
+        _pending = new OutputBuffer(context.Output);
+        _inSend = new OutputBuffer(context.Output);
         RandomNumberGenerator.Fill(_sessionId);
         RelayCrypto.GenerateKeyPair(_sessionPrivate, _sessionPublic);
     }

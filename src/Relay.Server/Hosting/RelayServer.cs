@@ -170,6 +170,7 @@ public sealed class RelayServer : IAsyncDisposable
             // The logger category is the product, not a type name: operators filter on "Relay".
             var loggerHolder = new LoggerHolder();
             var context = new RelayServerContext(options, store, metrics, loggerHolder, tls);
+            metrics.BindOutput(context.Output);
             var handler = new RelayConnectionHandler(context);
 
             // Bound before the host starts, so that a taken port fails the start; accepting starts once ready to serve.

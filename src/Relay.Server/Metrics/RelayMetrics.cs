@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using Prometheus;
 using Relay.Protocol;
+using Relay.Server.Connections;
 using Relay.Storage;
 
 namespace Relay.Server.Metrics;
@@ -58,6 +59,9 @@ public sealed class RelayMetrics
     private readonly Histogram _sweepSeconds;
     private readonly Counter _reclaims;
     private readonly Counter _evicted;
+    private readonly Gauge _outputMemory;
+    private readonly Gauge _outputMemoryBudget;
+    private OutputMemory? _output;
     private readonly Gauge _queues;
     private readonly Gauge _messages;
     private readonly Gauge _messageBytes;
@@ -122,6 +126,8 @@ public sealed class RelayMetrics
         _queuesCreated = f.CreateCounter("relay_store_queues_created_total", "Queues created.");
         _queuesDeleted = f.CreateCounter("relay_store_queues_deleted_total", "Queues deleted, by reason: recipient (DEL) or idle (idle-queue expiry).", "reason");
         _writeFailures = f.CreateCounter("relay_store_write_failures_total", "Group-commit batches whose write failed.");
+        _outputMemory = f.CreateGauge("relay_output_memory_bytes", "Memory the output buffers of all connections hold (frames written and not yet sent).");
+        _outputMemoryBudget = f.CreateGauge("relay_output_memory_budget_bytes", "The configured output memory budget; 0 means unlimited.");
         _handshakeOk = _handshakes.WithLabels("ok");
         Registry.AddBeforeCollectCallback(UpdateStoreGauges);
     }
@@ -134,8 +140,19 @@ public sealed class RelayMetrics
         _diskBudget.Set(options.DiskBudgetBytes);
     }
 
+    /// <summary>Reads the connections' output memory from <paramref name="output"/> at every scrape.</summary>
+    internal void BindOutput(OutputMemory output)
+    {
+        _output = output;
+        _outputMemoryBudget.Set(output.Budget);
+    }
+
     private void UpdateStoreGauges()
     {
+        if (_output is { } output)
+        {
+            _outputMemory.Set(output.Held);
+        }
         var store = _store;
         if (store is null)
         {
