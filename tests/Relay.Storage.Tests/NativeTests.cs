@@ -137,6 +137,8 @@ public class NativeTests
             string options = File.ReadAllText(Directory.GetFiles(path, "OPTIONS-*").Max()!);
             await Assert.That(options).Contains("memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.5");
             await Assert.That(options.Split("memtable_insert_with_hint_prefix_extractor=nullptr").Length - 1).IsEqualTo(Families.Length - 1);
+            // A store reopened after a crash replays its log into memtables without flushing them first.
+            await Assert.That(options).Contains("avoid_flush_during_recovery=true");
         }
         finally
         {

@@ -81,6 +81,10 @@ internal sealed unsafe class RocksDb : IDisposable
         nint hintOptions = 0;
         try
         {
+            // After a crash the log is replayed into memtables, which are then flushed when they fill,
+            // as in normal work, instead of being written to table files before the store opens:
+            // start-up after a crash costs the replay only. The C API has no setter for it.
+            options = WithOptions(options, "avoid_flush_during_recovery=true");
             for (int i = 0; i < n; i++)
             {
                 names[i] = Marshal.StringToCoTaskMemUTF8(columnFamilies[i]);
@@ -130,6 +134,21 @@ internal sealed unsafe class RocksDb : IDisposable
                 Marshal.FreeCoTaskMem(name);
             }
         }
+    }
+
+    /// <summary><paramref name="options"/> with <paramref name="settings"/> (RocksDB's option string) applied; destroys the original unless that fails.</summary>
+    private static nint WithOptions(nint options, string settings)
+    {
+        nint changed = rocksdb_options_create();
+        nint err = 0;
+        rocksdb_get_options_from_string(options, settings, changed, &err);
+        if (err != 0)
+        {
+            rocksdb_options_destroy(changed);
+            Check(err);
+        }
+        rocksdb_options_destroy(options);
+        return changed;
     }
 
     /// <summary>Turns automatic compactions on in every column family (after an open that deferred them).</summary>
