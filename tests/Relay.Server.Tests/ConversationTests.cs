@@ -194,6 +194,9 @@ public class ConversationTests
         {
             await using var aliceListener = new Listener(alice);
             await Assert.That((await aliceListener.NextAsync<ContactJoined>()).Contact).IsEqualTo("bob");
+            // The JOIN's ACK (sent without waiting for its answer) is written before the failure is armed.
+            await Assert.That(await OperationsMetrics.EventuallyAsync(async () =>
+                OperationsMetrics.Value(await OperationsMetrics.ScrapeAsync(relay), "relay_messages_acked_total") >= 1)).IsTrue();
 
             // The relay's disk fails the next write with a deletion in it: the ACK of "one".
             int failures = 0;
@@ -218,6 +221,61 @@ public class ConversationTests
             await Assert.That(aliceListener.Seen.OfType<MessageReceived>().Count(m => m.Text == "one")).IsEqualTo(1);
             await Assert.That(rest.OfType<MessageRejected>()).IsEmpty();
         }
+    }
+
+    /// <summary>A profile in memory whose next saves can be made to fail (a full disk, say).</summary>
+    private sealed class FailingProfileStore : IProfileStore
+    {
+        private readonly MemoryProfileStore _inner = new();
+        public int FailNextUpdates;
+
+        public ProfileData Load() => _inner.Load();
+
+        public T Update<T>(Func<ProfileData, T> change)
+        {
+            if (Interlocked.Decrement(ref FailNextUpdates) >= 0) throw new IOException("injected: no space left on device");
+            return _inner.Update(change);
+        }
+    }
+
+    [Test]
+    public async Task A_message_whose_handling_failed_is_handled_first_by_the_next_listener()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        var aliceStore = new FailingProfileStore();
+        await using var alice = new Messenger(aliceStore, Fast);
+        await using var bob = new Messenger(new MemoryProfileStore(), Fast);
+        var (link, _) = await alice.InviteAsync(relay.Address, "bob");
+        await bob.JoinAsync(link, name: "alice");
+        await using (var joined = new Listener(alice))
+        {
+            await Assert.That((await joined.NextAsync<ContactJoined>()).Contact).IsEqualTo("bob");
+        }
+
+        // Three messages wait; with the delivery window all three are pushed at once, and saving
+        // the state after the first fails.
+        foreach (var text in new[] { "one", "two", "three" })
+        {
+            await bob.SendAsync("alice", text);
+        }
+        aliceStore.FailNextUpdates = 1;
+        using (var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20)))
+        {
+            var failed = await Assert.ThrowsAsync<IOException>(async () =>
+            {
+                await foreach (var _ in alice.ListenAsync(cts.Token)) { }
+            });
+            await Assert.That(failed!.Message).Contains("injected");
+        }
+
+        // The next listener handles "one" first: nothing is missing, nothing is lost.
+        await using var listener = new Listener(alice);
+        var received = new List<string>();
+        for (int i = 0; i < 3; i++) received.Add((await listener.NextAsync<MessageReceived>()).Text);
+        await Assert.That(received).IsEquivalentTo(new[] { "one", "two", "three" }, TUnit.Assertions.Enums.CollectionOrdering.Matching);
+        await listener.DrainAsync();
+        await Assert.That(listener.Seen.OfType<MessagesMissing>()).IsEmpty();
+        await Assert.That(listener.Seen.OfType<MessageRejected>()).IsEmpty();
     }
 
     [Test]

@@ -218,8 +218,10 @@ public sealed class Messenger : IAsyncDisposable
     /// <summary>
     /// Subscribes to every contact's queue and yields what arrives: joins, messages (each once; a
     /// redelivery is absorbed), refusals and contacts that cannot be received from. Each delivery is
-    /// acknowledged after the contact's new state is saved and before its events are yielded: an app
-    /// that must keep every message stores it before it asks for the next event.
+    /// acknowledged after the contact's new state is saved and before its events are yielded (the
+    /// ACK is sent, its answer not awaited): an app that must keep every message stores it before it
+    /// asks for the next event. A delivery whose handling fails (the profile cannot be saved, say)
+    /// stays first in line for the next call.
     /// </summary>
     public async IAsyncEnumerable<ConversationEvent> ListenAsync([EnumeratorCancellation] CancellationToken cancellationToken = default)
     {
@@ -251,6 +253,7 @@ public sealed class Messenger : IAsyncDisposable
         // stops listening after an event leaves the next delivery there for the next listener.
         var deliveries = _client.Deliveries;
         Task<bool>? nextDelivery = null, nextLost = null;
+        var acks = new List<Task>();
         try
         {
             foreach (var contact in profile.Contacts)
@@ -285,22 +288,18 @@ public sealed class Messenger : IAsyncDisposable
                     continue;
                 }
                 if (!await nextDelivery) break;   // the client was disposed
-                if (deliveries.TryRead(out var delivery))
+                // A delivery leaves the stream once handled (its contact's state saved): if handling
+                // fails, it stays first, and the next listener handles it before the messages the
+                // relay pushed after it (with a delivery window several are waiting behind it).
+                if (deliveries.TryPeek(out var delivery))
                 {
                     var events = await ProcessAsync(delivery, cancellationToken);
-                    try
-                    {
-                        await _client.RunAsync(delivery.Relay, c => c.AckAsync(delivery.Queue, delivery.Delivery.MessageId, cancellationToken), cancellationToken);
-                    }
-                    catch (RelayErrorException ex) when (ex.Code == ErrorCode.NoMsg)
-                    {
-                        // Already acknowledged through an earlier connection: the state is saved, nothing is lost.
-                    }
-                    catch (RelayErrorException ex) when (ex.Code == ErrorCode.Internal)
-                    {
-                        // The relay could not write the ACK: it delivers the message again (PROTOCOL.md
-                        // §6 ACK), and the saved state absorbs it then. Nothing to do now.
-                    }
+                    deliveries.TryRead(out _);
+                    // Acknowledged without waiting for the answer, so a backlog drains without a round
+                    // trip per message: ACKs leave in delivery order, and whatever becomes of one, the
+                    // saved state absorbs the message if it comes again.
+                    acks.Add(AckAsync(delivery, stop.Token));
+                    await ObserveAcksAsync(acks);
                     foreach (var e in events)
                     {
                         yield return e;
@@ -314,7 +313,9 @@ public sealed class Messenger : IAsyncDisposable
             _client.SubscriptionEnded -= Ended;
             _client.SubscriptionRefused -= Refused;
             _client.DeliveryRejected -= Rejected;
-            // The waits hold registrations on the token and waiters on the channels: end them.
+            // The waits hold registrations on the token and waiters on the channels: end them. ACKs
+            // not sent yet (waiting for a connection) are given up: their messages come again later
+            // and are absorbed.
             stop.Cancel();
             foreach (var wait in new[] { nextDelivery, nextLost })
             {
@@ -326,6 +327,48 @@ public sealed class Messenger : IAsyncDisposable
                 {
                 }
             }
+            foreach (var ack in acks)
+            {
+                try
+                {
+                    await ack;
+                }
+                catch (Exception)
+                {
+                    // Listening is over; an ACK's failure changes nothing (see AckAsync).
+                }
+            }
+        }
+    }
+
+    /// <summary>Acknowledges a handled delivery; what the relay answers changes nothing for the saved state.</summary>
+    private async Task AckAsync(QueueDelivery delivery, CancellationToken cancellationToken)
+    {
+        try
+        {
+            await _client.RunAsync(delivery.Relay, c => c.AckAsync(delivery.Queue, delivery.Delivery.MessageId, cancellationToken), cancellationToken);
+        }
+        catch (RelayErrorException ex) when (ex.Code == ErrorCode.NoMsg)
+        {
+            // Already acknowledged through an earlier connection, or an ACK out of order after a
+            // reconnection: the state is saved, and a message still stored comes again and is absorbed.
+        }
+        catch (RelayErrorException ex) when (ex.Code == ErrorCode.Internal)
+        {
+            // The relay could not write the ACK: it delivers the message again (PROTOCOL.md §6 ACK),
+            // and the saved state absorbs it then.
+        }
+    }
+
+    /// <summary>Drops finished ACKs; one that failed otherwise (the client given up or disposed) ends listening, as before.</summary>
+    private static async Task ObserveAcksAsync(List<Task> acks)
+    {
+        for (int i = acks.Count - 1; i >= 0; i--)
+        {
+            if (!acks[i].IsCompleted) continue;
+            var done = acks[i];
+            acks.RemoveAt(i);
+            await done;
         }
     }
 

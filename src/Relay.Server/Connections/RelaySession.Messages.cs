@@ -104,7 +104,7 @@ internal sealed partial class RelaySession
         {
             // A subscriber that does not read its socket gets no more than the output limit: the
             // messages stay in the store and go out as the send loop drains (ResumeDeferred).
-            if (Backlog > OutputLimit && DeferDelivery(s))
+            if (OutputAbove(1) && DeferDelivery(s))
             {
                 return;
             }

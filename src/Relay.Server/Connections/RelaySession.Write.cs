@@ -13,7 +13,8 @@ internal sealed partial class RelaySession
     // meanwhile (say, the OKs of one group commit, or several deliveries) leaves in the same TLS
     // record and syscall. Writing never blocks (a delivery must not block the thread that makes it);
     // memory is bounded instead: the read loop stops reading requests while the backlog exceeds
-    // MaxOutputBuffer, and deliveries stop there too (the subscription waits in _deferred and the
+    // MaxOutputBuffer (OutputBufferWhenMemoryIsShort while all connections' buffers are at their
+    // budget, see OutputMemory), and deliveries stop there too (the subscription waits in _deferred and the
     // send loop resumes it once half is sent), so a subscriber that never reads holds at most about
     // the limit plus one message per thread delivering at that moment. An idle connection holds no
     // buffer and no pending operation for its output.
@@ -34,13 +35,24 @@ internal sealed partial class RelaySession
     private bool MustPause =>
         Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection
         || Volatile.Read(ref _inFlightBytes) >= _options.MaxInFlightBytesPerConnection
-        || Backlog > OutputLimit;
+        || OutputAbove(1);
 
     /// <summary>
-    /// Unsent output this connection may hold: <see cref="RelayServerOptions.MaxOutputBuffer"/>, or
-    /// much less while the output buffers of all connections together are at their budget.
+    /// Whether the unsent output is above this connection's limit (divided by <paramref name="divisor"/>:
+    /// 2 to resume at half). The limit is <see cref="RelayServerOptions.MaxOutputBuffer"/>, or much less
+    /// while the output buffers of all connections together are at their budget; the shared total is
+    /// read only when the backlog is above the smaller limit, so a connection whose client keeps up
+    /// never touches it.
     /// </summary>
-    private long OutputLimit => _context.Output.Short ? _options.OutputBufferWhenMemoryIsShort : _options.MaxOutputBuffer;
+    private bool OutputAbove(int divisor)
+    {
+        long backlog = Backlog;
+        if (backlog <= Math.Min(_options.OutputBufferWhenMemoryIsShort, _options.MaxOutputBuffer) / divisor)
+        {
+            return false;
+        }
+        return backlog > _options.MaxOutputBuffer / divisor || _context.Output.Short;
+    }
 
     /// <summary>
     /// Bytes written and not yet sent: those waiting for the next send and those being sent (_inSend is
@@ -139,7 +151,7 @@ internal sealed partial class RelaySession
             {
                 return true;
             }
-            if (Backlog <= OutputLimit)
+            if (!OutputAbove(1))
             {
                 return false;
             }
@@ -158,7 +170,7 @@ internal sealed partial class RelaySession
         List<Subscription> resume;
         lock (_writeLock)
         {
-            if (_deferred is null || _outputClosed || Backlog > OutputLimit / 2)
+            if (_deferred is null || _outputClosed || OutputAbove(2))
             {
                 return;
             }
@@ -299,7 +311,7 @@ internal sealed partial class RelaySession
     private bool MustPauseHalf =>
         Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection / 2 + 1
         || Volatile.Read(ref _inFlightBytes) > _options.MaxInFlightBytesPerConnection / 2
-        || Backlog > OutputLimit / 2;
+        || OutputAbove(2);
 
     private async Task WaitForCapacityAsync(CancellationToken cancellationToken)
     {
