@@ -131,8 +131,10 @@ internal sealed partial class RelaySession
                 return;
             }
             batch.Reset();
-            ResumeDeferred();
+            // The read loop first (the client's ACKs are what open its delivery windows), then the
+            // deliveries held back, which may fill the buffer again.
             SignalCapacity();
+            ResumeDeferred();
         }
         // Deliveries held back while the backlog was over the limit go on now that it is empty (a
         // new send loop starts for what they write).
