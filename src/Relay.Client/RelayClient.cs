@@ -161,12 +161,42 @@ public sealed class RelayClient : IAsyncDisposable
     private void OnDeliveryRejected(RelayAddress relay, RecipientQueue queue, string reason) =>
         Raise(() => DeliveryRejected?.Invoke(relay, queue, reason));
 
-    /// <summary>Every delivery of every subscribed queue, in arrival order per queue.</summary>
-    public IAsyncEnumerable<QueueDelivery> DeliveriesAsync(CancellationToken cancellationToken = default) =>
-        _deliveries.Reader.ReadAllAsync(cancellationToken);
+    /// <summary>
+    /// Every delivery of every subscribed queue, in arrival order per queue. One reader at a time
+    /// (this or a <see cref="Conversations.Messenger"/> listening through this client): two would
+    /// each miss what the other took. A second one throws <see cref="InvalidOperationException"/>.
+    /// </summary>
+    public async IAsyncEnumerable<QueueDelivery> DeliveriesAsync([EnumeratorCancellation] CancellationToken cancellationToken = default)
+    {
+        BeginReadingDeliveries();
+        try
+        {
+            await foreach (var delivery in _deliveries.Reader.ReadAllAsync(cancellationToken))
+            {
+                yield return delivery;
+            }
+        }
+        finally
+        {
+            EndReadingDeliveries();
+        }
+    }
 
     /// <summary>The delivery stream itself, for a reader that takes an item only when it is ready to handle it.</summary>
     internal ChannelReader<QueueDelivery> Deliveries => _deliveries.Reader;
+
+    private int _deliveryReader;
+
+    /// <summary>Claims the delivery stream for one reader (see <see cref="DeliveriesAsync"/>).</summary>
+    internal void BeginReadingDeliveries()
+    {
+        if (Interlocked.Exchange(ref _deliveryReader, 1) != 0)
+        {
+            throw new InvalidOperationException("this client's deliveries already have a reader: one DeliveriesAsync or Messenger.ListenAsync at a time");
+        }
+    }
+
+    internal void EndReadingDeliveries() => Volatile.Write(ref _deliveryReader, 0);
 
     public async ValueTask DisposeAsync()
     {

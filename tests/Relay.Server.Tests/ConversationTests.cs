@@ -279,6 +279,62 @@ public class ConversationTests
     }
 
     [Test]
+    public async Task A_join_the_relay_could_not_secure_for_now_is_handled_again_by_the_next_listener()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var alice = new Messenger(new MemoryProfileStore(), Fast);
+        await using var bob = new Messenger(new MemoryProfileStore(), Fast);
+        var (link, _) = await alice.InviteAsync(relay.Address, "bob");
+        await bob.JoinAsync(link, name: "alice");
+
+        // The relay's disk fails the batch of Alice's SKEY (the only write without a message in it
+        // from here on): SKEY answers INTERNAL, which is no reason to give the JOIN up.
+        int failures = 0;
+        relay.Server.Store.BeforeWrite = (ops, bytes) =>
+        {
+            if (bytes < 200 && Interlocked.Increment(ref failures) == 1) throw new IOException("injected write failure");
+        };
+        using (var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20)))
+        {
+            var failed = await Assert.ThrowsAsync<RelayErrorException>(async () =>
+            {
+                await foreach (var e in alice.ListenAsync(cts.Token))
+                {
+                    await Assert.That(e).IsNotTypeOf<MessageRejected>();
+                }
+            });
+            await Assert.That(failed!.Code).IsEqualTo(ErrorCode.Internal);
+        }
+        relay.Server.Store.BeforeWrite = null;
+
+        await using var listener = new Listener(alice);
+        await Assert.That((await listener.NextAsync<ContactJoined>()).Contact).IsEqualTo("bob");
+        await alice.SendAsync("bob", "hello bob");
+        await using var bobListener = new Listener(bob);
+        await Assert.That((await bobListener.NextAsync<MessageReceived>()).Text).IsEqualTo("hello bob");
+    }
+
+    [Test]
+    public async Task A_second_listener_on_the_same_client_is_refused_and_the_first_goes_on()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        var (alice, bob, _, _) = await ConnectedPairAsync(relay);
+        await using (alice)
+        await using (bob)
+        {
+            await using var first = new Listener(alice);
+            await Assert.That((await first.NextAsync<ContactJoined>()).Contact).IsEqualTo("bob");
+            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+            await Assert.ThrowsAsync<InvalidOperationException>(async () =>
+            {
+                await foreach (var _ in alice.ListenAsync(cts.Token)) { }
+            });
+            await bob.SendAsync("alice", "still here");
+            await Assert.That((await first.NextAsync<MessageReceived>()).Text).IsEqualTo("still here");
+        }
+    }
+
+    [Test]
     public async Task Two_clients_converse_both_ways_and_offline_messages_arrive_in_order()
     {
         await using var relay = await TestRelay.StartAsync();

@@ -245,6 +245,8 @@ public sealed class Messenger : IAsyncDisposable
             var contact = _store.Load().Contacts.FirstOrDefault(c => c.RecipientId.AsSpan().SequenceEqual(queue.RecipientId));
             if (contact != null) lost.Writer.TryWrite(new ContactUnavailable(contact.Name, reason));
         }
+        // The only reader of the client's deliveries meanwhile (a second listener throws here).
+        _client.BeginReadingDeliveries();
         _client.SubscriptionEnded += Ended;
         _client.SubscriptionRefused += Refused;
         _client.DeliveryRejected += Rejected;
@@ -299,17 +301,19 @@ public sealed class Messenger : IAsyncDisposable
                     // trip per message: ACKs leave in delivery order, and whatever becomes of one, the
                     // saved state absorbs the message if it comes again.
                     acks.Add(AckAsync(delivery, stop.Token));
-                    await ObserveAcksAsync(acks);
                     foreach (var e in events)
                     {
                         yield return e;
                     }
+                    // After the events: the state behind them is saved whatever becomes of an ACK.
+                    await ObserveAcksAsync(acks);
                 }
                 nextDelivery = deliveries.WaitToReadAsync(stop.Token).AsTask();
             }
         }
         finally
         {
+            _client.EndReadingDeliveries();
             _client.SubscriptionEnded -= Ended;
             _client.SubscriptionRefused -= Refused;
             _client.DeliveryRejected -= Rejected;
@@ -357,6 +361,11 @@ public sealed class Messenger : IAsyncDisposable
         {
             // The relay could not write the ACK: it delivers the message again (PROTOCOL.md §6 ACK),
             // and the saved state absorbs it then.
+        }
+        catch (RelayErrorException ex) when (ex.Code == ErrorCode.Auth)
+        {
+            // The queue is gone or another device took it (reported as ContactUnavailable): nothing
+            // of this contact to acknowledge any more, and no reason to stop listening to the others.
         }
     }
 
@@ -432,9 +441,11 @@ public sealed class Messenger : IAsyncDisposable
             {
                 await _client.RunAsync(peerRelay, c => c.SecureAsync(peerSenderId, senderPrivate, cancellationToken), cancellationToken);
             }
-            catch (RelayErrorException ex)
+            catch (RelayErrorException ex) when (ex.Code == ErrorCode.Auth)
             {
-                // Secured with another key already: not this contact's JOIN to complete.
+                // Secured with another key already (or no such queue): not this contact's JOIN to
+                // complete. Any other refusal (INTERNAL, FULL, LIMIT) passes: it throws, and the JOIN
+                // stays first in line for the next listener instead of being acknowledged away.
                 events.Add(new MessageRejected(contact.Name, EnvelopeError.Malformed, "the joiner's queue cannot be secured: " + ex.Message));
                 return events;
             }

@@ -457,6 +457,9 @@ public sealed partial class RelayConnection : IAsyncDisposable
         foreach (var p in pending)
         {
             p.TrySetException(_failure);
+            // A caller whose wait was cancelled (RequestAsync's WaitAsync) never looks at this task
+            // again: reading the exception marks it observed, so it is not reported as unobserved.
+            _ = p.Task.Exception;
         }
         _events.Writer.TryComplete();
     }
