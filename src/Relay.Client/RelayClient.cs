@@ -444,8 +444,11 @@ public sealed class RelayClient : IAsyncDisposable
                         timeout.CancelAfter(owner.Options.KeepAlive);
                         await current.PingAsync(timeout.Token);
                     }
-                    catch (Exception ex) when (ex is RelayConnectException or OperationCanceledException && !token.IsCancellationRequested)
+                    catch (Exception) when (!token.IsCancellationRequested)
                     {
+                        // No answer in time, the connection failed, or an answer that is no PONG (a
+                        // relay that does not follow the protocol): replace the connection. Anything
+                        // else let through would end the keep-alive of this relay for good.
                         Drop(current);
                         await current.DisposeAsync();
                     }

@@ -173,6 +173,44 @@ public class ClientRecoveryTests
     }
 
     [Test]
+    public async Task A_keep_alive_ping_answered_with_an_error_replaces_the_connection_and_keeps_alive()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        await using var proxy = TamperingProxy.Start(relay.Server.RelayEndPoint);
+        var through = proxy.AddressOf(relay);
+        await using var client = new RelayClient(new RelayClientOptions
+        {
+            Tls = false,
+            KeepAlive = TimeSpan.FromMilliseconds(200),
+            ReconnectMin = TimeSpan.FromMilliseconds(50),
+            ReconnectMax = TimeSpan.FromMilliseconds(500),
+        });
+        await using var owner = await relay.ConnectAsync();
+        var queue = await owner.CreateQueueAsync();
+        await client.SubscribeAsync(through, queue);
+        double Accepted(string metrics) => OperationsMetrics.Value(metrics, "relay_connections_accepted_total");
+        double before = Accepted(await OperationsMetrics.ScrapeAsync(relay));
+
+        // Every PONG becomes an ERR for a while: the keep-alive replaces the subscriber's connection
+        // each time instead of ending for good.
+        proxy.PongAsError = true;
+        await Assert.That(await OperationsMetrics.EventuallyAsync(async () => Accepted(await OperationsMetrics.ScrapeAsync(relay)) >= before + 2, seconds: 10)).IsTrue();
+        proxy.PongAsError = false;
+        await Assert.That(await OperationsMetrics.EventuallyAsync(async () =>
+        {
+            try
+            {
+                await client.RunAsync(through, c => c.PingAsync()).WaitAsync(TimeSpan.FromSeconds(2));
+                return true;
+            }
+            catch (Exception)
+            {
+                return false;
+            }
+        }, seconds: 10)).IsTrue();
+    }
+
+    [Test]
     public async Task Reconnection_waits_grow_with_failures_and_with_connections_that_do_not_last_and_are_spread()
     {
         var min = TimeSpan.FromSeconds(1);
@@ -241,6 +279,9 @@ public class ClientRecoveryTests
         public volatile int AnnounceMaxFrame;
         /// <summary>PONG frames are replaced by an ERR with correlation id 0 (code SYNTAX), as when a relay ends a connection.</summary>
         public volatile bool PongAsConnectionError;
+
+        /// <summary>PONG frames are replaced by an ERR answering the PING (its correlation id, code SYNTAX): a relay that does not follow the protocol.</summary>
+        public volatile bool PongAsError;
 
         private TamperingProxy(IPEndPoint relay)
         {
@@ -311,6 +352,11 @@ public class ClientRecoveryTests
                     {
                         BinaryPrimitives.WriteUInt32BigEndian(frame.AsSpan(ProtocolConstants.HeaderSize + 2), (uint)AnnounceMaxFrame);
                     }
+                    else if (type == FrameType.Pong && PongAsError)
+                    {
+                        frame = [(byte)FrameType.Err, frame[1], frame[2], frame[3], frame[4], (byte)ErrorCode.Syntax];
+                        BinaryPrimitives.WriteUInt32BigEndian(prefix, (uint)frame.Length);
+                    }
                     else if (type == FrameType.Pong && PongAsConnectionError)
                     {
                         frame = [(byte)FrameType.Err, 0, 0, 0, 0, (byte)ErrorCode.Syntax];
@@ -322,7 +368,14 @@ public class ClientRecoveryTests
             }
             catch (Exception)
             {
-                to.Socket.Shutdown(SocketShutdown.Send);
+                try
+                {
+                    to.Socket.Shutdown(SocketShutdown.Send);
+                }
+                catch (Exception)
+                {
+                    // Disposed with the proxy already.
+                }
             }
         }
 

@@ -446,7 +446,10 @@ public sealed class HeaderProxy : IAsyncDisposable
                         }
                         break;
                 }
-                await Task.WhenAny(down.CopyToAsync(up, _stop.Token), up.CopyToAsync(down, _stop.Token));
+                var copies = new[] { down.CopyToAsync(up, _stop.Token), up.CopyToAsync(down, _stop.Token) };
+                await Task.WhenAny(copies);
+                // The other copy fails once the sockets close: looked at, so it is not left unobserved.
+                foreach (var copy in copies) _ = copy.ContinueWith(static t => _ = t.Exception, TaskContinuationOptions.OnlyOnFaulted);
             }
             catch (Exception ex) when (ex is OperationCanceledException or IOException or ObjectDisposedException or System.Net.Sockets.SocketException)
             {
