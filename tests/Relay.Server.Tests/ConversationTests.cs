@@ -65,9 +65,10 @@ public class ConversationTests
         }
     }
 
-    private static async Task<(Messenger Alice, Messenger Bob, MemoryProfileStore AliceStore, MemoryProfileStore BobStore)> ConnectedPairAsync(TestRelay relay)
+    /// <summary>Alice invites Bob and Bob joins; Alice has not handled the JOIN yet (her first listener does).</summary>
+    private static async Task<(Messenger Alice, Messenger Bob, IProfileStore AliceStore, IProfileStore BobStore)> ConnectedPairAsync(TestRelay relay, IProfileStore? aliceProfile = null)
     {
-        var aliceStore = new MemoryProfileStore();
+        var aliceStore = aliceProfile ?? new MemoryProfileStore();
         var bobStore = new MemoryProfileStore();
         var alice = new Messenger(aliceStore, Fast);
         var bob = new Messenger(bobStore, Fast);
@@ -243,75 +244,76 @@ public class ConversationTests
     {
         await using var relay = await TestRelay.StartAsync();
         var aliceStore = new FailingProfileStore();
-        await using var alice = new Messenger(aliceStore, Fast);
-        await using var bob = new Messenger(new MemoryProfileStore(), Fast);
-        var (link, _) = await alice.InviteAsync(relay.Address, "bob");
-        await bob.JoinAsync(link, name: "alice");
-        await using (var joined = new Listener(alice))
+        var (alice, bob, _, _) = await ConnectedPairAsync(relay, aliceStore);
+        await using (alice)
+        await using (bob)
         {
-            await Assert.That((await joined.NextAsync<ContactJoined>()).Contact).IsEqualTo("bob");
-        }
-
-        // Three messages wait; with the delivery window all three are pushed at once, and saving
-        // the state after the first fails.
-        foreach (var text in new[] { "one", "two", "three" })
-        {
-            await bob.SendAsync("alice", text);
-        }
-        aliceStore.FailNextUpdates = 1;
-        using (var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20)))
-        {
-            var failed = await Assert.ThrowsAsync<IOException>(async () =>
+            await using (var joined = new Listener(alice))
             {
-                await foreach (var _ in alice.ListenAsync(cts.Token)) { }
-            });
-            await Assert.That(failed!.Message).Contains("injected");
-        }
+                await Assert.That((await joined.NextAsync<ContactJoined>()).Contact).IsEqualTo("bob");
+            }
 
-        // The next listener handles "one" first: nothing is missing, nothing is lost.
-        await using var listener = new Listener(alice);
-        var received = new List<string>();
-        for (int i = 0; i < 3; i++) received.Add((await listener.NextAsync<MessageReceived>()).Text);
-        await Assert.That(received).IsEquivalentTo(new[] { "one", "two", "three" }, TUnit.Assertions.Enums.CollectionOrdering.Matching);
-        await listener.DrainAsync();
-        await Assert.That(listener.Seen.OfType<MessagesMissing>()).IsEmpty();
-        await Assert.That(listener.Seen.OfType<MessageRejected>()).IsEmpty();
+            // Three messages wait; with the delivery window all three are pushed at once, and saving
+            // the state after the first fails.
+            foreach (var text in new[] { "one", "two", "three" })
+            {
+                await bob.SendAsync("alice", text);
+            }
+            aliceStore.FailNextUpdates = 1;
+            using (var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20)))
+            {
+                var failed = await Assert.ThrowsAsync<IOException>(async () =>
+                {
+                    await foreach (var _ in alice.ListenAsync(cts.Token)) { }
+                });
+                await Assert.That(failed!.Message).Contains("injected");
+            }
+
+            // The next listener handles "one" first: nothing is missing, nothing is lost.
+            await using var listener = new Listener(alice);
+            var received = new List<string>();
+            for (int i = 0; i < 3; i++) received.Add((await listener.NextAsync<MessageReceived>()).Text);
+            await Assert.That(received).IsEquivalentTo(new[] { "one", "two", "three" }, TUnit.Assertions.Enums.CollectionOrdering.Matching);
+            await listener.DrainAsync();
+            await Assert.That(listener.Seen.OfType<MessagesMissing>()).IsEmpty();
+            await Assert.That(listener.Seen.OfType<MessageRejected>()).IsEmpty();
+        }
     }
 
     [Test]
     public async Task A_join_the_relay_could_not_secure_for_now_is_handled_again_by_the_next_listener()
     {
         await using var relay = await TestRelay.StartAsync();
-        await using var alice = new Messenger(new MemoryProfileStore(), Fast);
-        await using var bob = new Messenger(new MemoryProfileStore(), Fast);
-        var (link, _) = await alice.InviteAsync(relay.Address, "bob");
-        await bob.JoinAsync(link, name: "alice");
-
-        // The relay's disk fails the batch of Alice's SKEY (the only write without a message in it
-        // from here on): SKEY answers INTERNAL, which is no reason to give the JOIN up.
-        int failures = 0;
-        relay.Server.Store.BeforeWrite = (ops, bytes) =>
+        var (alice, bob, _, _) = await ConnectedPairAsync(relay);
+        await using (alice)
+        await using (bob)
         {
-            if (bytes < 200 && Interlocked.Increment(ref failures) == 1) throw new IOException("injected write failure");
-        };
-        using (var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20)))
-        {
-            var failed = await Assert.ThrowsAsync<RelayErrorException>(async () =>
+            // The relay's disk fails the batch of Alice's SKEY (the only write without a message in it
+            // from here on): SKEY answers INTERNAL, which is no reason to give the JOIN up.
+            int failures = 0;
+            relay.Server.Store.BeforeWrite = (ops, bytes) =>
             {
-                await foreach (var e in alice.ListenAsync(cts.Token))
+                if (bytes < 200 && Interlocked.Increment(ref failures) == 1) throw new IOException("injected write failure");
+            };
+            using (var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20)))
+            {
+                var failed = await Assert.ThrowsAsync<RelayErrorException>(async () =>
                 {
-                    await Assert.That(e).IsNotTypeOf<MessageRejected>();
-                }
-            });
-            await Assert.That(failed!.Code).IsEqualTo(ErrorCode.Internal);
-        }
-        relay.Server.Store.BeforeWrite = null;
+                    await foreach (var e in alice.ListenAsync(cts.Token))
+                    {
+                        await Assert.That(e).IsNotTypeOf<MessageRejected>();
+                    }
+                });
+                await Assert.That(failed!.Code).IsEqualTo(ErrorCode.Internal);
+            }
+            relay.Server.Store.BeforeWrite = null;
 
-        await using var listener = new Listener(alice);
-        await Assert.That((await listener.NextAsync<ContactJoined>()).Contact).IsEqualTo("bob");
-        await alice.SendAsync("bob", "hello bob");
-        await using var bobListener = new Listener(bob);
-        await Assert.That((await bobListener.NextAsync<MessageReceived>()).Text).IsEqualTo("hello bob");
+            await using var listener = new Listener(alice);
+            await Assert.That((await listener.NextAsync<ContactJoined>()).Contact).IsEqualTo("bob");
+            await alice.SendAsync("bob", "hello bob");
+            await using var bobListener = new Listener(bob);
+            await Assert.That((await bobListener.NextAsync<MessageReceived>()).Text).IsEqualTo("hello bob");
+        }
     }
 
     [Test]

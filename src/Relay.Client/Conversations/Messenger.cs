@@ -352,20 +352,12 @@ public sealed class Messenger : IAsyncDisposable
         {
             await _client.RunAsync(delivery.Relay, c => c.AckAsync(delivery.Queue, delivery.Delivery.MessageId, cancellationToken), cancellationToken);
         }
-        catch (RelayErrorException ex) when (ex.Code == ErrorCode.NoMsg)
+        catch (RelayErrorException ex) when (ex.Code is ErrorCode.NoMsg or ErrorCode.Internal or ErrorCode.Auth)
         {
-            // Already acknowledged through an earlier connection, or an ACK out of order after a
-            // reconnection: the state is saved, and a message still stored comes again and is absorbed.
-        }
-        catch (RelayErrorException ex) when (ex.Code == ErrorCode.Internal)
-        {
-            // The relay could not write the ACK: it delivers the message again (PROTOCOL.md §6 ACK),
-            // and the saved state absorbs it then.
-        }
-        catch (RelayErrorException ex) when (ex.Code == ErrorCode.Auth)
-        {
-            // The queue is gone or another device took it (reported as ContactUnavailable): nothing
-            // of this contact to acknowledge any more, and no reason to stop listening to the others.
+            // NO_MSG: acknowledged through an earlier connection, or out of order after a reconnection.
+            // INTERNAL: the relay could not write it and delivers the message again (PROTOCOL.md §6).
+            // AUTH: the queue is gone or another device took it (reported as ContactUnavailable).
+            // The state is saved either way: a message still stored comes again and is absorbed.
         }
     }
 

@@ -84,7 +84,9 @@ internal sealed unsafe class RocksDb : IDisposable
             // After a crash the log is replayed into memtables, which are then flushed when they fill,
             // as in normal work, instead of being written to table files before the store opens:
             // start-up after a crash costs the replay only. The C API has no setter for it.
-            options = WithOptions(options, "avoid_flush_during_recovery=true");
+            nint recovering = FromString(options, "avoid_flush_during_recovery=true");
+            rocksdb_options_destroy(options);
+            options = recovering;
             for (int i = 0; i < n; i++)
             {
                 names[i] = Marshal.StringToCoTaskMemUTF8(columnFamilies[i]);
@@ -95,10 +97,7 @@ internal sealed unsafe class RocksDb : IDisposable
                 // Keys of this column family grow within each prefix (a queue's messages): RocksDB keeps
                 // the memtable position of each prefix's last insert and starts the next one there,
                 // instead of searching the skip list from its top. The C API has no setter for it.
-                hintOptions = rocksdb_options_create();
-                nint hintErr = 0;
-                rocksdb_get_options_from_string(options, $"memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.{prefixLength}", hintOptions, &hintErr);
-                Check(hintErr);
+                hintOptions = FromString(options, $"memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.{prefixLength}");
                 cfOptions[hintCf] = hintOptions;
             }
             nint err = 0;
@@ -136,8 +135,8 @@ internal sealed unsafe class RocksDb : IDisposable
         }
     }
 
-    /// <summary><paramref name="options"/> with <paramref name="settings"/> (RocksDB's option string) applied; destroys the original unless that fails.</summary>
-    private static nint WithOptions(nint options, string settings)
+    /// <summary>New options: a copy of <paramref name="options"/> with <paramref name="settings"/> (RocksDB's option string) applied.</summary>
+    private static nint FromString(nint options, string settings)
     {
         nint changed = rocksdb_options_create();
         nint err = 0;
@@ -147,7 +146,6 @@ internal sealed unsafe class RocksDb : IDisposable
             rocksdb_options_destroy(changed);
             Check(err);
         }
-        rocksdb_options_destroy(options);
         return changed;
     }
 
