@@ -1,0 +1,57 @@
+#!/bin/bash
+# What paced latency this machine allows: runs, N times in a row so each row is one moment of a
+# noisy machine,
+#   disk     disk_sync.py: 600-byte appends + fdatasync (the cost of one group commit's flush)
+#   floor    latency_floor.c without a disk: sender -> forwarder -> receiver, loopback TCP, 3 threads
+#   floor+fs latency_floor.c whose forwarder fdatasyncs every wake-up's records before forwarding
+#   relaxed  the relay without fsync (`--durability relaxed`), `relay bench --scenario paced`
+#   relay    the relay as issue 6 measures it (fsync before OK and before delivery)
+# all at RATE messages/s for SECONDS, the data on DIR's file system.
+#
+#   paced_floor.sh N RELAY_BINARY [RATE] [SECONDS] [DIR]
+#   bash bench/Relay.Benchmarks/scripts/paced_floor.sh 3 /tmp/rel/relay 5000 8 /var/tmp
+#
+# Prints one line per measurement: label, p50, p99, p99.9 in milliseconds.
+set -euo pipefail
+n=$1; relay=$2; rate=${3:-5000}; seconds=${4:-8}; dir=${5:-/var/tmp}
+here=$(cd "$(dirname "$0")" && pwd)
+port=${PORT:-47623}
+work=$(mktemp -d "$dir/paced_floor.XXXXXX")
+forwarder=
+trap '[ -n "$forwarder" ] && kill "$forwarder" 2> /dev/null; rm -rf "$work"' EXIT
+clang -O2 -pthread -o "$work/latency_floor" "$here/latency_floor.c"
+
+floor() {
+  local label=$1; shift
+  "$work/latency_floor" forward "$port" "$@" &
+  forwarder=$!
+  sleep 0.2
+  "$work/latency_floor" send "$port" "$rate" "$seconds" |
+    awk -v l="$label" '{ print l, $6, $8, $10 }'
+  kill "$forwarder"; wait "$forwarder" 2> /dev/null || true
+  forwarder=
+}
+
+relay_run() {
+  local label=$1; shift
+  local data="$work/data" log="$work/serve.log"
+  rm -rf "$data"
+  "$relay" init --data "$data" --host 127.0.0.1 --port "$port" > /dev/null 2>&1
+  "$relay" serve --data "$data" --listen "127.0.0.1:$port" --queue-max-messages 5000 \
+    --queue-max-bytes 100MB --max-connections-per-source 0 --queue-creation-rate 0 "$@" > "$log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 100); do grep -q 'relay://' "$log" && break; sleep 0.1; done
+  local json
+  json=$("$relay" bench "$(grep -o 'relay://[^ ]*' "$log" | head -1)" --relay-pid "$pid" --json \
+    --scenario paced --rate "$rate" --duration "$seconds" 2> /dev/null | tail -1)
+  kill -TERM "$pid"; wait "$pid" || true
+  python3 -c 'import json,sys; d=json.loads(sys.argv[2]); print(sys.argv[1], d["p50_ms"], d["p99_ms"], d["p999_ms"])' "$label" "$json"
+}
+
+for _ in $(seq "$n"); do
+  python3 "$here/disk_sync.py" "$work" --count 3000 | awk '/^append/ { print "disk", $5, $9, $11 }'
+  floor floor
+  floor floor+fs --fsync "$work"
+  relay_run relaxed --durability relaxed
+  relay_run relay
+done
