@@ -356,6 +356,7 @@ public sealed class RelayClient : IAsyncDisposable
         {
             if (Interlocked.CompareExchange(ref _current, null, connection) == connection)
             {
+                // Not awaited: DisposeAsync never throws (it closes anyway).
                 _ = connection.DisposeAsync().AsTask();
             }
         }

@@ -24,6 +24,9 @@ internal static partial class Log
     [LoggerMessage(5, LogLevel.Information, "Queue store open ({Mode})")]
     public static partial void StoreOpened(ILogger logger, string mode);
 
+    [LoggerMessage(7, LogLevel.Error, "Building the TLS context from the relay identity failed: {Error}; the relay cannot serve TLS and stops")]
+    public static partial void TlsSetupFailed(ILogger logger, string error);
+
     [LoggerMessage(10, LogLevel.Debug, "TLS handshake failed: {Reason}")]
     public static partial void TlsFailed(ILogger logger, string reason);
 

@@ -368,4 +368,56 @@ public class ConnectionLifetimeTests
         }
         await Assert.That(Value(await ScrapeAsync(relay), "relay_deliveries_total") - deliveredBefore).IsEqualTo(Queues * PerQueue);
     }
+
+    [Test]
+    public async Task A_store_that_fails_to_read_a_held_back_delivery_is_logged_and_the_connection_goes_on()
+    {
+        const int Messages = 64, Size = 16 * 1024;
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Tls = false;
+            o.MaxOutputBuffer = 64 * 1024;
+            o.DeliveryMemoryBytes = 0;   // every delivery is read from the store
+        });
+        await using var recipient = await RawClient.ConnectInProcessAsync(relay);
+        var queue = await recipient.CreateQueueAsync();
+        await using (var sender = await RawClient.ConnectAsync(relay))
+        {
+            for (int i = 0; i < Messages; i++)
+            {
+                var ok = await sender.RequestAsync(sender.Send(sender.NextCorr(), queue.SenderId, new byte[Size]));
+                await Assert.That(ok.Type).IsEqualTo(FrameType.Ok);
+            }
+        }
+
+        // Subscribed with room for all 64, but the recipient does not read: the deliveries over its
+        // output limit are held back until the send loop has drained the output.
+        var window = new byte[2];
+        BinaryPrimitives.WriteUInt16BigEndian(window, Messages);
+        await recipient.WriteAsync(recipient.QueueCommand(FrameType.Sub, recipient.NextCorr(), queue.RecipientId, window, queue.RecipientPrivate));
+        double delivered = -1;
+        await Assert.That(await EventuallyAsync(async () =>
+        {
+            double now = Value(await ScrapeAsync(relay), "relay_deliveries_total");
+            bool settled = now > 0 && now == delivered;
+            delivered = now;
+            return settled;
+        })).IsTrue();
+        await Assert.That(delivered).IsLessThan(Messages);
+
+        // From here on the store fails every read (closed under the relay); then the recipient reads,
+        // the send loop drains its output and goes to the store for the held-back deliveries.
+        using var unobserved = new UnobservedExceptions(e => e is ObjectDisposedException && e.StackTrace?.Contains("ResumeDeferred") == true);
+        await relay.Server.Store.DisposeAsync();
+        await recipient.WriteAsync(RawClient.Frame(FrameType.Ping, 7, []));
+        RawFrame? frame;
+        do
+        {
+            frame = await recipient.ReadFrameAsync();
+        }
+        while (frame is { Type: FrameType.Ok or FrameType.Msg });
+        await Assert.That(frame?.Type).IsEqualTo(FrameType.Pong);
+        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("Store operation SUB failed: ObjectDisposedException"))).IsTrue();
+        await Assert.That(await unobserved.CollectAsync()).IsEmpty();
+    }
 }

@@ -130,6 +130,60 @@ public class InProcessConnectionTests
         await Assert.That(relay.Logs.Lines.Any(l => l.Contains("Shutdown timeout reached"))).IsTrue();
     }
 
+    [Test]
+    public async Task Closing_a_connection_whose_transport_fails_to_close_does_not_throw_and_disposes_its_keys()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        var options = new RelayConnectionOptions { Tls = false };
+        using var unobserved = new UnobservedExceptions(e => e is IOException && e.Message == FailingCloseStream.Failure);
+        var transport = new FailingCloseStream(relay.Server.ConnectInProcess());
+        var connection = await RelayConnection.ConnectAsync(relay.Address, transport, options);
+        var queue = await connection.CreateQueueAsync();
+        await connection.SubscribeAsync(queue);
+
+        await connection.DisposeAsync();
+        await Assert.That(transport.Closed).IsTrue();
+        await Assert.That(connection.Closed.IsCancellationRequested).IsTrue();
+        // The queue's delivery cipher and MAC key were disposed with it.
+        await Assert.That(connection.IsSubscribed(queue)).IsFalse();
+
+        // RelayClient closes a lost connection without awaiting DisposeAsync (RelayLink.Drop): it must not fault.
+        var dropped = new FailingCloseStream(relay.Server.ConnectInProcess());
+        DropWithoutWaiting(await RelayConnection.ConnectAsync(relay.Address, dropped, options));
+        await Assert.That(await OperationsMetrics.EventuallyAsync(() => Task.FromResult(dropped.Closed), seconds: 10)).IsTrue();
+        await Assert.That(await unobserved.CollectAsync()).IsEmpty();
+    }
+
+    private static void DropWithoutWaiting(RelayConnection connection) => _ = connection.DisposeAsync().AsTask();
+
+    /// <summary>An in-process stream whose DisposeAsync closes it and then throws, as a wrapper that flushes to a peer that is gone.</summary>
+    private sealed class FailingCloseStream(Stream inner) : Stream
+    {
+        public const string Failure = "the transport failed to close";
+        private volatile bool _closed;
+        public bool Closed => _closed;
+        public override bool CanRead => true;
+        public override bool CanWrite => true;
+        public override bool CanSeek => false;
+        public override long Length => throw new NotSupportedException();
+        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
+        public override int Read(byte[] buffer, int offset, int count) => inner.Read(buffer, offset, count);
+        public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default) => inner.ReadAsync(buffer, cancellationToken);
+        public override void Write(byte[] buffer, int offset, int count) => inner.Write(buffer, offset, count);
+        public override ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default) => inner.WriteAsync(buffer, cancellationToken);
+        public override void Flush() => inner.Flush();
+        public override Task FlushAsync(CancellationToken cancellationToken) => inner.FlushAsync(cancellationToken);
+        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
+        public override void SetLength(long value) => throw new NotSupportedException();
+
+        public override async ValueTask DisposeAsync()
+        {
+            await inner.DisposeAsync();
+            _closed = true;
+            throw new IOException(Failure);
+        }
+    }
+
     private static long OpenConnections(TestRelay relay) =>
         relay.Server.Metrics.Snapshot(relay.Server.Store, relay.Server.Options, TimeSpan.Zero).ConnectionsOpen;
 

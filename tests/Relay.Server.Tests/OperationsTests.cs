@@ -1,10 +1,13 @@
 using System.Net;
 using System.Net.Http.Json;
 using System.Security.Cryptography;
+using System.Security.Cryptography.X509Certificates;
 using System.Text;
 using System.Text.Json;
+using Microsoft.Extensions.Logging;
 using Relay.Client.Transport;
 using Relay.Protocol;
+using Relay.Server.Hosting;
 using static Relay.Server.Tests.OperationsMetrics;
 
 namespace Relay.Server.Tests;
@@ -317,5 +320,42 @@ public class OperationsTests
         var started = System.Diagnostics.Stopwatch.StartNew();
         await relay.DisposeAsync();
         await Assert.That(started.Elapsed).IsLessThan(TimeSpan.FromSeconds(10));
+    }
+
+    [Test]
+    public async Task An_identity_that_cannot_sign_the_TLS_certificate_fails_the_start_with_a_clear_error()
+    {
+        var dir = Path.Combine(Path.GetTempPath(), "relay-test-" + Guid.NewGuid().ToString("N"));
+        Directory.CreateDirectory(dir);
+        try
+        {
+            // A certificate with its key that is no CA: it loads as the identity, but signs no TLS certificate.
+            using (var key = ECDsa.Create(ECCurve.NamedCurves.nistP256))
+            {
+                var request = new CertificateRequest("CN=not a CA", key, HashAlgorithmName.SHA256);
+                request.CertificateExtensions.Add(new X509BasicConstraintsExtension(false, false, 0, true));
+                using var certificate = request.CreateSelfSigned(DateTimeOffset.UtcNow.AddDays(-1), DateTimeOffset.UtcNow.AddYears(1));
+                await File.WriteAllBytesAsync(RelayIdentity.PathIn(dir), certificate.Export(X509ContentType.Pkcs12));
+            }
+            using var unobserved = new UnobservedExceptions(e => e is ArgumentException && e.Message.Contains("Basic Constraints"));
+            var logs = new CapturedLogs();
+
+            // No client connects, so no handshake would ever have looked at the failure.
+            var failed = await Assert.ThrowsAsync<InvalidDataException>(() => RelayServer.StartAsync(new RelayServerOptions
+            {
+                DataDirectory = dir,
+                Listen = new IPEndPoint(IPAddress.Loopback, 0),
+            }, logging => logging.AddProvider(logs)));
+
+            await Assert.That(failed!.Message).Contains("TLS certificate");
+            await Assert.That(failed.Message).Contains(RelayIdentity.PathIn(dir));
+            await Assert.That(logs.Lines.Any(l => l.StartsWith("Error Relay[7] ", StringComparison.Ordinal))).IsTrue();
+            await Assert.That(logs.Lines.Any(l => l.Contains("Relay ready", StringComparison.Ordinal))).IsFalse();
+            await Assert.That(await unobserved.CollectAsync()).IsEmpty();
+        }
+        finally
+        {
+            try { Directory.Delete(dir, recursive: true); } catch (IOException) { }
+        }
     }
 }

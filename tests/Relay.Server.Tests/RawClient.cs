@@ -27,7 +27,7 @@ public sealed record RawQueue(byte[] RecipientId, byte[] SenderId, byte[] Recipi
 /// </summary>
 public sealed class RawClient : IAsyncDisposable
 {
-    private readonly TcpClient _tcp;
+    private readonly TcpClient? _tcp;   // null over an in-process connection
     private readonly Stream _stream;
     private readonly byte[] _buffer = new byte[256 * 1024];
     private int _start;
@@ -41,9 +41,9 @@ public sealed class RawClient : IAsyncDisposable
     public int MaxFrame { get; private set; }
     public int MaxMessage { get; private set; }
     public ushort Version { get; private set; }
-    public Socket Socket => _tcp.Client;
+    public Socket Socket => _tcp!.Client;
 
-    private RawClient(TcpClient tcp, Stream stream)
+    private RawClient(TcpClient? tcp, Stream stream)
     {
         _tcp = tcp;
         _stream = stream;
@@ -79,6 +79,17 @@ public sealed class RawClient : IAsyncDisposable
         return client;
     }
 
+    /// <summary>
+    /// Connects through <see cref="Hosting.RelayServer.ConnectInProcess"/> (a relay without TLS) and
+    /// completes HELLO/WELCOME: the relay's writes wait once 64 KiB are unread, with no kernel buffers.
+    /// </summary>
+    public static async Task<RawClient> ConnectInProcessAsync(TestRelay relay)
+    {
+        var client = new RawClient(null, relay.Server.ConnectInProcess());
+        await client.HandshakeAsync();
+        return client;
+    }
+
     public async Task HandshakeAsync()
     {
         await WriteAsync(Hello(1, 1));
@@ -110,7 +121,7 @@ public sealed class RawClient : IAsyncDisposable
         {
             await ssl.ShutdownAsync();
         }
-        _tcp.Client.Shutdown(SocketShutdown.Send);
+        Socket.Shutdown(SocketShutdown.Send);
     }
 
     /// <summary>The next frame, or null when the peer closed (EOF or reset). Throws on timeout.</summary>
@@ -310,7 +321,7 @@ public sealed class RawClient : IAsyncDisposable
     public async ValueTask DisposeAsync()
     {
         try { await _stream.DisposeAsync(); } catch (Exception) { }
-        _tcp.Dispose();
+        _tcp?.Dispose();
     }
 }
 /// <summary>

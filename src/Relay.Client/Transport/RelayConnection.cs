@@ -606,6 +606,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
         return tcs.Task;
     }
 
+    /// <summary>Closes the connection: fails the requests in flight, closes the transport and disposes the queues' keys. Never throws.</summary>
     public async ValueTask DisposeAsync()
     {
         Fail(new RelayConnectException("the connection was closed"));
@@ -617,7 +618,16 @@ public sealed partial class RelayConnection : IAsyncDisposable
         {
             // Closing anyway.
         }
-        await _stream.DisposeAsync();
+        try
+        {
+            await _stream.DisposeAsync();
+        }
+        catch (Exception)
+        {
+            // Closing anyway: a transport that fails to close (a caller's stream that flushes to a
+            // peer that is gone) must neither keep the keys below from being disposed nor fault a
+            // DisposeAsync that nobody awaits (RelayClient closes a lost connection without waiting).
+        }
         try
         {
             await _readLoop.WaitAsync(TimeSpan.FromSeconds(5));

@@ -185,9 +185,19 @@ internal sealed partial class RelaySession
         }
         foreach (var s in resume)
         {
-            lock (s.Queue.Sync)
+            try
             {
-                DeliverNextLocked(s);
+                lock (s.Queue.Sync)
+                {
+                    DeliverNextLocked(s);
+                }
+            }
+            catch (Exception ex)
+            {
+                // The store failed to read the next message. Thrown out of the send loop it would
+                // leave that loop's task faulted and unobserved, and this connection's output stuck
+                // for good; logged instead, the queue's deliveries go on with its next ACK or message.
+                Log.StoreFailed(_logger, "SUB", ex.GetType().Name);
             }
         }
     }

@@ -82,7 +82,10 @@ public sealed class RelayServer : IAsyncDisposable
         _logger = context.Logger;
     }
 
-    /// <summary>Opens the store, binds both listeners and starts serving. Throws when a port is taken or the store cannot open.</summary>
+    /// <summary>
+    /// Opens the store, binds both listeners and starts serving. Throws when a port is taken, the store
+    /// cannot open, or the identity cannot make the TLS certificate (<see cref="InvalidDataException"/>).
+    /// </summary>
     public static async Task<RelayServer> StartAsync(RelayServerOptions options, Action<ILoggingBuilder>? configureLogging = null,
         CancellationToken cancellationToken = default)
     {
@@ -164,8 +167,10 @@ public sealed class RelayServer : IAsyncDisposable
             bool created = started.Created;
             var signer = identity;
             tlsTask = options.Tls ? Task.Run(() => BuildTls(signer)) : null;
-            Task<SslServerAuthenticationOptions>? tls = tlsTask?.ContinueWith(t => t.Result.Options,
-                CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+            // Only a context that was built goes to the handshakes (a failure cancels theirs); the
+            // failure itself ends the start (RequireTlsAsync).
+            Task<SslServerAuthenticationOptions>? tls = tlsTask?.ContinueWith(t => t.Result.Options, CancellationToken.None,
+                TaskContinuationOptions.ExecuteSynchronously | TaskContinuationOptions.OnlyOnRanToCompletion, TaskScheduler.Default);
 
             // The logger category is the product, not a type name: operators filter on "Relay".
             var loggerHolder = new LoggerHolder();
@@ -206,6 +211,7 @@ public sealed class RelayServer : IAsyncDisposable
             }
             Log.StoreOpened(context.Logger, options.Durable ? "durable: every acknowledged write is fsynced" : "relaxed: no fsync");
             server._ready = true;
+            await server.RequireTlsAsync();
             Log.Ready(context.Logger, server.Address.ToString());
             // Compaction due since an earlier run waits until the relay is serving (see QueueStoreOptions).
             store.ResumeCompactions();
@@ -229,6 +235,30 @@ public sealed class RelayServer : IAsyncDisposable
                 // The identity failed too; the first error is the one to report.
             }
             throw;
+        }
+    }
+
+    /// <summary>
+    /// Waits for the TLS context built in the background (readiness does not: the first handshakes
+    /// wait for it). A relay that cannot build it cannot serve a single client: the failure is logged,
+    /// the relay stopped and the start fails, rather than every handshake failing unseen.
+    /// </summary>
+    private async Task RequireTlsAsync()
+    {
+        if (_tlsTask is null)
+        {
+            return;
+        }
+        try
+        {
+            await _tlsTask;
+        }
+        catch (Exception ex)
+        {
+            Log.TlsSetupFailed(_logger, ex.GetType().Name);
+            await StopAsync();
+            throw new InvalidDataException(
+                $"cannot make a TLS certificate with the relay identity {RelayIdentity.PathIn(Options.DataDirectory)}: {ex.Message}", ex);
         }
     }
 

@@ -25,6 +25,8 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
     private long _duplicated;
     private long _quotaRetries;
     private long _acks;
+    private long _failedAcks;
+    private Exception? _firstAckFailure;
     private int[] _seen = [];
     private long[] _latencyTicks = [];
 
@@ -113,6 +115,10 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
             await Task.Delay(200, cancellationToken); // late duplicates
             stopConsumers.Cancel();
             progress.WriteLine();
+            if (Interlocked.Read(ref _failedAcks) is > 0 and var failedAcks)
+            {
+                progress.WriteLine($"bench: {failedAcks} ACKs failed; the first: {_firstAckFailure?.Message}");
+            }
 
             long received = Interlocked.Read(ref _received);
             long sent = Interlocked.Read(ref _sent);
@@ -277,10 +283,19 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
         }
     }
 
+    /// <summary>Sends an ACK without waiting for its answer (the consumer goes on reading); a failed one is counted and reported.</summary>
     private void Ack(RelayConnection consumer, RecipientQueue queue, ulong last, int count, CancellationToken cancellationToken)
     {
         Interlocked.Increment(ref _acks);
-        _ = count == 1 ? consumer.AckAsync(queue, last, cancellationToken) : consumer.AckThroughAsync(queue, last, cancellationToken);
+        var ack = count == 1 ? consumer.AckAsync(queue, last, cancellationToken) : consumer.AckThroughAsync(queue, last, cancellationToken);
+        _ = ack.ContinueWith(static (t, state) => ((LoadGenerator)state!).AckFailed(t.Exception!.InnerException!), this,
+            CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted | TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+    }
+
+    private void AckFailed(Exception failure)
+    {
+        Interlocked.CompareExchange(ref _firstAckFailure, failure, null);
+        Interlocked.Increment(ref _failedAcks);
     }
 
     private void Record(Delivery d, long now)

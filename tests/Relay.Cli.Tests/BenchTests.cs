@@ -1,0 +1,125 @@
+using System.Collections.Concurrent;
+using System.Net;
+using Relay.Bench;
+using Relay.Client.Transport;
+using Relay.Server;
+using Relay.Server.Hosting;
+using Relay.Storage;
+
+namespace Relay.Cli.Tests;
+
+/// <summary>The load generator of <c>relay bench</c> against an in-process relay.</summary>
+public class BenchTests
+{
+    [Test]
+    public async Task ACKs_the_relay_fails_are_counted_and_reported_and_not_left_unobserved()
+    {
+        using var files = new SettingsFiles();
+        await using var relay = await RelayServer.StartAsync(new RelayServerOptions
+        {
+            DataDirectory = files.DataDirectory,
+            Listen = new IPEndPoint(IPAddress.Loopback, 0),
+            Tls = false,
+            SweepInterval = TimeSpan.Zero,
+            MaintenanceInterval = TimeSpan.Zero,
+        }, logging => { });
+        var unobserved = new ConcurrentQueue<Exception>();
+        EventHandler<UnobservedTaskExceptionEventArgs> onUnobserved = (_, e) =>
+        {
+            foreach (var ex in e.Exception.InnerExceptions.OfType<RelayErrorException>()) unobserved.Enqueue(ex);
+        };
+        TaskScheduler.UnobservedTaskException += onUnobserved;
+        try
+        {
+            // Drain: every message is stored first, so the writes after "draining" are the ACKs'.
+            // The first of them fails on the relay's disk: those ACKs are answered INTERNAL. (What
+            // the run measures after that is not the point: the ACKs are sent without waiting.)
+            var progress = new ProgressWriter(() => FailFirstWrite(relay.Store));
+            await new LoadGenerator(relay.Address, new BenchOptions
+            {
+                Scenario = BenchScenario.Drain,
+                Queues = 2,
+                Producers = 1,
+                Consumers = 1,
+                Messages = 200,
+                Size = 64,
+                Window = 16,
+                DeliveryWindow = 8,
+                Tls = false,
+            }, progress).RunAsync(CancellationToken.None);
+
+            await Assert.That(progress.ToString()).Contains("ACKs failed");
+            for (int i = 0; i < 10; i++)
+            {
+                GC.Collect();
+                GC.WaitForPendingFinalizers();
+                await Task.Delay(100);
+            }
+            await Assert.That(unobserved).IsEmpty();
+        }
+        finally
+        {
+            TaskScheduler.UnobservedTaskException -= onUnobserved;
+        }
+    }
+
+    /// <summary>Makes the store's next write batch fail.</summary>
+    private static void FailFirstWrite(QueueStore store)
+    {
+        int failed = 0;
+        store.BeforeWrite = (_, _) =>
+        {
+            if (Interlocked.Exchange(ref failed, 1) == 0) throw new IOException("injected write failure");
+        };
+    }
+
+    /// <summary>The bench's progress output, calling <c>onDraining</c> when the drain starts.</summary>
+    private sealed class ProgressWriter(Action onDraining) : StringWriter
+    {
+        private int _drained;
+
+        public override void WriteLine(string? value)
+        {
+            if (value?.Contains("draining") == true && Interlocked.Exchange(ref _drained, 1) == 0)
+            {
+                onDraining();
+            }
+            lock (this)
+            {
+                base.WriteLine(value);
+            }
+        }
+
+        public override void Write(string? value)
+        {
+            lock (this)
+            {
+                base.Write(value);
+            }
+        }
+
+        public override void Write(char value)
+        {
+            lock (this)
+            {
+                base.Write(value);
+            }
+        }
+
+        public override void Write(char[] buffer, int index, int count)
+        {
+            lock (this)
+            {
+                base.Write(buffer, index, count);
+            }
+        }
+
+        public override string ToString()
+        {
+            lock (this)
+            {
+                return base.ToString();
+            }
+        }
+    }
+}
