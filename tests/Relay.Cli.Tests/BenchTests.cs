@@ -19,6 +19,7 @@ public class BenchTests
         {
             DataDirectory = files.DataDirectory,
             Listen = new IPEndPoint(IPAddress.Loopback, 0),
+            Admin = new IPEndPoint(IPAddress.Loopback, 0),
             Tls = false,
             SweepInterval = TimeSpan.Zero,
             MaintenanceInterval = TimeSpan.Zero,

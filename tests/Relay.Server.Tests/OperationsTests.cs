@@ -345,6 +345,7 @@ public class OperationsTests
             {
                 DataDirectory = dir,
                 Listen = new IPEndPoint(IPAddress.Loopback, 0),
+                Admin = new IPEndPoint(IPAddress.Loopback, 0),
             }, logging => logging.AddProvider(logs)));
 
             await Assert.That(failed!.Message).Contains("TLS certificate");
