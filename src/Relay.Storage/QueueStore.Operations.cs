@@ -145,6 +145,12 @@ public sealed partial class QueueStore
     }
 
     /// <summary>
+    /// Called before <see cref="TryPeek"/> reads a message from the database (one not held in memory).
+    /// Throwing fails the read as a failed disk read would. For tests of what the layers above do then.
+    /// </summary>
+    internal Action? BeforeRead;
+
+    /// <summary>
     /// Reads the oldest durable message of the queue; false when there is none. The body is in a
     /// buffer rented from ArrayPool&lt;byte&gt;.Shared: call <see cref="StoredMessage.Return"/>.
     /// </summary>
@@ -184,6 +190,7 @@ public sealed partial class QueueStore
                 EnterRead();
                 try
                 {
+                    BeforeRead?.Invoke();
                     if (queue.KeepTail)
                     {
                         // A subscriber behind its tail (a backlog): read the next messages in one pass.

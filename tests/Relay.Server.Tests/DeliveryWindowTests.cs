@@ -24,6 +24,19 @@ public class DeliveryWindowTests
 
     private static string Text(Delivery d) => Encoding.UTF8.GetString(d.Body);
 
+    /// <summary>The next <paramref name="count"/> deliveries, by queue (the last of each queue's).</summary>
+    private static async Task<Dictionary<RecipientQueue, Delivery>> DeliveriesByQueueAsync(RelayConnection connection, int count)
+    {
+        var deliveries = new Dictionary<RecipientQueue, Delivery>(ReferenceEqualityComparer.Instance);
+        for (int i = 0; i < count; i++)
+        {
+            var e = await NextEventAsync(connection);
+            var d = e as DeliveryEvent ?? throw new InvalidOperationException($"expected a delivery, got {e}");
+            deliveries[d.Queue] = d.Delivery;
+        }
+        return deliveries;
+    }
+
     [Test]
     [Arguments(false)]
     [Arguments(true)]
@@ -377,6 +390,60 @@ public class DeliveryWindowTests
             await Assert.That(Text(d)).IsEqualTo($"m{i}");
         }
         await recipient.AckAsync(queue, d.MessageId);
+        await Assert.That(await NothingArrivesAsync(recipient, TimeSpan.FromMilliseconds(300))).IsTrue();
+    }
+
+    [Test]
+    public async Task An_ack_the_store_refuses_while_it_undoes_another_failed_write_is_an_error_and_that_subscription_delivers_again_from_the_oldest()
+    {
+        // `relay bench` drain stalled (108 of 200, two queues of 100, window 8) this way: one queue's
+        // ACK failed on the disk, the other queue's ACKs arrived while the store undid it and were
+        // refused, and that queue kept its window full of messages the client had acknowledged.
+        await using var relay = await TestRelay.StartAsync();
+        await using var recipient = await relay.ConnectAsync();
+        await using var sender = await relay.ConnectAsync();
+        var failing = await recipient.CreateQueueAsync();
+        var refused = await recipient.CreateQueueAsync();
+        await SendAllAsync(sender, failing, 1, 1);
+        await SendAllAsync(sender, refused, 1, 2);
+        await recipient.SubscribeAsync(failing, window: 1);
+        await recipient.SubscribeAsync(refused, window: 1);
+        var firsts = await DeliveriesByQueueAsync(recipient, 2);
+
+        // The disk fails the write of the first queue's ACK; while the store undoes it, the second
+        // queue's ACK is refused (INTERNAL) before it is staged.
+        var store = relay.Server.Store;
+        var undoing = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        using var answered = new ManualResetEventSlim(false);
+        int writes = 0;
+        store.BeforeWrite = (ops, bytes) =>
+        {
+            if (Interlocked.Increment(ref writes) == 1) throw new IOException("injected write failure");
+        };
+        store.WhileUndoing = () =>
+        {
+            undoing.TrySetResult();
+            answered.Wait(TimeSpan.FromSeconds(10));
+        };
+        var failedAck = recipient.AckAsync(failing, firsts[failing].MessageId);
+        await undoing.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        var refusal = await Assert.ThrowsAsync<RelayErrorException>(() => recipient.AckAsync(refused, firsts[refused].MessageId));
+        await Assert.That(refusal!.Code).IsEqualTo(ErrorCode.Internal);
+        answered.Set();
+        var failure = await Assert.ThrowsAsync<RelayErrorException>(() => failedAck);
+        await Assert.That(failure!.Code).IsEqualTo(ErrorCode.Internal);
+        store.BeforeWrite = null;
+        store.WhileUndoing = null;
+
+        // Both ACKs answered INTERNAL: both subscriptions start again from their oldest message
+        // (PROTOCOL.md §6 ACK). The refused queue's m1 comes again, and acknowledging it releases m2.
+        var again = await DeliveriesByQueueAsync(recipient, 2);
+        await Assert.That(again.Count).IsEqualTo(2);
+        await Assert.That(again[refused].MessageId).IsEqualTo(firsts[refused].MessageId);
+        await Assert.That(again[failing].MessageId).IsEqualTo(firsts[failing].MessageId);
+        await recipient.AckAsync(refused, again[refused].MessageId);
+        await Assert.That(Text(await NextDeliveryAsync(recipient))).IsEqualTo("m2");
+        await recipient.AckAsync(failing, again[failing].MessageId);
         await Assert.That(await NothingArrivesAsync(recipient, TimeSpan.FromMilliseconds(300))).IsTrue();
     }
 

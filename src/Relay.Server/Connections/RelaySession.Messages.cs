@@ -59,12 +59,22 @@ internal sealed partial class RelaySession
     {
         try
         {
-            var result = await append;
+            AppendResult result;
+            try
+            {
+                result = await append;
+            }
+            catch (Exception ex)
+            {
+                StoreFailed(FrameType.Send, corr, ex);
+                return;
+            }
             if (result.Status != StoreStatus.Ok)
             {
                 Fail(FrameType.Send, corr, ErrorFor(result.Status));
                 return;
             }
+            // The one answer; what follows is the subscriber's delivery, whose failures are its own.
             _context.Metrics.MessageStored(length);
             Succeed(FrameType.Send, corr);
             if (queue.Tag is Subscription)
@@ -84,10 +94,6 @@ internal sealed partial class RelaySession
                 }
             }
         }
-        catch (Exception ex)
-        {
-            StoreFailed(FrameType.Send, corr, ex);
-        }
         finally
         {
             EndInFlight(length);
@@ -97,6 +103,8 @@ internal sealed partial class RelaySession
     /// <summary>
     /// Pushes the next stored messages to <paramref name="s"/> while its window has room: the oldest
     /// first, then each the one after the message delivered last. The caller holds <c>s.Queue.Sync</c>.
+    /// Never throws for the store: it is called after a request was answered (SEND, ACK, SUB) or from
+    /// the send loop, where an exception would answer a request twice, end the read loop or be lost.
     /// </summary>
     internal void DeliverNextLocked(Subscription s)
     {
@@ -108,8 +116,20 @@ internal sealed partial class RelaySession
             {
                 return;
             }
-            if (!_store.TryPeek(s.Queue, s.NextFrom, out var message))
+            StoredMessage message;
+            try
             {
+                if (!_store.TryPeek(s.Queue, s.NextFrom, out message))
+                {
+                    return;
+                }
+            }
+            catch (Exception ex)
+            {
+                // The store failed to read the next message (a disk error, or closing). Nothing
+                // changed: the message stays stored and the subscription where it was, so its
+                // deliveries go on with the queue's next ACK or message (or a new SUB).
+                Log.StoreFailed(_logger, "SUB", ex.GetType().Name);
                 return;
             }
             try
@@ -229,7 +249,12 @@ internal sealed partial class RelaySession
         }
         catch (Exception ex)
         {
+            // Refused before it was staged (closing, or undoing another write that failed): nothing
+            // was deleted, and INTERNAL restarts the subscription as for a failed write. Without the
+            // restart the messages it covers would stay outstanding for good: the client does not
+            // ACK them again, and a full window pushes nothing more.
             StoreFailed(FrameType.Ack, corr, ex);
+            RestartAfterFailedAck(queue);
             return;
         }
         if (!ack.IsCompleted)
@@ -260,7 +285,19 @@ internal sealed partial class RelaySession
     {
         try
         {
-            var status = await ack;
+            StoreStatus status;
+            try
+            {
+                status = await ack;
+            }
+            catch (Exception ex)
+            {
+                // The write failed and was undone: the messages are stored again, oldest first, but
+                // the subscription moved past them when the ACK was accepted.
+                StoreFailed(FrameType.Ack, corr, ex);
+                RestartAfterFailedAck(queue);
+                return;
+            }
             if (status != StoreStatus.Ok)
             {
                 if (status == StoreStatus.NotOldest && _store.IsGone(queue, id))
@@ -276,23 +313,26 @@ internal sealed partial class RelaySession
             Succeed(FrameType.Ack, corr);
             ReleaseThrough(queue, id);
         }
-        catch (Exception ex)
-        {
-            StoreFailed(FrameType.Ack, corr, ex);
-            // The write failed and was undone: the messages are stored again, oldest first, but the
-            // subscription moved past them when the ACK was accepted. Deliver again from the oldest.
-            lock (queue.Sync)
-            {
-                if (queue.Tag is Subscription s && ReferenceEquals(s.Session, this))
-                {
-                    s.Restart();
-                    DeliverNextLocked(s);
-                }
-            }
-        }
         finally
         {
             EndInFlight();
+        }
+    }
+
+    /// <summary>
+    /// After an ACK answered INTERNAL (nothing deleted): this connection's subscription of the queue
+    /// starts again from the oldest stored message with its window empty (PROTOCOL.md §6 ACK), so the
+    /// client receives the messages that ACK covered again and acknowledges them again.
+    /// </summary>
+    private void RestartAfterFailedAck(QueueHandle queue)
+    {
+        lock (queue.Sync)
+        {
+            if (queue.Tag is Subscription s && ReferenceEquals(s.Session, this))
+            {
+                s.Restart();
+                DeliverNextLocked(s);
+            }
         }
     }
 
@@ -301,10 +341,19 @@ internal sealed partial class RelaySession
         var queue = RecipientCommand(frame, 0, out _);
         if (queue is null) return;
         uint corr = frame.CorrelationId;
-        if (!_store.TryPeekOldest(queue, out var message))
+        StoredMessage message;
+        try
         {
-            _context.Metrics.Command(FrameType.Get, CommandResult.Ok);
-            WriteEmpty(FrameType.Empty, corr);
+            if (!_store.TryPeekOldest(queue, out message))
+            {
+                _context.Metrics.Command(FrameType.Get, CommandResult.Ok);
+                WriteEmpty(FrameType.Empty, corr);
+                return;
+            }
+        }
+        catch (Exception ex)
+        {
+            StoreFailed(FrameType.Get, corr, ex);
             return;
         }
         try

@@ -185,19 +185,11 @@ internal sealed partial class RelaySession
         }
         foreach (var s in resume)
         {
-            try
+            // A store that fails to read is logged there, not thrown: out of the send loop it would
+            // leave that loop's task faulted and unobserved, and this connection's output stuck.
+            lock (s.Queue.Sync)
             {
-                lock (s.Queue.Sync)
-                {
-                    DeliverNextLocked(s);
-                }
-            }
-            catch (Exception ex)
-            {
-                // The store failed to read the next message. Thrown out of the send loop it would
-                // leave that loop's task faulted and unobserved, and this connection's output stuck
-                // for good; logged instead, the queue's deliveries go on with its next ACK or message.
-                Log.StoreFailed(_logger, "SUB", ex.GetType().Name);
+                DeliverNextLocked(s);
             }
         }
     }

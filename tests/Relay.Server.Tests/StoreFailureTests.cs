@@ -1,0 +1,193 @@
+using System.Text;
+using Relay.Protocol;
+using Relay.Storage;
+using static Relay.Server.Tests.OperationsMetrics;
+
+namespace Relay.Server.Tests;
+
+/// <summary>
+/// A store that fails to read the next message for a subscriber after a request of the same flow
+/// succeeded (SEND, ACK) or failed (an ACK's write): the request gets exactly one answer (PROTOCOL.md
+/// §3, one response per correlation id), the failure is logged, and the connection goes on.
+/// </summary>
+public class StoreFailureTests
+{
+    private static void EveryDeliveryReadFromTheStore(RelayServerOptions o)
+    {
+        o.Tls = false;
+        o.DeliveryMemoryBytes = 0;   // no delivery is served from memory: each one reads the store
+    }
+
+    private static void FailReads(TestRelay relay) =>
+        relay.Server.Store.BeforeRead = () => throw new StoreException("injected read failure");
+
+    /// <summary>
+    /// PING, then every frame up to its PONG and any that follows within 300 ms: a second answer to an
+    /// earlier request is written right after its first, so it is among them.
+    /// </summary>
+    private static async Task<List<RawFrame>> FramesUntilQuietAsync(RawClient client)
+    {
+        uint ping = client.NextCorr();
+        await client.WriteAsync(RawClient.Frame(FrameType.Ping, ping, []));
+        var frames = new List<RawFrame>();
+        RawFrame? frame;
+        do
+        {
+            frame = await client.ReadFrameAsync() ?? throw new InvalidOperationException("the relay closed the connection");
+            frames.Add(frame);
+        }
+        while (frame.Type != FrameType.Pong || frame.Correlation != ping);
+        try
+        {
+            while (await client.ReadFrameAsync(TimeSpan.FromMilliseconds(300)) is { } late)
+            {
+                frames.Add(late);
+            }
+        }
+        catch (TimeoutException)
+        {
+        }
+        return frames;
+    }
+
+    private static async Task<RawFrame> SubscribeAsync(RawClient recipient, RawQueue queue)
+    {
+        var answer = await recipient.RequestAsync(recipient.QueueCommand(FrameType.Sub, recipient.NextCorr(), queue.RecipientId, [], queue.RecipientPrivate));
+        await Assert.That(answer.Type).IsEqualTo(FrameType.Ok);
+        return answer;
+    }
+
+    private static async Task SendAsync(RawClient sender, RawQueue queue, string text)
+    {
+        var answer = await sender.RequestAsync(sender.Send(sender.NextCorr(), queue.SenderId, Encoding.UTF8.GetBytes(text)));
+        await Assert.That(answer.Type).IsEqualTo(FrameType.Ok);
+    }
+
+    private static async Task<(ulong Id, string Text)> NextMessageAsync(RawClient recipient, RawQueue queue)
+    {
+        var frame = await recipient.ReadFrameAsync();
+        await Assert.That(frame?.Type).IsEqualTo(FrameType.Msg);
+        var (id, _, body) = RawClient.Open(queue, frame!.Payload);
+        return (id, Encoding.UTF8.GetString(body));
+    }
+
+    private static byte[] Ack(RawClient recipient, RawQueue queue, uint corr, ulong id) =>
+        recipient.QueueCommand(FrameType.Ack, corr, queue.RecipientId, RawClient.U64(id), queue.RecipientPrivate);
+
+    private static Task<bool> LoggedAsync(TestRelay relay, string text) =>
+        EventuallyAsync(() => Task.FromResult(relay.Logs.Lines.Any(l => l.Contains(text))), seconds: 10);
+
+    [Test]
+    public async Task A_send_whose_delivery_the_store_fails_to_read_is_answered_once_and_the_failure_logged()
+    {
+        await using var relay = await TestRelay.StartAsync(EveryDeliveryReadFromTheStore);
+        await using var recipient = await RawClient.ConnectAsync(relay);
+        var queue = await recipient.CreateQueueAsync();
+        await SubscribeAsync(recipient, queue);
+
+        // The message is written (OK); reading it for the subscriber fails.
+        FailReads(relay);
+        await using var sender = await RawClient.ConnectAsync(relay);
+        uint send = sender.NextCorr();
+        await sender.WriteAsync(sender.Send(send, queue.SenderId, "one"u8));
+        var first = await sender.ReadResponseAsync();
+        await Assert.That(first.Correlation).IsEqualTo(send);
+        await Assert.That(first.Type).IsEqualTo(FrameType.Ok);
+        var rest = await FramesUntilQuietAsync(sender);
+        await Assert.That(rest.Where(f => f.Correlation == send)).IsEmpty();
+        await Assert.That(await LoggedAsync(relay, "Store operation SUB failed: StoreException")).IsTrue();
+        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("Store operation SEND failed"))).IsFalse();
+
+        // The message stays stored and goes out with the queue's next message.
+        relay.Server.Store.BeforeRead = null;
+        await SendAsync(sender, queue, "two");
+        await Assert.That((await NextMessageAsync(recipient, queue)).Text).IsEqualTo("one");
+    }
+
+    [Test]
+    public async Task An_ack_whose_next_delivery_the_store_fails_to_read_is_answered_once_and_the_connection_goes_on()
+    {
+        await using var relay = await TestRelay.StartAsync(EveryDeliveryReadFromTheStore);
+        await using var recipient = await RawClient.ConnectAsync(relay);
+        var queue = await recipient.CreateQueueAsync();
+        await using var sender = await RawClient.ConnectAsync(relay);
+        await SendAsync(sender, queue, "m1");
+        await SendAsync(sender, queue, "m2");
+        await SubscribeAsync(recipient, queue);
+        var (m1, _) = await NextMessageAsync(recipient, queue);
+
+        // The ACK is accepted (and then written); reading m2, released by it, fails.
+        FailReads(relay);
+        uint ack = recipient.NextCorr();
+        await recipient.WriteAsync(Ack(recipient, queue, ack, m1));
+        var frames = await FramesUntilQuietAsync(recipient);
+        var answers = frames.Where(f => f.Correlation == ack).ToList();
+        await Assert.That(answers.Count).IsEqualTo(1);
+        await Assert.That(answers[0].Type).IsEqualTo(FrameType.Ok);
+        await Assert.That(await LoggedAsync(relay, "Store operation SUB failed: StoreException")).IsTrue();
+
+        // m2 stays stored and goes out with the queue's next message.
+        relay.Server.Store.BeforeRead = null;
+        await SendAsync(sender, queue, "m3");
+        await Assert.That((await NextMessageAsync(recipient, queue)).Text).IsEqualTo("m2");
+    }
+
+    [Test]
+    public async Task An_ack_whose_write_fails_and_whose_redelivery_the_store_fails_to_read_is_answered_once_and_both_failures_logged()
+    {
+        await using var relay = await TestRelay.StartAsync(EveryDeliveryReadFromTheStore);
+        await using var recipient = await RawClient.ConnectAsync(relay);
+        var queue = await recipient.CreateQueueAsync();
+        await using var sender = await RawClient.ConnectAsync(relay);
+        await SendAsync(sender, queue, "m1");
+        await SubscribeAsync(recipient, queue);
+        var (m1, _) = await NextMessageAsync(recipient, queue);
+
+        // The ACK's write fails (INTERNAL); delivering m1 again from the oldest then fails to read.
+        int writes = 0;
+        relay.Server.Store.BeforeWrite = (_, _) =>
+        {
+            if (Interlocked.Increment(ref writes) == 1) throw new IOException("injected write failure");
+        };
+        FailReads(relay);
+        uint ack = recipient.NextCorr();
+        await recipient.WriteAsync(Ack(recipient, queue, ack, m1));
+        var first = await recipient.ReadResponseAsync();
+        await Assert.That(first.Correlation).IsEqualTo(ack);
+        await Assert.That(first.Error).IsEqualTo(ErrorCode.Internal);
+        var rest = await FramesUntilQuietAsync(recipient);
+        await Assert.That(rest.Where(f => f.Correlation == ack)).IsEmpty();
+        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("Store operation ACK failed: StoreException"))).IsTrue();
+        await Assert.That(await LoggedAsync(relay, "Store operation SUB failed: StoreException")).IsTrue();
+
+        // m1, still stored, goes out again with the queue's next message.
+        relay.Server.Store.BeforeWrite = null;
+        relay.Server.Store.BeforeRead = null;
+        await SendAsync(sender, queue, "m2");
+        await Assert.That((await NextMessageAsync(recipient, queue)).Text).IsEqualTo("m1");
+    }
+
+    [Test]
+    public async Task A_get_the_store_fails_to_read_is_answered_internal_and_the_connection_goes_on()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        await using var recipient = await RawClient.ConnectAsync(relay);
+        var queue = await recipient.CreateQueueAsync();
+        await using var sender = await RawClient.ConnectAsync(relay);
+        await SendAsync(sender, queue, "m1");
+
+        FailReads(relay);
+        uint get = recipient.NextCorr();
+        await recipient.WriteAsync(recipient.QueueCommand(FrameType.Get, get, queue.RecipientId, [], queue.RecipientPrivate));
+        var frames = await FramesUntilQuietAsync(recipient);
+        var answers = frames.Where(f => f.Correlation == get).ToList();
+        await Assert.That(answers.Count).IsEqualTo(1);
+        await Assert.That(answers[0].Error).IsEqualTo(ErrorCode.Internal);
+        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("Store operation GET failed: StoreException"))).IsTrue();
+
+        relay.Server.Store.BeforeRead = null;
+        var again = await recipient.RequestAsync(recipient.QueueCommand(FrameType.Get, recipient.NextCorr(), queue.RecipientId, [], queue.RecipientPrivate));
+        await Assert.That(again.Type).IsEqualTo(FrameType.Msg);
+        await Assert.That(Encoding.UTF8.GetString(RawClient.Open(queue, again.Payload).Body)).IsEqualTo("m1");
+    }
+}
