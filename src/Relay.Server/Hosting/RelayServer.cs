@@ -211,8 +211,10 @@ public sealed class RelayServer : IAsyncDisposable
             }
             Log.StoreOpened(context.Logger, options.Durable ? "durable: every acknowledged write is fsynced" : "relaxed: no fsync");
             server._ready = true;
-            await server.RequireTlsAsync();
+            // Announced with /readyz (scripts read the address from this line once it answers 200);
+            // the TLS context may still be in the making: the first handshakes wait for it.
             Log.Ready(context.Logger, server.Address.ToString());
+            await server.RequireTlsAsync();
             // Compaction due since an earlier run waits until the relay is serving (see QueueStoreOptions).
             store.ResumeCompactions();
             return server;
