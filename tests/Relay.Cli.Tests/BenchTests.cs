@@ -69,6 +69,40 @@ public class BenchTests
         }
     }
 
+    [Test]
+    public async Task A_drain_larger_than_the_relays_queues_hold_stops_at_once_and_says_which_limit_to_raise()
+    {
+        using var files = new SettingsFiles();
+        await using var relay = await RelayServer.StartAsync(new RelayServerOptions
+        {
+            DataDirectory = files.DataDirectory,
+            Listen = new IPEndPoint(IPAddress.Loopback, 0),
+            Admin = new IPEndPoint(IPAddress.Loopback, 0),
+            Tls = false,
+            QueueMaxMessages = 50,
+            SweepInterval = TimeSpan.Zero,
+            MaintenanceInterval = TimeSpan.Zero,
+        }, logging => { });
+        var started = System.Diagnostics.Stopwatch.StartNew();
+        // 200 messages over 2 queues need 100 places each; nothing reads while drain fills them, so
+        // retrying QUOTA would wait for ever.
+        var failed = await Assert.ThrowsAsync<BenchException>(() => new LoadGenerator(relay.Address, new BenchOptions
+        {
+            Scenario = BenchScenario.Drain,
+            Queues = 2,
+            Producers = 1,
+            Consumers = 1,
+            Messages = 200,
+            Size = 64,
+            Window = 16,
+            Tls = false,
+        }, TextWriter.Null).RunAsync(CancellationToken.None));
+
+        await Assert.That(failed!.Message).Contains("QUOTA");
+        await Assert.That(failed.Message).Contains("--queue-max-messages 100");
+        await Assert.That(started.Elapsed).IsLessThan(TimeSpan.FromSeconds(10));
+    }
+
     /// <summary>Makes the store's next write batch fail.</summary>
     private static void FailFirstWrite(QueueStore store)
     {

@@ -52,3 +52,6 @@ public sealed record BenchResult
     public double? RelayCpuUsPerMessage { get; init; }
     public bool LocalRelay { get; init; }
 }
+
+/// <summary>A run that cannot go on as asked (the relay's limits do not fit the workload); the message says what to change.</summary>
+public sealed class BenchException(string message) : Exception(message);

@@ -226,6 +226,11 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                             }
                             catch (RelayErrorException ex) when (ex.Code == ErrorCode.Quota)
                             {
+                                if (options.Scenario == BenchScenario.Drain)
+                                {
+                                    // Nothing reads while drain fills: a full queue stays full.
+                                    throw new BenchException(QueueTooSmall());
+                                }
                                 Interlocked.Increment(ref _quotaRetries);
                                 await Task.Delay(5, cancellationToken);
                             }
@@ -235,6 +240,14 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
             }
         }
         await Task.WhenAll(workers);
+    }
+
+    private string QueueTooSmall()
+    {
+        int perQueue = (options.Messages + options.Queues - 1) / options.Queues;
+        return $"the relay answered SEND with QUOTA while drain was filling the queues: {options.Messages} messages over " +
+            $"{options.Queues} queues need room for {perQueue} messages per queue (relay serve --queue-max-messages {perQueue} " +
+            $"--queue-max-bytes {(long)perQueue * (options.Size + 64) / (1 << 20) + 1}MB), or fewer --messages or more --queues";
     }
 
     private async Task ConsumeAsync(RelayConnection consumer, CancellationToken cancellationToken)

@@ -125,7 +125,7 @@ public static class BenchCommand
             if (json) Console.Out.WriteLine(ToJson(result));
             return result.Lost == 0 && result.Duplicated == 0 ? RelayCli.Ok : RelayCli.Failed;
         }
-        catch (Exception ex) when (ex is Relay.Client.Transport.RelayConnectException or Relay.Client.Transport.RelayErrorException)
+        catch (Exception ex) when (ex is Relay.Client.Transport.RelayConnectException or Relay.Client.Transport.RelayErrorException or BenchException)
         {
             Console.Error.WriteLine($"relay: bench failed: {ex.Message}");
             return RelayCli.Failed;
