@@ -27,6 +27,8 @@ public sealed partial class QueueStore
     private bool _writerStopping;
     /// <summary>A failed batch's operations and every one staged after it are being undone: no new staging meanwhile.</summary>
     private bool _undoing;
+    /// <summary>Completed when the undo in progress ends (under <see cref="_batchLock"/>; null when none is).</summary>
+    private TaskCompletionSource? _undone;
     /// <summary>The last epoch bump was in a failed batch: the next batch written carries the epoch (writer thread only).</summary>
     private bool _epochUnwritten;
     private bool _writerWaiting;
@@ -105,6 +107,19 @@ public sealed partial class QueueStore
             throw new StoreException("A write failed and is being undone; try again.");
         }
         return new BatchScope(this, _current);
+    }
+
+    /// <summary>
+    /// Completes once no failed write is being undone (at once when none is). A write refused with
+    /// <see cref="StoreException"/> meanwhile may be retried then; state read before it (a queue's
+    /// oldest message, say) may still show operations the undo has yet to take back.
+    /// </summary>
+    public Task WhenUndone()
+    {
+        lock (_batchLock)
+        {
+            return _undone?.Task ?? Task.CompletedTask;
+        }
     }
 
     /// <summary>Called by <see cref="BatchScope.Add"/> with the lock held.</summary>
@@ -263,6 +278,7 @@ public sealed partial class QueueStore
         lock (_batchLock)
         {
             _undoing = true;
+            _undone = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
             while (_sealed.TryDequeue(out PendingBatch? next))
             {
                 later.Add(next);
@@ -286,10 +302,14 @@ public sealed partial class QueueStore
         finally
         {
             Interlocked.Increment(ref _statistics._writeFailures);
+            TaskCompletionSource? undone;
             lock (_batchLock)
             {
                 _undoing = false;
+                undone = _undone;
+                _undone = null;
             }
+            undone?.TrySetResult();
         }
         // The later batches are answered here (never written: not counted as batches); the failed
         // one by the caller, as a written one is.

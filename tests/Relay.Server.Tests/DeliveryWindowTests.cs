@@ -426,10 +426,16 @@ public class DeliveryWindowTests
             answered.Wait(TimeSpan.FromSeconds(10));
         };
         var failedAck = recipient.AckAsync(failing, firsts[failing].MessageId);
-        await undoing.Task.WaitAsync(TimeSpan.FromSeconds(10));
-        var refusal = await Assert.ThrowsAsync<RelayErrorException>(() => recipient.AckAsync(refused, firsts[refused].MessageId));
-        await Assert.That(refusal!.Code).IsEqualTo(ErrorCode.Internal);
-        answered.Set();
+        try
+        {
+            await undoing.Task.WaitAsync(TimeSpan.FromSeconds(10));
+            var refusal = await Assert.ThrowsAsync<RelayErrorException>(() => recipient.AckAsync(refused, firsts[refused].MessageId));
+            await Assert.That(refusal!.Code).IsEqualTo(ErrorCode.Internal);
+        }
+        finally
+        {
+            answered.Set();
+        }
         var failure = await Assert.ThrowsAsync<RelayErrorException>(() => failedAck);
         await Assert.That(failure!.Code).IsEqualTo(ErrorCode.Internal);
         store.BeforeWrite = null;
@@ -445,6 +451,71 @@ public class DeliveryWindowTests
         await Assert.That(Text(await NextDeliveryAsync(recipient))).IsEqualTo("m2");
         await recipient.AckAsync(failing, again[failing].MessageId);
         await Assert.That(await NothingArrivesAsync(recipient, TimeSpan.FromMilliseconds(300))).IsTrue();
+    }
+
+    [Test]
+    public async Task An_ack_refused_while_an_earlier_ack_of_the_same_queue_is_undone_delivers_again_from_the_oldest_in_order()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var recipient = await relay.ConnectAsync();
+        await using var sender = await relay.ConnectAsync();
+        var queue = await recipient.CreateQueueAsync();
+        await SendAllAsync(sender, queue, 1, 4);
+        await recipient.SubscribeAsync(queue, window: 4);
+        var first = new List<Delivery>();
+        for (int i = 0; i < 4; i++) first.Add(await NextDeliveryAsync(recipient));
+
+        // The ACK of m1 fails on the disk; while the store undoes it, the ACK of m2 (the oldest once
+        // m1's was accepted) is refused. Restarting at that moment would push from m2: m1's delete
+        // is not taken back yet.
+        var store = relay.Server.Store;
+        var undoing = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        using var answered = new ManualResetEventSlim(false);
+        int writes = 0;
+        store.BeforeWrite = (ops, bytes) =>
+        {
+            if (Interlocked.Increment(ref writes) == 1) throw new IOException("injected write failure");
+        };
+        store.WhileUndoing = () =>
+        {
+            undoing.TrySetResult();
+            answered.Wait(TimeSpan.FromSeconds(10));
+        };
+        var failedAck = recipient.AckAsync(queue, first[0].MessageId);
+        try
+        {
+            await undoing.Task.WaitAsync(TimeSpan.FromSeconds(10));
+            var refusal = await Assert.ThrowsAsync<RelayErrorException>(() => recipient.AckAsync(queue, first[1].MessageId));
+            await Assert.That(refusal!.Code).IsEqualTo(ErrorCode.Internal);
+        }
+        finally
+        {
+            answered.Set();
+        }
+        var failure = await Assert.ThrowsAsync<RelayErrorException>(() => failedAck);
+        await Assert.That(failure!.Code).IsEqualTo(ErrorCode.Internal);
+        store.BeforeWrite = null;
+        store.WhileUndoing = null;
+
+        // Both INTERNAL answers restart the subscription from m1: every push comes in queue order,
+        // each run from m1 (PROTOCOL.md §6 ACK), and nothing was deleted.
+        var again = new List<string>();
+        while (!await NothingArrivesAsync(recipient, TimeSpan.FromMilliseconds(500)))
+        {
+            again.Add(Text(await NextDeliveryAsync(recipient)));
+        }
+        await Assert.That(again.Count).IsGreaterThanOrEqualTo(4);
+        await Assert.That(again.Count % 4).IsEqualTo(0);
+        for (int i = 0; i < again.Count; i++)
+        {
+            await Assert.That(again[i]).IsEqualTo($"m{i % 4 + 1}");
+        }
+        var oldest = await relay.ConnectAsync();
+        await using (oldest)
+        {
+            var polled = await oldest.GetAsync(queue);
+            await Assert.That(polled is null ? null : Text(polled)).IsEqualTo("m1");
+        }
     }
 
     [Test]

@@ -41,7 +41,7 @@ public sealed class RawClient : IAsyncDisposable
     public int MaxFrame { get; private set; }
     public int MaxMessage { get; private set; }
     public ushort Version { get; private set; }
-    public Socket Socket => _tcp!.Client;
+    public Socket Socket => _tcp?.Client ?? throw new InvalidOperationException("an in-process connection has no socket");
 
     private RawClient(TcpClient? tcp, Stream stream)
     {

@@ -19,7 +19,7 @@ run() {
   local data="$work/data" log="$work/serve.log"
   rm -rf "$data"
   "$bin" init --data "$data" --host 127.0.0.1 --port "$port" > /dev/null 2>&1
-  env $env "$bin" serve --data "$data" --listen "127.0.0.1:$port" --queue-max-messages 5000 \
+  env $env "$bin" serve --data "$data" --listen "127.0.0.1:$port" --admin off --queue-max-messages 5000 \
     --queue-max-bytes 100MB --max-connections-per-source 0 --queue-creation-rate 0 > "$log" 2>&1 &
   local pid=$!
   for _ in $(seq 100); do grep -q 'relay://' "$log" && break; sleep 0.1; done

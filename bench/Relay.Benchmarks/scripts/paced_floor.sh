@@ -17,19 +17,23 @@ n=$1; relay=$2; rate=${3:-5000}; seconds=${4:-8}; dir=${5:-/var/tmp}
 here=$(cd "$(dirname "$0")" && pwd)
 port=${PORT:-47623}
 work=$(mktemp -d "$dir/paced_floor.XXXXXX")
-forwarder=
-trap '[ -n "$forwarder" ] && kill "$forwarder" 2> /dev/null; rm -rf "$work"' EXIT
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2> /dev/null; done; rm -rf "$work"' EXIT
 clang -O2 -pthread -o "$work/latency_floor" "$here/latency_floor.c"
+
+listening() {  # listening PORT: true once something accepts on 127.0.0.1:PORT
+  ss -Hltn "sport = :$1" 2> /dev/null | grep -q .
+}
 
 floor() {
   local label=$1; shift
   "$work/latency_floor" forward "$port" "$@" &
-  forwarder=$!
-  sleep 0.2
+  local forwarder=$!
+  pids+=("$forwarder")
+  for _ in $(seq 100); do listening "$port" && break; sleep 0.05; done
   "$work/latency_floor" send "$port" "$rate" "$seconds" |
-    awk -v l="$label" '{ print l, $6, $8, $10 }'
+    awk -v l="$label" '{ print l, $6, $8, $10 }' || echo "$label failed"
   kill "$forwarder"; wait "$forwarder" 2> /dev/null || true
-  forwarder=
 }
 
 relay_run() {
@@ -37,15 +41,22 @@ relay_run() {
   local data="$work/data" log="$work/serve.log"
   rm -rf "$data"
   "$relay" init --data "$data" --host 127.0.0.1 --port "$port" > /dev/null 2>&1
-  "$relay" serve --data "$data" --listen "127.0.0.1:$port" --queue-max-messages 5000 \
+  "$relay" serve --data "$data" --listen "127.0.0.1:$port" --admin off --queue-max-messages 5000 \
     --queue-max-bytes 100MB --max-connections-per-source 0 --queue-creation-rate 0 "$@" > "$log" 2>&1 &
   local pid=$!
-  for _ in $(seq 100); do grep -q 'relay://' "$log" && break; sleep 0.1; done
+  pids+=("$pid")
+  for _ in $(seq 100); do
+    grep -q 'relay://' "$log" && break
+    kill -0 "$pid" 2> /dev/null || { echo "$label: relay serve exited: $(tail -1 "$log")"; return; }
+    sleep 0.1
+  done
   local json
+  # relay bench exits 1 when it saw a lost or duplicated message: the JSON says so, the run goes on.
   json=$("$relay" bench "$(grep -o 'relay://[^ ]*' "$log" | head -1)" --relay-pid "$pid" --json \
-    --scenario paced --rate "$rate" --duration "$seconds" 2> /dev/null | tail -1)
+    --scenario paced --rate "$rate" --duration "$seconds" 2> /dev/null | tail -1) || true
   kill -TERM "$pid"; wait "$pid" || true
-  python3 -c 'import json,sys; d=json.loads(sys.argv[2]); print(sys.argv[1], d["p50_ms"], d["p99_ms"], d["p999_ms"])' "$label" "$json"
+  python3 -c 'import json,sys; d=json.loads(sys.argv[2]); print(sys.argv[1], d["p50_ms"], d["p99_ms"], d["p999_ms"], "" if d["lost"] == d["duplicated"] == 0 else "lost %d duplicated %d" % (d["lost"], d["duplicated"]))' "$label" "$json" ||
+    echo "$label failed"
 }
 
 for _ in $(seq "$n"); do

@@ -252,9 +252,23 @@ internal sealed partial class RelaySession
             // Refused before it was staged (closing, or undoing another write that failed): nothing
             // was deleted, and INTERNAL restarts the subscription as for a failed write. Without the
             // restart the messages it covers would stay outstanding for good: the client does not
-            // ACK them again, and a full window pushes nothing more.
+            // ACK them again, and a full window pushes nothing more. The restart waits for the undo:
+            // an earlier ACK of this queue may not be taken back yet, and restarting before it would
+            // push from the middle of the queue.
             StoreFailed(FrameType.Ack, corr, ex);
-            RestartAfterFailedAck(queue);
+            var undone = _store.WhenUndone();
+            if (undone.IsCompleted)
+            {
+                RestartAfterFailedAck(queue);
+            }
+            else
+            {
+                _ = undone.ContinueWith(static (_, state) =>
+                {
+                    var (session, q) = ((RelaySession, QueueHandle))state!;
+                    session.RestartAfterFailedAck(q);
+                }, (this, queue), CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
+            }
             return;
         }
         if (!ack.IsCompleted)
