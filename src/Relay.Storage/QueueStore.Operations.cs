@@ -212,6 +212,11 @@ public sealed partial class QueueStore
                         }
                     }
                 }
+                catch (Exception)
+                {
+                    Interlocked.Increment(ref _statistics._readFailures);
+                    throw;
+                }
                 finally
                 {
                     ExitRead();

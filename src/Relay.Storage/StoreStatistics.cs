@@ -13,6 +13,7 @@ public sealed class StoreStatistics
     internal long _queuesDeleted;
     internal long _idleQueuesDeleted;
     internal long _writeFailures;
+    internal long _readFailures;
     internal long _sweepFailures;
     internal long _peeksFromMemory;
     internal long _peeksFromStore;
@@ -35,6 +36,8 @@ public sealed class StoreStatistics
     public long IdleQueuesDeleted => Interlocked.Read(ref _idleQueuesDeleted);
     /// <summary>Batches whose write failed (their callers got an exception).</summary>
     public long WriteFailures => Interlocked.Read(ref _writeFailures);
+    /// <summary>Reads of a stored message from RocksDB that failed (a delivery or GET answered otherwise).</summary>
+    public long ReadFailures => Interlocked.Read(ref _readFailures);
     /// <summary>Timer-driven sweeps that failed.</summary>
     public long SweepFailures => Interlocked.Read(ref _sweepFailures);
     /// <summary>Deliveries whose message came from the in-memory delivery tail (no store read).</summary>

@@ -97,6 +97,7 @@ public class StoreFailureTests
         await Assert.That(rest.Where(f => f.Correlation == send)).IsEmpty();
         await Assert.That(await LoggedAsync(relay, "Store operation SUB failed: StoreException")).IsTrue();
         await Assert.That(relay.Logs.Lines.Any(l => l.Contains("Store operation SEND failed"))).IsFalse();
+        await Assert.That(Value(await ScrapeAsync(relay), "relay_store_read_failures_total")).IsGreaterThanOrEqualTo(1);
 
         // The message stays stored and goes out with the queue's next message.
         relay.Server.Store.BeforeRead = null;
@@ -184,6 +185,7 @@ public class StoreFailureTests
         await Assert.That(answers.Count).IsEqualTo(1);
         await Assert.That(answers[0].Error).IsEqualTo(ErrorCode.Internal);
         await Assert.That(relay.Logs.Lines.Any(l => l.Contains("Store operation GET failed: StoreException"))).IsTrue();
+        await Assert.That(Value(await ScrapeAsync(relay), "relay_store_read_failures_total")).IsEqualTo(1);
 
         relay.Server.Store.BeforeRead = null;
         var again = await recipient.RequestAsync(recipient.QueueCommand(FrameType.Get, recipient.NextCorr(), queue.RecipientId, [], queue.RecipientPrivate));

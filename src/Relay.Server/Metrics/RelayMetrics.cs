@@ -77,6 +77,7 @@ public sealed class RelayMetrics
     private readonly Counter _deliveryReads;
     private readonly Gauge _deliveryTailBytes;
     private readonly Counter _writeFailures;
+    private readonly Counter _readFailures;
     private readonly Counter.Child _handshakeOk;
     private QueueStore? _store;
     private RelayServerOptions? _options;
@@ -126,6 +127,7 @@ public sealed class RelayMetrics
         _queuesCreated = f.CreateCounter("relay_store_queues_created_total", "Queues created.");
         _queuesDeleted = f.CreateCounter("relay_store_queues_deleted_total", "Queues deleted, by reason: recipient (DEL) or idle (idle-queue expiry).", "reason");
         _writeFailures = f.CreateCounter("relay_store_write_failures_total", "Group-commit batches whose write failed.");
+        _readFailures = f.CreateCounter("relay_store_read_failures_total", "Reads of a stored message that failed.");
         _outputMemory = f.CreateGauge("relay_output_memory_bytes", "Memory the output buffers of all connections hold (frames written and not yet sent).");
         _outputMemoryBudget = f.CreateGauge("relay_output_memory_budget_bytes", "The configured output memory budget; 0 means unlimited.");
         _handshakeOk = _handshakes.WithLabels("ok");
@@ -176,6 +178,7 @@ public sealed class RelayMetrics
             _deliveryReads.WithLabels("store").IncTo(stats.DeliveriesFromStore);
             _deliveryTailBytes.Set(stats.DeliveryTailBytes);
             _writeFailures.IncTo(stats.WriteFailures);
+            _readFailures.IncTo(stats.ReadFailures);
             _newQueuesEnabled.Set(_options?.AllowNewQueues == false ? 0 : 1);
         }
         catch (ObjectDisposedException)
