@@ -66,7 +66,7 @@ static void nodelay(int fd) {
 // ---- forwarder ----
 struct conn { int fd; char role; int index; size_t have; char buf[RECORD * 64]; };
 
-static int forward(int port, const char *fsync_dir) {
+_Noreturn static void forward(int port, const char *fsync_dir) {
     int ls = socket(AF_INET, SOCK_STREAM, 0);
     int one = 1;
     setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -185,6 +185,13 @@ static int cmp(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
+// The q-quantile of n sorted values as relay bench takes it: the value at rank ceil(q * n).
+static double pick(const double *sorted, long n, double q) {
+    long rank = (long)(q * (double)n);
+    if ((double)rank < q * (double)n) rank++;
+    return sorted[rank > 0 ? rank - 1 : 0];
+}
+
 static int send_paced(int port, double rate, double seconds) {
     int producers[LINKS];
     struct recv_args r = { .expected = (long)(rate * seconds) };
@@ -211,13 +218,13 @@ static int send_paced(int port, double rate, double seconds) {
     qsort(r.lat, (size_t)r.got, sizeof(double), cmp);
     if (r.got == 0) { printf("received 0 of %ld\n", r.expected); return 1; }
     printf("received %ld of %ld  p50 %.3f  p99 %.3f  p99.9 %.3f  max %.3f ms\n", r.got, r.expected,
-           r.lat[r.got / 2], r.lat[(long)(r.got * 0.99)], r.lat[(long)(r.got * 0.999)], r.lat[r.got - 1]);
+           pick(r.lat, r.got, 0.5), pick(r.lat, r.got, 0.99), pick(r.lat, r.got, 0.999), r.lat[r.got - 1]);
     return r.got == r.expected ? 0 : 1;
 }
 
 int main(int argc, char **argv) {
     if (argc >= 3 && strcmp(argv[1], "forward") == 0)
-        return forward(atoi(argv[2]), argc >= 5 && strcmp(argv[3], "--fsync") == 0 ? argv[4] : NULL);
+        forward(atoi(argv[2]), argc >= 5 && strcmp(argv[3], "--fsync") == 0 ? argv[4] : NULL);
     if (argc >= 5 && strcmp(argv[1], "send") == 0)
         return send_paced(atoi(argv[2]), atof(argv[3]), atof(argv[4]));
     fprintf(stderr, "usage: latency_floor forward PORT [--fsync DIR] | latency_floor send PORT RATE SECONDS\n");
