@@ -25,9 +25,10 @@ public sealed partial class QueueStore
     /// <summary>The native write batch, used by the writer thread only.</summary>
     private nint _nativeBatch;
     private bool _writerStopping;
-    /// <summary>A failed batch's operations and every one staged after it are being undone: no new staging meanwhile.</summary>
-    private bool _undoing;
-    /// <summary>Completed when the undo in progress ends (under <see cref="_batchLock"/>; null when none is).</summary>
+    /// <summary>
+    /// Set while a failed batch's operations and every one staged after it are being undone (no new
+    /// staging meanwhile), completed and cleared when that ends. Under <see cref="_batchLock"/>.
+    /// </summary>
     private TaskCompletionSource? _undone;
     /// <summary>The last epoch bump was in a failed batch: the next batch written carries the epoch (writer thread only).</summary>
     private bool _epochUnwritten;
@@ -99,7 +100,7 @@ public sealed partial class QueueStore
             Monitor.Exit(_batchLock);
             throw new ObjectDisposedException(nameof(QueueStore));
         }
-        if (_undoing && !evenWhileUndoing)
+        if (_undone is not null && !evenWhileUndoing)
         {
             // What is staged now could copy state that the undo is about to take back (a queue
             // record with a sender key whose write failed) and make it durable after all.
@@ -277,7 +278,6 @@ public sealed partial class QueueStore
         var later = new List<PendingBatch>();
         lock (_batchLock)
         {
-            _undoing = true;
             _undone = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
             while (_sealed.TryDequeue(out PendingBatch? next))
             {
@@ -305,7 +305,6 @@ public sealed partial class QueueStore
             TaskCompletionSource? undone;
             lock (_batchLock)
             {
-                _undoing = false;
                 undone = _undone;
                 _undone = null;
             }

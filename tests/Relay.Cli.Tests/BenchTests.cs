@@ -15,15 +15,7 @@ public class BenchTests
     public async Task ACKs_the_relay_fails_are_counted_and_reported_not_left_unobserved_and_the_drain_still_gets_every_message()
     {
         using var files = new SettingsFiles();
-        await using var relay = await RelayServer.StartAsync(new RelayServerOptions
-        {
-            DataDirectory = files.DataDirectory,
-            Listen = new IPEndPoint(IPAddress.Loopback, 0),
-            Admin = new IPEndPoint(IPAddress.Loopback, 0),
-            Tls = false,
-            SweepInterval = TimeSpan.Zero,
-            MaintenanceInterval = TimeSpan.Zero,
-        }, logging => { });
+        await using var relay = await StartRelayAsync(files);
         var unobserved = new ConcurrentQueue<Exception>();
         EventHandler<UnobservedTaskExceptionEventArgs> onUnobserved = (_, e) =>
         {
@@ -74,16 +66,7 @@ public class BenchTests
     public async Task A_drain_larger_than_the_relays_queues_hold_stops_at_once_and_says_which_limit_to_raise()
     {
         using var files = new SettingsFiles();
-        await using var relay = await RelayServer.StartAsync(new RelayServerOptions
-        {
-            DataDirectory = files.DataDirectory,
-            Listen = new IPEndPoint(IPAddress.Loopback, 0),
-            Admin = new IPEndPoint(IPAddress.Loopback, 0),
-            Tls = false,
-            QueueMaxMessages = 50,
-            SweepInterval = TimeSpan.Zero,
-            MaintenanceInterval = TimeSpan.Zero,
-        }, logging => { });
+        await using var relay = await StartRelayAsync(files, queueMaxMessages: 50);
         var started = System.Diagnostics.Stopwatch.StartNew();
         // 200 messages over 2 queues need 100 places each; nothing reads while drain fills them, so
         // retrying QUOTA would wait for ever.
@@ -102,6 +85,22 @@ public class BenchTests
         await Assert.That(failed!.Message).Contains("QUOTA");
         await Assert.That(failed.Message).Contains("--queue-max-messages 100");
         await Assert.That(started.Elapsed).IsLessThan(TimeSpan.FromSeconds(10));
+    }
+
+    /// <summary>An in-process relay without TLS on ephemeral ports (test projects run in parallel).</summary>
+    private static Task<RelayServer> StartRelayAsync(SettingsFiles files, int? queueMaxMessages = null)
+    {
+        var options = new RelayServerOptions
+        {
+            DataDirectory = files.DataDirectory,
+            Listen = new IPEndPoint(IPAddress.Loopback, 0),
+            Admin = new IPEndPoint(IPAddress.Loopback, 0),
+            Tls = false,
+            SweepInterval = TimeSpan.Zero,
+            MaintenanceInterval = TimeSpan.Zero,
+        };
+        if (queueMaxMessages is { } max) options.QueueMaxMessages = max;
+        return RelayServer.StartAsync(options, logging => { });
     }
 
     /// <summary>Makes the store's next write batch fail.</summary>

@@ -393,6 +393,49 @@ public class DeliveryWindowTests
         await Assert.That(await NothingArrivesAsync(recipient, TimeSpan.FromMilliseconds(300))).IsTrue();
     }
 
+    /// <summary>
+    /// The disk fails the write of the first ACK; while the store undoes it (held until the second
+    /// is answered), the second ACK is refused before it is staged. Both must be answered INTERNAL.
+    /// </summary>
+    private static async Task FailFirstAckAndRefuseSecondWhileUndoingAsync(TestRelay relay, RelayConnection recipient,
+        (RecipientQueue Queue, ulong Id) failing, (RecipientQueue Queue, ulong Id) refused)
+    {
+        var store = relay.Server.Store;
+        var undoing = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        using var answered = new ManualResetEventSlim(false);
+        int writes = 0;
+        store.BeforeWrite = (ops, bytes) =>
+        {
+            if (Interlocked.Increment(ref writes) == 1) throw new IOException("injected write failure");
+        };
+        store.WhileUndoing = () =>
+        {
+            undoing.TrySetResult();
+            answered.Wait(TimeSpan.FromSeconds(10));
+        };
+        try
+        {
+            var failedAck = recipient.AckAsync(failing.Queue, failing.Id);
+            try
+            {
+                await undoing.Task.WaitAsync(TimeSpan.FromSeconds(10));
+                var refusal = await Assert.ThrowsAsync<RelayErrorException>(() => recipient.AckAsync(refused.Queue, refused.Id));
+                await Assert.That(refusal!.Code).IsEqualTo(ErrorCode.Internal);
+            }
+            finally
+            {
+                answered.Set();
+            }
+            var failure = await Assert.ThrowsAsync<RelayErrorException>(() => failedAck);
+            await Assert.That(failure!.Code).IsEqualTo(ErrorCode.Internal);
+        }
+        finally
+        {
+            store.BeforeWrite = null;
+            store.WhileUndoing = null;
+        }
+    }
+
     [Test]
     public async Task An_ack_the_store_refuses_while_it_undoes_another_failed_write_is_an_error_and_that_subscription_delivers_again_from_the_oldest()
     {
@@ -412,34 +455,8 @@ public class DeliveryWindowTests
 
         // The disk fails the write of the first queue's ACK; while the store undoes it, the second
         // queue's ACK is refused (INTERNAL) before it is staged.
-        var store = relay.Server.Store;
-        var undoing = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-        using var answered = new ManualResetEventSlim(false);
-        int writes = 0;
-        store.BeforeWrite = (ops, bytes) =>
-        {
-            if (Interlocked.Increment(ref writes) == 1) throw new IOException("injected write failure");
-        };
-        store.WhileUndoing = () =>
-        {
-            undoing.TrySetResult();
-            answered.Wait(TimeSpan.FromSeconds(10));
-        };
-        var failedAck = recipient.AckAsync(failing, firsts[failing].MessageId);
-        try
-        {
-            await undoing.Task.WaitAsync(TimeSpan.FromSeconds(10));
-            var refusal = await Assert.ThrowsAsync<RelayErrorException>(() => recipient.AckAsync(refused, firsts[refused].MessageId));
-            await Assert.That(refusal!.Code).IsEqualTo(ErrorCode.Internal);
-        }
-        finally
-        {
-            answered.Set();
-        }
-        var failure = await Assert.ThrowsAsync<RelayErrorException>(() => failedAck);
-        await Assert.That(failure!.Code).IsEqualTo(ErrorCode.Internal);
-        store.BeforeWrite = null;
-        store.WhileUndoing = null;
+        await FailFirstAckAndRefuseSecondWhileUndoingAsync(relay, recipient,
+            (failing, firsts[failing].MessageId), (refused, firsts[refused].MessageId));
 
         // Both ACKs answered INTERNAL: both subscriptions start again from their oldest message
         // (PROTOCOL.md §6 ACK). The refused queue's m1 comes again, and acknowledging it releases m2.
@@ -468,34 +485,8 @@ public class DeliveryWindowTests
         // The ACK of m1 fails on the disk; while the store undoes it, the ACK of m2 (the oldest once
         // m1's was accepted) is refused. Restarting at that moment would push from m2: m1's delete
         // is not taken back yet.
-        var store = relay.Server.Store;
-        var undoing = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-        using var answered = new ManualResetEventSlim(false);
-        int writes = 0;
-        store.BeforeWrite = (ops, bytes) =>
-        {
-            if (Interlocked.Increment(ref writes) == 1) throw new IOException("injected write failure");
-        };
-        store.WhileUndoing = () =>
-        {
-            undoing.TrySetResult();
-            answered.Wait(TimeSpan.FromSeconds(10));
-        };
-        var failedAck = recipient.AckAsync(queue, first[0].MessageId);
-        try
-        {
-            await undoing.Task.WaitAsync(TimeSpan.FromSeconds(10));
-            var refusal = await Assert.ThrowsAsync<RelayErrorException>(() => recipient.AckAsync(queue, first[1].MessageId));
-            await Assert.That(refusal!.Code).IsEqualTo(ErrorCode.Internal);
-        }
-        finally
-        {
-            answered.Set();
-        }
-        var failure = await Assert.ThrowsAsync<RelayErrorException>(() => failedAck);
-        await Assert.That(failure!.Code).IsEqualTo(ErrorCode.Internal);
-        store.BeforeWrite = null;
-        store.WhileUndoing = null;
+        await FailFirstAckAndRefuseSecondWhileUndoingAsync(relay, recipient,
+            (queue, first[0].MessageId), (queue, first[1].MessageId));
 
         // Both INTERNAL answers restart the subscription from m1: every push comes in queue order,
         // each run from m1 (PROTOCOL.md §6 ACK), and nothing was deleted.

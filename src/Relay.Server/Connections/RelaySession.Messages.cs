@@ -256,19 +256,7 @@ internal sealed partial class RelaySession
             // an earlier ACK of this queue may not be taken back yet, and restarting before it would
             // push from the middle of the queue.
             StoreFailed(FrameType.Ack, corr, ex);
-            var undone = _store.WhenUndone();
-            if (undone.IsCompleted)
-            {
-                RestartAfterFailedAck(queue);
-            }
-            else
-            {
-                _ = undone.ContinueWith(static (_, state) =>
-                {
-                    var (session, q) = ((RelaySession, QueueHandle))state!;
-                    session.RestartAfterFailedAck(q);
-                }, (this, queue), CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
-            }
+            _ = RestartWhenUndoneAsync(queue);
             return;
         }
         if (!ack.IsCompleted)
@@ -331,6 +319,12 @@ internal sealed partial class RelaySession
         {
             EndInFlight();
         }
+    }
+
+    private async Task RestartWhenUndoneAsync(QueueHandle queue)
+    {
+        await _store.WhenUndone();
+        RestartAfterFailedAck(queue);
     }
 
     /// <summary>
