@@ -44,6 +44,9 @@ internal sealed unsafe class MutationBatch
     private Entry[] _entries = new Entry[64];
     private int _count;
     private bool _hasRange;
+    private readonly Comparison<Entry> _keyOrder;
+
+    public MutationBatch() => _keyOrder = CompareKeys;
 
     /// <summary>Mutations added since the last <see cref="Clear"/>.</summary>
     public int Count => _count;
@@ -112,7 +115,7 @@ internal sealed unsafe class MutationBatch
         Span<Entry> entries = _entries.AsSpan(0, _count);
         if (!_hasRange && entries.Length > 1)
         {
-            entries.Sort(new KeyOrder(_data));
+            entries.Sort(_keyOrder);
         }
     }
 
@@ -168,17 +171,15 @@ internal sealed unsafe class MutationBatch
         }
     }
 
-    private readonly struct KeyOrder(byte[] data) : IComparer<Entry>
+    /// <summary>RocksDB's order of the entries' keys (cached: a comparer made per sort allocates).</summary>
+    private int CompareKeys(Entry x, Entry y)
     {
-        public int Compare(Entry x, Entry y)
-        {
-            int c = x.Cf.CompareTo(y.Cf);
-            if (c != 0) return c;
-            c = x.Prefix.CompareTo(y.Prefix);
-            if (c != 0) return c;
-            // RocksDB's default (bytewise) comparator: memcmp, then the shorter key first.
-            c = data.AsSpan(x.KeyOffset, x.KeyLength).SequenceCompareTo(data.AsSpan(y.KeyOffset, y.KeyLength));
-            return c != 0 ? c : x.Sequence.CompareTo(y.Sequence);
-        }
+        int c = x.Cf.CompareTo(y.Cf);
+        if (c != 0) return c;
+        c = x.Prefix.CompareTo(y.Prefix);
+        if (c != 0) return c;
+        // RocksDB's default (bytewise) comparator: memcmp, then the shorter key first.
+        c = _data.AsSpan(x.KeyOffset, x.KeyLength).SequenceCompareTo(_data.AsSpan(y.KeyOffset, y.KeyLength));
+        return c != 0 ? c : x.Sequence.CompareTo(y.Sequence);
     }
 }

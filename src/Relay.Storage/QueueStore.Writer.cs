@@ -37,6 +37,7 @@ public sealed partial class QueueStore
 
     private readonly System.Collections.Concurrent.ConcurrentQueue<WriteOp> _opPool = new();
     private int _opPoolCount;
+    private readonly System.Collections.Concurrent.ConcurrentQueue<CompletionBatch> _completionPool = new();
 
     /// <summary>
     /// Called on the writer thread before each batch is written, with its operation count and message
@@ -337,33 +338,59 @@ public sealed partial class QueueStore
         }
     }
 
-    private static readonly Action<(WriteOp[] Ops, int Count)> s_complete = static work =>
-    {
-        for (int i = 0; i < work.Count; i++)
-        {
-            work.Ops[i].Complete();
-        }
-        ArrayPool<WriteOp>.Shared.Return(work.Ops, clearArray: true);
-    };
-
     /// <summary>Completes the staged operations of a committed batch together, on one thread-pool thread.</summary>
-    private static void DispatchCompletions(List<WriteOp> ops)
+    private void DispatchCompletions(List<WriteOp> ops)
     {
-        int count = 0;
-        WriteOp[] staged = ArrayPool<WriteOp>.Shared.Rent(Math.Max(1, ops.Count));
+        CompletionBatch? work = null;
         foreach (WriteOp op in ops)
         {
             if (op.Staged)
             {
-                staged[count++] = op;
+                work ??= RentCompletionBatch(ops.Count);
+                work.Ops[work.Count++] = op;
             }
         }
-        if (count == 0)
+        if (work is not null)
         {
-            ArrayPool<WriteOp>.Shared.Return(staged);
-            return;
+            ThreadPool.UnsafeQueueUserWorkItem(work, preferLocal: false);
         }
-        ThreadPool.UnsafeQueueUserWorkItem(s_complete, (staged, count), preferLocal: false);
+    }
+
+    private CompletionBatch RentCompletionBatch(int capacity)
+    {
+        if (!_completionPool.TryDequeue(out CompletionBatch? work))
+        {
+            work = new CompletionBatch(this);
+        }
+        if (work.Ops.Length < capacity)
+        {
+            work.Ops = new WriteOp[Math.Max(capacity, 2 * work.Ops.Length)];
+        }
+        return work;
+    }
+
+    /// <summary>
+    /// One committed batch's staged operations, completed by one thread-pool work item. Pooled: the
+    /// writer hands one out per commit. Batches in flight at once are few (each is done in microseconds).
+    /// </summary>
+    private sealed class CompletionBatch(QueueStore store) : IThreadPoolWorkItem
+    {
+        public WriteOp[] Ops = new WriteOp[16];
+        public int Count;
+
+        public void Execute()
+        {
+            for (int i = 0; i < Count; i++)
+            {
+                Ops[i].Complete();
+            }
+            Array.Clear(Ops, 0, Count);
+            Count = 0;
+            if (Ops.Length <= 4096)
+            {
+                store._completionPool.Enqueue(this);
+            }
+        }
     }
 
     internal WriteOp RentOp(OpKind kind, QueueHandle? queue)

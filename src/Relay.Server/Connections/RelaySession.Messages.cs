@@ -51,18 +51,21 @@ internal sealed partial class RelaySession
         }
         int length = command.Args.Length - 1;
         BeginInFlight(length);
-        _ = CompleteSendAsync(corr, queue, append, length, arrived);
+        StoreCompletion.AfterSend(this, corr, queue, append, length, arrived);
     }
 
-    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    private async ValueTask CompleteSendAsync(uint corr, QueueHandle queue, ValueTask<AppendResult> append, int length, long arrived)
+    /// <summary>
+    /// A SEND's write is durable or failed: answers it, then pushes the message to a subscriber
+    /// waiting for it. Runs on the thread that completed the write (<see cref="StoreCompletion"/>).
+    /// </summary>
+    private void CompleteSend(uint corr, QueueHandle queue, ValueTask<AppendResult> append, int length, long arrived)
     {
         try
         {
             AppendResult result;
             try
             {
-                result = await append;
+                result = append.GetAwaiter().GetResult();
             }
             catch (Exception ex)
             {
@@ -268,7 +271,7 @@ internal sealed partial class RelaySession
             ReleaseThrough(queue, id);
         }
         BeginInFlight();
-        _ = CompleteAckAsync(corr, queue, id, count, ack);
+        StoreCompletion.AfterAck(this, corr, queue, id, count, ack);
     }
 
     private static void ReleaseThrough(QueueHandle queue, ulong id)
@@ -282,15 +285,15 @@ internal sealed partial class RelaySession
         }
     }
 
-    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    private async ValueTask CompleteAckAsync(uint corr, QueueHandle queue, ulong id, int count, ValueTask<StoreStatus> ack)
+    /// <summary>An ACK's deletes are durable or failed: answers it and releases the next messages.</summary>
+    private void CompleteAck(uint corr, QueueHandle queue, ulong id, int count, ValueTask<StoreStatus> ack)
     {
         try
         {
             StoreStatus status;
             try
             {
-                status = await ack;
+                status = ack.GetAwaiter().GetResult();
             }
             catch (Exception ex)
             {

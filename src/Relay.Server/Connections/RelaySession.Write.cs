@@ -60,7 +60,8 @@ internal sealed partial class RelaySession
     /// </summary>
     private long Backlog => (long)Volatile.Read(ref _pending).Length + Volatile.Read(ref _inSend).Length;
 
-    private static readonly Action<RelaySession> s_send = static session => _ = session.SendLoopAsync();
+    /// <summary>The send loop as a thread-pool work item: the session itself, so scheduling it allocates nothing.</summary>
+    void IThreadPoolWorkItem.Execute() => _ = SendLoopAsync();
 
     /// <summary>Where output goes once the connection is established (TLS or plain).</summary>
     private void StartOutput(Stream destination) => _destination = destination;
@@ -73,7 +74,7 @@ internal sealed partial class RelaySession
     {
         if (_sending || _destination is null) return;
         _sending = true;
-        ThreadPool.UnsafeQueueUserWorkItem(s_send, this, preferLocal: true);
+        ThreadPool.UnsafeQueueUserWorkItem(this, preferLocal: true);
     }
 
     /// <summary>The read loop, after a batch of requests: sends what they wrote from this thread.</summary>

@@ -11,9 +11,10 @@ namespace Relay.Server.Connections;
 /// <summary>
 /// One client connection: TLS (optional), the handshake, the read loop that parses and dispatches
 /// frames, and the output pipe that every response and push goes through.
-/// Split by facet: .Read.cs (read loop), .Write.cs (output), .Queues.cs and .Messages.cs (commands).
+/// Split by facet: .Read.cs (read loop), .Write.cs (output), .Queues.cs and .Messages.cs (commands),
+/// .Completions.cs (answering what waited for a group commit).
 /// </summary>
-internal sealed partial class RelaySession
+internal sealed partial class RelaySession : IThreadPoolWorkItem
 {
     private readonly RelayServerContext _context;
     private readonly QueueStore _store;
