@@ -25,6 +25,8 @@ public sealed class BenchOptions
     public BenchScenario Scenario { get; set; } = BenchScenario.Live;
     public int Rate { get; set; } = 5_000;
     public TimeSpan Duration { get; set; } = TimeSpan.FromSeconds(10);
+    /// <summary>Paced: sent at the rate before <see cref="Duration"/>, checked for loss but not measured.</summary>
+    public TimeSpan Warmup { get; set; } = TimeSpan.FromSeconds(1);
     public string? Socks { get; set; }
     public bool Tls { get; set; } = true;
     public int? RelayPid { get; set; }
@@ -40,6 +42,10 @@ public sealed record BenchResult
     public long QuotaRetries { get; init; }
     /// <summary>ACK commands the consumers sent (with --ack through, fewer than the messages).</summary>
     public long Acks { get; init; }
+    /// <summary>Paced: messages of the warm-up, counted in Sent and Received and checked, left out of latency, rate and CPU.</summary>
+    public long WarmupMessages { get; init; }
+    /// <summary>Messages received in the measured part of the run (after the warm-up): what rate and CPU are per.</summary>
+    public long MeasuredMessages { get; init; }
     public double Seconds { get; init; }
     public double MessagesPerSecond { get; init; }
     public double P50Ms { get; init; }

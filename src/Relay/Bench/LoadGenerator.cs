@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
 using System.Diagnostics;
 using System.Runtime.CompilerServices;
+using System.Threading.Tasks.Sources;
 using Relay.Client.Transport;
 using Relay.Protocol;
 
@@ -29,10 +30,19 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
     private Exception? _firstAckFailure;
     private int[] _seen = [];
     private long[] _latencyTicks = [];
+    private int _warmup;   // paced: sequence numbers below this are the warm-up
+
+    /// <summary>Where the measured part of a run starts: time, CPU of both processes, messages received so far.</summary>
+    private readonly record struct Mark(long Timestamp, TimeSpan Cpu, TimeSpan? RelayCpu, long Received);
+
+    private Mark MarkNow() =>
+        new(Stopwatch.GetTimestamp(), Process.GetCurrentProcess().TotalProcessorTime, RelayCpu(), Interlocked.Read(ref _received));
 
     public async Task<BenchResult> RunAsync(CancellationToken cancellationToken)
     {
-        int total = options.Scenario == BenchScenario.Paced ? (int)Math.Ceiling(options.Rate * options.Duration.TotalSeconds) : options.Messages;
+        bool paced = options.Scenario == BenchScenario.Paced;
+        _warmup = paced ? (int)Math.Ceiling(options.Rate * options.Warmup.TotalSeconds) : 0;
+        int total = paced ? _warmup + (int)Math.Ceiling(options.Rate * options.Duration.TotalSeconds) : options.Messages;
         _seen = new int[total];
         _latencyTicks = new long[total];
 
@@ -63,9 +73,7 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
 
             var consumerTasks = new List<Task>();
             using var stopConsumers = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
-            var cpuStart = Process.GetCurrentProcess().TotalProcessorTime;
-            var relayCpuStart = RelayCpu();
-            long start = Stopwatch.GetTimestamp();
+            var mark = MarkNow();
 
             if (options.Scenario != BenchScenario.Drain)
             {
@@ -78,15 +86,15 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                 null, 1000, 1000);
 
             long produceStart = Stopwatch.GetTimestamp();
-            await ProduceAsync(producers, queues, total, cancellationToken);
+            // Paced: the measured part starts when the warm-up's last message is due.
+            var warmupEnd = _warmup > 0 ? MarkAtAsync(produceStart + (long)(_warmup * (double)Stopwatch.Frequency / options.Rate), cancellationToken) : null;
+            await ProduceAsync(producers, queues, total, produceStart, cancellationToken);
             double produceSeconds = Stopwatch.GetElapsedTime(produceStart).TotalSeconds;
 
             if (options.Scenario == BenchScenario.Drain)
             {
                 progress.WriteLine($"\rbench drain: {total} messages stored in {produceSeconds:0.00} s ({total / produceSeconds:0} msg/s); draining");
-                cpuStart = Process.GetCurrentProcess().TotalProcessorTime;
-                relayCpuStart = RelayCpu();
-                start = Stopwatch.GetTimestamp();
+                mark = MarkNow();
                 for (int c = 0; c < consumers.Length; c++) consumerTasks.Add(ConsumeAsync(consumers[c], stopConsumers.Token));
                 await SubscribeAllAsync(consumers, queues, cancellationToken);
             }
@@ -109,9 +117,12 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                 }
                 await Task.Delay(1, cancellationToken);
             }
-            double seconds = Stopwatch.GetElapsedTime(start).TotalSeconds;
-            var cpu = Process.GetCurrentProcess().TotalProcessorTime - cpuStart;
-            var relayCpu = RelayCpu() - relayCpuStart;
+            var end = MarkNow();
+            if (warmupEnd is not null) mark = await warmupEnd;
+            double seconds = Stopwatch.GetElapsedTime(mark.Timestamp, end.Timestamp).TotalSeconds;
+            var cpu = end.Cpu - mark.Cpu;
+            var relayCpu = end.RelayCpu - mark.RelayCpu;
+            long measured = end.Received - mark.Received;
             await Task.Delay(200, cancellationToken); // late duplicates
             stopConsumers.Cancel();
             progress.WriteLine();
@@ -123,7 +134,7 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
             long received = Interlocked.Read(ref _received);
             long sent = Interlocked.Read(ref _sent);
             var latencies = new List<long>((int)received);
-            for (int i = 0; i < _seen.Length; i++)
+            for (int i = _warmup; i < _seen.Length; i++)
             {
                 if (_seen[i] > 0) latencies.Add(_latencyTicks[i]);
             }
@@ -139,14 +150,16 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                 Duplicated = Interlocked.Read(ref _duplicated),
                 QuotaRetries = Interlocked.Read(ref _quotaRetries),
                 Acks = Interlocked.Read(ref _acks),
+                WarmupMessages = _warmup,
+                MeasuredMessages = measured,
                 Seconds = seconds,
-                MessagesPerSecond = received / seconds,
+                MessagesPerSecond = measured / seconds,
                 P50Ms = Percentile(0.50),
                 P99Ms = Percentile(0.99),
                 P999Ms = Percentile(0.999),
                 MaxMs = Percentile(1.0),
-                ProcessCpuUsPerMessage = received == 0 ? 0 : cpu.TotalMicroseconds / received,
-                RelayCpuUsPerMessage = relayCpu is { } r && received > 0 ? r.TotalMicroseconds / received : null,
+                ProcessCpuUsPerMessage = measured <= 0 ? 0 : cpu.TotalMicroseconds / measured,
+                RelayCpuUsPerMessage = relayCpu is { } r && measured > 0 ? r.TotalMicroseconds / measured : null,
             };
         }
         finally
@@ -163,6 +176,13 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
             subs.Add(consumers[q % consumers.Length].SubscribeAsync(queues[q].Recipient, options.DeliveryWindow, cancellationToken));
         }
         await Task.WhenAll(subs);
+    }
+
+    private async Task<Mark> MarkAtAsync(long timestamp, CancellationToken cancellationToken)
+    {
+        long wait = timestamp - Stopwatch.GetTimestamp();
+        if (wait > 0) await Task.Delay(Stopwatch.GetElapsedTime(0, wait), cancellationToken);
+        return MarkNow();
     }
 
     private TimeSpan? RelayCpu()
@@ -182,9 +202,8 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
         }
     }
 
-    private async Task ProduceAsync(RelayConnection[] producers, QueueInfo[] queues, int total, CancellationToken cancellationToken)
+    private async Task ProduceAsync(RelayConnection[] producers, QueueInfo[] queues, int total, long paceStart, CancellationToken cancellationToken)
     {
-        long paceStart = Stopwatch.GetTimestamp();
         double perMessageTicks = options.Scenario == BenchScenario.Paced ? Stopwatch.Frequency / (double)options.Rate : 0;
         var workers = new List<Task>();
         for (int p = 0; p < producers.Length; p++)
@@ -201,6 +220,7 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                 workers.Add(Task.Run(async () =>
                 {
                     var body = new byte[Math.Max(options.Size, 16)];
+                    using var pace = perMessageTicks > 0 ? new PaceTimer() : null;
                     while (true)
                     {
                         int k = Interlocked.Increment(ref turn.Value);
@@ -211,7 +231,7 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                         {
                             long due = paceStart + (long)(seq * perMessageTicks);
                             long wait = due - Stopwatch.GetTimestamp();
-                            if (wait > 0) await Task.Delay(TimeSpan.FromTicks(wait * TimeSpan.TicksPerSecond / Stopwatch.Frequency), cancellationToken);
+                            if (wait > 0) await pace!.WaitAsync(Stopwatch.GetElapsedTime(0, wait));
                         }
                         var queue = own[k % own.Length];
                         BinaryPrimitives.WriteInt32BigEndian(body, seq);
@@ -257,6 +277,7 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
         var unacked = new Dictionary<RecipientQueue, (ulong Last, int Count)>(ReferenceEqualityComparer.Instance);
         int ackEvery = Math.Max(1, options.DeliveryWindow / 2);
         var events = consumer.Events;
+        var acks = new AckTracker(this);
         try
         {
             while (await events.WaitToReadAsync(cancellationToken))
@@ -268,7 +289,7 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                     if (!options.AckThrough)
                     {
                         // Counted before the message: the run ends when the last one is recorded.
-                        Ack(consumer, queue, d.MessageId, 1, cancellationToken);
+                        acks.Add(Ack(consumer, queue, d.MessageId, 1, cancellationToken));
                         Record(d, now);
                         continue;
                     }
@@ -277,7 +298,7 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                     if (count >= ackEvery)
                     {
                         unacked.Remove(queue);
-                        Ack(consumer, queue, d.MessageId, count, cancellationToken);
+                        acks.Add(Ack(consumer, queue, d.MessageId, count, cancellationToken));
                     }
                     else
                     {
@@ -286,7 +307,7 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                 }
                 foreach (var (queue, (last, count)) in unacked)
                 {
-                    Ack(consumer, queue, last, count, cancellationToken);
+                    acks.Add(Ack(consumer, queue, last, count, cancellationToken));
                 }
                 unacked.Clear();
             }
@@ -294,13 +315,53 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
         catch (OperationCanceledException)
         {
         }
+        finally
+        {
+            acks.ObserveAll();
+        }
     }
 
-    /// <summary>Sends an ACK without waiting for its answer (the consumer goes on reading); a failed one is counted and reported.</summary>
-    private void Ack(RelayConnection consumer, RecipientQueue queue, ulong last, int count, CancellationToken cancellationToken)
+    /// <summary>Sends an ACK without waiting for its answer: the consumer goes on reading.</summary>
+    private Task Ack(RelayConnection consumer, RecipientQueue queue, ulong last, int count, CancellationToken cancellationToken)
     {
         Interlocked.Increment(ref _acks);
-        var ack = count == 1 ? consumer.AckAsync(queue, last, cancellationToken) : consumer.AckThroughAsync(queue, last, cancellationToken);
+        return count == 1 ? consumer.AckAsync(queue, last, cancellationToken) : consumer.AckThroughAsync(queue, last, cancellationToken);
+    }
+
+    /// <summary>
+    /// A consumer's recent ACKs, looked at when they leave a ring of 256: a failed one is counted and
+    /// reported. Without a continuation per ACK (allocated per message, it would make the load
+    /// generator collect garbage more often, and each collection pauses it with messages in flight).
+    /// </summary>
+    private sealed class AckTracker(LoadGenerator owner)
+    {
+        private readonly Task?[] _recent = new Task?[256];
+        private int _next;
+
+        public void Add(Task ack)
+        {
+            if (_recent[_next] is { } old) owner.Observe(old);
+            _recent[_next] = ack;
+            _next = (_next + 1) % _recent.Length;
+        }
+
+        public void ObserveAll()
+        {
+            foreach (var ack in _recent)
+            {
+                if (ack is not null) owner.Observe(ack);
+            }
+            Array.Clear(_recent);
+        }
+    }
+
+    private void Observe(Task ack)
+    {
+        if (ack.IsCompleted)
+        {
+            if (ack.IsFaulted) AckFailed(ack.Exception!.InnerException!);
+            return;
+        }
         _ = ack.ContinueWith(static (t, state) => ((LoadGenerator)state!).AckFailed(t.Exception!.InnerException!), this,
             CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted | TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
     }
@@ -327,5 +388,35 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                 Interlocked.Increment(ref _duplicated);
             }
         }
+    }
+
+    /// <summary>
+    /// The pacer's wait: Task.Delay's timing (whole milliseconds; under one, no wait) on one timer per
+    /// sending task, re-armed for each message instead of a new timer and task per message.
+    /// </summary>
+    private sealed class PaceTimer : IValueTaskSource, IDisposable
+    {
+        private ManualResetValueTaskSourceCore<bool> _core;
+        private readonly Timer _timer;
+
+        public PaceTimer() => _timer = new Timer(static state => ((PaceTimer)state!)._core.SetResult(true), this, Timeout.Infinite, Timeout.Infinite);
+
+        public ValueTask WaitAsync(TimeSpan delay)
+        {
+            long milliseconds = (long)delay.TotalMilliseconds;
+            if (milliseconds <= 0) return ValueTask.CompletedTask;
+            _core.Reset();
+            _timer.Change(milliseconds, Timeout.Infinite);
+            return new ValueTask(this, _core.Version);
+        }
+
+        public void GetResult(short token) => _core.GetResult(token);
+
+        public ValueTaskSourceStatus GetStatus(short token) => _core.GetStatus(token);
+
+        public void OnCompleted(Action<object?> continuation, object? state, short token, ValueTaskSourceOnCompletedFlags flags) =>
+            _core.OnCompleted(continuation, state, token, flags);
+
+        public void Dispose() => _timer.Dispose();
     }
 }

@@ -16,13 +16,14 @@ public static class BenchCommand
     public static async Task<int> RunAsync(string[] args)
     {
         var a = CliArgs.Parse("bench", args,
-            new HashSet<string> { "queues", "producers", "consumers", "size", "messages", "window", "delivery-window", "ack", "scenario", "rate", "duration", "socks", "durability", "relay-pid" },
+            new HashSet<string> { "queues", "producers", "consumers", "size", "messages", "window", "delivery-window", "ack", "scenario", "rate", "duration", "warmup", "socks", "durability", "relay-pid" },
             new HashSet<string> { "json", "plain-tcp" }, 1);
         if (a.Help)
         {
             Console.Out.Write(RelayCli.CommandHelp(
                 "relay bench [ADDRESS] [--queues Q] [--producers P] [--consumers C] [--size BYTES] [--messages N]\n" +
-                "                   [--window W] [--delivery-window D] [--ack each|through] [--scenario live|drain|paced] [--rate R] [--duration S] [--json]",
+                "                   [--window W] [--delivery-window D] [--ack each|through] [--scenario live|drain|paced] [--rate R] [--duration S]\n" +
+                "                   [--warmup S] [--json]",
                 "Measures a relay: messages per second, send-to-receive latency, lost and duplicated messages.\n" +
                 "Without ADDRESS it starts a relay in this process on a temporary directory (TLS, fsync per acknowledged write).",
                 [
@@ -36,7 +37,8 @@ public static class BenchCommand
                     ("--ack MODE", "through: one ACK covers every delivery a consumer has read so far (default); each: one ACK per message"),
                     ("--scenario S", "live: consumers subscribed; drain: send N, then subscribe and drain; paced: fixed rate (default live)"),
                     ("--rate R", "paced: total messages per second (default 5000)"),
-                    ("--duration S", "paced: seconds (default 10)"),
+                    ("--duration S", "paced: seconds measured (default 10)"),
+                    ("--warmup S", "paced: seconds sent at the rate before the measured ones, checked for loss but left out of latency and CPU (default 1; 0 for none)"),
                     ("--durability MODE", "in-process relay: fsync (default) or relaxed"),
                     ("--relay-pid PID", "with ADDRESS: also report that process's CPU per message (/proc)"),
                     ("--json", "print one JSON object as the last line of stdout"),
@@ -56,6 +58,7 @@ public static class BenchCommand
             DeliveryWindow = a.GetInt("delivery-window", 32, 1, ProtocolConstants.MaxDeliveryWindow),
             Rate = a.GetInt("rate", 5_000, 1, 10_000_000),
             Duration = TimeSpan.FromSeconds(a.GetInt("duration", 10, 1, 86_400)),
+            Warmup = TimeSpan.FromSeconds(a.GetInt("warmup", 1, 0, 3_600)),
             Socks = a.Get("socks") is { } socks ? ClientCommands.CheckSocks(socks) : null,
             Tls = !a.Switch("plain-tcp"),
             RelayPid = a.TryGet("relay-pid", out _) ? a.GetInt("relay-pid", 0, 1, int.MaxValue) : null,
@@ -143,9 +146,15 @@ public static class BenchCommand
     private static void Print(BenchResult r)
     {
         var c = CultureInfo.InvariantCulture;
-        Console.Out.WriteLine(string.Format(c, "{0}: {1:N0} messages in {2:0.00} s = {3:N0} msg/s", r.Scenario, r.Received, r.Seconds, r.MessagesPerSecond));
+        Console.Out.WriteLine(r.WarmupMessages > 0
+            ? string.Format(c, "{0}: {1:N0} messages, {2:N0} of them after the warm-up in {3:0.00} s = {4:N0} msg/s", r.Scenario, r.Received, r.MeasuredMessages, r.Seconds, r.MessagesPerSecond)
+            : string.Format(c, "{0}: {1:N0} messages in {2:0.00} s = {3:N0} msg/s", r.Scenario, r.Received, r.Seconds, r.MessagesPerSecond));
         Console.Out.WriteLine(string.Format(c, "latency send->receive: p50 {0:0.000} ms, p99 {1:0.000} ms, p99.9 {2:0.000} ms, max {3:0.000} ms", r.P50Ms, r.P99Ms, r.P999Ms, r.MaxMs));
         Console.Out.WriteLine(string.Format(c, "lost {0}, duplicated {1}, quota retries {2}, ACKs sent {3}", r.Lost, r.Duplicated, r.QuotaRetries, r.Acks));
+        if (r.WarmupMessages > 0)
+        {
+            Console.Out.WriteLine(string.Format(c, "warm-up: the first {0:N0} messages are in the counts above and not in latency, rate or CPU", r.WarmupMessages));
+        }
         Console.Out.WriteLine(string.Format(c, "CPU per message: {0:0.00} us in this process{1}{2}", r.ProcessCpuUsPerMessage,
             r.LocalRelay ? " (relay and load generator together)" : "",
             r.RelayCpuUsPerMessage is { } rc ? string.Format(c, "; relay process {0:0.00} us", rc) : ""));
@@ -170,6 +179,7 @@ public static class BenchCommand
             w.WriteNumber("duplicated", r.Duplicated);
             w.WriteNumber("quota_retries", r.QuotaRetries);
             w.WriteNumber("acks", r.Acks);
+            w.WriteNumber("warmup_messages", r.WarmupMessages);
             w.WriteNumber("process_cpu_us_per_message", Math.Round(r.ProcessCpuUsPerMessage, 2));
             if (r.RelayCpuUsPerMessage is { } rc) w.WriteNumber("relay_cpu_us_per_message", Math.Round(rc, 2));
             w.WriteBoolean("local_relay", r.LocalRelay);
