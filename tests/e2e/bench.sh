@@ -16,7 +16,8 @@ import json, sys
 path, expected, cond = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 lines = [l for l in open(path).read().splitlines() if l.strip()]
 d = json.loads(lines[-1])
-for key in ("messages_per_second", "p50_ms", "p99_ms", "p999_ms", "lost", "duplicated"):
+for key in ("messages_per_second", "p50_ms", "p99_ms", "p999_ms", "lost", "duplicated", "warmup_messages",
+            "generator_gc_collections", "generator_gc_pause_ms"):
     assert key in d, f"missing {key}: {d}"
 assert d["lost"] == 0 and d["duplicated"] == 0, d
 assert expected == 0 or d["messages"] == expected, d

@@ -46,6 +46,9 @@ public sealed record BenchResult
     public long WarmupMessages { get; init; }
     /// <summary>Messages received in the measured part of the run (after the warm-up): what rate and CPU are per.</summary>
     public long MeasuredMessages { get; init; }
+    /// <summary>Garbage collections of this process in the measured part (an in-process relay's included), and their total pause.</summary>
+    public int GeneratorCollections { get; init; }
+    public double GeneratorGcPauseMs { get; init; }
     public double Seconds { get; init; }
     public double MessagesPerSecond { get; init; }
     public double P50Ms { get; init; }

@@ -32,11 +32,15 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
     private long[] _latencyTicks = [];
     private int _warmup;   // paced: sequence numbers below this are the warm-up
 
-    /// <summary>Where the measured part of a run starts: time, CPU of both processes, messages received so far.</summary>
-    private readonly record struct Mark(long Timestamp, TimeSpan Cpu, TimeSpan? RelayCpu, long Received);
+    /// <summary>
+    /// Where the measured part of a run starts: time, CPU of both processes, messages received so far,
+    /// and this process's garbage collections (each pauses the messages it has in flight).
+    /// </summary>
+    private readonly record struct Mark(long Timestamp, TimeSpan Cpu, TimeSpan? RelayCpu, long Received, int Collections, TimeSpan GcPause);
 
     private Mark MarkNow() =>
-        new(Stopwatch.GetTimestamp(), Process.GetCurrentProcess().TotalProcessorTime, RelayCpu(), Interlocked.Read(ref _received));
+        new(Stopwatch.GetTimestamp(), Process.GetCurrentProcess().TotalProcessorTime, RelayCpu(), Interlocked.Read(ref _received),
+            GC.CollectionCount(0), GC.GetTotalPauseDuration());
 
     public async Task<BenchResult> RunAsync(CancellationToken cancellationToken)
     {
@@ -152,6 +156,8 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                 Acks = Interlocked.Read(ref _acks),
                 WarmupMessages = _warmup,
                 MeasuredMessages = measured,
+                GeneratorCollections = end.Collections - mark.Collections,
+                GeneratorGcPauseMs = (end.GcPause - mark.GcPause).TotalMilliseconds,
                 Seconds = seconds,
                 MessagesPerSecond = measured / seconds,
                 P50Ms = Percentile(0.50),

@@ -158,6 +158,7 @@ public static class BenchCommand
         Console.Out.WriteLine(string.Format(c, "CPU per message: {0:0.00} us in this process{1}{2}", r.ProcessCpuUsPerMessage,
             r.LocalRelay ? " (relay and load generator together)" : "",
             r.RelayCpuUsPerMessage is { } rc ? string.Format(c, "; relay process {0:0.00} us", rc) : ""));
+        Console.Out.WriteLine(string.Format(c, "garbage collections in this process: {0} ({1:0.0} ms of pauses)", r.GeneratorCollections, r.GeneratorGcPauseMs));
     }
 
     private static string ToJson(BenchResult r)
@@ -182,6 +183,8 @@ public static class BenchCommand
             w.WriteNumber("warmup_messages", r.WarmupMessages);
             w.WriteNumber("process_cpu_us_per_message", Math.Round(r.ProcessCpuUsPerMessage, 2));
             if (r.RelayCpuUsPerMessage is { } rc) w.WriteNumber("relay_cpu_us_per_message", Math.Round(rc, 2));
+            w.WriteNumber("generator_gc_collections", r.GeneratorCollections);
+            w.WriteNumber("generator_gc_pause_ms", Math.Round(r.GeneratorGcPauseMs, 1));
             w.WriteBoolean("local_relay", r.LocalRelay);
             w.WriteEndObject();
         }
