@@ -81,12 +81,40 @@ public sealed partial class RelayConnection
         return new RecipientQueue(recipientId, senderId, recipientPrivate, deliveryKey);
     }
 
-    private Task<Response> QueueCommandAsync(FrameType type, byte[] queueId, byte[]? privateKey, ReadOnlyMemory<byte> args1,
+    private ValueTask<Response> QueueCommandAsync(FrameType type, byte[] queueId, byte[]? privateKey, ReadOnlyMemory<byte> args1,
         ReadOnlyMemory<byte> args2, CancellationToken cancellationToken)
     {
         var authKey = privateKey is null ? null : AuthKeyFor(privateKey);
         return RequestAsync((type, queueId, authKey, args1, args2), static (w, corr, s) =>
             FrameWriter.WriteQueueCommand(w, s.type, corr, s.queueId, s.args1.Span, s.args2.Span, s.authKey), cancellationToken);
+    }
+
+    // SEND and ACK, once per message: their few bytes of args travel in the state and are laid out
+    // on the stack as the frame is written.
+
+    /// <summary>SEND: <c>senderId ‖ u8 flags ‖ body ‖ mac</c>.</summary>
+    private ValueTask<Response> SendCommandAsync(SenderQueue queue, byte flags, ReadOnlyMemory<byte> body, CancellationToken cancellationToken)
+    {
+        var authKey = queue.SenderPrivateKey is null ? null : AuthKeyFor(queue.SenderPrivateKey);
+        return RequestAsync((queue.SenderId, authKey, flags, body), static (w, corr, s) =>
+        {
+            Span<byte> flags = stackalloc byte[1];
+            flags[0] = s.flags;
+            FrameWriter.WriteQueueCommand(w, FrameType.Send, corr, s.SenderId, flags, s.body.Span, s.authKey);
+        }, cancellationToken);
+    }
+
+    /// <summary>ACK: <c>recipientId ‖ u64 messageId ‖ mac</c>, or <c>… ‖ u64 messageId ‖ u8 AckThrough ‖ mac</c>.</summary>
+    private ValueTask<Response> AckCommandAsync(RecipientQueue queue, ulong messageId, bool through, CancellationToken cancellationToken)
+    {
+        var authKey = AuthKeyFor(queue.RecipientPrivateKey);
+        return RequestAsync((queue.RecipientId, authKey, messageId, through), static (w, corr, s) =>
+        {
+            Span<byte> args = stackalloc byte[9];
+            BinaryPrimitives.WriteUInt64BigEndian(args, s.messageId);
+            args[8] = ProtocolConstants.AckThrough;
+            FrameWriter.WriteQueueCommand(w, FrameType.Ack, corr, s.RecipientId, args.Slice(0, s.through ? 9 : 8), default, s.authKey);
+        }, cancellationToken);
     }
 
     /// <summary>SKEY: secures the queue with the sender's key; from now on every SEND must carry its MAC.</summary>
@@ -106,7 +134,7 @@ public sealed partial class RelayConnection
             // every request on it.
             throw new RelayErrorException(ErrorCode.TooLarge, "SEND");
         }
-        var response = await QueueCommandAsync(FrameType.Send, queue.SenderId, queue.SenderPrivateKey, new byte[] { flags }, body, cancellationToken);
+        var response = await SendCommandAsync(queue, flags, body, cancellationToken);
         Expect(response, FrameType.Ok, "SEND");
     }
 
@@ -185,9 +213,7 @@ public sealed partial class RelayConnection
     /// <summary>ACK: deletes <paramref name="messageId"/>, which must be the queue's oldest message.</summary>
     public async Task AckAsync(RecipientQueue queue, ulong messageId, CancellationToken cancellationToken = default)
     {
-        var id = new byte[8];
-        BinaryPrimitives.WriteUInt64BigEndian(id, messageId);
-        var response = await QueueCommandAsync(FrameType.Ack, queue.RecipientId, queue.RecipientPrivateKey, id, default, cancellationToken);
+        var response = await AckCommandAsync(queue, messageId, through: false, cancellationToken);
         Expect(response, FrameType.Ok, "ACK");
     }
 
@@ -199,10 +225,7 @@ public sealed partial class RelayConnection
     /// </summary>
     public async Task AckThroughAsync(RecipientQueue queue, ulong messageId, CancellationToken cancellationToken = default)
     {
-        var args = new byte[9];
-        BinaryPrimitives.WriteUInt64BigEndian(args, messageId);
-        args[8] = ProtocolConstants.AckThrough;
-        var response = await QueueCommandAsync(FrameType.Ack, queue.RecipientId, queue.RecipientPrivateKey, args, default, cancellationToken);
+        var response = await AckCommandAsync(queue, messageId, through: true, cancellationToken);
         Expect(response, FrameType.Ok, "ACK");
     }
 

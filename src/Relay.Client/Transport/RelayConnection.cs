@@ -28,7 +28,8 @@ public sealed class RelayConnectionOptions
 /// <summary>
 /// One connection to one relay: TLS with fingerprint pinning, the handshake, pipelined requests
 /// matched by correlation id, and pushed events. The transport layer of the SDK.
-/// Split by facet: this file (connect, read, write), RelayConnection.Commands.cs (the commands).
+/// Split by facet: this file (connect, read, write), RelayConnection.Requests.cs (requests in flight),
+/// RelayConnection.Commands.cs (the commands).
 /// </summary>
 public sealed partial class RelayConnection : IAsyncDisposable
 {
@@ -36,7 +37,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
     private readonly Pipe _output = new(new PipeOptions(pauseWriterThreshold: 0, resumeWriterThreshold: 0, useSynchronizationContext: false));
     private readonly Lock _writeLock = new();
     private readonly Lock _pendingLock = new();
-    private readonly Dictionary<uint, TaskCompletionSource<Response>> _pending = new();
+    private readonly Dictionary<uint, PendingRequest> _pending = new();
     // Subscribed queues of this connection with their delivery ciphers, by recipient id.
     private readonly Dictionary<Id, (DeliveryCipher Cipher, RecipientQueue Queue)> _subscribed = new();
     private readonly Dictionary<Id, MacKey> _authKeys = new();
@@ -77,6 +78,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
         MaxMessage = maxMessage;
         SessionId = sessionId;
         _sessionKey = sessionKey;
+        _flush = new FlushWorkItem(this);
         _copyLoop = CopyOutputAsync();
         _readLoop = ReadLoopAsync(input);
     }
@@ -331,12 +333,13 @@ public sealed partial class RelayConnection : IAsyncDisposable
                 OnPush(frame);
                 return;
             }
-            TaskCompletionSource<Response>? pending;
+            PendingRequest? pending;
             lock (_pendingLock)
             {
+                // Not there: the caller's wait was cancelled, the answer is dropped.
                 _pending.Remove(corr, out pending);
             }
-            pending?.TrySetResult(new Response(frame.Type, frame.Payload.ToArray()));
+            pending?.SetResult(new Response(frame.Type, frame.Payload.ToArray()));
         }
         finally
         {
@@ -436,7 +439,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
     private void Fail(Exception failure)
     {
         _failure ??= failure;
-        List<TaskCompletionSource<Response>> pending;
+        List<PendingRequest> pending;
         lock (_pendingLock)
         {
             // From here on RequestAsync refuses new requests: none can slip in after the copy below.
@@ -454,12 +457,10 @@ public sealed partial class RelayConnection : IAsyncDisposable
         }
         // Closed before the failures: a caller that sees one sees the connection closed (RunAsync retries).
         try { _closed.Cancel(); } catch (AggregateException) { /* a caller's callback threw: the connection is closed anyway */ }
+        // (A request whose caller's wait was cancelled left _pending then: it is not among these.)
         foreach (var p in pending)
         {
-            p.TrySetException(_failure);
-            // A caller whose wait was cancelled (RequestAsync's WaitAsync) never looks at this task
-            // again: reading the exception marks it observed, so it is not reported as unobserved.
-            _ = p.Task.Exception;
+            p.SetException(_failure);
         }
         _events.Writer.TryComplete();
     }
@@ -540,14 +541,23 @@ public sealed partial class RelayConnection : IAsyncDisposable
     }
 
     private bool _flushScheduled;
-    private static readonly Action<RelayConnection> s_flush = static c => c.FlushScheduled();
+    private readonly FlushWorkItem _flush;
 
     // Requests written before the scheduled flush runs leave together: one TLS record, one syscall.
     private void ScheduleFlushLocked()
     {
         if (_flushScheduled) return;
         _flushScheduled = true;
-        ThreadPool.UnsafeQueueUserWorkItem(s_flush, this, preferLocal: true);
+        ThreadPool.UnsafeQueueUserWorkItem(_flush, preferLocal: true);
+    }
+
+    /// <summary>
+    /// The scheduled flush as a thread-pool work item, one per connection: queued as it is, with no
+    /// wrapper per flush. Nested, so Execute is not a member of the connection.
+    /// </summary>
+    private sealed class FlushWorkItem(RelayConnection connection) : IThreadPoolWorkItem
+    {
+        public void Execute() => connection.FlushScheduled();
     }
 
     private void FlushScheduled()
@@ -560,50 +570,6 @@ public sealed partial class RelayConnection : IAsyncDisposable
                 _ = _output.Writer.FlushAsync();
             }
         }
-    }
-
-    private uint NextCorrelation()
-    {
-        uint id;
-        do
-        {
-            id = Interlocked.Increment(ref _nextCorrelation);
-        }
-        while (id == 0);
-        return id;
-    }
-
-    /// <summary>
-    /// Sends one request written by <paramref name="write"/> and waits for its answer. Any number of
-    /// requests may be in flight at once; answers are matched by correlation id.
-    /// </summary>
-    public Task<Response> RequestAsync<TState>(TState state, Action<IBufferWriter<byte>, uint, TState> write, CancellationToken cancellationToken = default)
-    {
-        var tcs = new TaskCompletionSource<Response>(TaskCreationOptions.RunContinuationsAsynchronously);
-        uint corr = NextCorrelation();
-        lock (_pendingLock)
-        {
-            if (_failing)
-            {
-                return Task.FromException<Response>(_failure ?? new RelayConnectException("the connection is closed"));
-            }
-            _pending[corr] = tcs;
-        }
-        lock (_writeLock)
-        {
-            if (_disposed)
-            {
-                lock (_pendingLock) _pending.Remove(corr);
-                return Task.FromException<Response>(_failure ?? new RelayConnectException("the connection is closed"));
-            }
-            write(_output.Writer, corr, state);
-            ScheduleFlushLocked();
-        }
-        if (cancellationToken.CanBeCanceled)
-        {
-            return tcs.Task.WaitAsync(cancellationToken);
-        }
-        return tcs.Task;
     }
 
     /// <summary>Closes the connection: fails the requests in flight, closes the transport and disposes the queues' keys. Never throws.</summary>

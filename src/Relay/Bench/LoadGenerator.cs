@@ -129,6 +129,7 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
             long measured = end.Received - mark.Received;
             await Task.Delay(200, cancellationToken); // late duplicates
             stopConsumers.Cancel();
+            await Task.WhenAll(consumerTasks);   // each has looked at its last ACKs
             progress.WriteLine();
             if (Interlocked.Read(ref _failedAcks) is > 0 and var failedAcks)
             {
@@ -323,7 +324,7 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
         }
         finally
         {
-            acks.ObserveAll();
+            await acks.ObserveAllAsync();
         }
     }
 
@@ -351,11 +352,23 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
             _next = (_next + 1) % _recent.Length;
         }
 
-        public void ObserveAll()
+        /// <summary>At the end of the run, when the ACKs still waiting are cancelled: counts the failed ones before the report.</summary>
+        public async Task ObserveAllAsync()
         {
             foreach (var ack in _recent)
             {
-                if (ack is not null) owner.Observe(ack);
+                if (ack is null) continue;
+                try
+                {
+                    await ack;
+                }
+                catch (OperationCanceledException)
+                {
+                }
+                catch (Exception ex)
+                {
+                    owner.AckFailed(ex);
+                }
             }
             Array.Clear(_recent);
         }
