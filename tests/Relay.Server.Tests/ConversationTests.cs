@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Threading.Channels;
 using Relay.Client;
 using Relay.Client.Conversations;
@@ -66,12 +67,13 @@ public class ConversationTests
     }
 
     /// <summary>Alice invites Bob and Bob joins; Alice has not handled the JOIN yet (her first listener does).</summary>
-    private static async Task<(Messenger Alice, Messenger Bob, IProfileStore AliceStore, IProfileStore BobStore)> ConnectedPairAsync(TestRelay relay, IProfileStore? aliceProfile = null)
+    private static async Task<(Messenger Alice, Messenger Bob, IProfileStore AliceStore, IProfileStore BobStore)> ConnectedPairAsync(TestRelay relay,
+        IProfileStore? aliceProfile = null, RelayClientOptions? options = null)
     {
         var aliceStore = aliceProfile ?? new MemoryProfileStore();
         var bobStore = new MemoryProfileStore();
-        var alice = new Messenger(aliceStore, Fast);
-        var bob = new Messenger(bobStore, Fast);
+        var alice = new Messenger(aliceStore, options ?? Fast);
+        var bob = new Messenger(bobStore, options ?? Fast);
         var (link, name) = await alice.InviteAsync(relay.Address, "bob");
         await Assert.That(name).IsEqualTo("bob");
         await Assert.That(await bob.JoinAsync(link, name: "alice")).IsEqualTo("alice");
@@ -410,8 +412,11 @@ public class ConversationTests
     [Test]
     public async Task Downloaded_bytes_differ_from_uploaded_and_every_envelope_length_is_a_padding_size()
     {
-        await using var relay = await TestRelay.StartAsync();
-        var (alice, bob, aliceStore, _) = await ConnectedPairAsync(relay);
+        // Plain TCP, so the bytes recorded below are the frames themselves (under TLS they would be
+        // TLS records, which differ from anything trivially).
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        var plain = new RelayClientOptions { ReconnectMin = Fast.ReconnectMin, ReconnectMax = Fast.ReconnectMax, Tls = false };
+        var (alice, bob, aliceStore, _) = await ConnectedPairAsync(relay, options: plain);
         await using (alice)
         await using (bob)
         {
@@ -422,25 +427,90 @@ public class ConversationTests
             }
             var contact = aliceStore.Load().Find("bob")!;
             var queue = new RecipientQueue(contact.RecipientId, contact.ReceiveSenderId, contact.RecipientPrivate, contact.DeliveryKey);
-            await using var raw = await relay.ConnectAsync();
+            var wire = new RecordingStream(relay.Server.ConnectInProcess());
+            await using var raw = await RelayConnection.ConnectAsync(relay.Address, wire, new RelayConnectionOptions { Tls = false });
             await raw.SubscribeAsync(queue);
             using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+            var envelopes = new List<byte[]>();
             for (int i = 0; i < lengths.Length + 1; i++) // the JOIN, then every message
             {
                 var e = await raw.Events.ReadAsync(cts.Token);
                 var d = ((DeliveryEvent)e).Delivery;
                 await Assert.That(E2eCrypto.PaddedSizes.Contains(d.Body.Length)).IsTrue();
-                await Assert.That(d.WirePayload.Length).IsEqualTo(d.Body.Length + ProtocolConstants.MsgOverhead);
-                // The uploaded envelope appears nowhere in the downloaded bytes (not even 32 bytes of it).
-                for (int at = 0; at + 32 <= d.Body.Length; at += 32)
-                {
-                    await Assert.That(d.WirePayload.AsSpan().IndexOf(d.Body.AsSpan(at, 32)) < 0).IsTrue();
-                }
+                envelopes.Add(d.Body);
                 await raw.AckAsync(queue, d.MessageId);
+            }
+
+            // Every MSG frame that came down carries one envelope plus the delivery seal, and the
+            // uploaded envelope appears nowhere in the downloaded bytes (not even 32 bytes of it).
+            var downloaded = wire.Received();
+            var msgPayloads = RecordingStream.Frames(downloaded).Where(f => f.Type == FrameType.Msg).Select(f => f.PayloadLength).ToList();
+            await Assert.That(msgPayloads).IsEquivalentTo(envelopes.Select(b => b.Length + ProtocolConstants.MsgOverhead).ToList());
+            foreach (var envelope in envelopes)
+            {
+                for (int at = 0; at + 32 <= envelope.Length; at += 32)
+                {
+                    await Assert.That(downloaded.AsSpan().IndexOf(envelope.AsSpan(at, 32)) < 0).IsTrue();
+                }
             }
             var tooLong = await Assert.ThrowsAsync<ArgumentException>(() => bob.SendAsync("alice", new string('x', 17000)));
             await Assert.That(tooLong!.Message).Contains("too long");
         }
+    }
+
+    /// <summary>A transport that keeps a copy of every byte it reads (what the relay sent).</summary>
+    private sealed class RecordingStream(Stream inner) : Stream
+    {
+        private readonly MemoryStream _received = new();
+
+        public byte[] Received()
+        {
+            lock (_received) return _received.ToArray();
+        }
+
+        /// <summary>The frames in <paramref name="bytes"/>: type and payload length (docs/PROTOCOL.md §2).</summary>
+        public static List<(FrameType Type, int PayloadLength)> Frames(byte[] bytes)
+        {
+            var frames = new List<(FrameType, int)>();
+            var rest = new ReadOnlySequence<byte>(bytes);
+            while (FrameReader.TryRead(ref rest, int.MaxValue, out var frame))
+            {
+                var view = new FrameView(frame.ToArray());
+                frames.Add((view.Type, view.Payload.Length));
+            }
+            return frames;
+        }
+
+        public override async ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
+        {
+            int n = await inner.ReadAsync(buffer, cancellationToken);
+            lock (_received) _received.Write(buffer.Span.Slice(0, n));
+            return n;
+        }
+
+        public override int Read(byte[] buffer, int offset, int count) => ReadAsync(buffer.AsMemory(offset, count)).AsTask().GetAwaiter().GetResult();
+        public override Task<int> ReadAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) =>
+            ReadAsync(buffer.AsMemory(offset, count), cancellationToken).AsTask();
+        public override ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default) => inner.WriteAsync(buffer, cancellationToken);
+        public override Task WriteAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) => inner.WriteAsync(buffer, offset, count, cancellationToken);
+        public override void Write(byte[] buffer, int offset, int count) => inner.Write(buffer, offset, count);
+        public override Task FlushAsync(CancellationToken cancellationToken) => inner.FlushAsync(cancellationToken);
+        public override void Flush() => inner.Flush();
+        public override bool CanRead => true;
+        public override bool CanWrite => true;
+        public override bool CanSeek => false;
+        public override long Length => throw new NotSupportedException();
+        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
+        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
+        public override void SetLength(long value) => throw new NotSupportedException();
+
+        protected override void Dispose(bool disposing)
+        {
+            if (disposing) inner.Dispose();
+            base.Dispose(disposing);
+        }
+
+        public override ValueTask DisposeAsync() => inner.DisposeAsync();
     }
 
     [Test]

@@ -7,7 +7,7 @@ public sealed record RecipientQueue(byte[] RecipientId, byte[] SenderId, byte[] 
 public sealed record SenderQueue(byte[] SenderId, byte[]? SenderPrivateKey);
 
 /// <summary>A message pushed to a subscription or returned by GET, opened with the queue's delivery key.</summary>
-public sealed record Delivery(byte[] RecipientId, ulong MessageId, uint Hour, byte Flags, byte[] Body, byte[] WirePayload);
+public sealed record Delivery(byte[] RecipientId, ulong MessageId, uint Hour, byte Flags, byte[] Body);
 
 /// <summary>Something the relay pushed: a delivery, or the end of a subscription.</summary>
 public abstract record RelayEvent;

@@ -241,7 +241,7 @@ public sealed partial class RelayConnection
         {
             throw new RelayConnectException("a delivery failed authentication with the queue's delivery key");
         }
-        return new Delivery(queue.RecipientId, messageId, hour, flags, body, response.Payload);
+        return new Delivery(queue.RecipientId, messageId, hour, flags, body);
     }
 
     public async Task SuspendAsync(RecipientQueue queue, CancellationToken cancellationToken = default)

@@ -424,7 +424,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
             return false;
         }
         queue = subscribed.Queue;
-        delivery = new Delivery(queue.RecipientId, messageId, hour, flags, body, payload.ToArray());
+        delivery = new Delivery(queue.RecipientId, messageId, hour, flags, body);
         return true;
     }
 
