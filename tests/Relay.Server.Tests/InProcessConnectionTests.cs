@@ -157,28 +157,15 @@ public class InProcessConnectionTests
     private static void DropWithoutWaiting(RelayConnection connection) => _ = connection.DisposeAsync().AsTask();
 
     /// <summary>An in-process stream whose DisposeAsync closes it and then throws, as a wrapper that flushes to a peer that is gone.</summary>
-    private sealed class FailingCloseStream(Stream inner) : Stream
+    private sealed class FailingCloseStream(Stream inner) : PassThroughStream(inner)
     {
         public const string Failure = "the transport failed to close";
         private volatile bool _closed;
         public bool Closed => _closed;
-        public override bool CanRead => true;
-        public override bool CanWrite => true;
-        public override bool CanSeek => false;
-        public override long Length => throw new NotSupportedException();
-        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
-        public override int Read(byte[] buffer, int offset, int count) => inner.Read(buffer, offset, count);
-        public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default) => inner.ReadAsync(buffer, cancellationToken);
-        public override void Write(byte[] buffer, int offset, int count) => inner.Write(buffer, offset, count);
-        public override ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default) => inner.WriteAsync(buffer, cancellationToken);
-        public override void Flush() => inner.Flush();
-        public override Task FlushAsync(CancellationToken cancellationToken) => inner.FlushAsync(cancellationToken);
-        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-        public override void SetLength(long value) => throw new NotSupportedException();
 
         public override async ValueTask DisposeAsync()
         {
-            await inner.DisposeAsync();
+            await Inner.DisposeAsync();
             _closed = true;
             throw new IOException(Failure);
         }

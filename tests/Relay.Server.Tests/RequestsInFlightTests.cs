@@ -183,7 +183,7 @@ public class RequestsInFlightTests
     /// An in-process transport whose incoming bytes can be held back (the relay's answers wait here
     /// until released) or broken (the read under way throws, as a lost connection).
     /// </summary>
-    private sealed class HoldingStream(Stream inner) : Stream
+    private sealed class HoldingStream(Stream inner) : PassThroughStream(inner)
     {
         public const string Broken = "the transport broke";
         private readonly Lock _lock = new();
@@ -215,7 +215,7 @@ public class RequestsInFlightTests
 
         public override async ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
         {
-            var read = inner.ReadAsync(buffer, cancellationToken).AsTask();
+            var read = Inner.ReadAsync(buffer, cancellationToken).AsTask();
             // A read given up when the transport breaks still ends (when the stream is closed): observed.
             _ = read.ContinueWith(static t => _ = t.Exception, TaskContinuationOptions.OnlyOnFaulted);
             await Task.WhenAny(read, _broken.Task);
@@ -231,25 +231,6 @@ public class RequestsInFlightTests
         private void ThrowIfBroken()
         {
             if (_broken.Task.IsCompleted) throw new IOException(Broken);
-        }
-
-        public override int Read(byte[] buffer, int offset, int count) => ReadAsync(buffer.AsMemory(offset, count)).AsTask().GetAwaiter().GetResult();
-        public override ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default) => inner.WriteAsync(buffer, cancellationToken);
-        public override void Write(byte[] buffer, int offset, int count) => inner.Write(buffer, offset, count);
-        public override Task FlushAsync(CancellationToken cancellationToken) => inner.FlushAsync(cancellationToken);
-        public override void Flush() => inner.Flush();
-        public override bool CanRead => true;
-        public override bool CanWrite => true;
-        public override bool CanSeek => false;
-        public override long Length => throw new NotSupportedException();
-        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
-        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-        public override void SetLength(long value) => throw new NotSupportedException();
-
-        protected override void Dispose(bool disposing)
-        {
-            if (disposing) inner.Dispose();
-            base.Dispose(disposing);
         }
     }
 }
