@@ -48,6 +48,9 @@ internal static partial class Log
     [LoggerMessage(16, LogLevel.Warning, "Accepting a connection failed: {Reason}")]
     public static partial void AcceptFailed(ILogger logger, string reason);
 
+    [LoggerMessage(17, LogLevel.Error, "Answering a {Command} once its store write was done failed unexpectedly: {Error}; the request may stay unanswered")]
+    public static partial void CompletionFailed(ILogger logger, string command, string error);
+
     [LoggerMessage(20, LogLevel.Error, "Store operation {Command} failed: {Error}")]
     public static partial void StoreFailed(ILogger logger, string command, string error);
 

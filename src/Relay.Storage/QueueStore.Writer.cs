@@ -356,6 +356,8 @@ public sealed partial class QueueStore
         }
     }
 
+    private const int MaxPooledCompletionOps = 4096;
+
     private CompletionBatch RentCompletionBatch(int capacity)
     {
         if (!_completionPool.TryDequeue(out CompletionBatch? work))
@@ -364,7 +366,8 @@ public sealed partial class QueueStore
         }
         if (work.Ops.Length < capacity)
         {
-            work.Ops = new WriteOp[Math.Max(capacity, 2 * work.Ops.Length)];
+            // Doubling stops at the largest array kept in the pool; a bigger batch gets its own.
+            work.Ops = new WriteOp[Math.Max(capacity, Math.Min(2 * work.Ops.Length, MaxPooledCompletionOps))];
         }
         return work;
     }
@@ -386,7 +389,7 @@ public sealed partial class QueueStore
             }
             Array.Clear(Ops, 0, Count);
             Count = 0;
-            if (Ops.Length <= 4096)
+            if (Ops.Length <= MaxPooledCompletionOps)
             {
                 store._completionPool.Enqueue(this);
             }

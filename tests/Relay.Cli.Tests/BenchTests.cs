@@ -87,6 +87,32 @@ public class BenchTests
         await Assert.That(started.Elapsed).IsLessThan(TimeSpan.FromSeconds(10));
     }
 
+    [Test]
+    public async Task A_cancelled_paced_run_ends_at_once_although_its_senders_wait_for_messages_due_much_later()
+    {
+        using var files = new SettingsFiles();
+        await using var relay = await StartRelayAsync(files);
+        // At 10 messages/s the last of 256 senders waits 25.6 s for its first message: the run must
+        // not wait for them once cancelled.
+        using var cancel = new CancellationTokenSource(TimeSpan.FromSeconds(1.5));
+        var started = System.Diagnostics.Stopwatch.StartNew();
+        var run = new LoadGenerator(relay.Address, new BenchOptions
+        {
+            Scenario = BenchScenario.Paced,
+            Rate = 10,
+            Duration = TimeSpan.FromSeconds(60),
+            Warmup = TimeSpan.Zero,
+            Queues = 2,
+            Producers = 1,
+            Consumers = 1,
+            Window = 256,
+            Tls = false,
+        }, TextWriter.Null).RunAsync(cancel.Token);
+
+        await Assert.ThrowsAsync<OperationCanceledException>(() => run);
+        await Assert.That(started.Elapsed).IsLessThan(TimeSpan.FromSeconds(10));
+    }
+
     /// <summary>An in-process relay without TLS on ephemeral ports (test projects run in parallel).</summary>
     private static Task<RelayServer> StartRelayAsync(SettingsFiles files, int? queueMaxMessages = null)
     {

@@ -6,7 +6,9 @@
 #   floor+fs latency_floor.c whose forwarder fdatasyncs every wake-up's records before forwarding
 #   relaxed  the relay without fsync (`--durability relaxed`), `relay bench --scenario paced`
 #   relay    the relay as issue 6 measures it (fsync before OK and before delivery)
-# all at RATE messages/s for SECONDS, the data on DIR's file system.
+# all at RATE messages/s for SECONDS, the data on DIR's file system. The relay rows are `relay bench`
+# with its defaults: a relay binary whose bench has a warm-up (--warmup, 1 s) leaves it out of the
+# figures; the C floor has none.
 #
 #   paced_floor.sh N RELAY_BINARY [RATE] [SECONDS] [DIR]
 #   bash bench/Relay.Benchmarks/scripts/paced_floor.sh 3 /tmp/rel/relay 5000 8 /var/tmp

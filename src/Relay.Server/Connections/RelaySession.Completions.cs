@@ -10,7 +10,8 @@ internal sealed partial class RelaySession
     /// request waits for a commit, so an async method per request would allocate its state machine
     /// each time; these continuations are pooled instead. Each one is registered on the store's
     /// pooled operation, copies its request out and returns to the pool before it answers, and never
-    /// throws: it runs inside the loop that completes a whole batch.
+    /// throws: it usually runs inside the loop that completes a whole batch (on the read loop when
+    /// the store answered at once, e.g. QUOTA).
     /// </summary>
     private sealed class StoreCompletion
     {
@@ -94,9 +95,9 @@ internal sealed partial class RelaySession
             }
             catch (Exception ex)
             {
-                // Not expected (the store's failures are answered inside); an exception here must not
-                // stop the completions of the rest of the batch, which belong to other connections.
-                Log.ConnectionFailed(session._logger, ex.GetType().Name);
+                // A bug, not the store's failures (those are answered inside): logged, and kept from
+                // the completions of the rest of the batch, which belong to other connections.
+                Log.CompletionFailed(session._logger, isAck ? "ACK" : "SEND", ex.GetType().Name);
             }
         }
     }

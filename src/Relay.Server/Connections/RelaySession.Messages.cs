@@ -56,7 +56,8 @@ internal sealed partial class RelaySession
 
     /// <summary>
     /// A SEND's write is durable or failed: answers it, then pushes the message to a subscriber
-    /// waiting for it. Runs on the thread that completed the write (<see cref="StoreCompletion"/>).
+    /// waiting for it. Called by <see cref="StoreCompletion"/>: on the thread that completed the
+    /// commit, or on the read loop when the store answered at once.
     /// </summary>
     private void CompleteSend(uint corr, QueueHandle queue, ValueTask<AppendResult> append, int length, long arrived)
     {

@@ -44,9 +44,9 @@ public sealed record BenchResult
     public long Acks { get; init; }
     /// <summary>Paced: messages of the warm-up, counted in Sent and Received and checked, left out of latency, rate and CPU.</summary>
     public long WarmupMessages { get; init; }
-    /// <summary>Messages received in the measured part of the run (after the warm-up): what rate and CPU are per.</summary>
+    /// <summary>Messages received but the warm-up's: what latency, rate and CPU are over.</summary>
     public long MeasuredMessages { get; init; }
-    /// <summary>Garbage collections of this process in the measured part (an in-process relay's included), and their total pause.</summary>
+    /// <summary>Garbage collections of this process (any generation) in the measured part, an in-process relay's included, and their total pause.</summary>
     public int GeneratorCollections { get; init; }
     public double GeneratorGcPauseMs { get; init; }
     public double Seconds { get; init; }

@@ -33,14 +33,13 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
     private int _warmup;   // paced: sequence numbers below this are the warm-up
 
     /// <summary>
-    /// Where the measured part of a run starts: time, CPU of both processes, messages received so far,
-    /// and this process's garbage collections (each pauses the messages it has in flight).
+    /// Where the measured part of a run starts: time, CPU of both processes, and this process's
+    /// garbage collections of any generation (each pauses the messages it has in flight).
     /// </summary>
-    private readonly record struct Mark(long Timestamp, TimeSpan Cpu, TimeSpan? RelayCpu, long Received, int Collections, TimeSpan GcPause);
+    private readonly record struct Mark(long Timestamp, TimeSpan Cpu, TimeSpan? RelayCpu, int Collections, TimeSpan GcPause);
 
     private Mark MarkNow() =>
-        new(Stopwatch.GetTimestamp(), Process.GetCurrentProcess().TotalProcessorTime, RelayCpu(), Interlocked.Read(ref _received),
-            GC.CollectionCount(0), GC.GetTotalPauseDuration());
+        new(Stopwatch.GetTimestamp(), Process.GetCurrentProcess().TotalProcessorTime, RelayCpu(), GC.CollectionCount(0), GC.GetTotalPauseDuration());
 
     public async Task<BenchResult> RunAsync(CancellationToken cancellationToken)
     {
@@ -90,7 +89,7 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                 null, 1000, 1000);
 
             long produceStart = Stopwatch.GetTimestamp();
-            // Paced: the measured part starts when the warm-up's last message is due.
+            // Paced: the measured part starts when the first message after the warm-up is due.
             var warmupEnd = _warmup > 0 ? MarkAtAsync(produceStart + (long)(_warmup * (double)Stopwatch.Frequency / options.Rate), cancellationToken) : null;
             await ProduceAsync(producers, queues, total, produceStart, cancellationToken);
             double produceSeconds = Stopwatch.GetElapsedTime(produceStart).TotalSeconds;
@@ -123,10 +122,10 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
             }
             var end = MarkNow();
             if (warmupEnd is not null) mark = await warmupEnd;
-            double seconds = Stopwatch.GetElapsedTime(mark.Timestamp, end.Timestamp).TotalSeconds;
+            // (At least a millisecond: a one-message measured part may end as it starts.)
+            double seconds = Math.Max(0.001, Stopwatch.GetElapsedTime(mark.Timestamp, end.Timestamp).TotalSeconds);
             var cpu = end.Cpu - mark.Cpu;
             var relayCpu = end.RelayCpu - mark.RelayCpu;
-            long measured = end.Received - mark.Received;
             await Task.Delay(200, cancellationToken); // late duplicates
             stopConsumers.Cancel();
             await Task.WhenAll(consumerTasks);   // each has looked at its last ACKs
@@ -143,6 +142,8 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
             {
                 if (_seen[i] > 0) latencies.Add(_latencyTicks[i]);
             }
+            // The measured messages: every one received but the warm-up's (all of them in live and drain).
+            long measured = latencies.Count;
             latencies.Sort();
             double Percentile(double p) => latencies.Count == 0 ? 0
                 : latencies[Math.Min(latencies.Count - 1, (int)Math.Ceiling(p * latencies.Count) - 1)] * 1000.0 / Stopwatch.Frequency;
@@ -238,7 +239,7 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                         {
                             long due = paceStart + (long)(seq * perMessageTicks);
                             long wait = due - Stopwatch.GetTimestamp();
-                            if (wait > 0) await pace!.WaitAsync(Stopwatch.GetElapsedTime(0, wait));
+                            if (wait > 0) await pace!.WaitAsync(Stopwatch.GetElapsedTime(0, wait), cancellationToken);
                         }
                         var queue = own[k % own.Length];
                         BinaryPrimitives.WriteInt32BigEndian(body, seq);
@@ -343,11 +344,16 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
     private sealed class AckTracker(LoadGenerator owner)
     {
         private readonly Task?[] _recent = new Task?[256];
+        private readonly List<Task> _late = [];   // left the ring unanswered (rare): looked at in the end
         private int _next;
 
         public void Add(Task ack)
         {
-            if (_recent[_next] is { } old) owner.Observe(old);
+            if (_recent[_next] is { } old)
+            {
+                if (!old.IsCompleted) _late.Add(old);
+                else if (old.IsFaulted) owner.AckFailed(old.Exception!.InnerException!);
+            }
             _recent[_next] = ack;
             _next = (_next + 1) % _recent.Length;
         }
@@ -355,7 +361,7 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
         /// <summary>At the end of the run, when the ACKs still waiting are cancelled: counts the failed ones before the report.</summary>
         public async Task ObserveAllAsync()
         {
-            foreach (var ack in _recent)
+            foreach (var ack in _recent.Concat(_late))
             {
                 if (ack is null) continue;
                 try
@@ -371,18 +377,8 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                 }
             }
             Array.Clear(_recent);
+            _late.Clear();
         }
-    }
-
-    private void Observe(Task ack)
-    {
-        if (ack.IsCompleted)
-        {
-            if (ack.IsFaulted) AckFailed(ack.Exception!.InnerException!);
-            return;
-        }
-        _ = ack.ContinueWith(static (t, state) => ((LoadGenerator)state!).AckFailed(t.Exception!.InnerException!), this,
-            CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted | TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
     }
 
     private void AckFailed(Exception failure)
@@ -410,26 +406,52 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
     }
 
     /// <summary>
-    /// The pacer's wait: Task.Delay's timing (whole milliseconds; under one, no wait) on one timer per
-    /// sending task, re-armed for each message instead of a new timer and task per message.
+    /// The pacer's wait: Task.Delay's timing (whole milliseconds; under one, no wait) and cancellation,
+    /// on one timer per sending task, re-armed for each message instead of a new timer and task per
+    /// message. One wait at a time; the timer and the token race to complete it, the first one wins.
     /// </summary>
     private sealed class PaceTimer : IValueTaskSource, IDisposable
     {
+        private static readonly Action<object?, CancellationToken> s_cancel = static (state, token) =>
+        {
+            var pace = (PaceTimer)state!;
+            if (Interlocked.Exchange(ref pace._waiting, 0) == 1)
+            {
+                pace._timer.Change(Timeout.Infinite, Timeout.Infinite);
+                pace._core.SetException(new OperationCanceledException(token));
+            }
+        };
+
         private ManualResetValueTaskSourceCore<bool> _core;
         private readonly Timer _timer;
+        private CancellationTokenRegistration _cancellation;
+        private int _waiting;
 
-        public PaceTimer() => _timer = new Timer(static state => ((PaceTimer)state!)._core.SetResult(true), this, Timeout.Infinite, Timeout.Infinite);
-
-        public ValueTask WaitAsync(TimeSpan delay)
+        public PaceTimer() => _timer = new Timer(static state =>
         {
+            var pace = (PaceTimer)state!;
+            if (Interlocked.Exchange(ref pace._waiting, 0) == 1) pace._core.SetResult(true);
+        }, this, Timeout.Infinite, Timeout.Infinite);
+
+        public ValueTask WaitAsync(TimeSpan delay, CancellationToken cancellationToken)
+        {
+            if (cancellationToken.IsCancellationRequested) return ValueTask.FromCanceled(cancellationToken);
             long milliseconds = (long)delay.TotalMilliseconds;
             if (milliseconds <= 0) return ValueTask.CompletedTask;
             _core.Reset();
+            Volatile.Write(ref _waiting, 1);
             _timer.Change(milliseconds, Timeout.Infinite);
+            if (cancellationToken.CanBeCanceled) _cancellation = cancellationToken.UnsafeRegister(s_cancel, this);
             return new ValueTask(this, _core.Version);
         }
 
-        public void GetResult(short token) => _core.GetResult(token);
+        public void GetResult(short token)
+        {
+            // Disposed first (it waits for a cancellation callback still running): none reaches the next wait.
+            _cancellation.Dispose();
+            _cancellation = default;
+            _core.GetResult(token);
+        }
 
         public ValueTaskSourceStatus GetStatus(short token) => _core.GetStatus(token);
 

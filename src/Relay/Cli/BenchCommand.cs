@@ -147,7 +147,7 @@ public static class BenchCommand
     {
         var c = CultureInfo.InvariantCulture;
         Console.Out.WriteLine(r.WarmupMessages > 0
-            ? string.Format(c, "{0}: {1:N0} messages, {2:N0} of them after the warm-up in {3:0.00} s = {4:N0} msg/s", r.Scenario, r.Received, r.MeasuredMessages, r.Seconds, r.MessagesPerSecond)
+            ? string.Format(c, "{0}: {1:N0} messages, {2:N0} of them after the warm-up, in {3:0.00} s = {4:N0} msg/s", r.Scenario, r.Received, r.MeasuredMessages, r.Seconds, r.MessagesPerSecond)
             : string.Format(c, "{0}: {1:N0} messages in {2:0.00} s = {3:N0} msg/s", r.Scenario, r.Received, r.Seconds, r.MessagesPerSecond));
         Console.Out.WriteLine(string.Format(c, "latency send->receive: p50 {0:0.000} ms, p99 {1:0.000} ms, p99.9 {2:0.000} ms, max {3:0.000} ms", r.P50Ms, r.P99Ms, r.P999Ms, r.MaxMs));
         Console.Out.WriteLine(string.Format(c, "lost {0}, duplicated {1}, quota retries {2}, ACKs sent {3}", r.Lost, r.Duplicated, r.QuotaRetries, r.Acks));
@@ -181,6 +181,7 @@ public static class BenchCommand
             w.WriteNumber("quota_retries", r.QuotaRetries);
             w.WriteNumber("acks", r.Acks);
             w.WriteNumber("warmup_messages", r.WarmupMessages);
+            w.WriteNumber("measured_messages", r.MeasuredMessages);
             w.WriteNumber("process_cpu_us_per_message", Math.Round(r.ProcessCpuUsPerMessage, 2));
             if (r.RelayCpuUsPerMessage is { } rc) w.WriteNumber("relay_cpu_us_per_message", Math.Round(rc, 2));
             w.WriteNumber("generator_gc_collections", r.GeneratorCollections);
