@@ -9,21 +9,29 @@ using Relay.Server.Hosting;
 namespace Relay.Benchmarks;
 
 /// <summary>
-/// <c>allocations [tls] [MESSAGES]</c>: which types the message path allocates. A relay in this
+/// <c>allocations [tls] [MESSAGES] [--budget BYTES]</c>: which types the message path allocates. A relay in this
 /// process (relaxed durability, data in the temp directory) and two SDK connections over loopback
 /// pass MESSAGES messages (default 20,000) one at a time: SEND, the pushed MSG, ACK (not awaited,
 /// as a consumer that goes on reading). Prints the bytes allocated per message by the whole
 /// process (relay and SDK together, as BenchmarkDotNet's round trip counts them) and the types the
 /// runtime's allocation sampling event (one sample per ~100 KB) attributes them to. Sampling counts
 /// the type of the object that crossed each 100 KB mark, so large objects are over-represented:
-/// a diagnostic of where bytes go, not a figure.
+/// a diagnostic of where bytes go, not a figure. With <c>--budget</c> it exits 1 when the bytes per
+/// message exceed BYTES: CI holds the message path to an allocation budget, as Garnet's benchmarks do.
 /// </summary>
 internal static class Allocations
 {
     public static async Task<int> RunAsync(string[] args)
     {
-        bool tls = args.Contains("tls");
-        int messages = args.FirstOrDefault(a => char.IsAsciiDigit(a[0])) is { } n ? int.Parse(n, CultureInfo.InvariantCulture) : 20_000;
+        bool tls = false;
+        int messages = 20_000;
+        double? budget = null;
+        for (int i = 0; i < args.Length; i++)
+        {
+            if (args[i] == "tls") tls = true;
+            else if (args[i] == "--budget" && i + 1 < args.Length) budget = double.Parse(args[++i], CultureInfo.InvariantCulture);
+            else messages = int.Parse(args[i], CultureInfo.InvariantCulture);
+        }
         var directory = Path.Combine(Path.GetTempPath(), "relay-bench-alloc-" + Guid.NewGuid().ToString("N"));
         var server = await RelayServer.StartAsync(new RelayServerOptions
         {
@@ -71,11 +79,18 @@ internal static class Allocations
             await PassAsync(messages);
             await Task.Delay(100);
             long after = GC.GetTotalAllocatedBytes(precise: true);
+            double perMessage = (after - before) / (double)messages;
             Console.WriteLine(string.Format(CultureInfo.InvariantCulture, "{0}: {1:0} bytes allocated per message (relay and SDK, whole process)",
-                tls ? "TLS" : "plain TCP", (after - before) / (double)messages));
+                tls ? "TLS" : "plain TCP", perMessage));
             foreach (var (type, bytes) in sampler.ByType().Take(20))
             {
                 Console.WriteLine(string.Format(CultureInfo.InvariantCulture, "{0,6:0.0}%  {1}", 100.0 * bytes / sampler.Total, type));
+            }
+            if (budget is { } limit)
+            {
+                bool within = perMessage <= limit;
+                Console.WriteLine(string.Format(CultureInfo.InvariantCulture, "allocation budget {0:0} bytes per message: {1}", limit, within ? "within" : "EXCEEDED"));
+                return within ? 0 : 1;
             }
             return 0;
         }
