@@ -1,10 +1,6 @@
 using System.Diagnostics.Tracing;
 using System.Globalization;
-using System.Net;
 using Relay.Client.Transport;
-using Relay.Protocol;
-using Relay.Server;
-using Relay.Server.Hosting;
 
 namespace Relay.Benchmarks;
 
@@ -32,73 +28,50 @@ internal static class Allocations
             else if (args[i] == "--budget" && i + 1 < args.Length) budget = double.Parse(args[++i], CultureInfo.InvariantCulture);
             else messages = int.Parse(args[i], CultureInfo.InvariantCulture);
         }
-        var directory = Path.Combine(Path.GetTempPath(), "relay-bench-alloc-" + Guid.NewGuid().ToString("N"));
-        var server = await RelayServer.StartAsync(new RelayServerOptions
-        {
-            DataDirectory = directory,
-            Listen = new IPEndPoint(IPAddress.Loopback, 0),
-            Admin = null,
-            Tls = tls,
-            Durable = false,
-        }, configureLogging: _ => { });
-        try
-        {
-            var options = new RelayConnectionOptions { Tls = tls };
-            await using var producer = await RelayConnection.ConnectAsync(server.Address, options);
-            await using var consumer = await RelayConnection.ConnectAsync(server.Address, options);
-            var recipient = await consumer.CreateQueueAsync();
-            var senderKey = new byte[ProtocolConstants.KeySize];
-            RelayCrypto.GenerateKeyPair(senderKey, new byte[ProtocolConstants.KeySize]);
-            await producer.SecureAsync(recipient.SenderId, senderKey);
-            var sender = new SenderQueue(recipient.SenderId, senderKey);
-            await consumer.SubscribeAsync(recipient, 32);
-            var body = Fixtures.Random(Fixtures.BodySize);
-            // A cancellable token, as an app (and relay bench) passes one.
-            using var cts = new CancellationTokenSource();
+        await using var relay = await OneQueueRelay.StartAsync(tls, durable: false,
+            (server, options) => RelayConnection.ConnectAsync(server.Address, options), deliveryWindow: 32);
+        var (producer, consumer, recipient, sender) = (relay.Producer, relay.Consumer, relay.Recipient, relay.Sender);
+        var body = Fixtures.Random(Fixtures.BodySize);
+        // A cancellable token, as an app (and relay bench) passes one.
+        using var cts = new CancellationTokenSource();
 
-            async Task PassAsync(int count)
+        async Task PassAsync(int count)
+        {
+            for (int i = 0; i < count; i++)
             {
-                for (int i = 0; i < count; i++)
+                await producer.SendAsync(sender, body, 0, cts.Token);
+                while (true)
                 {
-                    await producer.SendAsync(sender, body, 0, cts.Token);
-                    while (true)
+                    if (await consumer.Events.ReadAsync(cts.Token) is DeliveryEvent { Delivery: var d })
                     {
-                        if (await consumer.Events.ReadAsync(cts.Token) is DeliveryEvent { Delivery: var d })
-                        {
-                            _ = consumer.AckAsync(recipient, d.MessageId, cts.Token);
-                            break;
-                        }
+                        _ = consumer.AckAsync(recipient, d.MessageId, cts.Token);
+                        break;
                     }
                 }
             }
+        }
 
-            await PassAsync(2_000);   // warm: pools filled, connections' buffers grown
-            await Task.Delay(200);
-            using var sampler = new AllocationSampler();
-            long before = GC.GetTotalAllocatedBytes(precise: true);
-            await PassAsync(messages);
-            await Task.Delay(100);
-            long after = GC.GetTotalAllocatedBytes(precise: true);
-            double perMessage = (after - before) / (double)messages;
-            Console.WriteLine(string.Format(CultureInfo.InvariantCulture, "{0}: {1:0} bytes allocated per message (relay and SDK, whole process)",
-                tls ? "TLS" : "plain TCP", perMessage));
-            foreach (var (type, bytes) in sampler.ByType().Take(20))
-            {
-                Console.WriteLine(string.Format(CultureInfo.InvariantCulture, "{0,6:0.0}%  {1}", 100.0 * bytes / sampler.Total, type));
-            }
-            if (budget is { } limit)
-            {
-                bool within = perMessage <= limit;
-                Console.WriteLine(string.Format(CultureInfo.InvariantCulture, "allocation budget {0:0} bytes per message: {1}", limit, within ? "within" : "EXCEEDED"));
-                return within ? 0 : 1;
-            }
-            return 0;
-        }
-        finally
+        await PassAsync(2_000);   // warm: pools filled, connections' buffers grown
+        await Task.Delay(200);
+        using var sampler = new AllocationSampler();
+        long before = GC.GetTotalAllocatedBytes(precise: true);
+        await PassAsync(messages);
+        await Task.Delay(100);
+        long after = GC.GetTotalAllocatedBytes(precise: true);
+        double perMessage = (after - before) / (double)messages;
+        Console.WriteLine(string.Format(CultureInfo.InvariantCulture, "{0}: {1:0} bytes allocated per message (relay and SDK, whole process)",
+            tls ? "TLS" : "plain TCP", perMessage));
+        foreach (var (type, bytes) in sampler.ByType().Take(20))
         {
-            await server.StopAsync();
-            Directory.Delete(directory, recursive: true);
+            Console.WriteLine(string.Format(CultureInfo.InvariantCulture, "{0,6:0.0}%  {1}", 100.0 * bytes / sampler.Total, type));
         }
+        if (budget is { } limit)
+        {
+            bool within = perMessage <= limit;
+            Console.WriteLine(string.Format(CultureInfo.InvariantCulture, "allocation budget {0:0} bytes per message: {1}", limit, within ? "within" : "EXCEEDED"));
+            return within ? 0 : 1;
+        }
+        return 0;
     }
 
     /// <summary>The runtime's GCAllocationTick events, summed by type (byte arrays by size).</summary>

@@ -1,8 +1,5 @@
-using System.Net;
 using BenchmarkDotNet.Attributes;
 using Relay.Client.Transport;
-using Relay.Protocol;
-using Relay.Server;
 using Relay.Server.Hosting;
 
 namespace Relay.Benchmarks;
@@ -16,12 +13,7 @@ namespace Relay.Benchmarks;
 /// </summary>
 public abstract class RoundTripBenchmarks
 {
-    private string _directory = "";
-    private RelayServer _server = null!;
-    private RelayConnection _producer = null!;
-    private RelayConnection _consumer = null!;
-    private RecipientQueue _recipient = null!;
-    private SenderQueue _sender = null!;
+    private OneQueueRelay _relay = null!;
     private byte[] _body = [];
 
     [Params(false, true)]
@@ -32,50 +24,25 @@ public abstract class RoundTripBenchmarks
     protected abstract Task<RelayConnection> ConnectAsync(RelayServer server, RelayConnectionOptions options);
 
     [GlobalSetup]
-    public void Setup() => SetupAsync().GetAwaiter().GetResult();
-
-    private async Task SetupAsync()
+    public void Setup()
     {
-        _directory = Path.Combine(Path.GetTempPath(), "relay-bench-rt-" + Guid.NewGuid().ToString("N"));
-        _server = await RelayServer.StartAsync(new RelayServerOptions
-        {
-            DataDirectory = _directory,
-            Listen = new IPEndPoint(IPAddress.Loopback, 0),
-            Admin = null,
-            Tls = UseTls,
-            Durable = Durable,
-        }, configureLogging: _ => { });
-        var options = new RelayConnectionOptions { Tls = UseTls };
-        _producer = await ConnectAsync(_server, options);
-        _consumer = await ConnectAsync(_server, options);
-        _recipient = await _consumer.CreateQueueAsync();
-        var senderKey = new byte[ProtocolConstants.KeySize];
-        RelayCrypto.GenerateKeyPair(senderKey, new byte[ProtocolConstants.KeySize]);
-        await _producer.SecureAsync(_recipient.SenderId, senderKey);
-        _sender = new SenderQueue(_recipient.SenderId, senderKey);
-        await _consumer.SubscribeAsync(_recipient);
+        _relay = OneQueueRelay.StartAsync(UseTls, Durable, ConnectAsync).GetAwaiter().GetResult();
         _body = Fixtures.Random(Fixtures.BodySize);
     }
 
     [GlobalCleanup]
-    public void Cleanup()
-    {
-        _producer.DisposeAsync().AsTask().GetAwaiter().GetResult();
-        _consumer.DisposeAsync().AsTask().GetAwaiter().GetResult();
-        _server.StopAsync().GetAwaiter().GetResult();
-        Directory.Delete(_directory, recursive: true);
-    }
+    public void Cleanup() => _relay.DisposeAsync().AsTask().GetAwaiter().GetResult();
 
     [Benchmark]
     public async Task<ulong> Send_Ok_Msg_Ack_Ok()
     {
-        await _producer.SendAsync(_sender, _body);
+        await _relay.Producer.SendAsync(_relay.Sender, _body);
         while (true)
         {
-            var e = await _consumer.Events.ReadAsync();
+            var e = await _relay.Consumer.Events.ReadAsync();
             if (e is DeliveryEvent { Delivery: var d })
             {
-                await _consumer.AckAsync(_recipient, d.MessageId);
+                await _relay.Consumer.AckAsync(_relay.Recipient, d.MessageId);
                 return d.MessageId;
             }
         }
