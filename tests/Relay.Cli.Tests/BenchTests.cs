@@ -31,18 +31,9 @@ public class BenchTests
             // subscription from the oldest message (PROTOCOL.md §6 ACK), so the drain goes on: the
             // messages those ACKs covered come again (duplicates), none is lost.
             var progress = new ProgressWriter(() => FailFirstWrite(relay.Store));
-            var result = await new LoadGenerator(relay.Address, new BenchOptions
-            {
-                Scenario = BenchScenario.Drain,
-                Queues = 2,
-                Producers = 1,
-                Consumers = 1,
-                Messages = 200,
-                Size = 64,
-                Window = 16,
-                DeliveryWindow = 8,
-                Tls = false,
-            }, progress).RunAsync(CancellationToken.None);
+            var options = Small(BenchScenario.Drain);
+            options.DeliveryWindow = 8;
+            var result = await new LoadGenerator(relay.Address, options, progress).RunAsync(CancellationToken.None);
 
             await Assert.That(progress.ToString()).Contains("ACKs failed");
             await Assert.That(result.Sent).IsEqualTo(200);
@@ -70,17 +61,8 @@ public class BenchTests
         var started = System.Diagnostics.Stopwatch.StartNew();
         // 200 messages over 2 queues need 100 places each; nothing reads while drain fills them, so
         // retrying QUOTA would wait for ever.
-        var failed = await Assert.ThrowsAsync<BenchException>(() => new LoadGenerator(relay.Address, new BenchOptions
-        {
-            Scenario = BenchScenario.Drain,
-            Queues = 2,
-            Producers = 1,
-            Consumers = 1,
-            Messages = 200,
-            Size = 64,
-            Window = 16,
-            Tls = false,
-        }, TextWriter.Null).RunAsync(CancellationToken.None));
+        var failed = await Assert.ThrowsAsync<BenchException>(() =>
+            new LoadGenerator(relay.Address, Small(BenchScenario.Drain), TextWriter.Null).RunAsync(CancellationToken.None));
 
         await Assert.That(failed!.Message).Contains("QUOTA");
         await Assert.That(failed.Message).Contains("--queue-max-messages 100");
@@ -96,22 +78,29 @@ public class BenchTests
         // not wait for them once cancelled.
         using var cancel = new CancellationTokenSource(TimeSpan.FromSeconds(1.5));
         var started = System.Diagnostics.Stopwatch.StartNew();
-        var run = new LoadGenerator(relay.Address, new BenchOptions
-        {
-            Scenario = BenchScenario.Paced,
-            Rate = 10,
-            Duration = TimeSpan.FromSeconds(60),
-            Warmup = TimeSpan.Zero,
-            Queues = 2,
-            Producers = 1,
-            Consumers = 1,
-            Window = 256,
-            Tls = false,
-        }, TextWriter.Null).RunAsync(cancel.Token);
+        var options = Small(BenchScenario.Paced);
+        options.Rate = 10;
+        options.Duration = TimeSpan.FromSeconds(60);
+        options.Warmup = TimeSpan.Zero;
+        options.Window = 256;
+        var run = new LoadGenerator(relay.Address, options, TextWriter.Null).RunAsync(cancel.Token);
 
         await Assert.ThrowsAsync<OperationCanceledException>(() => run);
         await Assert.That(started.Elapsed).IsLessThan(TimeSpan.FromSeconds(10));
     }
+
+    /// <summary>A small run over plain TCP: 200 messages of 64 bytes, 2 queues, one producer and one consumer.</summary>
+    private static BenchOptions Small(BenchScenario scenario) => new()
+    {
+        Scenario = scenario,
+        Queues = 2,
+        Producers = 1,
+        Consumers = 1,
+        Messages = 200,
+        Size = 64,
+        Window = 16,
+        Tls = false,
+    };
 
     /// <summary>An in-process relay without TLS on ephemeral ports (test projects run in parallel).</summary>
     private static Task<RelayServer> StartRelayAsync(SettingsFiles files, int? queueMaxMessages = null)
