@@ -16,9 +16,8 @@ public class RequestsInFlightTests
     [Test]
     public async Task A_request_cancelled_while_waiting_throws_the_cancellation_and_its_late_answer_answers_no_other_request()
     {
-        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
-        var transport = new HoldingStream(relay.Server.ConnectInProcess());
-        await using var connection = await RelayConnection.ConnectAsync(relay.Address, transport, new RelayConnectionOptions { Tls = false });
+        await using var held = await HeldConnection.StartAsync();
+        var (transport, connection) = (held.Transport, held.Connection);
         var full = await connection.CreateQueueAsync();
         var empty = await connection.CreateQueueAsync();
         await connection.SendAsync(new SenderQueue(full.SenderId, null), "stored"u8.ToArray());
@@ -43,9 +42,8 @@ public class RequestsInFlightTests
     [Test]
     public async Task Cancelling_the_token_of_an_answered_request_touches_no_later_request()
     {
-        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
-        var transport = new HoldingStream(relay.Server.ConnectInProcess());
-        await using var connection = await RelayConnection.ConnectAsync(relay.Address, transport, new RelayConnectionOptions { Tls = false });
+        await using var held = await HeldConnection.StartAsync();
+        var (transport, connection) = (held.Transport, held.Connection);
         var queue = await connection.CreateQueueAsync();
         await connection.SendAsync(new SenderQueue(queue.SenderId, null), "stored"u8.ToArray());
 
@@ -127,9 +125,8 @@ public class RequestsInFlightTests
     [Test]
     public async Task Requests_in_flight_when_the_connection_fails_all_fail_with_the_connections_failure()
     {
-        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
-        var transport = new HoldingStream(relay.Server.ConnectInProcess());
-        await using var connection = await RelayConnection.ConnectAsync(relay.Address, transport, new RelayConnectionOptions { Tls = false });
+        await using var held = await HeldConnection.StartAsync();
+        var (transport, connection) = (held.Transport, held.Connection);
         var queue = await connection.CreateQueueAsync();
         var sender = new SenderQueue(queue.SenderId, null);
         await connection.SendAsync(sender, "stored"u8.ToArray());
@@ -177,6 +174,28 @@ public class RequestsInFlightTests
         await Assert.That(await connection.GetAsync(queue)).IsNull();
         await Assert.That(relay.Server.Store.Statistics.MessagesAppended).IsEqualTo(0);
         await connection.PingAsync();
+    }
+
+    /// <summary>A relay without TLS and one connection to it through a <see cref="HoldingStream"/>.</summary>
+    private sealed class HeldConnection : IAsyncDisposable
+    {
+        public required TestRelay Relay { get; init; }
+        public required HoldingStream Transport { get; init; }
+        public required RelayConnection Connection { get; init; }
+
+        public static async Task<HeldConnection> StartAsync()
+        {
+            var relay = await TestRelay.StartAsync(o => o.Tls = false);
+            var transport = new HoldingStream(relay.Server.ConnectInProcess());
+            var connection = await RelayConnection.ConnectAsync(relay.Address, transport, new RelayConnectionOptions { Tls = false });
+            return new HeldConnection { Relay = relay, Transport = transport, Connection = connection };
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            await Connection.DisposeAsync();
+            await Relay.DisposeAsync();
+        }
     }
 
     /// <summary>
