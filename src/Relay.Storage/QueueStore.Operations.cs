@@ -152,7 +152,7 @@ public sealed partial class QueueStore
 
     /// <summary>
     /// Reads the oldest durable message of the queue; false when there is none. The body is in a
-    /// buffer rented from ArrayPool&lt;byte&gt;.Shared: call <see cref="StoredMessage.Return"/>.
+    /// pooled buffer (MessageBuffers): call <see cref="StoredMessage.Return"/>.
     /// </summary>
     public bool TryPeekOldest(QueueHandle queue, out StoredMessage message) => TryPeek(queue, 0, out message);
 
@@ -160,7 +160,7 @@ public sealed partial class QueueStore
     /// Reads the first durable message whose id is at least <paramref name="from"/> (the oldest when
     /// <paramref name="from"/> is at or below it); false when there is none yet. A subscriber with a
     /// delivery window passes the id after the one it delivered last. The body is in a buffer rented
-    /// from ArrayPool&lt;byte&gt;.Shared: call <see cref="StoredMessage.Return"/>.
+    /// from MessageBuffers: call <see cref="StoredMessage.Return"/>.
     /// </summary>
     public bool TryPeek(QueueHandle queue, ulong from, out StoredMessage message)
     {

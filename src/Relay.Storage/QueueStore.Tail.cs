@@ -202,7 +202,7 @@ public sealed partial class QueueStore
 
     private TailEntry NewEntry(ulong id, uint hour, byte flags, ReadOnlySpan<byte> body)
     {
-        byte[] buffer = ArrayPool<byte>.Shared.Rent(Math.Max(1, body.Length));
+        byte[] buffer = MessageBuffers.Shared.Rent(body.Length);
         body.CopyTo(buffer);
         Interlocked.Add(ref _tailBytes, body.Length);
         return new TailEntry { Id = id, Hour = hour, Flags = flags, Buffer = buffer, Length = body.Length };
@@ -280,7 +280,7 @@ public sealed partial class QueueStore
     {
         ReadOnlySpan<byte> value = it.Value;
         ReadOnlySpan<byte> body = value[Keys.MessageHeaderLength..];
-        byte[] buffer = ArrayPool<byte>.Shared.Rent(Math.Max(1, body.Length));
+        byte[] buffer = MessageBuffers.Shared.Rent(body.Length);
         body.CopyTo(buffer);
         return new StoredMessage
         {
@@ -336,7 +336,7 @@ public sealed partial class QueueStore
         if (entry.Buffer is not null)
         {
             Interlocked.Add(ref _tailBytes, -entry.Length);
-            ArrayPool<byte>.Shared.Return(entry.Buffer);
+            MessageBuffers.Shared.Return(entry.Buffer);
         }
         entry.Buffer = null;
         entry.Length = 0;

@@ -60,7 +60,7 @@ public sealed class QueueStoreOptions
     public TimeProvider Clock { get; init; } = TimeProvider.System;
 }
 
-/// <summary>A message read from the store. <see cref="Body"/> is rented from ArrayPool&lt;byte&gt;.Shared; call <see cref="Return"/>.</summary>
+/// <summary>A message read from the store. <see cref="Body"/> is in a pooled buffer; call <see cref="Return"/> when done with it.</summary>
 public struct StoredMessage
 {
     public ulong Id;
@@ -70,7 +70,7 @@ public struct StoredMessage
     public byte[] Buffer;
     public int Length;
     public readonly ReadOnlySpan<byte> Body => Buffer.AsSpan(0, Length);
-    public void Return() { if (Buffer is { Length: > 0 }) System.Buffers.ArrayPool<byte>.Shared.Return(Buffer); Buffer = []; }
+    public void Return() { if (Buffer is { Length: > 0 }) MessageBuffers.Shared.Return(Buffer); Buffer = []; }
 }
 
 public readonly record struct AppendResult(StoreStatus Status, ulong MessageId, uint Hour);

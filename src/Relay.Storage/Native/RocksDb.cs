@@ -208,7 +208,7 @@ internal sealed unsafe class RocksDb : IDisposable
 
     /// <summary>
     /// Point read that copies the first <c>header.Length</c> bytes of the value into
-    /// <paramref name="header"/> and the rest into a buffer rented from ArrayPool&lt;byte&gt;.Shared.
+    /// <paramref name="header"/> and the rest into a buffer rented from MessageBuffers.
     /// False when the key does not exist (or the value is shorter than the header).
     /// </summary>
     public bool TryGetRented(int cf, ReadOnlySpan<byte> key, Span<byte> header, out byte[] buffer, out int length)
@@ -229,7 +229,7 @@ internal sealed unsafe class RocksDb : IDisposable
             }
             span.Slice(0, header.Length).CopyTo(header);
             var body = span.Slice(header.Length);
-            buffer = System.Buffers.ArrayPool<byte>.Shared.Rent(Math.Max(1, body.Length));
+            buffer = MessageBuffers.Shared.Rent(body.Length);
             body.CopyTo(buffer);
             length = body.Length;
             return true;
