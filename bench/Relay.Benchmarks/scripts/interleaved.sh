@@ -12,7 +12,10 @@ set -euo pipefail
 n=$1; a=$2; b=$3; shift 3
 port=${PORT:-47623}
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+pid=
+# A run that fails (the relay not ready in 10 s, the load generator's error) stops the script; the
+# relay it started is stopped with it, so that the next run's port is free.
+trap '[ -z "$pid" ] || kill -TERM "$pid" 2> /dev/null || true; rm -rf "$work"' EXIT
 
 run() {
   local bin=$1 env=$2 label=$3; shift 3
@@ -21,14 +24,24 @@ run() {
   "$bin" init --data "$data" --host 127.0.0.1 --port "$port" > /dev/null 2>&1
   env $env "$bin" serve --data "$data" --listen "127.0.0.1:$port" --admin off --queue-max-messages 5000 \
     --queue-max-bytes 100MB --max-connections-per-source 0 --queue-creation-rate 0 > "$log" 2>&1 &
-  local pid=$!
+  pid=$!
   for _ in $(seq 100); do grep -q 'relay://' "$log" && break; sleep 0.1; done
   local address
   address=$(grep -o 'relay://[^ ]*' "$log" | head -1)
+  if [ -z "$address" ]; then
+    echo "interleaved: $label: the relay was not ready in 10 s:" >&2
+    tail -5 "$log" >&2
+    exit 1
+  fi
   local json
-  json=$("$bin" bench "$address" --relay-pid "$pid" --json "$@" 2> /dev/null | tail -1)
+  if ! json=$("$bin" bench "$address" --relay-pid "$pid" --json "$@" 2> "$work/bench.err" | tail -1); then
+    echo "interleaved: $label: relay bench failed:" >&2
+    tail -5 "$work/bench.err" >&2
+    exit 1
+  fi
   kill -TERM "$pid"
   wait "$pid" || true
+  pid=
   python3 -c 'import json,sys; d=json.loads(sys.argv[2]); print(sys.argv[1], d["messages_per_second"], d["relay_cpu_us_per_message"], d["process_cpu_us_per_message"], d["p50_ms"], d["p99_ms"])' "$label" "$json"
 }
 
