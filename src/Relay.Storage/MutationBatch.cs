@@ -21,6 +21,7 @@ internal sealed unsafe class MutationBatch
     {
         Put,
         Delete,
+        SingleDelete,
         DeleteRange,
     }
 
@@ -61,6 +62,14 @@ internal sealed unsafe class MutationBatch
         Add(cf, Kind.Put, key, value1, value2);
 
     public void Delete(int cf, ReadOnlySpan<byte> key) => Add(cf, Kind.Delete, key, default, default);
+
+    /// <summary>
+    /// Deletes a key that was put exactly once and is deleted only this once (RocksDB's
+    /// SingleDelete): when the tombstone meets the value in a flush or compaction both vanish,
+    /// instead of the tombstone being rewritten level after level. Never for a key that may be put
+    /// again or also deleted with <see cref="Delete"/>: RocksDB leaves that undefined.
+    /// </summary>
+    public void SingleDelete(int cf, ReadOnlySpan<byte> key) => Add(cf, Kind.SingleDelete, key, default, default);
 
     public void DeleteRange(int cf, ReadOnlySpan<byte> start, ReadOnlySpan<byte> end)
     {
@@ -136,6 +145,9 @@ internal sealed unsafe class MutationBatch
                         break;
                     case Kind.Delete:
                         rocksdb_writebatch_delete_cf(nativeBatch, cf, key, (nuint)entry.KeyLength);
+                        break;
+                    case Kind.SingleDelete:
+                        rocksdb_writebatch_singledelete_cf(nativeBatch, cf, key, (nuint)entry.KeyLength);
                         break;
                     default:
                         rocksdb_writebatch_delete_range_cf(nativeBatch, cf, key, (nuint)entry.KeyLength, value, (nuint)entry.ValueLength);

@@ -345,7 +345,7 @@ public sealed partial class QueueStore
                 foreach (ulong id in ids)
                 {
                     Keys.MessageKey(key, queue.RecipientId, id);
-                    batch.Delete(Cf.Messages, key);
+                    batch.DeleteMessage(key);
                 }
                 TouchActivity(batch, queue, op, NowHour());
                 batch.Add(op);

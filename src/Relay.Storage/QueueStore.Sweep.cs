@@ -164,7 +164,7 @@ public sealed partial class QueueStore
                     foreach (ulong id in ids)
                     {
                         Keys.MessageKey(key, queue.RecipientId, id);
-                        batch.Delete(Cf.Messages, key);
+                        batch.DeleteMessage(key);
                     }
                     op.Count = ids.Count;
                     op.Bytes = bytes;

@@ -452,6 +452,9 @@ public sealed partial class QueueStore
 
         public readonly void Delete(int cf, ReadOnlySpan<byte> key) => _batch.Mutations.Delete(cf, key);
 
+        /// <summary>Deletes a stored message: its key is put once (ids are never reused, see the epoch) and deleted once.</summary>
+        public readonly void DeleteMessage(ReadOnlySpan<byte> key) => _batch.Mutations.SingleDelete(Cf.Messages, key);
+
         public readonly void DeleteRange(int cf, ReadOnlySpan<byte> start, ReadOnlySpan<byte> end) =>
             _batch.Mutations.DeleteRange(cf, start, end);
 

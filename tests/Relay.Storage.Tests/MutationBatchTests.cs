@@ -100,6 +100,43 @@ public class MutationBatchTests
         }
     }
 
+    [Test]
+    public async Task A_single_delete_and_the_put_it_deletes_vanish_together_where_a_delete_leaves_its_tombstone_in_a_file()
+    {
+        string path = Path.Combine(Path.GetTempPath(), "relay-mutation-test-" + Guid.NewGuid().ToString("N"));
+        try
+        {
+            using RocksDb db = RocksDb.Open(path, Families, 1 << 20);
+            var batch = new MutationBatch();
+            for (byte i = 0; i < 100; i++)
+            {
+                batch.Put(1, [0xA0, i], [i]);
+                batch.Put(2, [0xA0, i], [i]);
+            }
+            Write(db, batch);
+            batch.Clear();
+            for (byte i = 0; i < 100; i++)
+            {
+                batch.SingleDelete(1, [0xA0, i]);
+                batch.Delete(2, [0xA0, i]);
+            }
+            Write(db, batch);
+            db.FlushAll();
+
+            for (byte i = 0; i < 100; i++)
+            {
+                await Assert.That(Get(db, 1, [0xA0, i])).IsEqualTo(-1);
+                await Assert.That(Get(db, 2, [0xA0, i])).IsEqualTo(-1);
+            }
+            await Assert.That(db.PropertyLong(1, "rocksdb.num-files-at-level0")).IsEqualTo(0);
+            await Assert.That(db.PropertyLong(2, "rocksdb.num-files-at-level0")).IsEqualTo(1);
+        }
+        finally
+        {
+            Directory.Delete(path, recursive: true);
+        }
+    }
+
     private static void Write(RocksDb db, MutationBatch batch)
     {
         nint native = rocksdb_writebatch_create();

@@ -83,6 +83,72 @@ public class QueueTests
     }
 
     [Test]
+    public async Task Messages_acknowledged_while_their_writes_are_in_memory_leave_nothing_in_the_files()
+    {
+        await using TestStore t = TestStore.Create();
+        QueueHandle q = await t.CreateQueueAsync();
+        ulong last = 0;
+        for (int i = 0; i < 100; i++)
+        {
+            last = (await t.Store.AppendAsync(q, 0, new byte[300])).MessageId;
+        }
+        await Assert.That(await t.Store.AckAsync(q, last, 100, out int deleted)).IsEqualTo(StoreStatus.Ok);
+        await Assert.That(deleted).IsEqualTo(100);
+
+        await t.ReopenAsync();   // closing flushes the memtables
+
+        // Neither the 100 messages nor 100 tombstones were written to a table file.
+        await Assert.That(t.Store.Property(Cf.Messages, "rocksdb.total-sst-files-size")).IsEqualTo(0);
+        QueueHandle reloaded = t.Store.FindByRecipientId(q.RecipientId)!;
+        await Assert.That(t.Peek(reloaded)).IsNull();
+        await Assert.That(reloaded.MessageCount).IsEqualTo(0);
+    }
+
+    [Test]
+    public async Task Acknowledged_messages_leave_the_store_files_whether_their_write_was_flushed_before_the_ack_or_not()
+    {
+        await using TestStore t = TestStore.Create();
+        QueueHandle q = await t.CreateQueueAsync();
+        var ids = new List<ulong>();
+        for (int i = 0; i < 40; i++)
+        {
+            ids.Add((await t.Store.AppendAsync(q, 0, new byte[300])).MessageId);
+        }
+        t.Store.ReclaimSpace();   // the 40 writes now in a table file
+        for (int i = 0; i < 40; i++)
+        {
+            ids.Add((await t.Store.AppendAsync(q, 0, new byte[300])).MessageId);
+        }
+        // Acknowledged: the first 30 (written to a file before), then 30 of those still in memory.
+        await Assert.That(await t.Store.AckAsync(q, ids[29], 30, out int deleted)).IsEqualTo(StoreStatus.Ok);
+        await Assert.That(deleted).IsEqualTo(30);
+        for (int i = 30; i < 60; i++)
+        {
+            await Assert.That(t.Peek(q)!.Value.Id).IsEqualTo(ids[i]);
+            await Assert.That(await t.Store.AckAsync(q, ids[i])).IsEqualTo(StoreStatus.Ok);
+        }
+
+        await t.ReopenAsync();
+        QueueHandle reloaded = t.Store.FindByRecipientId(q.RecipientId)!;
+        await Assert.That(reloaded.MessageCount).IsEqualTo(20);
+        await Assert.That(t.Peek(reloaded)!.Value.Id).IsEqualTo(ids[60]);
+        await Assert.That(t.Store.Property(Cf.Messages, "rocksdb.estimate-num-keys")).IsLessThanOrEqualTo(20 + 40);
+
+        // The rest acknowledged and the space reclaimed: no message and no tombstone is left in a file.
+        await Assert.That(await t.Store.AckAsync(reloaded, ids[79], 20, out deleted)).IsEqualTo(StoreStatus.Ok);
+        await Assert.That(deleted).IsEqualTo(20);
+        t.Store.ReclaimSpace();
+        await Assert.That(t.Store.Property(Cf.Messages, "rocksdb.total-sst-files-size")).IsEqualTo(0);
+        await t.ReopenAsync();
+        reloaded = t.Store.FindByRecipientId(q.RecipientId)!;
+        await Assert.That(t.Peek(reloaded)).IsNull();
+        await Assert.That(reloaded.MessageCount).IsEqualTo(0);
+        AppendResult next = await t.Store.AppendAsync(reloaded, 0, "after"u8);
+        await Assert.That(next.MessageId).IsGreaterThan(ids[79]);
+        await Assert.That(t.Peek(reloaded)!.Value.Id).IsEqualTo(next.MessageId);
+    }
+
+    [Test]
     public async Task Ack_of_anything_but_the_oldest_is_refused_and_deletes_nothing()
     {
         await using TestStore t = TestStore.Create();

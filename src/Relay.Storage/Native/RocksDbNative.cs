@@ -98,6 +98,7 @@ internal static unsafe partial class RocksDbNative
     [LibraryImport(Lib)] public static partial void rocksdb_writebatch_clear(nint batch);
     [LibraryImport(Lib)] public static partial void rocksdb_writebatch_put_cf(nint batch, nint cf, byte* key, nuint keyLength, byte* value, nuint valueLength);
     [LibraryImport(Lib)] public static partial void rocksdb_writebatch_delete_cf(nint batch, nint cf, byte* key, nuint keyLength);
+    [LibraryImport(Lib)] public static partial void rocksdb_writebatch_singledelete_cf(nint batch, nint cf, byte* key, nuint keyLength);
     [LibraryImport(Lib)] public static partial void rocksdb_writebatch_delete_range_cf(nint batch, nint cf, byte* startKey, nuint startLength, byte* endKey, nuint endLength);
     [LibraryImport(Lib)] public static partial void rocksdb_write(nint db, nint writeOptions, nint batch, nint* errptr);
 }
