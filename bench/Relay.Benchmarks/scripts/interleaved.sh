@@ -20,7 +20,9 @@ trap '[ -z "$pid" ] || kill -TERM "$pid" 2> /dev/null || true; rm -rf "$work"' E
 run() {
   local bin=$1 env=$2 label=$3; shift 3
   local data="$work/data" log="$work/serve.log"
-  rm -rf "$data"
+  # The log of the run before still names its relay's address: gone before this relay starts, so
+  # that the wait below cannot read it and connect before this relay listens.
+  rm -rf "$data" "$log"
   "$bin" init --data "$data" --host 127.0.0.1 --port "$port" > /dev/null 2>&1
   env $env "$bin" serve --data "$data" --listen "127.0.0.1:$port" --admin off --queue-max-messages 5000 \
     --queue-max-bytes 100MB --max-connections-per-source 0 --queue-creation-rate 0 > "$log" 2>&1 &
@@ -37,6 +39,8 @@ run() {
   if ! json=$("$bin" bench "$address" --relay-pid "$pid" --json "$@" 2> "$work/bench.err" | tail -1); then
     echo "interleaved: $label: relay bench failed:" >&2
     tail -5 "$work/bench.err" >&2
+    echo "interleaved: $label: the relay's log:" >&2
+    tail -5 "$log" >&2
     exit 1
   fi
   kill -TERM "$pid"

@@ -41,7 +41,9 @@ floor() {
 relay_run() {
   local label=$1; shift
   local data="$work/data" log="$work/serve.log"
-  rm -rf "$data"
+  # The log of the run before still names its relay's address: gone before this relay starts, so
+  # that the wait below cannot read it and connect before this relay listens.
+  rm -rf "$data" "$log"
   "$relay" init --data "$data" --host 127.0.0.1 --port "$port" > /dev/null 2>&1
   "$relay" serve --data "$data" --listen "127.0.0.1:$port" --admin off --queue-max-messages 5000 \
     --queue-max-bytes 100MB --max-connections-per-source 0 --queue-creation-rate 0 "$@" > "$log" 2>&1 &
