@@ -137,3 +137,59 @@ public class GroupCommitBenchmarks
     [Benchmark(OperationsPerInvoke = 256)]
     public ValueTask Batch_N256() => BatchAsync(256);
 }
+
+/// <summary>
+/// The writer's sort of one group-commit batch before it goes to RocksDB (MutationBatch.Sort), alone:
+/// a batch as a live relay commits one, a message write and a delete (of an older message) for each
+/// of 100 queues in arrival order, message keys as the store writes them.
+/// </summary>
+[MemoryDiagnoser]
+public class MutationBatchBenchmarks
+{
+    private const int Queues = 100;
+    private readonly MutationBatch _batch = new();
+    private byte[][] _keys = [];
+    private byte[] _value = [];
+
+    [Params(200, 2000)]
+    public int Mutations { get; set; }
+
+    [GlobalSetup]
+    public void Setup()
+    {
+        var random = new Random(5);
+        _value = Fixtures.Random(Fixtures.BodySize + 5);
+        var queueIds = Enumerable.Range(0, Queues).Select(_ => Fixtures.Random(24)).ToArray();
+        var nextId = new ulong[Queues];
+        _keys = new byte[Mutations][];
+        for (int i = 0; i < Mutations; i++)
+        {
+            int q = random.Next(Queues);
+            var key = new byte[32];
+            queueIds[q].CopyTo(key, 0);
+            // Even: a write of the queue's next message; odd: the delete of one 20 messages older.
+            ulong id = (7UL << 32) + (i % 2 == 0 ? nextId[q]++ + 20 : nextId[q]);
+            System.Buffers.Binary.BinaryPrimitives.WriteUInt64BigEndian(key.AsSpan(24), id);
+            _keys[i] = key;
+        }
+    }
+
+    [Benchmark]
+    public int Fill_and_sort()
+    {
+        _batch.Clear();
+        for (int i = 0; i < _keys.Length; i++)
+        {
+            if (i % 2 == 0)
+            {
+                _batch.Put(3, _keys[i], _value);
+            }
+            else
+            {
+                _batch.SingleDelete(3, _keys[i]);
+            }
+        }
+        _batch.Sort();
+        return _batch.Count;
+    }
+}

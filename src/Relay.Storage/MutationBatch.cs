@@ -5,13 +5,15 @@ namespace Relay.Storage;
 
 /// <summary>
 /// The mutations of one group-commit batch, kept in managed memory until the writer thread hands
-/// them to RocksDB in one write. Point mutations go in sorted by column family and key (equal keys
-/// keep their call order). RocksDB's memtable skip list starts an insert from where the previous one
-/// ended only when the new key sorts right after it; in call order the keys of many queues
-/// interleave and nearly every insert searches from the top, in key order a queue's consecutive
-/// messages in one batch insert next to each other (about 4% of the relay's CPU, docs/PERFORMANCE.md
-/// fourth round). A batch holding a range delete keeps call order throughout: a put moved across a
-/// range tombstone would change what the tombstone covers.
+/// them to RocksDB in one write. Point mutations go in grouped by column family and key prefix, and
+/// in key-suffix order within a group (equal keys keep their call order): the keys of one queue's
+/// messages share their first bytes (the queue's random id) and end with the message id, so a
+/// queue's writes and deletes of one batch reach the memtable next to each other and in id order,
+/// where in call order the keys of many queues interleave and each insert searches the skip list
+/// further (docs/PERFORMANCE.md, fourth and twelfth rounds). The order is not RocksDB's key order
+/// (it need not be: only equal keys must keep call order), so that sorting compares integers only.
+/// A batch holding a range delete keeps call order throughout: a put moved across a range
+/// tombstone would change what the tombstone covers.
 /// </summary>
 internal sealed unsafe class MutationBatch
 {
@@ -25,12 +27,11 @@ internal sealed unsafe class MutationBatch
         DeleteRange,
     }
 
+    /// <summary>Most mutations a batch sorts (the call order's index takes 24 bits of the sort key); a larger one keeps call order.</summary>
+    private const int MaxSorted = 1 << 24;
+
     private struct Entry
     {
-        /// <summary>The key's first 8 bytes, big-endian (zero-padded): most comparisons end here.</summary>
-        public ulong Prefix;
-        /// <summary>Call order, which breaks ties between equal keys.</summary>
-        public int Sequence;
         public int KeyOffset;
         public int KeyLength;
         /// <summary>The value of a put; the end key of a range delete.</summary>
@@ -43,11 +44,11 @@ internal sealed unsafe class MutationBatch
     private byte[] _data = new byte[16 * 1024];
     private int _length;
     private Entry[] _entries = new Entry[64];
+    /// <summary>Per entry, once sorted: (family ‖ key's first 7 bytes, key's last 5 bytes ‖ entry index).</summary>
+    private UInt128[] _order = new UInt128[64];
     private int _count;
     private bool _hasRange;
-    private readonly Comparison<Entry> _keyOrder;
-
-    public MutationBatch() => _keyOrder = CompareKeys;
+    private bool _sorted;
 
     /// <summary>Mutations added since the last <see cref="Clear"/>.</summary>
     public int Count => _count;
@@ -88,9 +89,8 @@ internal sealed unsafe class MutationBatch
         {
             Array.Resize(ref _entries, _count * 2);
         }
+        _sorted = false;
         ref Entry entry = ref _entries[_count];
-        entry.Prefix = PrefixOf(key);
-        entry.Sequence = _count;
         entry.Cf = (byte)cf;
         entry.Kind = kind;
         entry.KeyOffset = _length;
@@ -106,7 +106,34 @@ internal sealed unsafe class MutationBatch
         _count++;
     }
 
-    private static ulong PrefixOf(ReadOnlySpan<byte> key)
+    /// <summary>Puts the point mutations in the batch's order (see the class), unless the batch holds a range delete.</summary>
+    public void Sort()
+    {
+        _sorted = false;
+        if (_hasRange || _count < 2 || _count >= MaxSorted)
+        {
+            return;
+        }
+        if (_order.Length < _count)
+        {
+            _order = new UInt128[_entries.Length];
+        }
+        Span<UInt128> order = _order.AsSpan(0, _count);
+        ReadOnlySpan<byte> data = _data;
+        for (int i = 0; i < order.Length; i++)
+        {
+            ref readonly Entry entry = ref _entries[i];
+            ReadOnlySpan<byte> key = data.Slice(entry.KeyOffset, entry.KeyLength);
+            ulong high = ((ulong)entry.Cf << 56) | (FirstBytes(key) >> 8);
+            ulong low = (LastBytes(key) << 24) | (uint)i;
+            order[i] = new UInt128(high, low);
+        }
+        order.Sort();
+        _sorted = true;
+    }
+
+    /// <summary>The key's first 8 bytes, big-endian (zero-padded when shorter).</summary>
+    private static ulong FirstBytes(ReadOnlySpan<byte> key)
     {
         if (key.Length >= 8)
         {
@@ -118,23 +145,32 @@ internal sealed unsafe class MutationBatch
         return BinaryPrimitives.ReadUInt64BigEndian(padded);
     }
 
-    /// <summary>Puts the point mutations in key order, unless the batch holds a range delete.</summary>
-    public void Sort()
+    /// <summary>The key's last 8 bytes, big-endian (the whole key, right-aligned, when shorter).</summary>
+    private static ulong LastBytes(ReadOnlySpan<byte> key)
     {
-        Span<Entry> entries = _entries.AsSpan(0, _count);
-        if (!_hasRange && entries.Length > 1)
+        if (key.Length >= 8)
         {
-            entries.Sort(_keyOrder);
+            return BinaryPrimitives.ReadUInt64BigEndian(key[^8..]);
         }
+        ulong value = 0;
+        foreach (byte b in key)
+        {
+            value = (value << 8) | b;
+        }
+        return value;
     }
+
+    /// <summary>Index of the entry at <paramref name="position"/> in the current order.</summary>
+    private int EntryAt(int position) => _sorted ? (int)((ulong)_order[position] & (MaxSorted - 1)) : position;
 
     /// <summary>Adds every mutation to the (empty) native batch, in the current order.</summary>
     public void WriteTo(nint nativeBatch, Native.RocksDb db)
     {
         fixed (byte* data = _data)
         {
-            foreach (ref readonly Entry entry in _entries.AsSpan(0, _count))
+            for (int i = 0; i < _count; i++)
             {
+                ref readonly Entry entry = ref _entries[EntryAt(i)];
                 nint cf = db[entry.Cf];
                 byte* key = data + entry.KeyOffset;
                 byte* value = data + entry.ValueOffset;
@@ -161,8 +197,9 @@ internal sealed unsafe class MutationBatch
     internal List<(int Cf, byte[] Key, byte[] Value)> Entries()
     {
         var list = new List<(int, byte[], byte[])>(_count);
-        foreach (ref readonly Entry entry in _entries.AsSpan(0, _count))
+        for (int i = 0; i < _count; i++)
         {
+            ref readonly Entry entry = ref _entries[EntryAt(i)];
             list.Add((entry.Cf, _data.AsSpan(entry.KeyOffset, entry.KeyLength).ToArray(), _data.AsSpan(entry.ValueOffset, entry.ValueLength).ToArray()));
         }
         return list;
@@ -173,6 +210,7 @@ internal sealed unsafe class MutationBatch
         _length = 0;
         _count = 0;
         _hasRange = false;
+        _sorted = false;
         if (_data.Length > ShrinkAbove)
         {
             _data = new byte[16 * 1024];
@@ -180,18 +218,7 @@ internal sealed unsafe class MutationBatch
         if (_entries.Length > 4096)
         {
             _entries = new Entry[64];
+            _order = new UInt128[64];
         }
-    }
-
-    /// <summary>RocksDB's order of the entries' keys (cached: a comparer made per sort allocates).</summary>
-    private int CompareKeys(Entry x, Entry y)
-    {
-        int c = x.Cf.CompareTo(y.Cf);
-        if (c != 0) return c;
-        c = x.Prefix.CompareTo(y.Prefix);
-        if (c != 0) return c;
-        // RocksDB's default (bytewise) comparator: memcmp, then the shorter key first.
-        c = _data.AsSpan(x.KeyOffset, x.KeyLength).SequenceCompareTo(_data.AsSpan(y.KeyOffset, y.KeyLength));
-        return c != 0 ? c : x.Sequence.CompareTo(y.Sequence);
     }
 }

@@ -1,3 +1,5 @@
+using System.Buffers.Binary;
+using System.Security.Cryptography;
 using Relay.Storage.Native;
 using static Relay.Storage.Native.RocksDbNative;
 
@@ -12,13 +14,13 @@ public class MutationBatchTests
     private static readonly string[] Families = ["default", "a", "b"];
 
     [Test]
-    public async Task Point_mutations_are_sorted_by_family_then_key_and_equal_keys_keep_call_order()
+    public async Task Point_mutations_are_grouped_by_family_and_first_bytes_in_last_bytes_order_and_equal_keys_keep_call_order()
     {
         var batch = new MutationBatch();
         batch.Put(2, [0x01], [1]);
         batch.Put(1, [0x10, 0x00, 0, 0, 0, 0, 0, 0, 0x02], [2]);
         batch.Delete(1, [0x10, 0x00, 0, 0, 0, 0, 0, 0, 0x01]);
-        batch.Put(1, [0x10], [3]);                       // shorter key with the same first byte sorts first
+        batch.Put(1, [0x10], [3]);                       // same first bytes (zero-padded), last byte 0x10
         batch.Put(1, [0x10, 0x00, 0, 0, 0, 0, 0, 0, 0x01], [4]);   // same key as the delete, later
         batch.Put(1, [0x0F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF], [5]);
         batch.Put(1, [0x10], [6]);                       // same key again: after value 3
@@ -29,13 +31,73 @@ public class MutationBatchTests
         await Assert.That(order).IsEquivalentTo(new List<(int, string, int)>
         {
             (1, "0FFFFFFFFFFFFFFFFFFF", 5),
-            (1, "10", 3),
-            (1, "10", 6),
             (1, "100000000000000001", -1),
             (1, "100000000000000001", 4),
             (1, "100000000000000002", 2),
+            (1, "10", 3),
+            (1, "10", 6),
             (2, "01", 1),
         }, TUnit.Assertions.Enums.CollectionOrdering.Matching);
+    }
+
+    [Test]
+    public async Task A_queue_s_message_writes_and_deletes_come_out_together_in_id_order()
+    {
+        // Message keys as the store writes them: 24-byte queue id, then the 8-byte message id.
+        byte[][] queues = [RandomNumberGenerator.GetBytes(24), RandomNumberGenerator.GetBytes(24), RandomNumberGenerator.GetBytes(24)];
+        static byte[] Key(byte[] queue, ulong id)
+        {
+            var key = new byte[32];
+            queue.CopyTo(key, 0);
+            BinaryPrimitives.WriteUInt64BigEndian(key.AsSpan(24), id);
+            return key;
+        }
+        var batch = new MutationBatch();
+        var calls = new List<(byte[] Key, int Value)>();
+        // As a group commit receives them: appends and ACKs of three queues interleaved, ids of a
+        // new epoch among them, one key deleted and written again.
+        ulong[] ids = [(7UL << 32) + 5, (7UL << 32) + 6, (8UL << 32) + 0, (7UL << 32) + 4, (8UL << 32) + 1];
+        int value = 0;
+        foreach (ulong id in ids)
+        {
+            foreach (byte[] queue in queues)
+            {
+                byte[] key = Key(queue, id);
+                if ((id & 1) == 0)
+                {
+                    batch.Put(3, key, [(byte)++value]);
+                    calls.Add((key, value));
+                }
+                else
+                {
+                    batch.Delete(3, key);
+                    calls.Add((key, -1));
+                }
+            }
+        }
+        batch.Put(3, Key(queues[1], (7UL << 32) + 5), [(byte)++value]);   // after its delete above
+        calls.Add((Key(queues[1], (7UL << 32) + 5), value));
+
+        batch.Sort();
+        var sorted = batch.Entries();
+
+        // Each queue's mutations are contiguous, in id order; equal keys in call order.
+        await Assert.That(sorted.Count).IsEqualTo(calls.Count);
+        var byQueue = sorted.Select(e => Convert.ToHexString(e.Key, 0, 24)).ToList();
+        foreach (byte[] queue in queues)
+        {
+            string hex = Convert.ToHexString(queue);
+            int first = byQueue.IndexOf(hex), last = byQueue.LastIndexOf(hex);
+            await Assert.That(last - first + 1).IsEqualTo(calls.Count(c => c.Key.AsSpan(0, 24).SequenceEqual(queue)));
+            var run = sorted.Skip(first).Take(last - first + 1).ToList();
+            var runIds = run.Select(e => BinaryPrimitives.ReadUInt64BigEndian(e.Key.AsSpan(24))).ToList();
+            await Assert.That(runIds).IsEquivalentTo(runIds.Order().ToList(), TUnit.Assertions.Enums.CollectionOrdering.Matching);
+            var inCallOrder = calls.Where(c => c.Key.AsSpan(0, 24).SequenceEqual(queue))
+                .OrderBy(c => BinaryPrimitives.ReadUInt64BigEndian(c.Key.AsSpan(24)))   // stable: call order within an id
+                .Select(c => c.Value).ToList();
+            var values = run.Select(e => e.Value.Length == 0 ? -1 : (int)e.Value[0]).ToList();
+            await Assert.That(values).IsEquivalentTo(inCallOrder, TUnit.Assertions.Enums.CollectionOrdering.Matching);
+        }
     }
 
     [Test]
