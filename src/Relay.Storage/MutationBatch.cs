@@ -27,11 +27,15 @@ internal sealed unsafe class MutationBatch
         DeleteRange,
     }
 
-    /// <summary>Most mutations a batch sorts (the call order's index takes 24 bits of the sort key); a larger one keeps call order.</summary>
-    private const int MaxSorted = 1 << 24;
+    /// <summary>Most mutations a batch sorts (the call order's index takes up to 20 bits of the 64-bit sort key); a larger one keeps call order.</summary>
+    private const int MaxSorted = 1 << 20;
 
     private struct Entry
     {
+        /// <summary>The key's first 8 bytes, big-endian (zero-padded), taken while the key is in cache.</summary>
+        public ulong First;
+        /// <summary>The key's last 8 bytes, big-endian (the whole key, right-aligned, when shorter).</summary>
+        public ulong Last;
         public int KeyOffset;
         public int KeyLength;
         /// <summary>The value of a put; the end key of a range delete.</summary>
@@ -44,8 +48,9 @@ internal sealed unsafe class MutationBatch
     private byte[] _data = new byte[16 * 1024];
     private int _length;
     private Entry[] _entries = new Entry[64];
-    /// <summary>Per entry, once sorted: (family ‖ key's first 7 bytes, key's last 5 bytes ‖ entry index).</summary>
-    private UInt128[] _order = new UInt128[64];
+    /// <summary>Once sorted, per position: family ‖ key's first bits ‖ key's last bits ‖ entry index (see <see cref="Sort"/>).</summary>
+    private ulong[] _order = new ulong[64];
+    private int _indexBits;
     private int _count;
     private bool _hasRange;
     private bool _sorted;
@@ -80,6 +85,7 @@ internal sealed unsafe class MutationBatch
 
     private void Add(int cf, Kind kind, ReadOnlySpan<byte> key, ReadOnlySpan<byte> value1, ReadOnlySpan<byte> value2)
     {
+        ArgumentOutOfRangeException.ThrowIfGreaterThan((uint)cf, 7u, nameof(cf));   // 3 bits of the sort key
         int size = key.Length + value1.Length + value2.Length;
         if (_data.Length - _length < size)
         {
@@ -91,6 +97,8 @@ internal sealed unsafe class MutationBatch
         }
         _sorted = false;
         ref Entry entry = ref _entries[_count];
+        entry.First = FirstBytes(key);
+        entry.Last = LastBytes(key);
         entry.Cf = (byte)cf;
         entry.Kind = kind;
         entry.KeyOffset = _length;
@@ -114,21 +122,30 @@ internal sealed unsafe class MutationBatch
         {
             return;
         }
+        // One 64-bit key per entry, so that the sort compares integers: from the top, the family
+        // (3 bits), the key's first bits (a queue's random id), the key's last bits (a message id's
+        // low bits), and the entry's index (call order) in as many bits as the batch needs. Equal
+        // keys differ only in the index, so they keep call order; different keys may tie before
+        // it, and then only their locality suffers.
         if (_order.Length < _count)
         {
-            _order = new UInt128[_entries.Length];
+            _order = new ulong[_entries.Length];
         }
-        Span<UInt128> order = _order.AsSpan(0, _count);
-        ReadOnlySpan<byte> data = _data;
+        int indexBits = Math.Max(1, 32 - System.Numerics.BitOperations.LeadingZeroCount((uint)(_count - 1)));
+        int lastBits = (61 - indexBits) / 2;
+        int firstBits = 61 - indexBits - lastBits;
+        ulong lastMask = (1UL << lastBits) - 1;
+        Span<ulong> order = _order.AsSpan(0, _count);
         for (int i = 0; i < order.Length; i++)
         {
             ref readonly Entry entry = ref _entries[i];
-            ReadOnlySpan<byte> key = data.Slice(entry.KeyOffset, entry.KeyLength);
-            ulong high = ((ulong)entry.Cf << 56) | (FirstBytes(key) >> 8);
-            ulong low = (LastBytes(key) << 24) | (uint)i;
-            order[i] = new UInt128(high, low);
+            order[i] = ((ulong)entry.Cf << 61)
+                | (entry.First >> (64 - firstBits) << (lastBits + indexBits))
+                | ((entry.Last & lastMask) << indexBits)
+                | (uint)i;
         }
         order.Sort();
+        _indexBits = indexBits;
         _sorted = true;
     }
 
@@ -161,7 +178,7 @@ internal sealed unsafe class MutationBatch
     }
 
     /// <summary>Index of the entry at <paramref name="position"/> in the current order.</summary>
-    private int EntryAt(int position) => _sorted ? (int)((ulong)_order[position] & (MaxSorted - 1)) : position;
+    private int EntryAt(int position) => _sorted ? (int)(_order[position] & ((1UL << _indexBits) - 1)) : position;
 
     /// <summary>Adds every mutation to the (empty) native batch, in the current order.</summary>
     public void WriteTo(nint nativeBatch, Native.RocksDb db)
@@ -218,7 +235,7 @@ internal sealed unsafe class MutationBatch
         if (_entries.Length > 4096)
         {
             _entries = new Entry[64];
-            _order = new UInt128[64];
+            _order = new ulong[64];
         }
     }
 }

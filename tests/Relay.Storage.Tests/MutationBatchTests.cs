@@ -54,9 +54,10 @@ public class MutationBatchTests
         }
         var batch = new MutationBatch();
         var calls = new List<(byte[] Key, int Value)>();
-        // As a group commit receives them: appends and ACKs of three queues interleaved, ids of a
-        // new epoch among them, one key deleted and written again.
-        ulong[] ids = [(7UL << 32) + 5, (7UL << 32) + 6, (8UL << 32) + 0, (7UL << 32) + 4, (8UL << 32) + 1];
+        // As a group commit receives them: appends and ACKs of three queues interleaved, one key
+        // deleted and written again. (Ids far apart, as across an epoch, may come out of id order:
+        // only their memtable inserts' locality depends on it.)
+        ulong[] ids = [(7UL << 32) + 5, (7UL << 32) + 6, (7UL << 32) + 1_000_000, (7UL << 32) + 4, (7UL << 32) + 1_000_001];
         int value = 0;
         foreach (ulong id in ids)
         {
@@ -192,6 +193,60 @@ public class MutationBatchTests
             }
             await Assert.That(db.PropertyLong(1, "rocksdb.num-files-at-level0")).IsEqualTo(0);
             await Assert.That(db.PropertyLong(2, "rocksdb.num-files-at-level0")).IsEqualTo(1);
+        }
+        finally
+        {
+            Directory.Delete(path, recursive: true);
+        }
+    }
+
+    [Test]
+    [Arguments(3)]
+    [Arguments(300)]
+    [Arguments(5000)]
+    public async Task Any_mix_of_writes_and_deletes_of_few_keys_leaves_what_call_order_leaves(int mutations)
+    {
+        string path = Path.Combine(Path.GetTempPath(), "relay-mutation-test-" + Guid.NewGuid().ToString("N"));
+        try
+        {
+            using RocksDb db = RocksDb.Open(path, Families, 1 << 20);
+            var random = new Random(mutations);
+            var batch = new MutationBatch();
+            var model = new Dictionary<string, byte>();
+            // 12 keys of 32 bytes in 3 "queues" and 4 short keys: every key is written and deleted
+            // many times in one batch, so the order of equal keys decides the result.
+            byte[][] keys = Enumerable.Range(0, 12)
+                .Select(i => Enumerable.Repeat((byte)(0x40 + i / 4), 24).Concat(BitConverter.GetBytes((ulong)i).Reverse()).ToArray())
+                .Concat(Enumerable.Range(0, 4).Select(i => new[] { (byte)(0x40 + i) }))
+                .ToArray();
+            for (int i = 0; i < mutations; i++)
+            {
+                byte[] key = keys[random.Next(keys.Length)];
+                int cf = 1 + random.Next(2);
+                string name = cf + ":" + Convert.ToHexString(key);
+                if (random.Next(3) == 0)
+                {
+                    batch.Delete(cf, key);
+                    model.Remove(name);
+                }
+                else
+                {
+                    byte value = (byte)random.Next(256);
+                    batch.Put(cf, key, [value]);
+                    model[name] = value;
+                }
+            }
+
+            Write(db, batch);
+
+            foreach (byte[] key in keys)
+            {
+                for (int cf = 1; cf <= 2; cf++)
+                {
+                    int expected = model.TryGetValue(cf + ":" + Convert.ToHexString(key), out byte v) ? v : -999;   // Value: -1000 - (-1) when absent
+                    await Assert.That(Value(db, cf, key)).IsEqualTo(expected);
+                }
+            }
         }
         finally
         {
