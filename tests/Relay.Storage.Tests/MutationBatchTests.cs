@@ -118,86 +118,72 @@ public class MutationBatchTests
     [Test]
     public async Task Written_to_RocksDB_the_result_is_that_of_call_order()
     {
-        string path = Path.Combine(Path.GetTempPath(), "relay-mutation-test-" + Guid.NewGuid().ToString("N"));
-        try
+        using var temp = new TempDb();
+        RocksDb db = temp.Db;
+        var batch = new MutationBatch();
+        // Keys of two "queues" interleaved, as a group commit receives them.
+        for (byte i = 0; i < 20; i++)
         {
-            using RocksDb db = RocksDb.Open(path, Families, 1 << 20);
-            var batch = new MutationBatch();
-            // Keys of two "queues" interleaved, as a group commit receives them.
-            for (byte i = 0; i < 20; i++)
-            {
-                batch.Put(1, [(byte)(i % 2 == 0 ? 0xB0 : 0xA0), i], [i]);
-            }
-            batch.Delete(1, [0xB0, 4]);
-            batch.Put(1, [0xA0, 5], [55]);          // overwritten: the later value wins
-            batch.Delete(1, [0xA0, 7]);
-            batch.Put(1, [0xA0, 7], [77]);          // deleted, then put again: present
-            batch.Put(1, [0xB0, 8], [88]);
-            batch.Delete(1, [0xB0, 8]);             // put again, then deleted: absent
-            batch.Put(2, [0xA0, 5], [200]);         // same key, other family
-
-            Write(db, batch);
-
-            await Assert.That(Get(db, 1, [0xB0, 4])).IsEqualTo(-1);
-            await Assert.That(Value(db, 1, [0xA0, 5])).IsEqualTo(55);
-            await Assert.That(Value(db, 1, [0xA0, 7])).IsEqualTo(77);
-            await Assert.That(Get(db, 1, [0xB0, 8])).IsEqualTo(-1);
-            await Assert.That(Value(db, 1, [0xB0, 6])).IsEqualTo(6);
-            await Assert.That(Value(db, 2, [0xA0, 5])).IsEqualTo(200);
-
-            // A range delete in the batch: a put after it survives, a put before it does not.
-            batch.Clear();
-            batch.Put(1, [0xA0, 30], [30]);
-            batch.DeleteRange(1, [0xA0], [0xA1]);
-            batch.Put(1, [0xA0, 31], [31]);
-            Write(db, batch);
-
-            await Assert.That(Get(db, 1, [0xA0, 30])).IsEqualTo(-1);
-            await Assert.That(Get(db, 1, [0xA0, 1])).IsEqualTo(-1);
-            await Assert.That(Value(db, 1, [0xA0, 31])).IsEqualTo(31);
-            await Assert.That(Value(db, 1, [0xB0, 2])).IsEqualTo(2);
+            batch.Put(1, [(byte)(i % 2 == 0 ? 0xB0 : 0xA0), i], [i]);
         }
-        finally
-        {
-            Directory.Delete(path, recursive: true);
-        }
+        batch.Delete(1, [0xB0, 4]);
+        batch.Put(1, [0xA0, 5], [55]);          // overwritten: the later value wins
+        batch.Delete(1, [0xA0, 7]);
+        batch.Put(1, [0xA0, 7], [77]);          // deleted, then put again: present
+        batch.Put(1, [0xB0, 8], [88]);
+        batch.Delete(1, [0xB0, 8]);             // put again, then deleted: absent
+        batch.Put(2, [0xA0, 5], [200]);         // same key, other family
+
+        Write(db, batch);
+
+        await Assert.That(Get(db, 1, [0xB0, 4])).IsEqualTo(-1);
+        await Assert.That(Value(db, 1, [0xA0, 5])).IsEqualTo(55);
+        await Assert.That(Value(db, 1, [0xA0, 7])).IsEqualTo(77);
+        await Assert.That(Get(db, 1, [0xB0, 8])).IsEqualTo(-1);
+        await Assert.That(Value(db, 1, [0xB0, 6])).IsEqualTo(6);
+        await Assert.That(Value(db, 2, [0xA0, 5])).IsEqualTo(200);
+
+        // A range delete in the batch: a put after it survives, a put before it does not.
+        batch.Clear();
+        batch.Put(1, [0xA0, 30], [30]);
+        batch.DeleteRange(1, [0xA0], [0xA1]);
+        batch.Put(1, [0xA0, 31], [31]);
+        Write(db, batch);
+
+        await Assert.That(Get(db, 1, [0xA0, 30])).IsEqualTo(-1);
+        await Assert.That(Get(db, 1, [0xA0, 1])).IsEqualTo(-1);
+        await Assert.That(Value(db, 1, [0xA0, 31])).IsEqualTo(31);
+        await Assert.That(Value(db, 1, [0xB0, 2])).IsEqualTo(2);
     }
 
     [Test]
     public async Task A_single_delete_and_the_put_it_deletes_vanish_together_where_a_delete_leaves_its_tombstone_in_a_file()
     {
-        string path = Path.Combine(Path.GetTempPath(), "relay-mutation-test-" + Guid.NewGuid().ToString("N"));
-        try
+        using var temp = new TempDb();
+        RocksDb db = temp.Db;
+        var batch = new MutationBatch();
+        for (byte i = 0; i < 100; i++)
         {
-            using RocksDb db = RocksDb.Open(path, Families, 1 << 20);
-            var batch = new MutationBatch();
-            for (byte i = 0; i < 100; i++)
-            {
-                batch.Put(1, [0xA0, i], [i]);
-                batch.Put(2, [0xA0, i], [i]);
-            }
-            Write(db, batch);
-            batch.Clear();
-            for (byte i = 0; i < 100; i++)
-            {
-                batch.SingleDelete(1, [0xA0, i]);
-                batch.Delete(2, [0xA0, i]);
-            }
-            Write(db, batch);
-            db.FlushAll();
+            batch.Put(1, [0xA0, i], [i]);
+            batch.Put(2, [0xA0, i], [i]);
+        }
+        Write(db, batch);
+        batch.Clear();
+        for (byte i = 0; i < 100; i++)
+        {
+            batch.SingleDelete(1, [0xA0, i]);
+            batch.Delete(2, [0xA0, i]);
+        }
+        Write(db, batch);
+        db.FlushAll();
 
-            for (byte i = 0; i < 100; i++)
-            {
-                await Assert.That(Get(db, 1, [0xA0, i])).IsEqualTo(-1);
-                await Assert.That(Get(db, 2, [0xA0, i])).IsEqualTo(-1);
-            }
-            await Assert.That(db.PropertyLong(1, "rocksdb.num-files-at-level0")).IsEqualTo(0);
-            await Assert.That(db.PropertyLong(2, "rocksdb.num-files-at-level0")).IsEqualTo(1);
-        }
-        finally
+        for (byte i = 0; i < 100; i++)
         {
-            Directory.Delete(path, recursive: true);
+            await Assert.That(Get(db, 1, [0xA0, i])).IsEqualTo(-1);
+            await Assert.That(Get(db, 2, [0xA0, i])).IsEqualTo(-1);
         }
+        await Assert.That(db.PropertyLong(1, "rocksdb.num-files-at-level0")).IsEqualTo(0);
+        await Assert.That(db.PropertyLong(2, "rocksdb.num-files-at-level0")).IsEqualTo(1);
     }
 
     [Test]
@@ -206,51 +192,44 @@ public class MutationBatchTests
     [Arguments(5000)]
     public async Task Any_mix_of_writes_and_deletes_of_few_keys_leaves_what_call_order_leaves(int mutations)
     {
-        string path = Path.Combine(Path.GetTempPath(), "relay-mutation-test-" + Guid.NewGuid().ToString("N"));
-        try
+        using var temp = new TempDb();
+        RocksDb db = temp.Db;
+        var random = new Random(mutations);
+        var batch = new MutationBatch();
+        var model = new Dictionary<string, byte>();
+        // 12 keys of 32 bytes in 3 "queues" and 4 short keys: every key is written and deleted
+        // many times in one batch, so the order of equal keys decides the result.
+        byte[][] keys = Enumerable.Range(0, 12)
+            .Select(i => Enumerable.Repeat((byte)(0x40 + i / 4), 24).Concat(BitConverter.GetBytes((ulong)i).Reverse()).ToArray())
+            .Concat(Enumerable.Range(0, 4).Select(i => new[] { (byte)(0x40 + i) }))
+            .ToArray();
+        for (int i = 0; i < mutations; i++)
         {
-            using RocksDb db = RocksDb.Open(path, Families, 1 << 20);
-            var random = new Random(mutations);
-            var batch = new MutationBatch();
-            var model = new Dictionary<string, byte>();
-            // 12 keys of 32 bytes in 3 "queues" and 4 short keys: every key is written and deleted
-            // many times in one batch, so the order of equal keys decides the result.
-            byte[][] keys = Enumerable.Range(0, 12)
-                .Select(i => Enumerable.Repeat((byte)(0x40 + i / 4), 24).Concat(BitConverter.GetBytes((ulong)i).Reverse()).ToArray())
-                .Concat(Enumerable.Range(0, 4).Select(i => new[] { (byte)(0x40 + i) }))
-                .ToArray();
-            for (int i = 0; i < mutations; i++)
+            byte[] key = keys[random.Next(keys.Length)];
+            int cf = 1 + random.Next(2);
+            string name = cf + ":" + Convert.ToHexString(key);
+            if (random.Next(3) == 0)
             {
-                byte[] key = keys[random.Next(keys.Length)];
-                int cf = 1 + random.Next(2);
-                string name = cf + ":" + Convert.ToHexString(key);
-                if (random.Next(3) == 0)
-                {
-                    batch.Delete(cf, key);
-                    model.Remove(name);
-                }
-                else
-                {
-                    byte value = (byte)random.Next(256);
-                    batch.Put(cf, key, [value]);
-                    model[name] = value;
-                }
+                batch.Delete(cf, key);
+                model.Remove(name);
             }
-
-            Write(db, batch);
-
-            foreach (byte[] key in keys)
+            else
             {
-                for (int cf = 1; cf <= 2; cf++)
-                {
-                    int expected = model.TryGetValue(cf + ":" + Convert.ToHexString(key), out byte v) ? v : -999;   // Value: -1000 - (-1) when absent
-                    await Assert.That(Value(db, cf, key)).IsEqualTo(expected);
-                }
+                byte value = (byte)random.Next(256);
+                batch.Put(cf, key, [value]);
+                model[name] = value;
             }
         }
-        finally
+
+        Write(db, batch);
+
+        foreach (byte[] key in keys)
         {
-            Directory.Delete(path, recursive: true);
+            for (int cf = 1; cf <= 2; cf++)
+            {
+                int expected = model.TryGetValue(cf + ":" + Convert.ToHexString(key), out byte v) ? v : -999;   // Value: -1000 - (-1) when absent
+                await Assert.That(Value(db, cf, key)).IsEqualTo(expected);
+            }
         }
     }
 
@@ -276,5 +255,21 @@ public class MutationBatchTests
         Span<byte> value = stackalloc byte[8];
         int length = db.Get(cf, key, value);
         return length == 1 ? value[0] : -1000 - length;
+    }
+
+    /// <summary>A RocksDB with the test's column families in its own temporary directory, deleted on dispose.</summary>
+    private sealed class TempDb : IDisposable
+    {
+        private readonly string _path = Path.Combine(Path.GetTempPath(), "relay-mutation-test-" + Guid.NewGuid().ToString("N"));
+
+        public TempDb() => Db = RocksDb.Open(_path, Families, 1 << 20);
+
+        public RocksDb Db { get; }
+
+        public void Dispose()
+        {
+            Db.Dispose();
+            Directory.Delete(_path, recursive: true);
+        }
     }
 }

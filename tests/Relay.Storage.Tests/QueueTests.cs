@@ -77,9 +77,7 @@ public class QueueTests
         await Assert.That(t.Store.Statistics.MessagesDeleted).IsEqualTo(2);
 
         await t.ReopenAsync();
-        QueueHandle reloaded = t.Store.FindByRecipientId(q.RecipientId)!;
-        await Assert.That(t.Peek(reloaded)).IsNull();
-        await Assert.That(reloaded.MessageCount).IsEqualTo(0);
+        await ReloadedEmptyAsync(t, q);
     }
 
     [Test]
@@ -99,9 +97,7 @@ public class QueueTests
 
         // Neither the 100 messages nor 100 tombstones were written to a table file.
         await Assert.That(t.Store.Property(Cf.Messages, "rocksdb.total-sst-files-size")).IsEqualTo(0);
-        QueueHandle reloaded = t.Store.FindByRecipientId(q.RecipientId)!;
-        await Assert.That(t.Peek(reloaded)).IsNull();
-        await Assert.That(reloaded.MessageCount).IsEqualTo(0);
+        await ReloadedEmptyAsync(t, q);
     }
 
     [Test]
@@ -140,9 +136,7 @@ public class QueueTests
         t.Store.ReclaimSpace();
         await Assert.That(t.Store.Property(Cf.Messages, "rocksdb.total-sst-files-size")).IsEqualTo(0);
         await t.ReopenAsync();
-        reloaded = t.Store.FindByRecipientId(q.RecipientId)!;
-        await Assert.That(t.Peek(reloaded)).IsNull();
-        await Assert.That(reloaded.MessageCount).IsEqualTo(0);
+        reloaded = await ReloadedEmptyAsync(t, q);
         AppendResult next = await t.Store.AppendAsync(reloaded, 0, "after"u8);
         await Assert.That(next.MessageId).IsGreaterThan(ids[79]);
         await Assert.That(t.Peek(reloaded)!.Value.Id).IsEqualTo(next.MessageId);
@@ -402,5 +396,14 @@ public class QueueTests
         await Assert.That(() => t.Store.AppendAsync(q, 0, "m"u8).AsTask()).Throws<ObjectDisposedException>();
         await Assert.That(() => t.Store.FindByRecipientId(RandomNumberGenerator.GetBytes(24))).Throws<ObjectDisposedException>();
         await t.DisposeAsync();
+    }
+
+    /// <summary>The queue's handle as the store has it now, once asserted to hold no message.</summary>
+    private static async Task<QueueHandle> ReloadedEmptyAsync(TestStore t, QueueHandle q)
+    {
+        QueueHandle reloaded = t.Store.FindByRecipientId(q.RecipientId)!;
+        await Assert.That(t.Peek(reloaded)).IsNull();
+        await Assert.That(reloaded.MessageCount).IsEqualTo(0);
+        return reloaded;
     }
 }
