@@ -267,14 +267,7 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
                     return null;
                 }
                 QueueHandle queue = Keys.ParseQueueRecord(recipientId, record);
-                var (count, bytes, first, last) = totals;
-                // The epoch is read here, under the lock evictions bump it with, so no id is issued twice.
-                ulong epochBase = Volatile.Read(ref _epochBase);
-                queue.MessageCount = count;
-                queue.ByteCount = bytes;
-                queue.OldestBound = first;
-                queue.NextId = count > 0 ? Math.Max(last + 1, epochBase) : epochBase;
-                queue.DurableNextId = queue.NextId;
+                SetTotals(queue, totals);
                 _queues[key] = queue;
                 return queue;
             }
@@ -283,6 +276,22 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
         {
             ExitRead();
         }
+    }
+
+    /// <summary>
+    /// Sets what a handle knows of its messages from their stored totals, and its next id above every
+    /// id issued before. Caller holds _loadLock, under which evictions bump the epoch: read here, the
+    /// epoch base is above every id an evicted handle issued, so no id is issued twice.
+    /// </summary>
+    private void SetTotals(QueueHandle queue, (int Count, long Bytes, ulong First, ulong Last) totals)
+    {
+        var (count, bytes, first, last) = totals;
+        ulong epochBase = Volatile.Read(ref _epochBase);
+        queue.MessageCount = count;
+        queue.ByteCount = bytes;
+        queue.OldestBound = first;
+        queue.NextId = count > 0 ? Math.Max(last + 1, epochBase) : epochBase;
+        queue.DurableNextId = queue.NextId;
     }
 
     /// <summary>The queue's record (false: none) and, when there is one, its messages' totals.</summary>
