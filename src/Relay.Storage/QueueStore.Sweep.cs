@@ -110,7 +110,8 @@ public sealed partial class QueueStore
                     WriteOp op = ExpireQueueMessages(queue, hour, cutoff);
                     ops.Add((op, op.Count));
                 }
-                // else: the handle was evicted and replaced in between; the next sweep does it.
+                // else: the handle went stale in between (evicted, then replaced or the queue
+                // deleted); the next sweep finds the current handle or none.
             }
             if (ops.Count == 0)
             {
@@ -208,8 +209,9 @@ public sealed partial class QueueStore
                 }
                 if (!Acquire(queue))
                 {
-                    // The handle was evicted and replaced in between: the queue exists, and its
-                    // entry stays for the next sweep (dropping it would exempt the queue for ever).
+                    // The handle went stale in between (evicted, then replaced or the queue deleted):
+                    // the entry stays for the next sweep, which finds the current handle or none
+                    // (dropping it while the queue exists would exempt the queue for ever).
                     continue;
                 }
                 try
@@ -369,8 +371,9 @@ public sealed partial class QueueStore
     /// Drops from memory the handles without a <see cref="QueueHandle.Tag"/>, without writes in flight
     /// and not used for <paramref name="minIdle"/>; returns how many. The server calls it periodically
     /// and must not keep a handle without a Tag for longer than <paramref name="minIdle"/>: a stale
-    /// handle comes back to life on its next use unless the queue was loaded again meanwhile, in which
-    /// case its operations answer NotFound.
+    /// handle comes back to life on its next use, its state read again from the store as a fresh
+    /// load's is (another handle may have used the queue meanwhile), unless another handle of the
+    /// queue is loaded then or the queue was deleted, in which case its operations answer NotFound.
     /// </summary>
     public int EvictIdle(TimeSpan minIdle)
     {
@@ -404,8 +407,8 @@ public sealed partial class QueueStore
             }
             if (issuedIds)
             {
-                // A reloaded handle may find no stored message (all acked): a new epoch keeps its
-                // next ids above the ones it issued. Enqueued before any reload (which needs
+                // A handle loaded again (or this one revived) may find no stored message (all
+                // acked): a new epoch keeps its next ids above the ones it issued. Enqueued before any reload (which needs
                 // _loadLock), so no id of the new epoch is durable before the epoch itself.
                 BumpEpoch();
             }

@@ -328,8 +328,9 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
     }
 
     /// <summary>
-    /// Enters the queue's store lock, bringing an evicted handle back when no other handle of the
-    /// queue was loaded meanwhile. False: the handle is stale; the caller answers NotFound.
+    /// Enters the queue's store lock. An evicted handle first comes back to life as a fresh load
+    /// would make it (see <see cref="Revive"/>). False: the handle is stale, because another handle of
+    /// the queue is loaded or the queue no longer exists; the caller answers NotFound.
     /// </summary>
     private bool Acquire(QueueHandle queue)
     {
@@ -342,20 +343,80 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
                 return true;
             }
             queue.StoreLock.Exit();
+            if (!Revive(queue))
+            {
+                return false;
+            }
+        }
+    }
+
+    /// <summary>
+    /// Puts an evicted handle back into use with its state read again from the store: while it was
+    /// out, other handles of the queue may have been loaded, used and evicted in turn (moving the
+    /// queue's messages, its sender key and status), or deleted the queue. Its next id continues
+    /// above every id issued before, as a fresh load's does. False: another handle of the queue is
+    /// loaded, or its record is gone or belongs to another queue (the handle is marked Deleted).
+    /// True: the handle is in use again (or already was); the caller checks again.
+    /// </summary>
+    private bool Revive(QueueHandle queue)
+    {
+        if (queue.Deleted)
+        {
+            return false;
+        }
+        var key = new QueueKey(queue.RecipientId);
+        EnterRead();
+        try
+        {
+            // Read outside _loadLock and again under it if a handle was removed meanwhile, as in Load.
+            long removals = Interlocked.Read(ref _handleRemovals);
+            Span<byte> record = stackalloc byte[Keys.QueueRecordLength];
+            bool found = Read(queue.RecipientId, record, out var totals);
             lock (_loadLock)
             {
                 lock (queue.StoreLock)
                 {
-                    if (queue.Evicted)
+                    if (!queue.Evicted)
                     {
-                        if (!_queues.TryAdd(new QueueKey(queue.RecipientId), queue))
-                        {
-                            return false;
-                        }
-                        queue.Evicted = false;
+                        return true;
                     }
+                    if (queue.Deleted || _queues.ContainsKey(key))
+                    {
+                        return false;
+                    }
+                    if (Interlocked.Read(ref _handleRemovals) != removals)
+                    {
+                        found = Read(queue.RecipientId, record, out totals);
+                    }
+                    QueueHandle? stored = found ? Keys.ParseQueueRecord(queue.RecipientId, record) : null;
+                    if (stored is null
+                        || !stored.SenderId.AsSpan().SequenceEqual(queue.SenderId)
+                        || !stored.RecipientKey.AsSpan().SequenceEqual(queue.RecipientKey)
+                        || !stored.DeliveryKey.AsSpan().SequenceEqual(queue.DeliveryKey))
+                    {
+                        queue.Deleted = true;
+                        return false;
+                    }
+                    queue.SenderKey = stored.SenderKey;
+                    queue.Suspended = stored.Suspended;
+                    queue.CreatedHour = stored.CreatedHour;
+                    queue.LastActiveHour = stored.LastActiveHour;
+                    queue.LastExpiryHour = 0;
+                    queue.Peeked?.Clear();
+                    ClearTail(queue);
+                    SetTotals(queue, totals);
+                    if (!_queues.TryAdd(key, queue))
+                    {
+                        return false;   // a queue created meanwhile under this id (creation does not take _loadLock)
+                    }
+                    queue.Evicted = false;
+                    return true;
                 }
             }
+        }
+        finally
+        {
+            ExitRead();
         }
     }
 
