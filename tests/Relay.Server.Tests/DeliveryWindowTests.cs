@@ -257,11 +257,13 @@ public class DeliveryWindowTests
         await Assert.That(await NothingArrivesAsync(recipient, TimeSpan.FromMilliseconds(300))).IsTrue();
         await Assert.That(Text((await other.GetAsync(queue))!)).IsEqualTo("m1");
 
+        // Acknowledged there, m1 is deleted; its place in the subscriber's window stays taken until
+        // the subscriber acknowledges it too (here through m3).
         await other.AckThroughAsync(queue, d1.MessageId);
-        await Assert.That(Text(await NextDeliveryAsync(recipient))).IsEqualTo("m4");
+        await Assert.That(await NothingArrivesAsync(recipient, TimeSpan.FromMilliseconds(300))).IsTrue();
         await recipient.AckThroughAsync(queue, d3.MessageId);
-        var rest = new[] { await NextDeliveryAsync(recipient), await NextDeliveryAsync(recipient) };
-        await Assert.That(Text(rest[0]) + Text(rest[1])).IsEqualTo("m5m6");
+        var rest = new[] { await NextDeliveryAsync(recipient), await NextDeliveryAsync(recipient), await NextDeliveryAsync(recipient) };
+        await Assert.That(Text(rest[0]) + Text(rest[1]) + Text(rest[2])).IsEqualTo("m4m5m6");
         await Assert.That(Text((await other.GetAsync(queue))!)).IsEqualTo("m4");
     }
 
@@ -348,6 +350,40 @@ public class DeliveryWindowTests
             await client.RunAsync(relay.Address, c => c.AckAsync(queue, d.MessageId));
         }
         await Assert.That(Text(await NextAsync()) + Text(await NextAsync())).IsEqualTo("m5m6");
+    }
+
+    [Test]
+    public async Task An_ack_on_another_connection_deletes_the_message_but_frees_no_place_of_the_subscribers_window()
+    {
+        // Another device of the recipient polls (GET, ACK) while this one is subscribed, or acknowledges
+        // what it received before its subscription was taken: the messages are deleted, and the
+        // subscriber's window still holds them until it acknowledges them itself.
+        await using var relay = await TestRelay.StartAsync();
+        await using var subscriber = await relay.ConnectAsync();
+        await using var poller = await relay.ConnectAsync();
+        await using var sender = await relay.ConnectAsync();
+        var queue = await subscriber.CreateQueueAsync();
+        await SendAllAsync(sender, queue, 1, 5);
+        await subscriber.SubscribeAsync(queue, window: 2);
+        var first = await NextDeliveryAsync(subscriber);
+        var second = await NextDeliveryAsync(subscriber);
+
+        var polled = await poller.GetAsync(queue);
+        await Assert.That(polled!.MessageId).IsEqualTo(first.MessageId);
+        await poller.AckAsync(queue, polled.MessageId);
+        await Assert.That(await NothingArrivesAsync(subscriber, TimeSpan.FromMilliseconds(300))).IsTrue();
+
+        // The subscriber's own ACK of the deleted message finds nothing (NO_MSG) and frees its place.
+        var gone = await Assert.ThrowsAsync<RelayErrorException>(() => subscriber.AckAsync(queue, first.MessageId));
+        await Assert.That(gone!.Code).IsEqualTo(ErrorCode.NoMsg);
+        var third = await NextDeliveryAsync(subscriber);
+        await Assert.That(Text(third)).IsEqualTo("m3");
+        await subscriber.AckThroughAsync(queue, third.MessageId);   // covers the second too
+        var fourth = await NextDeliveryAsync(subscriber);
+        var fifth = await NextDeliveryAsync(subscriber);
+        await Assert.That((Text(second), Text(fourth), Text(fifth))).IsEqualTo(("m2", "m4", "m5"));
+        await subscriber.AckThroughAsync(queue, fifth.MessageId);
+        await Assert.That(await poller.GetAsync(queue)).IsNull();
     }
 
     [Test]

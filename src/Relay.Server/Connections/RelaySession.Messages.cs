@@ -275,13 +275,21 @@ internal sealed partial class RelaySession
         StoreCompletion.AfterAck(this, corr, queue, id, count, ack);
     }
 
-    private static void ReleaseThrough(QueueHandle queue, ulong id)
+    /// <summary>
+    /// This connection's ACK through <paramref name="id"/> was accepted (or found the messages gone):
+    /// frees the places of this connection's subscription, if it has one, and pushes the next
+    /// messages. Another connection's ACK deletes the messages it covers but frees no place of a
+    /// subscription elsewhere: a subscriber's window counts what it was pushed and has not
+    /// acknowledged itself (its own ACK of a message deleted meanwhile answers NO_MSG and frees the
+    /// place), so that a client can hold the relay to it.
+    /// </summary>
+    private void ReleaseThrough(QueueHandle queue, ulong id)
     {
         lock (queue.Sync)
         {
-            if (queue.Tag is Subscription s && s.TryReleaseThrough(id))
+            if (queue.Tag is Subscription s && ReferenceEquals(s.Session, this) && s.TryReleaseThrough(id))
             {
-                s.Session.DeliverNextLocked(s);
+                DeliverNextLocked(s);
             }
         }
     }
