@@ -425,6 +425,11 @@ public sealed class RelayClient : IAsyncDisposable
                 {
                     return;
                 }
+                catch (RelayConnectException)
+                {
+                    // The relay broke the protocol (the connection's Failure): the deliveries before
+                    // it were moved on above; the next connection starts afresh.
+                }
                 Drop(connection);
             }
         }

@@ -1,5 +1,6 @@
 using System.Buffers;
 using System.Buffers.Binary;
+using System.Runtime.InteropServices;
 using System.Security.Cryptography;
 using System.Text;
 using Relay.Protocol;
@@ -82,11 +83,11 @@ public sealed partial class RelayConnection
     }
 
     private ValueTask<Response> QueueCommandAsync(FrameType type, byte[] queueId, byte[]? privateKey, ReadOnlyMemory<byte> args1,
-        ReadOnlyMemory<byte> args2, CancellationToken cancellationToken)
+        ReadOnlyMemory<byte> args2, CancellationToken cancellationToken, in WindowEffect window = default)
     {
         var authKey = privateKey is null ? null : AuthKeyFor(privateKey);
         return RequestAsync((type, queueId, authKey, args1, args2), static (w, corr, s) =>
-            FrameWriter.WriteQueueCommand(w, s.type, corr, s.queueId, s.args1.Span, s.args2.Span, s.authKey), cancellationToken);
+            FrameWriter.WriteQueueCommand(w, s.type, corr, s.queueId, s.args1.Span, s.args2.Span, s.authKey), window, cancellationToken);
     }
 
     // SEND and ACK, once per message: their few bytes of args travel in the state and are laid out
@@ -114,7 +115,7 @@ public sealed partial class RelayConnection
             BinaryPrimitives.WriteUInt64BigEndian(args, s.messageId);
             args[8] = ProtocolConstants.AckThrough;
             FrameWriter.WriteQueueCommand(w, FrameType.Ack, corr, s.RecipientId, args.Slice(0, s.through ? 9 : 8), default, s.authKey);
-        }, cancellationToken);
+        }, WindowEffect.Ack(Id.From(queue.RecipientId), messageId), cancellationToken);
     }
 
     /// <summary>SKEY: secures the queue with the sender's key; from now on every SEND must carry its MAC.</summary>
@@ -138,7 +139,7 @@ public sealed partial class RelayConnection
         Expect(response, FrameType.Ok, "SEND");
     }
 
-    /// <summary>True once SUB was sent for this queue on this connection (and no END since).</summary>
+    /// <summary>True once SUB was sent for this queue on this connection (and no END, refusal or rejected delivery since).</summary>
     public bool IsSubscribed(RecipientQueue queue) => IsSubscribed(queue.RecipientId);
 
     /// <summary>Whether the queue with this recipient id is subscribed on this connection.</summary>
@@ -146,11 +147,14 @@ public sealed partial class RelayConnection
     {
         lock (_pendingLock)
         {
-            return _subscribed.ContainsKey(Id.From(recipientId));
+            return _subscribed.TryGetValue(Id.From(recipientId), out var subscription) && subscription.Cipher != null;
         }
     }
 
-    /// <summary>SUB: deliveries of this queue arrive on <see cref="Events"/>, one at a time (each after the ACK of the one before).</summary>
+    /// <summary>
+    /// SUB: deliveries of this queue arrive on <see cref="Events"/>, one at a time (each after the ACK
+    /// of the one before). The relay pushing a second before that ACK breaks the protocol (see <see cref="Events"/>).
+    /// </summary>
     public Task SubscribeAsync(RecipientQueue queue, CancellationToken cancellationToken = default) =>
         SubscribeAsync(queue, 1, cancellationToken);
 
@@ -159,6 +163,9 @@ public sealed partial class RelayConnection
     /// <see cref="Events"/> before the first is ACKed (the relay grants at most
     /// <see cref="ProtocolConstants.MaxDeliveryWindow"/>). ACKs must follow delivery order. A window
     /// above 1 saves a round trip per message on a slow link (Tor) and when draining a backlog.
+    /// The connection holds the relay to the window it grants: the queue's deliveries waiting on
+    /// <see cref="Events"/> and not acknowledged are at most that many, and one more breaks the
+    /// protocol (see <see cref="Events"/>). A SUB repeated on this connection replaces the window.
     /// </summary>
     public async Task SubscribeAsync(RecipientQueue queue, int window, CancellationToken cancellationToken = default)
     {
@@ -166,14 +173,10 @@ public sealed partial class RelayConnection
         ArgumentOutOfRangeException.ThrowIfGreaterThan(window, ushort.MaxValue);
         // Registered before the SUB: its deliveries may follow the OK in the same read.
         var id = Id.From(queue.RecipientId);
-        bool added = false;
+        bool added;
         lock (_pendingLock)
         {
-            if (!_subscribed.ContainsKey(id))
-            {
-                _subscribed[id] = (new DeliveryCipher(queue.DeliveryKey), queue);
-                added = true;
-            }
+            added = (CollectionsMarshal.GetValueRefOrAddDefault(_subscribed, id, out _) ??= new Subscription()).StartReceivingLocked(queue);
         }
         // A window of 1 sends no args: the SUB of a relay/1 client without windows.
         byte[]? args = null;
@@ -185,7 +188,8 @@ public sealed partial class RelayConnection
         Response response;
         try
         {
-            response = await QueueCommandAsync(FrameType.Sub, queue.RecipientId, queue.RecipientPrivateKey, args, default, cancellationToken);
+            response = await QueueCommandAsync(FrameType.Sub, queue.RecipientId, queue.RecipientPrivateKey, args, default, cancellationToken,
+                WindowEffect.Sub(id, DeliveryWindow.Grant(window)));
         }
         catch when (added)
         {
@@ -200,17 +204,26 @@ public sealed partial class RelayConnection
         Expect(response, FrameType.Ok, "SUB");
     }
 
+    /// <summary>The app no longer receives the queue (its SUB was refused, or the caller stopped waiting); its window stays as the relay granted it.</summary>
     private void Unsubscribed(Id id)
     {
-        (DeliveryCipher Cipher, RecipientQueue Queue) entry;
+        DeliveryCipher? cipher;
         lock (_pendingLock)
         {
-            if (!_subscribed.Remove(id, out entry)) return;
+            if (!_subscribed.TryGetValue(id, out var subscription)) return;
+            cipher = subscription.StopReceivingLocked();
+            if (subscription.Window.Granted == 0)
+            {
+                _subscribed.Remove(id);
+            }
         }
-        DisposeCipher(entry.Cipher);
+        if (cipher != null) DisposeCipher(cipher);
     }
 
-    /// <summary>ACK: deletes <paramref name="messageId"/>, which must be the queue's oldest message.</summary>
+    /// <summary>
+    /// ACK: deletes <paramref name="messageId"/>, which must be the queue's oldest message. Frees the
+    /// places of the queue's delivery window up to it as it is sent, whatever the answer.
+    /// </summary>
     public async Task AckAsync(RecipientQueue queue, ulong messageId, CancellationToken cancellationToken = default)
     {
         var response = await AckCommandAsync(queue, messageId, through: false, cancellationToken);

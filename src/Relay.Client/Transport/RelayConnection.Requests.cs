@@ -27,8 +27,17 @@ public sealed partial class RelayConnection
     /// requests may be in flight at once; answers are matched by correlation id. A token already
     /// cancelled sends nothing; one cancelled while the answer is awaited ends the wait (the answer,
     /// when it comes, is dropped). The result is awaited once, as every <see cref="ValueTask{TResult}"/>.
+    /// SUB and ACK go through <see cref="SubscribeAsync(RecipientQueue, int, CancellationToken)"/>,
+    /// <see cref="AckAsync"/> and <see cref="AckThroughAsync"/>, which count the queue's delivery
+    /// window (<see cref="Events"/>): one sent here is not counted, and the pushes it allows break
+    /// the protocol as far as this connection knows.
     /// </summary>
-    public ValueTask<Response> RequestAsync<TState>(TState state, Action<IBufferWriter<byte>, uint, TState> write, CancellationToken cancellationToken = default)
+    public ValueTask<Response> RequestAsync<TState>(TState state, Action<IBufferWriter<byte>, uint, TState> write, CancellationToken cancellationToken = default) =>
+        RequestAsync(state, write, default, cancellationToken);
+
+    /// <summary>A request; <paramref name="window"/> says what its sending and its answer do to a queue's delivery window.</summary>
+    private ValueTask<Response> RequestAsync<TState>(TState state, Action<IBufferWriter<byte>, uint, TState> write, in WindowEffect window,
+        CancellationToken cancellationToken)
     {
         uint corr = NextCorrelation();
         PendingRequest request;
@@ -44,7 +53,10 @@ public sealed partial class RelayConnection
             }
             request = _requestPool.TryPop(out var pooled) ? pooled : new PendingRequest(this);
             request.Correlation = corr;
-            _pending[corr] = request;
+            _pending[corr] = new InFlight(request, window);
+            // Before the request can leave: the relay may act on it (an ACK frees places of the
+            // window) before its answer.
+            SendingLocked(window);
         }
         try
         {
@@ -85,8 +97,9 @@ public sealed partial class RelayConnection
     /// </summary>
     /// <remarks>
     /// Exactly one of three completes it: the answer (<see cref="OnFrame"/>), the connection's failure
-    /// (<see cref="Fail"/>) or the caller's cancellation; the one that removes its correlation id from
-    /// <c>_pending</c> under <c>_pendingLock</c>. The others find no entry and leave it alone. Continuations
+    /// (<see cref="Fail"/>) or the caller's cancellation; the one that takes it from its entry in
+    /// <c>_pending</c> under <c>_pendingLock</c>. The others find no entry (or an entry without it: a
+    /// SUB or ACK whose answer still counts for a delivery window) and leave it alone. Continuations
     /// run on the thread pool, never inline on the read loop or on the thread that cancels. Before it
     /// goes back to the pool, the registration on the caller's token is disposed (which waits for a
     /// cancellation callback running on another thread), so no late callback touches the next request.
@@ -130,7 +143,7 @@ public sealed partial class RelayConnection
             bool removed;
             lock (_owner._pendingLock)
             {
-                removed = _owner._pending.Remove(Correlation);
+                removed = _owner.AbandonLocked(Correlation, this);
             }
             if (removed)
             {

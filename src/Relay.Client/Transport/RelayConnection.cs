@@ -37,9 +37,10 @@ public sealed partial class RelayConnection : IAsyncDisposable
     private readonly Pipe _output = new(new PipeOptions(pauseWriterThreshold: 0, resumeWriterThreshold: 0, useSynchronizationContext: false));
     private readonly Lock _writeLock = new();
     private readonly Lock _pendingLock = new();
-    private readonly Dictionary<uint, PendingRequest> _pending = new();
-    // Subscribed queues of this connection with their delivery ciphers, by recipient id.
-    private readonly Dictionary<Id, (DeliveryCipher Cipher, RecipientQueue Queue)> _subscribed = new();
+    private readonly Dictionary<uint, InFlight> _pending = new();
+    // Queues subscribed on this connection, by recipient id: their delivery ciphers while the app
+    // receives them, and the delivery window the relay granted (RelayConnection.Window.cs).
+    private readonly Dictionary<Id, Subscription> _subscribed = new();
     private readonly Dictionary<Id, MacKey> _authKeys = new();
     private readonly Channel<RelayEvent> _events = Channel.CreateUnbounded<RelayEvent>(new UnboundedChannelOptions { SingleReader = false, SingleWriter = true });
     private readonly CancellationTokenSource _closed = new();
@@ -57,7 +58,18 @@ public sealed partial class RelayConnection : IAsyncDisposable
     public byte[] SessionId { get; }
     private readonly byte[] _sessionKey;
 
-    /// <summary>Events pushed by the relay (deliveries, ended subscriptions). Completes when the connection is lost.</summary>
+    /// <summary>
+    /// Events pushed by the relay (deliveries, ended subscriptions). Bounded by the delivery windows
+    /// the relay granted: it may push a queue's messages only while fewer than the window of the
+    /// queue's last SUB are delivered and not acknowledged on this connection (a SUB repeated, or an
+    /// ACK answered INTERNAL, makes the relay deliver again from the oldest stored message), and the
+    /// connection holds it to that. A push beyond the window, or of a queue this connection has not
+    /// subscribed, breaks the protocol: the connection fails with a
+    /// <see cref="RelayConnectException"/> whose inner exception is a <see cref="ProtocolException"/>.
+    /// Completes when the connection ends, after the events received before: normally when it was
+    /// lost or closed (<see cref="Failure"/> says why), with that exception when the relay broke the
+    /// protocol.
+    /// </summary>
     public ChannelReader<RelayEvent> Events => _events.Reader;
 
     /// <summary>Cancelled when the connection is lost or disposed.</summary>
@@ -281,6 +293,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
     private async Task ReadLoopAsync(PipeReader input)
     {
         Exception? failure = null;
+        bool brokeProtocol = false;
         try
         {
             while (true)
@@ -309,6 +322,13 @@ public sealed partial class RelayConnection : IAsyncDisposable
         {
             failure = new RelayConnectException("the connection was closed");
         }
+        catch (ProtocolException ex)
+        {
+            // A frame no relay following PROTOCOL.md sends: nothing after it is to be trusted. The
+            // event stream ends with this error, after the events received before it.
+            failure = new RelayConnectException($"the relay broke the protocol: {ex.Message}; the connection was closed", ex);
+            brokeProtocol = true;
+        }
         catch (Exception ex)
         {
             failure = ex is RelayConnectException ? ex : new RelayConnectException($"the connection to the relay was lost: {ex.Message}", ex);
@@ -316,7 +336,12 @@ public sealed partial class RelayConnection : IAsyncDisposable
         finally
         {
             await input.CompleteAsync();
-            Fail(failure ?? new RelayConnectException("the connection was closed"));
+            Fail(failure ?? new RelayConnectException("the connection was closed"), brokeProtocol);
+            if (brokeProtocol)
+            {
+                // Closed at once rather than when the app disposes the connection: the relay sees it gone.
+                await CloseTransportAsync();
+            }
         }
     }
 
@@ -333,11 +358,19 @@ public sealed partial class RelayConnection : IAsyncDisposable
                 OnPush(frame);
                 return;
             }
-            PendingRequest? pending;
+            PendingRequest? pending = null;
             lock (_pendingLock)
             {
-                // Not there: the caller's wait was cancelled, the answer is dropped.
-                _pending.Remove(corr, out pending);
+                // Not there: the caller's wait was cancelled, the answer is dropped. A SUB's or an
+                // ACK's answer still counts for the queue's delivery window, read here in stream order.
+                if (_pending.Remove(corr, out var request))
+                {
+                    pending = request.Caller;
+                    if (request.Kind != RequestKind.Other)
+                    {
+                        AnsweredLocked(request, frame);
+                    }
+                }
             }
             pending?.SetResult(new Response(frame.Type, frame.Payload.ToArray()));
         }
@@ -359,16 +392,17 @@ public sealed partial class RelayConnection : IAsyncDisposable
                 break;
             case FrameType.End when frame.Payload.Length == ProtocolConstants.IdSize:
                 var id = frame.Payload.ToArray();
-                (DeliveryCipher Cipher, RecipientQueue Queue) ended;
-                bool wasSubscribed;
+                DeliveryCipher? ended;
                 lock (_pendingLock)
                 {
-                    wasSubscribed = _subscribed.Remove(Id.From(id), out ended);
+                    // The app stops receiving the queue; its window stays as the last SUB granted it
+                    // (RelayConnection.Window.cs).
+                    ended = _subscribed.TryGetValue(Id.From(id), out var subscription) ? subscription.StopReceivingLocked() : null;
                 }
-                if (wasSubscribed)
+                if (ended != null)
                 {
                     // (An END for a queue not subscribed here tells the app nothing: dropped.)
-                    DisposeCipher(ended.Cipher);
+                    DisposeCipher(ended);
                     _events.Writer.TryWrite(new SubscriptionEndedEvent(id));
                 }
                 break;
@@ -386,16 +420,22 @@ public sealed partial class RelayConnection : IAsyncDisposable
     {
         delivery = null!;
         queue = null!;
-        if (payload.Length < ProtocolConstants.IdSize)
+        if (payload.Length < ProtocolConstants.IdSize + 8)
         {
-            throw new RelayConnectException("the relay sent a malformed delivery; the connection was closed");
+            ProtocolException.Throw(ErrorCode.Syntax, "it sent a delivery too short to name its queue and message");
         }
         var id = Id.From(payload.Slice(0, ProtocolConstants.IdSize));
-        (DeliveryCipher Cipher, RecipientQueue Queue) subscribed;
+        ulong pushedId = BinaryPrimitives.ReadUInt64BigEndian(payload.Slice(ProtocolConstants.IdSize));
+        DeliveryCipher? cipher;
+        RecipientQueue? subscribedQueue;
         lock (_pendingLock)
         {
-            // Not (or no longer) subscribed here: a push that crossed an END or a refusal.
-            if (!_subscribed.TryGetValue(id, out subscribed)) return false;
+            var subscription = CountPushLocked(id, pushedId);
+            // Not received by the app (any more): a push that crossed an END, a rejected delivery, a
+            // SUB whose caller stopped waiting. Counted above all the same.
+            cipher = subscription.Cipher;
+            subscribedQueue = subscription.Queue;
+            if (cipher is null || subscribedQueue is null) return false;
         }
         var body = new byte[Math.Max(0, payload.Length - ProtocolConstants.MsgOverhead)];
         bool opened;
@@ -404,26 +444,29 @@ public sealed partial class RelayConnection : IAsyncDisposable
         byte flags;
         // A refused or cancelled SUB removes and disposes the cipher from another thread: decrypting
         // and disposing take its lock, so a freed native context is never used.
-        lock (subscribed.Cipher)
+        lock (cipher)
         {
-            if (subscribed.Cipher.IsDisposed) return false;
-            opened = RelayCrypto.TryOpenDelivery(subscribed.Cipher, payload, body, out messageId, out hour, out flags, out _);
+            if (cipher.IsDisposed) return false;
+            opened = RelayCrypto.TryOpenDelivery(cipher, payload, body, out messageId, out hour, out flags, out _);
         }
         if (!opened)
         {
             // Not sealed with this queue's delivery key: the app's key for it is wrong, or the relay
             // does not follow the protocol. Retrying cannot help, and skipping the message would
             // leave it holding a place of the window: the queue stops here, the others go on.
+            bool stopped;
             lock (_pendingLock)
             {
-                _subscribed.Remove(id);
+                stopped = _subscribed.TryGetValue(id, out var subscription) && ReferenceEquals(subscription.Cipher, cipher)
+                    && subscription.StopReceivingLocked() != null;
             }
-            DisposeCipher(subscribed.Cipher);
-            _events.Writer.TryWrite(new DeliveryRejectedEvent(subscribed.Queue,
+            if (!stopped) return false;
+            DisposeCipher(cipher);
+            _events.Writer.TryWrite(new DeliveryRejectedEvent(subscribedQueue,
                 "a delivery failed its integrity check (wrong delivery key, or a relay that does not follow the protocol); the queue is no longer subscribed and its messages stay on the relay"));
             return false;
         }
-        queue = subscribed.Queue;
+        queue = subscribedQueue;
         delivery = new Delivery(queue.RecipientId, messageId, hour, flags, body);
         return true;
     }
@@ -436,15 +479,20 @@ public sealed partial class RelayConnection : IAsyncDisposable
         }
     }
 
-    private void Fail(Exception failure)
+    /// <summary>Ends the connection: every request in flight fails with the first failure, and the event stream completes (with that failure when <paramref name="brokeProtocol"/>).</summary>
+    private void Fail(Exception failure, bool brokeProtocol = false)
     {
-        _failure ??= failure;
-        List<PendingRequest> pending;
+        List<PendingRequest> pending = [];
         lock (_pendingLock)
         {
             // From here on RequestAsync refuses new requests: none can slip in after the copy below.
+            brokeProtocol &= _failure is null;
+            _failure ??= failure;
             _failing = true;
-            pending = [.. _pending.Values];
+            foreach (var request in _pending.Values)
+            {
+                if (request.Caller != null) pending.Add(request.Caller);
+            }
             _pending.Clear();
         }
         lock (_writeLock)
@@ -457,12 +505,12 @@ public sealed partial class RelayConnection : IAsyncDisposable
         }
         // Closed before the failures: a caller that sees one sees the connection closed (RunAsync retries).
         try { _closed.Cancel(); } catch (AggregateException) { /* a caller's callback threw: the connection is closed anyway */ }
-        // (A request whose caller's wait was cancelled left _pending then: it is not among these.)
+        // (A request whose caller's wait was cancelled has no caller in _pending then: it is not among these.)
         foreach (var p in pending)
         {
             p.SetException(_failure);
         }
-        _events.Writer.TryComplete();
+        _events.Writer.TryComplete(brokeProtocol ? _failure : null);
     }
 
     private async Task CopyOutputAsync()
@@ -576,6 +624,32 @@ public sealed partial class RelayConnection : IAsyncDisposable
     public async ValueTask DisposeAsync()
     {
         Fail(new RelayConnectException("the connection was closed"));
+        await CloseTransportAsync();
+        try
+        {
+            await _readLoop.WaitAsync(TimeSpan.FromSeconds(5));
+        }
+        catch (Exception)
+        {
+            // Closing anyway.
+        }
+        lock (_writeLock)
+        lock (_pendingLock)
+        {
+            foreach (var subscription in _subscribed.Values)
+            {
+                if (subscription.StopReceivingLocked() is { } cipher) DisposeCipher(cipher);
+            }
+            _subscribed.Clear();
+            foreach (var key in _authKeys.Values) key.Dispose();
+            _authKeys.Clear();
+        }
+        // _closed is not disposed: Closed stays readable (and cancelled) after disposal.
+    }
+
+    /// <summary>After <see cref="Fail"/>: lets the copy loop finish, then closes the transport. Never throws.</summary>
+    private async Task CloseTransportAsync()
+    {
         try
         {
             await _copyLoop.WaitAsync(TimeSpan.FromSeconds(5));
@@ -591,26 +665,9 @@ public sealed partial class RelayConnection : IAsyncDisposable
         catch (Exception)
         {
             // Closing anyway: a transport that fails to close (a caller's stream that flushes to a
-            // peer that is gone) must neither keep the keys below from being disposed nor fault a
+            // peer that is gone) must neither keep the keys from being disposed nor fault a
             // DisposeAsync that nobody awaits (RelayClient closes a lost connection without waiting).
         }
-        try
-        {
-            await _readLoop.WaitAsync(TimeSpan.FromSeconds(5));
-        }
-        catch (Exception)
-        {
-            // Closing anyway.
-        }
-        lock (_writeLock)
-        lock (_pendingLock)
-        {
-            foreach (var (cipher, _) in _subscribed.Values) DisposeCipher(cipher);
-            _subscribed.Clear();
-            foreach (var key in _authKeys.Values) key.Dispose();
-            _authKeys.Clear();
-        }
-        // _closed is not disposed: Closed stays readable (and cancelled) after disposal.
     }
 
     /// <summary>A 24- or 32-byte value as a dictionary key.</summary>
