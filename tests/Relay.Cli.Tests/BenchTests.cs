@@ -89,6 +89,49 @@ public class BenchTests
         await Assert.That(started.Elapsed).IsLessThan(TimeSpan.FromSeconds(10));
     }
 
+    [Test]
+    public async Task A_paced_run_keeps_to_its_rate_and_checks_every_message_it_sent()
+    {
+        using var files = new SettingsFiles();
+        await using var relay = await StartRelayAsync(files);
+        var options = Small(BenchScenario.Paced);
+        options.Rate = 1000;
+        options.Duration = TimeSpan.FromSeconds(1);
+        options.Warmup = TimeSpan.FromSeconds(0.2);
+        var result = await new LoadGenerator(relay.Address, options, TextWriter.Null).RunAsync(CancellationToken.None);
+
+        await Assert.That(result.Sent).IsEqualTo(1200);
+        await Assert.That(result.Received).IsEqualTo(1200);
+        await Assert.That(result.Lost).IsEqualTo(0);
+        await Assert.That(result.Duplicated).IsEqualTo(0);
+        await Assert.That(result.MeasuredMessages).IsEqualTo(1000);
+        // No message leaves before its due time: the measured thousand take at least their second.
+        await Assert.That(result.Seconds).IsGreaterThanOrEqualTo(0.99);
+        await Assert.That(result.MessagesPerSecond).IsLessThanOrEqualTo(1010);
+        await Assert.That(result.PacerLagP99Ms).IsNotNull();
+        await Assert.That(result.PacerLagP99Ms!.Value).IsGreaterThanOrEqualTo(0);
+    }
+
+    [Test]
+    public async Task A_paced_send_the_relay_answers_QUOTA_goes_again_until_it_is_taken_and_arrives_once()
+    {
+        using var files = new SettingsFiles();
+        // One place per queue: a message due while the one before is still unacknowledged is refused.
+        await using var relay = await StartRelayAsync(files, queueMaxMessages: 1);
+        var options = Small(BenchScenario.Paced);
+        options.Queues = 1;
+        options.Rate = 2000;
+        options.Duration = TimeSpan.FromSeconds(0.1);
+        options.Warmup = TimeSpan.Zero;
+        var result = await new LoadGenerator(relay.Address, options, TextWriter.Null).RunAsync(CancellationToken.None);
+
+        await Assert.That(result.QuotaRetries).IsGreaterThan(0);
+        await Assert.That(result.Sent).IsEqualTo(200);
+        await Assert.That(result.Received).IsEqualTo(200);
+        await Assert.That(result.Lost).IsEqualTo(0);
+        await Assert.That(result.Duplicated).IsEqualTo(0);
+    }
+
     /// <summary>A small run over plain TCP: 200 messages of 64 bytes, 2 queues, one producer and one consumer.</summary>
     private static BenchOptions Small(BenchScenario scenario) => new()
     {

@@ -49,6 +49,8 @@ public sealed record BenchResult
     /// <summary>Garbage collections of this process (any generation) in the measured part, an in-process relay's included, and their total pause.</summary>
     public int GeneratorCollections { get; init; }
     public double GeneratorGcPauseMs { get; init; }
+    /// <summary>Paced: how late after its due time the pacer sent a message, at p99 (latency is measured from the actual send).</summary>
+    public double? PacerLagP99Ms { get; init; }
     public double Seconds { get; init; }
     public double MessagesPerSecond { get; init; }
     public double P50Ms { get; init; }

@@ -1,7 +1,7 @@
 using System.Buffers.Binary;
 using System.Diagnostics;
 using System.Runtime.CompilerServices;
-using System.Threading.Tasks.Sources;
+using System.Runtime.InteropServices;
 using Relay.Client.Transport;
 using Relay.Protocol;
 
@@ -11,7 +11,7 @@ namespace Relay.Bench;
 /// The load generator behind <c>relay bench</c>. Every message carries its number and its send time,
 /// so the consumers count losses and duplicates and measure send-to-receive latency.
 /// </summary>
-public sealed class LoadGenerator(RelayAddress address, BenchOptions options, TextWriter progress)
+public sealed partial class LoadGenerator(RelayAddress address, BenchOptions options, TextWriter progress)
 {
     private RelayConnectionOptions ConnectionOptions => new() { Socks = options.Socks, Tls = options.Tls };
 
@@ -147,8 +147,16 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
             latencies.Sort();
             double Percentile(double p) => latencies.Count == 0 ? 0
                 : latencies[Math.Min(latencies.Count - 1, (int)Math.Ceiling(p * latencies.Count) - 1)] * 1000.0 / Stopwatch.Frequency;
+            double? pacerLagP99 = null;
+            if (_paceLagTicks.Length == total && total > _warmup)
+            {
+                var lags = _paceLagTicks.AsSpan(_warmup).ToArray();
+                Array.Sort(lags);
+                pacerLagP99 = lags[Math.Min(lags.Length - 1, (int)Math.Ceiling(0.99 * lags.Length) - 1)] * 1000.0 / Stopwatch.Frequency;
+            }
             return new BenchResult
             {
+                PacerLagP99Ms = pacerLagP99,
                 Scenario = options.Scenario.ToString().ToLowerInvariant(),
                 Sent = sent,
                 Received = received,
@@ -212,7 +220,11 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
 
     private async Task ProduceAsync(RelayConnection[] producers, QueueInfo[] queues, int total, long paceStart, CancellationToken cancellationToken)
     {
-        double perMessageTicks = options.Scenario == BenchScenario.Paced ? Stopwatch.Frequency / (double)options.Rate : 0;
+        if (options.Scenario == BenchScenario.Paced)
+        {
+            await PaceAsync(producers, queues, total, paceStart, cancellationToken);
+            return;
+        }
         var workers = new List<Task>();
         for (int p = 0; p < producers.Length; p++)
         {
@@ -228,19 +240,12 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
                 workers.Add(Task.Run(async () =>
                 {
                     var body = new byte[Math.Max(options.Size, 16)];
-                    using var pace = perMessageTicks > 0 ? new PaceTimer() : null;
                     while (true)
                     {
                         int k = Interlocked.Increment(ref turn.Value);
                         long seqLong = producerIndex + (long)k * producers.Length;
                         if (seqLong >= total) return;
                         int seq = (int)seqLong;
-                        if (perMessageTicks > 0)
-                        {
-                            long due = paceStart + (long)(seq * perMessageTicks);
-                            long wait = due - Stopwatch.GetTimestamp();
-                            if (wait > 0) await pace!.WaitAsync(Stopwatch.GetElapsedTime(0, wait), cancellationToken);
-                        }
                         var queue = own[k % own.Length];
                         BinaryPrimitives.WriteInt32BigEndian(body, seq);
                         while (true)
@@ -427,59 +432,219 @@ public sealed class LoadGenerator(RelayAddress address, BenchOptions options, Te
         }
     }
 
+    private int BodySize => Math.Max(options.Size, 16);
+    private long[] _paceLagTicks = [];   // paced: how long after its due time each message was sent
+    private Exception? _paceFailure;
+
     /// <summary>
-    /// The pacer's wait: Task.Delay's timing (whole milliseconds; under one, no wait) and cancellation,
-    /// on one timer per sending task, re-armed for each message instead of a new timer and task per
-    /// message. One wait at a time; the timer and the token race to complete it, the first one wins.
+    /// Paced: one thread sends every message at its due time, sleeping on the kernel's high-resolution
+    /// timer in between, and sends it itself (a lone request leaves on the caller's thread), so the
+    /// messages leave evenly instead of in bunches whenever a coarse timer fires. Sends are not awaited
+    /// one by one: at most <see cref="BenchOptions.Window"/> per producer are unanswered; while a
+    /// producer's are all out the pacer waits and falls behind, which the pacer lag reports.
     /// </summary>
-    private sealed class PaceTimer : IValueTaskSource, IDisposable
+    private Task PaceAsync(RelayConnection[] producers, QueueInfo[] queues, int total, long paceStart, CancellationToken cancellationToken)
     {
-        private static readonly Action<object?, CancellationToken> s_cancel = static (state, token) =>
+        _paceLagTicks = new long[total];
+        var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var pacer = new Thread(() =>
         {
-            var pace = (PaceTimer)state!;
-            if (Interlocked.Exchange(ref pace._waiting, 0) == 1)
+            try
             {
-                pace._timer.Change(Timeout.Infinite, Timeout.Infinite);
-                pace._core.SetException(new OperationCanceledException(token));
+                Pace(producers, queues, total, paceStart, cancellationToken);
+                done.TrySetResult();
             }
-        };
+            catch (OperationCanceledException ex)
+            {
+                done.TrySetCanceled(ex.CancellationToken);
+            }
+            catch (Exception ex)
+            {
+                done.TrySetException(ex);
+            }
+        })
+        { IsBackground = true, Name = "relay bench pacer" };
+        pacer.Start();
+        return done.Task;
+    }
 
-        private ManualResetValueTaskSourceCore<bool> _core;
-        private readonly Timer _timer;
-        private CancellationTokenRegistration _cancellation;
-        private int _waiting;
-
-        public PaceTimer() => _timer = new Timer(static state =>
+    private void Pace(RelayConnection[] producers, QueueInfo[] queues, int total, long paceStart, CancellationToken cancellationToken)
+    {
+        double perMessageTicks = Stopwatch.Frequency / (double)options.Rate;
+        int p = producers.Length;
+        var own = new QueueInfo[p][];
+        var free = new Stack<PacedSend>[p];
+        var slots = new List<PacedSend>();
+        for (int i = 0; i < p; i++)
         {
-            var pace = (PaceTimer)state!;
-            if (Interlocked.Exchange(ref pace._waiting, 0) == 1) pace._core.SetResult(true);
-        }, this, Timeout.Infinite, Timeout.Infinite);
-
-        public ValueTask WaitAsync(TimeSpan delay, CancellationToken cancellationToken)
+            int producerIndex = i;
+            // Producer i sends sequence numbers i, i + P, ... over its own queues, as in live.
+            own[i] = queues.Where((_, q) => q % p == producerIndex % p).ToArray();
+            if (own[i].Length == 0) own[i] = queues;
+            free[i] = new Stack<PacedSend>();
+            for (int w = 0; w < options.Window; w++)
+            {
+                var slot = new PacedSend(this, producers[i], free[i], cancellationToken);
+                free[i].Push(slot);
+                slots.Add(slot);
+            }
+        }
+        var body = new byte[Math.Max(options.Size, 16)];
+        for (int seq = 0; seq < total; seq++)
         {
-            if (cancellationToken.IsCancellationRequested) return ValueTask.FromCanceled(cancellationToken);
-            long milliseconds = (long)delay.TotalMilliseconds;
-            if (milliseconds <= 0) return ValueTask.CompletedTask;
-            _core.Reset();
-            Volatile.Write(ref _waiting, 1);
-            _timer.Change(milliseconds, Timeout.Infinite);
-            if (cancellationToken.CanBeCanceled) _cancellation = cancellationToken.UnsafeRegister(s_cancel, this);
-            return new ValueTask(this, _core.Version);
+            long due = paceStart + (long)(seq * perMessageTicks);
+            SleepUntil(due, cancellationToken);
+            int producer = seq % p;
+            PacedSend? slot;
+            while (true)
+            {
+                if (Volatile.Read(ref _paceFailure) is { } failure) throw failure;
+                lock (free[producer])
+                {
+                    free[producer].TryPop(out slot);
+                }
+                if (slot is not null) break;
+                SleepUntil(Stopwatch.GetTimestamp() + Stopwatch.Frequency / 20_000, cancellationToken);   // 50 us
+            }
+            var queue = own[producer][seq / p % own[producer].Length];
+            BinaryPrimitives.WriteInt32BigEndian(body, seq);
+            long now = Stopwatch.GetTimestamp();
+            BinaryPrimitives.WriteInt64BigEndian(body.AsSpan(8), now);
+            _paceLagTicks[seq] = Math.Max(0, now - due);
+            // The body is copied into the connection's output before SendAsync returns.
+            slot.Start(queue.Sender, seq, producers[producer].SendAsync(queue.Sender, body, 0, cancellationToken));
+        }
+        // Every send answered (or failed) before the run counts what arrived.
+        foreach (var slot in slots) slot.WaitIdle(cancellationToken);
+        if (Volatile.Read(ref _paceFailure) is { } failed) throw failed;
+    }
+
+    private void PaceFailed(Exception failure) => Interlocked.CompareExchange(ref _paceFailure, failure, null);
+
+    /// <summary>Sleeps until <paramref name="timestamp"/> (a <see cref="Stopwatch"/> timestamp), in steps of at most 10 ms so cancellation is seen.</summary>
+    private static void SleepUntil(long timestamp, CancellationToken cancellationToken)
+    {
+        while (true)
+        {
+            cancellationToken.ThrowIfCancellationRequested();
+            long wait = timestamp - Stopwatch.GetTimestamp();
+            if (wait <= 0) return;
+            long nanoseconds = Math.Min((long)(wait * (1e9 / Stopwatch.Frequency)), 10_000_000);
+            if (OperatingSystem.IsLinux())
+            {
+                NanoSleep(nanoseconds);
+            }
+            else
+            {
+                Thread.Sleep(TimeSpan.FromTicks(Math.Max(TimeSpan.TicksPerMillisecond, nanoseconds / 100)));
+            }
+        }
+    }
+
+    private static unsafe void NanoSleep(long nanoseconds)
+    {
+        var request = new Timespec { Seconds = nanoseconds / 1_000_000_000, Nanoseconds = nanoseconds % 1_000_000_000 };
+        _ = nanosleep(&request, null);   // interrupted early (EINTR): the caller's loop sleeps again
+    }
+
+    private struct Timespec
+    {
+        public long Seconds;
+        public long Nanoseconds;
+    }
+
+    [LibraryImport("libc", SetLastError = false)]
+    private static unsafe partial int nanosleep(Timespec* request, Timespec* remaining);
+
+    /// <summary>
+    /// One paced SEND in flight: its answer is observed by a continuation kept with the slot (no
+    /// allocation per message), and the slot goes back to its producer's free list. A QUOTA answer is
+    /// retried after 5 ms, as live does; any other failure ends the run.
+    /// </summary>
+    private sealed class PacedSend
+    {
+        private readonly LoadGenerator _owner;
+        private readonly RelayConnection _producer;
+        private readonly Stack<PacedSend> _free;
+        private readonly CancellationToken _cancellation;
+        private readonly Action _onAnswered;
+        private SenderQueue? _queue;
+        private int _seq;
+        private Task _send = Task.CompletedTask;
+        private int _busy;
+
+        public PacedSend(LoadGenerator owner, RelayConnection producer, Stack<PacedSend> free, CancellationToken cancellation)
+        {
+            _owner = owner;
+            _producer = producer;
+            _free = free;
+            _cancellation = cancellation;
+            _onAnswered = OnAnswered;
         }
 
-        public void GetResult(short token)
+        public void Start(SenderQueue queue, int seq, Task send)
         {
-            // Disposed first (it waits for a cancellation callback still running): none reaches the next wait.
-            _cancellation.Dispose();
-            _cancellation = default;
-            _core.GetResult(token);
+            _queue = queue;
+            _seq = seq;
+            _send = send;
+            Volatile.Write(ref _busy, 1);
+            send.ConfigureAwait(false).GetAwaiter().UnsafeOnCompleted(_onAnswered);
         }
 
-        public ValueTaskSourceStatus GetStatus(short token) => _core.GetStatus(token);
+        private void OnAnswered()
+        {
+            var send = _send;
+            if (send.IsCompletedSuccessfully)
+            {
+                Interlocked.Increment(ref _owner._sent);
+                Release();
+            }
+            else if (send.Exception?.InnerException is RelayErrorException { Code: ErrorCode.Quota })
+            {
+                _ = RetryAsync();
+            }
+            else
+            {
+                _owner.PaceFailed(send.Exception?.InnerException ?? new OperationCanceledException(_cancellation));
+                Release();
+            }
+        }
 
-        public void OnCompleted(Action<object?> continuation, object? state, short token, ValueTaskSourceOnCompletedFlags flags) =>
-            _core.OnCompleted(continuation, state, token, flags);
+        private async Task RetryAsync()
+        {
+            Interlocked.Increment(ref _owner._quotaRetries);
+            try
+            {
+                await Task.Delay(5, _cancellation);
+                var body = new byte[_owner.BodySize];
+                BinaryPrimitives.WriteInt32BigEndian(body, _seq);
+                BinaryPrimitives.WriteInt64BigEndian(body.AsSpan(8), Stopwatch.GetTimestamp());
+                Start(_queue!, _seq, _producer.SendAsync(_queue!, body, 0, _cancellation));
+            }
+            catch (Exception ex)
+            {
+                _owner.PaceFailed(ex);
+                Release();
+            }
+        }
 
-        public void Dispose() => _timer.Dispose();
+        private void Release()
+        {
+            _send = Task.CompletedTask;
+            Volatile.Write(ref _busy, 0);
+            lock (_free)
+            {
+                _free.Push(this);
+            }
+        }
+
+        public void WaitIdle(CancellationToken cancellationToken)
+        {
+            while (Volatile.Read(ref _busy) != 0)
+            {
+                cancellationToken.ThrowIfCancellationRequested();
+                Thread.Sleep(1);
+            }
+        }
     }
 }

@@ -155,6 +155,10 @@ public static class BenchCommand
         {
             Console.Out.WriteLine(string.Format(c, "warm-up: the first {0:N0} messages are in the counts above and not in latency, rate or CPU", r.WarmupMessages));
         }
+        if (r.PacerLagP99Ms is { } lag)
+        {
+            Console.Out.WriteLine(string.Format(c, "pacer: p99 {0:0.000} ms after the due time (latency is measured from each actual send)", lag));
+        }
         Console.Out.WriteLine(string.Format(c, "CPU per message: {0:0.00} us in this process{1}{2}", r.ProcessCpuUsPerMessage,
             r.LocalRelay ? " (relay and load generator together)" : "",
             r.RelayCpuUsPerMessage is { } rc ? string.Format(c, "; relay process {0:0.00} us", rc) : ""));
@@ -186,6 +190,7 @@ public static class BenchCommand
             if (r.RelayCpuUsPerMessage is { } rc) w.WriteNumber("relay_cpu_us_per_message", Math.Round(rc, 2));
             w.WriteNumber("generator_gc_collections", r.GeneratorCollections);
             w.WriteNumber("generator_gc_pause_ms", Math.Round(r.GeneratorGcPauseMs, 1));
+            if (r.PacerLagP99Ms is { } lag) w.WriteNumber("pacer_lag_p99_ms", Math.Round(lag, 3));
             w.WriteBoolean("local_relay", r.LocalRelay);
             w.WriteEndObject();
         }
