@@ -7,7 +7,7 @@
 # One memory budget is (10,000 idle subscribed TLS connections within issue 6's 250 MB, as .ci/run
 # keeps the allocations per message within a budget): memory does not move with the VM's load.
 source "$(dirname "$0")/lib.sh"
-expect_checks 26
+expect_checks 27
 
 # json_ok FILE EXPECTED_MESSAGES [python condition on d]: the last stdout line is one JSON object
 # with the fields issue 6 names, nothing lost or duplicated, and the condition true.
@@ -46,8 +46,9 @@ bench drain-in-process-window 4000 'd["scenario"] == "drain" and 0 < d["acks"] <
 check "drain reports its store phase on stderr" grep -q 'bench drain: 4000 messages stored in' "$E2E_TMP/drain-in-process-window.err"
 # Paced sends a warm-up (default 1 s) before the measured seconds: every message is checked for loss,
 # the warm-up's are left out of latency, rate and CPU.
-bench paced-in-process 1500 'd["scenario"] == "paced" and d["warmup_messages"] == 500 and d["measured_messages"] == 1000' --scenario paced --rate 500 --duration 2
+bench paced-in-process 1500 'd["scenario"] == "paced" and d["warmup_messages"] == 500 and d["measured_messages"] == 1000 and d["seconds"] >= 1.99 and d["pacer_lag_p99_ms"] >= 0' --scenario paced --rate 500 --duration 2
 check "paced says what its warm-up left out" grep -q '^warm-up: the first 500 messages are in the counts above and not in latency, rate or CPU' "$E2E_TMP/paced-in-process.out"
+check "paced says how late its pacer sent" grep -q '^pacer: p99 [0-9.]* ms after the due time' "$E2E_TMP/paced-in-process.out"
 check "paced shows progress on stderr while it runs" grep -q 'bench paced: sent [0-9]*, received [0-9]*' "$E2E_TMP/paced-in-process.err"
 bench paced-no-warmup 1000 'd["warmup_messages"] == 0 and d["measured_messages"] == 1000' --scenario paced --rate 500 --duration 2 --warmup 0
 bench plain-tcp-relaxed 3000 True --messages 3000 --plain-tcp --durability relaxed --queues 10 --producers 2 --consumers 3 --size 64
