@@ -373,6 +373,27 @@ public class MisbehavingRelayTests
     }
 
     [Test]
+    public async Task An_end_read_while_a_newer_sub_awaits_its_answer_leaves_the_app_receiving_the_queue()
+    {
+        await using var fake = ScriptedRelay.Start();
+        var (client, relay) = await fake.ConnectAsync();
+        await using var _ = client;
+        var queue = ScriptedRelay.NewQueue();
+        await SubscribeAsync(client, relay, queue, 2);
+
+        // Another device took the queue and this connection takes it back: the END of the first
+        // subscription arrives before the OK of the second.
+        var resubscribing = client.SubscribeAsync(queue, 2);
+        var sub = await relay.ExpectAsync(FrameType.Sub);
+        await relay.SendAsync(End(queue), Ok(sub.Correlation), relay.Msg(queue, 7));
+        await resubscribing.WaitAsync(Timeout);
+
+        await Assert.That(client.IsSubscribed(queue)).IsTrue();
+        await Assert.That(await ReadDeliveriesAsync(client, 1)).IsEquivalentTo(new List<ulong> { 7 });
+        await AssertStillUpAsync(client, relay);
+    }
+
+    [Test]
     public async Task A_sub_whose_caller_stopped_waiting_still_counts_the_window_the_relay_granted()
     {
         await using var fake = ScriptedRelay.Start();

@@ -82,6 +82,16 @@ public sealed partial class RelayConnection
         return true;
     }
 
+    /// <summary>True when a SUB of <paramref name="queue"/> was sent and its answer not read yet.</summary>
+    private bool SubInFlightLocked(Id queue)
+    {
+        foreach (var request in _pending.Values)
+        {
+            if (request.Kind == RequestKind.Sub && request.Queue == queue) return true;
+        }
+        return false;
+    }
+
     /// <summary>A request is about to be written: an ACK frees its places now (the relay may push the next message before it answers).</summary>
     private void SendingLocked(in WindowEffect window)
     {

@@ -396,8 +396,13 @@ public sealed partial class RelayConnection : IAsyncDisposable
                 lock (_pendingLock)
                 {
                     // The app stops receiving the queue; its window stays as the last SUB granted it
-                    // (RelayConnection.Window.cs).
-                    ended = _subscribed.TryGetValue(Id.From(id), out var subscription) ? subscription.StopReceivingLocked() : null;
+                    // (RelayConnection.Window.cs). An END read while a SUB of the queue awaits its
+                    // answer ends the subscription that SUB replaces (another device took the queue
+                    // and this one took it back): the app goes on receiving it.
+                    var queueId = Id.From(id);
+                    ended = _subscribed.TryGetValue(queueId, out var subscription) && !SubInFlightLocked(queueId)
+                        ? subscription.StopReceivingLocked()
+                        : null;
                 }
                 if (ended != null)
                 {

@@ -305,7 +305,8 @@ internal sealed partial class RelaySession
         {
             _context.Metrics.SubscriptionsChanged(-1);
         }
-        if (notify)
+        // Not when this connection subscribed the queue again meanwhile: its newer subscription goes on.
+        if (notify && removed)
         {
             WriteEnd(subscription.Queue.RecipientId);
         }
