@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
 using System.Diagnostics;
 using System.Runtime.CompilerServices;
+using System.Runtime.ExceptionServices;
 using System.Runtime.InteropServices;
 using Relay.Client.Transport;
 using Relay.Protocol;
@@ -437,9 +438,9 @@ public sealed partial class LoadGenerator(RelayAddress address, BenchOptions opt
     private Exception? _paceFailure;
 
     /// <summary>
-    /// Paced: one thread sends every message at its due time, sleeping on the kernel's high-resolution
-    /// timer in between, and sends it itself (a lone request leaves on the caller's thread), so the
-    /// messages leave evenly instead of in bunches whenever a coarse timer fires. Sends are not awaited
+    /// Paced: one thread hands every message to its producer connection at its due time, sleeping on
+    /// the kernel's high-resolution timer in between, so the messages leave evenly instead of in
+    /// bunches whenever a coarse timer fires. Sends are not awaited
     /// one by one: at most <see cref="BenchOptions.Window"/> per producer are unanswered; while a
     /// producer's are all out the pacer waits and falls behind, which the pacer lag reports.
     /// </summary>
@@ -498,7 +499,7 @@ public sealed partial class LoadGenerator(RelayAddress address, BenchOptions opt
             PacedSend? slot;
             while (true)
             {
-                if (Volatile.Read(ref _paceFailure) is { } failure) throw failure;
+                if (Volatile.Read(ref _paceFailure) is { } failure) ExceptionDispatchInfo.Throw(failure);
                 lock (free[producer])
                 {
                     free[producer].TryPop(out slot);
@@ -516,7 +517,7 @@ public sealed partial class LoadGenerator(RelayAddress address, BenchOptions opt
         }
         // Every send answered (or failed) before the run counts what arrived.
         foreach (var slot in slots) slot.WaitIdle(cancellationToken);
-        if (Volatile.Read(ref _paceFailure) is { } failed) throw failed;
+        if (Volatile.Read(ref _paceFailure) is { } failed) ExceptionDispatchInfo.Throw(failed);
     }
 
     private void PaceFailed(Exception failure) => Interlocked.CompareExchange(ref _paceFailure, failure, null);
