@@ -161,11 +161,12 @@ static void *receive(void *arg) {
         int n = epoll_wait(ep, ev, LINKS, 2000);
         if (n == 0) break;  // lost records: reported as fewer than sent
         if (n < 0) { if (errno == EINTR) continue; die("epoll_wait"); }
-        uint64_t t = now_ns();
         for (int k = 0; k < n; k++) {
             int i = (int)ev[k].data.u32;
             ssize_t got = read(r->fds[i], buf[i] + have[i], sizeof buf[i] - have[i]);
             if (got <= 0) { if (got < 0 && errno == EINTR) continue; die("read"); }
+            // Taken after the read: a record sent after epoll_wait returned may be in it.
+            uint64_t t = now_ns();
             have[i] += (size_t)got;
             size_t off = 0;
             for (; off + RECORD <= have[i]; off += RECORD) {
