@@ -74,7 +74,11 @@ public sealed partial class QueueStore
     /// Appends a message. <paramref name="body"/> is copied before this returns. NotFound (deleted),
     /// Suspended, StoreFull, QuotaExceeded; otherwise the new id and hour once durable.
     /// </summary>
-    public ValueTask<AppendResult> AppendAsync(QueueHandle queue, byte flags, ReadOnlySpan<byte> body)
+    /// <param name="quickContinuation">
+    /// The caller's continuation neither blocks nor runs long: it may then run on the writer thread
+    /// (see <see cref="CompletionScope"/>). A blocking wait there for another write would never end.
+    /// </param>
+    public ValueTask<AppendResult> AppendAsync(QueueHandle queue, byte flags, ReadOnlySpan<byte> body, bool quickContinuation = false)
     {
         ArgumentNullException.ThrowIfNull(queue);
         if (!Acquire(queue))
@@ -106,6 +110,7 @@ public sealed partial class QueueStore
             BinaryPrimitives.WriteUInt32BigEndian(header, hour);
             header[4] = flags;
             WriteOp op = RentOp(OpKind.Append, queue);
+            op.Quick = quickContinuation;
             ulong id;
             using (BatchScope batch = BeginBatch())
             {
@@ -281,8 +286,9 @@ public sealed partial class QueueStore
     /// at most <paramref name="maxCount"/> of them, and <paramref name="lastId"/> must be among them
     /// (NotOldest and nothing deleted otherwise). <paramref name="deleted"/>: how many (0 unless Ok is
     /// to come). Messages that left the queue meanwhile (expired) simply are not among them.
+    /// <paramref name="quickContinuation"/>: as for <see cref="AppendAsync"/>.
     /// </summary>
-    public ValueTask<StoreStatus> AckAsync(QueueHandle queue, ulong lastId, int maxCount, out int deleted)
+    public ValueTask<StoreStatus> AckAsync(QueueHandle queue, ulong lastId, int maxCount, out int deleted, bool quickContinuation = false)
     {
         ArgumentNullException.ThrowIfNull(queue);
         ArgumentOutOfRangeException.ThrowIfLessThan(maxCount, 1);
@@ -321,6 +327,7 @@ public sealed partial class QueueStore
 
             Span<byte> key = stackalloc byte[Keys.MessageKeyLength];
             WriteOp op = RentOp(OpKind.Ack, queue);
+            op.Quick = quickContinuation;
             BatchScope batch;
             try
             {

@@ -223,7 +223,7 @@ public sealed partial class QueueStore
             {
                 // A failing subscriber must not stop the writer.
             }
-            DispatchCompletions(batch.Ops);
+            DispatchCompletions(batch.Ops, mayRunHere: error is null);
 
             rocksdb_writebatch_clear(_nativeBatch);
             batch.Mutations.Clear();
@@ -338,23 +338,65 @@ public sealed partial class QueueStore
         }
     }
 
-    /// <summary>Completes the staged operations of a committed batch together, on one thread-pool thread.</summary>
-    private void DispatchCompletions(List<WriteOp> ops)
+    /// <summary>
+    /// Completes the staged operations of a committed batch together: on one thread-pool thread, or,
+    /// when <paramref name="mayRunHere"/>, the batch is small, every operation in it is
+    /// <see cref="WriteOp.Quick"/> and nothing waits to be written, on this (the writer) thread. At a
+    /// low rate that saves a thread wake-up per batch, and with <see cref="CompletionScope"/> the ones
+    /// for the answers' sends; under load the pool completes one batch while the next is written.
+    /// </summary>
+    private void DispatchCompletions(List<WriteOp> ops, bool mayRunHere = false)
     {
         CompletionBatch? work = null;
+        bool quick = mayRunHere && ops.Count <= MaxOpsCompletedByWriter;
         foreach (WriteOp op in ops)
         {
             if (op.Staged)
             {
                 work ??= RentCompletionBatch(ops.Count);
                 work.Ops[work.Count++] = op;
+                quick &= op.Quick;
             }
         }
-        if (work is not null)
+        if (work is null)
         {
-            ThreadPool.UnsafeQueueUserWorkItem(work, preferLocal: false);
+            return;
+        }
+        if (quick && NothingToWrite())
+        {
+            try
+            {
+                work.Execute(CompletionScope);
+            }
+            catch
+            {
+                // Execute catches what the completions throw; a failing scope must not stop the writer.
+            }
+            return;
+        }
+        ThreadPool.UnsafeQueueUserWorkItem(work, preferLocal: false);
+    }
+
+    /// <summary>Most operations of a batch the writer completes itself (see <see cref="DispatchCompletions"/>).</summary>
+    private const int MaxOpsCompletedByWriter = 32;
+
+    private bool NothingToWrite()
+    {
+        lock (_batchLock)
+        {
+            return _sealed.Count == 0 && _current.Ops.Count == 0;
         }
     }
+
+    /// <summary>
+    /// Wraps the completion of a batch the writer thread completes itself (see <see cref="DispatchCompletions"/>):
+    /// given the work, it must run it exactly once. For a caller whose continuations gather work better
+    /// done once per batch (the relay sends each connection's answers after the batch, on that thread,
+    /// instead of waking a pool thread for them). Set before the first write; null runs the completions
+    /// as they are. Batches completed on the thread pool run without it: there the answers' sends go on
+    /// pool threads of their own, in parallel with the rest of the batch.
+    /// </summary>
+    public Action<Action>? CompletionScope { get; set; }
 
     private const int MaxPooledCompletionOps = 4096;
 
@@ -373,25 +415,54 @@ public sealed partial class QueueStore
     }
 
     /// <summary>
-    /// One committed batch's staged operations, completed by one thread-pool work item. Pooled: the
-    /// writer hands one out per commit. Batches in flight at once are few (each is done in microseconds).
+    /// One committed batch's staged operations, completed by one thread-pool work item (or by the
+    /// writer, see <see cref="DispatchCompletions"/>). Pooled: the writer hands one out per commit.
+    /// Batches in flight at once are few (each is done in microseconds).
     /// </summary>
-    private sealed class CompletionBatch(QueueStore store) : IThreadPoolWorkItem
+    private sealed class CompletionBatch : IThreadPoolWorkItem
     {
+        private readonly QueueStore _store;
+        private readonly Action _completeAll;
         public WriteOp[] Ops = new WriteOp[16];
         public int Count;
 
-        public void Execute()
+        public CompletionBatch(QueueStore store)
+        {
+            _store = store;
+            _completeAll = CompleteAll;
+        }
+
+        private void CompleteAll()
         {
             for (int i = 0; i < Count; i++)
             {
                 Ops[i].Complete();
             }
-            Array.Clear(Ops, 0, Count);
-            Count = 0;
-            if (Ops.Length <= MaxPooledCompletionOps)
+        }
+
+        public void Execute() => Execute(null);
+
+        public void Execute(Action<Action>? scope)
+        {
+            try
             {
-                store._completionPool.Enqueue(this);
+                if (scope is not null)
+                {
+                    scope(_completeAll);
+                }
+                else
+                {
+                    CompleteAll();
+                }
+            }
+            finally
+            {
+                Array.Clear(Ops, 0, Count);
+                Count = 0;
+                if (Ops.Length <= MaxPooledCompletionOps)
+                {
+                    _store._completionPool.Enqueue(this);
+                }
             }
         }
     }
@@ -491,7 +562,7 @@ internal enum OpKind : byte
 /// <summary>A pooled completion for one caller's write; awaited as a ValueTask without allocating.</summary>
 internal sealed class WriteOp : IValueTaskSource<AppendResult>, IValueTaskSource<StoreStatus>
 {
-    // Continuations run where Complete is called: on the one work item that completes a whole batch.
+    // Continuations run where Complete is called: where a whole batch is completed (a pool work item or the writer).
     private ManualResetValueTaskSourceCore<AppendResult> _core = new() { RunContinuationsAsynchronously = false };
     private readonly QueueStore _store;
 
@@ -512,6 +583,8 @@ internal sealed class WriteOp : IValueTaskSource<AppendResult>, IValueTaskSource
     public bool Idle;
     /// <summary>Nobody awaits it: the writer recycles it.</summary>
     public bool Detached;
+    /// <summary>Its continuation neither blocks nor runs long: the writer may complete it itself.</summary>
+    public bool Quick;
 
     public WriteOp(QueueStore store) => _store = store;
 
@@ -614,6 +687,7 @@ internal sealed class WriteOp : IValueTaskSource<AppendResult>, IValueTaskSource
         WroteExpiry = false;
         Idle = false;
         Detached = false;
+        Quick = false;
         _store.ReturnOp(this);
     }
 }

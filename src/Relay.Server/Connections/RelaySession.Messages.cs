@@ -42,7 +42,7 @@ internal sealed partial class RelaySession
         ValueTask<AppendResult> append;
         try
         {
-            append = _store.AppendAsync(queue, command.Args[0], command.Args.Slice(1));
+            append = _store.AppendAsync(queue, command.Args[0], command.Args.Slice(1), quickContinuation: true);
         }
         catch (Exception ex)
         {
@@ -249,7 +249,7 @@ internal sealed partial class RelaySession
         try
         {
             // count is an upper bound: an outstanding message may have expired meanwhile.
-            ack = _store.AckAsync(queue, id, count, out count);
+            ack = _store.AckAsync(queue, id, count, out count, quickContinuation: true);
         }
         catch (Exception ex)
         {

@@ -68,14 +68,22 @@ internal sealed partial class RelaySession
 
     /// <summary>
     /// Makes written frames leave soon, without a send per frame: the first writer schedules the send
-    /// loop on the thread pool, and every frame written before it swaps the buffers goes with them.
+    /// loop on the thread pool (or, while a group commit's answers are being written, after them on
+    /// this thread: <see cref="BatchedSends"/>), and every frame written before it swaps the buffers
+    /// goes with them.
     /// </summary>
     private void FlushLocked()
     {
         if (_sending || _destination is null) return;
         _sending = true;
-        ThreadPool.UnsafeQueueUserWorkItem(this, preferLocal: true);
+        if (!BatchedSends.TryAdd(this))
+        {
+            ThreadPool.UnsafeQueueUserWorkItem(this, preferLocal: true);
+        }
     }
+
+    /// <summary>Runs the send loop scheduled by <see cref="FlushLocked"/> on this thread (see <see cref="BatchedSends"/>).</summary>
+    internal void SendNow() => _ = SendLoopAsync();
 
     /// <summary>The read loop, after a batch of requests: sends what they wrote from this thread.</summary>
     private void Flush()

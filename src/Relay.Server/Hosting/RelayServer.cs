@@ -160,6 +160,7 @@ public sealed class RelayServer : IAsyncDisposable
 
             var metrics = new RelayMetrics();
             store.Committed += metrics.Committed;
+            store.CompletionScope = BatchedSends.Run;
             metrics.Bind(store, options);
 
             var started = await identityTask;
