@@ -339,11 +339,13 @@ public sealed partial class QueueStore
     }
 
     /// <summary>
-    /// Completes the staged operations of a committed batch together: on one thread-pool thread, or,
-    /// when <paramref name="mayRunHere"/>, the batch is small, every operation in it is
-    /// <see cref="WriteOp.Quick"/> and nothing waits to be written, on this (the writer) thread. At a
-    /// low rate that saves a thread wake-up per batch, and with <see cref="CompletionScope"/> the ones
-    /// for the answers' sends; under load the pool completes one batch while the next is written.
+    /// Completes the staged operations of a committed batch together: on one thread-pool thread, or on
+    /// this (the writer) thread when <paramref name="mayRunHere"/>, every operation in the batch is
+    /// <see cref="WriteOp.Quick"/> and the batch is small: up to <see cref="MaxOpsCompletedByWriter"/>
+    /// when nothing waits to be written, up to <see cref="MaxOpsCompletedWhileOthersWait"/> when the next
+    /// batch waits (their answers take less than waking a pool thread would, and delay its write by
+    /// that). At a low rate that saves a thread wake-up per batch, and with <see cref="CompletionScope"/>
+    /// the ones for the answers' sends; under load the pool completes one batch while the next is written.
     /// </summary>
     private void DispatchCompletions(List<WriteOp> ops, bool mayRunHere = false)
     {
@@ -362,7 +364,7 @@ public sealed partial class QueueStore
         {
             return;
         }
-        if (quick && NothingToWrite())
+        if (quick && (work.Count <= MaxOpsCompletedWhileOthersWait || NothingToWrite()))
         {
             try
             {
@@ -370,7 +372,7 @@ public sealed partial class QueueStore
             }
             catch
             {
-                // Execute catches what the completions throw; a failing scope must not stop the writer.
+                // Continuations do not throw (StoreCompletion catches, an async method keeps its exception); a failing scope must not stop the writer.
             }
             return;
         }
@@ -379,6 +381,9 @@ public sealed partial class QueueStore
 
     /// <summary>Most operations of a batch the writer completes itself (see <see cref="DispatchCompletions"/>).</summary>
     private const int MaxOpsCompletedByWriter = 32;
+
+    /// <summary>Most operations the writer completes itself while the next batch waits to be written.</summary>
+    private const int MaxOpsCompletedWhileOthersWait = 4;
 
     private bool NothingToWrite()
     {

@@ -2,9 +2,9 @@ namespace Relay.Storage.Tests;
 
 /// <summary>
 /// Where a committed write's caller is answered: the writer thread completes a small batch of
-/// operations marked quick itself when nothing waits to be written (no thread woken for it), inside
-/// <see cref="QueueStore.CompletionScope"/>; everything else is completed on the thread pool, so a
-/// continuation that blocks or runs long never holds up the next write.
+/// operations marked quick itself (no thread woken for it), inside <see cref="QueueStore.CompletionScope"/>:
+/// up to 32 when nothing waits to be written, up to 4 when the next batch waits; everything else is
+/// completed on the thread pool, so a continuation that blocks or runs long never holds up the next write.
 /// </summary>
 public class CompletionThreadTests
 {
@@ -60,29 +60,36 @@ public class CompletionThreadTests
         }
     }
 
-    /// <summary>Holds the writer in its first batch (before it is written) until released; optionally fails that batch.</summary>
+    /// <summary>
+    /// Holds the writer in its first batches (before each is written) until each is released; optionally
+    /// fails the first.
+    /// </summary>
     private sealed class Gate
     {
-        private readonly ManualResetEventSlim _release = new(false);
-        private readonly TaskCompletionSource _held = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        private readonly ManualResetEventSlim[] _release;
+        private readonly TaskCompletionSource[] _held;
         private readonly bool _fail;
         private int _calls;
 
-        public Gate(QueueStore store, bool fail = false)
+        public Gate(QueueStore store, int batches = 1, bool fail = false)
         {
             _fail = fail;
+            _release = Enumerable.Range(0, batches).Select(_ => new ManualResetEventSlim(false)).ToArray();
+            _held = Enumerable.Range(0, batches).Select(_ => new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).ToArray();
             store.BeforeWrite = (_, _) =>
             {
-                if (Interlocked.Increment(ref _calls) != 1) return;
-                _held.TrySetResult();
-                if (!_release.Wait(TimeSpan.FromSeconds(30))) throw new TimeoutException("never released");
-                if (_fail) throw new IOException("injected write failure");
+                int call = Interlocked.Increment(ref _calls) - 1;
+                if (call >= _held.Length) return;
+                _held[call].TrySetResult();
+                if (!_release[call].Wait(TimeSpan.FromSeconds(30))) throw new TimeoutException("never released");
+                if (_fail && call == 0) throw new IOException("injected write failure");
             };
         }
 
-        public Task HeldAsync() => _held.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        /// <summary>Until the writer is held in its <paramref name="batch"/>th batch (1 the first).</summary>
+        public Task HeldAsync(int batch = 1) => _held[batch - 1].Task.WaitAsync(TimeSpan.FromSeconds(10));
 
-        public void Release() => _release.Set();
+        public void Release(int batch = 1) => _release[batch - 1].Set();
     }
 
     private static async Task<(TestStore Store, QueueHandle Queue, Scope Scope)> OpenAsync()
@@ -156,7 +163,7 @@ public class CompletionThreadTests
     }
 
     [Test]
-    public async Task A_batch_with_writes_waiting_behind_it_is_answered_on_the_pool_and_the_last_by_the_writer()
+    public async Task A_few_quick_operations_are_answered_by_the_writer_even_with_writes_waiting_behind_them()
     {
         var (t, q, scope) = await OpenAsync();
         await using (t)
@@ -172,12 +179,41 @@ public class CompletionThreadTests
             await firstObserved.RanAsync();
             await secondObserved.RanAsync();
 
-            // The writer went on to write the second batch while the pool answered the first.
-            await Assert.That(firstObserved.PoolThread).IsTrue();
-            await Assert.That(firstObserved.InScope).IsFalse();
+            await Assert.That(firstObserved.ThreadName).IsEqualTo(WriterThread);
             await Assert.That(secondObserved.ThreadName).IsEqualTo(WriterThread);
-            await Assert.That(secondObserved.InScope).IsTrue();
+            await Assert.That(firstObserved.InScope && secondObserved.InScope).IsTrue();
+            await Assert.That(scope.Uses).IsEqualTo(2);
+        }
+    }
+
+    [Test]
+    public async Task More_than_a_few_with_writes_waiting_behind_them_are_answered_on_the_pool_and_the_last_by_the_writer()
+    {
+        var (t, q, scope) = await OpenAsync();
+        await using (t)
+        {
+            var gate = new Gate(t.Store, batches: 2);
+            // The first batch holds the writer while six appends form the second.
+            var holder = t.Store.AppendAsync(q, 0, [0]);
+            await gate.HeldAsync(1);
+            var six = Enumerable.Range(1, 6).Select(i => t.Store.AppendAsync(q, 0, [(byte)i], quickContinuation: true)).ToList();
+            var sixObserved = six.Select(a => Observed.On(a)).ToList();
+            gate.Release(1);
+            await holder;
+            // While the six are being written, one more waits for the third batch.
+            await gate.HeldAsync(2);
+            var last = t.Store.AppendAsync(q, 0, [7], quickContinuation: true);
+            var lastObserved = Observed.On(last);
+            gate.Release(2);
+            foreach (var o in sixObserved) await o.RanAsync();
+            await lastObserved.RanAsync();
+
+            // The writer went on to write the third batch while the pool answered the six.
+            await Assert.That(sixObserved.All(o => o.PoolThread && !o.InScope)).IsTrue();
+            await Assert.That(lastObserved.ThreadName).IsEqualTo(WriterThread);
+            await Assert.That(lastObserved.InScope).IsTrue();
             await Assert.That(scope.Uses).IsEqualTo(1);
+            await Assert.That(q.MessageCount).IsEqualTo(8);
         }
     }
 
