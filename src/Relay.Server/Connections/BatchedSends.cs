@@ -1,12 +1,14 @@
 namespace Relay.Server.Connections;
 
 /// <summary>
-/// The sends that a group commit's answers call for, made once the whole batch is answered, by the
-/// thread that answered it (<see cref="Relay.Storage.QueueStore.CompletionScope"/>). A batch answers
-/// SENDs and ACKs of many connections and pushes their messages to subscribers: each connection
-/// written to gets one send of everything written to it, with no thread-pool work item (and often no
-/// thread woken) per connection. At a low rate the writer thread answers small batches itself, so a
-/// message then goes from the disk's flush to the subscriber's socket without changing threads.
+/// The sends that a group commit's answers call for, made once the whole batch is answered, on the
+/// thread that answered it: the store's writer, for the small batches it answers itself
+/// (<see cref="Relay.Storage.QueueStore.CompletionScope"/>). A batch answers SENDs and ACKs and
+/// pushes their messages to subscribers: each connection written to gets one send of everything
+/// written to it, with no thread-pool work item (and no thread woken) for it, so at a low rate a
+/// message goes from the disk's flush to the subscriber's socket without changing threads. Batches
+/// answered on the thread pool (large ones) still hand each connection's send to a work item of its
+/// own, so that those sends run in parallel.
 /// </summary>
 internal static class BatchedSends
 {
