@@ -27,7 +27,10 @@ internal sealed class RelayServerContext(RelayServerOptions options, QueueStore 
     public CancellationTokenSource Stopping { get; } = new();
 
     /// <summary>The output buffers of all connections, counted against <see cref="RelayServerOptions.OutputMemoryBudget"/>.</summary>
-    public OutputMemory Output { get; } = new(options.OutputMemoryBudget);
+    public SharedMemory Output { get; } = new(options.OutputMemoryBudget);
+
+    /// <summary>The message bytes of all connections' SENDs in flight, counted against <see cref="RelayServerOptions.InFlightMemoryBudget"/>.</summary>
+    public SharedMemory InFlight { get; } = new(options.InFlightMemoryBudget);
 
     /// <summary>Per-source connection count and queue-creation bucket; sources live only here, in memory.</summary>
     public SourceLimiter Sources { get; } = new(options.MaxConnectionsPerSource, options.QueueCreationRate,

@@ -88,6 +88,17 @@ public sealed class RelayServerOptions
     /// </summary>
     public int MaxInFlightBytesPerConnection { get; set; } = 1 << 20;
 
+    /// <summary>
+    /// Memory for the message bytes of all connections' SENDs in flight together (0: no relay-wide
+    /// bound). While they hold this much (a disk that stalls under many senders), each connection
+    /// holds at most <see cref="InFlightBytesWhenMemoryIsShort"/> instead of
+    /// <see cref="MaxInFlightBytesPerConnection"/> before the relay stops reading its requests.
+    /// </summary>
+    public long InFlightMemoryBudget { get; set; } = 256L << 20;
+
+    /// <summary>Message bytes of SENDs in flight a connection may hold while <see cref="InFlightMemoryBudget"/> is used up.</summary>
+    public int InFlightBytesWhenMemoryIsShort { get; set; } = 32 * 1024;
+
     /// <summary>Unsent output a connection may buffer before the relay stops reading its requests.</summary>
     public int MaxOutputBuffer { get; set; } = 1 << 20;
 

@@ -41,6 +41,17 @@ public class PrecedenceTests
     }
 
     [Test]
+    public async Task The_in_flight_memory_budget_is_set_by_flag_environment_or_file_and_zero_turns_it_off()
+    {
+        await Assert.That(Bind([], []).Server.InFlightMemoryBudget).IsEqualTo(256L << 20);
+        await Assert.That(Bind(["--inflight-memory", "64MiB"], []).Server.InFlightMemoryBudget).IsEqualTo(64L << 20);
+        await Assert.That(Bind([], new() { ["RELAY_INFLIGHT_MEMORY"] = "0" }).Server.InFlightMemoryBudget).IsEqualTo(0);
+        using var files = new SettingsFiles();
+        var path = files.Write("relay.json", """{ "inflightMemory": "1GiB" }""");
+        await Assert.That(Bind(["--config", path], []).Server.InFlightMemoryBudget).IsEqualTo(1L << 30);
+    }
+
+    [Test]
     public async Task Json_file_sets_every_kind_of_value()
     {
         using var files = new SettingsFiles();

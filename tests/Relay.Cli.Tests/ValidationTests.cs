@@ -59,6 +59,8 @@ public class ValidationTests
     [Arguments("--sweep-interval", "NaN")]
     [Arguments("--shutdown-timeout", "nan")]
     [Arguments("--delivery-memory", "nan")]
+    [Arguments("--inflight-memory", "512KiB")]
+    [Arguments("--inflight-memory", "lots")]
     [Arguments("--max-connections", "0")]
     [Arguments("--max-subscriptions", "-3")]
     [Arguments("--handshake-timeout", "1ms")]

@@ -230,6 +230,104 @@ public class ConnectionLifetimeTests
     }
 
     [Test]
+    [Arguments(0L)]
+    [Arguments(256L * 1024)]
+    public async Task Clients_pipelining_to_a_stalled_disk_share_one_in_flight_memory_budget(long budget)
+    {
+        const int Clients = 8, Sends = 64, Size = 16 * 1024, PerConnection = 512 * 1024, WhenShort = 32 * 1024;
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Tls = false;
+            o.MaxInFlightBytesPerConnection = PerConnection;
+            o.InFlightMemoryBudget = budget;
+            o.InFlightBytesWhenMemoryIsShort = WhenShort;
+        });
+        await using var owner = await RawClient.ConnectAsync(relay);
+        var queues = new List<RawQueue>();
+        for (int c = 0; c < Clients; c++)
+        {
+            queues.Add(await owner.CreateQueueAsync());
+        }
+
+        // The disk stalls on the first batch with a message in it until released.
+        using var release = new ManualResetEventSlim(false);
+        var held = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        relay.Server.Store.BeforeWrite = (ops, bytes) =>
+        {
+            if (bytes >= Size && held.TrySetResult())
+            {
+                release.Wait(TimeSpan.FromSeconds(30));
+            }
+        };
+
+        // Each client pipelines 1 MiB of SENDs to its own queue: twice its own limit.
+        var clients = new List<RawClient>();
+        try
+        {
+            var writes = new List<Task>();
+            for (int c = 0; c < Clients; c++)
+            {
+                var client = await RawClient.ConnectAsync(relay);
+                clients.Add(client);
+                var frames = new List<byte>();
+                for (int i = 0; i < Sends; i++)
+                {
+                    var body = new byte[Size];
+                    BinaryPrimitives.WriteInt32BigEndian(body, i);
+                    frames.AddRange(client.Send(client.NextCorr(), queues[c].SenderId, body));
+                }
+                writes.Add(client.WriteAsync([.. frames]));
+            }
+            await held.Task.WaitAsync(TimeSpan.FromSeconds(10));
+            // Held once it stops growing: each connection stopped being read at its limit.
+            double inFlight = -1, last;
+            var settle = Stopwatch.StartNew();
+            do
+            {
+                last = inFlight;
+                await Task.Delay(500);
+                inFlight = Value(await ScrapeAsync(relay), "relay_inflight_memory_bytes");
+            }
+            while (inFlight != last && settle.Elapsed < TimeSpan.FromSeconds(20));
+            await Assert.That(Value(await ScrapeAsync(relay), "relay_inflight_memory_budget_bytes")).IsEqualTo(budget);
+            if (budget == 0)
+            {
+                // Without a relay-wide bound each connection holds up to its own 512 KiB.
+                await Assert.That(inFlight).IsGreaterThanOrEqualTo(Clients * (PerConnection - Size));
+            }
+            else
+            {
+                // With one: the budget, passed by at most what each connection may hold while it is
+                // used up and the SENDs being read as it was reached, far below 8 × 512 KiB.
+                await Assert.That(inFlight).IsLessThanOrEqualTo(budget + Clients * (WhenShort + 2 * Size));
+                await Assert.That(inFlight).IsGreaterThanOrEqualTo(budget);
+            }
+
+            // Once the disk goes on, every SEND of every client is answered OK and stored.
+            release.Set();
+            await Task.WhenAll(writes);
+            for (int c = 0; c < Clients; c++)
+            {
+                for (int i = 0; i < Sends; i++)
+                {
+                    var answer = await clients[c].ReadResponseAsync();
+                    await Assert.That(answer.Type).IsEqualTo(FrameType.Ok);
+                }
+                await Assert.That(relay.Server.Store.FindBySenderId(queues[c].SenderId)!.MessageCount).IsEqualTo(Sends);
+            }
+            await Assert.That(await EventuallyAsync(async () => Value(await ScrapeAsync(relay), "relay_inflight_memory_bytes") == 0)).IsTrue();
+        }
+        finally
+        {
+            release.Set();
+            foreach (var client in clients)
+            {
+                await client.DisposeAsync();
+            }
+        }
+    }
+
+    [Test]
     public async Task A_command_the_store_refuses_while_it_undoes_a_failed_write_is_answered_and_the_connection_goes_on()
     {
         await using var relay = await TestRelay.StartAsync(o => o.Tls = false);

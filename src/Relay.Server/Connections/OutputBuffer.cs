@@ -7,7 +7,7 @@ namespace Relay.Server.Connections;
 /// first frame is written and returned once it is sent, so an idle connection holds none. The arrays'
 /// sizes are counted in <paramref name="memory"/>, the relay-wide total.
 /// </summary>
-internal sealed class OutputBuffer(OutputMemory? memory = null) : IBufferWriter<byte>
+internal sealed class OutputBuffer(SharedMemory? memory = null) : IBufferWriter<byte>
 {
     private const int MinimumSize = 4096;
 

@@ -14,7 +14,7 @@ internal sealed partial class RelaySession
     // record and syscall. Writing never blocks (a delivery must not block the thread that makes it);
     // memory is bounded instead: the read loop stops reading requests while the backlog exceeds
     // MaxOutputBuffer (OutputBufferWhenMemoryIsShort while all connections' buffers are at their
-    // budget, see OutputMemory), and deliveries stop there too (the subscription waits in _deferred and the
+    // budget, see SharedMemory), and deliveries stop there too (the subscription waits in _deferred and the
     // send loop resumes it once half is sent), so a subscriber that never reads holds at most about
     // the limit plus one message per thread delivering at that moment. An idle connection holds no
     // buffer and no pending operation for its output.
@@ -34,8 +34,26 @@ internal sealed partial class RelaySession
 
     private bool MustPause =>
         Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection
-        || Volatile.Read(ref _inFlightBytes) >= _options.MaxInFlightBytesPerConnection
+        || InFlightBytesAbove(1)
         || OutputAbove(1);
+
+    /// <summary>
+    /// Whether the message bytes of this connection's SENDs in flight are at its limit (divided by
+    /// <paramref name="divisor"/>: 2 to resume at half): <see cref="RelayServerOptions.MaxInFlightBytesPerConnection"/>,
+    /// or much less while the SENDs of all connections together hold their budget (a stalled disk);
+    /// the shared total is read only above the smaller limit.
+    /// </summary>
+    private bool InFlightBytesAbove(int divisor)
+    {
+        long held = Volatile.Read(ref _inFlightBytes);
+        long small = Math.Min(_options.InFlightBytesWhenMemoryIsShort, _options.MaxInFlightBytesPerConnection);
+        if (divisor == 1 ? held < small : held <= small / divisor)
+        {
+            return false;
+        }
+        return (divisor == 1 ? held >= _options.MaxInFlightBytesPerConnection : held > _options.MaxInFlightBytesPerConnection / divisor)
+            || _context.InFlight.Short;
+    }
 
     /// <summary>
     /// Whether the unsent output is above this connection's limit (divided by <paramref name="divisor"/>:
@@ -292,12 +310,14 @@ internal sealed partial class RelaySession
     private void BeginInFlight(int bytes)
     {
         Interlocked.Add(ref _inFlightBytes, bytes);
+        _context.InFlight.Add(bytes);
         Interlocked.Increment(ref _inFlight);
     }
 
     private void EndInFlight(int bytes)
     {
         Interlocked.Add(ref _inFlightBytes, -bytes);
+        _context.InFlight.Add(-bytes);
         EndInFlight();
     }
 
@@ -323,7 +343,7 @@ internal sealed partial class RelaySession
     // Resume at half the limits, as Kestrel's pipes do, so that reading does not flap.
     private bool MustPauseHalf =>
         Volatile.Read(ref _inFlight) >= _options.MaxInFlightPerConnection / 2 + 1
-        || Volatile.Read(ref _inFlightBytes) > _options.MaxInFlightBytesPerConnection / 2
+        || InFlightBytesAbove(2)
         || OutputAbove(2);
 
     private async Task WaitForCapacityAsync(CancellationToken cancellationToken)

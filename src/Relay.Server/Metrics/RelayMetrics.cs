@@ -61,7 +61,10 @@ public sealed class RelayMetrics
     private readonly Counter _evicted;
     private readonly Gauge _outputMemory;
     private readonly Gauge _outputMemoryBudget;
-    private OutputMemory? _output;
+    private readonly Gauge _inFlightMemory;
+    private readonly Gauge _inFlightMemoryBudget;
+    private SharedMemory? _inFlight;
+    private SharedMemory? _output;
     private readonly Gauge _queues;
     private readonly Gauge _messages;
     private readonly Gauge _messageBytes;
@@ -130,6 +133,8 @@ public sealed class RelayMetrics
         _readFailures = f.CreateCounter("relay_store_read_failures_total", "Reads of a stored message that failed.");
         _outputMemory = f.CreateGauge("relay_output_memory_bytes", "Memory the output buffers of all connections hold (frames written and not yet sent).");
         _outputMemoryBudget = f.CreateGauge("relay_output_memory_budget_bytes", "The configured output memory budget; 0 means unlimited.");
+        _inFlightMemory = f.CreateGauge("relay_inflight_memory_bytes", "Message bytes of all connections' SENDs in flight (read, waiting for their group commit).");
+        _inFlightMemoryBudget = f.CreateGauge("relay_inflight_memory_budget_bytes", "The configured in-flight memory budget; 0 means unlimited.");
         _handshakeOk = _handshakes.WithLabels("ok");
         Registry.AddBeforeCollectCallback(UpdateStoreGauges);
     }
@@ -142,11 +147,13 @@ public sealed class RelayMetrics
         _diskBudget.Set(options.DiskBudgetBytes);
     }
 
-    /// <summary>Reads the connections' output memory from <paramref name="output"/> at every scrape.</summary>
-    internal void BindOutput(OutputMemory output)
+    /// <summary>Reads the connections' output and in-flight memory at every scrape.</summary>
+    internal void BindMemory(SharedMemory output, SharedMemory inFlight)
     {
         _output = output;
         _outputMemoryBudget.Set(output.Budget);
+        _inFlight = inFlight;
+        _inFlightMemoryBudget.Set(inFlight.Budget);
     }
 
     private void UpdateStoreGauges()
@@ -154,6 +161,10 @@ public sealed class RelayMetrics
         if (_output is { } output)
         {
             _outputMemory.Set(output.Held);
+        }
+        if (_inFlight is { } inFlight)
+        {
+            _inFlightMemory.Set(inFlight.Held);
         }
         var store = _store;
         if (store is null)
