@@ -123,15 +123,7 @@ public class ConnectionLifetimeTests
                 await client.WriteAsync([.. gets]);
             }
             // Held once it stops growing: each connection stopped being read at its limit.
-            double held = -1, last;
-            var settle = Stopwatch.StartNew();
-            do
-            {
-                last = held;
-                await Task.Delay(500);
-                held = Value(await ScrapeAsync(relay), "relay_output_memory_bytes");
-            }
-            while (held != last && settle.Elapsed < TimeSpan.FromSeconds(20));
+            double held = await SettledValueAsync(relay, "relay_output_memory_bytes");
             await Assert.That(Value(await ScrapeAsync(relay), "relay_output_memory_budget_bytes")).IsEqualTo(budget);
             if (budget == 0)
             {
@@ -280,15 +272,7 @@ public class ConnectionLifetimeTests
             }
             await held.Task.WaitAsync(TimeSpan.FromSeconds(10));
             // Held once it stops growing: each connection stopped being read at its limit.
-            double inFlight = -1, last;
-            var settle = Stopwatch.StartNew();
-            do
-            {
-                last = inFlight;
-                await Task.Delay(500);
-                inFlight = Value(await ScrapeAsync(relay), "relay_inflight_memory_bytes");
-            }
-            while (inFlight != last && settle.Elapsed < TimeSpan.FromSeconds(20));
+            double inFlight = await SettledValueAsync(relay, "relay_inflight_memory_bytes");
             await Assert.That(Value(await ScrapeAsync(relay), "relay_inflight_memory_budget_bytes")).IsEqualTo(budget);
             if (budget == 0)
             {

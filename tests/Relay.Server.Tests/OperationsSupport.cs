@@ -45,6 +45,24 @@ public static partial class OperationsMetrics
     [GeneratedRegex(@"^# TYPE (\S+) ", RegexOptions.Multiline)]
     private static partial Regex TypeLine();
 
+    /// <summary>
+    /// The value of a gauge once it stops changing (the same in two scrapes half a second apart), or
+    /// its last value after <paramref name="seconds"/>: what connections held once each stopped being read.
+    /// </summary>
+    public static async Task<double> SettledValueAsync(TestRelay relay, string name, double seconds = 20)
+    {
+        double value = -1, last;
+        var deadline = DateTime.UtcNow.AddSeconds(seconds);
+        do
+        {
+            last = value;
+            await Task.Delay(500);
+            value = Value(await ScrapeAsync(relay), name);
+        }
+        while (value != last && DateTime.UtcNow < deadline);
+        return value;
+    }
+
     /// <summary>Polls <paramref name="condition"/> until it holds or <paramref name="seconds"/> pass.</summary>
     public static async Task<bool> EventuallyAsync(Func<Task<bool>> condition, double seconds = 20)
     {
