@@ -54,6 +54,24 @@ public class BenchTests
     }
 
     [Test]
+    public async Task The_commit_recorder_reports_count_operations_and_percentiles_of_the_commits_it_saw()
+    {
+        var recorder = new CommitRecorder();
+        await Assert.That(recorder.Summarize()).IsNull();
+        // 100 commits of 1..100 ms in shuffled order, 3 operations each but one of 103.
+        foreach (int ms in Enumerable.Range(1, 100).OrderBy(i => (i * 37) % 101))
+        {
+            recorder.Record(new StoreCommit(ms == 50 ? 103 : 3, ms / 1000.0));
+        }
+        var summary = recorder.Summarize()!.Value;
+        await Assert.That(summary.Commits).IsEqualTo(100);
+        await Assert.That(summary.OperationsPerCommit).IsEqualTo(4.0);
+        await Assert.That(summary.P50Ms).IsEqualTo(50.0).Within(1e-9);
+        await Assert.That(summary.P99Ms).IsEqualTo(99.0).Within(1e-9);
+        await Assert.That(summary.MaxMs).IsEqualTo(100.0).Within(1e-9);
+    }
+
+    [Test]
     public async Task A_drain_larger_than_the_relays_queues_hold_stops_at_once_and_says_which_limit_to_raise()
     {
         using var files = new SettingsFiles();

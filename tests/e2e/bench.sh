@@ -7,7 +7,7 @@
 # One memory budget is (10,000 idle subscribed TLS connections within issue 6's 250 MB, as .ci/run
 # keeps the allocations per message within a budget): memory does not move with the VM's load.
 source "$(dirname "$0")/lib.sh"
-expect_checks 27
+expect_checks 28
 
 # json_ok FILE EXPECTED_MESSAGES [python condition on d]: the last stdout line is one JSON object
 # with the fields issue 6 names, nothing lost or duplicated, and the condition true.
@@ -46,8 +46,9 @@ bench drain-in-process-window 4000 'd["scenario"] == "drain" and 0 < d["acks"] <
 check "drain reports its store phase on stderr" grep -q 'bench drain: 4000 messages stored in' "$E2E_TMP/drain-in-process-window.err"
 # Paced sends a warm-up (default 1 s) before the measured seconds: every message is checked for loss,
 # the warm-up's are left out of latency, rate and CPU.
-bench paced-in-process 1500 'd["scenario"] == "paced" and d["warmup_messages"] == 500 and d["measured_messages"] == 1000 and d["seconds"] >= 1.99 and d["pacer_lag_p99_ms"] >= 0' --scenario paced --rate 500 --duration 2
+bench paced-in-process 1500 'd["scenario"] == "paced" and d["warmup_messages"] == 500 and d["measured_messages"] == 1000 and d["seconds"] >= 1.99 and d["pacer_lag_p99_ms"] >= 0 and d["commits"] > 0 and d["operations_per_commit"] >= 1 and 0 < d["commit_p50_ms"] <= d["commit_p99_ms"] <= d["commit_max_ms"]' --scenario paced --rate 500 --duration 2
 check "paced says what its warm-up left out" grep -q '^warm-up: the first 500 messages are in the counts above and not in latency, rate or CPU' "$E2E_TMP/paced-in-process.out"
+check "an in-process run reports the relay's group commits" grep -qE '^group commits of the relay \(whole run\): [0-9,]+, [0-9.]+ operations each; write and fsync p50 [0-9.]+ ms, p99 [0-9.]+ ms, max [0-9.]+ ms$' "$E2E_TMP/paced-in-process.out"
 check "paced says how late its pacer sent" grep -q '^pacer: p99 [0-9.]* ms after the due time' "$E2E_TMP/paced-in-process.out"
 check "paced shows progress on stderr while it runs" grep -q 'bench paced: sent [0-9]*, received [0-9]*' "$E2E_TMP/paced-in-process.err"
 bench paced-no-warmup 1000 'd["warmup_messages"] == 0 and d["measured_messages"] == 1000' --scenario paced --rate 500 --duration 2 --warmup 0
@@ -59,7 +60,7 @@ PORT=$(free_port); ADMIN=$(free_port)
 "$RELAY" init --data "$DATA" >/dev/null 2>&1
 ADDR=$("$RELAY" address --data "$DATA" --host 127.0.0.1 --port "$PORT")
 if start_relay relay "$DATA" "$PORT" "$ADMIN" --max-connections-per-source 0 --queue-creation-rate 0; then
-    bench separate-live 5000 'd["local_relay"] is False and d["relay_cpu_us_per_message"] > 0' "$ADDR" --messages 5000 --relay-pid "$RELAY_PID"
+    bench separate-live 5000 'd["local_relay"] is False and d["relay_cpu_us_per_message"] > 0 and "commits" not in d' "$ADDR" --messages 5000 --relay-pid "$RELAY_PID"
     # One delivery at a time (SUB without a window's worth): every ACK covers one message.
     bench separate-one-at-a-time 5000 'd["relay_cpu_us_per_message"] > 0 and d["acks"] == 5000' "$ADDR" --messages 5000 --relay-pid "$RELAY_PID" --window 64 --delivery-window 1
     bench separate-drain-window-64 5000 'd["scenario"] == "drain" and 0 < d["acks"] < 5000' "$ADDR" --scenario drain --messages 5000 --delivery-window 64

@@ -62,6 +62,8 @@ public sealed record BenchResult
     /// <summary>CPU of the relay process per message, when known (in-process: not separable; --relay-pid: exact).</summary>
     public double? RelayCpuUsPerMessage { get; init; }
     public bool LocalRelay { get; init; }
+    /// <summary>The in-process relay's group commits over the whole run (set-up and warm-up included); null with a relay elsewhere.</summary>
+    public CommitSummary? Commits { get; init; }
 }
 
 /// <summary>A run that cannot go on as asked (the relay's limits do not fit the workload); the message says what to change.</summary>

@@ -85,6 +85,7 @@ public static class BenchCommand
         bool json = a.Switch("json");
 
         RelayServer? local = null;
+        var commits = new CommitRecorder();
         string? directory = null;
         RelayAddress address;
         if (a.Positional.Count > 0)
@@ -114,6 +115,7 @@ public static class BenchCommand
                 QueueCreationRate = 0,
             }, logging => logging.SetMinimumLevel(LogLevel.Warning).AddSimpleConsole(o => o.SingleLine = true));
             address = local.Address;
+            local.Store.Committed += commits.Record;
             options.RelayPid = null;
         }
 
@@ -123,7 +125,7 @@ public static class BenchCommand
                 $"{options.Consumers} consumers, {options.Size}-byte messages, window {options.Window}, delivery window {options.DeliveryWindow}, ack {(options.AckThrough ? "through" : "each")}, " +
                 (local != null ? $"in-process relay ({(options.Tls ? "TLS" : "plain TCP")}, {(durable ? "fsync" : "relaxed")})" : address.ToString()));
             var result = await new LoadGenerator(address, options, Console.Error).RunAsync(CancellationToken.None);
-            result = result with { LocalRelay = local != null };
+            result = result with { LocalRelay = local != null, Commits = local != null ? commits.Summarize() : null };
             Print(result);
             if (json) Console.Out.WriteLine(ToJson(result));
             return result.Lost == 0 && result.Duplicated == 0 ? RelayCli.Ok : RelayCli.Failed;
@@ -163,6 +165,11 @@ public static class BenchCommand
             r.LocalRelay ? " (relay and load generator together)" : "",
             r.RelayCpuUsPerMessage is { } rc ? string.Format(c, "; relay process {0:0.00} us", rc) : ""));
         Console.Out.WriteLine(string.Format(c, "garbage collections in this process: {0} ({1:0.0} ms of pauses)", r.GeneratorCollections, r.GeneratorGcPauseMs));
+        if (r.Commits is { } k)
+        {
+            Console.Out.WriteLine(string.Format(c, "group commits of the relay (whole run): {0:N0}, {1:0.0} operations each; write and fsync p50 {2:0.000} ms, p99 {3:0.000} ms, max {4:0.000} ms",
+                k.Commits, k.OperationsPerCommit, k.P50Ms, k.P99Ms, k.MaxMs));
+        }
     }
 
     private static string ToJson(BenchResult r)
@@ -192,6 +199,14 @@ public static class BenchCommand
             w.WriteNumber("generator_gc_pause_ms", Math.Round(r.GeneratorGcPauseMs, 1));
             if (r.PacerLagP99Ms is { } lag) w.WriteNumber("pacer_lag_p99_ms", Math.Round(lag, 3));
             w.WriteBoolean("local_relay", r.LocalRelay);
+            if (r.Commits is { } k)
+            {
+                w.WriteNumber("commits", k.Commits);
+                w.WriteNumber("operations_per_commit", Math.Round(k.OperationsPerCommit, 2));
+                w.WriteNumber("commit_p50_ms", Math.Round(k.P50Ms, 3));
+                w.WriteNumber("commit_p99_ms", Math.Round(k.P99Ms, 3));
+                w.WriteNumber("commit_max_ms", Math.Round(k.MaxMs, 3));
+            }
             w.WriteEndObject();
         }
         return Encoding.UTF8.GetString(stream.ToArray());
