@@ -167,10 +167,18 @@ public sealed partial class QueueStore
     /// delivery window passes the id after the one it delivered last. The body is in a buffer rented
     /// from MessageBuffers: call <see cref="StoredMessage.Return"/>.
     /// </summary>
-    public bool TryPeek(QueueHandle queue, ulong from, out StoredMessage message)
+    public bool TryPeek(QueueHandle queue, ulong from, out StoredMessage message) => TryPeek(queue, from, memoryOnly: false, out message, out _);
+
+    /// <summary>
+    /// <see cref="TryPeek(QueueHandle, ulong, out StoredMessage)"/>, but with <paramref name="memoryOnly"/>
+    /// it never reads the store: false with <paramref name="needsRead"/> set when the message is there
+    /// but not in memory (for a caller on a thread that must not wait for the disk).
+    /// </summary>
+    public bool TryPeek(QueueHandle queue, ulong from, bool memoryOnly, out StoredMessage message, out bool needsRead)
     {
         ArgumentNullException.ThrowIfNull(queue);
         message = new StoredMessage { Buffer = [] };
+        needsRead = false;
         if (!Acquire(queue))
         {
             return false;
@@ -188,6 +196,11 @@ public sealed partial class QueueStore
             {
                 Interlocked.Increment(ref _statistics._peeksFromMemory);
                 found = true;
+            }
+            else if (memoryOnly)
+            {
+                needsRead = true;
+                return false;
             }
             else
             {

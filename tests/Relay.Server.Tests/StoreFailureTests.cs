@@ -78,6 +78,32 @@ public class StoreFailureTests
         EventuallyAsync(() => Task.FromResult(relay.Logs.Lines.Any(l => l.Contains(text))), seconds: 10);
 
     [Test]
+    public async Task A_delivery_that_reads_the_store_is_not_read_on_the_writer_thread_and_still_arrives()
+    {
+        await using var relay = await TestRelay.StartAsync(EveryDeliveryReadFromTheStore);
+        await using var recipient = await RawClient.ConnectAsync(relay);
+        var queue = await recipient.CreateQueueAsync();
+        await using var sender = await RawClient.ConnectAsync(relay);
+        var readers = new System.Collections.Concurrent.ConcurrentQueue<string?>();
+        relay.Server.Store.BeforeRead = () => readers.Enqueue(Thread.CurrentThread.Name);
+        await SubscribeAsync(recipient, queue);
+        for (int i = 0; i < 20; i++)
+        {
+            // One at a time: each SEND is a batch of its own, answered by the store's writer thread,
+            // which pushes the message to the waiting subscriber; the push reads the message back.
+            await SendAsync(sender, queue, $"m{i}");
+            var (id, text) = await NextMessageAsync(recipient, queue);
+            await Assert.That(text).IsEqualTo($"m{i}");
+            var ack = await recipient.RequestAsync(Ack(recipient, queue, recipient.NextCorr(), id));
+            await Assert.That(ack.Type).IsEqualTo(FrameType.Ok);
+        }
+        // Every delivery read the store, and none of those reads held up the writer (and with it
+        // every connection's next commit).
+        await Assert.That(readers.Count).IsGreaterThanOrEqualTo(20);
+        await Assert.That(readers.Count(name => name == "Relay.Storage writer")).IsEqualTo(0);
+    }
+
+    [Test]
     public async Task A_send_whose_delivery_the_store_fails_to_read_is_answered_once_and_the_failure_logged()
     {
         await using var relay = await TestRelay.StartAsync(EveryDeliveryReadFromTheStore);

@@ -59,6 +59,34 @@ public class DeliveryTailTests
     }
 
     [Test]
+    public async Task A_memory_only_peek_takes_a_message_held_in_memory_and_says_when_one_would_need_a_read()
+    {
+        await using TestStore t = TestStore.Create();
+        QueueHandle q = await t.CreateQueueAsync();
+        // Stored before the subscription: not in memory.
+        var stored = await t.Store.AppendAsync(q, 0, [1, 2, 3]);
+
+        await Assert.That(t.Store.TryPeek(q, 0, memoryOnly: true, out StoredMessage none, out bool needsRead)).IsFalse();
+        await Assert.That(needsRead).IsTrue();
+        await Assert.That(t.Store.Statistics.DeliveriesFromStore).IsEqualTo(0);   // nothing was read
+
+        // Appended while subscribed: held in memory, taken without a read.
+        t.Store.KeepTail(q, true);
+        await t.Store.AckAsync(q, stored.MessageId);
+        var held = await t.Store.AppendAsync(q, 0, [4, 5]);
+        await Assert.That(t.Store.TryPeek(q, 0, memoryOnly: true, out StoredMessage message, out needsRead)).IsTrue();
+        await Assert.That(needsRead).IsFalse();
+        await Assert.That(message.Id).IsEqualTo(held.MessageId);
+        await Assert.That(message.Body.ToArray()).IsEquivalentTo(new byte[] { 4, 5 });
+        message.Return();
+        await Assert.That(t.Store.Statistics.DeliveriesFromMemory).IsEqualTo(1);
+
+        // Nothing further: false, and no read would find anything either.
+        await Assert.That(t.Store.TryPeek(q, held.MessageId + 1, memoryOnly: true, out _, out needsRead)).IsFalse();
+        await Assert.That(needsRead).IsFalse();
+    }
+
+    [Test]
     public async Task A_backlog_stored_before_the_subscription_is_read_ahead_in_few_store_reads()
     {
         await using TestStore t = TestStore.Create(path => new QueueStoreOptions { Path = path, MaxMessagesPerQueue = 1000 });

@@ -15,6 +15,9 @@ internal static class BatchedSends
     [ThreadStatic] private static List<RelaySession>? t_sessions;
     [ThreadStatic] private static bool t_active;
 
+    /// <summary>True on a thread answering a batch (the store's writer): nothing there may wait for the disk.</summary>
+    public static bool Active => t_active;
+
     /// <summary>Runs <paramref name="complete"/> (a batch's completions), then the send loops they scheduled.</summary>
     public static void Run(Action complete)
     {
@@ -32,14 +35,22 @@ internal static class BatchedSends
         }
         finally
         {
-            t_active = false;
-            // Each send loop was claimed (its session's _sending set) by TryAdd: it must run, or the
-            // connection's output would stop for good.
-            for (int i = 0; i < sessions.Count; i++)
+            try
             {
-                sessions[i].SendNow();
+                // Each send loop was claimed (its session's _sending set) by TryAdd: it must run, or the
+                // connection's output would stop for good. Still in the scope: what a send resumes (held-back
+                // deliveries) neither reads the disk here nor leaves another session's send behind (it is
+                // added to the list and sent in this loop).
+                for (int i = 0; i < sessions.Count; i++)
+                {
+                    sessions[i].SendNow();
+                }
             }
-            sessions.Clear();
+            finally
+            {
+                sessions.Clear();
+                t_active = false;
+            }
         }
     }
 

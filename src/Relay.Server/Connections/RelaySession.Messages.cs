@@ -123,8 +123,20 @@ internal sealed partial class RelaySession
             StoredMessage message;
             try
             {
-                if (!_store.TryPeek(s.Queue, s.NextFrom, out message))
+                // On the store's writer thread (answering a small batch, BatchedSends) a message that is
+                // not in memory is not read there: the read would hold up every connection's next commit.
+                if (!_store.TryPeek(s.Queue, s.NextFrom, memoryOnly: BatchedSends.Active, out message, out bool needsRead))
                 {
+                    if (needsRead)
+                    {
+                        ThreadPool.UnsafeQueueUserWorkItem(static s =>
+                        {
+                            lock (s.Queue.Sync)
+                            {
+                                s.Session.DeliverNextLocked(s);
+                            }
+                        }, s, preferLocal: false);
+                    }
                     return;
                 }
             }
