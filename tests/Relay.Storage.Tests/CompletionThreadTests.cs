@@ -101,18 +101,28 @@ public class CompletionThreadTests
         return (t, q, scope);
     }
 
+    /// <summary>
+    /// Starts one operation while the writer is held before its batch (so that it cannot be done before
+    /// its continuation is registered), lets the batch go and waits for the continuation.
+    /// </summary>
+    private static async Task<(ValueTask<T> Operation, Observed Observed)> ObserveAloneAsync<T>(QueueStore store, Func<ValueTask<T>> start, bool fail = false)
+    {
+        var gate = new Gate(store, fail: fail);
+        var operation = start();
+        await gate.HeldAsync();
+        var observed = Observed.On(operation);
+        gate.Release();
+        await observed.RanAsync();
+        return (operation, observed);
+    }
+
     [Test]
     public async Task A_lone_quick_append_is_answered_by_the_writer_inside_the_scope()
     {
         var (t, q, scope) = await OpenAsync();
         await using (t)
         {
-            var gate = new Gate(t.Store);
-            var append = t.Store.AppendAsync(q, 0, [1, 2, 3], quickContinuation: true);
-            await gate.HeldAsync();
-            var observed = Observed.On(append);
-            gate.Release();
-            await observed.RanAsync();
+            var (append, observed) = await ObserveAloneAsync(t.Store, () => t.Store.AppendAsync(q, 0, [1, 2, 3], quickContinuation: true));
 
             await Assert.That(observed.ThreadName).IsEqualTo(WriterThread);
             await Assert.That(observed.InScope).IsTrue();
@@ -127,12 +137,7 @@ public class CompletionThreadTests
         var (t, q, scope) = await OpenAsync();
         await using (t)
         {
-            var gate = new Gate(t.Store);
-            var append = t.Store.AppendAsync(q, 0, [1, 2, 3]);
-            await gate.HeldAsync();
-            var observed = Observed.On(append);
-            gate.Release();
-            await observed.RanAsync();
+            var (_, observed) = await ObserveAloneAsync(t.Store, () => t.Store.AppendAsync(q, 0, [1, 2, 3]));
 
             await Assert.That(observed.PoolThread).IsTrue();
             await Assert.That(observed.ThreadName).IsNotEqualTo(WriterThread);
@@ -148,12 +153,8 @@ public class CompletionThreadTests
         await using (t)
         {
             var stored = await t.Store.AppendAsync(q, 0, [7]);
-            var gate = new Gate(t.Store);
-            var ack = t.Store.AckAsync(q, stored.MessageId, 1, out int deleted, quickContinuation: true);
-            await gate.HeldAsync();
-            var observed = Observed.On(ack);
-            gate.Release();
-            await observed.RanAsync();
+            int deleted = 0;
+            var (ack, observed) = await ObserveAloneAsync(t.Store, () => t.Store.AckAsync(q, stored.MessageId, 1, out deleted, quickContinuation: true));
 
             await Assert.That(deleted).IsEqualTo(1);
             await Assert.That(observed.ThreadName).IsEqualTo(WriterThread);
@@ -273,12 +274,7 @@ public class CompletionThreadTests
         var (t, q, scope) = await OpenAsync();
         await using (t)
         {
-            var gate = new Gate(t.Store, fail: true);
-            var append = t.Store.AppendAsync(q, 0, [1], quickContinuation: true);
-            await gate.HeldAsync();
-            var observed = Observed.On(append);
-            gate.Release();
-            await observed.RanAsync();
+            var (append, observed) = await ObserveAloneAsync(t.Store, () => t.Store.AppendAsync(q, 0, [1], quickContinuation: true), fail: true);
 
             await Assert.That(observed.PoolThread).IsTrue();
             await Assert.That(scope.Uses).IsEqualTo(0);

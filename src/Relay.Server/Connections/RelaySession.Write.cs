@@ -46,13 +46,13 @@ internal sealed partial class RelaySession
     private bool InFlightBytesAbove(int divisor)
     {
         long held = Volatile.Read(ref _inFlightBytes);
-        long small = Math.Min(_options.InFlightBytesWhenMemoryIsShort, _options.MaxInFlightBytesPerConnection);
-        if (divisor == 1 ? held < small : held <= small / divisor)
+        // At the limit pauses; resuming waits until strictly below its fraction.
+        bool Over(long limit) => divisor == 1 ? held >= limit : held > limit / divisor;
+        if (!Over(Math.Min(_options.InFlightBytesWhenMemoryIsShort, _options.MaxInFlightBytesPerConnection)))
         {
             return false;
         }
-        return (divisor == 1 ? held >= _options.MaxInFlightBytesPerConnection : held > _options.MaxInFlightBytesPerConnection / divisor)
-            || _context.InFlight.Short;
+        return Over(_options.MaxInFlightBytesPerConnection) || _context.InFlight.Short;
     }
 
     /// <summary>

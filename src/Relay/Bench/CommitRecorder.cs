@@ -42,7 +42,14 @@ public sealed class CommitRecorder
             return null;
         }
         Array.Sort(sorted);
-        double Percentile(double p) => sorted[Math.Min(sorted.Length - 1, (int)Math.Ceiling(p * sorted.Length) - 1)] * 1000.0;
-        return new CommitSummary(sorted.Length, (double)operations / sorted.Length, Percentile(0.50), Percentile(0.99), sorted[^1] * 1000.0);
+        return new CommitSummary(sorted.Length, (double)operations / sorted.Length,
+            Rank.Of(sorted, 0.50) * 1000.0, Rank.Of(sorted, 0.99) * 1000.0, sorted[^1] * 1000.0);
     }
+}
+
+/// <summary>Percentiles by nearest rank, as every figure of <c>relay bench</c> is reported.</summary>
+public static class Rank
+{
+    /// <summary>The value at or below which a fraction <paramref name="p"/> of <paramref name="sorted"/> (ascending, not empty) lies.</summary>
+    public static T Of<T>(IReadOnlyList<T> sorted, double p) => sorted[Math.Min(sorted.Count - 1, Math.Max(0, (int)Math.Ceiling(p * sorted.Count) - 1))];
 }

@@ -147,13 +147,13 @@ public sealed partial class LoadGenerator(RelayAddress address, BenchOptions opt
             long measured = latencies.Count;
             latencies.Sort();
             double Percentile(double p) => latencies.Count == 0 ? 0
-                : latencies[Math.Min(latencies.Count - 1, (int)Math.Ceiling(p * latencies.Count) - 1)] * 1000.0 / Stopwatch.Frequency;
+                : Rank.Of(latencies, p) * 1000.0 / Stopwatch.Frequency;
             double? pacerLagP99 = null;
             if (_paceLagTicks.Length == total && total > _warmup)
             {
                 var lags = _paceLagTicks.AsSpan(_warmup).ToArray();
                 Array.Sort(lags);
-                pacerLagP99 = lags[Math.Min(lags.Length - 1, (int)Math.Ceiling(0.99 * lags.Length) - 1)] * 1000.0 / Stopwatch.Frequency;
+                pacerLagP99 = Rank.Of(lags, 0.99) * 1000.0 / Stopwatch.Frequency;
             }
             return new BenchResult
             {
