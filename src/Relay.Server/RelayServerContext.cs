@@ -32,6 +32,9 @@ internal sealed class RelayServerContext(RelayServerOptions options, QueueStore 
     /// <summary>The message bytes of all connections' SENDs in flight, counted against <see cref="RelayServerOptions.InFlightMemoryBudget"/>.</summary>
     public SharedMemory InFlight { get; } = new(options.InFlightMemoryBudget);
 
+    /// <summary>The derived auth keys all connections cache, counted against <see cref="RelayServerOptions.KeyMemoryBudget"/>.</summary>
+    public SharedMemory Keys { get; } = new(options.KeyMemoryBudget);
+
     /// <summary>Per-source connection count and queue-creation bucket; sources live only here, in memory.</summary>
     public SourceLimiter Sources { get; } = new(options.MaxConnectionsPerSource, options.QueueCreationRate,
         options.QueueCreationBurst, options.Clock);

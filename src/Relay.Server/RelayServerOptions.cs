@@ -99,6 +99,17 @@ public sealed class RelayServerOptions
     /// <summary>Message bytes of SENDs in flight a connection may hold while <see cref="InFlightMemoryBudget"/> is used up.</summary>
     public int InFlightBytesWhenMemoryIsShort { get; set; } = 32 * 1024;
 
+    /// <summary>
+    /// Memory for the derived auth keys all connections cache (0: no relay-wide bound), each counted as
+    /// <see cref="Connections.SessionKeys.BytesPerKey"/> bytes. A connection caches up to 4,096 (about
+    /// 2 MB); while all of them hold this much (many connections naming many queue ids), a connection
+    /// holding <see cref="KeysWhenMemoryIsShort"/> or more drops its keys before it derives another.
+    /// </summary>
+    public long KeyMemoryBudget { get; set; } = 256L << 20;
+
+    /// <summary>Keys a connection may cache while <see cref="KeyMemoryBudget"/> is used up.</summary>
+    public int KeysWhenMemoryIsShort { get; set; } = Connections.SessionKeys.DefaultKeysWhenShort;
+
     /// <summary>Unsent output a connection may buffer before the relay stops reading its requests.</summary>
     public int MaxOutputBuffer { get; set; } = 1 << 20;
 

@@ -52,6 +52,17 @@ public class PrecedenceTests
     }
 
     [Test]
+    public async Task The_key_memory_budget_is_set_by_flag_environment_or_file_and_zero_turns_it_off()
+    {
+        await Assert.That(Bind([], []).Server.KeyMemoryBudget).IsEqualTo(256L << 20);
+        await Assert.That(Bind(["--key-memory", "32MiB"], []).Server.KeyMemoryBudget).IsEqualTo(32L << 20);
+        await Assert.That(Bind([], new() { ["RELAY_KEY_MEMORY"] = "0" }).Server.KeyMemoryBudget).IsEqualTo(0);
+        using var files = new SettingsFiles();
+        var path = files.Write("relay.json", """{ "keyMemory": "1GiB" }""");
+        await Assert.That(Bind(["--config", path], []).Server.KeyMemoryBudget).IsEqualTo(1L << 30);
+    }
+
+    [Test]
     public async Task Json_file_sets_every_kind_of_value()
     {
         using var files = new SettingsFiles();

@@ -61,6 +61,8 @@ public class ValidationTests
     [Arguments("--delivery-memory", "nan")]
     [Arguments("--inflight-memory", "512KiB")]
     [Arguments("--inflight-memory", "lots")]
+    [Arguments("--key-memory", "512KiB")]
+    [Arguments("--key-memory", "-1")]
     [Arguments("--max-connections", "0")]
     [Arguments("--max-subscriptions", "-3")]
     [Arguments("--handshake-timeout", "1ms")]

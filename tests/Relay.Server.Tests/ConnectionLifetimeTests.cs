@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Diagnostics;
+using System.Security.Cryptography;
 using Relay.Protocol;
 using static Relay.Server.Tests.OperationsMetrics;
 
@@ -309,6 +310,77 @@ public class ConnectionLifetimeTests
                 await client.DisposeAsync();
             }
         }
+    }
+
+    [Test]
+    [Arguments(0L)]
+    [Arguments(256L * 1024)]
+    public async Task Clients_naming_many_missing_queues_share_one_key_memory_budget(long budget)
+    {
+        // Each SEND to an id that names no queue makes the relay derive and cache a decoy key (so that a
+        // repeated probe costs what a repeated wrong key costs): four clients naming 1,500 ids each
+        // would hold 6,000 keys (3 MB at 512 bytes each) without a relay-wide bound.
+        const int Clients = 4, Ids = 1_500, WhenShort = 64;
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Tls = false;
+            o.KeyMemoryBudget = budget;
+            o.KeysWhenMemoryIsShort = WhenShort;
+        });
+        await using var owner = await RawClient.ConnectAsync(relay);
+        var queue = await owner.CreateQueueAsync();
+
+        var clients = new List<RawClient>();
+        try
+        {
+            for (int c = 0; c < Clients; c++)
+            {
+                var client = await RawClient.ConnectAsync(relay);
+                clients.Add(client);
+                var frames = new List<byte>();
+                for (int i = 0; i < Ids; i++)
+                {
+                    frames.AddRange(client.Send(client.NextCorr(), RandomNumberGenerator.GetBytes(24), "probe"u8));
+                }
+                await client.WriteAsync([.. frames]);
+            }
+            foreach (var client in clients)
+            {
+                for (int i = 0; i < Ids; i++)
+                {
+                    await Assert.That((await client.ReadResponseAsync()).Error).IsEqualTo(ErrorCode.Auth);
+                }
+            }
+
+            string metrics = await ScrapeAsync(relay);
+            double keys = Value(metrics, "relay_key_memory_bytes");
+            await Assert.That(Value(metrics, "relay_key_memory_budget_bytes")).IsEqualTo(budget);
+            if (budget == 0)
+            {
+                await Assert.That(keys).IsGreaterThanOrEqualTo(Clients * Ids * 512.0);
+            }
+            else
+            {
+                // The budget, passed by at most the keys a connection may hold while it is used up.
+                await Assert.That(keys).IsLessThanOrEqualTo(budget + (Clients + 1) * WhenShort * 512.0);
+                await Assert.That(keys).IsGreaterThanOrEqualTo(budget - WhenShort * 512.0);
+            }
+
+            // A client with a real queue is served as before, on a new connection and on its old one.
+            await using var sender = await RawClient.ConnectAsync(relay);
+            await Assert.That((await sender.RequestAsync(sender.Send(sender.NextCorr(), queue.SenderId, "hello"u8))).Type).IsEqualTo(FrameType.Ok);
+            await Assert.That((await owner.RequestAsync(owner.Send(owner.NextCorr(), queue.SenderId, "again"u8))).Type).IsEqualTo(FrameType.Ok);
+            await Assert.That(relay.Server.Store.FindBySenderId(queue.SenderId)!.MessageCount).IsEqualTo(2);
+        }
+        finally
+        {
+            foreach (var client in clients)
+            {
+                await client.DisposeAsync();
+            }
+        }
+        // Closed connections give their keys back.
+        await Assert.That(await EventuallyAsync(async () => Value(await ScrapeAsync(relay), "relay_key_memory_bytes") <= 4 * 512)).IsTrue();
     }
 
     [Test]

@@ -56,4 +56,51 @@ public class SessionKeysTests
         }
         await Assert.That(most).IsEqualTo(SessionKeys.DefaultCapacity);
     }
+
+    [Test]
+    public async Task Cached_keys_are_counted_relay_wide_and_given_back()
+    {
+        var shared = new SharedMemory(budget: 0);
+        var keys = new SessionKeys(capacity: 8, shared);
+        var k = RandomKey();
+        keys.AddReal(k, Derived());
+        keys.AddReal(k, Derived()); // the same key again replaces it: counted once
+        keys.AddDecoy(RandomId(), Derived());
+        await Assert.That(shared.Held).IsEqualTo(2L * SessionKeys.BytesPerKey);
+        for (int i = 0; i < 7; i++) keys.AddDecoy(RandomId(), Derived()); // the ninth key drops the eight
+        await Assert.That(keys.Count).IsEqualTo(1);
+        await Assert.That(shared.Held).IsEqualTo((long)SessionKeys.BytesPerKey);
+        keys.Dispose();
+        await Assert.That(shared.Held).IsEqualTo(0L);
+    }
+
+    [Test]
+    public async Task While_the_relay_wide_budget_is_used_up_a_connection_at_the_small_limit_drops_its_keys()
+    {
+        var shared = new SharedMemory(budget: 6 * SessionKeys.BytesPerKey);
+        using var big = new SessionKeys(capacity: 100, shared, keysWhenShort: 3);
+        using var small = new SessionKeys(capacity: 100, shared, keysWhenShort: 3);
+        var bigKeys = Enumerable.Range(0, 4).Select(_ => RandomKey()).ToList();
+        foreach (var k in bigKeys) big.AddReal(k, Derived());
+        var smallKeys = Enumerable.Range(0, 2).Select(_ => RandomKey()).ToList();
+        foreach (var k in smallKeys) small.AddReal(k, Derived());
+        await Assert.That(shared.Short).IsTrue();
+
+        // Looking keys up costs nothing and drops nothing.
+        await Assert.That(bigKeys.All(k => big.TryGetReal(k, out _))).IsTrue();
+        // Below the small limit a connection still adds (2 → 3 keys).
+        small.AddReal(RandomKey(), Derived());
+        await Assert.That(small.Count).IsEqualTo(3);
+        await Assert.That(smallKeys.All(k => small.TryGetReal(k, out _))).IsTrue();
+        // At or above it, a new key first drops the connection's keys.
+        big.AddDecoy(RandomId(), Derived());
+        await Assert.That(big.Count).IsEqualTo(1);
+        await Assert.That(bigKeys.Any(k => big.TryGetReal(k, out _))).IsFalse();
+        await Assert.That(shared.Held).IsEqualTo(4L * SessionKeys.BytesPerKey);
+        await Assert.That(shared.Short).IsFalse();
+        // With room again, the limit no longer applies.
+        big.AddReal(RandomKey(), Derived());
+        big.AddReal(RandomKey(), Derived());
+        await Assert.That(big.Count).IsEqualTo(3);
+    }
 }

@@ -26,7 +26,7 @@ internal sealed partial class RelaySession : IThreadPoolWorkItem
     private readonly byte[] _sessionPublic = new byte[ProtocolConstants.KeySize];
 
     // Derived auth keys, real and decoy (read loop only).
-    private readonly SessionKeys _keys = new();
+    private readonly SessionKeys _keys;
 
     private readonly Lock _subLock = new();
     private readonly Dictionary<QueueHandle, Subscription> _subscriptions = new(ReferenceEqualityComparer.Instance);
@@ -43,6 +43,7 @@ internal sealed partial class RelaySession : IThreadPoolWorkItem
         _logger = context.Logger;
         _pending = new OutputBuffer(context.Output);
         _inSend = new OutputBuffer(context.Output);
+        _keys = new SessionKeys(SessionKeys.DefaultCapacity, context.Keys, _options.KeysWhenMemoryIsShort);
         RandomNumberGenerator.Fill(_sessionId);
         RelayCrypto.GenerateKeyPair(_sessionPrivate, _sessionPublic);
     }

@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using Relay.Protocol;
 
 namespace Relay.Server.Connections;
@@ -9,11 +10,27 @@ namespace Relay.Server.Connections;
 /// costs. Both share one budget and are dropped together when it is reached: how long a key stays
 /// cached never depends on whether its queue exists, and a connection that names many random ids
 /// holds at most the capacity's worth of keys (about 200 bytes each, 450 once used often).
+/// All connections' keys are also counted together (<paramref name="shared"/>, <see cref="BytesPerKey"/>
+/// each): while that relay-wide budget is used up, a connection that holds
+/// <paramref name="keysWhenShort"/> keys or more drops them before it caches another, so many
+/// connections naming many ids cannot each hold the capacity. A connection that keeps using the keys
+/// it has is not touched; one that needs more pays a fresh derivation per new key instead of memory.
 /// </summary>
-internal sealed class SessionKeys(int capacity = SessionKeys.DefaultCapacity) : IDisposable
+internal sealed class SessionKeys(int capacity = SessionKeys.DefaultCapacity, SharedMemory? shared = null,
+    int keysWhenShort = SessionKeys.DefaultKeysWhenShort) : IDisposable
 {
     /// <summary>More distinct queue keys than one client uses on a connection, small enough that 100 connections of one source hold a few hundred MB at most.</summary>
     public const int DefaultCapacity = 4_096;
+
+    /// <summary>Keys a connection may hold while the relay-wide budget is used up (32 KiB at <see cref="BytesPerKey"/>).</summary>
+    public const int DefaultKeysWhenShort = 64;
+
+    /// <summary>
+    /// What one cached key is counted as against the relay-wide budget: its dictionary entry, its
+    /// <see cref="MacKey"/> and key bytes, and, once used often, its HMAC context (about 200 bytes, 450
+    /// once used often, rounded up).
+    /// </summary>
+    public const int BytesPerKey = 512;
 
     private readonly Dictionary<Key32, MacKey> _real = new();
     private Dictionary<DecoyKey, MacKey>? _decoys;
@@ -25,7 +42,7 @@ internal sealed class SessionKeys(int capacity = SessionKeys.DefaultCapacity) : 
     public MacKey AddReal(in Key32 clientKey, byte[] derived)
     {
         MakeRoom();
-        return _real[clientKey] = new MacKey(derived);
+        return Put(_real, clientKey, derived);
     }
 
     public bool TryGetDecoy(in DecoyKey queueId, out MacKey key)
@@ -37,16 +54,32 @@ internal sealed class SessionKeys(int capacity = SessionKeys.DefaultCapacity) : 
     public MacKey AddDecoy(in DecoyKey queueId, byte[] derived)
     {
         MakeRoom();
-        return (_decoys ??= new())[queueId] = new MacKey(derived);
+        return Put(_decoys ??= new(), queueId, derived);
+    }
+
+    private MacKey Put<TKey>(Dictionary<TKey, MacKey> keys, TKey id, byte[] derived) where TKey : notnull
+    {
+        ref MacKey? slot = ref CollectionsMarshal.GetValueRefOrAddDefault(keys, id, out bool exists);
+        if (exists)
+        {
+            slot!.Dispose();
+        }
+        else
+        {
+            shared?.Add(BytesPerKey);
+        }
+        return slot = new MacKey(derived);
     }
 
     private void MakeRoom()
     {
-        if (Count >= capacity) Clear();
+        int count = Count;
+        if (count >= capacity || (count >= keysWhenShort && shared is { Short: true })) Clear();
     }
 
     public void Clear()
     {
+        shared?.Add(-(long)Count * BytesPerKey);
         Clear(_real);
         if (_decoys != null) Clear(_decoys);
     }

@@ -2,8 +2,10 @@ namespace Relay.Server.Connections;
 
 /// <summary>
 /// Memory that every connection of one relay holds for one purpose, counted together against a
-/// budget. Two are kept (RelayServerContext): the output buffers (frames written and not yet sent)
-/// and the bodies of SENDs in flight (read, not yet answered: waiting for their group commit). Each
+/// budget. Three are kept (RelayServerContext): the output buffers (frames written and not yet sent),
+/// the bodies of SENDs in flight (read, not yet answered: waiting for their group commit), and the
+/// derived auth keys connections cache (<see cref="SessionKeys"/>, which drops a connection's keys
+/// instead of pausing it). For the first two, each
 /// connection may hold up to its own limit (<see cref="RelayServerOptions.MaxOutputBuffer"/>,
 /// <see cref="RelayServerOptions.MaxInFlightBytesPerConnection"/>); while the total is at the budget,
 /// a connection holds at most a small limit (<see cref="RelayServerOptions.OutputBufferWhenMemoryIsShort"/>,

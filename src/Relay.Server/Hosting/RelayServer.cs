@@ -176,7 +176,7 @@ public sealed class RelayServer : IAsyncDisposable
             // The logger category is the product, not a type name: operators filter on "Relay".
             var loggerHolder = new LoggerHolder();
             var context = new RelayServerContext(options, store, metrics, loggerHolder, tls);
-            metrics.BindMemory(context.Output, context.InFlight);
+            metrics.BindMemory(context.Output, context.InFlight, context.Keys);
             var handler = new RelayConnectionHandler(context);
 
             // Bound before the host starts, so that a taken port fails the start; accepting starts once ready to serve.

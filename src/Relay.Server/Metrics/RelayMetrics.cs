@@ -63,8 +63,11 @@ public sealed class RelayMetrics
     private readonly Gauge _outputMemoryBudget;
     private readonly Gauge _inFlightMemory;
     private readonly Gauge _inFlightMemoryBudget;
+    private readonly Gauge _keyMemory;
+    private readonly Gauge _keyMemoryBudget;
     private SharedMemory? _inFlight;
     private SharedMemory? _output;
+    private SharedMemory? _keys;
     private readonly Gauge _queues;
     private readonly Gauge _messages;
     private readonly Gauge _messageBytes;
@@ -135,6 +138,8 @@ public sealed class RelayMetrics
         _outputMemoryBudget = f.CreateGauge("relay_output_memory_budget_bytes", "The configured output memory budget; 0 means unlimited.");
         _inFlightMemory = f.CreateGauge("relay_inflight_memory_bytes", "Message bytes of all connections' SENDs in flight (read, waiting for their group commit).");
         _inFlightMemoryBudget = f.CreateGauge("relay_inflight_memory_budget_bytes", "The configured in-flight memory budget; 0 means unlimited.");
+        _keyMemory = f.CreateGauge("relay_key_memory_bytes", "Derived auth keys all connections cache, counted at 512 bytes each.");
+        _keyMemoryBudget = f.CreateGauge("relay_key_memory_budget_bytes", "The configured key memory budget; 0 means unlimited.");
         _handshakeOk = _handshakes.WithLabels("ok");
         Registry.AddBeforeCollectCallback(UpdateStoreGauges);
     }
@@ -147,13 +152,15 @@ public sealed class RelayMetrics
         _diskBudget.Set(options.DiskBudgetBytes);
     }
 
-    /// <summary>Reads the connections' output and in-flight memory at every scrape.</summary>
-    internal void BindMemory(SharedMemory output, SharedMemory inFlight)
+    /// <summary>Reads the connections' output, in-flight and key memory at every scrape.</summary>
+    internal void BindMemory(SharedMemory output, SharedMemory inFlight, SharedMemory keys)
     {
         _output = output;
         _outputMemoryBudget.Set(output.Budget);
         _inFlight = inFlight;
         _inFlightMemoryBudget.Set(inFlight.Budget);
+        _keys = keys;
+        _keyMemoryBudget.Set(keys.Budget);
     }
 
     private void UpdateStoreGauges()
@@ -165,6 +172,10 @@ public sealed class RelayMetrics
         if (_inFlight is { } inFlight)
         {
             _inFlightMemory.Set(inFlight.Held);
+        }
+        if (_keys is { } keys)
+        {
+            _keyMemory.Set(keys.Held);
         }
         var store = _store;
         if (store is null)

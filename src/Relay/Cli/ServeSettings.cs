@@ -64,6 +64,8 @@ public sealed class ServeSettings
             (s, v, src) => s.Server.OutputMemoryBudget = v == "0" ? 0 : ParseSize(src, v, 1 << 20)),
         new("inflight-memory", "SIZE", "256MiB", "memory for the bodies of SENDs waiting for their group commit, all connections together; while it is used up (a stalled disk), a connection with more than 32 KiB waiting (instead of 1 MiB) is not read until its SENDs are answered (0: no such bound)",
             (s, v, src) => s.Server.InFlightMemoryBudget = v == "0" ? 0 : ParseSize(src, v, 1 << 20)),
+        new("key-memory", "SIZE", "256MiB", "memory for the derived auth keys connections cache (512 bytes each), all connections together; while it is used up, a connection holding 64 keys or more drops them before it derives another (0: no such bound)",
+            (s, v, src) => s.Server.KeyMemoryBudget = v == "0" ? 0 : ParseSize(src, v, 1 << 20)),
         new("max-message", "BYTES", "65000", "largest SEND body",
             (s, v, src) => s.Server.MaxMessage = (int)ParseNumber(src, v, 256, ProtocolConstants.LargestMessage(ProtocolConstants.DefaultMaxFrame))),
         new("max-connections", "N", "20000", "concurrent relay connections; more are closed at once",
