@@ -363,7 +363,8 @@ public class ConnectionLifetimeTests
             {
                 // The budget, passed by at most the keys a connection may hold while it is used up.
                 await Assert.That(keys).IsLessThanOrEqualTo(budget + (Clients + 1) * WhenShort * 512.0);
-                await Assert.That(keys).IsGreaterThanOrEqualTo(budget - WhenShort * 512.0);
+                // Each probing connection still holds at least the key it derived last.
+                await Assert.That(keys).IsGreaterThanOrEqualTo(Clients * 512.0);
             }
 
             // A client with a real queue is served as before, on a new connection and on its old one.
