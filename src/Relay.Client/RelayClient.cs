@@ -53,7 +53,7 @@ public sealed record QueueDelivery(RelayAddress Relay, RecipientQueue Queue, Del
 public sealed class RelayClient : IAsyncDisposable
 {
     private readonly ConcurrentDictionary<string, RelayLink> _links = new();
-    private readonly Channel<QueueDelivery> _deliveries = Channel.CreateUnbounded<QueueDelivery>();
+    private readonly DeliveryStream _deliveries = new();
     private readonly CancellationTokenSource _disposed = new();
 
     public RelayClientOptions Options { get; }
@@ -171,7 +171,7 @@ public sealed class RelayClient : IAsyncDisposable
         BeginReadingDeliveries();
         try
         {
-            await foreach (var delivery in _deliveries.Reader.ReadAllAsync(cancellationToken))
+            await foreach (var delivery in _deliveries.ReadAllAsync(cancellationToken))
             {
                 yield return delivery;
             }
@@ -183,7 +183,7 @@ public sealed class RelayClient : IAsyncDisposable
     }
 
     /// <summary>The delivery stream itself, for a reader that takes an item only when it is ready to handle it.</summary>
-    internal ChannelReader<QueueDelivery> Deliveries => _deliveries.Reader;
+    internal ChannelReader<QueueDelivery> Deliveries => _deliveries;
 
     private int _deliveryReader;
 
@@ -205,7 +205,7 @@ public sealed class RelayClient : IAsyncDisposable
         {
             await link.DisposeAsync();
         }
-        _deliveries.Writer.TryComplete();
+        _deliveries.Complete();
         _disposed.Dispose();
     }
 
@@ -409,7 +409,7 @@ public sealed class RelayClient : IAsyncDisposable
                     {
                         if (e is DeliveryEvent d && Subscriptions.ContainsKey(d.Queue.RecipientId))
                         {
-                            owner._deliveries.Writer.TryWrite(new QueueDelivery(relay, d.Queue, d.Delivery));
+                            owner._deliveries.TryWrite(new QueueDelivery(relay, d.Queue, d.Delivery));
                         }
                         else if (e is SubscriptionEndedEvent ended && OnEnded(connection, ended.RecipientId) is { } queue)
                         {

@@ -1,6 +1,7 @@
 using Relay.Client;
 using Relay.Client.Transport;
 using Relay.Protocol;
+using static Relay.Server.Tests.OperationsMetrics;
 using static Relay.Server.Tests.ScriptedRelay.Session;
 
 namespace Relay.Server.Tests;
@@ -187,20 +188,75 @@ public class MisbehavingRelayTests
         await relay.SendAsync(Ok(sub.Correlation), relay.Msg(queue, 1), relay.Msg(queue, 2), relay.Msg(queue, 3));
 
         // The client connects again and renews the subscription; the two messages delivered before
-        // the violation are there to read, and the messages the new connection delivers follow.
+        // the violation are there to read (the new connection's copies of them, pushed while they
+        // wait unread, are not queued twice), and the message the new connection adds follows.
         var again = await second;
         var renewed = await again.ExpectAsync(FrameType.Sub);
         await again.SendAsync(Ok(renewed.Correlation), again.Msg(queue, 1), again.Msg(queue, 2));
         await subscribing.WaitAsync(Timeout);
+        var ack = client.RunAsync(fake.Address, c => c.AckAsync(queue, 1));
+        await again.SendAsync(Ok((await again.ExpectAsync(FrameType.Ack)).Correlation), again.Msg(queue, 3));
+        await ack.WaitAsync(Timeout);
         using var cts = new CancellationTokenSource(Timeout);
         var read = new List<ulong>();
         await foreach (var d in client.DeliveriesAsync(cts.Token))
         {
             read.Add(d.Delivery.MessageId);
-            if (read.Count == 4) break;
+            if (d.Delivery.MessageId == 3) break;
         }
-        await Assert.That(read).IsEquivalentTo(new ulong[] { 1, 2, 1, 2 });
+        await Assert.That(read).IsEquivalentTo(new ulong[] { 1, 2, 3 });
         await Assert.That(await relay.ClosedByClientAsync(Timeout)).IsTrue();
+    }
+
+    [Test]
+    public async Task An_app_that_does_not_read_while_its_connection_comes_and_goes_holds_each_message_once()
+    {
+        await using var fake = ScriptedRelay.Start();
+        await using var client = new RelayClient(new RelayClientOptions
+        {
+            Tls = false,
+            DeliveryWindow = 3,
+            ReconnectMin = TimeSpan.FromMilliseconds(50),
+            ReconnectMax = TimeSpan.FromMilliseconds(500),
+        });
+        var queue = ScriptedRelay.NewQueue();
+        var next = fake.AcceptOneAsync();
+        var subscribing = client.SubscribeAsync(fake.Address, queue);
+        // Three connections in turn, each lost after the relay pushed the unacknowledged messages
+        // again (as a relay does for a new subscription), the app reading none of them meanwhile.
+        for (int connection = 0; connection < 3; connection++)
+        {
+            var relay = await next;
+            var sub = await relay.ExpectAsync(FrameType.Sub);
+            next = fake.AcceptOneAsync();
+            await relay.SendAsync(Ok(sub.Correlation), relay.Msg(queue, 1), relay.Msg(queue, 2), relay.Msg(queue, 3));
+            await subscribing.WaitAsync(Timeout);
+            await Assert.That(await EventuallyAsync(() => Task.FromResult(client.Deliveries.Count == 3))).IsTrue();
+            relay.Dispose();
+        }
+        var last = await next;
+        var renewed = await last.ExpectAsync(FrameType.Sub);
+        await last.SendAsync(Ok(renewed.Correlation), last.Msg(queue, 1), last.Msg(queue, 2), last.Msg(queue, 3));
+
+        // Each message once. Messages the app has read and not acknowledged are delivered again when
+        // a new subscription pushes them again (at-least-once, as without the client in between).
+        using var cts = new CancellationTokenSource(Timeout);
+        var read = new List<ulong>();
+        await foreach (var d in client.DeliveriesAsync(cts.Token))
+        {
+            read.Add(d.Delivery.MessageId);
+            if (read.Count == 3)
+            {
+                await Assert.That(client.Deliveries.Count).IsEqualTo(0);
+                next = fake.AcceptOneAsync();
+                last.Dispose();
+                var again = await next;
+                var sub = await again.ExpectAsync(FrameType.Sub);
+                await again.SendAsync(Ok(sub.Correlation), again.Msg(queue, 1), again.Msg(queue, 2), again.Msg(queue, 3));
+            }
+            if (read.Count == 6) break;
+        }
+        await Assert.That(read).IsEquivalentTo(new ulong[] { 1, 2, 3, 1, 2, 3 });
     }
 
     // A relay that follows the protocol, with its races: the check lets every push through.
