@@ -168,17 +168,20 @@ public class MisbehavingRelayTests
         await AssertBrokeTheProtocolAsync(client, relay, ping, streamError, "beyond the delivery window of 2");
     }
 
+    /// <summary>A <see cref="RelayClient"/> over plain TCP that reconnects within half a second.</summary>
+    private static RelayClient ReconnectingClient(int window) => new(new RelayClientOptions
+    {
+        Tls = false,
+        DeliveryWindow = window,
+        ReconnectMin = TimeSpan.FromMilliseconds(50),
+        ReconnectMax = TimeSpan.FromMilliseconds(500),
+    });
+
     [Test]
     public async Task A_relay_client_replaces_a_connection_whose_relay_broke_the_protocol_and_keeps_what_it_delivered()
     {
         await using var fake = ScriptedRelay.Start();
-        await using var client = new RelayClient(new RelayClientOptions
-        {
-            Tls = false,
-            DeliveryWindow = 2,
-            ReconnectMin = TimeSpan.FromMilliseconds(50),
-            ReconnectMax = TimeSpan.FromMilliseconds(500),
-        });
+        await using var client = ReconnectingClient(window: 2);
         var queue = ScriptedRelay.NewQueue();
         var first = fake.AcceptOneAsync();
         var subscribing = client.SubscribeAsync(fake.Address, queue);
@@ -212,13 +215,7 @@ public class MisbehavingRelayTests
     public async Task An_app_that_does_not_read_while_its_connection_comes_and_goes_holds_each_message_once()
     {
         await using var fake = ScriptedRelay.Start();
-        await using var client = new RelayClient(new RelayClientOptions
-        {
-            Tls = false,
-            DeliveryWindow = 3,
-            ReconnectMin = TimeSpan.FromMilliseconds(50),
-            ReconnectMax = TimeSpan.FromMilliseconds(500),
-        });
+        await using var client = ReconnectingClient(window: 3);
         var queue = ScriptedRelay.NewQueue();
         var next = fake.AcceptOneAsync();
         var subscribing = client.SubscribeAsync(fake.Address, queue);
