@@ -54,6 +54,26 @@ public class BenchTests
     }
 
     [Test]
+    public async Task With_the_relays_pid_a_run_reports_its_cpu_and_context_switches_per_message_and_without_it_neither()
+    {
+        using var files = new SettingsFiles();
+        await using var relay = await StartRelayAsync(files);
+        // The relay runs in this process: its PID is this one's, and its threads wait for every message.
+        var options = Small(BenchScenario.Live);
+        options.RelayPid = Environment.ProcessId;
+        var result = await new LoadGenerator(relay.Address, options, TextWriter.Null).RunAsync(CancellationToken.None);
+        await Assert.That(result.Lost).IsEqualTo(0);
+        await Assert.That(result.RelaySwitchesPerMessage).IsNotNull();
+        await Assert.That(result.RelaySwitchesPerMessage!.Value.Waits).IsGreaterThan(0);
+        await Assert.That(result.RelaySwitchesPerMessage!.Value.Preemptions).IsGreaterThanOrEqualTo(0);
+        await Assert.That(result.RelayCpuUsPerMessage).IsNotNull();
+
+        var without = await new LoadGenerator(relay.Address, Small(BenchScenario.Live), TextWriter.Null).RunAsync(CancellationToken.None);
+        await Assert.That(without.RelaySwitchesPerMessage).IsNull();
+        await Assert.That(without.RelayCpuUsPerMessage).IsNull();
+    }
+
+    [Test]
     public async Task The_commit_recorder_reports_count_operations_and_percentiles_of_the_commits_it_saw()
     {
         var recorder = new CommitRecorder();

@@ -7,7 +7,7 @@
 # One memory budget is (10,000 idle subscribed TLS connections within issue 6's 250 MB, as .ci/run
 # keeps the allocations per message within a budget): memory does not move with the VM's load.
 source "$(dirname "$0")/lib.sh"
-expect_checks 28
+expect_checks 29
 
 # json_ok FILE EXPECTED_MESSAGES [python condition on d]: the last stdout line is one JSON object
 # with the fields issue 6 names, nothing lost or duplicated, and the condition true.
@@ -39,7 +39,7 @@ bench() {
     fi
 }
 
-bench live-in-process 4000 'd["local_relay"] is True and d["sent"] == 4000' --messages 4000
+bench live-in-process 4000 'd["local_relay"] is True and d["sent"] == 4000 and "relay_waits_per_message" not in d' --messages 4000
 check "bench prints its setup on stderr" grep -q '^bench: live, 100 queues, 4 producers, 4 consumers, 256-byte messages, window 256, delivery window 32, ack through, in-process relay (TLS, fsync)' "$E2E_TMP/live-in-process.err"
 # With a window, one ACK through covers several deliveries; --ack each sends one per message.
 bench drain-in-process-window 4000 'd["scenario"] == "drain" and 0 < d["acks"] < 4000' --scenario drain --messages 4000 --delivery-window 16
@@ -60,7 +60,9 @@ PORT=$(free_port); ADMIN=$(free_port)
 "$RELAY" init --data "$DATA" >/dev/null 2>&1
 ADDR=$("$RELAY" address --data "$DATA" --host 127.0.0.1 --port "$PORT")
 if start_relay relay "$DATA" "$PORT" "$ADMIN" --max-connections-per-source 0 --queue-creation-rate 0; then
-    bench separate-live 5000 'd["local_relay"] is False and d["relay_cpu_us_per_message"] > 0 and "commits" not in d' "$ADDR" --messages 5000 --relay-pid "$RELAY_PID"
+    # Also its context switches: every message wakes some relay thread that waited.
+    bench separate-live 5000 'd["local_relay"] is False and d["relay_cpu_us_per_message"] > 0 and "commits" not in d and d["relay_waits_per_message"] > 0 and d["relay_preemptions_per_message"] >= 0' "$ADDR" --messages 5000 --relay-pid "$RELAY_PID"
+    check "a run against a relay's PID reports its context switches" grep -qE '^relay context switches per message: [0-9.]+ \([0-9.]+ waits woken, [0-9.]+ preemptions\)$' "$E2E_TMP/separate-live.out"
     # One delivery at a time (SUB without a window's worth): every ACK covers one message.
     bench separate-one-at-a-time 5000 'd["relay_cpu_us_per_message"] > 0 and d["acks"] == 5000' "$ADDR" --messages 5000 --relay-pid "$RELAY_PID" --window 64 --delivery-window 1
     bench separate-drain-window-64 5000 'd["scenario"] == "drain" and 0 < d["acks"] < 5000' "$ADDR" --scenario drain --messages 5000 --delivery-window 64

@@ -61,6 +61,8 @@ public sealed record BenchResult
     public double ProcessCpuUsPerMessage { get; init; }
     /// <summary>CPU of the relay process per message, when known (in-process: not separable; --relay-pid: exact).</summary>
     public double? RelayCpuUsPerMessage { get; init; }
+    /// <summary>The relay process's context switches per message (waits and preemptions, all its threads), with --relay-pid.</summary>
+    public SwitchesPerMessage? RelaySwitchesPerMessage { get; init; }
     public bool LocalRelay { get; init; }
     /// <summary>The in-process relay's group commits over the whole run (set-up and warm-up included); null with a relay elsewhere.</summary>
     public CommitSummary? Commits { get; init; }
@@ -68,3 +70,6 @@ public sealed record BenchResult
 
 /// <summary>A run that cannot go on as asked (the relay's limits do not fit the workload); the message says what to change.</summary>
 public sealed class BenchException(string message) : Exception(message);
+
+/// <summary>Context switches per message: waits (a thread woken again after it had nothing to do) and preemptions.</summary>
+public readonly record struct SwitchesPerMessage(double Waits, double Preemptions);

@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Diagnostics;
+using System.Globalization;
 using System.Runtime.CompilerServices;
 using System.Runtime.ExceptionServices;
 using System.Runtime.InteropServices;
@@ -37,10 +38,11 @@ public sealed partial class LoadGenerator(RelayAddress address, BenchOptions opt
     /// Where the measured part of a run starts: time, CPU of both processes, and this process's
     /// garbage collections of any generation (each pauses the messages it has in flight).
     /// </summary>
-    private readonly record struct Mark(long Timestamp, TimeSpan Cpu, TimeSpan? RelayCpu, int Collections, TimeSpan GcPause);
+    private readonly record struct Mark(long Timestamp, TimeSpan Cpu, TimeSpan? RelayCpu, ContextSwitches? RelaySwitches, int Collections, TimeSpan GcPause);
 
     private Mark MarkNow() =>
-        new(Stopwatch.GetTimestamp(), Process.GetCurrentProcess().TotalProcessorTime, RelayCpu(), GC.CollectionCount(0), GC.GetTotalPauseDuration());
+        new(Stopwatch.GetTimestamp(), Process.GetCurrentProcess().TotalProcessorTime, RelayCpu(), RelaySwitches(),
+            GC.CollectionCount(0), GC.GetTotalPauseDuration());
 
     public async Task<BenchResult> RunAsync(CancellationToken cancellationToken)
     {
@@ -127,6 +129,8 @@ public sealed partial class LoadGenerator(RelayAddress address, BenchOptions opt
             double seconds = Math.Max(0.001, Stopwatch.GetElapsedTime(mark.Timestamp, end.Timestamp).TotalSeconds);
             var cpu = end.Cpu - mark.Cpu;
             var relayCpu = end.RelayCpu - mark.RelayCpu;
+            var relaySwitches = end.RelaySwitches is { } e && mark.RelaySwitches is { } b
+                ? new ContextSwitches(e.Voluntary - b.Voluntary, e.Involuntary - b.Involuntary) : (ContextSwitches?)null;
             await Task.Delay(200, cancellationToken); // late duplicates
             stopConsumers.Cancel();
             await Task.WhenAll(consumerTasks);   // each has looked at its last ACKs
@@ -177,6 +181,8 @@ public sealed partial class LoadGenerator(RelayAddress address, BenchOptions opt
                 MaxMs = Percentile(1.0),
                 ProcessCpuUsPerMessage = measured <= 0 ? 0 : cpu.TotalMicroseconds / measured,
                 RelayCpuUsPerMessage = relayCpu is { } r && measured > 0 ? r.TotalMicroseconds / measured : null,
+                RelaySwitchesPerMessage = relaySwitches is { } sw && measured > 0
+                    ? new SwitchesPerMessage((double)sw.Voluntary / measured, (double)sw.Involuntary / measured) : null,
             };
         }
         finally
@@ -212,6 +218,42 @@ public sealed partial class LoadGenerator(RelayAddress address, BenchOptions opt
             var fields = stat.Substring(stat.LastIndexOf(')') + 2).Split(' ');
             long ticks = long.Parse(fields[11]) + long.Parse(fields[12]);
             return TimeSpan.FromSeconds(ticks / 100.0);
+        }
+        catch (IOException)
+        {
+            return null;
+        }
+    }
+
+    /// <summary>
+    /// The relay process's context switches so far, summed over its threads (/proc/PID/task/*/status):
+    /// voluntary ones are waits (a thread that had nothing to do and was woken again), involuntary ones
+    /// preemptions. Threads that ended are not counted; the relay's threads live as long as it does.
+    /// </summary>
+    private ContextSwitches? RelaySwitches()
+    {
+        if (options.RelayPid is not { } pid) return null;
+        try
+        {
+            long voluntary = 0, involuntary = 0;
+            foreach (var task in Directory.EnumerateDirectories($"/proc/{pid}/task"))
+            {
+                try
+                {
+                    foreach (var line in File.ReadLines(Path.Combine(task, "status")))
+                    {
+                        if (line.StartsWith("voluntary_ctxt_switches:", StringComparison.Ordinal))
+                            voluntary += long.Parse(line.AsSpan(line.IndexOf(':') + 1).Trim(), CultureInfo.InvariantCulture);
+                        else if (line.StartsWith("nonvoluntary_ctxt_switches:", StringComparison.Ordinal))
+                            involuntary += long.Parse(line.AsSpan(line.IndexOf(':') + 1).Trim(), CultureInfo.InvariantCulture);
+                    }
+                }
+                catch (IOException)
+                {
+                    // That thread ended as it was read.
+                }
+            }
+            return new ContextSwitches(voluntary, involuntary);
         }
         catch (IOException)
         {
@@ -649,3 +691,6 @@ public sealed partial class LoadGenerator(RelayAddress address, BenchOptions opt
         }
     }
 }
+
+/// <summary>Context switches of a process: waits (voluntary) and preemptions (involuntary).</summary>
+internal readonly record struct ContextSwitches(long Voluntary, long Involuntary);

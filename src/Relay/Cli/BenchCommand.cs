@@ -40,7 +40,7 @@ public static class BenchCommand
                     ("--duration S", "paced: seconds measured (default 10)"),
                     ("--warmup S", "paced: seconds sent at the rate before the measured ones, checked for loss but left out of latency and CPU (default 1; 0 for none)"),
                     ("--durability MODE", "in-process relay: fsync (default) or relaxed"),
-                    ("--relay-pid PID", "with ADDRESS: also report that process's CPU per message (/proc)"),
+                    ("--relay-pid PID", "with ADDRESS: also report that process's CPU and context switches per message (/proc)"),
                     ("--json", "print one JSON object as the last line of stdout"),
                     ("--socks HOST:PORT", "reach the relay through this SOCKS5 proxy"),
                     ("--plain-tcp", "plain TCP instead of TLS"),
@@ -164,6 +164,11 @@ public static class BenchCommand
         Console.Out.WriteLine(string.Format(c, "CPU per message: {0:0.00} us in this process{1}{2}", r.ProcessCpuUsPerMessage,
             r.LocalRelay ? " (relay and load generator together)" : "",
             r.RelayCpuUsPerMessage is { } rc ? string.Format(c, "; relay process {0:0.00} us", rc) : ""));
+        if (r.RelaySwitchesPerMessage is { } sw)
+        {
+            Console.Out.WriteLine(string.Format(c, "relay context switches per message: {0:0.00} ({1:0.00} waits woken, {2:0.00} preemptions)",
+                sw.Waits + sw.Preemptions, sw.Waits, sw.Preemptions));
+        }
         Console.Out.WriteLine(string.Format(c, "garbage collections in this process: {0} ({1:0.0} ms of pauses)", r.GeneratorCollections, r.GeneratorGcPauseMs));
         if (r.Commits is { } k)
         {
@@ -195,6 +200,11 @@ public static class BenchCommand
             w.WriteNumber("measured_messages", r.MeasuredMessages);
             w.WriteNumber("process_cpu_us_per_message", Math.Round(r.ProcessCpuUsPerMessage, 2));
             if (r.RelayCpuUsPerMessage is { } rc) w.WriteNumber("relay_cpu_us_per_message", Math.Round(rc, 2));
+            if (r.RelaySwitchesPerMessage is { } sw)
+            {
+                w.WriteNumber("relay_waits_per_message", Math.Round(sw.Waits, 3));
+                w.WriteNumber("relay_preemptions_per_message", Math.Round(sw.Preemptions, 3));
+            }
             w.WriteNumber("generator_gc_collections", r.GeneratorCollections);
             w.WriteNumber("generator_gc_pause_ms", Math.Round(r.GeneratorGcPauseMs, 1));
             if (r.PacerLagP99Ms is { } lag) w.WriteNumber("pacer_lag_p99_ms", Math.Round(lag, 3));
