@@ -165,6 +165,15 @@ public sealed class RelayServerOptions
     /// </summary>
     public TimeSpan MaintenanceInterval { get; set; } = TimeSpan.FromSeconds(30);
 
+    /// <summary>
+    /// When the relay goes quiet (under 64 KiB allocated in a second) after allocating 4 MiB or more since
+    /// the runtime last collected, one full collection frees that garbage (Hosting.QuietCollector): after
+    /// a burst of handshakes nothing else would, on a quiet relay. Off by
+    /// default for a relay hosted in an app's process (it collects the whole process); <c>relay serve</c>
+    /// turns it on.
+    /// </summary>
+    public bool CollectWhenQuiet { get; set; }
+
     /// <summary>Queue handles unused for this long are dropped from memory (they are reloaded on use).</summary>
     public TimeSpan EvictIdleAfter { get; set; } = TimeSpan.FromMinutes(5);
 

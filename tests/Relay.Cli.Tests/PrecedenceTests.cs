@@ -63,6 +63,18 @@ public class PrecedenceTests
     }
 
     [Test]
+    public async Task Relay_serve_collects_when_quiet_unless_turned_off_by_flag_environment_or_file()
+    {
+        await Assert.That(new Relay.Server.RelayServerOptions().CollectWhenQuiet).IsFalse();  // a relay hosted in an app
+        await Assert.That(Bind([], []).Server.CollectWhenQuiet).IsTrue();
+        await Assert.That(Bind(["--collect-when-quiet", "off"], []).Server.CollectWhenQuiet).IsFalse();
+        await Assert.That(Bind([], new() { ["RELAY_COLLECT_WHEN_QUIET"] = "off" }).Server.CollectWhenQuiet).IsFalse();
+        using var files = new SettingsFiles();
+        var path = files.Write("relay.json", """{ "collectWhenQuiet": false }""");
+        await Assert.That(Bind(["--config", path], []).Server.CollectWhenQuiet).IsFalse();
+    }
+
+    [Test]
     public async Task Json_file_sets_every_kind_of_value()
     {
         using var files = new SettingsFiles();

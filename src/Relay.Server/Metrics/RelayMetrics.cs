@@ -55,6 +55,8 @@ public sealed class RelayMetrics
     private readonly Histogram _fsync;
     private readonly Histogram _deliveryLatency;
     private readonly Counter _sweeps;
+    private readonly Counter _quietCollections;
+    private readonly Counter _quietCollectionPause;
     private readonly Counter _sweepFailures;
     private readonly Histogram _sweepSeconds;
     private readonly Counter _reclaims;
@@ -112,6 +114,8 @@ public sealed class RelayMetrics
             "From a SEND arriving to its message being pushed to a subscriber waiting for it (messages that wait in a queue are not observed).",
             new HistogramConfiguration { Buckets = Histogram.ExponentialBuckets(0.0001, 2, 16) });
         _sweeps = f.CreateCounter("relay_store_sweeps_total", "Expiry sweeps run (expired messages and idle queues).");
+        _quietCollections = f.CreateCounter("relay_quiet_collections_total", "Full garbage collections the relay ran when it went quiet after allocating.");
+        _quietCollectionPause = f.CreateCounter("relay_quiet_collection_pause_seconds_total", "Time the relay's threads were paused by those collections.");
         _sweepFailures = f.CreateCounter("relay_store_sweep_failures_total", "Expiry sweeps that failed (retried at the next interval; nothing is lost).");
         _sweepSeconds = f.CreateHistogram("relay_store_sweep_seconds", "Duration of one expiry sweep.",
             new HistogramConfiguration { Buckets = Histogram.ExponentialBuckets(0.001, 4, 10) });
@@ -248,6 +252,13 @@ public sealed class RelayMetrics
     }
 
     public void SweepFailed() => _sweepFailures.Inc();
+
+    /// <summary>The relay collected garbage once quiet; <paramref name="pauseSeconds"/> it paused for.</summary>
+    public void QuietCollection(double pauseSeconds)
+    {
+        _quietCollections.Inc();
+        _quietCollectionPause.Inc(pauseSeconds);
+    }
     public void Reclaimed() => _reclaims.Inc();
     public void Evicted(int count) => _evicted.Inc(count);
 

@@ -13,7 +13,7 @@ namespace Relay.Cli;
 /// </summary>
 public sealed class ServeSettings
 {
-    public RelayServerOptions Server { get; } = new();
+    public RelayServerOptions Server { get; } = new() { CollectWhenQuiet = true };
     public string LogFormat { get; set; } = "text";
     public string LogLevel { get; set; } = "information";
     public string? ConfigFile { get; set; }
@@ -91,6 +91,8 @@ public sealed class ServeSettings
                 : System.Text.Encoding.UTF8.GetByteCount(v) <= 255 ? v : throw new UsageException($"{src} must be at most 255 UTF-8 bytes (the protocol's limit)")),
         new("new-queues", "on|off", "on", "off: refuse new queues (DISABLED) while existing queues keep working",
             (s, v, src) => s.Server.AllowNewQueues = CliArgs.ParseBool(src, v)),
+        new("collect-when-quiet", "on|off", "on", "when the relay goes quiet after allocating 4 MiB or more, one full garbage collection frees that memory (at most about once a minute; its pause, about 50 ms with 10,000 connections, is in relay_quiet_collection_pause_seconds_total)",
+            (s, v, src) => s.Server.CollectWhenQuiet = CliArgs.ParseBool(src, v)),
         new("sweep-interval", "DURATION", "10m", "how often expired messages and idle queues are removed",
             (s, v, src) => s.Server.SweepInterval = ParseDuration(src, v, TimeSpan.FromSeconds(1))),
         new("admin-token", "TOKEN", "none (admin API off)", "bearer token of the admin API (/admin/*); at least 16 characters, no spaces; without it /admin/* answers 404",
