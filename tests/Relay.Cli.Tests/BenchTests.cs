@@ -74,6 +74,16 @@ public class BenchTests
     }
 
     [Test]
+    public async Task Context_switches_between_two_readings_count_threads_that_started_and_never_go_negative()
+    {
+        var before = new Dictionary<int, ContextSwitches> { [1] = new(100, 10), [2] = new(50, 5), [3] = new(900, 90) };
+        // Thread 2 went on, thread 3 ended (its counts are gone), thread 4 started, thread 1's id was
+        // reused by a new thread (its counts went down).
+        var after = new Dictionary<int, ContextSwitches> { [1] = new(7, 1), [2] = new(80, 6), [4] = new(20, 2) };
+        await Assert.That(ContextSwitches.Between(before, after)).IsEqualTo(new ContextSwitches(7 + 30 + 20, 1 + 1 + 2));
+    }
+
+    [Test]
     public async Task The_commit_recorder_reports_count_operations_and_percentiles_of_the_commits_it_saw()
     {
         var recorder = new CommitRecorder();

@@ -38,7 +38,7 @@ public sealed partial class LoadGenerator(RelayAddress address, BenchOptions opt
     /// Where the measured part of a run starts: time, CPU of both processes, and this process's
     /// garbage collections of any generation (each pauses the messages it has in flight).
     /// </summary>
-    private readonly record struct Mark(long Timestamp, TimeSpan Cpu, TimeSpan? RelayCpu, ContextSwitches? RelaySwitches, int Collections, TimeSpan GcPause);
+    private readonly record struct Mark(long Timestamp, TimeSpan Cpu, TimeSpan? RelayCpu, Dictionary<int, ContextSwitches>? RelaySwitches, int Collections, TimeSpan GcPause);
 
     private Mark MarkNow() =>
         new(Stopwatch.GetTimestamp(), Process.GetCurrentProcess().TotalProcessorTime, RelayCpu(), RelaySwitches(),
@@ -129,8 +129,7 @@ public sealed partial class LoadGenerator(RelayAddress address, BenchOptions opt
             double seconds = Math.Max(0.001, Stopwatch.GetElapsedTime(mark.Timestamp, end.Timestamp).TotalSeconds);
             var cpu = end.Cpu - mark.Cpu;
             var relayCpu = end.RelayCpu - mark.RelayCpu;
-            var relaySwitches = end.RelaySwitches is { } e && mark.RelaySwitches is { } b
-                ? new ContextSwitches(e.Voluntary - b.Voluntary, e.Involuntary - b.Involuntary) : (ContextSwitches?)null;
+            var relaySwitches = end.RelaySwitches is { } e && mark.RelaySwitches is { } b ? ContextSwitches.Between(b, e) : (ContextSwitches?)null;
             await Task.Delay(200, cancellationToken); // late duplicates
             stopConsumers.Cancel();
             await Task.WhenAll(consumerTasks);   // each has looked at its last ACKs
@@ -226,34 +225,38 @@ public sealed partial class LoadGenerator(RelayAddress address, BenchOptions opt
     }
 
     /// <summary>
-    /// The relay process's context switches so far, summed over its threads (/proc/PID/task/*/status):
-    /// voluntary ones are waits (a thread that had nothing to do and was woken again), involuntary ones
-    /// preemptions. Threads that ended are not counted; the relay's threads live as long as it does.
+    /// The relay process's context switches so far, per thread (/proc/PID/task/TID/status): voluntary
+    /// ones are waits (a thread that had nothing to do and was woken again), involuntary ones preemptions.
+    /// Per thread, because threads come and go (the thread pool retires idle workers): a sum over the
+    /// threads alive at each end would lose the counts of those that ended between.
     /// </summary>
-    private ContextSwitches? RelaySwitches()
+    private Dictionary<int, ContextSwitches>? RelaySwitches()
     {
         if (options.RelayPid is not { } pid) return null;
         try
         {
-            long voluntary = 0, involuntary = 0;
+            var threads = new Dictionary<int, ContextSwitches>();
             foreach (var task in Directory.EnumerateDirectories($"/proc/{pid}/task"))
             {
+                if (!int.TryParse(Path.GetFileName(task), NumberStyles.None, CultureInfo.InvariantCulture, out int tid)) continue;
                 try
                 {
+                    long voluntary = 0, involuntary = 0;
                     foreach (var line in File.ReadLines(Path.Combine(task, "status")))
                     {
                         if (line.StartsWith("voluntary_ctxt_switches:", StringComparison.Ordinal))
-                            voluntary += long.Parse(line.AsSpan(line.IndexOf(':') + 1).Trim(), CultureInfo.InvariantCulture);
+                            voluntary = long.Parse(line.AsSpan(line.IndexOf(':') + 1).Trim(), CultureInfo.InvariantCulture);
                         else if (line.StartsWith("nonvoluntary_ctxt_switches:", StringComparison.Ordinal))
-                            involuntary += long.Parse(line.AsSpan(line.IndexOf(':') + 1).Trim(), CultureInfo.InvariantCulture);
+                            involuntary = long.Parse(line.AsSpan(line.IndexOf(':') + 1).Trim(), CultureInfo.InvariantCulture);
                     }
+                    threads[tid] = new ContextSwitches(voluntary, involuntary);
                 }
                 catch (IOException)
                 {
                     // That thread ended as it was read.
                 }
             }
-            return new ContextSwitches(voluntary, involuntary);
+            return threads;
         }
         catch (IOException)
         {
@@ -692,5 +695,31 @@ public sealed partial class LoadGenerator(RelayAddress address, BenchOptions opt
     }
 }
 
-/// <summary>Context switches of a process: waits (voluntary) and preemptions (involuntary).</summary>
-internal readonly record struct ContextSwitches(long Voluntary, long Involuntary);
+/// <summary>Context switches of a thread or a process: waits (voluntary) and preemptions (involuntary).</summary>
+public readonly record struct ContextSwitches(long Voluntary, long Involuntary)
+{
+    /// <summary>
+    /// The switches between two readings of a process's threads: a thread in both counts its increase,
+    /// one that started since (absent before, or a reused id whose counts went down) counts all of its
+    /// own; one that ended since is not seen (so the total is never negative, and low by what such
+    /// threads did).
+    /// </summary>
+    public static ContextSwitches Between(Dictionary<int, ContextSwitches> before, Dictionary<int, ContextSwitches> after)
+    {
+        long voluntary = 0, involuntary = 0;
+        foreach (var (tid, now) in after)
+        {
+            if (before.TryGetValue(tid, out var then) && now.Voluntary >= then.Voluntary && now.Involuntary >= then.Involuntary)
+            {
+                voluntary += now.Voluntary - then.Voluntary;
+                involuntary += now.Involuntary - then.Involuntary;
+            }
+            else
+            {
+                voluntary += now.Voluntary;
+                involuntary += now.Involuntary;
+            }
+        }
+        return new ContextSwitches(voluntary, involuntary);
+    }
+}
