@@ -244,10 +244,8 @@ public sealed partial class LoadGenerator(RelayAddress address, BenchOptions opt
                     long voluntary = 0, involuntary = 0;
                     foreach (var line in File.ReadLines(Path.Combine(task, "status")))
                     {
-                        if (line.StartsWith("voluntary_ctxt_switches:", StringComparison.Ordinal))
-                            voluntary = long.Parse(line.AsSpan(line.IndexOf(':') + 1).Trim(), CultureInfo.InvariantCulture);
-                        else if (line.StartsWith("nonvoluntary_ctxt_switches:", StringComparison.Ordinal))
-                            involuntary = long.Parse(line.AsSpan(line.IndexOf(':') + 1).Trim(), CultureInfo.InvariantCulture);
+                        if (line.StartsWith("voluntary_ctxt_switches:", StringComparison.Ordinal)) voluntary = Value(line);
+                        else if (line.StartsWith("nonvoluntary_ctxt_switches:", StringComparison.Ordinal)) involuntary = Value(line);
                     }
                     threads[tid] = new ContextSwitches(voluntary, involuntary);
                 }
@@ -262,6 +260,8 @@ public sealed partial class LoadGenerator(RelayAddress address, BenchOptions opt
         {
             return null;
         }
+
+        static long Value(string line) => long.Parse(line.AsSpan(line.IndexOf(':') + 1).Trim(), CultureInfo.InvariantCulture);
     }
 
     private async Task ProduceAsync(RelayConnection[] producers, QueueInfo[] queues, int total, long paceStart, CancellationToken cancellationToken)
