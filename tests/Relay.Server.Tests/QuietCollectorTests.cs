@@ -2,7 +2,10 @@ using Relay.Server.Hosting;
 
 namespace Relay.Server.Tests;
 
-/// <summary>When the relay collects garbage by itself: once, when it goes quiet after allocating enough.</summary>
+/// <summary>
+/// When the relay collects garbage by itself: once, when it goes quiet after allocating enough since
+/// the last full collection (the counts passed are of full collections: younger ones do not reset it).
+/// </summary>
 public class QuietCollectorTests
 {
     private const long MiB = 1 << 20;
@@ -49,13 +52,13 @@ public class QuietCollectorTests
     }
 
     [Test]
-    public async Task What_a_collection_of_the_runtime_left_is_counted_from_the_tick_that_saw_it()
+    public async Task What_a_full_collection_of_the_runtime_left_is_counted_from_the_tick_that_saw_it()
     {
         var quiet = new QuietCollector(leftBytes: 4 * MiB, quietBytes: 64 * 1024);
         long allocated = 0;
         quiet.Tick(allocated, 0);
         allocated += 20 * MiB;
-        await Assert.That(quiet.Tick(allocated, 1)).IsFalse();               // the runtime collected meanwhile
+        await Assert.That(quiet.Tick(allocated, 1)).IsFalse();               // the runtime collected fully meanwhile
         allocated += 2 * MiB;
         await Assert.That(quiet.Tick(allocated, 1)).IsFalse();               // 2 MiB since: busy anyway
         allocated += 1024;

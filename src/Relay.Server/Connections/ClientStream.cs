@@ -111,7 +111,26 @@ internal sealed class ClientStream : NetworkStream, IConnectionState
         {
             return new ValueTask<int>(TakeUnread(buffer.Span));
         }
-        return base.ReadAsync(buffer, cancellationToken);
+        return cancellationToken.CanBeCanceled ? ReadUntilCancelledAsync(buffer, cancellationToken) : base.ReadAsync(buffer, default);
+    }
+
+    /// <summary>
+    /// A read with a deadline (the TLS handshake and HELLO): cancellation ends reading on the socket, so
+    /// the pending read returns, and then throws <see cref="OperationCanceledException"/>. The token is
+    /// never handed to the socket, whose reusable receive operation would keep a reference to its
+    /// registration (and the disposed source behind it) for the connection's whole life: about 200
+    /// bytes per idle connection.
+    /// </summary>
+    private async ValueTask<int> ReadUntilCancelledAsync(Memory<byte> buffer, CancellationToken cancellationToken)
+    {
+        cancellationToken.ThrowIfCancellationRequested();
+        int n;
+        using (cancellationToken.UnsafeRegister(static s => ((ClientStream)s!).EndReading(idle: false), this))
+        {
+            n = await base.ReadAsync(buffer, default);
+        }
+        cancellationToken.ThrowIfCancellationRequested();
+        return n;
     }
 
     public override Task<int> ReadAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken)

@@ -48,100 +48,108 @@ internal sealed partial class RelaySession : IThreadPoolWorkItem
         RelayCrypto.GenerateKeyPair(_sessionPrivate, _sessionPublic);
     }
 
-    /// <summary>Runs the session over <paramref name="transport"/> (a socket, or an in-process stream) to its end.</summary>
+    /// <summary>Runs the session over <paramref name="transport"/> (a socket, or an in-process stream) to its end, counted in the open connections.</summary>
     public async Task RunAsync(Stream transport, IConnectionState connection)
     {
-        // One deadline for TLS and HELLO together: a client cannot hold a connection for longer.
-        // Disposed (and dropped) once HELLO is answered: an established session keeps no timer.
-        CancellationTokenSource? handshakeTimeout = new(_options.HandshakeTimeout);
-        SslStream? ssl = null;
-        Stream input = transport;
+        _context.Metrics.ConnectionOpened();
         try
         {
-            if (_options.Tls)
-            {
-                ssl = new SslStream(transport, leaveInnerStreamOpen: true);
-                await ssl.AuthenticateAsServerAsync(await _context.TlsOptions.WaitAsync(handshakeTimeout.Token), handshakeTimeout.Token);
-                // A client that offers no ALPN at all completes TLS without one: refuse it too (PROTOCOL.md §2).
-                if (!ssl.NegotiatedApplicationProtocol.Protocol.Span.SequenceEqual(ProtocolConstants.Alpn))
-                {
-                    throw new AuthenticationException("the client did not offer ALPN relay/1");
-                }
-                if (!TlsMemory.TryReleaseBuffersWhenIdle(ssl) && TlsMemory.FirstFailure())
-                {
-                    Log.TlsBuffersKept(_logger);
-                }
-                input = ssl;
-            }
-            StartOutput(input);
-        }
-        catch (Exception ex) when (ex is OperationCanceledException or IOException or AuthenticationException or ObjectDisposedException)
-        {
-            _context.Metrics.HandshakeFailed("tls");
-            Log.TlsFailed(_logger, ex.GetType().Name);
-            handshakeTimeout.Dispose();
-            if (ssl != null) await ssl.DisposeAsync();
-            return;
-        }
-
-        try
-        {
-            bool welcomed;
+            // One deadline for TLS and HELLO together: a client cannot hold a connection for longer.
+            // Disposed (and dropped) once HELLO is answered: an established session keeps no timer.
+            CancellationTokenSource? handshakeTimeout = new(_options.HandshakeTimeout);
+            SslStream? ssl = null;
+            Stream input = transport;
             try
             {
-                welcomed = await HandshakeAsync(input, handshakeTimeout);
+                if (_options.Tls)
+                {
+                    ssl = new SslStream(transport, leaveInnerStreamOpen: true);
+                    await ssl.AuthenticateAsServerAsync(await _context.TlsOptions.WaitAsync(handshakeTimeout.Token), handshakeTimeout.Token);
+                    // A client that offers no ALPN at all completes TLS without one: refuse it too (PROTOCOL.md §2).
+                    if (!ssl.NegotiatedApplicationProtocol.Protocol.Span.SequenceEqual(ProtocolConstants.Alpn))
+                    {
+                        throw new AuthenticationException("the client did not offer ALPN relay/1");
+                    }
+                    if (!TlsMemory.TryReleaseBuffersWhenIdle(ssl) && TlsMemory.FirstFailure())
+                    {
+                        Log.TlsBuffersKept(_logger);
+                    }
+                    input = ssl;
+                }
+                StartOutput(input);
             }
-            finally
+            catch (Exception ex) when (ex is OperationCanceledException or IOException or AuthenticationException or ObjectDisposedException)
             {
+                _context.Metrics.HandshakeFailed("tls");
+                Log.TlsFailed(_logger, ex.GetType().Name);
                 handshakeTimeout.Dispose();
-                handshakeTimeout = null;
+                if (ssl != null) await ssl.DisposeAsync();
+                return;
             }
-            if (welcomed)
+
+            try
             {
-                _context.Metrics.HandshakeSucceeded();
-                await ReadLoopAsync(input, connection);
+                bool welcomed;
+                try
+                {
+                    welcomed = await HandshakeAsync(input, handshakeTimeout);
+                }
+                finally
+                {
+                    handshakeTimeout.Dispose();
+                    handshakeTimeout = null;
+                }
+                if (welcomed)
+                {
+                    _context.Metrics.HandshakeSucceeded();
+                    await ReadLoopAsync(input, connection);
+                    if (connection.IdleExpired)
+                    {
+                        Log.IdleClosed(_logger);
+                    }
+                }
+            }
+            catch (ProtocolException ex)
+            {
+                Log.ProtocolViolation(_logger, ex.Code, ex.Message);
+                _context.Metrics.ProtocolError(ex.Code);
+                WriteError(0, ex.Code);
+            }
+            catch (OperationCanceledException)
+            {
+                // A paused read loop whose reading was ended (idle sweep or shutdown) while it waited.
                 if (connection.IdleExpired)
                 {
                     Log.IdleClosed(_logger);
                 }
             }
-        }
-        catch (ProtocolException ex)
-        {
-            Log.ProtocolViolation(_logger, ex.Code, ex.Message);
-            _context.Metrics.ProtocolError(ex.Code);
-            WriteError(0, ex.Code);
-        }
-        catch (OperationCanceledException)
-        {
-            // A paused read loop whose reading was ended (idle sweep or shutdown) while it waited.
-            if (connection.IdleExpired)
+            catch (Exception ex) when (ex is IOException or System.Net.Sockets.SocketException or ObjectDisposedException or InvalidOperationException)
             {
-                Log.IdleClosed(_logger);
+                Log.ConnectionFailed(_logger, ex.GetType().Name);
             }
-        }
-        catch (Exception ex) when (ex is IOException or System.Net.Sockets.SocketException or ObjectDisposedException or InvalidOperationException)
-        {
-            Log.ConnectionFailed(_logger, ex.GetType().Name);
+            finally
+            {
+                EndAllSubscriptions();
+                await WaitForInFlightAsync();
+                _keys.Dispose();
+                try
+                {
+                    await CompleteOutputAsync().WaitAsync(TimeSpan.FromSeconds(5));
+                }
+                catch (Exception)
+                {
+                    // The peer is gone or too slow; the connection is closing anyway.
+                }
+                ReturnReadBuffer();
+                if (ssl != null)
+                {
+                    await ssl.DisposeAsync();
+                }
+            }
         }
         finally
         {
-            EndAllSubscriptions();
-            await WaitForInFlightAsync();
-            _keys.Dispose();
-            try
-            {
-                await CompleteOutputAsync().WaitAsync(TimeSpan.FromSeconds(5));
-            }
-            catch (Exception)
-            {
-                // The peer is gone or too slow; the connection is closing anyway.
-            }
-            ReturnReadBuffer();
-            if (ssl != null)
-            {
-                await ssl.DisposeAsync();
-            }
+            _context.Metrics.ConnectionClosed();
         }
     }
 

@@ -3,14 +3,16 @@ namespace Relay.Server.Hosting;
 /// <summary>
 /// Decides, once per tick, whether the relay should collect garbage now: when it has gone quiet
 /// (allocated less than <paramref name="quietBytes"/> since the last tick) after allocating at least
-/// <paramref name="leftBytes"/> since the runtime last collected. Handshakes leave about 12 KB of garbage
+/// <paramref name="leftBytes"/> since the last full collection. Handshakes leave about 12 KB of garbage
 /// each; after a burst of them (a restart's reconnections) part of the collector's budget for new objects
-/// (12 MiB) is garbage, and on a quiet relay nothing may trigger the next collection for hours: 10,000
-/// idle TLS connections measured 235–238 or 241–249 MB depending on whether the last collection happened
-/// to fall at the end of the burst, and 236.7–238.5 MB in every run with one full collection once quiet
-/// (about 50 ms of pause; docs/PERFORMANCE.md, fifteenth round). The allocation rate that counts as quiet bounds how often it can run: at most once
-/// per <paramref name="leftBytes"/> ÷ <paramref name="quietBytes"/> ticks (64 at the defaults), and never
-/// while traffic allocates (the runtime then collects as usual).
+/// (12 MiB) is garbage, and on a quiet relay nothing may trigger the next collection for hours. Counted
+/// from the last full collection, not the last of any generation: what younger collections promoted
+/// during the burst stays until a full one. The collection itself (RelayMaintenance) also gives the
+/// collector's free memory back: 10,000 idle TLS connections measured 235–255 MB without it and 225 MB
+/// with it (docs/PERFORMANCE.md, fifteenth and sixteenth rounds). The allocation rate that counts as
+/// quiet bounds how often it can run: at most once per <paramref name="leftBytes"/> ÷
+/// <paramref name="quietBytes"/> ticks (64 at the defaults), and never while traffic allocates (the
+/// runtime then collects as usual).
 /// </summary>
 internal sealed class QuietCollector(long leftBytes = QuietCollector.DefaultLeftBytes, long quietBytes = QuietCollector.DefaultQuietBytes)
 {
@@ -26,14 +28,14 @@ internal sealed class QuietCollector(long leftBytes = QuietCollector.DefaultLeft
 
     /// <summary>
     /// One tick: <paramref name="allocated"/> is the process's total allocated bytes and
-    /// <paramref name="collections"/> its generation-0 collection count. True: collect now (then call
+    /// <paramref name="collections"/> its count of full (generation-2) collections. True: collect now (then call
     /// <see cref="Collected"/> with both read again).
     /// </summary>
     public bool Tick(long allocated, int collections)
     {
         if (_lastAllocated < 0 || collections != _lastCollections)
         {
-            // First tick, or the runtime collected since the last one: what is left is counted from
+            // First tick, or the runtime collected fully since the last one: what is left is counted from
             // here (not what the tick's allocations after that collection left: never collect for
             // garbage that may not be there).
             _lastCollections = collections;
