@@ -58,6 +58,7 @@ public class OperationsTests
             await recipient.AckAsync(queue, d.MessageId);
         }
         await recipient.PingAsync();
+        GC.Collect();   // relay_gc_committed_bytes is as of the last collection
         var after = await ScrapeAsync(relay);
 
         double Delta(string name, string? labels = null) => Value(after, name, labels) - Value(before, name, labels);
@@ -84,6 +85,9 @@ public class OperationsTests
         await Assert.That(Delta("relay_delivery_reads_total", "source=\"memory\"")).IsEqualTo(n);
         await Assert.That(Delta("relay_delivery_reads_total", "source=\"store\"")).IsEqualTo(0);
         await Assert.That(Value(after, "relay_delivery_tail_bytes")).IsEqualTo(0);
+        // The collector holds at least its heap's objects committed.
+        await Assert.That(Value(after, "relay_gc_committed_bytes")).IsGreaterThanOrEqualTo(Value(after, "dotnet_total_memory_bytes") / 2);
+        await Assert.That(Value(after, "relay_gc_committed_bytes")).IsGreaterThan(0);
 
         var families = Families(after);
         foreach (var name in new[] { "relay_store_queues", "relay_store_messages", "relay_store_messages_bytes", "relay_store_pending_compaction_bytes",

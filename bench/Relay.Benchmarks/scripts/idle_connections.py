@@ -8,7 +8,8 @@ HELLO/WELCOME, then NEW (its own queue) and SUB, and then nothing. After reachin
 5 s and reads VmRSS/VmHWM from /proc/PID/status. Uses tests/interop/relay_client.py (written from
 docs/PROTOCOL.md, independent of the C# code). Needs `ulimit -n` above the largest N for both
 this script and the relay. With --admin it also reads the relay's managed heap
-(`dotnet_total_memory_bytes` from /metrics), so native and managed memory can be told apart.
+(`dotnet_total_memory_bytes` from /metrics) and what the collector holds committed
+(`relay_gc_committed_bytes`), so native and managed memory can be told apart.
 """
 
 import os
@@ -35,10 +36,14 @@ def managed_mb(admin: str | None) -> str:
     if not admin:
         return ""
     with urllib.request.urlopen(f"{admin}/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("dotnet_total_memory_bytes "):
-                return f", managed heap {float(line.split()[1]) / 1048576:.1f} MB"
-    return ""
+        values = {line.split()[0]: float(line.split()[1]) for line in r.read().decode().splitlines()
+                  if line.startswith(("dotnet_total_memory_bytes ", "relay_gc_committed_bytes "))}
+    out = ""
+    if "dotnet_total_memory_bytes" in values:
+        out += f", managed heap {values['dotnet_total_memory_bytes'] / 1048576:.1f} MB"
+    if "relay_gc_committed_bytes" in values:
+        out += f" (collector committed {values['relay_gc_committed_bytes'] / 1048576:.1f} MB)"
+    return out
 
 
 def main() -> None:

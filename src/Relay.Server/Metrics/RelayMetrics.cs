@@ -67,6 +67,7 @@ public sealed class RelayMetrics
     private readonly Gauge _inFlightMemoryBudget;
     private readonly Gauge _keyMemory;
     private readonly Gauge _keyMemoryBudget;
+    private readonly Gauge _gcCommitted;
     private SharedMemory? _inFlight;
     private SharedMemory? _output;
     private SharedMemory? _keys;
@@ -144,6 +145,8 @@ public sealed class RelayMetrics
         _inFlightMemoryBudget = f.CreateGauge("relay_inflight_memory_budget_bytes", "The configured in-flight memory budget; 0 means unlimited.");
         _keyMemory = f.CreateGauge("relay_key_memory_bytes", "Derived auth keys all connections cache, counted at 512 bytes each.");
         _keyMemoryBudget = f.CreateGauge("relay_key_memory_budget_bytes", "The configured key memory budget; 0 means unlimited.");
+        _gcCommitted = f.CreateGauge("relay_gc_committed_bytes",
+            "Memory the process's .NET garbage collector held committed after its last collection (0 before the first): its heap and the free memory it keeps for new objects.");
         _handshakeOk = _handshakes.WithLabels("ok");
         Registry.AddBeforeCollectCallback(UpdateStoreGauges);
     }
@@ -181,6 +184,7 @@ public sealed class RelayMetrics
         {
             _keyMemory.Set(keys.Held);
         }
+        _gcCommitted.Set(GC.GetGCMemoryInfo().TotalCommittedBytes);
         var store = _store;
         if (store is null)
         {
