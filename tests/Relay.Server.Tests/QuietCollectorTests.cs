@@ -87,4 +87,16 @@ public class QuietCollectorTests
         // 4 MiB at 63 KiB a tick: one collection per 66 ticks.
         await Assert.That(collected).IsEqualTo(ticks / 66);
     }
+
+    [Test]
+    [Arguments(70.6, 47.3, 0.3, true)]    // the collector compacted by itself and kept the old regions (sixteenth round)
+    [Arguments(62.5, 44.3, 0.5, true)]    // it swept and kept 18 MB of free regions
+    [Arguments(56.5, 54.2, 7.3, true)]    // it swept and left 7.3 MB of holes in its heap
+    [Arguments(45.0, 44.0, 2.0, false)]   // 3 MB to give back: not worth a second pause
+    [Arguments(44.0, 44.5, 7.9, false)]   // committed below the heap (read at different moments) counts as nothing
+    public async Task A_compaction_follows_the_sweep_only_when_it_gives_back_8_MiB(double committedMiB, double heapMiB, double fragmentedMiB, bool worth)
+    {
+        static long Bytes(double mib) => (long)(mib * MiB);
+        await Assert.That(QuietCollector.WorthCompacting(Bytes(committedMiB), Bytes(heapMiB), Bytes(fragmentedMiB))).IsEqualTo(worth);
+    }
 }

@@ -22,6 +22,20 @@ internal sealed class QuietCollector(long leftBytes = QuietCollector.DefaultLeft
     /// <summary>Allocation per tick (a second) that still counts as quiet: about 90 messages' worth.</summary>
     public const long DefaultQuietBytes = 64L << 10;
 
+    /// <summary>Memory a compaction must give back to be worth its pause (see <see cref="WorthCompacting"/>).</summary>
+    public const long DefaultCompactionGainBytes = 8L << 20;
+
+    /// <summary>
+    /// After the sweep: whether an aggressive, compacting collection is worth its pause (about as long
+    /// again as the sweep's; 0.06–0.14 s at 10,000 connections). It gives back what the collector holds
+    /// committed beyond its heap (<paramref name="committed"/> − <paramref name="heap"/>) and the free
+    /// space inside the heap (<paramref name="fragmented"/>); at least <paramref name="gain"/> of it.
+    /// After a burst of handshakes that was 9–27 MB; a relay that a light trickle keeps collecting this
+    /// way is not made to pause twice each time for little.
+    /// </summary>
+    public static bool WorthCompacting(long committed, long heap, long fragmented, long gain = DefaultCompactionGainBytes)
+        => Math.Max(0, committed - heap) + fragmented >= gain;
+
     private long _lastAllocated = -1;
     private long _allocatedAtCollection;
     private int _lastCollections = -1;

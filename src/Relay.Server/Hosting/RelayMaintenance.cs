@@ -74,16 +74,21 @@ internal sealed class RelayMaintenance : IAsyncDisposable
             if (_quiet.Tick(GC.GetTotalAllocatedBytes(), GC.CollectionCount(GC.MaxGeneration)))
             {
                 var paused = GC.GetTotalPauseDuration();
-                // First a full collection that only sweeps: it frees the garbage where it lies. Then an
-                // aggressive one: it compacts what is left and gives every free region back to the
-                // system. Either alone left memory behind (docs/PERFORMANCE.md, sixteenth round): the
-                // sweep keeps the collector's free regions committed (14–19 MB at 10,000 connections in
-                // one run of three, and the collector sometimes compacts on its own, with the same
-                // result); the aggressive one alone, over a heap still full of garbage, copied while the
-                // garbage was still resident (a peak of 254 MB). Both together: 225 MB in every run, no
-                // peak above the burst's, about 0.1 s of pause at 10,000 connections.
+                // First a full collection that only sweeps: it frees the garbage where it lies. Then, when
+                // that leaves enough to give back, an aggressive one: it compacts what is left and gives
+                // every free region back to the system. Either alone left memory behind
+                // (docs/PERFORMANCE.md, sixteenth round): the sweep keeps the collector's free regions
+                // committed (18–27 MB at 10,000 connections in some runs; the collector sometimes
+                // compacts on its own, with the same result); the aggressive one alone, over a heap still
+                // full of garbage, copied while the garbage was still resident (a peak of 254 MB). Both
+                // together: 225 MB in every run, no peak above the burst's, 0.1–0.2 s of pause at
+                // 10,000 connections.
                 GC.Collect(GC.MaxGeneration, GCCollectionMode.Forced, blocking: true, compacting: false);
-                GC.Collect(GC.MaxGeneration, GCCollectionMode.Aggressive, blocking: true, compacting: true);
+                var swept = GC.GetGCMemoryInfo(GCKind.FullBlocking);
+                if (QuietCollector.WorthCompacting(swept.TotalCommittedBytes, swept.HeapSizeBytes, swept.FragmentedBytes))
+                {
+                    GC.Collect(GC.MaxGeneration, GCCollectionMode.Aggressive, blocking: true, compacting: true);
+                }
                 _context.Metrics.QuietCollection((GC.GetTotalPauseDuration() - paused).TotalSeconds);
                 _quiet.Collected(GC.GetTotalAllocatedBytes(), GC.CollectionCount(GC.MaxGeneration));
             }
