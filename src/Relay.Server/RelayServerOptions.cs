@@ -167,8 +167,10 @@ public sealed class RelayServerOptions
 
     /// <summary>
     /// When the relay goes quiet (under 64 KiB allocated in a second) after allocating 4 MiB or more since
-    /// the runtime last collected, one full collection frees that garbage (Hosting.QuietCollector): after
-    /// a burst of handshakes nothing else would, on a quiet relay. Off by
+    /// the last full collection, a full collection frees that garbage and, when 8 MiB or more is left to
+    /// give back, a compacting one returns the collector's free memory to the system
+    /// (Hosting.QuietCollector, Hosting.RelayMaintenance): after a burst of handshakes nothing else
+    /// would, on a quiet relay. Off by
     /// default for a relay hosted in an app's process (it collects the whole process); <c>relay serve</c>
     /// turns it on.
     /// </summary>

@@ -12,9 +12,10 @@ namespace Relay.Server.Hosting;
 /// for <see cref="RelayServerOptions.EvictIdleAfter"/>, and the disk budget: while the store is over
 /// it and something was deleted since the last attempt, a flush and full compaction give the
 /// space of acknowledged and deleted messages back, so NEW and SEND work again.</item>
-/// <item>with <see cref="RelayServerOptions.CollectWhenQuiet"/>, every second: one full garbage
-/// collection when the relay goes quiet after allocating (<see cref="QuietCollector"/>), timed and
-/// counted in metrics.</item>
+/// <item>with <see cref="RelayServerOptions.CollectWhenQuiet"/>, every second: when the relay goes
+/// quiet after allocating (<see cref="QuietCollector"/>), a full garbage collection, and a compacting
+/// one that gives the collector's free memory back when that is worth it; timed and counted in
+/// metrics.</item>
 /// </list>
 /// Each job runs at most once at a time; a failure is logged and counted, the next tick retries.
 /// </summary>

@@ -115,7 +115,7 @@ public sealed class RelayMetrics
             "From a SEND arriving to its message being pushed to a subscriber waiting for it (messages that wait in a queue are not observed).",
             new HistogramConfiguration { Buckets = Histogram.ExponentialBuckets(0.0001, 2, 16) });
         _sweeps = f.CreateCounter("relay_store_sweeps_total", "Expiry sweeps run (expired messages and idle queues).");
-        _quietCollections = f.CreateCounter("relay_quiet_collections_total", "Full garbage collections the relay ran when it went quiet after allocating.");
+        _quietCollections = f.CreateCounter("relay_quiet_collections_total", "Times the relay collected garbage when it went quiet after allocating (a full collection, and a compacting one when it gives back 8 MiB or more).");
         _quietCollectionPause = f.CreateCounter("relay_quiet_collection_pause_seconds_total", "Time the relay's threads were paused by those collections.");
         _sweepFailures = f.CreateCounter("relay_store_sweep_failures_total", "Expiry sweeps that failed (retried at the next interval; nothing is lost).");
         _sweepSeconds = f.CreateHistogram("relay_store_sweep_seconds", "Duration of one expiry sweep.",
