@@ -9,7 +9,7 @@
 #   docker exec relay relay address --data /data --host relay.example.com   # the public address
 #
 # Build stage. Microsoft ships no Debian image of the .NET 10 SDK (its 10.0 tags are Ubuntu), and
-# the binary must be linked against Debian 12's librocksdb-dev 7.8.3 and glibc 2.36 to run on the
+# the binary must be linked against Debian 12's RocksDB 7.8.3 and glibc 2.36 to run on the
 # bookworm runtime below, so the SDK (the version global.json names) is installed on Debian 12.
 FROM debian:bookworm-slim AS build
 RUN apt-get update \

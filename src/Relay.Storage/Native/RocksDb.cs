@@ -43,6 +43,14 @@ internal sealed unsafe class RocksDb : IDisposable
     /// <param name="appendOnlyPrefix">A column family whose keys mostly arrive in increasing order within a fixed-length prefix, and that prefix's length (memtable insert hints).</param>
     public static RocksDb Open(string path, IReadOnlyList<string> columnFamilies, long blockCacheBytes, bool deferCompactions = false, (int Cf, int PrefixLength)? appendOnlyPrefix = null)
     {
+        // The release binary's RocksDB computes CRC32C with SSE4.2 and PCLMULQDQ
+        // (packaging/rocksdb/build-rocksdb.sh): on a CPU without them it would stop at its first log
+        // write with an illegal instruction. Refused here, in words, before anything is opened.
+        if (RuntimeInformation.ProcessArchitecture == Architecture.X64
+            && !(System.Runtime.Intrinsics.X86.Sse42.IsSupported && System.Runtime.Intrinsics.X86.Pclmulqdq.IsSupported))
+        {
+            throw new StoreException("This CPU lacks SSE4.2 or PCLMULQDQ, which the relay's store needs (every x86-64 CPU since 2010 has both).");
+        }
         nint options = rocksdb_options_create();
         rocksdb_options_set_create_if_missing(options, 1);
         rocksdb_options_set_create_missing_column_families(options, 1);
