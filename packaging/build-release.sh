@@ -8,9 +8,10 @@
 #   OUT=/tmp/dist packaging/build-release.sh
 #
 # Installs the build dependencies with apt-get when they are missing (as root, or through sudo).
-# Fails on any build warning. The RocksDB build (about ten minutes on two cores) is kept in
-# obj/release/rocksdb and reused; ROCKSDB_LIB=/path/librocksdb.a links another one instead (Debian's
-# librocksdb-dev works, at the cost docs/PERFORMANCE.md gives in its seventeenth round). Used by .ci/run, the Dockerfile and packaging/deb/build-deb.sh.
+# Fails on any build warning. Used by .ci/run, the Dockerfile and packaging/deb/build-deb.sh. The
+# RocksDB build (about eight minutes on two cores) is kept in obj/release/rocksdb and reused;
+# ROCKSDB_LIB=/path/librocksdb.a links another one instead (Debian's librocksdb-dev works, at the
+# cost docs/PERFORMANCE.md gives in its seventeenth round).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
