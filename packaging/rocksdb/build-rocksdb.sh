@@ -39,9 +39,10 @@ if ! echo "$SHA256  $TARBALL" | sha256sum -c --status 2>/dev/null; then
     echo "build-rocksdb: fetching rocksdb_$VERSION.orig.tar.gz from $MIRROR" >&2
     curl -fsSL --retry 3 -o "$TARBALL.part" "$MIRROR/pool/main/r/rocksdb/rocksdb_$VERSION.orig.tar.gz" || {
         echo "build-rocksdb: cannot fetch the RocksDB source from $MIRROR (set DEBIAN_MIRROR)" >&2; exit 1; }
+    echo "$SHA256  $TARBALL.part" | sha256sum -c --status || {
+        rm -f "$TARBALL.part"
+        echo "build-rocksdb: rocksdb_$VERSION.orig.tar.gz from $MIRROR does not match Debian's SHA-256" >&2; exit 1; }
     mv "$TARBALL.part" "$TARBALL"
-    echo "$SHA256  $TARBALL" | sha256sum -c --status || {
-        echo "build-rocksdb: rocksdb_$VERSION.orig.tar.gz does not match Debian's SHA-256" >&2; exit 1; }
 fi
 
 rm -rf "$DIR/src" "$DIR/build" "$DIR/lib" "$DIR/stamp"

@@ -4,7 +4,7 @@
 # the expected files and metadata and its binary and default configuration work, the systemd unit
 # verifies and the relay really notifies systemd when ready, the Dockerfile builds with the script.
 source "$(dirname "$0")/lib.sh"
-expect_checks 41
+expect_checks 43
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 VERSION=$(tr -d ' \n' < "$ROOT/packaging/VERSION")
 
@@ -40,6 +40,30 @@ check "RocksDB is inside the binary (its code, not only P/Invoke names)" grep -q
 # assertions (their texts are in the binary) and CRC32C in software, about a tenth of the relay's CPU.
 check "RocksDB is a release build (no assertion of its skip list in the binary)" bash -c "! grep -qa 'splice->prev_' '$RELAY'"
 check "RocksDB computes CRC32C with SSE4.2 (crc32 instructions in the binary)" bash -c "objdump -d --no-show-raw-insn '$RELAY' | grep -qE '\\scrc32q\\s'"
+
+# build-rocksdb.sh's failures: one line naming the cause, exit 1, nothing kept that the next run
+# would trust (no build is started, so these take a second).
+BUILD_ROCKSDB=$ROOT/packaging/rocksdb/build-rocksdb.sh
+rocksdb_unreachable_mirror() {
+    local out rc=0
+    out=$(DEBIAN_MIRROR=http://127.0.0.1:9 bash "$BUILD_ROCKSDB" "$E2E_TMP/rocksdb-a" 2>&1) || rc=$?
+    [ "$rc" = 1 ] && echo "$out" | grep -q 'cannot fetch the RocksDB source from http://127.0.0.1:9 (set DEBIAN_MIRROR)' \
+        && [ -z "$(ls -A "$E2E_TMP/rocksdb-a")" ]
+}
+check "build-rocksdb.sh: an unreachable mirror is a one-line error naming DEBIAN_MIRROR" rocksdb_unreachable_mirror
+rocksdb_wrong_source() {
+    local mirror=$E2E_TMP/mirror port out rc=0
+    mkdir -p "$mirror/pool/main/r/rocksdb"
+    echo 'not the RocksDB source' > "$mirror/pool/main/r/rocksdb/rocksdb_7.8.3.orig.tar.gz"
+    port=$(free_port)
+    python3 -m http.server "$port" --bind 127.0.0.1 --directory "$mirror" >/dev/null 2>&1 &
+    local server=$!
+    wait_for_http "http://127.0.0.1:$port/" 10 || { kill "$server"; return 1; }
+    out=$(DEBIAN_MIRROR=http://127.0.0.1:$port bash "$BUILD_ROCKSDB" "$E2E_TMP/rocksdb-b" 2>&1) || rc=$?
+    kill "$server"; wait "$server" 2>/dev/null || true
+    [ "$rc" = 1 ] && echo "$out" | grep -q "does not match Debian's SHA-256" && [ -z "$(ls -A "$E2E_TMP/rocksdb-b")" ]
+}
+check "build-rocksdb.sh: a source that does not match Debian's SHA-256 is refused and not kept" rocksdb_wrong_source
 
 ALONE=$E2E_TMP/alone
 mkdir -p "$ALONE"
