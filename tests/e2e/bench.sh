@@ -80,7 +80,8 @@ else
 fi
 
 # 10,000 idle subscribed TLS connections (each its own queue, HELLO, NEW, SUB, then nothing) against a
-# fresh relay: its resident memory stays within 250 MB (docs/PERFORMANCE.md measures 224.6–225.8 MB;
+# fresh relay: its resident memory stays within 250 MB (docs/PERFORMANCE.md measures 224.6–225.8 MB,
+# 223.3–223.7 with the release-build RocksDB of the seventeenth round;
 # 235–255 when the quiet relay only swept its garbage and kept the freed memory, once 250.9 in CI;
 # on a host whose large cache made the collector's default
 # budget large it was 264 MB before the relay fixed that budget). Needs 10,000 file descriptors for the script and the relay.
