@@ -1,5 +1,6 @@
 using Microsoft.Extensions.Logging;
 using Relay.Protocol;
+using Relay.Storage;
 
 namespace Relay.Server;
 
@@ -53,6 +54,19 @@ internal static partial class Log
 
     [LoggerMessage(20, LogLevel.Error, "Store operation {Command} failed: {Error}")]
     public static partial void StoreFailed(ILogger logger, string command, string error);
+
+    [LoggerMessage(28, LogLevel.Error, "The store's disk is full (no space left on device): NEW and SEND answer FULL and other writes fail until space is free again; every acknowledged message is kept")]
+    public static partial void DiskFull(ILogger logger);
+
+    [LoggerMessage(29, LogLevel.Information, "The store writes again: the disk has space")]
+    public static partial void DiskNotFull(ILogger logger);
+
+    /// <summary>
+    /// What to log of a store failure: the store's own message (RocksDB's status text: an error kind
+    /// and a file name of the data directory, never a key or value, which RocksDB leaves out of its
+    /// errors unless allow_data_in_errors is set), else the exception's type name.
+    /// </summary>
+    public static string Reason(Exception ex) => ex is StoreException ? ex.Message : ex.GetType().Name;
 
     [LoggerMessage(21, LogLevel.Information, "Expiry sweep removed {Count} messages and {Queues} idle queues")]
     public static partial void Swept(ILogger logger, long count, long queues);

@@ -13,7 +13,7 @@ public sealed partial class QueueStore
 {
     /// <summary>
     /// Creates a queue. Ids are random from the caller; Conflict if either id exists; StoreFull over
-    /// the disk budget. Durable when completed.
+    /// the disk budget or while the disk is full (<see cref="IsDiskFull"/>). Durable when completed.
     /// </summary>
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder<>))]
     public async ValueTask<(StoreStatus Status, QueueHandle? Queue)> CreateQueueAsync(
@@ -23,7 +23,7 @@ public sealed partial class QueueStore
         CheckLength(senderId, QueueHandle.IdLength, nameof(senderId));
         CheckLength(recipientKey, QueueHandle.KeyLength, nameof(recipientKey));
         CheckLength(deliveryKey, QueueHandle.KeyLength, nameof(deliveryKey));
-        if (IsOverDiskBudget)
+        if (_diskFull || IsOverDiskBudget)
         {
             return (StoreStatus.StoreFull, null);
         }
@@ -95,7 +95,7 @@ public sealed partial class QueueStore
             {
                 return new(new AppendResult(StoreStatus.Suspended, 0, 0));
             }
-            if (IsOverDiskBudget)
+            if (_diskFull || IsOverDiskBudget)
             {
                 return new(new AppendResult(StoreStatus.StoreFull, 0, 0));
             }

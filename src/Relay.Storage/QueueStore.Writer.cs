@@ -52,6 +52,27 @@ public sealed partial class QueueStore
     /// <summary>Raised by the writer thread after each batch, before any of its operations is answered: operations in it and seconds spent writing (and fsyncing) it.</summary>
     public event Action<StoreCommit>? Committed;
 
+    /// <summary>
+    /// Set by the writer when a write failed because the file system is full, cleared by the next
+    /// write that succeeds (see <see cref="IsDiskFull"/>).
+    /// </summary>
+    private volatile bool _diskFull;
+
+    /// <summary>
+    /// True from a write that failed because the store's file system is full (RocksDB's "No space
+    /// left on device", then its writes stop) until a write succeeds again: meanwhile NEW and SEND
+    /// answer <see cref="StoreStatus.StoreFull"/> without being staged. RocksDB resumes by itself once
+    /// the file system has room for a memtable again; while the store is idle the writer tries a
+    /// one-key write (the id epoch, unchanged) every <see cref="DiskFullProbeInterval"/> to notice.
+    /// </summary>
+    public bool IsDiskFull => _diskFull;
+
+    /// <summary>Raised by the writer thread when <see cref="IsDiskFull"/> changes, before the operations of the batch that changed it are answered.</summary>
+    public event Action<bool>? DiskFullChanged;
+
+    /// <summary>How often the idle writer tries a write while <see cref="IsDiskFull"/>. For tests.</summary>
+    internal TimeSpan DiskFullProbeInterval = TimeSpan.FromSeconds(1);
+
     private void StartWriter()
     {
         _current = RentBatch();
@@ -143,9 +164,11 @@ public sealed partial class QueueStore
     {
         while (true)
         {
-            PendingBatch batch;
+            PendingBatch? batch = null;
+            ulong probeEpoch = 0;
             lock (_batchLock)
             {
+                bool probeDue = false;
                 while (true)
                 {
                     if (_sealed.TryDequeue(out PendingBatch? full))
@@ -163,10 +186,28 @@ public sealed partial class QueueStore
                     {
                         return;
                     }
+                    if (probeDue)
+                    {
+                        // Read under the lock: an epoch bump increments and stages together under it.
+                        probeEpoch = _epoch;
+                        break;
+                    }
                     _writerWaiting = true;
-                    Monitor.Wait(_batchLock);
+                    if (_diskFull)
+                    {
+                        probeDue = !Monitor.Wait(_batchLock, DiskFullProbeInterval);
+                    }
+                    else
+                    {
+                        Monitor.Wait(_batchLock);
+                    }
                     _writerWaiting = false;
                 }
+            }
+            if (batch is null)
+            {
+                ProbeFullDisk(probeEpoch);
+                continue;
             }
 
             Exception? error = null;
@@ -201,6 +242,7 @@ public sealed partial class QueueStore
                 if (batch.Mutations.Count > 0)
                 {
                     _epochUnwritten = false;   // written with this batch
+                    SetDiskFull(false);
                 }
                 // A barrier here is answered OK rightly: the write it waits for (an SKEY or OFF
                 // retried) was staged before it, so it is in this batch or an earlier one, all written
@@ -212,6 +254,8 @@ public sealed partial class QueueStore
             }
             else
             {
+                // Before the answers: a NEW or SEND that arrives after its client heard FULL is refused at once.
+                SetDiskFull(error is StoreException { DiskFull: true });
                 FailFrom(batch, error);
             }
             // Before the callers hear of their operations: whoever awaited one sees its batch counted.
@@ -233,6 +277,76 @@ public sealed partial class QueueStore
                 _spareBatches.Push(batch);
             }
         }
+    }
+
+    /// <summary>
+    /// While the disk is full and nothing is to be written: writes the id epoch (its current value,
+    /// which changes nothing) to learn whether RocksDB writes again.
+    /// </summary>
+    private void ProbeFullDisk(ulong epoch)
+    {
+        bool full;
+        try
+        {
+            BeforeWrite?.Invoke(0, 0);
+            Span<byte> value = stackalloc byte[8];
+            BinaryPrimitives.WriteUInt64BigEndian(value, epoch);
+            _db.PutSync(Cf.Default, Keys.EpochKey, value);
+            _epochUnwritten = false;
+            full = false;
+        }
+        catch (Exception e)
+        {
+            // Another failure than a full disk ends the refusals too: writes then fail with their own error.
+            full = e is StoreException { DiskFull: true };
+        }
+        SetDiskFull(full);
+    }
+
+    /// <summary>
+    /// Completes once <see cref="IsDiskFull"/> is false (at once when it is): when a write succeeded
+    /// again. Not completed by closing the store.
+    /// </summary>
+    public Task WhenDiskNotFull()
+    {
+        lock (_batchLock)
+        {
+            if (!_diskFull)
+            {
+                return Task.CompletedTask;
+            }
+            _diskFullEnded ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            return _diskFullEnded.Task;
+        }
+    }
+
+    /// <summary>Completed when the disk is no longer full; under <see cref="_batchLock"/>.</summary>
+    private TaskCompletionSource? _diskFullEnded;
+
+    /// <summary>Writer thread only.</summary>
+    private void SetDiskFull(bool full)
+    {
+        if (_diskFull == full)
+        {
+            return;
+        }
+        TaskCompletionSource? ended;
+        lock (_batchLock)
+        {
+            _diskFull = full;
+            ended = full ? null : _diskFullEnded;
+            if (!full) _diskFullEnded = null;
+        }
+        try
+        {
+            DiskFullChanged?.Invoke(full);
+        }
+        catch
+        {
+            // A failing subscriber must not stop the writer.
+        }
+        // After the event: whoever waited hears of the change after its subscribers (the log's line first).
+        ended?.TrySetResult();
     }
 
     private void PutEpoch(MutationBatch mutations)

@@ -8,7 +8,7 @@ public enum StoreStatus : byte
     NotFound,
     /// <summary>The queue holds its maximum number of messages or bytes.</summary>
     QuotaExceeded,
-    /// <summary>The server-wide disk budget is reached.</summary>
+    /// <summary>The server-wide disk budget is reached, or the store's file system is full (<see cref="QueueStore.IsDiskFull"/>).</summary>
     StoreFull,
     /// <summary>The queue is already secured with a different sender key.</summary>
     Conflict,
@@ -83,5 +83,14 @@ public sealed class StoreException : Exception
 {
     public StoreException(string message) : base(message) { }
 
-    public StoreException(string message, Exception inner) : base(message, inner) { }
+    public StoreException(string message, Exception inner) : base(message, inner)
+    {
+        DiskFull = inner is StoreException { DiskFull: true };
+    }
+
+    /// <summary>
+    /// The file system of the store has no space left (RocksDB's "No space left on device"): the
+    /// operation stored nothing, and writes fail until space is free again (see <see cref="QueueStore.IsDiskFull"/>).
+    /// </summary>
+    public bool DiskFull { get; init; }
 }

@@ -121,7 +121,7 @@ public class StoreFailureTests
         await Assert.That(first.Type).IsEqualTo(FrameType.Ok);
         var rest = await FramesUntilQuietAsync(sender);
         await Assert.That(rest.Where(f => f.Correlation == send)).IsEmpty();
-        await Assert.That(await LoggedAsync(relay, "Store operation SUB failed: StoreException")).IsTrue();
+        await Assert.That(await LoggedAsync(relay, "Store operation SUB failed: injected read failure")).IsTrue();
         await Assert.That(relay.Logs.Lines.Any(l => l.Contains("Store operation SEND failed"))).IsFalse();
         await Assert.That(Value(await ScrapeAsync(relay), "relay_store_read_failures_total")).IsGreaterThanOrEqualTo(1);
 
@@ -151,7 +151,7 @@ public class StoreFailureTests
         var answers = frames.Where(f => f.Correlation == ack).ToList();
         await Assert.That(answers.Count).IsEqualTo(1);
         await Assert.That(answers[0].Type).IsEqualTo(FrameType.Ok);
-        await Assert.That(await LoggedAsync(relay, "Store operation SUB failed: StoreException")).IsTrue();
+        await Assert.That(await LoggedAsync(relay, "Store operation SUB failed: injected read failure")).IsTrue();
 
         // m2 stays stored and goes out with the queue's next message.
         relay.Server.Store.BeforeRead = null;
@@ -184,8 +184,8 @@ public class StoreFailureTests
         await Assert.That(first.Error).IsEqualTo(ErrorCode.Internal);
         var rest = await FramesUntilQuietAsync(recipient);
         await Assert.That(rest.Where(f => f.Correlation == ack)).IsEmpty();
-        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("Store operation ACK failed: StoreException"))).IsTrue();
-        await Assert.That(await LoggedAsync(relay, "Store operation SUB failed: StoreException")).IsTrue();
+        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("Store operation ACK failed: The write failed: injected write failure"))).IsTrue();
+        await Assert.That(await LoggedAsync(relay, "Store operation SUB failed: injected read failure")).IsTrue();
 
         // m1, still stored, goes out again with the queue's next message.
         relay.Server.Store.BeforeWrite = null;
@@ -210,7 +210,7 @@ public class StoreFailureTests
         var answers = frames.Where(f => f.Correlation == get).ToList();
         await Assert.That(answers.Count).IsEqualTo(1);
         await Assert.That(answers[0].Error).IsEqualTo(ErrorCode.Internal);
-        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("Store operation GET failed: StoreException"))).IsTrue();
+        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("Store operation GET failed: injected read failure"))).IsTrue();
         await Assert.That(Value(await ScrapeAsync(relay), "relay_store_read_failures_total")).IsEqualTo(1);
 
         relay.Server.Store.BeforeRead = null;

@@ -145,7 +145,7 @@ internal sealed partial class RelaySession
                 // The store failed to read the next message (a disk error, or closing). Nothing
                 // changed: the message stays stored and the subscription where it was, so its
                 // deliveries go on with the queue's next ACK or message (or a new SUB).
-                Log.StoreFailed(_logger, "SUB", ex.GetType().Name);
+                Log.StoreFailed(_logger, "SUB", Log.Reason(ex));
                 return;
             }
             try
@@ -272,7 +272,7 @@ internal sealed partial class RelaySession
             // an earlier ACK of this queue may not be taken back yet, and restarting before it would
             // push from the middle of the queue.
             StoreFailed(FrameType.Ack, corr, ex);
-            _ = RestartWhenUndoneAsync(queue);
+            _ = RestartWhenWritableAsync(queue);
             return;
         }
         if (!ack.IsCompleted)
@@ -321,7 +321,14 @@ internal sealed partial class RelaySession
                 // The write failed and was undone: the messages are stored again, oldest first, but
                 // the subscription moved past them when the ACK was accepted.
                 StoreFailed(FrameType.Ack, corr, ex);
-                RestartAfterFailedAck(queue);
+                if (IsDiskFullFailure(ex))
+                {
+                    _ = RestartWhenWritableAsync(queue);
+                }
+                else
+                {
+                    RestartAfterFailedAck(queue);
+                }
                 return;
             }
             if (status != StoreStatus.Ok)
@@ -345,9 +352,16 @@ internal sealed partial class RelaySession
         }
     }
 
-    private async Task RestartWhenUndoneAsync(QueueHandle queue)
+    /// <summary>
+    /// Restarts the subscription after a refused ACK once the store writes again: after the undo of
+    /// a failed write, and while the disk is full, once it is not. Restarting at once would push the
+    /// same messages again and again, each answered by an ACK that fails too, at the speed of the
+    /// round trip; waiting costs the subscriber nothing it could have had.
+    /// </summary>
+    private async Task RestartWhenWritableAsync(QueueHandle queue)
     {
         await _store.WhenUndone();
+        await _store.WhenDiskNotFull();
         RestartAfterFailedAck(queue);
     }
 

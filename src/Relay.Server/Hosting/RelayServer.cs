@@ -176,6 +176,11 @@ public sealed class RelayServer : IAsyncDisposable
             // The logger category is the product, not a type name: operators filter on "Relay".
             var loggerHolder = new LoggerHolder();
             var context = new RelayServerContext(options, store, metrics, loggerHolder, tls);
+            store.DiskFullChanged += full =>
+            {
+                if (full) Log.DiskFull(context.Logger);
+                else Log.DiskNotFull(context.Logger);
+            };
             metrics.BindMemory(context.Output, context.InFlight, context.Keys);
             var handler = new RelayConnectionHandler(context);
 

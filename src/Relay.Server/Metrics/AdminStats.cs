@@ -17,7 +17,10 @@ public sealed class AdminStats
     public long MessageBytes { get; init; }
     public long DiskBytes { get; init; }
     public long DiskBudgetBytes { get; init; }
+    /// <summary>Over the disk budget.</summary>
     public bool StoreFull { get; init; }
+    /// <summary>The store's file system is full (writes fail until space is free again).</summary>
+    public bool DiskFull { get; init; }
     public long PendingCompactionBytes { get; init; }
     public long MessagesStored { get; init; }
     public long Deliveries { get; init; }

@@ -77,6 +77,7 @@ public sealed class RelayMetrics
     private readonly Gauge _diskBytes;
     private readonly Gauge _diskBudget;
     private readonly Gauge _overBudget;
+    private readonly Gauge _diskFull;
     private readonly Gauge _pendingCompaction;
     private readonly Gauge _loadedQueues;
     private readonly Gauge _newQueuesEnabled;
@@ -129,6 +130,7 @@ public sealed class RelayMetrics
         _diskBytes = f.CreateGauge("relay_store_disk_bytes", "Bytes of the store's files counted against the disk budget (table files and WAL).");
         _diskBudget = f.CreateGauge("relay_store_disk_budget_bytes", "The configured disk budget; 0 means unlimited.");
         _overBudget = f.CreateGauge("relay_store_full", "1 while the store is over its disk budget (NEW and SEND answer FULL), else 0.");
+        _diskFull = f.CreateGauge("relay_store_disk_full", "1 while the store's file system is full (NEW and SEND answer FULL, other writes fail), else 0.");
         _pendingCompaction = f.CreateGauge("relay_store_pending_compaction_bytes", "Bytes RocksDB estimates compaction still has to rewrite.");
         _deliveryReads = f.CreateCounter("relay_delivery_reads_total",
             "Messages taken for delivery or GET, by source: memory (the delivery tail of a subscribed queue) or store (a RocksDB read).", "source");
@@ -199,6 +201,7 @@ public sealed class RelayMetrics
             _diskBytes.Set(stats.GetDiskBytes());
             _pendingCompaction.Set(stats.GetPendingCompactionBytes());
             _overBudget.Set(store.IsOverDiskBudget ? 1 : 0);
+            _diskFull.Set(store.IsDiskFull ? 1 : 0);
             _loadedQueues.Set(stats.LoadedQueues);
             _queuesCreated.IncTo(stats.QueuesCreated);
             _queuesDeleted.WithLabels("idle").IncTo(stats.IdleQueuesDeleted);
@@ -234,6 +237,7 @@ public sealed class RelayMetrics
             DiskBytes = (long)_diskBytes.Value,
             DiskBudgetBytes = options.DiskBudgetBytes,
             StoreFull = _overBudget.Value != 0,
+            DiskFull = _diskFull.Value != 0,
             PendingCompactionBytes = (long)_pendingCompaction.Value,
             MessagesStored = (long)_messagesStored.Value,
             Deliveries = (long)_deliveries.Value,

@@ -183,9 +183,14 @@ internal sealed unsafe class RocksDb : IDisposable
     {
         if (err != 0)
         {
-            throw new StoreException("RocksDB: " + TakeError(err));
+            string message = TakeError(err);
+            // RocksDB's text for IOStatus::NoSpace (an ENOSPC of any file it writes, now or in a
+            // background flush that stopped the store's writes since), independent of the locale.
+            throw new StoreException("RocksDB: " + message) { DiskFull = message.Contains(NoSpaceText, StringComparison.Ordinal) };
         }
     }
+
+    private const string NoSpaceText = "No space left on device";
 
     private static string TakeError(nint err)
     {

@@ -1,0 +1,90 @@
+using System.Text;
+using Relay.Protocol;
+using Relay.Storage;
+using static Relay.Server.Tests.OperationsMetrics;
+
+namespace Relay.Server.Tests;
+
+/// <summary>
+/// The store's file system fills up under a serving relay (simulated: the writer's test hook throws
+/// what RocksDB throws for ENOSPC; tests/e2e/diskfull.sh fills a real one under the published
+/// binary). Senders hear FULL (retry later) rather than INTERNAL, the log says it once, a subscriber
+/// whose ACK cannot be written is not pushed the same messages again and again, and everything
+/// goes on by itself once space returns.
+/// </summary>
+public class DiskFullTests
+{
+    private static StoreException NoSpace() =>
+        new("RocksDB: IO error: No space left on device: While appending to file: 000042.sst: No space left on device") { DiskFull = true };
+
+    private static byte[] Ack(RawClient recipient, RawQueue queue, uint corr, ulong id) =>
+        recipient.QueueCommand(FrameType.Ack, corr, queue.RecipientId, RawClient.U64(id), queue.RecipientPrivate);
+
+    private static async Task<(ulong Id, string Text)> NextMessageAsync(RawClient recipient, RawQueue queue)
+    {
+        var frame = await recipient.ReadFrameAsync();
+        await Assert.That(frame?.Type).IsEqualTo(FrameType.Msg);
+        var (id, _, body) = RawClient.Open(queue, frame!.Payload);
+        return (id, Encoding.UTF8.GetString(body));
+    }
+
+    [Test]
+    public async Task A_full_disk_answers_senders_full_logs_it_once_pauses_redelivery_and_ends_by_itself()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        var store = relay.Server.Store;
+        store.DiskFullProbeInterval = TimeSpan.FromMilliseconds(50);
+        await using var recipient = await RawClient.ConnectAsync(relay);
+        var queue = await recipient.CreateQueueAsync();
+        await using var sender = await RawClient.ConnectAsync(relay);
+        var sub = await recipient.RequestAsync(recipient.QueueCommand(FrameType.Sub, recipient.NextCorr(), queue.RecipientId, [], queue.RecipientPrivate));
+        await Assert.That(sub.Type).IsEqualTo(FrameType.Ok);
+        var ok = await sender.RequestAsync(sender.Send(sender.NextCorr(), queue.SenderId, "one"u8.ToArray()));
+        await Assert.That(ok.Type).IsEqualTo(FrameType.Ok);
+        var (one, text) = await NextMessageAsync(recipient, queue);
+        await Assert.That(text).IsEqualTo("one");
+
+        int full = 1;
+        store.BeforeWrite = (_, _) =>
+        {
+            if (Volatile.Read(ref full) != 0) throw NoSpace();
+        };
+
+        // The SEND that meets the full disk, and the ones after it, hear FULL: nothing stored, retry later.
+        for (int i = 0; i < 3; i++)
+        {
+            var refused = await sender.RequestAsync(sender.Send(sender.NextCorr(), queue.SenderId, Encoding.UTF8.GetBytes($"lost {i}")));
+            await Assert.That(refused.Error).IsEqualTo(ErrorCode.Full);
+        }
+        var creation = await Assert.ThrowsAsync<InvalidOperationException>(async () => await sender.CreateQueueAsync());
+        await Assert.That(creation!.Message).Contains("Err").And.Contains("payload=0B");
+
+        // The ACK cannot be written: INTERNAL. The relay does not push "one" again while the disk is
+        // full (the client would ACK it again, and fail again, at the speed of the round trip).
+        var ack = await recipient.RequestAsync(Ack(recipient, queue, recipient.NextCorr(), one));
+        await Assert.That(ack.Error).IsEqualTo(ErrorCode.Internal);
+        await Assert.ThrowsAsync<TimeoutException>(async () => await recipient.ReadFrameAsync(TimeSpan.FromMilliseconds(500)));
+
+        // One line says it, and what it means; no line per refused request. A gauge shows it.
+        await Assert.That(relay.Logs.Lines.Count(l => l.Contains("disk is full"))).IsEqualTo(1);
+        await Assert.That(relay.Logs.Lines.Single(l => l.Contains("disk is full"))).Contains("NEW and SEND answer FULL");
+        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("Store operation"))).IsFalse();
+        var metrics = await ScrapeAsync(relay);
+        await Assert.That(Value(metrics, "relay_store_disk_full")).IsEqualTo(1);
+        await Assert.That(Value(metrics, "relay_commands_total", "command=\"send\",result=\"full\"")).IsEqualTo(3);
+
+        // Space returns: the relay notices by itself, says so, pushes "one" again (still stored) and
+        // takes SENDs again.
+        Volatile.Write(ref full, 0);
+        await Assert.That(await EventuallyAsync(() => Task.FromResult(relay.Logs.Lines.Any(l => l.Contains("writes again"))), seconds: 10)).IsTrue();
+        var (again, againText) = await NextMessageAsync(recipient, queue);
+        await Assert.That(again).IsEqualTo(one);
+        await Assert.That(againText).IsEqualTo("one");
+        var acked = await recipient.RequestAsync(Ack(recipient, queue, recipient.NextCorr(), again));
+        await Assert.That(acked.Type).IsEqualTo(FrameType.Ok);
+        var taken = await sender.RequestAsync(sender.Send(sender.NextCorr(), queue.SenderId, "two"u8.ToArray()));
+        await Assert.That(taken.Type).IsEqualTo(FrameType.Ok);
+        await Assert.That((await NextMessageAsync(recipient, queue)).Text).IsEqualTo("two");
+        await Assert.That(Value(await ScrapeAsync(relay), "relay_store_disk_full")).IsEqualTo(0);
+    }
+}
