@@ -53,7 +53,27 @@ internal static partial class Log
     public static partial void CompletionFailed(ILogger logger, string command, string error);
 
     [LoggerMessage(20, LogLevel.Error, "Store operation {Command} failed: {Error}")]
-    public static partial void StoreFailed(ILogger logger, string command, string error);
+    private static partial void StoreFailed(ILogger logger, string command, string error);
+
+    [LoggerMessage(20, LogLevel.Error, "Store operation {Command} failed: {Error} ({Left} more failures of {Command} since the last such line, not logged)")]
+    private static partial void StoreFailedAgain(ILogger logger, string command, string error, long left);
+
+    /// <summary>Event 20, at most once per command every <see cref="LogThrottle.Interval"/> (a failing disk fails every request).</summary>
+    public static void StoreFailed(RelayServerContext context, string command, Exception ex)
+    {
+        if (!context.StoreFailureLog.TryLog(command, out long left))
+        {
+            return;
+        }
+        if (left == 0)
+        {
+            StoreFailed(context.Logger, command, Reason(ex));
+        }
+        else
+        {
+            StoreFailedAgain(context.Logger, command, Reason(ex), left);
+        }
+    }
 
     [LoggerMessage(28, LogLevel.Error, "The store's disk is full (no space left on device): NEW and SEND answer FULL and other writes fail until space is free again; every acknowledged message is kept")]
     public static partial void DiskFull(ILogger logger);

@@ -35,6 +35,9 @@ internal sealed class RelayServerContext(RelayServerOptions options, QueueStore 
     /// <summary>The derived auth keys all connections cache, counted against <see cref="RelayServerOptions.KeyMemoryBudget"/>.</summary>
     public SharedMemory Keys { get; } = new(options.KeyMemoryBudget);
 
+    /// <summary>Event 20 (a store operation failed): at most one line per command every 10 s.</summary>
+    public LogThrottle StoreFailureLog { get; } = new(options.Clock);
+
     /// <summary>Per-source connection count and queue-creation bucket; sources live only here, in memory.</summary>
     public SourceLimiter Sources { get; } = new(options.MaxConnectionsPerSource, options.QueueCreationRate,
         options.QueueCreationBurst, options.Clock);

@@ -218,4 +218,36 @@ public class StoreFailureTests
         await Assert.That(again.Type).IsEqualTo(FrameType.Msg);
         await Assert.That(Encoding.UTF8.GetString(RawClient.Open(queue, again.Payload).Body)).IsEqualTo("m1");
     }
+    [Test]
+    public async Task A_disk_that_fails_every_write_is_logged_once_per_command_and_ten_seconds_with_a_count_of_the_rest()
+    {
+        var clock = new OperationsClock();
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Tls = false;
+            o.Clock = clock;
+        });
+        await using var recipient = await RawClient.ConnectAsync(relay);
+        var queue = await recipient.CreateQueueAsync();
+        await using var sender = await RawClient.ConnectAsync(relay);
+        relay.Server.Store.BeforeWrite = (_, _) => throw new IOException("injected write failure");
+
+        for (int i = 0; i < 5; i++)
+        {
+            var answer = await sender.RequestAsync(sender.Send(sender.NextCorr(), queue.SenderId, "m"u8.ToArray()));
+            await Assert.That(answer.Error).IsEqualTo(ErrorCode.Internal);
+        }
+        var lines = relay.Logs.Lines.Where(l => l.Contains("Store operation SEND failed")).ToList();
+        await Assert.That(lines.Count).IsEqualTo(1);
+        await Assert.That(lines[0]).Contains("Store operation SEND failed: The write failed: injected write failure");
+
+        // Ten seconds on, the next failure is logged with the count of the ones left out.
+        clock.Advance(TimeSpan.FromSeconds(11));
+        var last = await sender.RequestAsync(sender.Send(sender.NextCorr(), queue.SenderId, "m"u8.ToArray()));
+        await Assert.That(last.Error).IsEqualTo(ErrorCode.Internal);
+        lines = relay.Logs.Lines.Where(l => l.Contains("Store operation SEND failed")).ToList();
+        await Assert.That(lines.Count).IsEqualTo(2);
+        await Assert.That(lines[1]).Contains("(4 more failures of SEND since the last such line, not logged)");
+        await Assert.That(Value(await ScrapeAsync(relay), "relay_commands_total", "command=\"send\",result=\"internal\"")).IsEqualTo(6);
+    }
 }

@@ -2,10 +2,11 @@
 # End-to-end checks of a full disk against the published binary: the relay's data directory on a
 # 64 MiB tmpfs that another file fills up (a real ENOSPC from the kernel, met by RocksDB's own
 # writes). Senders hear FULL, the log says it once, a subscriber still gets what is stored and costs
-# no redelivery loop, nothing acknowledged is lost, the relay writes again by itself once space
-# returns, and a start on a full disk fails with one line naming the cause. Needs root (mount).
+# no redelivery loop, the relay writes again by itself once space returns, nothing acknowledged is
+# lost (before the disk filled or after, through a crash), and a start on a full disk fails with one
+# line naming the cause. Needs root (mount).
 source "$(dirname "$0")/lib.sh"
-expect_checks 17
+expect_checks 19
 
 MNT=$E2E_TMP/mnt
 mkdir -p "$MNT"
@@ -74,23 +75,30 @@ check "the relay writes again by itself once space returns (gauge 0, log event 2
 check "relay send works again" sends bob alice after
 check "the receiver gets the message sent after" bash -c "timeout 30 '$RELAY' listen --profile '$P/alice' --timeout 4 2>/dev/null | grep -q 'bob: after'"
 
-# Stopped, and started again on a disk that is full to the last block: one line naming the cause.
+# One more message acknowledged after the relay resumed, then a crash: the log written after the
+# failed writes must replay (RocksDB switches to a new log file when it resumes).
+check "a message sent after space returned is acknowledged" sends carol dave stored-6
+kill -9 "$RELAY_PID"; wait "$RELAY_PID" 2>/dev/null
+
+# Nothing acknowledged was lost: after the full disk, its failed writes and a crash, dave gets all
+# six of carol's messages.
+if ! start_relay full2 "$DATA" "$PORT" "$ADMIN"; then
+    fail "relay starts again after the crash"; cat "$E2E_TMP/full2.log"
+else
+    pass "relay starts again after the crash"
+fi
+check "every message acknowledged before the disk filled and after is delivered" bash -c "
+    out=\$(timeout 30 '$RELAY' listen --profile '$P/dave' --timeout 4 2>/dev/null); for i in 1 2 3 4 5 6; do echo \"\$out\" | grep -q \"carol: stored-\$i\" || exit 1; done"
+
+# Stopped, and started on a disk that is full to the last block: one line naming the cause (after a
+# crash a start can succeed, as RocksDB first gives back the space its log had reserved).
 check "SIGTERM exits 0" stop_relay "$RELAY_PID" TERM
 dd if=/dev/zero of="$MNT/filler" bs=4k status=none 2>/dev/null
 check "a start on a full disk exits 2 naming the cause" bash -c "
     out=\$(timeout 30 '$RELAY' serve --data '$DATA' --listen 127.0.0.1:$PORT --admin 127.0.0.1:$ADMIN 2>&1 >/dev/null); rc=\$?
     echo \"\$out\" | tail -2; [ \$rc = 2 ] && echo \"\$out\" | grep -q 'No space left on device'"
 rm -f "$MNT/filler"
-
-# Nothing acknowledged was lost: after the full disk, its failed flush and two starts, dave gets
-# all five of carol's messages.
-if ! start_relay full2 "$DATA" "$PORT" "$ADMIN"; then
-    fail "relay starts again once space is free"; cat "$E2E_TMP/full2.log"
-else
-    pass "relay starts again once space is free"
-fi
-check "every message acknowledged before the disk filled is delivered" bash -c "
-    out=\$(timeout 30 '$RELAY' listen --profile '$P/dave' --timeout 4 2>/dev/null); for i in 1 2 3 4 5; do echo \"\$out\" | grep -q \"carol: stored-\$i\" || exit 1; done"
+check "and starts once space is free" start_relay full3 "$DATA" "$PORT" "$ADMIN"
 stop_relay "$RELAY_PID" TERM >/dev/null
 
 finish

@@ -145,7 +145,7 @@ internal sealed partial class RelaySession
                 // The store failed to read the next message (a disk error, or closing). Nothing
                 // changed: the message stays stored and the subscription where it was, so its
                 // deliveries go on with the queue's next ACK or message (or a new SUB).
-                Log.StoreFailed(_logger, "SUB", Log.Reason(ex));
+                Log.StoreFailed(_context, "SUB", ex);
                 return;
             }
             try

@@ -309,7 +309,7 @@ internal sealed partial class RelaySession
             Fail(type, corr, type is FrameType.Send or FrameType.New ? ErrorCode.Full : ErrorCode.Internal);
             return;
         }
-        Log.StoreFailed(_logger, type.ToString().ToUpperInvariant(), Log.Reason(ex));
+        Log.StoreFailed(_context, type.ToString().ToUpperInvariant(), ex);
         Fail(type, corr, ErrorCode.Internal);
     }
 
