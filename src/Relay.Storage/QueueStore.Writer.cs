@@ -53,25 +53,29 @@ public sealed partial class QueueStore
     public event Action<StoreCommit>? Committed;
 
     /// <summary>
-    /// Set by the writer when a write failed because the file system is full, cleared by the next
-    /// write that succeeds (see <see cref="IsDiskFull"/>).
+    /// Set by the writer when a write failed, cleared by the next write that succeeds (see
+    /// <see cref="WhenWritable"/>); <see cref="_diskFull"/> when it failed because the file system
+    /// is full. Written under <see cref="_batchLock"/> by the writer thread only.
     /// </summary>
+    private volatile bool _writesFailing;
     private volatile bool _diskFull;
+    /// <summary>A batch failed: the idle writer tries a write at once, then every <see cref="FailedWriteProbeInterval"/> (writer thread only).</summary>
+    private bool _probeAtOnce;
 
     /// <summary>
     /// True from a write that failed because the store's file system is full (RocksDB's "No space
     /// left on device", then its writes stop) until a write succeeds again: meanwhile NEW and SEND
     /// answer <see cref="StoreStatus.StoreFull"/> without being staged. RocksDB resumes by itself once
     /// the file system has room for a memtable again; while the store is idle the writer tries a
-    /// one-key write (the id epoch, unchanged) every <see cref="DiskFullProbeInterval"/> to notice.
+    /// one-key write (the id epoch, unchanged) every <see cref="FailedWriteProbeInterval"/> to notice.
     /// </summary>
     public bool IsDiskFull => _diskFull;
 
     /// <summary>Raised by the writer thread when <see cref="IsDiskFull"/> changes, before the operations of the batch that changed it are answered.</summary>
     public event Action<bool>? DiskFullChanged;
 
-    /// <summary>How often the idle writer tries a write while <see cref="IsDiskFull"/>. For tests.</summary>
-    internal TimeSpan DiskFullProbeInterval = TimeSpan.FromSeconds(1);
+    /// <summary>How often the idle writer tries a write while the last one failed. For tests.</summary>
+    internal TimeSpan FailedWriteProbeInterval = TimeSpan.FromSeconds(1);
 
     private void StartWriter()
     {
@@ -192,10 +196,17 @@ public sealed partial class QueueStore
                         probeEpoch = _epoch;
                         break;
                     }
-                    _writerWaiting = true;
-                    if (_diskFull)
+                    if (_writesFailing && _probeAtOnce)
                     {
-                        probeDue = !Monitor.Wait(_batchLock, DiskFullProbeInterval);
+                        // Right after a failed batch: a failure of one write alone ends now, not in a second.
+                        _probeAtOnce = false;
+                        probeDue = true;
+                        continue;
+                    }
+                    _writerWaiting = true;
+                    if (_writesFailing)
+                    {
+                        probeDue = !Monitor.Wait(_batchLock, FailedWriteProbeInterval);
                     }
                     else
                     {
@@ -206,7 +217,7 @@ public sealed partial class QueueStore
             }
             if (batch is null)
             {
-                ProbeFullDisk(probeEpoch);
+                ProbeFailedWrites(probeEpoch);
                 continue;
             }
 
@@ -242,7 +253,7 @@ public sealed partial class QueueStore
                 if (batch.Mutations.Count > 0)
                 {
                     _epochUnwritten = false;   // written with this batch
-                    SetDiskFull(false);
+                    SetWriteState(null);
                 }
                 // A barrier here is answered OK rightly: the write it waits for (an SKEY or OFF
                 // retried) was staged before it, so it is in this batch or an earlier one, all written
@@ -255,7 +266,8 @@ public sealed partial class QueueStore
             else
             {
                 // Before the answers: a NEW or SEND that arrives after its client heard FULL is refused at once.
-                SetDiskFull(error is StoreException { DiskFull: true });
+                SetWriteState(error);
+                _probeAtOnce = true;
                 FailFrom(batch, error);
             }
             // Before the callers hear of their operations: whoever awaited one sees its batch counted.
@@ -280,12 +292,12 @@ public sealed partial class QueueStore
     }
 
     /// <summary>
-    /// While the disk is full and nothing is to be written: writes the id epoch (its current value,
-    /// which changes nothing) to learn whether RocksDB writes again.
+    /// While the last write failed and nothing is to be written: writes the id epoch (its current
+    /// value, which changes nothing) to learn whether RocksDB writes again.
     /// </summary>
-    private void ProbeFullDisk(ulong epoch)
+    private void ProbeFailedWrites(ulong epoch)
     {
-        bool full;
+        Exception? error = null;
         try
         {
             BeforeWrite?.Invoke(0, 0);
@@ -293,60 +305,66 @@ public sealed partial class QueueStore
             BinaryPrimitives.WriteUInt64BigEndian(value, epoch);
             _db.PutSync(Cf.Default, Keys.EpochKey, value);
             _epochUnwritten = false;
-            full = false;
         }
         catch (Exception e)
         {
-            // Another failure than a full disk ends the refusals too: writes then fail with their own error.
-            full = e is StoreException { DiskFull: true };
+            error = e;
         }
-        SetDiskFull(full);
+        SetWriteState(error);
     }
 
     /// <summary>
-    /// Completes once <see cref="IsDiskFull"/> is false (at once when it is): when a write succeeded
-    /// again. Not completed by closing the store.
+    /// Completes once the store writes (at once unless its last write failed): when a write or the
+    /// writer's own try (every <see cref="FailedWriteProbeInterval"/> while idle) succeeded. Not
+    /// completed by closing the store.
     /// </summary>
-    public Task WhenDiskNotFull()
+    public Task WhenWritable()
     {
         lock (_batchLock)
         {
-            if (!_diskFull)
+            if (!_writesFailing)
             {
                 return Task.CompletedTask;
             }
-            _diskFullEnded ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-            return _diskFullEnded.Task;
+            _writable ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            return _writable.Task;
         }
     }
 
-    /// <summary>Completed when the disk is no longer full; under <see cref="_batchLock"/>.</summary>
-    private TaskCompletionSource? _diskFullEnded;
+    /// <summary>Completed when a write succeeds again; under <see cref="_batchLock"/>.</summary>
+    private TaskCompletionSource? _writable;
 
-    /// <summary>Writer thread only.</summary>
-    private void SetDiskFull(bool full)
+    /// <summary>After a write (or the writer's try) that failed with <paramref name="error"/> or succeeded (null). Writer thread only.</summary>
+    private void SetWriteState(Exception? error)
     {
-        if (_diskFull == full)
+        bool failing = error is not null;
+        bool full = error is StoreException { DiskFull: true };
+        if (_writesFailing == failing && _diskFull == full)
         {
             return;
         }
-        TaskCompletionSource? ended;
+        bool fullChanged = _diskFull != full;
+        TaskCompletionSource? writable;
         lock (_batchLock)
         {
+            _writesFailing = failing;
             _diskFull = full;
-            ended = full ? null : _diskFullEnded;
-            if (!full) _diskFullEnded = null;
+            writable = failing ? null : _writable;
+            if (!failing) _writable = null;
         }
-        try
+        if (fullChanged)
         {
-            DiskFullChanged?.Invoke(full);
-        }
-        catch
-        {
-            // A failing subscriber must not stop the writer.
+            try
+            {
+                DiskFullChanged?.Invoke(full);
+            }
+            catch
+            {
+                // A failing subscriber must not stop the writer.
+            }
         }
         // After the event: whoever waited hears of the change after its subscribers (the log's line first).
-        ended?.TrySetResult();
+        writable?.TrySetResult();
     }
 
     private void PutEpoch(MutationBatch mutations)

@@ -33,7 +33,7 @@ public class DiskFullTests
     {
         await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
         var store = relay.Server.Store;
-        store.DiskFullProbeInterval = TimeSpan.FromMilliseconds(50);
+        store.FailedWriteProbeInterval = TimeSpan.FromMilliseconds(50);
         await using var recipient = await RawClient.ConnectAsync(relay);
         var queue = await recipient.CreateQueueAsync();
         await using var sender = await RawClient.ConnectAsync(relay);

@@ -250,4 +250,31 @@ public class StoreFailureTests
         await Assert.That(lines[1]).Contains("(4 more failures of SEND since the last such line, not logged)");
         await Assert.That(Value(await ScrapeAsync(relay), "relay_commands_total", "command=\"send\",result=\"internal\"")).IsEqualTo(6);
     }
+    [Test]
+    public async Task An_ack_that_a_failing_disk_refuses_is_not_followed_by_the_same_pushes_again_until_writes_work()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        relay.Server.Store.FailedWriteProbeInterval = TimeSpan.FromMilliseconds(100);
+        await using var recipient = await RawClient.ConnectAsync(relay);
+        var queue = await recipient.CreateQueueAsync();
+        await using var sender = await RawClient.ConnectAsync(relay);
+        await SendAsync(sender, queue, "m1");
+        await SubscribeAsync(recipient, queue);
+        var (m1, _) = await NextMessageAsync(recipient, queue);
+
+        // Every write fails (an I/O error, not a full disk): the ACK is answered INTERNAL, and m1 is
+        // not pushed again while writes keep failing (each push would be ACKed and fail once more).
+        relay.Server.Store.BeforeWrite = (_, _) => throw new IOException("injected write failure");
+        var ack = await recipient.RequestAsync(Ack(recipient, queue, recipient.NextCorr(), m1));
+        await Assert.That(ack.Error).IsEqualTo(ErrorCode.Internal);
+        await Assert.ThrowsAsync<TimeoutException>(async () => await recipient.ReadFrameAsync(TimeSpan.FromMilliseconds(600)));
+
+        // Writes work again: the writer's next try succeeds, the subscription starts again from m1.
+        relay.Server.Store.BeforeWrite = null;
+        var (again, text) = await NextMessageAsync(recipient, queue);
+        await Assert.That(again).IsEqualTo(m1);
+        await Assert.That(text).IsEqualTo("m1");
+        var acked = await recipient.RequestAsync(Ack(recipient, queue, recipient.NextCorr(), again));
+        await Assert.That(acked.Type).IsEqualTo(FrameType.Ok);
+    }
 }

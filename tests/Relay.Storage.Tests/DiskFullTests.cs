@@ -43,7 +43,7 @@ public class DiskFullTests
         var changes = new System.Collections.Concurrent.ConcurrentQueue<bool>();
         t.Store.DiskFullChanged += changes.Enqueue;
         var disk = new FillingDisk { Full = true };
-        t.Store.DiskFullProbeInterval = TimeSpan.FromMilliseconds(50);
+        t.Store.FailedWriteProbeInterval = TimeSpan.FromMilliseconds(50);
         t.Store.BeforeWrite = disk.BeforeWrite;
 
         // The append that meets the full disk fails as a failed write does, and says why.
@@ -51,7 +51,7 @@ public class DiskFullTests
         await Assert.That(failed!.DiskFull).IsTrue();
         await Assert.That(t.Store.IsDiskFull).IsTrue();
         await Assert.That(changes).IsEquivalentTo(new[] { true });
-        Task notFull = t.Store.WhenDiskNotFull();
+        Task notFull = t.Store.WhenWritable();
         await Assert.That(notFull.IsCompleted).IsFalse();
 
         // Later appends and creations are refused at once: nothing staged, nothing written.
@@ -83,7 +83,7 @@ public class DiskFullTests
         await notFull.WaitAsync(TimeSpan.FromSeconds(10));
         await Assert.That(t.Store.IsDiskFull).IsFalse();
         await Assert.That(changes).IsEquivalentTo(new[] { true, false });
-        await Assert.That(t.Store.WhenDiskNotFull().IsCompleted).IsTrue();
+        await Assert.That(t.Store.WhenWritable().IsCompleted).IsTrue();
         await Assert.That((await t.Store.AppendAsync(q, 0, [4])).Status).IsEqualTo(StoreStatus.Ok);
 
         // The refused and failed messages were never stored; the acknowledged ones survive a restart.

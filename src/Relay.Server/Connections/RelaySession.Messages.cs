@@ -321,14 +321,7 @@ internal sealed partial class RelaySession
                 // The write failed and was undone: the messages are stored again, oldest first, but
                 // the subscription moved past them when the ACK was accepted.
                 StoreFailed(FrameType.Ack, corr, ex);
-                if (IsDiskFullFailure(ex))
-                {
-                    _ = RestartWhenWritableAsync(queue);
-                }
-                else
-                {
-                    RestartAfterFailedAck(queue);
-                }
+                _ = RestartWhenWritableAsync(queue);
                 return;
             }
             if (status != StoreStatus.Ok)
@@ -354,14 +347,15 @@ internal sealed partial class RelaySession
 
     /// <summary>
     /// Restarts the subscription after a refused ACK once the store writes again: after the undo of
-    /// a failed write, and while the disk is full, once it is not. Restarting at once would push the
-    /// same messages again and again, each answered by an ACK that fails too, at the speed of the
-    /// round trip; waiting costs the subscriber nothing it could have had.
+    /// a failed write, and once a write succeeded since (at once after a one-off failure; while the
+    /// disk is full or fails every write, when it works again). Restarting at once would push the
+    /// same messages again and again while writes keep failing, each answered by an ACK that fails
+    /// too, at the speed of the round trip; waiting costs the subscriber nothing it could have had.
     /// </summary>
     private async Task RestartWhenWritableAsync(QueueHandle queue)
     {
         await _store.WhenUndone();
-        await _store.WhenDiskNotFull();
+        await _store.WhenWritable();
         RestartAfterFailedAck(queue);
     }
 
