@@ -218,6 +218,7 @@ public class StoreFailureTests
         await Assert.That(again.Type).IsEqualTo(FrameType.Msg);
         await Assert.That(Encoding.UTF8.GetString(RawClient.Open(queue, again.Payload).Body)).IsEqualTo("m1");
     }
+
     [Test]
     public async Task A_disk_that_fails_every_write_is_logged_once_per_command_and_ten_seconds_with_a_count_of_the_rest()
     {
@@ -250,6 +251,7 @@ public class StoreFailureTests
         await Assert.That(lines[1]).Contains("(4 more failures of SEND since the last such line, not logged)");
         await Assert.That(Value(await ScrapeAsync(relay), "relay_commands_total", "command=\"send\",result=\"internal\"")).IsEqualTo(6);
     }
+
     [Test]
     public async Task An_ack_that_a_failing_disk_refuses_is_not_followed_by_the_same_pushes_again_until_writes_work()
     {
