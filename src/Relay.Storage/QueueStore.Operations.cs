@@ -549,12 +549,13 @@ public sealed partial class QueueStore
     /// write per queue and hour. Caller holds the queue's StoreLock and the batch. True when the
     /// record was written.
     /// </summary>
-    private static bool TouchActivity(BatchScope batch, QueueHandle queue, WriteOp op, uint hour)
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static bool TouchActivity(BatchScope batch, QueueHandle queue, WriteOp op, uint hour) =>
+        queue.LastActiveHour < hour && MoveActivity(batch, queue, op, hour);
+
+    /// <summary>The write of <see cref="TouchActivity"/>, once an hour per queue (out of line: each SEND and ACK calls the check).</summary>
+    private static bool MoveActivity(BatchScope batch, QueueHandle queue, WriteOp op, uint hour)
     {
-        if (queue.LastActiveHour >= hour)
-        {
-            return false;
-        }
         Span<byte> idleKey = stackalloc byte[Keys.HourKeyLength];
         Keys.HourKey(idleKey, queue.LastActiveHour, queue.RecipientId);
         batch.Delete(Cf.Idle, idleKey);
