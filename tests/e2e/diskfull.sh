@@ -46,7 +46,8 @@ avail=$(df --output=avail -k "$MNT" | tail -1)
 dd if=/dev/zero of="$MNT/filler" bs=1k count=$((avail - 4096)) status=none
 "$RELAY" bench "$ADDR" --scenario drain --messages 6000 --size 4096 --queues 64 --producers 1 --consumers 1 >"$E2E_TMP/bench.out" 2>&1
 check "a sender meeting the full disk hears FULL, not INTERNAL" grep -q "refused SEND: FULL" "$E2E_TMP/bench.out"
-check "relay send is refused with FULL while the disk is full" bash -c "out=\$('$RELAY' send --profile '$P/bob' --to alice during 2>&1); [ \$? = 1 ] && echo \"\$out\" | grep -q FULL"
+check "relay send is refused with FULL while the disk is full, and says the message is kept" bash -c "
+    out=\$('$RELAY' send --profile '$P/bob' --to alice during 2>&1); [ \$? = 1 ] && echo \"\$out\" | grep -q FULL && echo \"\$out\" | grep -q 'kept and goes out with the next'"
 check "relay_store_disk_full is 1" bash -c "[ \"\$($(declare -f metric); ADMIN=$ADMIN; metric relay_store_disk_full)\" = 1 ]"
 check "one log line says the disk is full, none per refused request" bash -c "
     [ \$(grep -c 'Relay\[28\].*disk is full (no space left on device)' '$E2E_TMP/full.log') = 1 ] && ! grep -q 'Relay\[20\]' '$E2E_TMP/full.log'"
@@ -73,7 +74,9 @@ wait_not_full() {
 }
 check "the relay writes again by itself once space returns (gauge 0, log event 29)" wait_not_full
 check "relay send works again" sends bob alice after
-check "the receiver gets the message sent after" bash -c "timeout 30 '$RELAY' listen --profile '$P/alice' --timeout 4 2>/dev/null | grep -q 'bob: after'"
+check "the receiver gets the kept message once, then the one sent after" bash -c "
+    out=\$(timeout 30 '$RELAY' listen --profile '$P/alice' --timeout 4 2>/dev/null); echo \"\$out\"
+    [ \"\$(echo \"\$out\" | grep -c 'bob: during')\" = 1 ] && echo \"\$out\" | grep -A1 'bob: during' | grep -q 'bob: after'"
 
 # One more message acknowledged after the relay resumed, then a crash: the log written after the
 # failed writes must replay (RocksDB switches to a new log file when it resumes).

@@ -110,7 +110,9 @@ public static class ClientCommands
         if (a.Help)
         {
             Console.Out.Write(RelayCli.CommandHelp("relay send --profile DIR --to NAME [TEXT]",
-                "Sends TEXT (or standard input) to a contact, end-to-end encrypted; returns once the relay has it on disk.",
+                "Sends TEXT (or standard input) to a contact, end-to-end encrypted; returns once the relay has it on disk.\n" +
+                "A message the relay did not take (unreachable, or FULL) is kept in the profile and goes out, once, with the\n" +
+                "next 'relay send' or 'relay listen' of this profile: do not send it again.",
                 [ProfileHelp, ("--to NAME", "the contact"), SocksHelp, PlainHelp]));
             return Task.FromResult(RelayCli.Ok);
         }
@@ -121,7 +123,18 @@ public static class ClientCommands
         return Guard(async () =>
         {
             await using var messenger = new Messenger(store, options);
-            await messenger.SendAsync(to, text);
+            try
+            {
+                await messenger.SendAsync(to, text);
+            }
+            catch (Exception ex) when (ex is RelayConnectException or RelayErrorException
+                                       && messenger.Contacts.FirstOrDefault(c => c.Name == to)?.Outbox.Count > 0)
+            {
+                // Sealed and kept before the relay refused it: sending the text again would deliver it twice.
+                Console.Error.WriteLine($"relay: {ex.Message}");
+                Console.Error.WriteLine("relay: the message is kept and goes out with the next 'relay send' or 'relay listen' of this profile; do not send it again");
+                return RelayCli.Failed;
+            }
             return RelayCli.Ok;
         });
     }
