@@ -16,6 +16,9 @@ internal static partial class Log
     [LoggerMessage(2, LogLevel.Information, "Created relay identity in the data directory")]
     public static partial void IdentityCreated(ILogger logger);
 
+    [LoggerMessage(8, LogLevel.Warning, "The relay identity {Path} is accessible by other users (mode {Mode}): whoever can read it can pose as this relay; run 'chmod 600 {Path}', and if others may have copied it, make a new identity (a new relay address)")]
+    public static partial void IdentityExposed(ILogger logger, string path, string mode);
+
     [LoggerMessage(3, LogLevel.Information, "Stopping: finishing requests in flight")]
     public static partial void Stopping(ILogger logger);
 

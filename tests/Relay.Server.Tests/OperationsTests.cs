@@ -364,4 +364,40 @@ public class OperationsTests
             try { Directory.Delete(dir, recursive: true); } catch (IOException) { }
         }
     }
+
+    [Test]
+    [Arguments(UnixFileMode.UserRead | UnixFileMode.UserWrite, false)]
+    [Arguments(UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.GroupRead | UnixFileMode.OtherRead, true)]
+    [Arguments(UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.GroupRead, true)]
+    [System.Runtime.Versioning.UnsupportedOSPlatform("windows")]
+    public async Task An_identity_file_others_can_read_is_warned_about_at_start(UnixFileMode mode, bool warned)
+    {
+        var dir = Path.Combine(Path.GetTempPath(), "relay-test-" + Guid.NewGuid().ToString("N"));
+        try
+        {
+            RelayIdentity.LoadOrCreate(dir, out _).Dispose();
+            File.SetUnixFileMode(RelayIdentity.PathIn(dir), mode);
+            var logs = new CapturedLogs();
+            await using (var server = await RelayServer.StartAsync(new RelayServerOptions
+            {
+                DataDirectory = dir,
+                Listen = new IPEndPoint(IPAddress.Loopback, 0),
+                Admin = null,
+                Tls = false,
+            }, logging => logging.AddProvider(logs)))
+            {
+                var warning = logs.Lines.Where(l => l.StartsWith("Warning Relay[8] ", StringComparison.Ordinal)).ToList();
+                await Assert.That(warning.Count).IsEqualTo(warned ? 1 : 0);
+                if (warned)
+                {
+                    await Assert.That(warning[0]).Contains($"mode {Convert.ToString((int)mode, 8)}");
+                    await Assert.That(warning[0]).Contains($"chmod 600 {RelayIdentity.PathIn(dir)}");
+                }
+            }
+        }
+        finally
+        {
+            try { Directory.Delete(dir, recursive: true); } catch (IOException) { }
+        }
+    }
 }

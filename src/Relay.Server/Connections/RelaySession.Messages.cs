@@ -336,8 +336,10 @@ internal sealed partial class RelaySession
                 return;
             }
             _context.Metrics.MessagesAcked(count);
-            Succeed(FrameType.Ack, corr);
+            // Released before the answer (as HandleAck does for an ACK still being written): a client
+            // that hears OK finds its window free, and a SEND it makes then goes straight out.
             ReleaseThrough(queue, id);
+            Succeed(FrameType.Ack, corr);
         }
         finally
         {

@@ -26,6 +26,28 @@ public sealed class RelayIdentity : IDisposable
 
     public static bool Exists(string dataDirectory) => File.Exists(PathIn(dataDirectory));
 
+    /// <summary>
+    /// The identity file's mode (octal, e.g. "644") when users other than its owner may read or
+    /// write it, else null (and on Windows). relay init writes it 0600; a copy or a restore may not.
+    /// </summary>
+    public static string? ExposedMode(string dataDirectory)
+    {
+        if (OperatingSystem.IsWindows())
+        {
+            return null;
+        }
+        try
+        {
+            var mode = File.GetUnixFileMode(PathIn(dataDirectory));
+            const UnixFileMode others = UnixFileMode.GroupRead | UnixFileMode.GroupWrite | UnixFileMode.OtherRead | UnixFileMode.OtherWrite;
+            return (mode & others) != 0 ? Convert.ToString((int)mode, 8) : null;
+        }
+        catch (Exception ex) when (ex is IOException or UnauthorizedAccessException)
+        {
+            return null;
+        }
+    }
+
     /// <summary>Loads the identity, creating it (file mode 0600) when it does not exist yet.</summary>
     public static RelayIdentity LoadOrCreate(string dataDirectory, out bool created)
     {

@@ -215,6 +215,10 @@ public sealed class RelayServer : IAsyncDisposable
             {
                 Log.IdentityCreated(context.Logger);
             }
+            else if (RelayIdentity.ExposedMode(options.DataDirectory) is { } mode)
+            {
+                Log.IdentityExposed(context.Logger, RelayIdentity.PathIn(options.DataDirectory), mode);
+            }
             Log.StoreOpened(context.Logger, options.Durable ? "durable: every acknowledged write is fsynced" : "relaxed: no fsync");
             server._ready = true;
             // Announced with /readyz (scripts read the address from this line once it answers 200);
