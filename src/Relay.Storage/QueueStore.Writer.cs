@@ -59,8 +59,6 @@ public sealed partial class QueueStore
     /// </summary>
     private volatile bool _writesFailing;
     private volatile bool _diskFull;
-    /// <summary>A batch failed: the idle writer tries a write at once, then every <see cref="FailedWriteProbeInterval"/> (writer thread only).</summary>
-    private bool _probeAtOnce;
 
     /// <summary>
     /// True from a write that failed because the store's file system is full (RocksDB's "No space
@@ -131,7 +129,7 @@ public sealed partial class QueueStore
             // What is staged now could copy state that the undo is about to take back (a queue
             // record with a sender key whose write failed) and make it durable after all.
             Monitor.Exit(_batchLock);
-            throw new StoreException("A write failed and is being undone; try again.");
+            throw new StoreException("A write failed and is being undone; try again.") { DiskFull = _diskFull };
         }
         return new BatchScope(this, _current);
     }
@@ -166,13 +164,15 @@ public sealed partial class QueueStore
 
     private void WriterLoop()
     {
+        // After a failed batch the idle writer tries a write at once (a failure of one write alone
+        // ends now, not in a second), then every FailedWriteProbeInterval while writes keep failing.
+        bool probeDue = false;
         while (true)
         {
             PendingBatch? batch = null;
             ulong probeEpoch = 0;
             lock (_batchLock)
             {
-                bool probeDue = false;
                 while (true)
                 {
                     if (_sealed.TryDequeue(out PendingBatch? full))
@@ -190,18 +190,11 @@ public sealed partial class QueueStore
                     {
                         return;
                     }
-                    if (probeDue)
+                    if (probeDue && _writesFailing)
                     {
                         // Read under the lock: an epoch bump increments and stages together under it.
                         probeEpoch = _epoch;
                         break;
-                    }
-                    if (_writesFailing && _probeAtOnce)
-                    {
-                        // Right after a failed batch: a failure of one write alone ends now, not in a second.
-                        _probeAtOnce = false;
-                        probeDue = true;
-                        continue;
                     }
                     _writerWaiting = true;
                     if (_writesFailing)
@@ -215,6 +208,7 @@ public sealed partial class QueueStore
                     _writerWaiting = false;
                 }
             }
+            probeDue = false;
             if (batch is null)
             {
                 ProbeFailedWrites(probeEpoch);
@@ -267,7 +261,7 @@ public sealed partial class QueueStore
             {
                 // Before the answers: a NEW or SEND that arrives after its client heard FULL is refused at once.
                 SetWriteState(error);
-                _probeAtOnce = true;
+                probeDue = true;
                 FailFrom(batch, error);
             }
             // Before the callers hear of their operations: whoever awaited one sees its batch counted.

@@ -92,5 +92,5 @@ public sealed class StoreException : Exception
     /// The file system of the store has no space left (RocksDB's "No space left on device"): the
     /// operation stored nothing, and writes fail until space is free again (see <see cref="QueueStore.IsDiskFull"/>).
     /// </summary>
-    public bool DiskFull { get; init; }
+    public bool DiskFull { get; internal init; }
 }

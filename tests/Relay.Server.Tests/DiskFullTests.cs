@@ -14,8 +14,9 @@ namespace Relay.Server.Tests;
 /// </summary>
 public class DiskFullTests
 {
+    /// <summary>What RocksDB reports when a write meets ENOSPC, as the store classifies it.</summary>
     private static StoreException NoSpace() =>
-        new("RocksDB: IO error: No space left on device: While appending to file: 000042.sst: No space left on device") { DiskFull = true };
+        Relay.Storage.Native.RocksDb.Error("IO error: No space left on device: While appending to file: 000042.sst: No space left on device");
 
     private static byte[] Ack(RawClient recipient, RawQueue queue, uint corr, ulong id) =>
         recipient.QueueCommand(FrameType.Ack, corr, queue.RecipientId, RawClient.U64(id), queue.RecipientPrivate);

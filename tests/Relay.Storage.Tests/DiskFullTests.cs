@@ -1,4 +1,5 @@
 using System.Security.Cryptography;
+using Relay.Storage.Native;
 
 namespace Relay.Storage.Tests;
 
@@ -6,7 +7,7 @@ namespace Relay.Storage.Tests;
 /// A file system that fills up under the store (the store's own writes, or anything else on the
 /// same disk): appends and creations are refused as full without being staged, other writes still
 /// fail, nothing acknowledged is lost, and the refusals end by themselves once a write succeeds.
-/// The disk is simulated here (the writer's test hook throws what RocksDB throws for ENOSPC);
+/// The disk is simulated here (the writer's test hook throws the error the store makes of RocksDB's ENOSPC status);
 /// tests/e2e/diskfull.sh fills a real file system under the published binary.
 /// </summary>
 public class DiskFullTests
@@ -29,7 +30,7 @@ public class DiskFullTests
             Interlocked.Increment(ref ops == 0 ? ref Probes : ref Writes);
             if (Full)
             {
-                throw new StoreException("RocksDB: IO error: No space left on device: While appending to file: 000042.sst: No space left on device") { DiskFull = true };
+                throw RocksDb.Error("IO error: No space left on device: While appending to file: 000042.sst: No space left on device");
             }
         }
     }
@@ -45,10 +46,26 @@ public class DiskFullTests
         var disk = new FillingDisk { Full = true };
         t.Store.FailedWriteProbeInterval = TimeSpan.FromMilliseconds(50);
         t.Store.BeforeWrite = disk.BeforeWrite;
+        // A write refused while the failed one is undone says the full disk is why, too.
+        Exception? refusedWhileUndoing = null;
+        t.Store.WhileUndoing = () =>
+        {
+            try
+            {
+                var suspend = t.Store.SuspendAsync(q).AsTask();
+                refusedWhileUndoing = suspend.IsFaulted ? suspend.Exception!.InnerException : null;
+            }
+            catch (Exception e)
+            {
+                refusedWhileUndoing = e;
+            }
+        };
 
         // The append that meets the full disk fails as a failed write does, and says why.
         var failed = await Assert.ThrowsAsync<StoreException>(async () => await t.Store.AppendAsync(q, 0, [2]));
         await Assert.That(failed!.DiskFull).IsTrue();
+        await Assert.That(refusedWhileUndoing is StoreException { DiskFull: true }).IsTrue();
+        t.Store.WhileUndoing = null;
         await Assert.That(t.Store.IsDiskFull).IsTrue();
         await Assert.That(changes).IsEquivalentTo(new[] { true });
         Task notFull = t.Store.WhenWritable();

@@ -298,13 +298,13 @@ internal sealed partial class RelaySession
 
     /// <summary>
     /// The store could not take or make an operation durable (closing, a failed write, or one being
-    /// undone): logged without the queue, answered INTERNAL. Because the disk is full (or while it
-    /// is): a NEW or SEND answered FULL (nothing stored, retry later), another command INTERNAL,
+    /// undone): logged without the queue, answered INTERNAL. Because the disk is full (the write
+    /// itself, or a refusal while one it failed is undone): a NEW or SEND answered FULL (nothing stored, retry later), another command INTERNAL,
     /// neither logged (the store's <see cref="QueueStore.DiskFullChanged"/> is, once).
     /// </summary>
     private void StoreFailed(FrameType type, uint corr, Exception ex)
     {
-        if (IsDiskFullFailure(ex))
+        if (ex is StoreException { DiskFull: true })
         {
             Fail(type, corr, type is FrameType.Send or FrameType.New ? ErrorCode.Full : ErrorCode.Internal);
             return;
@@ -312,9 +312,6 @@ internal sealed partial class RelaySession
         Log.StoreFailed(_context, type.ToString().ToUpperInvariant(), ex);
         Fail(type, corr, ErrorCode.Internal);
     }
-
-    /// <summary>A store failure that the full disk caused: the write itself, or a refusal while a write it failed is undone.</summary>
-    private bool IsDiskFullFailure(Exception ex) => ex is StoreException { DiskFull: true } || (ex is StoreException && _store.IsDiskFull);
 
     /// <summary>A SEND: an operation in flight that also holds its message's bytes until written.</summary>
     private void BeginInFlight(int bytes)

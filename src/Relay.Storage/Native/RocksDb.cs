@@ -183,14 +183,17 @@ internal sealed unsafe class RocksDb : IDisposable
     {
         if (err != 0)
         {
-            string message = TakeError(err);
-            // RocksDB's text for IOStatus::NoSpace (an ENOSPC of any file it writes, now or in a
-            // background flush that stopped the store's writes since), independent of the locale.
-            throw new StoreException("RocksDB: " + message) { DiskFull = message.Contains(NoSpaceText, StringComparison.Ordinal) };
+            throw Error(TakeError(err));
         }
     }
 
-    private const string NoSpaceText = "No space left on device";
+    /// <summary>
+    /// The exception for a RocksDB error status, <see cref="StoreException.DiskFull"/> when it is
+    /// RocksDB's text for IOStatus::NoSpace (an ENOSPC of any file it writes, now or in a background
+    /// flush that stopped the store's writes since), which does not depend on the locale.
+    /// </summary>
+    internal static StoreException Error(string status) =>
+        new("RocksDB: " + status) { DiskFull = status.Contains("No space left on device", StringComparison.Ordinal) };
 
     private static string TakeError(nint err)
     {
