@@ -31,7 +31,7 @@ public class RandomizedProtocolTests
         await run.DrainAndVerifyAsync();
 
         // The run exercised what it claims to check (a run that only met errors would prove nothing).
-        foreach (var counted in new[] { "send-ok", "push", "ack-ok", "ack-through-ok", "ack-nomsg", "get-msg", "sub-replaced", "restart", "drop-recipient", "drop-sender", "auth" })
+        foreach (var counted in new[] { "send-ok", "push", "ack-ok", "ack-through-ok", "ack-nomsg", "get-msg", "sub-replaced", "released", "restart", "drop-recipient", "drop-sender", "auth" })
         {
             await Assert.That(run.Count(counted)).IsGreaterThan(0).Because($"seed {seed}: no '{counted}' happened");
         }
@@ -129,7 +129,8 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
             else if (roll < 25) await SettleAllSendsAsync();
             else if (roll < 29) await PauseAsync();
             else if (roll < 31) await AwaitReleasedAsync();
-            else if (roll < 41) await SubscribeAsync();
+            else if (roll < 39) await SubscribeAsync();
+            else if (roll < 41) await TakeBackAsync();
             else if (roll < 58) await AckOutstandingAsync();
             else if (roll < 66) await AckOddAsync();
             else if (roll < 73) await GetAsync();
@@ -599,7 +600,28 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
         });
     }
 
-    private async Task SubscribeAsync(RecipientPeer peer, QueueModel queue, int? window)
+    /// <summary>
+    /// Another connection takes a subscribed queue, and the first takes it back before reading its
+    /// END: that END, if the relay writes it, comes before the OK of the SUB that takes it back, and
+    /// none after; the other connection hears END.
+    /// </summary>
+    private async Task TakeBackAsync()
+    {
+        var queue = _queues.FirstOrDefault(q => q.Subscriber != null && !q.Deleted);
+        if (queue is null)
+        {
+            await SubscribeAsync();
+            return;
+        }
+        var first = queue.Subscriber!;
+        var others = _peers.Where(p => p != first).ToList();
+        var second = others[_random.Next(others.Count)];
+        await SubscribeAsync(second, queue, 1 + _random.Next(4), awaitPreviousEnd: false);
+        await SubscribeAsync(first, queue, 1 + _random.Next(4));
+        Counted("take-back");
+    }
+
+    private async Task SubscribeAsync(RecipientPeer peer, QueueModel queue, int? window, bool awaitPreviousEnd = true)
     {
         byte[] args = [];
         if (window is { } w)
@@ -619,7 +641,7 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
         var previous = queue.Subscriber;
         peer.Subs[queue] = new SubscriptionModel(Math.Clamp(window ?? 1, 1, ProtocolConstants.MaxDeliveryWindow));
         queue.Subscriber = peer;
-        if (previous != null && previous != peer)
+        if (previous != null && previous != peer && awaitPreviousEnd)
         {
             // The older subscriber hears END; what it was pushed before counts against its own window.
             await AwaitEndAsync(previous, queue);
@@ -1176,6 +1198,11 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
         foreach (var s in _senders)
         {
             try { await s.Connection.DisposeAsync(); } catch (Exception) { }
+            // A run that stopped at a violation leaves SENDs unanswered: their failures are observed here.
+            foreach (var m in s.Pending)
+            {
+                try { await m.Task!.WaitAsync(AnswerTimeout); } catch (Exception) { }
+            }
         }
         foreach (var p in _peers) await p.AbortAsync();
         if (_poller != null) await _poller.DisposeAsync();
