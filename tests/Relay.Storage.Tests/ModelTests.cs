@@ -11,16 +11,22 @@ public class ModelTests
 {
     private const int Steps = 2500;
 
+    /// <param name="longQueues">
+    /// False: queues of a dozen messages, quickly full. True: queues of hundreds of small messages,
+    /// longer than a read-ahead, an ACK's most and the run of handed-out messages the store remembers.
+    /// </param>
     [Test]
-    [Arguments(1)]
-    [Arguments(2)]
-    [Arguments(3)]
-    [Arguments(42)]
-    [Arguments(1234)]
-    [Arguments(98765)]
-    public async Task Store_answers_as_the_model_predicts(int seed)
+    [Arguments(1, false)]
+    [Arguments(2, false)]
+    [Arguments(3, false)]
+    [Arguments(42, false)]
+    [Arguments(1234, false)]
+    [Arguments(7, true)]
+    [Arguments(99, true)]
+    [Arguments(98765, true)]
+    public async Task Store_answers_as_the_model_predicts(int seed, bool longQueues)
     {
-        await using var run = new ModelRun(seed);
+        await using var run = new ModelRun(seed, longQueues);
         await run.RunAsync(Steps);
     }
 }
@@ -30,8 +36,9 @@ internal sealed class ModelMismatchException(string message) : Exception(message
 
 internal sealed class ModelRun : IAsyncDisposable
 {
-    private const int MaxMessages = 12;
-    private const long MaxBytes = 8000;
+    private readonly int _maxMessages;
+    private readonly long _maxBytes;
+    private readonly bool _longQueues;
     private const int MaxLiveQueues = 6;
     private const ulong Pending = ulong.MaxValue;   // id of a model message whose append is in flight
     private static readonly TimeSpan Ttl = TimeSpan.FromDays(3);
@@ -47,9 +54,12 @@ internal sealed class ModelRun : IAsyncDisposable
     private int _step;
     private int _queueNames;
 
-    public ModelRun(int seed)
+    public ModelRun(int seed, bool longQueues)
     {
         _seed = seed;
+        _longQueues = longQueues;
+        _maxMessages = longQueues ? 300 : 12;
+        _maxBytes = longQueues ? 40_000 : 8000;
         _rng = new Random(seed);
         _t = TestStore.Create(p => new QueueStoreOptions
         {
@@ -57,8 +67,8 @@ internal sealed class ModelRun : IAsyncDisposable
             Clock = _clock,
             MessageTtl = Ttl,
             IdleQueueTtl = IdleTtl,
-            MaxMessagesPerQueue = MaxMessages,
-            MaxBytesPerQueue = MaxBytes,
+            MaxMessagesPerQueue = _maxMessages,
+            MaxBytesPerQueue = _maxBytes,
             SweepInterval = TimeSpan.Zero,   // the walk sweeps by hand
             DeliveryTailBytes = 16 * 1024,   // small: deliveries come from memory and from the store
         });
@@ -206,9 +216,9 @@ internal sealed class ModelRun : IAsyncDisposable
             Seen("append Suspended");
             return StoreStatus.Suspended;
         }
-        if (q.Messages.Count + 1 > MaxMessages || q.Bytes + body.Length > MaxBytes)
+        if (q.Messages.Count + 1 > _maxMessages || q.Bytes + body.Length > _maxBytes)
         {
-            Seen(q.Messages.Count + 1 > MaxMessages ? "append over the message quota" : "append over the byte quota");
+            Seen(q.Messages.Count + 1 > _maxMessages ? "append over the message quota" : "append over the byte quota");
             return StoreStatus.QuotaExceeded;
         }
         Seen("append Ok");
@@ -337,12 +347,19 @@ internal sealed class ModelRun : IAsyncDisposable
 
     private (byte Flags, byte[] Body) NewBody(Random rng)
     {
-        int size = rng.Next(10) switch
-        {
-            0 => 0,
-            < 7 => rng.Next(1, 200),
-            _ => rng.Next(800, 3000),
-        };
+        int size = _longQueues
+            ? rng.Next(40) switch
+            {
+                0 => 0,
+                1 => rng.Next(2000, 6000),
+                _ => rng.Next(1, 120),
+            }
+            : rng.Next(10) switch
+            {
+                0 => 0,
+                < 7 => rng.Next(1, 200),
+                _ => rng.Next(800, 3000),
+            };
         byte[] body = new byte[size];
         rng.NextBytes(body);
         return ((byte)rng.Next(4), body);
@@ -494,7 +511,7 @@ internal sealed class ModelRun : IAsyncDisposable
     {
         ModelQueue q = PickQueue();
         QueueHandle h = PickHandle(q);
-        int window = _rng.Next(1, 8);
+        int window = _rng.Next(1, _longQueues && _rng.Next(3) == 0 ? _maxMessages : 8);
         Note($"hand out up to {window} messages of {q}{Which(q, h)}");
         bool acts = Resolve(q, h);
         var handedOut = new List<ulong>();
@@ -514,7 +531,7 @@ internal sealed class ModelRun : IAsyncDisposable
         if (handedOut.Count > 0 && _rng.Next(2) == 0)
         {
             ulong lastId = handedOut[_rng.Next(handedOut.Count)];
-            int maxCount = handedOut.Count;
+            int maxCount = Math.Min(handedOut.Count, QueueStore.MaxAckCount);
             Note($"ack {q} through {lastId}, at most {maxCount}");
             StoreStatus expected = PredictAck(q, h, lastId, maxCount, out int expectedDeleted);
             StoreStatus status = await Store.AckAsync(h, lastId, maxCount, out int deleted);
@@ -563,7 +580,8 @@ internal sealed class ModelRun : IAsyncDisposable
     {
         ModelQueue q = PickQueue();
         QueueHandle h = PickHandle(q);
-        var gone = q.Issued.Where(id => !q.Messages.Any(m => m.Id == id)).ToList();
+        var stored = q.Messages.Select(m => m.Id).ToHashSet();
+        var gone = q.Issued.Where(id => !stored.Contains(id)).ToList();
         ulong id = _rng.Next(4) switch
         {
             0 when gone.Count > 0 => gone[_rng.Next(gone.Count)],
@@ -589,7 +607,7 @@ internal sealed class ModelRun : IAsyncDisposable
         {
             lastId = q.Issued.Count > 0 && _rng.Next(2) == 0 ? q.Issued[_rng.Next(q.Issued.Count)] : q.LastId + 1;
         }
-        int maxCount = _rng.Next(1, MaxMessages + 3);
+        int maxCount = _rng.Next(1, Math.Min(_maxMessages + 3, QueueStore.MaxAckCount + 1));
         Note($"ack {q} through {lastId}, at most {maxCount}{Which(q, h)}");
         StoreStatus expected = PredictAck(q, h, lastId, maxCount, out int expectedDeleted);
         StoreStatus status = await Store.AckAsync(h, lastId, maxCount, out int deleted);
@@ -811,7 +829,10 @@ internal sealed class ModelRun : IAsyncDisposable
     /// </summary>
     private async Task BurstAsync()
     {
-        List<Func<Task>> answers = IssueTogether(_rng.Next(2, 10));
+        // Long queues fill up by floods of one queue.
+        List<Func<Task>> answers = _longQueues && _rng.Next(3) == 0
+            ? IssueTogether(_rng.Next(50, 250), _live.FirstOrDefault(q => !q.Suspended) ?? PickLive())
+            : IssueTogether(_rng.Next(2, 10));
         foreach (Func<Task> answer in answers)
         {
             await answer();
@@ -819,15 +840,16 @@ internal sealed class ModelRun : IAsyncDisposable
     }
 
     /// <summary>Issues operations without waiting for their answers; returns the checks of the answers, in call order.</summary>
-    private List<Func<Task>> IssueTogether(int n)
+    private List<Func<Task>> IssueTogether(int n, ModelQueue? only = null)
     {
         var answers = new List<Func<Task>>(n);
         var names = new List<string>(n);
         for (int i = 0; i < n && _live.Count > 0; i++)
         {
-            ModelQueue q = PickQueue();
+            ModelQueue q = only ?? PickQueue();
             QueueHandle h = PickHandle(q);
-            int kind = _rng.Next(22);
+            // A flood of one queue: appends, and now and then a peek.
+            int kind = only is null ? _rng.Next(22) : _rng.Next(20) == 0 ? 21 : 0;
             if (kind >= 20)
             {
                 // A durable message is handed out; one still being written may be, once it is durable.
@@ -868,7 +890,7 @@ internal sealed class ModelRun : IAsyncDisposable
                 // Through a message whose append is already answered (a pending one has no id yet).
                 var durable = q.Messages.Where(m => m.Id != Pending).ToList();
                 ulong lastId = durable.Count > 0 ? durable[_rng.Next(durable.Count)].Id : q.LastId;
-                int maxCount = _rng.Next(1, MaxMessages + 1);
+                int maxCount = _rng.Next(1, Math.Min(_maxMessages + 1, QueueStore.MaxAckCount + 1));
                 names.Add($"ack {q} through {lastId}, at most {maxCount}{Which(q, h)}");
                 StoreStatus expected = PredictAck(q, h, lastId, maxCount, out int expectedDeleted);
                 ValueTask<StoreStatus> answer = Store.AckAsync(h, lastId, maxCount, out int deleted);
