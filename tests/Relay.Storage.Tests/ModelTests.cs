@@ -122,7 +122,7 @@ internal sealed class ModelRun : IAsyncDisposable
             case < 85: AdvanceClock(TimeSpan.FromMinutes(_rng.Next(0, 150))); break;
             case < 86: AdvanceClock(TimeSpan.FromDays(_rng.Next(1, 7)) + TimeSpan.FromMinutes(_rng.Next(0, 1440))); await SweepAsync(); break;
             case < 88: await SweepAsync(); break;
-            case < 91: Evict(); break;
+            case < 91: if (_rng.Next(6) == 0) { Reclaim(); } else { Evict(); } break;
             case < 95: Find(); break;
             case < 96: await ReopenAsync(withWritesInFlight: _rng.Next(2) == 0); break;
             case < 98: await StaleAndDeletedAsync(); break;
@@ -822,6 +822,15 @@ internal sealed class ModelRun : IAsyncDisposable
         VerifyAll();
     }
 
+    /// <summary>Flushes and compacts everything (acknowledged, expired and deleted messages leave the table files); nothing visible changes.</summary>
+    private void Reclaim()
+    {
+        Note("reclaim space");
+        Seen("space reclaimed");
+        Store.ReclaimSpace();
+        VerifyAll();
+    }
+
     private void Evict()
     {
         int expected = _live.Count(q => q.Loaded is not null && !q.Subscribed);
@@ -1148,7 +1157,7 @@ internal sealed class ModelRun : IAsyncDisposable
         "handles evicted", "a restart", "a restart with operations in flight", "a peek while the oldest message is being written",
         "operations in flight together", "queues used in parallel", "a queue created under a deleted queue's recipient id",
         "an old handle after its queue was replaced",
-        "a sweep while appends are in flight", "an eviction while appends are in flight",
+        "a sweep while appends are in flight", "space reclaimed", "an eviction while appends are in flight",
     ];
 
     private void CheckCoverage()
