@@ -533,6 +533,49 @@ public sealed partial class QueueStore
         return op.AsStatusTask();
     }
 
+    /// <summary>
+    /// Records that the queue's recipient used it without writing anything else (a SUB or a GET):
+    /// moves its last-active hour, which idle-queue expiry reads, when the hour changed (at most one
+    /// write per queue and hour, the same as a SEND's). Not awaited: no answer depends on it. Nothing
+    /// is staged while writes fail (a full disk); the recipient's next use tries again.
+    /// </summary>
+    public void MarkActive(QueueHandle queue)
+    {
+        ArgumentNullException.ThrowIfNull(queue);
+        uint hour = NowHour();
+        if (queue.LastActiveHour >= hour || _writesFailing)
+        {
+            return;   // the usual case: a SUB or GET within the hour of the queue's last activity
+        }
+        if (!Acquire(queue))
+        {
+            return;
+        }
+        try
+        {
+            if (queue.Deleted || queue.LastActiveHour >= hour)
+            {
+                return;
+            }
+            BatchScope batch = BeginBatch();
+            using (batch)
+            {
+                WriteOp op = RentOp(OpKind.Activity, queue);
+                op.Detached = true;
+                MoveActivity(batch, queue, op, hour);
+                batch.Add(op);
+            }
+        }
+        catch (Exception e) when (e is StoreException or ObjectDisposedException)
+        {
+            // Refused (a failed write being undone, the store closing): the hour stays as it is on disk.
+        }
+        finally
+        {
+            queue.StoreLock.Exit();
+        }
+    }
+
     /// <summary>An operation without mutations: completes when everything before it is durable.</summary>
     private ValueTask<StoreStatus> Barrier(QueueHandle queue)
     {

@@ -221,9 +221,18 @@ public sealed partial class QueueStore
                         // Stale entry (a failed write left it): drop it and make sure the current one exists.
                         ops.Add(FixIdleEntry(queue, hour));
                     }
-                    else if (queue.Tag is null && !queue.Deleted)
+                    else if (queue.Deleted)
                     {
-                        // A queue with a live subscriber is in use even without traffic; skip it.
+                    }
+                    else if (queue.Tag is not null)
+                    {
+                        // A queue with a live subscriber is in use even without traffic: it is active
+                        // now, so once its subscriber leaves it has the whole idle TTL again (not a
+                        // deletion at the next sweep).
+                        ops.Add(MoveActivityNow(queue));
+                    }
+                    else
+                    {
                         WriteOp op = RentOp(OpKind.Delete, queue);
                         op.Idle = true;
                         EnqueueDelete(queue, op);
@@ -241,6 +250,16 @@ public sealed partial class QueueStore
             }
             ops.Clear();
         }
+    }
+
+    /// <summary>Moves a subscribed queue's last-active hour to now. Caller holds the queue's StoreLock.</summary>
+    private WriteOp MoveActivityNow(QueueHandle queue)
+    {
+        using BatchScope batch = BeginBatch();
+        WriteOp op = RentOp(OpKind.Activity, queue);
+        MoveActivity(batch, queue, op, NowHour());
+        batch.Add(op);
+        return op;
     }
 
     private WriteOp FixIdleEntry(QueueHandle queue, uint staleHour)

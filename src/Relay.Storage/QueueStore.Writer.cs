@@ -681,6 +681,8 @@ internal enum OpKind : byte
     Meta,
     /// <summary>The id epoch, bumped when a queue with ids of the current epoch leaves memory.</summary>
     Epoch,
+    /// <summary>The queue's last-active hour moved, nothing else (a SUB, a GET, a subscribed queue found by the idle sweep).</summary>
+    Activity,
     Create,
     Append,
     Ack,

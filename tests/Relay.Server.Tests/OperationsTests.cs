@@ -308,6 +308,51 @@ public class OperationsTests
     }
 
     [Test]
+    public async Task A_queue_its_recipient_subscribes_to_is_not_idle()
+    {
+        var clock = new OperationsClock();
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Clock = clock;
+            o.IdleQueueTtl = TimeSpan.FromHours(24);
+            o.SweepInterval = TimeSpan.Zero;   // the test sweeps by hand
+        });
+        await using var owner = await relay.ConnectAsync();
+        var listened = await owner.CreateQueueAsync();
+        var polled = await owner.CreateQueueAsync();
+        var untouched = await owner.CreateQueueAsync();
+
+        // 20 hours on, the recipient subscribes to one queue and polls the other, nobody sends.
+        clock.Advance(TimeSpan.FromHours(20));
+        await using (var device = await relay.ConnectAsync())
+        {
+            await device.SubscribeAsync(listened);
+            await Assert.That(await device.GetAsync(polled)).IsNull();
+        }
+        await Assert.That(await OperationsMetrics.EventuallyAsync(async () => Value(await ScrapeAsync(relay), "relay_subscriptions") == 0)).IsTrue();
+
+        // 30 hours after the queues were made: only the one nobody used is gone.
+        clock.Advance(TimeSpan.FromHours(10));
+        await relay.Server.SweepNowAsync();
+        await using var check = await relay.ConnectAsync();
+        await Assert.That(await ErrorOf(() => check.GetAsync(untouched))).IsEqualTo(ErrorCode.Auth);
+        await Assert.That(await ErrorOf(() => check.SubscribeAsync(listened))).IsNull();
+
+        // Subscribed for two days with no traffic, then the subscriber leaves just before a sweep:
+        // the queue was in use until then and is kept (for the whole idle TTL from that sweep on).
+        clock.Advance(TimeSpan.FromHours(48));
+        await relay.Server.SweepNowAsync();
+        await check.DisposeAsync();
+        await Assert.That(await OperationsMetrics.EventuallyAsync(async () => Value(await ScrapeAsync(relay), "relay_subscriptions") == 0)).IsTrue();
+        clock.Advance(TimeSpan.FromHours(1));
+        await relay.Server.SweepNowAsync();
+        await Assert.That(Value(await ScrapeAsync(relay), "relay_store_queues_deleted_total", "reason=\"idle\"")).IsEqualTo(2);   // untouched, and polled (unused for 78 hours)
+        await using var last = await relay.ConnectAsync();
+        await Assert.That(await ErrorOf(() => last.GetAsync(polled))).IsEqualTo(ErrorCode.Auth);
+        await Assert.That(await ErrorOf(() => last.GetAsync(listened))).IsNull();
+    }
+
+    [Test]
     public async Task The_sweep_timer_runs_on_its_own()
     {
         await using var relay = await TestRelay.StartAsync(o => o.SweepInterval = TimeSpan.FromMilliseconds(100));

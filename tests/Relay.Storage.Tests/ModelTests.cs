@@ -700,7 +700,13 @@ internal sealed class ModelRun : IAsyncDisposable
         {
             expectedExpired += q.Messages.RemoveAll(IsExpired);
         }
-        // A queue with a live subscriber is in use even without traffic: it stays.
+        // A queue with a live subscriber is in use even without traffic: it stays, and is active as
+        // of this sweep (once its subscriber leaves, it has the whole idle TTL again).
+        foreach (ModelQueue q in _live.Where(q => IsIdle(q) && q.Subscribed))
+        {
+            Seen("an idle queue kept for its subscriber");
+            Touch(q);
+        }
         var idle = _live.Where(q => IsIdle(q) && !q.Subscribed).ToList();
         foreach (ModelQueue q in idle)
         {
@@ -718,10 +724,6 @@ internal sealed class ModelRun : IAsyncDisposable
         if (idle.Count > 0)
         {
             Seen("idle queues deleted");
-        }
-        if (_live.Any(q => q.Subscribed && IsIdle(q)))
-        {
-            Seen("an idle queue kept for its subscriber");
         }
         foreach (ModelQueue q in idle)
         {

@@ -169,6 +169,56 @@ public class RetentionTests
     }
 
     [Test]
+    public async Task A_queue_its_recipient_subscribes_or_polls_is_not_idle()
+    {
+        var clock = new ManualClock();
+        await using TestStore t = TestStore.Create(With(clock, idle: TimeSpan.FromDays(30)));
+        QueueHandle used = await t.CreateQueueAsync();
+        QueueHandle untouched = await t.CreateQueueAsync();
+
+        clock.Advance(TimeSpan.FromDays(20));
+        t.Store.MarkActive(used);   // what the relay does for a SUB or a GET
+        clock.Advance(TimeSpan.FromDays(11));
+        await t.ReopenAsync();      // the moved hour is on disk, not only in the handle
+        await t.Store.SweepExpiredAsync();
+        await Assert.That(t.Store.FindByRecipientId(untouched.RecipientId)).IsNull();
+        await Assert.That(t.Store.FindByRecipientId(used.RecipientId)).IsNotNull();
+
+        clock.Advance(TimeSpan.FromDays(20));
+        await t.Store.SweepExpiredAsync();
+        await Assert.That(t.Store.FindByRecipientId(used.RecipientId)).IsNull();
+        await Assert.That(t.Store.Statistics.IdleQueuesDeleted).IsEqualTo(2);
+    }
+
+    [Test]
+    public async Task A_subscribed_queue_gets_the_whole_idle_ttl_again_when_its_subscriber_leaves()
+    {
+        var clock = new ManualClock();
+        await using TestStore t = TestStore.Create(With(clock, idle: TimeSpan.FromDays(30)));
+        QueueHandle q = await t.CreateQueueAsync();
+        clock.Advance(TimeSpan.FromDays(31));
+        q.Tag = "subscriber";   // subscribed, with no traffic for longer than the idle TTL
+        await t.Store.SweepExpiredAsync();
+        await Assert.That(t.Store.FindByRecipientId(q.RecipientId)).IsNotNull();
+
+        // The subscriber leaves (its connection dropped, say) just before the next sweep: the queue
+        // was in use until then, so it is not deleted now.
+        q.Tag = null;
+        clock.Advance(TimeSpan.FromHours(1));
+        await t.Store.SweepExpiredAsync();
+        await Assert.That(t.Store.FindByRecipientId(q.RecipientId)).IsNotNull();
+        await t.ReopenAsync();
+        clock.Advance(TimeSpan.FromDays(29));
+        await t.Store.SweepExpiredAsync();
+        await Assert.That(t.Store.FindByRecipientId(q.RecipientId)).IsNotNull();
+
+        clock.Advance(TimeSpan.FromDays(2));
+        await t.Store.SweepExpiredAsync();
+        await Assert.That(t.Store.FindByRecipientId(q.RecipientId)).IsNull();
+        await Assert.That(t.Store.Statistics.IdleQueuesDeleted).IsEqualTo(1);
+    }
+
+    [Test]
     public async Task Sweep_runs_on_its_timer()
     {
         var clock = new ManualClock();

@@ -205,6 +205,8 @@ internal sealed partial class RelaySession
             WriteEmptyNow(FrameType.Ok, corr);
             DeliverNextLocked(subscription);
         }
+        // A subscribed queue is in use even when nobody sends to it (idle-queue expiry, OPERATIONS.md).
+        _store.MarkActive(queue);
         if (replaced != null)
         {
             if (ReferenceEquals(replaced.Session, this))
@@ -383,6 +385,7 @@ internal sealed partial class RelaySession
         var queue = RecipientCommand(frame, 0, out _);
         if (queue is null) return;
         uint corr = frame.CorrelationId;
+        _store.MarkActive(queue);   // a recipient that polls uses its queue (idle-queue expiry)
         StoredMessage message;
         try
         {
