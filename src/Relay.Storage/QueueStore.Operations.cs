@@ -284,6 +284,8 @@ public sealed partial class QueueStore
     /// <summary>
     /// True when no message with an id up to <paramref name="messageId"/> is stored any more (all were
     /// acknowledged or expired): an ACK of such an id finds nothing, and nothing is left to wait for.
+    /// Exact for the id of a message the store handed out (what a subscriber acknowledges); for an id
+    /// never issued it may answer false with nothing stored up to it.
     /// </summary>
     public bool IsGone(QueueHandle queue, ulong messageId)
     {
