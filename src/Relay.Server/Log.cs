@@ -81,6 +81,9 @@ internal static partial class Log
     [LoggerMessage(28, LogLevel.Error, "The store's disk is full (no space left on device): NEW and SEND answer FULL and other writes fail until space is free again; every acknowledged message is kept")]
     public static partial void DiskFull(ILogger logger);
 
+    [LoggerMessage(33, LogLevel.Critical, "The store has failed every write for {Seconds} s, and not for a full disk (the error is in event 20): the relay stops with exit code 1 so that its service manager starts it again; the store recovers from its log on open, and every acknowledged message is on disk (--store-failure-timeout)")]
+    public static partial void StoreFailedForGood(ILogger logger, int seconds);
+
     [LoggerMessage(29, LogLevel.Information, "The store writes again: the disk has space")]
     public static partial void DiskNotFull(ILogger logger);
 

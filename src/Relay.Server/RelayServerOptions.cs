@@ -159,6 +159,16 @@ public sealed class RelayServerOptions
     public TimeSpan ShutdownTimeout { get; set; } = TimeSpan.FromSeconds(10);
 
     /// <summary>
+    /// When the store has failed every write for this long for another reason than a full disk (an
+    /// I/O error, a file system gone read-only: RocksDB does not recover from those without being
+    /// opened again), the relay logs event 33 and stops with exit code 1, so that its service manager
+    /// (systemd's <c>Restart=on-failure</c>, a container restart policy) starts it again: the store is
+    /// opened afresh from its log, every acknowledged message on disk. Zero: the relay keeps running
+    /// (answering INTERNAL to writes) until someone restarts it.
+    /// </summary>
+    public TimeSpan StoreFailureTimeout { get; set; } = TimeSpan.FromSeconds(60);
+
+    /// <summary>
     /// How often the maintenance loop runs: evicts queue handles idle for <see cref="EvictIdleAfter"/>,
     /// and reclaims space (flush and compaction) when the store is over its disk budget and something
     /// was deleted since the last time.

@@ -72,6 +72,23 @@ public sealed partial class QueueStore
     /// <summary>Raised by the writer thread when <see cref="IsDiskFull"/> changes, before the operations of the batch that changed it are answered.</summary>
     public event Action<bool>? DiskFullChanged;
 
+    /// <summary>When the current run of failed writes began (a <see cref="Stopwatch"/> timestamp); 0 while writes succeed.</summary>
+    private long _failingSince;
+
+    /// <summary>
+    /// How long every write has failed, the writer's tries included (zero while the store writes). A
+    /// full disk ends by itself once space is free (<see cref="IsDiskFull"/>); RocksDB does not recover
+    /// from another I/O error without being opened again.
+    /// </summary>
+    public TimeSpan WritesFailingFor
+    {
+        get
+        {
+            long since = Volatile.Read(ref _failingSince);
+            return since == 0 ? TimeSpan.Zero : Stopwatch.GetElapsedTime(since);
+        }
+    }
+
     /// <summary>How often the idle writer tries a write while the last one failed. For tests.</summary>
     internal TimeSpan FailedWriteProbeInterval = TimeSpan.FromSeconds(1);
 
@@ -341,6 +358,10 @@ public sealed partial class QueueStore
         TaskCompletionSource? writable;
         lock (_batchLock)
         {
+            if (failing != _writesFailing)
+            {
+                Volatile.Write(ref _failingSince, failing ? Stopwatch.GetTimestamp() : 0);
+            }
             _writesFailing = failing;
             _diskFull = full;
             writable = failing ? null : _writable;

@@ -32,7 +32,11 @@ public class DiskFullTests
     [Test]
     public async Task A_full_disk_answers_senders_full_logs_it_once_pauses_redelivery_and_ends_by_itself()
     {
-        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Tls = false;
+            o.StoreFailureTimeout = TimeSpan.FromSeconds(1);
+        });
         var store = relay.Server.Store;
         store.FailedWriteProbeInterval = TimeSpan.FromMilliseconds(50);
         await using var recipient = await RawClient.ConnectAsync(relay);
@@ -73,6 +77,12 @@ public class DiskFullTests
         var metrics = await ScrapeAsync(relay);
         await Assert.That(Value(metrics, "relay_store_disk_full")).IsEqualTo(1);
         await Assert.That(Value(metrics, "relay_commands_total", "command=\"send\",result=\"full\"")).IsEqualTo(3);
+
+        // A full disk ends by itself once space is free: however long it lasts, the relay does not
+        // stop for it (the store failure timeout is for failures RocksDB does not recover from).
+        await Task.Delay(TimeSpan.FromSeconds(2));
+        await Assert.That(store.WritesFailingFor).IsGreaterThanOrEqualTo(TimeSpan.FromSeconds(1));
+        await Assert.That(relay.Server.ShutdownRequested.IsCancellationRequested).IsFalse();
 
         // Space returns: the relay notices by itself, says so, pushes "one" again (still stored) and
         // takes SENDs again.

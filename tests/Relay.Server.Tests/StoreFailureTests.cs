@@ -253,6 +253,44 @@ public class StoreFailureTests
     }
 
     [Test]
+    public async Task A_store_that_fails_every_write_for_the_store_failure_timeout_stops_the_relay_as_a_failure()
+    {
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Tls = false;
+            o.StoreFailureTimeout = TimeSpan.FromSeconds(2);
+        });
+        relay.Server.Store.FailedWriteProbeInterval = TimeSpan.FromMilliseconds(100);
+        await using var recipient = await RawClient.ConnectAsync(relay);
+        var queue = await recipient.CreateQueueAsync();
+        await using var sender = await RawClient.ConnectAsync(relay);
+
+        // A failure that passes (the writer's next try succeeds) does not stop the relay.
+        int failures = 1;
+        relay.Server.Store.BeforeWrite = (_, _) =>
+        {
+            if (Interlocked.Decrement(ref failures) >= 0) throw new IOException("injected write failure");
+        };
+        var failed = await sender.RequestAsync(sender.Send(sender.NextCorr(), queue.SenderId, "m1"u8.ToArray()));
+        await Assert.That(failed.Error).IsEqualTo(ErrorCode.Internal);
+        await Task.Delay(TimeSpan.FromSeconds(3));
+        await Assert.That(relay.Server.ShutdownRequested.IsCancellationRequested).IsFalse();
+        await SendAsync(sender, queue, "m2");
+
+        // Every write fails from now on (RocksDB stays in error after an I/O error until it is opened
+        // again): after the timeout the relay says so once and stops, as a failure.
+        relay.Server.Store.BeforeWrite = (_, _) => throw new IOException("injected write failure");
+        var refused = await sender.RequestAsync(sender.Send(sender.NextCorr(), queue.SenderId, "m3"u8.ToArray()));
+        await Assert.That(refused.Error).IsEqualTo(ErrorCode.Internal);
+        await Assert.That(relay.Server.ShutdownRequested.IsCancellationRequested).IsFalse();
+        await Assert.That(await EventuallyAsync(() => Task.FromResult(relay.Server.ShutdownRequested.IsCancellationRequested), seconds: 10)).IsTrue();
+        await Assert.That(relay.Server.StoppedForStoreFailure).IsTrue();
+        var lines = relay.Logs.Lines.Where(l => l.Contains("[33]")).ToList();
+        await Assert.That(lines.Count).IsEqualTo(1);
+        await Assert.That(lines[0]).Contains("failed every write for 2 s").And.Contains("exit code 1");
+    }
+
+    [Test]
     public async Task An_ack_that_a_failing_disk_refuses_is_not_followed_by_the_same_pushes_again_until_writes_work()
     {
         await using var relay = await TestRelay.StartAsync(o => o.Tls = false);

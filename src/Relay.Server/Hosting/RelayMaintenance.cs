@@ -42,11 +42,17 @@ internal sealed class RelayMaintenance : IAsyncDisposable
     private int _ticksUntilReclaim;
     private const int MaxReclaimBackoff = 32;
 
-    public RelayMaintenance(RelayServerContext context)
+    private ITimer? _storeFailureTimer;
+    private readonly Action _stopForStoreFailure;
+    private int _storeFailed;
+
+    /// <param name="stopForStoreFailure">Stops the relay with a failure once the store has failed every write for <see cref="RelayServerOptions.StoreFailureTimeout"/>.</param>
+    public RelayMaintenance(RelayServerContext context, Action stopForStoreFailure)
     {
         _context = context;
         _store = context.Store;
         _options = context.Options;
+        _stopForStoreFailure = stopForStoreFailure;
     }
 
     public void Start()
@@ -60,9 +66,31 @@ internal sealed class RelayMaintenance : IAsyncDisposable
             _maintenanceTimer = _options.Clock.CreateTimer(_ => OnTick(ref _maintenanceTask, MaintainAsync), null,
                 _options.MaintenanceInterval, _options.MaintenanceInterval);
         }
+        if (_options.StoreFailureTimeout > TimeSpan.Zero)
+        {
+            _storeFailureTimer = _options.Clock.CreateTimer(_ => CheckStoreFailure(), null, TimeSpan.FromSeconds(1), TimeSpan.FromSeconds(1));
+        }
         if (_options.CollectWhenQuiet)
         {
             _quietTimer = _options.Clock.CreateTimer(_ => CollectIfQuiet(), null, TimeSpan.FromSeconds(1), TimeSpan.FromSeconds(1));
+        }
+    }
+
+    /// <summary>
+    /// Once a second: a store that has failed every write for the store failure timeout, and not
+    /// because its disk is full (which ends by itself once space is free), does not write again
+    /// before it is opened again. The relay stops (once) so that its service manager restarts it.
+    /// </summary>
+    private void CheckStoreFailure()
+    {
+        if (_stopping || _store.IsDiskFull || _store.WritesFailingFor < _options.StoreFailureTimeout)
+        {
+            return;
+        }
+        if (Interlocked.Exchange(ref _storeFailed, 1) == 0)
+        {
+            Log.StoreFailedForGood(_context.Logger, (int)_store.WritesFailingFor.TotalSeconds);
+            _stopForStoreFailure();
         }
     }
 
@@ -235,6 +263,7 @@ internal sealed class RelayMaintenance : IAsyncDisposable
         if (_sweepTimer is not null) await _sweepTimer.DisposeAsync();
         if (_maintenanceTimer is not null) await _maintenanceTimer.DisposeAsync();
         if (_quietTimer is not null) await _quietTimer.DisposeAsync();
+        if (_storeFailureTimer is not null) await _storeFailureTimer.DisposeAsync();
         try
         {
             await Task.WhenAll(_sweepTask, _maintenanceTask);

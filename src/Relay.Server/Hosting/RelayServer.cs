@@ -46,6 +46,19 @@ public sealed class RelayServer : IAsyncDisposable
     public string Fingerprint => _identity.Fingerprint;
     public bool IsReady => _ready;
 
+    /// <summary>
+    /// True once the relay stopped because its store failed every write for
+    /// <see cref="RelayServerOptions.StoreFailureTimeout"/> (event 33): <c>relay serve</c> then exits with 1.
+    /// </summary>
+    public bool StoppedForStoreFailure { get; private set; }
+
+    /// <summary>Starts the shutdown, as SIGTERM does, marked as a failure (see <see cref="StoppedForStoreFailure"/>).</summary>
+    private void StopForStoreFailure()
+    {
+        StoppedForStoreFailure = true;
+        _app.Lifetime.StopApplication();
+    }
+
     /// <summary>Cancelled when SIGTERM/SIGINT (or <see cref="StopAsync"/>) starts the shutdown.</summary>
     public CancellationToken ShutdownRequested => _app.Lifetime.ApplicationStopping;
 
@@ -207,7 +220,7 @@ public sealed class RelayServer : IAsyncDisposable
             RelayServer? server = null;
             MapAdmin(app, context, () => server?._ready == true);
             await app.StartAsync(cancellationToken);
-            var maintenance = new RelayMaintenance(context);
+            var maintenance = new RelayMaintenance(context, () => server?.StopForStoreFailure());
             server = new RelayServer(options, app, context, identity, relayListener, handler, adminListen, tlsTask, maintenance);
             relayListener.Start();
             maintenance.Start();

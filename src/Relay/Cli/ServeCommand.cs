@@ -95,7 +95,9 @@ public static class ServeCommand
             }, TaskScheduler.Default);
         });
         await server.WaitForShutdownAsync();
-        return RelayCli.Ok;
+        // The store failed every write for --store-failure-timeout (event 33): 1, so that systemd's
+        // Restart=on-failure (or a container's restart policy) starts the relay again.
+        return server.StoppedForStoreFailure ? RelayCli.Failed : RelayCli.Ok;
     }
 
     /// <summary>Time allowed after the shutdown timeout for the store to flush and close.</summary>

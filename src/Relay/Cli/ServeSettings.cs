@@ -101,6 +101,8 @@ public sealed class ServeSettings
                 : throw new UsageException($"{src} must be at least 16 characters without spaces (e.g. from: openssl rand -hex 32)")),
         new("shutdown-timeout", "DURATION", "10s", "on SIGTERM/SIGINT, time connections get to finish what is in flight before they are aborted",
             (s, v, src) => s.Server.ShutdownTimeout = ParseDuration(src, v, TimeSpan.Zero)),
+        new("store-failure-timeout", "DURATION", "60s", "when every store write has failed this long (an I/O error, not a full disk, which passes by itself), the relay exits with 1 so that its service manager restarts it and the store recovers from its log (0: keep running)",
+            (s, v, src) => s.Server.StoreFailureTimeout = v == "0" ? TimeSpan.Zero : ParseDuration(src, v, TimeSpan.FromSeconds(1))),
         new("log-format", "text|json", "text", "log line format on stdout",
             (s, v, src) => s.LogFormat = v is "text" or "json" ? v : throw new UsageException($"{src} must be text or json, got '{v}'")),
         new("log-level", "LEVEL", "information", "debug, information, warning or error",
