@@ -81,8 +81,8 @@ internal static partial class Log
     [LoggerMessage(28, LogLevel.Error, "The store's disk is full (no space left on device): NEW and SEND answer FULL and other writes fail until space is free again; every acknowledged message is kept")]
     public static partial void DiskFull(ILogger logger);
 
-    [LoggerMessage(33, LogLevel.Critical, "The store has failed every write for {Seconds} s, and not for a full disk (the error is in event 20): the relay stops with exit code 1 so that its service manager starts it again; the store recovers from its log on open, and every acknowledged message is on disk (--store-failure-timeout)")]
-    public static partial void StoreFailedForGood(ILogger logger, int seconds);
+    [LoggerMessage(33, LogLevel.Critical, "The store has failed every write for {Seconds} s, and not for a full disk ({Error}): the relay stops with exit code 1 so that its service manager starts it again; the store recovers from its log on open, and every acknowledged message is on disk (--store-failure-timeout)")]
+    public static partial void StoreFailedForGood(ILogger logger, int seconds, string error);
 
     [LoggerMessage(29, LogLevel.Information, "The store writes again: the disk has space")]
     public static partial void DiskNotFull(ILogger logger);
@@ -92,7 +92,14 @@ internal static partial class Log
     /// and a file name of the data directory, never a key or value, which RocksDB leaves out of its
     /// errors unless allow_data_in_errors is set), else the exception's type name.
     /// </summary>
-    public static string Reason(Exception ex) => ex is StoreException ? ex.Message : ex.GetType().Name;
+    public static string Reason(Exception ex) => ex switch
+    {
+        // A write refused because an earlier one failed: name that failure too (it may be the only
+        // line a throttled command logs).
+        StoreException { InnerException: StoreException cause } => $"{ex.Message} ({cause.Message})",
+        StoreException => ex.Message,
+        _ => ex.GetType().Name,
+    };
 
     [LoggerMessage(21, LogLevel.Information, "Expiry sweep removed {Count} messages and {Queues} idle queues")]
     public static partial void Swept(ILogger logger, long count, long queues);

@@ -89,6 +89,11 @@ public sealed partial class QueueStore
         }
     }
 
+    private volatile string? _lastWriteError;
+
+    /// <summary>Why the last write (or the writer's try) failed while <see cref="WritesFailingFor"/> is above zero (RocksDB's status text); null while the store writes.</summary>
+    public string? LastWriteError => _lastWriteError;
+
     /// <summary>How often the idle writer tries a write while the last one failed. For tests.</summary>
     internal TimeSpan FailedWriteProbeInterval = TimeSpan.FromSeconds(1);
 
@@ -350,6 +355,7 @@ public sealed partial class QueueStore
     {
         bool failing = error is not null;
         bool full = error is StoreException { DiskFull: true };
+        _lastWriteError = error?.Message;
         if (_writesFailing == failing && _diskFull == full)
         {
             return;

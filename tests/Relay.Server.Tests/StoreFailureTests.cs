@@ -287,7 +287,7 @@ public class StoreFailureTests
         await Assert.That(relay.Server.StoppedForStoreFailure).IsTrue();
         var lines = relay.Logs.Lines.Where(l => l.Contains("[33]")).ToList();
         await Assert.That(lines.Count).IsEqualTo(1);
-        await Assert.That(lines[0]).Contains("failed every write for 2 s").And.Contains("exit code 1");
+        await Assert.That(lines[0]).Contains("failed every write for 2 s, and not for a full disk (").And.Contains("injected write failure): the relay stops with exit code 1");
     }
 
     [Test]

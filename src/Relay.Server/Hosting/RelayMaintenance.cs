@@ -89,7 +89,7 @@ internal sealed class RelayMaintenance : IAsyncDisposable
         }
         if (Interlocked.Exchange(ref _storeFailed, 1) == 0)
         {
-            Log.StoreFailedForGood(_context.Logger, (int)_store.WritesFailingFor.TotalSeconds);
+            Log.StoreFailedForGood(_context.Logger, (int)_store.WritesFailingFor.TotalSeconds, _store.LastWriteError ?? "no error recorded");
             _stopForStoreFailure();
         }
     }

@@ -413,7 +413,17 @@ public sealed class RelayServer : IAsyncDisposable
         finally
         {
             await _maintenance.DisposeAsync();
-            await Store.DisposeAsync();
+            // A store whose writes fail cannot close cleanly (its last flush fails): the rest is
+            // still released, then the caller hears of it (relay serve exits with 1).
+            Exception? storeError = null;
+            try
+            {
+                await Store.DisposeAsync();
+            }
+            catch (Exception ex)
+            {
+                storeError = ex;
+            }
             await _app.DisposeAsync();
             if (_tlsTask is { IsCompletedSuccessfully: true } t)
             {
@@ -421,6 +431,10 @@ public sealed class RelayServer : IAsyncDisposable
             }
             _identity.Dispose();
             Log.Stopped(_logger);
+            if (storeError is not null)
+            {
+                System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(storeError);
+            }
         }
     }
 
