@@ -223,6 +223,7 @@ public sealed partial class QueueStore
                     }
                     else if (queue.Deleted)
                     {
+                        // Its deletion is on its way to disk, with the idle entry's.
                     }
                     else if (queue.Tag is not null)
                     {
