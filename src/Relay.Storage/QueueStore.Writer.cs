@@ -30,6 +30,8 @@ public sealed partial class QueueStore
     /// staging meanwhile), completed and cleared when that ends. Under <see cref="_batchLock"/>.
     /// </summary>
     private TaskCompletionSource? _undone;
+    /// <summary>The failure being undone while <see cref="_undone"/> is set. Under <see cref="_batchLock"/>.</summary>
+    private Exception? _undoCause;
     /// <summary>The last epoch bump was in a failed batch: the next batch written carries the epoch (writer thread only).</summary>
     private bool _epochUnwritten;
     private bool _writerWaiting;
@@ -151,7 +153,8 @@ public sealed partial class QueueStore
             // What is staged now could copy state that the undo is about to take back (a queue
             // record with a sender key whose write failed) and make it durable after all.
             Monitor.Exit(_batchLock);
-            throw new StoreException("A write failed and is being undone; try again.") { DiskFull = _diskFull };
+            // With the failure as its inner exception: a log line of the refusal names the cause.
+            throw new StoreException("A write failed and is being undone; try again.", _undoCause!) { DiskFull = _diskFull };
         }
         return new BatchScope(this, _current);
     }
@@ -433,6 +436,7 @@ public sealed partial class QueueStore
         lock (_batchLock)
         {
             _undone = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            _undoCause = error;
             while (_sealed.TryDequeue(out PendingBatch? next))
             {
                 later.Add(next);
@@ -461,6 +465,7 @@ public sealed partial class QueueStore
             {
                 undone = _undone;
                 _undone = null;
+                _undoCause = null;
             }
             undone?.TrySetResult();
         }

@@ -65,6 +65,8 @@ public class DiskFullTests
         var failed = await Assert.ThrowsAsync<StoreException>(async () => await t.Store.AppendAsync(q, 0, [2]));
         await Assert.That(failed!.DiskFull).IsTrue();
         await Assert.That(refusedWhileUndoing is StoreException { DiskFull: true }).IsTrue();
+        // ... and carries the failure itself, so that a log line of the refusal names RocksDB's error.
+        await Assert.That(refusedWhileUndoing!.InnerException).IsSameReferenceAs(failed);
         t.Store.WhileUndoing = null;
         await Assert.That(t.Store.IsDiskFull).IsTrue();
         await Assert.That(changes).IsEquivalentTo(new[] { true });

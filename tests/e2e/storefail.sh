@@ -38,7 +38,9 @@ if ! kill -0 "$RELAY_PID" 2>/dev/null; then exited=0; wait "$RELAY_PID" || exite
 check "the relay exits by itself with 1 after --store-failure-timeout (exit $exited)" test "$exited" = 1
 check "its log says why, once (event 33, naming RocksDB's error)" bash -c "
     [ \$(grep -c 'Relay\[33\].*failed every write for [0-9]* s, and not for a full disk (RocksDB: IO error: .*Operation not permitted)' '$E2E_TMP/failing.log') = 1 ]"
-check "and the refused SEND (event 20, naming it too)" grep -q 'Relay\[20\] Store operation SEND failed: .*Operation not permitted' "$E2E_TMP/failing.log"
+check "and each command's refusal (event 20) names it too" bash -c "
+    grep -q 'Relay\[20\] Store operation SEND failed' '$E2E_TMP/failing.log' &&
+    ! grep 'Relay\[20\]' '$E2E_TMP/failing.log' | grep -v -q 'Operation not permitted'"
 
 # The service manager would start it again at once; it starts as soon as the directory is writable.
 chattr -i "$DATA/queues"
