@@ -545,7 +545,7 @@ public sealed partial class QueueStore
     {
         ArgumentNullException.ThrowIfNull(queue);
         uint hour = NowHour();
-        if (queue.LastActiveHour >= hour || _writesFailing)
+        if (queue.LastActiveHour >= hour || WritesFailing)
         {
             return;   // the usual case: a SUB or GET within the hour of the queue's last activity
         }
@@ -559,14 +559,9 @@ public sealed partial class QueueStore
             {
                 return;
             }
-            BatchScope batch = BeginBatch();
-            using (batch)
-            {
-                WriteOp op = RentOp(OpKind.Activity, queue);
-                op.Detached = true;
-                MoveActivity(batch, queue, op, hour);
-                batch.Add(op);
-            }
+            WriteOp op = RentOp(OpKind.Activity, queue);
+            op.Detached = true;
+            StageActivity(queue, op, hour);
         }
         catch (Exception e) when (e is StoreException or ObjectDisposedException)
         {
@@ -576,6 +571,14 @@ public sealed partial class QueueStore
         {
             queue.StoreLock.Exit();
         }
+    }
+
+    /// <summary>Stages <paramref name="op"/> moving the queue's last-active hour to <paramref name="hour"/>, later than it is. Caller holds the queue's StoreLock.</summary>
+    private void StageActivity(QueueHandle queue, WriteOp op, uint hour)
+    {
+        using BatchScope batch = BeginBatch();
+        MoveActivity(batch, queue, op, hour);
+        batch.Add(op);
     }
 
     /// <summary>An operation without mutations: completes when everything before it is durable.</summary>

@@ -221,18 +221,16 @@ public sealed partial class QueueStore
                         // Stale entry (a failed write left it): drop it and make sure the current one exists.
                         ops.Add(FixIdleEntry(queue, hour));
                     }
-                    else if (queue.Deleted)
-                    {
-                        // Its deletion is on its way to disk, with the idle entry's.
-                    }
-                    else if (queue.Tag is not null)
+                    else if (queue.Tag is not null && !queue.Deleted)
                     {
                         // A queue with a live subscriber is in use even without traffic: it is active
                         // now, so once its subscriber leaves it has the whole idle TTL again (not a
                         // deletion at the next sweep).
-                        ops.Add(MoveActivityNow(queue));
+                        WriteOp op = RentOp(OpKind.Activity, queue);
+                        StageActivity(queue, op, NowHour());
+                        ops.Add(op);
                     }
-                    else
+                    else if (!queue.Deleted)
                     {
                         WriteOp op = RentOp(OpKind.Delete, queue);
                         op.Idle = true;
@@ -251,16 +249,6 @@ public sealed partial class QueueStore
             }
             ops.Clear();
         }
-    }
-
-    /// <summary>Moves a subscribed queue's last-active hour to now. Caller holds the queue's StoreLock.</summary>
-    private WriteOp MoveActivityNow(QueueHandle queue)
-    {
-        using BatchScope batch = BeginBatch();
-        WriteOp op = RentOp(OpKind.Activity, queue);
-        MoveActivity(batch, queue, op, NowHour());
-        batch.Add(op);
-        return op;
     }
 
     private WriteOp FixIdleEntry(QueueHandle queue, uint staleHour)

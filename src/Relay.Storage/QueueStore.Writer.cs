@@ -55,11 +55,10 @@ public sealed partial class QueueStore
     public event Action<StoreCommit>? Committed;
 
     /// <summary>
-    /// Set by the writer when a write failed, cleared by the next write that succeeds (see
-    /// <see cref="WhenWritable"/>); <see cref="_diskFull"/> when it failed because the file system
-    /// is full. Written under <see cref="_batchLock"/> by the writer thread only.
+    /// Set by the writer when a write failed because the file system is full, cleared by the next
+    /// write that succeeds (see <see cref="IsDiskFull"/>). Whether writes fail at all is
+    /// <see cref="WritesFailing"/>. Written under <see cref="_batchLock"/> by the writer thread only.
     /// </summary>
-    private volatile bool _writesFailing;
     private volatile bool _diskFull;
 
     /// <summary>
@@ -74,8 +73,14 @@ public sealed partial class QueueStore
     /// <summary>Raised by the writer thread when <see cref="IsDiskFull"/> changes, before the operations of the batch that changed it are answered.</summary>
     public event Action<bool>? DiskFullChanged;
 
-    /// <summary>When the current run of failed writes began (a <see cref="Stopwatch"/> timestamp); 0 while writes succeed.</summary>
+    /// <summary>
+    /// When the current run of failed writes began (a <see cref="Stopwatch"/> timestamp): set by the
+    /// writer when a write failed, 0 again once one succeeds (see <see cref="WhenWritable"/>). Written
+    /// under <see cref="_batchLock"/> by the writer thread only.
+    /// </summary>
     private long _failingSince;
+
+    private bool WritesFailing => Volatile.Read(ref _failingSince) != 0;
 
     /// <summary>
     /// How long every write has failed, the writer's tries included (zero while the store writes). A
@@ -154,7 +159,10 @@ public sealed partial class QueueStore
             // record with a sender key whose write failed) and make it durable after all.
             Monitor.Exit(_batchLock);
             // With the failure as its inner exception: a log line of the refusal names the cause.
-            throw new StoreException("A write failed and is being undone; try again.", _undoCause!) { DiskFull = _diskFull };
+            throw new StoreException("A write failed and is being undone; try again.", _undoCause!)
+            {
+                DiskFull = _undoCause is StoreException { DiskFull: true },
+            };
         }
         return new BatchScope(this, _current);
     }
@@ -215,14 +223,14 @@ public sealed partial class QueueStore
                     {
                         return;
                     }
-                    if (probeDue && _writesFailing)
+                    if (probeDue && WritesFailing)
                     {
                         // Read under the lock: an epoch bump increments and stages together under it.
                         probeEpoch = _epoch;
                         break;
                     }
                     _writerWaiting = true;
-                    if (_writesFailing)
+                    if (WritesFailing)
                     {
                         probeDue = !Monitor.Wait(_batchLock, FailedWriteProbeInterval);
                     }
@@ -341,7 +349,7 @@ public sealed partial class QueueStore
     {
         lock (_batchLock)
         {
-            if (!_writesFailing)
+            if (!WritesFailing)
             {
                 return Task.CompletedTask;
             }
@@ -359,7 +367,7 @@ public sealed partial class QueueStore
         bool failing = error is not null;
         bool full = error is StoreException { DiskFull: true };
         _lastWriteError = error?.Message;
-        if (_writesFailing == failing && _diskFull == full)
+        if (WritesFailing == failing && _diskFull == full)
         {
             return;
         }
@@ -367,11 +375,10 @@ public sealed partial class QueueStore
         TaskCompletionSource? writable;
         lock (_batchLock)
         {
-            if (failing != _writesFailing)
+            if (failing != WritesFailing)
             {
                 Volatile.Write(ref _failingSince, failing ? Stopwatch.GetTimestamp() : 0);
             }
-            _writesFailing = failing;
             _diskFull = full;
             writable = failing ? null : _writable;
             if (!failing) _writable = null;

@@ -87,14 +87,14 @@ internal sealed partial class RelaySession
                 {
                     if (queue.Tag is Subscription s)
                     {
-                        // A subscriber waiting for the message gets it now (its latency observed as it
-                        // goes out), or already has it: a SUB or an ACK of the queue that ran between
-                        // the commit and this pushed it (observed now, a moment after the push).
+                        // Pushes the messages from NextFrom on. The message went to a waiting subscriber
+                        // if it is behind NextFrom now: pushed by this call, or by a SUB or an ACK of the
+                        // queue that ran between its commit and this completion.
+                        s.Session.DeliverNextLocked(s);
                         if (result.MessageId < s.NextFrom)
                         {
                             _context.Metrics.DeliveredAfter(arrived);
                         }
-                        s.Session.DeliverNextLocked(s, result.MessageId, arrived);
                     }
                 }
             }
@@ -111,13 +111,7 @@ internal sealed partial class RelaySession
     /// Never throws for the store: it is called after a request was answered (SEND, ACK, SUB) or from
     /// the send loop, where an exception would answer a request twice, end the read loop or be lost.
     /// </summary>
-    internal void DeliverNextLocked(Subscription s) => DeliverNextLocked(s, ulong.MaxValue, 0);
-
-    /// <summary>
-    /// <see cref="DeliverNextLocked(Subscription)"/>, observing the send-to-delivery latency of message
-    /// <paramref name="sentId"/> (which arrived at <paramref name="arrived"/>) if it goes out now.
-    /// </summary>
-    internal void DeliverNextLocked(Subscription s, ulong sentId, long arrived)
+    internal void DeliverNextLocked(Subscription s)
     {
         while (s.HasRoom && !s.Ended && !s.Queue.Deleted && ReferenceEquals(s.Queue.Tag, s))
         {
@@ -158,14 +152,8 @@ internal sealed partial class RelaySession
             try
             {
                 s.Delivered(message.Id);
-                // Counted before the write: a client that has read the message (and, say, scraped the
-                // metrics after its ACK) finds it counted.
-                _context.Metrics.Delivered();
-                if (message.Id == sentId)
-                {
-                    _context.Metrics.DeliveredAfter(arrived);
-                }
                 WriteMessage(0, s.Queue, message, s.Cipher, s.Nonces);
+                _context.Metrics.Delivered();
             }
             finally
             {

@@ -299,8 +299,9 @@ internal sealed partial class RelaySession
     /// <summary>
     /// The store could not take or make an operation durable (closing, a failed write, or one being
     /// undone): logged without the queue, answered INTERNAL. Because the disk is full (the write
-    /// itself, or a refusal while one it failed is undone): a NEW or SEND answered FULL (nothing stored, retry later), another command INTERNAL,
-    /// neither logged (the store's <see cref="QueueStore.DiskFullChanged"/> is, once).
+    /// itself, or a refusal while one it failed is undone): a NEW or SEND answered FULL (nothing
+    /// stored, retry later), another command INTERNAL, neither logged (the store's
+    /// <see cref="QueueStore.DiskFullChanged"/> is, once).
     /// </summary>
     private void StoreFailed(FrameType type, uint corr, Exception ex)
     {
