@@ -226,7 +226,7 @@ public partial class DurabilityE2ETests
         [GeneratedRegex(@"Relay ready at (relay://\S+)")]
         private static partial Regex ReadyLine();
 
-        public static async Task<RelayProcess> StartAsync(string binary, string data)
+        public static async Task<RelayProcess> StartAsync(string binary, string data, params string[] extra)
         {
             for (int attempt = 0; ; attempt++)
             {
@@ -238,7 +238,7 @@ public partial class DurabilityE2ETests
                     UseShellExecute = false,
                 };
                 foreach (var a in new[] { "serve", "--data", data, "--listen", $"127.0.0.1:{port}", "--admin", $"127.0.0.1:{admin}",
-                                          "--queue-max-messages", "100000", "--log-format", "text" })
+                                          "--queue-max-messages", "100000", "--log-format", "text" }.Concat(extra))
                 {
                     psi.ArgumentList.Add(a);
                 }
