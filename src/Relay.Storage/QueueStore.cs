@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Collections.Concurrent;
+using Relay.Protocol;
 using Relay.Storage.Native;
 
 namespace Relay.Storage;
@@ -126,7 +127,8 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
         }
         try
         {
-            Directory.CreateDirectory(options.Path);
+            // Its name survives a power loss: RocksDB syncs the directory's contents, not its name.
+            DurableDirectory.Create(options.Path);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {

@@ -29,6 +29,8 @@ public partial class DurabilityE2ETests
         Console.WriteLine(context);
 
         await Assert.That(run.Failures).IsEmpty().Because(context);
+        // The relay's identity (its address) survives too: the first start made it.
+        await Assert.That(run.Fingerprints.Distinct().Count()).IsEqualTo(1).Because($"relay addresses {string.Join(", ", run.Fingerprints)}; {context}");
         // Not vacuous: every cycle had acknowledged sends and deliveries when the power went, and
         // the power losses undid writes the relay had not synced (its RocksDB info log at least).
         await Assert.That(run.Cycles.All(c => c.Acknowledged > 0 && c.Delivered > 0)).IsTrue().Because(context);
@@ -36,8 +38,9 @@ public partial class DurabilityE2ETests
         await Assert.That(run.FinalDrain.Count).IsGreaterThan(0).Because(context);
         await Assert.That(run.TableFiles).IsGreaterThan(0).Because($"no memtable was flushed to a table file between the power losses; {context}");
 
-        // Every SEND answered OK is still there, unless its recipient's ACK was answered OK.
-        var lost = run.Acknowledged.Where(b => !run.AckedOk.Contains(b) && !run.FinalDrain.ContainsKey(b)).Order().Take(10).ToList();
+        // Every SEND answered OK is still there, unless its recipient ACKed it (an ACK whose delete was
+        // written when the power went may have had no answer yet: its message may be gone).
+        var lost = run.Acknowledged.Where(b => !run.AckSent.ContainsKey(b) && !run.FinalDrain.ContainsKey(b)).Order().Take(10).ToList();
         await Assert.That(lost).IsEmpty().Because($"acknowledged sends missing after the power losses; {context}");
         // An ACK answered OK stays done: that message never comes back.
         var back = run.AckedOk.Where(run.FinalDrain.ContainsKey).Order().Take(10).ToList();
@@ -54,8 +57,79 @@ public partial class DurabilityE2ETests
         string context = run.Describe();
         Console.WriteLine(context);
         await Assert.That(run.Cycles.All(c => c.Acknowledged > 0)).IsTrue().Because(context);
-        int lost = run.Acknowledged.Count(b => !run.AckedOk.Contains(b) && !run.FinalDrain.ContainsKey(b));
+        int lost = run.Acknowledged.Count(b => !run.AckSent.ContainsKey(b) && !run.FinalDrain.ContainsKey(b));
         await Assert.That(lost).IsGreaterThan(0).Because(context);
+    }
+
+    [Test]
+    [Timeout(300_000)]
+    public async Task A_client_profile_keeps_what_each_command_wrote_through_a_power_loss(CancellationToken cancellationToken)
+    {
+        // A profile that a power loss took back to before a send would seal the next message with
+        // the message key (and nonce) of the one already sent. Alice's and Bob's profiles are on
+        // lossyfs, the relay on the real disk; the power goes after every command.
+        var binary = Binary();
+        LossyMount.Require();
+        var root = NewDataDirectory();
+        var backing = Path.Combine(root, "disk");
+        var mountPoint = Path.Combine(root, "mnt");
+        Directory.CreateDirectory(backing);
+        Directory.CreateDirectory(mountPoint);
+        try
+        {
+            await using var relay = await RelayProcess.StartAsync(binary, Path.Combine(root, "relay"));
+            string alice = Path.Combine(mountPoint, "profiles", "alice"), bob = Path.Combine(mountPoint, "profiles", "bob");
+            string? link = null;
+            // listen --timeout exits 1 when no message came (a join is not one).
+            var commands = new List<(string Who, Func<string[]> Args, int Code)>
+            {
+                ("alice invites", () => ["invite", "--profile", alice, "--relay", relay.Address.ToString(), "--name", "bob"], 0),
+                ("bob joins", () => ["join", link!, "--profile", bob, "--name", "alice"], 0),
+                ("alice hears bob join", () => ["listen", "--profile", alice, "--timeout", "3"], 1),
+                ("bob sends one", () => ["send", "--profile", bob, "--to", "alice", "one"], 0),
+                ("bob sends two", () => ["send", "--profile", bob, "--to", "alice", "two"], 0),
+                ("alice reads one", () => ["listen", "--profile", alice, "--once"], 0),
+                ("bob sends three", () => ["send", "--profile", bob, "--to", "alice", "three"], 0),
+                ("alice reads the rest", () => ["listen", "--profile", alice, "--timeout", "3"], 0),
+            };
+            var heard = new StringBuilder();
+            foreach (var (who, args, expected) in commands)
+            {
+                await using var mount = await LossyMount.MountAsync(backing, mountPoint);
+                var (code, stdout, stderr) = await RunCliAsync(binary, args());
+                await Assert.That(code).IsEqualTo(expected).Because($"{who}: {stdout}{stderr}");
+                link ??= System.Text.RegularExpressions.Regex.Match(stdout, @"\S+").Value;
+                if (args()[0] == "listen") heard.Append(stdout);
+                var before = Snapshot(alice, bob);
+                var (bytes, names) = await mount.PowerOffAsync();
+                await using var again = await LossyMount.MountAsync(backing, mountPoint);
+                var after = Snapshot(alice, bob);
+                await Assert.That(after).IsEqualTo(before).Because($"the profiles after '{who}' and a power loss ({bytes} bytes and {names} name changes undone)");
+            }
+            var lines = heard.ToString().Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+            await Assert.That(lines).IsEquivalentTo(new[] { "* bob joined", "bob: one", "bob: two", "bob: three" },
+                TUnit.Assertions.Enums.CollectionOrdering.Matching).Because(heard.ToString());
+        }
+        finally
+        {
+            TryDelete(root);
+        }
+    }
+
+    /// <summary>Both profile files as text ("(none)" when missing).</summary>
+    private static string Snapshot(params string[] profiles) =>
+        string.Join("\n", profiles.Select(p => Path.Combine(p, "profile.json")).Select(f => File.Exists(f) ? File.ReadAllText(f) : "(none)"));
+
+    private static async Task<(int Code, string Stdout, string Stderr)> RunCliAsync(string binary, string[] args)
+    {
+        var psi = new ProcessStartInfo(binary) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        using var process = Process.Start(psi) ?? throw new InvalidOperationException("cannot start " + binary);
+        var stdout = process.StandardOutput.ReadToEndAsync();
+        var stderr = process.StandardError.ReadToEndAsync();
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
+        await process.WaitForExitAsync(cts.Token);
+        return (process.ExitCode, await stdout, await stderr);
     }
 
     private sealed class PowerLossCycle
@@ -64,6 +138,7 @@ public partial class DurabilityE2ETests
         public int Delivered;
         public int AckedOk;
         public long BytesLost;
+        public int NamesLost;
     }
 
     private sealed class PowerLossRun(int seed, bool durable)
@@ -72,11 +147,15 @@ public partial class DurabilityE2ETests
         /// <summary>Bodies whose SEND was answered OK.</summary>
         public readonly ConcurrentDictionary<string, bool> AcknowledgedSet = new();
         public IEnumerable<string> Acknowledged => AcknowledgedSet.Keys;
+        /// <summary>Bodies whose ACK was sent, answered or not.</summary>
+        public readonly ConcurrentDictionary<string, bool> AckSent = new();
         /// <summary>Bodies whose ACK was answered OK.</summary>
         public readonly HashSet<string> AckedOk = [];
         /// <summary>Every body in the store after the last power loss, with its message id.</summary>
         public readonly Dictionary<string, ulong> FinalDrain = [];
         public readonly List<string> Failures = [];
+        /// <summary>The relay address's fingerprint at each start after a power loss (the first cycle's start included).</summary>
+        public readonly List<string> Fingerprints = [];
         /// <summary>Per queue: message id → body, from every delivery seen.</summary>
         public readonly Dictionary<ulong, string>[] IdToBody = Enumerable.Range(0, PowerLossQueues).Select(_ => new Dictionary<ulong, string>()).ToArray();
         public int Sent;
@@ -124,9 +203,9 @@ public partial class DurabilityE2ETests
         }
 
         public string Describe() =>
-            $"seed {seed}, {(durable ? "fsync" : "relaxed")}: {Sent} sent, {AcknowledgedSet.Count} acknowledged, {AckedOk.Count} ACKs answered OK, " +
-            $"{FinalDrain.Count} in the store at the end, {TableFiles} table files, {Errors} error answers; cycles (acknowledged/delivered/acked/bytes the power loss undid): " +
-            string.Join(", ", Cycles.Select(c => $"{c.Acknowledged}/{c.Delivered}/{c.AckedOk}/{c.BytesLost}")) +
+            $"seed {seed}, {(durable ? "fsync" : "relaxed")}: {Sent} sent, {AcknowledgedSet.Count} acknowledged, {AckSent.Count} ACKs sent, {AckedOk.Count} answered OK, " +
+            $"{FinalDrain.Count} in the store at the end, {TableFiles} table files, {Errors} error answers; cycles (acknowledged/delivered/acked/bytes and name changes the power loss undid): " +
+            string.Join(", ", Cycles.Select(c => $"{c.Acknowledged}/{c.Delivered}/{c.AckedOk}/{c.BytesLost}/{c.NamesLost}")) +
             (Failures.Count > 0 ? "; failures: " + string.Join("; ", Failures.Take(10)) : "") +
             "\nlast relay output:\n" + RelayOutput;
 
@@ -179,6 +258,7 @@ public partial class DurabilityE2ETests
                 var stats = new PowerLossCycle();
                 await using (var relay = await RelayProcess.StartAsync(binary, data, relayOptions))
                 {
+                    run.Fingerprints.Add(relay.Address.Fingerprint);
                     var sender = await RelayConnection.ConnectAsync(relay.Address, cancellationToken: cancellationToken);
                     var recipient = await RelayConnection.ConnectAsync(relay.Address, cancellationToken: cancellationToken);
                     try
@@ -203,7 +283,7 @@ public partial class DurabilityE2ETests
                         await cut.Task.WaitAsync(TimeSpan.FromSeconds(120), cancellationToken);
                         relay.Kill();
                         await relay.WaitForExitAsync(TimeSpan.FromSeconds(10));
-                        stats.BytesLost = await mount.PowerOffAsync();
+                        (stats.BytesLost, stats.NamesLost) = await mount.PowerOffAsync();
                         await Task.WhenAll(sending, receiving).WaitAsync(TimeSpan.FromSeconds(30), cancellationToken);
                         run.RelayOutput = relay.Output;
                     }
@@ -220,6 +300,7 @@ public partial class DurabilityE2ETests
             await using (var mount = await LossyMount.MountAsync(backing, mountPoint))
             await using (var relay = await RelayProcess.StartAsync(binary, data, relayOptions))
             {
+                run.Fingerprints.Add(relay.Address.Fingerprint);
                 var drains = queues.Select(async (queue, q) =>
                 {
                     await using var connection = await RelayConnection.ConnectAsync(relay.Address, cancellationToken: cancellationToken);
@@ -352,6 +433,7 @@ public partial class DurabilityE2ETests
     private static async Task AckOneAsync(RelayConnection connection, RecipientQueue queue, ulong id, string body, PowerLossRun run,
         PowerLossCycle stats, int cycle)
     {
+        run.AckSent[body] = true;
         try
         {
             await connection.AckAsync(queue, id);
@@ -438,8 +520,11 @@ public partial class DurabilityE2ETests
         private static bool IsMounted(string mountPoint) =>
             File.ReadLines("/proc/self/mountinfo").Any(l => l.Split(' ')[4] == mountPoint);
 
-        /// <summary>Cuts the power (every write since its file's last sync is undone) and unmounts; the bytes undone.</summary>
-        public async Task<long> PowerOffAsync()
+        /// <summary>
+        /// Cuts the power (every write since its file's last sync is undone, every name change since its
+        /// directory's last sync) and unmounts; the bytes and name changes undone.
+        /// </summary>
+        public async Task<(long Bytes, int Names)> PowerOffAsync()
         {
             try
             {
@@ -452,9 +537,13 @@ public partial class DurabilityE2ETests
             await UnmountAsync();
             var line = Stderr.Split('\n').FirstOrDefault(l => l.StartsWith("lossyfs: power off:", StringComparison.Ordinal))
                 ?? throw new InvalidOperationException("lossyfs did not cut the power:\n" + Stderr);
-            // "lossyfs: power off: F files put back to their last sync, B bytes lost"
-            var words = line.Split(' ');
-            return long.Parse(words[^3]);
+            // "lossyfs: power off: F files put back to their last sync, B bytes lost, N name changes undone"
+            var match = System.Text.RegularExpressions.Regex.Match(line, @"(\d+) bytes lost, (\d+) name changes undone");
+            if (!match.Success)
+            {
+                throw new InvalidOperationException("lossyfs said: " + line);
+            }
+            return (long.Parse(match.Groups[1].Value), int.Parse(match.Groups[2].Value));
         }
 
         private async Task UnmountAsync()

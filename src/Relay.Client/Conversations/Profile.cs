@@ -110,14 +110,7 @@ public sealed class FileProfileStore : IProfileStore
     {
         _directory = directory;
         _path = Path.Combine(directory, FileName);
-        if (!Directory.Exists(directory) && !OperatingSystem.IsWindows())
-        {
-            Directory.CreateDirectory(directory, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
-        }
-        else
-        {
-            Directory.CreateDirectory(directory);
-        }
+        DurableDirectory.Create(directory, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
     }
 
 
@@ -199,6 +192,9 @@ public sealed class FileProfileStore : IProfileStore
         }
         if (!OperatingSystem.IsWindows()) File.SetUnixFileMode(tmp, Private);
         File.Move(tmp, _path, overwrite: true);
+        // The rename too, before anything this profile now says goes out: a power loss that took it
+        // back to the old profile would seal the next message with a message key already used.
+        DurableDirectory.Sync(_directory);
     }
 
     /// <summary>An exclusive lock on profile.lock, waited for (another command may hold it briefly).</summary>

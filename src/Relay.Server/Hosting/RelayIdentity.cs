@@ -51,7 +51,7 @@ public sealed class RelayIdentity : IDisposable
     /// <summary>Loads the identity, creating it (file mode 0600) when it does not exist yet.</summary>
     public static RelayIdentity LoadOrCreate(string dataDirectory, out bool created)
     {
-        Directory.CreateDirectory(dataDirectory);
+        DurableDirectory.Create(dataDirectory);
         var path = PathIn(dataDirectory);
         created = false;
         if (!File.Exists(path))
@@ -86,6 +86,9 @@ public sealed class RelayIdentity : IDisposable
                 stream.Flush(flushToDisk: true);
             }
             File.Move(tmp, path);
+            // The new name too: without it a power loss can take the identity, and the next start
+            // would make another one, with another relay address.
+            DurableDirectory.Sync(dataDirectory);
             created = true;
         }
         byte[] pkcs12;

@@ -111,7 +111,7 @@ public sealed class RelayServer : IAsyncDisposable
             throw new ArgumentException(
                 $"MaxMessage {options.MaxMessage} does not fit a delivery into MaxFrame {options.MaxFrame}: at most {largestMessage}", nameof(options));
         }
-        Directory.CreateDirectory(options.DataDirectory);
+        DurableDirectory.Create(options.DataDirectory);
         var identityTask = Task.Run(() =>
         {
             var id = RelayIdentity.LoadOrCreate(options.DataDirectory, out bool isNew);

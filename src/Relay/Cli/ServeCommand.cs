@@ -2,6 +2,7 @@ using System.Collections;
 using System.Net;
 using System.Net.Sockets;
 using Microsoft.Extensions.Logging;
+using Relay.Protocol;
 using Relay.Server.Hosting;
 
 namespace Relay.Cli;
@@ -107,7 +108,7 @@ public static class ServeCommand
     {
         try
         {
-            Directory.CreateDirectory(path);
+            DurableDirectory.Create(path);
             var probe = Path.Combine(path, $".write-test-{Environment.ProcessId}");
             File.WriteAllBytes(probe, []);
             File.Delete(probe);

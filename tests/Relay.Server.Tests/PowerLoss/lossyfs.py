@@ -10,13 +10,19 @@ undone, its size is set back), the line `lossyfs: power off: ...` goes to stderr
 operation fails with EIO until the file system is unmounted (`umount MOUNT_POINT`, which ends this
 process). Mounted again over the same BACKING_DIR, it shows the disk as it came back.
 
-Only data is lost: creating, renaming and deleting files take effect at once, as on a file system
-whose metadata journal commits before the power goes. A file created since the last sync of it
-comes back empty. Tests use it to show that a program answers a request only after what it
-promised is on disk (tests/Relay.Server.Tests/DurabilityE2ETests.PowerLoss.cs).
+What a power cut loses, as POSIX allows it to:
+- data: every byte written to a file since its last fsync or fdatasync (a new file comes back
+  empty), and size changes since then;
+- names: every file created, linked, renamed or deleted, and every directory made or removed,
+  since the last fsync of the directory that holds the name (of both directories for a rename).
+  An fsync of the file itself does not keep its name. Renaming a directory takes effect at once.
+Tests use it to show that a program answers a request only after what it promised is on disk
+(tests/Relay.Server.Tests/DurabilityE2ETests.PowerLoss.cs).
 """
 import errno
+import itertools
 import os
+import shutil
 import stat
 import sys
 import threading
@@ -24,6 +30,18 @@ import threading
 from fusepy import FUSE, FuseOSError, Operations
 
 POWER_OFF = "/.power-off"
+# Where deleted and replaced names wait until their directory is synced (hidden from the mount).
+TRASH = ".lossyfs-trash"
+
+
+class NameChange:
+    """A change of names not yet durable: undone at a power cut unless every directory in dirs was synced since."""
+
+    def __init__(self, what, dirs, undo, commit=None):
+        self.what = what
+        self.dirs = set(dirs)
+        self.undo = undo
+        self.commit = commit
 
 
 class LossyFS(Operations):
@@ -32,10 +50,35 @@ class LossyFS(Operations):
         self._mutex = threading.Lock()
         # inode -> [size at the last sync, [(offset, bytes it held at the last sync), ...]]
         self.unsynced = {}
+        # NameChange, oldest first
+        self.names = []
+        self.trash = os.path.join(self.root, TRASH)
+        shutil.rmtree(self.trash, ignore_errors=True)
+        os.mkdir(self.trash)
+        self.trash_ids = itertools.count()
         self.off = False
 
     def _path(self, path):
+        if path.lstrip("/").split("/")[0] == TRASH:
+            raise FuseOSError(errno.ENOENT)
         return os.path.join(self.root, path.lstrip("/"))
+
+    def _to_trash(self, full):
+        """Moves a name out of sight, to come back if the power goes before its directory is synced."""
+        hidden = os.path.join(self.trash, str(next(self.trash_ids)))
+        os.rename(full, hidden)
+        return hidden
+
+    @staticmethod
+    def _remove(full):
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full)
+        else:
+            os.unlink(full)
+
+    @staticmethod
+    def _parent(full):
+        return os.path.dirname(full)
 
     def _check(self):
         if self.off:
@@ -47,14 +90,12 @@ class LossyFS(Operations):
             entry = self.unsynced[st.st_ino] = [st.st_size, []]
         return entry
 
-    def _forget(self, full):
-        """Before a name goes away: a file with no other name loses its record (its inode may be reused)."""
-        try:
-            st = os.lstat(full)
-        except FileNotFoundError:
-            return
+    def _forget_and_remove(self, hidden):
+        """A deleted or replaced name is gone for good: a file with no other name loses its record (its inode may be reused)."""
+        st = os.lstat(hidden)
         if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
             self.unsynced.pop(st.st_ino, None)
+        self._remove(hidden)
 
     def _power_off(self):
         paths = {}
@@ -78,8 +119,17 @@ class LossyFS(Operations):
             finally:
                 os.close(fd)
         self.unsynced.clear()
+        names = len(self.names)
+        for change in reversed(self.names):
+            print(f"lossyfs: undone: {change.what}", file=sys.stderr, flush=True)
+            try:
+                change.undo()
+            except FileNotFoundError:
+                pass  # moved on by a later change that was kept
+        self.names.clear()
         self.off = True
-        print(f"lossyfs: power off: {files} files put back to their last sync, {undone} bytes lost", file=sys.stderr, flush=True)
+        print(f"lossyfs: power off: {files} files put back to their last sync, {undone} bytes lost, "
+              f"{names} name changes undone", file=sys.stderr, flush=True)
 
     # Names and attributes: at once.
 
@@ -93,7 +143,7 @@ class LossyFS(Operations):
     def readdir(self, path, fh):
         with self._mutex:
             self._check()
-            return [".", ".."] + os.listdir(self._path(path))
+            return [".", ".."] + [n for n in os.listdir(self._path(path)) if path != "/" or n != TRASH]
 
     def readlink(self, path):
         with self._mutex:
@@ -134,46 +184,71 @@ class LossyFS(Operations):
             if path == POWER_OFF:
                 self._power_off()
                 return
-            os.mkdir(self._path(path), mode)
+            full = self._path(path)
+            os.mkdir(full, mode)
+            self.names.append(NameChange(f"mkdir {path}", [self._parent(full)], lambda: shutil.rmtree(full)))
 
     def rmdir(self, path):
         with self._mutex:
             self._check()
-            os.rmdir(self._path(path))
+            full = self._path(path)
+            if os.listdir(full):
+                raise FuseOSError(errno.ENOTEMPTY)
+            hidden = self._to_trash(full)
+            self.names.append(NameChange(f"rmdir {path}", [self._parent(full)], lambda: os.rename(hidden, full), lambda: os.rmdir(hidden)))
 
     def unlink(self, path):
         with self._mutex:
             self._check()
             full = self._path(path)
-            self._forget(full)
-            os.unlink(full)
+            hidden = self._to_trash(full)
+            self.names.append(NameChange(f"unlink {path}", [self._parent(full)], lambda: os.rename(hidden, full),
+                                         lambda: self._forget_and_remove(hidden)))
 
     def rename(self, old, new):
         with self._mutex:
             self._check()
-            full = self._path(new)
-            self._forget(full)
-            os.rename(self._path(old), full)
+            source, target = self._path(old), self._path(new)
+            if os.path.isdir(source) and not os.path.islink(source):
+                os.rename(source, target)  # directories: at once
+                return
+            replaced = self._to_trash(target) if os.path.lexists(target) else None
+
+            def undo():
+                os.rename(target, source)
+                if replaced is not None:
+                    os.rename(replaced, target)
+
+            commit = (lambda: self._forget_and_remove(replaced)) if replaced is not None else None
+            os.rename(source, target)
+            self.names.append(NameChange(f"rename {old} {new}", [self._parent(source), self._parent(target)], undo, commit))
 
     def link(self, target, source):
         with self._mutex:
             self._check()
-            os.link(self._path(source), self._path(target))
+            full = self._path(target)
+            os.link(self._path(source), full)
+            self.names.append(NameChange(f"link {target}", [self._parent(full)], lambda: os.unlink(full)))
 
     def symlink(self, target, source):
         with self._mutex:
             self._check()
-            os.symlink(source, self._path(target))
+            full = self._path(target)
+            os.symlink(source, full)
+            self.names.append(NameChange(f"symlink {target}", [self._parent(full)], lambda: os.unlink(full)))
 
     # Data: remembered until the file is synced.
 
     def create(self, path, mode, fi=None):
         with self._mutex:
             self._check()
-            fd = os.open(self._path(path), os.O_RDWR | os.O_CREAT, mode)
+            full = self._path(path)
+            fd = os.open(full, os.O_RDWR | os.O_CREAT, mode)
             st = os.fstat(fd)
-            # Whatever a new file holds is lost with the power until it is synced.
+            # Whatever a new file holds is lost with the power until it is synced, and its name
+            # until its directory is.
             self.unsynced[st.st_ino] = [0, []]
+            self.names.append(NameChange(f"create {path}", [self._parent(full)], lambda: os.unlink(full)))
             return fd
 
     def open(self, path, flags):
@@ -223,6 +298,15 @@ class LossyFS(Operations):
     def fsyncdir(self, path, datasync, fh):
         with self._mutex:
             self._check()
+            synced = self._path(path).rstrip("/") or "/"
+            kept = []
+            for change in self.names:
+                change.dirs.discard(synced)
+                if change.dirs:
+                    kept.append(change)
+                elif change.commit is not None:
+                    change.commit()
+            self.names = kept
 
     def flush(self, path, fh):
         with self._mutex:
