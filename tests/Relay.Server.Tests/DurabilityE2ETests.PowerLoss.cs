@@ -160,7 +160,7 @@ public partial class DurabilityE2ETests
         public readonly Dictionary<ulong, string>[] IdToBody = Enumerable.Range(0, PowerLossQueues).Select(_ => new Dictionary<ulong, string>()).ToArray();
         public int Sent;
         public int Errors;
-        /// <summary>Table files in the store at the end: memtables flushed between the power losses.</summary>
+        /// <summary>Table files in the store after the last power loss: memtables flushed between the power losses.</summary>
         public int TableFiles;
         public string RelayOutput = "";
 
@@ -296,6 +296,7 @@ public partial class DurabilityE2ETests
                 run.Cycles.Add(stats);
             }
 
+            run.TableFiles = Directory.EnumerateFiles(Path.Combine(backing, "data", "queues"), "*.sst").Count();
             // The disk as the last power loss left it: every queue's messages, oldest first.
             await using (var mount = await LossyMount.MountAsync(backing, mountPoint))
             await using (var relay = await RelayProcess.StartAsync(binary, data, relayOptions))
@@ -328,7 +329,6 @@ public partial class DurabilityE2ETests
                 run.RelayOutput = relay.Output;
             }
             run.CheckOrder();
-            run.TableFiles = Directory.EnumerateFiles(Path.Combine(backing, "data", "queues"), "*.sst").Count();
             return run;
         }
         finally
@@ -358,8 +358,9 @@ public partial class DurabilityE2ETests
                 break;
             }
             q = (q + 1) % PowerLossQueues;
-            // Bodies of 40 to 2,000 bytes: the store's memtable (16 MiB) fills and is flushed between power losses.
-            var body = $"q{q}-{next[q]++:D6}-" + new string('x', random.Next(30, 1990));
+            // Bodies of 100 to 4,000 bytes: six cycles of at least 2,000 acknowledged sends fill the
+            // store's 16 MiB memtable, which is flushed to a table file between power losses.
+            var body = $"q{q}-{next[q]++:D6}-" + new string('x', random.Next(90, 3990));
             run.SentSet[body] = true;
             Interlocked.Increment(ref run.Sent);
             inFlight.Add(SendOnePowerLossAsync(connection, queues[q], body, run, stats, cutAfter, cut, window));
