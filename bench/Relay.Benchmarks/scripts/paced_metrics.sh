@@ -14,7 +14,7 @@ bin=$1; dir=$2; rate=${3:-5000}; seconds=${4:-8}
 port=${PORT:-47631}; admin=$((port + 1))
 work=$(mktemp -d -p "$dir")
 pid=
-trap '[ -z "$pid" ] || kill -TERM "$pid" 2> /dev/null || true; rm -rf "$work"' EXIT
+trap '[ -z "$pid" ] || { kill -TERM "$pid" 2> /dev/null; wait "$pid" 2> /dev/null; }; rm -rf "$work"' EXIT
 "$bin" init --data "$work/data" --host 127.0.0.1 --port "$port" > /dev/null 2>&1
 "$bin" serve --data "$work/data" --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" --queue-max-messages 5000 \
     --queue-max-bytes 100MB --max-connections-per-source 0 --queue-creation-rate 0 > "$work/serve.log" 2>&1 &
