@@ -63,6 +63,79 @@ public partial class DurabilityE2ETests
 
     [Test]
     [Timeout(300_000)]
+    public async Task A_failed_log_fsync_is_never_acknowledged_and_stops_the_relay_for_a_restart(CancellationToken cancellationToken)
+    {
+        // The write whose fsync fails may be gone after a power loss even if a later fsync of the
+        // same log succeeds (Linux reports a failed writeback once): nothing after it may be
+        // answered OK either. The relay answers INTERNAL, exits 1 after --store-failure-timeout,
+        // and every SEND it acknowledged is there after the power loss and a restart.
+        var binary = Binary();
+        LossyMount.Require();
+        var run = new PowerLossRun(0, durable: true);
+        var root = NewDataDirectory();
+        var backing = Path.Combine(root, "disk");
+        var mountPoint = Path.Combine(root, "mnt");
+        Directory.CreateDirectory(backing);
+        Directory.CreateDirectory(mountPoint);
+        try
+        {
+            var data = Path.Combine(mountPoint, "data");
+            List<RecipientQueue> queues = [];
+            var next = new int[PowerLossQueues];
+            var stats = new PowerLossCycle();
+            await using (var mount = await LossyMount.MountAsync(backing, mountPoint))
+            {
+                await using var relay = await RelayProcess.StartAsync(binary, data, "--store-failure-timeout", "2s");
+                await using (var connection = await RelayConnection.ConnectAsync(relay.Address, cancellationToken: cancellationToken))
+                {
+                    for (int q = 0; q < PowerLossQueues; q++)
+                    {
+                        queues.Add(await connection.CreateQueueAsync(cancellationToken: cancellationToken));
+                    }
+                    var failAfter = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+                    var sending = SendAsync(connection, queues, next, run, stats, 1_000, failAfter, 1);
+                    await failAfter.Task.WaitAsync(TimeSpan.FromSeconds(60), cancellationToken);
+                    int before = stats.Acknowledged;
+                    mount.FailNextLogFsync();
+                    // Sends go on until the relay stops by itself.
+                    var exit = await relay.WaitForExitAsync(TimeSpan.FromSeconds(60));
+                    await sending.WaitAsync(TimeSpan.FromSeconds(30), cancellationToken);
+                    string context = $"exit {exit}, {run.Sent} sent, {run.AcknowledgedSet.Count} acknowledged ({before} before the failure), answers {string.Join(", ", run.Failures.CountBy(f => f).Select(p => $"{p.Key} ×{p.Value}"))}, " +
+                        $"{run.Errors} refused:\n{relay.Output}";
+                    await Assert.That(exit).IsEqualTo(1).Because(context);
+                    await Assert.That(relay.Output).Contains("Relay[33]").Because(context);
+                    await Assert.That(run.Errors).IsGreaterThan(0).Because(context);
+                    await Assert.That(run.Failures.All(f => f == $"SEND answered {ErrorCode.Internal}")).IsTrue().Because(context);
+                }
+                await mount.PowerOffAsync();
+            }
+
+            await using (var mount = await LossyMount.MountAsync(backing, mountPoint))
+            await using (var relay = await RelayProcess.StartAsync(binary, data))
+            {
+                var stored = new HashSet<string>();
+                await using var connection = await RelayConnection.ConnectAsync(relay.Address, cancellationToken: cancellationToken);
+                foreach (var queue in queues)
+                {
+                    while (await connection.GetAsync(queue, cancellationToken) is { } d)
+                    {
+                        stored.Add(Encoding.UTF8.GetString(d.Body));
+                        await connection.AckAsync(queue, d.MessageId, cancellationToken);
+                    }
+                }
+                var lost = run.Acknowledged.Where(b => !stored.Contains(b)).Order().Take(10).ToList();
+                await Assert.That(lost).IsEmpty().Because($"{run.AcknowledgedSet.Count} acknowledged, {stored.Count} stored after the power loss");
+                await Assert.That(stored.Count).IsGreaterThanOrEqualTo(1_000);
+            }
+        }
+        finally
+        {
+            TryDelete(root);
+        }
+    }
+
+    [Test]
+    [Timeout(300_000)]
     public async Task A_client_profile_keeps_what_each_command_wrote_through_a_power_loss(CancellationToken cancellationToken)
     {
         // A profile that a power loss took back to before a send would seal the next message with
@@ -520,6 +593,25 @@ public partial class DurabilityE2ETests
 
         private static bool IsMounted(string mountPoint) =>
             File.ReadLines("/proc/self/mountinfo").Any(l => l.Split(' ')[4] == mountPoint);
+
+        /// <summary>The next fsync of a .log file (RocksDB's write-ahead log) fails with EIO; see lossyfs.py.</summary>
+        public void FailNextLogFsync()
+        {
+            try
+            {
+                Directory.CreateDirectory(Path.Combine(_mountPoint, ".fail-next-log-fsync"));
+            }
+            catch (IOException)
+            {
+                // EEXIST: done.
+            }
+            if (!Stderr.Contains("the next fsync of a .log file fails", StringComparison.Ordinal))
+            {
+                Thread.Sleep(100);
+                if (!Stderr.Contains("the next fsync of a .log file fails", StringComparison.Ordinal))
+                    throw new InvalidOperationException("lossyfs did not take the failure:\n" + Stderr);
+            }
+        }
 
         /// <summary>
         /// Cuts the power (every write since its file's last sync is undone, every name change since its

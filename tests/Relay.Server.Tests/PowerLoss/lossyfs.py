@@ -16,6 +16,10 @@ What a power cut loses, as POSIX allows it to:
 - names: every file created, linked, renamed or deleted, and every directory made or removed,
   since the last fsync of the directory that holds the name (of both directories for a rename).
   An fsync of the file itself does not keep its name. Renaming a directory takes effect at once.
+`mkdir MOUNT_POINT/.fail-next-log-fsync` (which answers EEXIST) makes the next fsync of a file
+whose name ends in `.log` fail with EIO; what that file held unsynced then, and whatever is written
+to it after, is lost at the power cut, even if later fsyncs of it succeed (as on Linux, which reports
+a failed writeback once).
 Tests use it to show that a program answers a request only after what it promised is on disk
 (tests/Relay.Server.Tests/DurabilityE2ETests.PowerLoss.cs).
 """
@@ -30,6 +34,7 @@ import threading
 from fusepy import FUSE, FuseOSError, Operations
 
 POWER_OFF = "/.power-off"
+FAIL_FSYNC = "/.fail-next-log-fsync"
 # Where deleted and replaced names wait until their directory is synced (hidden from the mount).
 TRASH = ".lossyfs-trash"
 
@@ -57,6 +62,11 @@ class LossyFS(Operations):
         os.mkdir(self.trash)
         self.trash_ids = itertools.count()
         self.off = False
+        # A failed fsync: the next fsync of a file whose name ends in .log fails with EIO, and that
+        # file's writes since its last good sync are lost at the power cut whatever later fsyncs say
+        # (Linux reports a failed writeback once and then marks the pages clean).
+        self.fail_next_log_fsync = False
+        self.failed = set()
 
     def _path(self, path):
         if path.lstrip("/").split("/")[0] == TRASH:
@@ -184,6 +194,10 @@ class LossyFS(Operations):
             if path == POWER_OFF:
                 self._power_off()
                 return
+            if path == FAIL_FSYNC:
+                self.fail_next_log_fsync = True
+                print("lossyfs: the next fsync of a .log file fails", file=sys.stderr, flush=True)
+                raise FuseOSError(errno.EEXIST)
             full = self._path(path)
             os.mkdir(full, mode)
             self.names.append(NameChange(f"mkdir {path}", [self._parent(full)], lambda: shutil.rmtree(full)))
@@ -293,7 +307,14 @@ class LossyFS(Operations):
     def fsync(self, path, datasync, fh):
         with self._mutex:
             self._check()
-            self.unsynced.pop(os.fstat(fh).st_ino, None)
+            ino = os.fstat(fh).st_ino
+            if self.fail_next_log_fsync and path is not None and path.endswith(".log"):
+                self.fail_next_log_fsync = False
+                self.failed.add(ino)
+                print(f"lossyfs: fsync of {path} failed (EIO)", file=sys.stderr, flush=True)
+                raise FuseOSError(errno.EIO)
+            if ino not in self.failed:
+                self.unsynced.pop(ino, None)
 
     def fsyncdir(self, path, datasync, fh):
         with self._mutex:
