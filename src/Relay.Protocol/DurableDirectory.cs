@@ -43,8 +43,9 @@ public static partial class DurableDirectory
 
     /// <summary>
     /// fsyncs a directory, so that the names made, renamed or removed in it so far survive a power
-    /// loss. A file system that cannot fsync a directory (EINVAL) needs nothing; other errors throw
-    /// <see cref="IOException"/>.
+    /// loss. A file system that cannot fsync a directory (EINVAL) needs nothing, and a directory
+    /// this user may write in but not read (mode -wx, EACCES) cannot be opened to fsync: both are
+    /// left as they are. Other errors throw <see cref="IOException"/>.
     /// </summary>
     public static void Sync(string directory)
     {
@@ -56,6 +57,10 @@ public static partial class DurableDirectory
         if (fd < 0)
         {
             int errno = Marshal.GetLastPInvokeError();
+            if (errno == EAcces)
+            {
+                return;
+            }
             throw new IOException($"cannot open the directory {directory} to fsync it: {Marshal.GetPInvokeErrorMessage(errno)}");
         }
         try
@@ -78,6 +83,7 @@ public static partial class DurableDirectory
     // Linux values, the same on x86-64 and arm64 (O_DIRECTORY is not: a directory opens read-only without it).
     private const int ReadOnly = 0;
     private const int CloseOnExec = 0x80000;     // O_CLOEXEC
+    private const int EAcces = 13;
     private const int EInval = 22;
 
     [LibraryImport("libc", EntryPoint = "open", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]

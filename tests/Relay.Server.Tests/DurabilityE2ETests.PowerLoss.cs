@@ -40,7 +40,7 @@ public partial class DurabilityE2ETests
 
         // Every SEND answered OK is still there, unless its recipient ACKed it (an ACK whose delete was
         // written when the power went may have had no answer yet: its message may be gone).
-        var lost = run.Acknowledged.Where(b => !run.AckSent.ContainsKey(b) && !run.FinalDrain.ContainsKey(b)).Order().Take(10).ToList();
+        var lost = run.Lost.Order().Take(10).ToList();
         await Assert.That(lost).IsEmpty().Because($"acknowledged sends missing after the power losses; {context}");
         // An ACK answered OK stays done: that message never comes back.
         var back = run.AckedOk.Where(run.FinalDrain.ContainsKey).Order().Take(10).ToList();
@@ -57,7 +57,7 @@ public partial class DurabilityE2ETests
         string context = run.Describe();
         Console.WriteLine(context);
         await Assert.That(run.Cycles.All(c => c.Acknowledged > 0)).IsTrue().Because(context);
-        int lost = run.Acknowledged.Count(b => !run.AckSent.ContainsKey(b) && !run.FinalDrain.ContainsKey(b));
+        int lost = run.Lost.Count();
         await Assert.That(lost).IsGreaterThan(0).Because(context);
     }
 
@@ -72,11 +72,7 @@ public partial class DurabilityE2ETests
         var binary = Binary();
         LossyMount.Require();
         var run = new PowerLossRun(0, durable: true);
-        var root = NewDataDirectory();
-        var backing = Path.Combine(root, "disk");
-        var mountPoint = Path.Combine(root, "mnt");
-        Directory.CreateDirectory(backing);
-        Directory.CreateDirectory(mountPoint);
+        var (root, backing, mountPoint) = NewLossyDirectories();
         try
         {
             var data = Path.Combine(mountPoint, "data");
@@ -117,11 +113,7 @@ public partial class DurabilityE2ETests
                 await using var connection = await RelayConnection.ConnectAsync(relay.Address, cancellationToken: cancellationToken);
                 foreach (var queue in queues)
                 {
-                    while (await connection.GetAsync(queue, cancellationToken) is { } d)
-                    {
-                        stored.Add(Encoding.UTF8.GetString(d.Body));
-                        await connection.AckAsync(queue, d.MessageId, cancellationToken);
-                    }
+                    stored.UnionWith(await DrainAsync(connection, queue, cancellationToken));
                 }
                 var lost = run.Acknowledged.Where(b => !stored.Contains(b)).Order().Take(10).ToList();
                 await Assert.That(lost).IsEmpty().Because($"{run.AcknowledgedSet.Count} acknowledged, {stored.Count} stored after the power loss");
@@ -143,11 +135,7 @@ public partial class DurabilityE2ETests
         // lossyfs, the relay on the real disk; the power goes after every command.
         var binary = Binary();
         LossyMount.Require();
-        var root = NewDataDirectory();
-        var backing = Path.Combine(root, "disk");
-        var mountPoint = Path.Combine(root, "mnt");
-        Directory.CreateDirectory(backing);
-        Directory.CreateDirectory(mountPoint);
+        var (root, backing, mountPoint) = NewLossyDirectories();
         try
         {
             await using var relay = await RelayProcess.StartAsync(binary, Path.Combine(root, "relay"));
@@ -189,6 +177,17 @@ public partial class DurabilityE2ETests
         }
     }
 
+    /// <summary>A test's directory, with the backing directory of lossyfs and its mount point in it.</summary>
+    private static (string Root, string Backing, string MountPoint) NewLossyDirectories()
+    {
+        var root = NewDataDirectory();
+        var backing = Path.Combine(root, "disk");
+        var mountPoint = Path.Combine(root, "mnt");
+        Directory.CreateDirectory(backing);
+        Directory.CreateDirectory(mountPoint);
+        return (root, backing, mountPoint);
+    }
+
     /// <summary>Both profile files as text ("(none)" when missing).</summary>
     private static string Snapshot(params string[] profiles) =>
         string.Join("\n", profiles.Select(p => Path.Combine(p, "profile.json")).Select(f => File.Exists(f) ? File.ReadAllText(f) : "(none)"));
@@ -220,6 +219,11 @@ public partial class DurabilityE2ETests
         /// <summary>Bodies whose SEND was answered OK.</summary>
         public readonly ConcurrentDictionary<string, bool> AcknowledgedSet = new();
         public IEnumerable<string> Acknowledged => AcknowledgedSet.Keys;
+        /// <summary>
+        /// Acknowledged SENDs not in the store at the end whose recipient never ACKed them (an ACK
+        /// whose delete was written when the power went may have had no answer yet).
+        /// </summary>
+        public IEnumerable<string> Lost => Acknowledged.Where(b => !AckSent.ContainsKey(b) && !FinalDrain.ContainsKey(b));
         /// <summary>Bodies whose ACK was sent, answered or not.</summary>
         public readonly ConcurrentDictionary<string, bool> AckSent = new();
         /// <summary>Bodies whose ACK was answered OK.</summary>
@@ -298,11 +302,7 @@ public partial class DurabilityE2ETests
         LossyMount.Require();
         var random = new Random(seed);
         var run = new PowerLossRun(seed, durable);
-        var root = NewDataDirectory();
-        var backing = Path.Combine(root, "disk");
-        var mountPoint = Path.Combine(root, "mnt");
-        Directory.CreateDirectory(backing);
-        Directory.CreateDirectory(mountPoint);
+        var (root, backing, mountPoint) = NewLossyDirectories();
         string[] relayOptions = ["--durability", durable ? "fsync" : "relaxed", "--queue-max-bytes", "1GB"];
         try
         {
