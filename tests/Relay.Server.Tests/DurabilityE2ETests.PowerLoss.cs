@@ -62,13 +62,17 @@ public partial class DurabilityE2ETests
     }
 
     [Test]
+    [Arguments("log")]
+    [Arguments("sst")]
     [Timeout(300_000)]
-    public async Task A_failed_log_fsync_is_never_acknowledged_and_stops_the_relay_for_a_restart(CancellationToken cancellationToken)
+    public async Task A_failed_fsync_is_never_acknowledged_and_stops_the_relay_for_a_restart(string file, CancellationToken cancellationToken)
     {
-        // The write whose fsync fails may be gone after a power loss even if a later fsync of the
-        // same log succeeds (Linux reports a failed writeback once): nothing after it may be
-        // answered OK either. The relay answers INTERNAL, exits 1 after --store-failure-timeout,
-        // and every SEND it acknowledged is there after the power loss and a restart.
+        // A write whose fsync fails may be gone after a power loss even if a later fsync of the same
+        // file succeeds (Linux reports a failed writeback once). Of the log ("log"): that write and
+        // nothing after it may be answered OK. Of a table file that a memtable flush writes ("sst"):
+        // the log it replaces must stay. Either way the relay answers INTERNAL from then on, exits 1
+        // after --store-failure-timeout, and every SEND it acknowledged is there after the power
+        // loss and a restart.
         var binary = Binary();
         LossyMount.Require();
         var run = new PowerLossRun(0, durable: true);
@@ -81,7 +85,7 @@ public partial class DurabilityE2ETests
             var stats = new PowerLossCycle();
             await using (var mount = await LossyMount.MountAsync(backing, mountPoint))
             {
-                await using var relay = await RelayProcess.StartAsync(binary, data, "--store-failure-timeout", "2s");
+                await using var relay = await RelayProcess.StartAsync(binary, data, "--store-failure-timeout", "2s", "--queue-max-bytes", "1GB");
                 await using (var connection = await RelayConnection.ConnectAsync(relay.Address, cancellationToken: cancellationToken))
                 {
                     for (int q = 0; q < PowerLossQueues; q++)
@@ -92,12 +96,14 @@ public partial class DurabilityE2ETests
                     var sending = SendAsync(connection, queues, next, run, stats, 1_000, failAfter, 1);
                     await failAfter.Task.WaitAsync(TimeSpan.FromSeconds(60), cancellationToken);
                     int before = stats.Acknowledged;
-                    mount.FailNextLogFsync();
-                    // Sends go on until the relay stops by itself.
+                    mount.FailNextFsync(file);
+                    // Sends go on until the relay stops by itself (with "sst", once a memtable is
+                    // flushed: 16 MiB of messages later).
                     var exit = await relay.WaitForExitAsync(TimeSpan.FromSeconds(60));
                     await sending.WaitAsync(TimeSpan.FromSeconds(30), cancellationToken);
-                    string context = $"exit {exit}, {run.Sent} sent, {run.AcknowledgedSet.Count} acknowledged ({before} before the failure), answers {string.Join(", ", run.Failures.CountBy(f => f).Select(p => $"{p.Key} ×{p.Value}"))}, " +
+                    string context = $"{file}: exit {exit}, {run.Sent} sent, {run.AcknowledgedSet.Count} acknowledged ({before} before the failure), answers {string.Join(", ", run.Failures.CountBy(f => f).Select(p => $"{p.Key} ×{p.Value}"))}, " +
                         $"{run.Errors} refused:\n{relay.Output}";
+                    Console.WriteLine(context);
                     await Assert.That(exit).IsEqualTo(1).Because(context);
                     await Assert.That(relay.Output).Contains("Relay[33]").Because(context);
                     await Assert.That(run.Errors).IsGreaterThan(0).Because(context);
@@ -594,22 +600,28 @@ public partial class DurabilityE2ETests
         private static bool IsMounted(string mountPoint) =>
             File.ReadLines("/proc/self/mountinfo").Any(l => l.Split(' ')[4] == mountPoint);
 
-        /// <summary>The next fsync of a .log file (RocksDB's write-ahead log) fails with EIO; see lossyfs.py.</summary>
-        public void FailNextLogFsync()
+        /// <summary>
+        /// The next fsync of a file whose name ends in .<paramref name="extension"/> ("log": RocksDB's
+        /// write-ahead log, "sst": a table file) fails with EIO; see lossyfs.py.
+        /// </summary>
+        public void FailNextFsync(string extension)
         {
             try
             {
-                Directory.CreateDirectory(Path.Combine(_mountPoint, ".fail-next-log-fsync"));
+                Directory.CreateDirectory(Path.Combine(_mountPoint, ".fail-next-fsync-" + extension));
             }
             catch (IOException)
             {
                 // EEXIST: done.
             }
-            if (!Stderr.Contains("the next fsync of a .log file fails", StringComparison.Ordinal))
+            string taken = $"the next fsync of a .{extension} file fails";
+            for (int i = 0; i < 50 && !Stderr.Contains(taken, StringComparison.Ordinal); i++)
             {
-                Thread.Sleep(100);
-                if (!Stderr.Contains("the next fsync of a .log file fails", StringComparison.Ordinal))
-                    throw new InvalidOperationException("lossyfs did not take the failure:\n" + Stderr);
+                Thread.Sleep(20);
+            }
+            if (!Stderr.Contains(taken, StringComparison.Ordinal))
+            {
+                throw new InvalidOperationException("lossyfs did not take the failure:\n" + Stderr);
             }
         }
 

@@ -16,10 +16,10 @@ What a power cut loses, as POSIX allows it to:
 - names: every file created, linked, renamed or deleted, and every directory made or removed,
   since the last fsync of the directory that holds the name (of both directories for a rename).
   An fsync of the file itself does not keep its name. Renaming a directory takes effect at once.
-`mkdir MOUNT_POINT/.fail-next-log-fsync` (which answers EEXIST) makes the next fsync of a file
-whose name ends in `.log` fail with EIO; what that file held unsynced then, and whatever is written
-to it after, is lost at the power cut, even if later fsyncs of it succeed (as on Linux, which reports
-a failed writeback once).
+`mkdir MOUNT_POINT/.fail-next-fsync-EXT` (which answers EEXIST) makes the next fsync of a file
+whose name ends in `.EXT` (`log`: RocksDB's write-ahead log, `sst`: a table file) fail with EIO;
+what that file held unsynced then, and whatever is written to it after, is lost at the power cut,
+even if later fsyncs of it succeed (as on Linux, which reports a failed writeback once).
 Tests use it to show that a program answers a request only after what it promised is on disk
 (tests/Relay.Server.Tests/DurabilityE2ETests.PowerLoss.cs).
 """
@@ -34,7 +34,7 @@ import threading
 from fusepy import FUSE, FuseOSError, Operations
 
 POWER_OFF = "/.power-off"
-FAIL_FSYNC = "/.fail-next-log-fsync"
+FAIL_FSYNC = "/.fail-next-fsync-"
 # Where deleted and replaced names wait until their directory is synced (hidden from the mount).
 TRASH = ".lossyfs-trash"
 
@@ -62,10 +62,10 @@ class LossyFS(Operations):
         os.mkdir(self.trash)
         self.trash_ids = itertools.count()
         self.off = False
-        # A failed fsync: the next fsync of a file whose name ends in .log fails with EIO, and that
-        # file's writes since its last good sync are lost at the power cut whatever later fsyncs say
-        # (Linux reports a failed writeback once and then marks the pages clean).
-        self.fail_next_log_fsync = False
+        # A failed fsync: the next fsync of a file whose name ends in this (".log") fails with EIO,
+        # and that file's writes since its last good sync are lost at the power cut whatever later
+        # fsyncs say (Linux reports a failed writeback once and then marks the pages clean).
+        self.fail_next_fsync = None
         self.failed = set()
 
     def _path(self, path):
@@ -194,9 +194,9 @@ class LossyFS(Operations):
             if path == POWER_OFF:
                 self._power_off()
                 return
-            if path == FAIL_FSYNC:
-                self.fail_next_log_fsync = True
-                print("lossyfs: the next fsync of a .log file fails", file=sys.stderr, flush=True)
+            if path.startswith(FAIL_FSYNC):
+                self.fail_next_fsync = "." + path[len(FAIL_FSYNC):]
+                print(f"lossyfs: the next fsync of a {self.fail_next_fsync} file fails", file=sys.stderr, flush=True)
                 raise FuseOSError(errno.EEXIST)
             full = self._path(path)
             os.mkdir(full, mode)
@@ -308,8 +308,8 @@ class LossyFS(Operations):
         with self._mutex:
             self._check()
             ino = os.fstat(fh).st_ino
-            if self.fail_next_log_fsync and path is not None and path.endswith(".log"):
-                self.fail_next_log_fsync = False
+            if self.fail_next_fsync and path is not None and path.endswith(self.fail_next_fsync):
+                self.fail_next_fsync = None
                 self.failed.add(ino)
                 print(f"lossyfs: fsync of {path} failed (EIO)", file=sys.stderr, flush=True)
                 raise FuseOSError(errno.EIO)
