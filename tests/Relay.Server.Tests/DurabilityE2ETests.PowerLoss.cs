@@ -134,6 +134,98 @@ public partial class DurabilityE2ETests
 
     [Test]
     [Timeout(300_000)]
+    public async Task Every_acknowledged_queue_change_survives_power_losses(CancellationToken cancellationToken)
+    {
+        // Each cycle: NEW, SKEY and three SENDs to a new queue, OFF of another, DEL of the queue the
+        // cycle before made; the power goes right after the last answer. The next start finds each
+        // change as it was answered.
+        var binary = Binary();
+        LossyMount.Require();
+        var (root, backing, mountPoint) = NewLossyDirectories();
+        try
+        {
+            var data = Path.Combine(mountPoint, "data");
+            const int Cycles = 4;
+            var secured = new List<(RecipientQueue Queue, SenderQueue Sender)>();
+            var suspended = new List<RecipientQueue>();
+            var deleted = new List<RecipientQueue>();
+            for (int cycle = 0; cycle <= Cycles; cycle++)
+            {
+                await using var mount = await LossyMount.MountAsync(backing, mountPoint);
+                await using var relay = await RelayProcess.StartAsync(binary, data);
+                await using (var connection = await RelayConnection.ConnectAsync(relay.Address, cancellationToken: cancellationToken))
+                {
+                    // What the cycles before changed.
+                    for (int i = 0; i < secured.Count; i++)
+                    {
+                        var (queue, keyed) = secured[i];
+                        bool gone = deleted.Contains(queue);
+                        var unsigned = await AnswerOfAsync(connection.SendAsync(new SenderQueue(queue.SenderId, null), "unsigned"u8.ToArray(), cancellationToken: cancellationToken));
+                        await Assert.That(unsigned).IsEqualTo(ErrorCode.Auth).Because($"cycle {cycle}: a SEND without the key to queue {i} (secured{(gone ? ", deleted" : "")})");
+                        var signedAnswer = await AnswerOfAsync(connection.SendAsync(keyed, "signed"u8.ToArray(), cancellationToken: cancellationToken));
+                        await Assert.That(signedAnswer).IsEqualTo(gone ? ErrorCode.Auth : (ErrorCode?)null).Because($"cycle {cycle}: a SEND with the key to queue {i}{(gone ? " (deleted)" : "")}");
+                        var get = await AnswerOfAsync(connection.GetAsync(queue, cancellationToken));
+                        await Assert.That(get).IsEqualTo(gone ? ErrorCode.Auth : (ErrorCode?)null).Because($"cycle {cycle}: GET of queue {i}");
+                    }
+                    foreach (var queue in suspended)
+                    {
+                        var answer = await AnswerOfAsync(connection.SendAsync(new SenderQueue(queue.SenderId, null), "late"u8.ToArray(), cancellationToken: cancellationToken));
+                        await Assert.That(answer).IsEqualTo(ErrorCode.Auth).Because($"cycle {cycle}: a SEND to a suspended queue");
+                        await Assert.That(await connection.GetAsync(queue, cancellationToken)).IsNotNull().Because($"cycle {cycle}: a suspended queue keeps its message");
+                    }
+                    if (cycle == Cycles)
+                    {
+                        break;
+                    }
+
+                    // This cycle's changes, each answered OK; then the power goes.
+                    var created = await connection.CreateQueueAsync(cancellationToken: cancellationToken);
+                    var key = new byte[ProtocolConstants.KeySize];
+                    RelayCrypto.GenerateKeyPair(key, new byte[ProtocolConstants.KeySize]);
+                    await connection.SecureAsync(created.SenderId, key, cancellationToken);
+                    var sender = new SenderQueue(created.SenderId, key);
+                    for (int m = 0; m < 3; m++)
+                    {
+                        await connection.SendAsync(sender, Encoding.UTF8.GetBytes($"cycle {cycle} message {m}"), cancellationToken: cancellationToken);
+                    }
+                    var toSuspend = await connection.CreateQueueAsync(cancellationToken: cancellationToken);
+                    await connection.SendAsync(new SenderQueue(toSuspend.SenderId, null), "kept"u8.ToArray(), cancellationToken: cancellationToken);
+                    await connection.SuspendAsync(toSuspend, cancellationToken);
+                    if (secured.Count > 0)
+                    {
+                        await connection.DeleteAsync(secured[^1].Queue, cancellationToken);
+                        deleted.Add(secured[^1].Queue);
+                    }
+                    secured.Add((created, sender));
+                    suspended.Add(toSuspend);
+                }
+                relay.Kill();
+                await relay.WaitForExitAsync(TimeSpan.FromSeconds(10));
+                await mount.PowerOffAsync();
+            }
+        }
+        finally
+        {
+            TryDelete(root);
+        }
+    }
+
+    /// <summary>null when the command was answered OK (or a message), else the error code it was answered.</summary>
+    private static async Task<ErrorCode?> AnswerOfAsync(Task command)
+    {
+        try
+        {
+            await command;
+            return null;
+        }
+        catch (RelayErrorException e)
+        {
+            return e.Code;
+        }
+    }
+
+    [Test]
+    [Timeout(300_000)]
     public async Task A_client_profile_keeps_what_each_command_wrote_through_a_power_loss(CancellationToken cancellationToken)
     {
         // A profile that a power loss took back to before a send would seal the next message with
