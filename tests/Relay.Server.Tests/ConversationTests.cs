@@ -528,16 +528,22 @@ public class ConversationTests
             await wire.SendAsync(senderQueue, envelopes[0]);
             await Assert.That((await listener.NextAsync<MessageReceived>()).Text).IsEqualTo("e0");
 
+            // The same envelope again, as its sender sends it after a SEND whose answer was lost (the
+            // relay stores it again): absorbed, no event.
             await wire.SendAsync(senderQueue, envelopes[0]);
-            var replay = await listener.NextAsync<MessageRejected>();
-            await Assert.That(replay.Error).IsEqualTo(EnvelopeError.Replayed);
-            await Assert.That(replay.Reason).Contains("replayed");
 
             // Reordered: the third arrives before the second.
             await wire.SendAsync(senderQueue, envelopes[2]);
             var gap = await listener.NextAsync<MessagesMissing>();
             await Assert.That(gap.Count).IsEqualTo(1UL);
             await Assert.That((await listener.NextAsync<MessageReceived>()).Text).IsEqualTo("e2");
+            await Assert.That(listener.Seen.OfType<MessageRejected>().Count()).IsEqualTo(1).Because("only the tampered envelope was refused");
+
+            // A replay of an envelope older than the last one accepted is refused.
+            await wire.SendAsync(senderQueue, envelopes[0]);
+            var replay = await listener.NextAsync<MessageRejected>();
+            await Assert.That(replay.Error).IsEqualTo(EnvelopeError.Replayed);
+            await Assert.That(replay.Reason).Contains("replayed");
             await wire.SendAsync(senderQueue, envelopes[1]);
             await Assert.That((await listener.NextAsync<MessageRejected>()).Error).IsEqualTo(EnvelopeError.Replayed);
 

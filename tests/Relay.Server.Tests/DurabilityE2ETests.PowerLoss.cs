@@ -210,6 +210,111 @@ public partial class DurabilityE2ETests
         }
     }
 
+    [Test]
+    [Timeout(300_000)]
+    public async Task A_conversation_goes_on_through_power_losses_of_its_relay_with_every_message_once_and_in_order(CancellationToken cancellationToken)
+    {
+        // The SDK as an app uses it: Bob's Messenger sends messages one after another while the relay
+        // (on lossyfs, the same address every time) loses power six times, every 0.2–0.6 s, and comes back;
+        // Alice's Messenger listens throughout. Sends wait for the relay (RelayClient retries), an
+        // envelope whose SEND got no answer is sent again (the same bytes), and Alice gets each
+        // message exactly once, in order, with nothing reported missing or rejected.
+        var binary = Binary();
+        LossyMount.Require();
+        var (root, backing, mountPoint) = NewLossyDirectories();
+        var data = Path.Combine(mountPoint, "data");
+        int port = RelayProcess.FreePort();
+        var options = new Relay.Client.RelayClientOptions { ReconnectMin = TimeSpan.FromMilliseconds(50), ReconnectMax = TimeSpan.FromMilliseconds(500) };
+        LossyMount? mount = await LossyMount.MountAsync(backing, mountPoint);
+        RelayProcess? relay = await RelayProcess.StartAsync(binary, data, port, []);
+        var address = relay.Address;
+        var heard = new List<Relay.Client.Conversations.ConversationEvent>();
+        int cuts = 0, sent = 0;
+        const int Cuts = 6;
+        try
+        {
+            await using var alice = new Relay.Client.Conversations.Messenger(new Relay.Client.Conversations.MemoryProfileStore(), options);
+            await using var bob = new Relay.Client.Conversations.Messenger(new Relay.Client.Conversations.MemoryProfileStore(), options);
+            var (link, _) = await alice.InviteAsync(address, "bob", cancellationToken: cancellationToken);
+            await bob.JoinAsync(link, name: "alice", cancellationToken: cancellationToken);
+
+            using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+            var allHeard = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            Task? sending = null;
+            var sendingDone = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            sending = sendingDone.Task;
+            var listening = Task.Run(async () =>
+            {
+                try
+                {
+                    await foreach (var e in alice.ListenAsync(stop.Token))
+                    {
+                        lock (heard)
+                        {
+                            heard.Add(e);
+                            if (sending!.IsCompleted && heard.Count(h => h is Relay.Client.Conversations.MessageReceived) >= Volatile.Read(ref sent)) allHeard.TrySetResult();
+                        }
+                    }
+                }
+                catch (OperationCanceledException) { }
+            });
+            using var enough = new CancellationTokenSource();
+            var sender = Task.Run(async () =>
+            {
+                while (!enough.IsCancellationRequested)
+                {
+                    await bob.SendAsync("alice", $"m{sent:D4}", stop.Token);
+                    Interlocked.Increment(ref sent);
+                }
+            });
+            var random = new Random();
+            while (cuts < Cuts && !sender.IsCompleted)
+            {
+                await Task.Delay(random.Next(200, 600), cancellationToken);
+                relay!.Kill();
+                await relay.WaitForExitAsync(TimeSpan.FromSeconds(10));
+                await relay.DisposeAsync();
+                relay = null;
+                await mount!.PowerOffAsync();
+                await mount.DisposeAsync();
+                mount = null;
+                cuts++;
+                mount = await LossyMount.MountAsync(backing, mountPoint);
+                relay = await RelayProcess.StartAsync(binary, data, port, []);
+                await Assert.That(relay.Address.ToString()).IsEqualTo(address.ToString());
+            }
+            enough.Cancel();
+            await sender.WaitAsync(TimeSpan.FromSeconds(120), cancellationToken);
+            sendingDone.TrySetResult();
+            lock (heard)
+            {
+                if (heard.Count(h => h is Relay.Client.Conversations.MessageReceived) >= sent) allHeard.TrySetResult();
+            }
+            await allHeard.Task.WaitAsync(TimeSpan.FromSeconds(60), cancellationToken);
+            await Task.Delay(500, cancellationToken);   // a duplicate would show up now
+            stop.Cancel();
+            await listening;
+
+            List<Relay.Client.Conversations.ConversationEvent> events;
+            lock (heard) events = [.. heard];
+            var texts = events.OfType<Relay.Client.Conversations.MessageReceived>().Select(m => m.Text).ToList();
+            var other = events.Where(e => e is not Relay.Client.Conversations.MessageReceived and not Relay.Client.Conversations.ContactJoined).Select(e => e.ToString()).ToList();
+            string context = $"{sent} messages, {cuts} power losses; events other than messages: {string.Join("; ", other)}";
+            Console.WriteLine(context);
+            await Assert.That(cuts).IsEqualTo(Cuts).Because(context);
+            await Assert.That(sent).IsGreaterThan(Cuts).Because(context);
+            await Assert.That(texts).IsEquivalentTo(Enumerable.Range(0, sent).Select(i => $"m{i:D4}").ToList(),
+                TUnit.Assertions.Enums.CollectionOrdering.Matching).Because(context);
+            await Assert.That(other).IsEmpty().Because(context);
+        }
+        finally
+        {
+            if (relay != null) await relay.DisposeAsync();
+            if (mount != null) await mount.DisposeAsync();
+            TryDelete(root);
+        }
+    }
+
     /// <summary>null when the command was answered OK (or a message), else the error code it was answered.</summary>
     private static async Task<ErrorCode?> AnswerOfAsync(Task command)
     {

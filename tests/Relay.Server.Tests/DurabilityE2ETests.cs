@@ -226,11 +226,14 @@ public partial class DurabilityE2ETests
         [GeneratedRegex(@"Relay ready at (relay://\S+)")]
         private static partial Regex ReadyLine();
 
-        public static async Task<RelayProcess> StartAsync(string binary, string data, params string[] extra)
+        public static async Task<RelayProcess> StartAsync(string binary, string data, params string[] extra) => await StartAsync(binary, data, 0, extra);
+
+        /// <summary>As above, on relay port <paramref name="fixedPort"/> (0: a free one).</summary>
+        public static async Task<RelayProcess> StartAsync(string binary, string data, int fixedPort, string[] extra)
         {
             for (int attempt = 0; ; attempt++)
             {
-                int port = FreePort(), admin = FreePort();
+                int port = fixedPort != 0 ? fixedPort : FreePort(), admin = FreePort();
                 var psi = new ProcessStartInfo(binary)
                 {
                     RedirectStandardOutput = true,
@@ -297,7 +300,7 @@ public partial class DurabilityE2ETests
             return false;
         }
 
-        private static int FreePort()
+        public static int FreePort()
         {
             var l = new TcpListener(IPAddress.Loopback, 0);
             l.Start();

@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Runtime.CompilerServices;
+using System.Security.Cryptography;
 using System.Text;
 using System.Threading.Channels;
 using Relay.Client.EndToEnd;
@@ -379,7 +380,7 @@ public sealed class Messenger : IAsyncDisposable
         Span<byte> input = stackalloc byte[JoinSenderKeyLabel.Length + 24];
         JoinSenderKeyLabel.CopyTo(input);
         peerSenderId.CopyTo(input[JoinSenderKeyLabel.Length..]);
-        return System.Security.Cryptography.HMACSHA256.HashData(ownPrivate, input);
+        return HMACSHA256.HashData(ownPrivate, input);
     }
 
     private static ReadOnlySpan<byte> JoinSenderKeyLabel => "relay/1 join sender key"u8;
@@ -406,7 +407,7 @@ public sealed class Messenger : IAsyncDisposable
             {
                 (j2i, i2j) = E2eCrypto.InitialChains(contact.OwnPrivate, joinerKey, contact.OwnPublic, joinerKey);
             }
-            catch (System.Security.Cryptography.CryptographicException ex)
+            catch (CryptographicException ex)
             {
                 events.Add(new MessageRejected(contact.Name, EnvelopeError.Malformed, ex.Message));
                 return events;
@@ -454,6 +455,7 @@ public sealed class Messenger : IAsyncDisposable
                 c.SendCounter = 0;
                 c.ReceiveChain = j2i;
                 c.ReceiveCounter = expected;
+                c.LastAccepted = SHA256.HashData(envelope);
                 return 0;
             });
             events.Add(new ContactJoined(contact.Name));
@@ -474,6 +476,12 @@ public sealed class Messenger : IAsyncDisposable
                 return events;
             }
             c.ReceivedThrough = delivery.Delivery.MessageId;
+            if (c.LastAccepted is { } last && SHA256.HashData(envelope).AsSpan().SequenceEqual(last))
+            {
+                // The envelope accepted last, stored again: the contact sent it again after its SEND's
+                // answer was lost (PROTOCOL.md §11.4). Processed already; acknowledged like a redelivery.
+                return events;
+            }
             var chain = c.ReceiveChain!;
             ulong expected = c.ReceiveCounter;
             if (kind == E2eCrypto.KindJoin)
@@ -488,6 +496,7 @@ public sealed class Messenger : IAsyncDisposable
                 case EnvelopeError.None:
                     c.ReceiveChain = chain;
                     c.ReceiveCounter = expected;
+                    c.LastAccepted = SHA256.HashData(envelope);
                     if (skipped > 0) events.Add(new MessagesMissing(c.Name, skipped));
                     if (content.Length >= 1 && content[0] == ContentText)
                     {

@@ -52,6 +52,12 @@ public sealed class ContactData
     public ulong ReceiveCounter { get; set; }
     /// <summary>The relay's id of the last delivery processed from this contact's queue: a redelivery (at-least-once) is recognised and absorbed.</summary>
     public ulong ReceivedThrough { get; set; }
+    /// <summary>
+    /// SHA-256 of the last envelope accepted from this contact (its JOIN or a message): the same
+    /// envelope again, which the relay stores under a new id when the contact sends it again after
+    /// a SEND whose answer was lost, is absorbed like a redelivery instead of reported as replayed.
+    /// </summary>
+    public byte[]? LastAccepted { get; set; }
 
     /// <summary>Sealed envelopes not yet acknowledged by the relay, oldest first; sent again as they are.</summary>
     public List<byte[]> Outbox { get; set; } = [];
