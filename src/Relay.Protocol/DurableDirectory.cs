@@ -6,7 +6,8 @@ namespace Relay.Protocol;
 /// Names that survive a power loss. A file's fsync makes its bytes durable, not its name: a new
 /// directory, file or rename is durable once the directory holding the name is fsynced (POSIX; ext4
 /// without a journal and others lose it otherwise). RocksDB does this for its own files; the relay
-/// does it for the directories it makes and its identity file, the client for its profile.
+/// does it for the directories it makes and its identity file, the client for its profile
+/// (<see cref="WritePrivateFile"/>).
 /// </summary>
 public static partial class DurableDirectory
 {
@@ -39,6 +40,30 @@ public static partial class DurableDirectory
                 Sync(parent);
             }
         }
+    }
+
+    /// <summary>
+    /// Writes <paramref name="path"/> whole or not at all, and durably: <paramref name="write"/> fills
+    /// a temporary file beside it (created, and kept, readable by its owner only), which is fsynced,
+    /// renamed to <paramref name="path"/>, and the directory fsynced, so that after a power loss the
+    /// file is the new one, never a torn or an older one. Without <paramref name="overwrite"/> an
+    /// existing file is left as it is and <see cref="IOException"/> thrown.
+    /// </summary>
+    public static void WritePrivateFile(string path, Action<Stream> write, bool overwrite)
+    {
+        const UnixFileMode OwnerOnly = UnixFileMode.UserRead | UnixFileMode.UserWrite;
+        var tmp = path + ".tmp";
+        var options = new FileStreamOptions { Mode = FileMode.Create, Access = FileAccess.Write };
+        if (!OperatingSystem.IsWindows()) options.UnixCreateMode = OwnerOnly;
+        using (var stream = new FileStream(tmp, options))
+        {
+            write(stream);
+            stream.Flush(flushToDisk: true);
+        }
+        // A temporary file left by an earlier run keeps its mode: set it again.
+        if (!OperatingSystem.IsWindows()) File.SetUnixFileMode(tmp, OwnerOnly);
+        File.Move(tmp, path, overwrite);
+        Sync(Path.GetDirectoryName(Path.GetFullPath(path))!);
     }
 
     /// <summary>

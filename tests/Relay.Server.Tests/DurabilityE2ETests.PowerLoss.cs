@@ -554,7 +554,7 @@ public partial class DurabilityE2ETests
                         // more SENDs and the recipient's ACKs in flight.
                         int cutAfter = random.Next(2_000, 8_000);
                         var cut = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-                        var receiving = ReceiveAsync(recipient, run, stats, cycle);
+                        var receiving = ReceiveAsync(recipient, queues, run, stats, cycle);
                         var sending = SendAsync(sender, queues, next, run, stats, cutAfter, cut, random.Next());
                         await cut.Task.WaitAsync(TimeSpan.FromSeconds(120), cancellationToken);
                         relay.Kill();
@@ -672,9 +672,9 @@ public partial class DurabilityE2ETests
     }
 
     /// <summary>Takes each delivery of the subscribed queues and ACKs it (pipelined, in delivery order), until the connection goes.</summary>
-    private static async Task ReceiveAsync(RelayConnection connection, PowerLossRun run, PowerLossCycle stats, int cycle)
+    private static async Task ReceiveAsync(RelayConnection connection, List<RecipientQueue> queues, PowerLossRun run, PowerLossCycle stats, int cycle)
     {
-        var lastId = new Dictionary<string, ulong>();
+        var lastId = new ulong[PowerLossQueues];
         var acks = new List<Task>();
         try
         {
@@ -685,16 +685,16 @@ public partial class DurabilityE2ETests
                     continue;
                 }
                 var body = Encoding.UTF8.GetString(d.Body);
-                int q = body.StartsWith('q') ? body[1] - '0' : -1;
-                var key = Convert.ToHexString(queue.RecipientId);
+                // The queue it came on, not the one its body names: Seen checks that they agree.
+                int q = queues.FindIndex(x => x.RecipientId.AsSpan().SequenceEqual(queue.RecipientId));
                 lock (run.Failures)
                 {
-                    if (lastId.TryGetValue(key, out var last) && d.MessageId <= last)
+                    if (d.MessageId <= lastId[q])
                     {
-                        run.Failures.Add($"cycle {cycle}: message id {d.MessageId} delivered after {last}");
+                        run.Failures.Add($"cycle {cycle}: queue {q} delivered message id {d.MessageId} after {lastId[q]}");
                     }
-                    lastId[key] = d.MessageId;
-                    run.Seen(q is >= 0 and < PowerLossQueues ? q : 0, d.MessageId, body, $"cycle {cycle}");
+                    lastId[q] = d.MessageId;
+                    run.Seen(q, d.MessageId, body, $"cycle {cycle}");
                     stats.Delivered++;
                 }
                 acks.Add(AckOneAsync(connection, queue, d.MessageId, body, run, stats, cycle));

@@ -476,7 +476,8 @@ public sealed class Messenger : IAsyncDisposable
                 return events;
             }
             c.ReceivedThrough = delivery.Delivery.MessageId;
-            if (c.LastAccepted is { } last && SHA256.HashData(envelope).AsSpan().SequenceEqual(last))
+            byte[] hash = SHA256.HashData(envelope);
+            if (c.LastAccepted is { } last && hash.AsSpan().SequenceEqual(last))
             {
                 // The envelope accepted last, stored again: the contact sent it again after its SEND's
                 // answer was lost (PROTOCOL.md §11.4). Processed already; acknowledged like a redelivery.
@@ -496,7 +497,7 @@ public sealed class Messenger : IAsyncDisposable
                 case EnvelopeError.None:
                     c.ReceiveChain = chain;
                     c.ReceiveCounter = expected;
-                    c.LastAccepted = SHA256.HashData(envelope);
+                    c.LastAccepted = hash;
                     if (skipped > 0) events.Add(new MessagesMissing(c.Name, skipped));
                     if (content.Length >= 1 && content[0] == ContentText)
                     {

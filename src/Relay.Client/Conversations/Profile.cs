@@ -186,22 +186,13 @@ public sealed class FileProfileStore : IProfileStore
         }
     }
 
-    private void Write(ProfileData profile)
-    {
-        var tmp = _path + ".tmp";
-        var options = new FileStreamOptions { Mode = FileMode.Create, Access = FileAccess.Write };
-        if (!OperatingSystem.IsWindows()) options.UnixCreateMode = Private;
-        using (var stream = new FileStream(tmp, options))
-        {
-            JsonSerializer.Serialize(stream, profile, ProfileJsonContext.Default.ProfileData);
-            stream.Flush(flushToDisk: true);
-        }
-        if (!OperatingSystem.IsWindows()) File.SetUnixFileMode(tmp, Private);
-        File.Move(tmp, _path, overwrite: true);
-        // The rename too, before anything this profile now says goes out: a power loss that took it
-        // back to the old profile would seal the next message with a message key already used.
-        DurableDirectory.Sync(_directory);
-    }
+    /// <summary>
+    /// Replaces profile.json durably (rename and directory included) before anything this profile now
+    /// says goes out: a power loss that took it back to the old profile would seal the next message
+    /// with a message key already used.
+    /// </summary>
+    private void Write(ProfileData profile) =>
+        DurableDirectory.WritePrivateFile(_path, stream => JsonSerializer.Serialize(stream, profile, ProfileJsonContext.Default.ProfileData), overwrite: true);
 
     /// <summary>An exclusive lock on profile.lock, waited for (another command may hold it briefly).</summary>
     private FileStream Lock()

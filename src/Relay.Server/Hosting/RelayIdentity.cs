@@ -73,22 +73,9 @@ public sealed class RelayIdentity : IDisposable
             serial[0] &= 0x7F;
             using var issued = request.Create(root, now.AddDays(-1), now.AddYears(99), serial);
             using var cert = issued.CopyWithPrivateKey(key);
-            var tmp = path + ".tmp";
-            var fileOptions = new FileStreamOptions { Mode = FileMode.Create, Access = FileAccess.Write };
-            if (!OperatingSystem.IsWindows())
-            {
-                // The identity key is readable by the relay's user only.
-                fileOptions.UnixCreateMode = UnixFileMode.UserRead | UnixFileMode.UserWrite;
-            }
-            using (var stream = new FileStream(tmp, fileOptions))
-            {
-                stream.Write(cert.Export(X509ContentType.Pkcs12));
-                stream.Flush(flushToDisk: true);
-            }
-            File.Move(tmp, path);
-            // The new name too: without it a power loss can take the identity, and the next start
-            // would make another one, with another relay address.
-            DurableDirectory.Sync(dataDirectory);
+            // Readable by the relay's user only; the new name durable too: without it a power loss
+            // can take the identity, and the next start would make another one (another address).
+            DurableDirectory.WritePrivateFile(path, stream => stream.Write(cert.Export(X509ContentType.Pkcs12)), overwrite: false);
             created = true;
         }
         byte[] pkcs12;
