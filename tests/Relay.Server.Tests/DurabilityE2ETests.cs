@@ -300,14 +300,7 @@ public partial class DurabilityE2ETests
             return false;
         }
 
-        public static int FreePort()
-        {
-            var l = new TcpListener(IPAddress.Loopback, 0);
-            l.Start();
-            int port = ((IPEndPoint)l.LocalEndpoint).Port;
-            l.Stop();
-            return port;
-        }
+        public static int FreePort() => TestPorts.Free();
 
         /// <summary>SIGKILL.</summary>
         public void Kill() => _process.Kill();
