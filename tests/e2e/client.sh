@@ -4,7 +4,7 @@
 # and with a wrong fingerprint; profile key-file permissions; and the seizure test (nothing from
 # the conversation, no key and no peer address in the relay's data directory or output).
 source "$(dirname "$0")/lib.sh"
-expect_checks 34
+expect_checks 35
 
 DATA=$E2E_TMP/relay
 PORT=$(free_port); ADMIN=$(free_port)
@@ -20,6 +20,11 @@ fi
 check "relay check succeeds" bash -c "'$RELAY' check '$ADDR' > '$E2E_TMP/check.out' && grep -q '^ok   delete' '$E2E_TMP/check.out'"
 check "relay check prints every step with its time" bash -c "for s in connect create secure send receive ack delete; do grep -Eq \"^ok   \$s +[0-9.]+ ms\" '$E2E_TMP/check.out' || exit 1; done"
 check "relay ping answers" bash -c "set -o pipefail; '$RELAY' ping '$ADDR' --count 2 | grep -q pong"
+# A port of this machine on which nothing listens, in the kernel's ephemeral range: in a network
+# namespace whose range is that one port, the client's connect can only connect to itself (a relay
+# restarting on that port would find it taken). The client says what is true: nothing listens there.
+SELF_ADDR=$(echo "$ADDR" | sed "s|:$PORT\$|:40001|")
+check "relay check of a port it would connect to itself on: connection refused, not a TLS error" unshare --net sh -c "ip link set lo up && echo '40001 40001' > /proc/sys/net/ipv4/ip_local_port_range && out=\$('$RELAY' check '$SELF_ADDR' 2>&1); rc=\$?; echo \"\$out\" > '$E2E_TMP/self.out'; [ \$rc = 1 ] && grep -q 'Connection refused' '$E2E_TMP/self.out' && ! grep -q TLS '$E2E_TMP/self.out'"
 MAIN_RELAY_PID=$RELAY_PID
 # A relay that stops answering (frozen with SIGSTOP while ping runs): ping gives up after --timeout.
 "$RELAY" ping "$ADDR" --count 1000000 --timeout 2 >"$E2E_TMP/ping.out" 2>"$E2E_TMP/ping.err" &

@@ -13,6 +13,14 @@
 //   /tmp/latency_floor forward 28700 [--fsync /var/tmp/floor] &      # the forwarder
 //   /tmp/latency_floor send 28700 5000 8                             # rate/s, seconds; 4+4 connections
 //
+// With `--logs N` (and --fsync) the forwarder hands each record to one of N logs, chosen by the
+// record's queue (the sender spreads records over 100 queues at random, as relay bench does), each
+// with a writer thread of its own that appends and fdatasyncs whatever its log has gathered, then
+// forwards it: N logs in parallel, a record waiting only for its own log's flush. `--logs 1` is the
+// same threads with one log, the fair baseline for N = 2 (a relay store of two logs):
+//
+//   /tmp/latency_floor forward 28700 --fsync /var/tmp/floor --logs 2 &
+//
 // The sender paces with clock_nanosleep on absolute deadlines, round-robin over 4 connections;
 // each record carries its CLOCK_MONOTONIC send time, and the receiver (4 connections, one epoll
 // thread) prints p50 / p99 / p99.9 / max in milliseconds and how many records arrived.
@@ -63,10 +71,48 @@ static void nodelay(int fd) {
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 }
 
+// ---- forwarder with N logs, each a writer thread ----
+enum { MAXLOGS = 8, PENDING = 1 << 16 };
+
+struct log {
+    int fd;
+    pthread_mutex_t lock;
+    pthread_cond_t ready;
+    size_t have;                    // bytes of whole records waiting for this log's next flush
+    char *pending, *flushing;       // PENDING records each, swapped by the writer
+};
+
+static int consumers_fd[LINKS];
+static pthread_mutex_t consumer_lock[LINKS];
+
+static void *log_writer(void *arg) {
+    struct log *l = arg;
+    for (;;) {
+        pthread_mutex_lock(&l->lock);
+        while (l->have == 0) pthread_cond_wait(&l->ready, &l->lock);
+        char *batch = l->pending;
+        size_t total = l->have;
+        l->pending = l->flushing;
+        l->flushing = batch;
+        l->have = 0;
+        pthread_mutex_unlock(&l->lock);
+        write_all(l->fd, batch, total);
+        if (fdatasync(l->fd) < 0) die("fdatasync");
+        for (size_t off = 0; off < total; off += RECORD) {
+            uint32_t to;
+            memcpy(&to, batch + off, 4);
+            pthread_mutex_lock(&consumer_lock[to % LINKS]);
+            write_all(consumers_fd[to % LINKS], batch + off, RECORD);
+            pthread_mutex_unlock(&consumer_lock[to % LINKS]);
+        }
+    }
+    return NULL;
+}
+
 // ---- forwarder ----
 struct conn { int fd; char role; int index; size_t have; char buf[RECORD * 64]; };
 
-_Noreturn static void forward(int port, const char *fsync_dir) {
+_Noreturn static void forward(int port, const char *fsync_dir, int logs) {
     int ls = socket(AF_INET, SOCK_STREAM, 0);
     int one = 1;
     setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -74,7 +120,22 @@ _Noreturn static void forward(int port, const char *fsync_dir) {
     if (bind(ls, (struct sockaddr *)&a, sizeof a) < 0) die("bind");
     if (listen(ls, 16) < 0) die("listen");
     int log = -1;
-    if (fsync_dir) {
+    static struct log lg[MAXLOGS];
+    if (fsync_dir && logs > 0) {
+        for (int i = 0; i < LINKS; i++) pthread_mutex_init(&consumer_lock[i], NULL);
+        for (int i = 0; i < logs; i++) {
+            char path[4096];
+            snprintf(path, sizeof path, "%s/latency_floor.%d.log", fsync_dir, i);
+            lg[i].fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND, 0600);
+            if (lg[i].fd < 0) die("open log");
+            pthread_mutex_init(&lg[i].lock, NULL);
+            pthread_cond_init(&lg[i].ready, NULL);
+            lg[i].pending = malloc((size_t)RECORD * PENDING);
+            lg[i].flushing = malloc((size_t)RECORD * PENDING);
+            pthread_t t;
+            pthread_create(&t, NULL, log_writer, &lg[i]);
+        }
+    } else if (fsync_dir) {
         char path[4096];
         snprintf(path, sizeof path, "%s/latency_floor.log", fsync_dir);
         log = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND, 0600);
@@ -91,7 +152,7 @@ _Noreturn static void forward(int port, const char *fsync_dir) {
             char hello[2];
             read_all(fd, hello, 2);
             c[i].fd = fd; c[i].role = hello[0]; c[i].index = hello[1] % LINKS;
-            if (c[i].role == 'C') consumers[c[i].index] = fd;
+            if (c[i].role == 'C') { consumers[c[i].index] = fd; consumers_fd[c[i].index] = fd; }
             else {
                 fcntl(fd, F_SETFL, O_NONBLOCK);
                 struct epoll_event e = { .events = EPOLLIN, .data.ptr = &c[i] };
@@ -118,6 +179,20 @@ _Noreturn static void forward(int port, const char *fsync_dir) {
                 p->have -= whole;
             }
             if (total == 0) continue;
+            if (logs > 0) {
+                for (size_t off = 0; off < total; off += RECORD) {
+                    uint32_t queue;
+                    memcpy(&queue, batch + off + 4, 4);
+                    struct log *l = &lg[queue % (uint32_t)logs];
+                    pthread_mutex_lock(&l->lock);
+                    if (l->have + RECORD > (size_t)RECORD * PENDING) die("log backlog");
+                    memcpy(l->pending + l->have, batch + off, RECORD);
+                    l->have += RECORD;
+                    pthread_cond_signal(&l->ready);
+                    pthread_mutex_unlock(&l->lock);
+                }
+                continue;
+            }
             if (log >= 0) {
                 write_all(log, batch, total);
                 if (fdatasync(log) < 0) die("fdatasync");
@@ -208,9 +283,10 @@ static int send_paced(int port, double rate, double seconds) {
         uint64_t due = start + (uint64_t)i * interval;
         struct timespec ts = { .tv_sec = (time_t)(due / 1000000000u), .tv_nsec = (long)(due % 1000000000u) };
         while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) { }
-        uint32_t to = (uint32_t)(i % LINKS);
+        uint32_t to = (uint32_t)(i % LINKS), queue = (uint32_t)(rand() % 100);
         uint64_t sent = now_ns();
         memcpy(rec, &to, 4);
+        memcpy(rec + 4, &queue, 4);
         memcpy(rec + 8, &sent, 8);
         write_all(producers[i % LINKS], rec, RECORD);
     }
@@ -224,10 +300,14 @@ static int send_paced(int port, double rate, double seconds) {
 }
 
 int main(int argc, char **argv) {
-    if (argc >= 3 && strcmp(argv[1], "forward") == 0)
-        forward(atoi(argv[2]), argc >= 5 && strcmp(argv[3], "--fsync") == 0 ? argv[4] : NULL);
+    if (argc >= 3 && strcmp(argv[1], "forward") == 0) {
+        const char *dir = argc >= 5 && strcmp(argv[3], "--fsync") == 0 ? argv[4] : NULL;
+        int logs = dir && argc >= 7 && strcmp(argv[5], "--logs") == 0 ? atoi(argv[6]) : 0;
+        if (logs < 0 || logs > MAXLOGS) { fprintf(stderr, "--logs: 1 to %d\n", MAXLOGS); return 2; }
+        forward(atoi(argv[2]), dir, logs);
+    }
     if (argc >= 5 && strcmp(argv[1], "send") == 0)
         return send_paced(atoi(argv[2]), atof(argv[3]), atof(argv[4]));
-    fprintf(stderr, "usage: latency_floor forward PORT [--fsync DIR] | latency_floor send PORT RATE SECONDS\n");
+    fprintf(stderr, "usage: latency_floor forward PORT [--fsync DIR [--logs N]] | latency_floor send PORT RATE SECONDS\n");
     return 2;
 }

@@ -4,13 +4,16 @@
 #   disk     disk_sync.py: 600-byte appends + fdatasync (the cost of one group commit's flush)
 #   floor    latency_floor.c without a disk: sender -> forwarder -> receiver, loopback TCP, 3 threads
 #   floor+fs latency_floor.c whose forwarder fdatasyncs every wake-up's records before forwarding
+#   1 log    the same, the forwarder's reads going on while a writer thread flushes (--logs 1)
+#   2 logs   the same with two logs flushed in parallel, each record in its queue's log (--logs 2):
+#            what a store of two logs would change on this disk
 #   relaxed  the relay without fsync (`--durability relaxed`), `relay bench --scenario paced`
 #   relay    the relay as issue 6 measures it (fsync before OK and before delivery)
 # all at RATE messages/s for SECONDS, the data on DIR's file system. The relay rows are `relay bench`
 # with its defaults: a relay binary whose bench has a warm-up (--warmup, 1 s) leaves it out of the
 # figures; the C floor has none.
 #
-#   paced_floor.sh N RELAY_BINARY [RATE] [SECONDS] [DIR]
+#   paced_floor.sh N RELAY_BINARY|- [RATE] [SECONDS] [DIR]      (-: the C rows only)
 #   bash bench/Relay.Benchmarks/scripts/paced_floor.sh 3 /tmp/rel/relay 5000 8 /var/tmp
 #
 # Prints one line per measurement: label, p50, p99, p99.9 in milliseconds.
@@ -67,6 +70,9 @@ for _ in $(seq "$n"); do
   python3 "$here/disk_sync.py" "$work" --count 3000 | awk '/^append/ { print "disk", $5, $9, $11 }'
   floor floor
   floor floor+fs --fsync "$work"
+  floor "1 log" --fsync "$work" --logs 1
+  floor "2 logs" --fsync "$work" --logs 2
+  [ "$relay" = - ] && continue
   relay_run relaxed --durability relaxed
   relay_run relay
 done

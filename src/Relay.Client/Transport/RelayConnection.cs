@@ -115,16 +115,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
             }
             else
             {
-                var tcp = new TcpClient { NoDelay = true };
-                try
-                {
-                    await tcp.ConnectAsync(host, address.Port, timeout.Token);
-                }
-                catch
-                {
-                    tcp.Dispose();
-                    throw;
-                }
+                var tcp = await TcpConnect.ConnectAsync(host, address.Port, timeout.Token);
                 stream = tcp.GetStream();
             }
         }

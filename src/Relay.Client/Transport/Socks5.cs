@@ -8,10 +8,10 @@ public static class Socks5
 {
     public static async Task<Stream> ConnectAsync(string proxyHost, int proxyPort, string host, int port, CancellationToken cancellationToken)
     {
-        var tcp = new TcpClient { NoDelay = true };
+        TcpClient? tcp = null;
         try
         {
-            await tcp.ConnectAsync(proxyHost, proxyPort, cancellationToken);
+            tcp = await TcpConnect.ConnectAsync(proxyHost, proxyPort, cancellationToken);
             var stream = tcp.GetStream();
             await stream.WriteAsync(new byte[] { 5, 1, 0 }, cancellationToken);
             var reply = new byte[2];
@@ -51,12 +51,12 @@ public static class Socks5
         }
         catch (Exception ex) when (ex is SocketException or IOException or EndOfStreamException)
         {
-            tcp.Dispose();
+            tcp?.Dispose();
             throw new RelayConnectException($"cannot reach the relay through the SOCKS5 proxy {proxyHost}:{proxyPort}: {ex.Message}", ex);
         }
         catch
         {
-            tcp.Dispose();
+            tcp?.Dispose();
             throw;
         }
     }
