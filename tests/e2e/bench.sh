@@ -7,7 +7,7 @@
 # One memory budget is (10,000 idle subscribed TLS connections within issue 6's 250 MB, as .ci/run
 # keeps the allocations per message within a budget): memory does not move with the VM's load.
 source "$(dirname "$0")/lib.sh"
-expect_checks 30
+expect_checks 32
 
 # json_ok FILE EXPECTED_MESSAGES [python condition on d]: the last stdout line is one JSON object
 # with the fields issue 6 names, nothing lost or duplicated, and the condition true.
@@ -162,5 +162,24 @@ disk_refuses() {
     [ "$rc" = 2 ] && echo "$err" | grep -q -- "--count must be at least 10"
 }
 check "disk_sync.py refuses a count below 10" disk_refuses
+
+# The C floor of PERFORMANCE.md's paced rounds: builds without warnings, and every record of a
+# short paced run comes through its forwarder with one log and with two logs flushed in parallel.
+FLOOR_SRC=$(dirname "$0")/../../bench/Relay.Benchmarks/scripts/latency_floor.c
+floor_ok() {
+    local logs=$1 port out rc=0
+    clang -O2 -Wall -Wextra -Werror -pthread -o "$E2E_TMP/latency_floor" "$FLOOR_SRC" || return 1
+    port=$(free_port)
+    "$E2E_TMP/latency_floor" forward "$port" --fsync "$E2E_TMP/disk" --logs "$logs" &
+    local forwarder=$!
+    # Listening, asked of the kernel: the forwarder takes any connection for one of its eight.
+    for _ in $(seq 100); do ss -Hltn "sport = :$port" | grep -q . && break; sleep 0.05; done
+    out=$("$E2E_TMP/latency_floor" send "$port" 2000 1) || rc=$?
+    kill "$forwarder"; wait "$forwarder" 2>/dev/null
+    rm -f "$E2E_TMP/disk"/latency_floor.*.log
+    [ "$rc" = 0 ] && echo "$out" | grep -q '^received 2000 of 2000  p50 '
+}
+check "latency_floor.c forwards every record of a paced run with one log" floor_ok 1
+check "latency_floor.c forwards every record of a paced run with two logs" floor_ok 2
 
 finish
