@@ -9,6 +9,7 @@
 # Prints one line per run: label, messages/s, relay CPU µs/msg, load generator CPU µs/msg, p50 ms, p99 ms.
 # Each binary runs its own load generator (`BINARY bench`).
 set -euo pipefail
+source "$(dirname "$0")/bench_relay.sh"
 n=$1; a=$2; b=$3; shift 3
 port=${PORT:-47623}
 work=$(mktemp -d)
@@ -19,22 +20,14 @@ trap '[ -z "$pid" ] || kill -TERM "$pid" 2> /dev/null || true; rm -rf "$work"' E
 
 run() {
   local bin=$1 env=$2 label=$3; shift 3
-  local data="$work/data" log="$work/serve.log"
-  # The log of the run before still names its relay's address: gone before this relay starts, so
-  # that the wait below cannot read it and connect before this relay listens.
-  rm -rf "$data" "$log"
-  "$bin" init --data "$data" --host 127.0.0.1 --port "$port" > /dev/null 2>&1
-  env $env "$bin" serve --data "$data" --listen "127.0.0.1:$port" --admin off --queue-max-messages 5000 \
-    --queue-max-bytes 100MB --max-connections-per-source 0 --queue-creation-rate 0 > "$log" 2>&1 &
-  pid=$!
-  for _ in $(seq 100); do grep -q 'relay://' "$log" && break; sleep 0.1; done
-  local address
-  address=$(grep -o 'relay://[^ ]*' "$log" | head -1)
-  if [ -z "$address" ]; then
-    echo "interleaved: $label: the relay was not ready in 10 s:" >&2
-    tail -5 "$log" >&2
+  local log="$work/serve.log"
+  if ! BENCH_ENV=$env start_bench_relay "$bin" "$work/data" "$log" "$port" off; then
+    pid=$BENCH_PID
+    echo "interleaved: $label: see above" >&2
     exit 1
   fi
+  pid=$BENCH_PID
+  local address=$BENCH_ADDRESS
   local json
   if ! json=$("$bin" bench "$address" --relay-pid "$pid" --json "$@" 2> "$work/bench.err" | tail -1); then
     echo "interleaved: $label: relay bench failed:" >&2

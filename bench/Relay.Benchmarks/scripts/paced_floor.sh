@@ -20,6 +20,7 @@
 set -euo pipefail
 n=$1; relay=$2; rate=${3:-5000}; seconds=${4:-8}; dir=${5:-/var/tmp}
 here=$(cd "$(dirname "$0")" && pwd)
+source "$here/bench_relay.sh"
 port=${PORT:-47623}
 work=$(mktemp -d "$dir/paced_floor.XXXXXX")
 pids=()
@@ -43,23 +44,15 @@ floor() {
 
 relay_run() {
   local label=$1; shift
-  local data="$work/data" log="$work/serve.log"
-  # The log of the run before still names its relay's address: gone before this relay starts, so
-  # that the wait below cannot read it and connect before this relay listens.
-  rm -rf "$data" "$log"
-  "$relay" init --data "$data" --host 127.0.0.1 --port "$port" > /dev/null 2>&1
-  "$relay" serve --data "$data" --listen "127.0.0.1:$port" --admin off --queue-max-messages 5000 \
-    --queue-max-bytes 100MB --max-connections-per-source 0 --queue-creation-rate 0 "$@" > "$log" 2>&1 &
-  local pid=$!
+  local log="$work/serve.log"
+  local ready=1
+  start_bench_relay "$relay" "$work/data" "$log" "$port" off "$@" || ready=0
+  local pid=$BENCH_PID
   pids+=("$pid")
-  for _ in $(seq 100); do
-    grep -q 'relay://' "$log" && break
-    kill -0 "$pid" 2> /dev/null || { echo "$label: relay serve exited: $(tail -1 "$log")"; return; }
-    sleep 0.1
-  done
+  [ "$ready" = 1 ] || { echo "$label: relay serve was not ready"; return; }
   local json
   # relay bench exits 1 when it saw a lost or duplicated message: the JSON says so, the run goes on.
-  json=$("$relay" bench "$(grep -o 'relay://[^ ]*' "$log" | head -1)" --relay-pid "$pid" --json \
+  json=$("$relay" bench "$BENCH_ADDRESS" --relay-pid "$pid" --json \
     --scenario paced --rate "$rate" --duration "$seconds" 2> /dev/null | tail -1) || true
   kill -TERM "$pid"; wait "$pid" || true
   python3 -c 'import json,sys; d=json.loads(sys.argv[2]); print(sys.argv[1], d["p50_ms"], d["p99_ms"], d["p999_ms"], "" if d["lost"] == d["duplicated"] == 0 else "lost %d duplicated %d" % (d["lost"], d["duplicated"]))' "$label" "$json" ||

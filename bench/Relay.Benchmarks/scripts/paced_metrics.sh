@@ -10,18 +10,18 @@
 #
 # Prints the load generator's p50/p99/p99.9 and the relay's CPU per message, then one line per histogram.
 set -euo pipefail
+source "$(dirname "$0")/bench_relay.sh"
 bin=$1; dir=$2; rate=${3:-5000}; seconds=${4:-8}
 port=${PORT:-47631}; admin=$((port + 1))
 work=$(mktemp -d -p "$dir")
 pid=
 trap '[ -z "$pid" ] || { kill -TERM "$pid" 2> /dev/null; wait "$pid" 2> /dev/null; }; rm -rf "$work"' EXIT
-"$bin" init --data "$work/data" --host 127.0.0.1 --port "$port" > /dev/null 2>&1
-"$bin" serve --data "$work/data" --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" --queue-max-messages 5000 \
-    --queue-max-bytes 100MB --max-connections-per-source 0 --queue-creation-rate 0 > "$work/serve.log" 2>&1 &
-pid=$!
-for _ in $(seq 100); do grep -q 'relay://' "$work/serve.log" && break; sleep 0.1; done
-address=$(grep -o 'relay://[^ ]*' "$work/serve.log" | head -1)
-[ -n "$address" ] || { echo "paced_metrics: the relay was not ready in 10 s" >&2; tail -5 "$work/serve.log" >&2; exit 1; }
+if ! start_bench_relay "$bin" "$work/data" "$work/serve.log" "$port" "127.0.0.1:$admin"; then
+  pid=$BENCH_PID
+  exit 1
+fi
+pid=$BENCH_PID
+address=$BENCH_ADDRESS
 "$bin" bench "$address" --relay-pid "$pid" --json --scenario paced --rate "$rate" --duration "$seconds" 2> /dev/null | tail -1 |
     python3 -c 'import json,sys; d=json.load(sys.stdin); print("end to end: p50", d["p50_ms"], "p99", d["p99_ms"], "p99.9", d["p999_ms"], "ms; relay CPU", d["relay_cpu_us_per_message"], "us/msg")'
 curl -fsS "http://127.0.0.1:$admin/metrics" | python3 -c '
