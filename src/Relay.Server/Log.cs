@@ -47,10 +47,36 @@ internal static partial class Log
     public static partial void ConnectionFailed(ILogger logger, string reason);
 
     [LoggerMessage(15, LogLevel.Warning, "Connection refused: {Reason}")]
-    public static partial void ConnectionRejected(ILogger logger, string reason);
+    private static partial void ConnectionRejected(ILogger logger, string reason);
+
+    [LoggerMessage(15, LogLevel.Warning, "Connection refused: {Reason} ({Left} more refusals for it since the last such line, not logged)")]
+    private static partial void ConnectionRejectedAgain(ILogger logger, string reason, long left);
+
+    /// <summary>Event 15, at most one line per reason every 10 s (a flood of connections must not flood the log; the metric counts each).</summary>
+    public static void ConnectionRejected(RelayServerContext context, string reason)
+    {
+        if (!context.ConnectionRefusalLog.TryLog(reason, out long left))
+        {
+            return;
+        }
+        if (left == 0)
+        {
+            ConnectionRejected(context.Logger, reason);
+        }
+        else
+        {
+            ConnectionRejectedAgain(context.Logger, reason, left);
+        }
+    }
 
     [LoggerMessage(16, LogLevel.Warning, "Accepting a connection failed: {Reason}")]
     public static partial void AcceptFailed(ILogger logger, string reason);
+
+    [LoggerMessage(16, LogLevel.Warning, "Accepting a connection failed: {Reason} ({Left} more failures since the last such line, not logged)")]
+    public static partial void AcceptFailedAgain(ILogger logger, string reason, long left);
+
+    [LoggerMessage(34, LogLevel.Warning, "The open files limit ({Soft}, hard limit {Hard}) leaves room for {Allowed} relay connections, fewer than --max-connections {Requested}: more are closed at once. Raise the limit to {Needed} (ulimit -n, systemd LimitNOFILE, docker run --ulimit nofile)")]
+    public static partial void OpenFilesLimit(ILogger logger, long soft, long hard, int allowed, int requested, long needed);
 
     [LoggerMessage(17, LogLevel.Error, "Answering a {Command} once its store write was done failed unexpectedly: {Error}; the request may stay unanswered")]
     public static partial void CompletionFailed(ILogger logger, string command, string error);

@@ -26,6 +26,12 @@ internal sealed class RelayServerContext(RelayServerOptions options, QueueStore 
     public Task<SslServerAuthenticationOptions> TlsOptions { get; } = tlsOptions ?? Task.FromResult(new SslServerAuthenticationOptions());
     public CancellationTokenSource Stopping { get; } = new();
 
+    /// <summary>
+    /// Relay connections served at once: <see cref="RelayServerOptions.MaxConnections"/>, or fewer when
+    /// the open files limit leaves room for fewer (<see cref="Hosting.OpenFiles"/>).
+    /// </summary>
+    public int ConnectionLimit { get; init; } = options.MaxConnections;
+
     /// <summary>The output buffers of all connections, counted against <see cref="RelayServerOptions.OutputMemoryBudget"/>.</summary>
     public SharedMemory Output { get; } = new(options.OutputMemoryBudget);
 
@@ -37,6 +43,9 @@ internal sealed class RelayServerContext(RelayServerOptions options, QueueStore 
 
     /// <summary>Event 20 (a store operation failed): at most one line per command every 10 s.</summary>
     public LogThrottle StoreFailureLog { get; } = new(options.Clock);
+
+    /// <summary>Event 15 (a connection refused by a limit): at most one line per reason every 10 s.</summary>
+    public LogThrottle ConnectionRefusalLog { get; } = new(options.Clock);
 
     /// <summary>Per-source connection count and queue-creation bucket; sources live only here, in memory.</summary>
     public SourceLimiter Sources { get; } = new(options.MaxConnectionsPerSource, options.QueueCreationRate,

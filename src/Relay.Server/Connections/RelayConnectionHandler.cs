@@ -99,7 +99,7 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
     /// <summary>Takes a connection slot; false (the refusal counted and logged) when the relay is full or stopping.</summary>
     private bool TryAdmit()
     {
-        if (Interlocked.Increment(ref _open) <= context.Options.MaxConnections && !context.Stopping.IsCancellationRequested)
+        if (Interlocked.Increment(ref _open) <= context.ConnectionLimit && !context.Stopping.IsCancellationRequested)
         {
             return true;
         }
@@ -111,7 +111,7 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
     private void Refuse(string reason)
     {
         context.Metrics.ConnectionRejected(reason);
-        Log.ConnectionRejected(context.Logger, reason);
+        Log.ConnectionRejected(context, reason);
     }
 
     // Not async: one state machine fewer per connection (the session counts itself open).

@@ -20,6 +20,8 @@ internal sealed class RelayListener
     private readonly Socket _socket;
     private readonly RelayConnectionHandler _handler;
     private readonly ILogger _logger;
+    /// <summary>Event 16: at most one line per socket error every 10 s.</summary>
+    private readonly LogThrottle _acceptFailureLog = new(TimeProvider.System);
     private readonly long _idleMilliseconds;
     private readonly Action<ClientStream> _untrack;
     private Timer? _idleSweep;
@@ -111,8 +113,13 @@ internal sealed class RelayListener
                 {
                     return;
                 }
-                // Out of file descriptors and the like: the next accept may succeed; do not spin.
-                Log.AcceptFailed(_logger, ex.SocketErrorCode.ToString());
+                // Out of file descriptors and the like: the next accept may succeed; do not spin, and
+                // do not log the same failure twenty times a second.
+                if (_acceptFailureLog.TryLog(ex.SocketErrorCode.ToString(), out long left))
+                {
+                    if (left == 0) Log.AcceptFailed(_logger, ex.SocketErrorCode.ToString());
+                    else Log.AcceptFailedAgain(_logger, ex.SocketErrorCode.ToString(), left);
+                }
                 await Task.Delay(50);
                 continue;
             }

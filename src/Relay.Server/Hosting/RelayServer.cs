@@ -111,6 +111,15 @@ public sealed class RelayServer : IAsyncDisposable
             throw new ArgumentException(
                 $"MaxMessage {options.MaxMessage} does not fit a delivery into MaxFrame {options.MaxFrame}: at most {largestMessage}", nameof(options));
         }
+        // Before the store opens its files: connections must not take the descriptors it needs.
+        var openFiles = OpenFiles.Raise(options.MaxConnections);
+        int connectionLimit = OpenFiles.ConnectionsAllowed(openFiles, options.MaxConnections);
+        if (connectionLimit == 0)
+        {
+            throw new InvalidOperationException(
+                $"the open files limit ({openFiles!.Value.Soft}, hard limit {openFiles.Value.Hard}) leaves no room for relay connections: " +
+                $"the store and the admin listener keep up to {OpenFiles.Reserved} files open; raise it (ulimit -n, LimitNOFILE) to at least {OpenFiles.Reserved + 64}");
+        }
         DurableDirectory.Create(options.DataDirectory);
         var identityTask = Task.Run(() =>
         {
@@ -188,7 +197,7 @@ public sealed class RelayServer : IAsyncDisposable
 
             // The logger category is the product, not a type name: operators filter on "Relay".
             var loggerHolder = new LoggerHolder();
-            var context = new RelayServerContext(options, store, metrics, loggerHolder, tls);
+            var context = new RelayServerContext(options, store, metrics, loggerHolder, tls) { ConnectionLimit = connectionLimit };
             store.DiskFullChanged += full =>
             {
                 if (full) Log.DiskFull(context.Logger);
@@ -231,6 +240,11 @@ public sealed class RelayServer : IAsyncDisposable
             else if (RelayIdentity.ExposedMode(options.DataDirectory) is { } mode)
             {
                 Log.IdentityExposed(context.Logger, RelayIdentity.PathIn(options.DataDirectory), mode);
+            }
+            if (connectionLimit < options.MaxConnections)
+            {
+                Log.OpenFilesLimit(context.Logger, openFiles!.Value.Soft, openFiles.Value.Hard, connectionLimit, options.MaxConnections,
+                    (long)options.MaxConnections + OpenFiles.Reserved);
             }
             Log.StoreOpened(context.Logger, options.Durable ? "durable: every acknowledged write is fsynced" : "relaxed: no fsync");
             server._ready = true;

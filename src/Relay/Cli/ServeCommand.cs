@@ -27,6 +27,11 @@ public static class ServeCommand
         var options = settings.Server;
 
         CheckDataDirectory(options.DataDirectory);
+        if (OpenFiles.Raise(options.MaxConnections) is { } limit && OpenFiles.ConnectionsAllowed(limit, options.MaxConnections) == 0)
+        {
+            throw new UsageException($"--max-connections: the open files limit ({limit.Soft}, hard limit {limit.Hard}) leaves no room for relay " +
+                $"connections: the store and the admin listener keep up to {OpenFiles.Reserved} files open; raise it (ulimit -n, LimitNOFILE) to at least {OpenFiles.Reserved + 64}");
+        }
         CheckPortFree("--listen", options.Listen);
         if (options.Admin != null)
         {
