@@ -14,9 +14,13 @@ public static partial class OpenFiles
 {
     /// <summary>
     /// Descriptors kept for everything but relay connections: RocksDB's table files (it keeps at most
-    /// 512 open), its log, manifest and info log, the admin listener's connections, the runtime's own.
+    /// 512 open), its log, manifest and info log, the admin listener's connections (at most
+    /// <see cref="AdminConnections"/>), the runtime's own.
     /// </summary>
     public const int Reserved = 768;
+
+    /// <summary>Concurrent connections of the admin listener (health checks and scrapes need a few); more are closed at once.</summary>
+    public const int AdminConnections = 64;
 
     /// <summary>The limit after raising it, as (soft, hard); null where it cannot be read (not Linux).</summary>
     public readonly record struct Limit(long Soft, long Hard);

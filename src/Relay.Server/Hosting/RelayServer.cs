@@ -214,6 +214,9 @@ public sealed class RelayServer : IAsyncDisposable
                 builder.WebHost.ConfigureKestrel(k =>
                 {
                     k.AddServerHeader = false;
+                    // Part of the descriptors OpenFiles.Reserved keeps: a flood of the admin port
+                    // (one exposed for a remote Prometheus) cannot take the store's.
+                    k.Limits.MaxConcurrentConnections = OpenFiles.AdminConnections;
                     k.Listen(options.Admin, lo =>
                     {
                         adminListen = lo;
