@@ -112,6 +112,8 @@ public static class BenchCommand
                 MaxInFlightBytesPerConnection = (int)Math.Min(int.MaxValue, Math.Max(1L << 20, 2L * options.Window * options.Size)),
                 // Every bench connection comes from loopback: the per-source limits would cap the load.
                 MaxConnectionsPerSource = 0,
+                // The bench's own connections and a margin: no open files limit to raise for 20,000.
+                MaxConnections = options.Producers + options.Consumers + 64,
                 QueueCreationRate = 0,
             }, logging => logging.SetMinimumLevel(LogLevel.Warning).AddSimpleConsole(o => o.SingleLine = true));
             address = local.Address;
