@@ -51,6 +51,11 @@ public static partial class OpenFiles
     public static int ConnectionsAllowed(Limit? limit, int maxConnections) =>
         limit is { } l ? (int)Math.Clamp(l.Soft - Reserved, 0, maxConnections) : maxConnections;
 
+    /// <summary>Why a limit that leaves no room for connections (<see cref="ConnectionsAllowed"/> 0) stops the start.</summary>
+    public static string NoRoom(Limit limit) =>
+        $"the open files limit ({limit.Soft}, hard limit {limit.Hard}) leaves no room for relay connections: the store and the " +
+        $"admin listener keep up to {Reserved} files open; raise it (ulimit -n, LimitNOFILE) to at least {Reserved + 64}";
+
     private static long Clamp(ulong value) => value > long.MaxValue ? long.MaxValue : (long)value;
 
     private const int RLimitNoFile = 7;   // RLIMIT_NOFILE on Linux x86-64 and arm64

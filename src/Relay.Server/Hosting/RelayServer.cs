@@ -116,9 +116,7 @@ public sealed class RelayServer : IAsyncDisposable
         int connectionLimit = OpenFiles.ConnectionsAllowed(openFiles, options.MaxConnections);
         if (connectionLimit == 0)
         {
-            throw new InvalidOperationException(
-                $"the open files limit ({openFiles!.Value.Soft}, hard limit {openFiles.Value.Hard}) leaves no room for relay connections: " +
-                $"the store and the admin listener keep up to {OpenFiles.Reserved} files open; raise it (ulimit -n, LimitNOFILE) to at least {OpenFiles.Reserved + 64}");
+            throw new InvalidOperationException(OpenFiles.NoRoom(openFiles!.Value));
         }
         DurableDirectory.Create(options.DataDirectory);
         var identityTask = Task.Run(() =>

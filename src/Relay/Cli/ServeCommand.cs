@@ -29,8 +29,7 @@ public static class ServeCommand
         CheckDataDirectory(options.DataDirectory);
         if (OpenFiles.Raise(options.MaxConnections) is { } limit && OpenFiles.ConnectionsAllowed(limit, options.MaxConnections) == 0)
         {
-            throw new UsageException($"--max-connections: the open files limit ({limit.Soft}, hard limit {limit.Hard}) leaves no room for relay " +
-                $"connections: the store and the admin listener keep up to {OpenFiles.Reserved} files open; raise it (ulimit -n, LimitNOFILE) to at least {OpenFiles.Reserved + 64}");
+            throw new UsageException("--max-connections: " + OpenFiles.NoRoom(limit));
         }
         CheckPortFree("--listen", options.Listen);
         if (options.Admin != null)
