@@ -6,7 +6,7 @@
 # failed from then on (INTERNAL) until a restart. The relay raises its soft limit for
 # --max-connections, closes connections beyond what the limit leaves at once, and says so.
 source "$(dirname "$0")/lib.sh"
-expect_checks 14
+expect_checks 15
 
 # start_limited NAME NOFILE [serve args...]: the relay under prlimit --nofile=NOFILE (SOFT:HARD),
 # sets PORT, ADMIN, ADDR and RELAY_PID; waits for /readyz.
@@ -99,6 +99,7 @@ check "the flood's connections beyond the limit were closed at once (800 of 1,10
 check "relay bench through the flood: every message once, none lost (exit 0)" bash -c "[ $BENCH_RC = 0 ] && tail -1 '$E2E_TMP/bench.json' | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d[\"lost\"] == 0 and d[\"duplicated\"] == 0 and d[\"messages\"] > 0, d'"
 check "relay check passes after the flood (the store writes)" "$RELAY" check "$ADDR" --timeout 30
 check "no store failure (event 20) and no failed accept (event 16) in the log" bash -c "! grep -Eq 'Relay\[(20|16)\]' '$E2E_TMP/capped.log'"
+check "relay_connections_limit says 232" bash -c "curl -fsS http://127.0.0.1:$ADMIN/metrics | grep -qx 'relay_connections_limit 232'"
 check "the refusals are counted: relay_connections_rejected_total{reason=\"max_connections\"}" bash -c \
     "curl -fsS http://127.0.0.1:$ADMIN/metrics | awk -F' ' '/^relay_connections_rejected_total\\{reason=\"max_connections\"\\}/ { n = \$2 } END { exit !(n >= 800) }'"
 check "and logged at most once per 10 s (event 15), not once each" bash -c "n=\$(grep -c 'Relay\[15\]' '$E2E_TMP/capped.log'); [ \"\$n\" -ge 1 ] && [ \"\$n\" -le 3 ]"

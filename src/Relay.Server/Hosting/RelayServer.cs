@@ -202,6 +202,7 @@ public sealed class RelayServer : IAsyncDisposable
                 else Log.DiskNotFull(context.Logger);
             };
             metrics.BindMemory(context.Output, context.InFlight, context.Keys);
+            metrics.BindConnectionLimit(connectionLimit);
             var handler = new RelayConnectionHandler(context);
 
             // Bound before the host starts, so that a taken port fails the start; accepting starts once ready to serve.

@@ -82,6 +82,7 @@ public sealed class RelayMetrics
     private readonly Gauge _loadedQueues;
     private readonly Gauge _newQueuesEnabled;
     private readonly Counter _queuesCreated;
+    private readonly Gauge _connectionsLimit;
     private readonly Counter _queuesDeleted;
     private readonly Counter _messagesExpired;
     private readonly Counter _deliveryReads;
@@ -98,6 +99,8 @@ public sealed class RelayMetrics
         var f = Prometheus.Metrics.WithCustomRegistry(Registry);
         DotNetStats.Register(Registry);
         _connectionsOpen = f.CreateGauge("relay_connections_open", "Relay connections currently open.");
+        _connectionsLimit = f.CreateGauge("relay_connections_limit",
+            "Relay connections served at once: --max-connections, or fewer when the open files limit leaves room for fewer.");
         _connectionsAccepted = f.CreateCounter("relay_connections_accepted_total", "Relay connections accepted.");
         _connectionsRejected = f.CreateCounter("relay_connections_rejected_total", "Relay connections closed at once by a limit.", "reason");
         _handshakes = f.CreateCounter("relay_handshakes_total", "Handshakes by result: ok, or the reason of the failure.", "result");
@@ -160,6 +163,9 @@ public sealed class RelayMetrics
         _store = store;
         _diskBudget.Set(options.DiskBudgetBytes);
     }
+
+    /// <summary>The relay connections served at once (<see cref="RelayServerContext.ConnectionLimit"/>).</summary>
+    internal void BindConnectionLimit(int limit) => _connectionsLimit.Set(limit);
 
     /// <summary>Reads the connections' output, in-flight and key memory at every scrape.</summary>
     internal void BindMemory(SharedMemory output, SharedMemory inFlight, SharedMemory keys)
