@@ -53,27 +53,18 @@ internal static partial class Log
     private static partial void ConnectionRejectedAgain(ILogger logger, string reason, long left);
 
     /// <summary>Event 15, at most one line per reason every 10 s (a flood of connections must not flood the log; the metric counts each).</summary>
-    public static void ConnectionRejected(RelayServerContext context, string reason)
-    {
-        if (!context.ConnectionRefusalLog.TryLog(reason, out long left))
-        {
-            return;
-        }
-        if (left == 0)
-        {
-            ConnectionRejected(context.Logger, reason);
-        }
-        else
-        {
-            ConnectionRejectedAgain(context.Logger, reason, left);
-        }
-    }
+    public static void ConnectionRejected(RelayServerContext context, string reason) =>
+        context.ConnectionRefusalLog.Write(reason, context.Logger, reason, ConnectionRejected, ConnectionRejectedAgain);
 
     [LoggerMessage(16, LogLevel.Warning, "Accepting a connection failed: {Reason}")]
-    public static partial void AcceptFailed(ILogger logger, string reason);
+    private static partial void AcceptFailed(ILogger logger, string reason);
 
     [LoggerMessage(16, LogLevel.Warning, "Accepting a connection failed: {Reason} ({Left} more failures since the last such line, not logged)")]
-    public static partial void AcceptFailedAgain(ILogger logger, string reason, long left);
+    private static partial void AcceptFailedAgain(ILogger logger, string reason, long left);
+
+    /// <summary>Event 16, at most one line per socket error every 10 s (out of descriptors, the accept loop retries every 50 ms).</summary>
+    public static void AcceptFailed(LogThrottle throttle, ILogger logger, string reason) =>
+        throttle.Write(reason, logger, reason, AcceptFailed, AcceptFailedAgain);
 
     [LoggerMessage(34, LogLevel.Warning, "The open files limit ({Soft}, hard limit {Hard}) leaves room for {Allowed} relay connections, fewer than --max-connections {Requested}: more are closed at once. Raise the limit to {Needed} (ulimit -n, systemd LimitNOFILE, docker run --ulimit nofile)")]
     public static partial void OpenFilesLimit(ILogger logger, long soft, long hard, int allowed, int requested, long needed);
@@ -88,21 +79,10 @@ internal static partial class Log
     private static partial void StoreFailedAgain(ILogger logger, string command, string error, long left);
 
     /// <summary>Event 20, at most once per command every <see cref="LogThrottle.Interval"/> (a failing disk fails every request).</summary>
-    public static void StoreFailed(RelayServerContext context, string command, Exception ex)
-    {
-        if (!context.StoreFailureLog.TryLog(command, out long left))
-        {
-            return;
-        }
-        if (left == 0)
-        {
-            StoreFailed(context.Logger, command, Reason(ex));
-        }
-        else
-        {
-            StoreFailedAgain(context.Logger, command, Reason(ex), left);
-        }
-    }
+    public static void StoreFailed(RelayServerContext context, string command, Exception ex) =>
+        context.StoreFailureLog.Write(command, context.Logger, (Command: command, Error: ex),
+            static (logger, s) => StoreFailed(logger, s.Command, Reason(s.Error)),
+            static (logger, s, left) => StoreFailedAgain(logger, s.Command, Reason(s.Error), left));
 
     [LoggerMessage(28, LogLevel.Error, "The store's disk is full (no space left on device): NEW and SEND answer FULL and other writes fail until space is free again; every acknowledged message is kept")]
     public static partial void DiskFull(ILogger logger);

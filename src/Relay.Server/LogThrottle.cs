@@ -1,3 +1,5 @@
+using Microsoft.Extensions.Logging;
+
 namespace Relay.Server;
 
 /// <summary>
@@ -12,8 +14,29 @@ internal sealed class LogThrottle(TimeProvider clock)
 
     private readonly Dictionary<string, (long At, long Left)> _keys = new(StringComparer.Ordinal);
 
+    /// <summary>
+    /// Writes the line for <paramref name="key"/> when one may be written now: <paramref name="first"/>
+    /// when none was left out since the last one, else <paramref name="again"/> with how many were.
+    /// (Pass static methods or lambdas: their delegates are cached, so a refusal costs no allocation.)
+    /// </summary>
+    public void Write<T>(string key, ILogger logger, T state, Action<ILogger, T> first, Action<ILogger, T, long> again)
+    {
+        if (!TryLog(key, out long left))
+        {
+            return;
+        }
+        if (left == 0)
+        {
+            first(logger, state);
+        }
+        else
+        {
+            again(logger, state, left);
+        }
+    }
+
     /// <summary>True when a line for <paramref name="key"/> may be written now; <paramref name="left"/>: the lines left out since the last one.</summary>
-    public bool TryLog(string key, out long left)
+    private bool TryLog(string key, out long left)
     {
         long now = clock.GetTimestamp();
         lock (_keys)

@@ -115,11 +115,7 @@ internal sealed class RelayListener
                 }
                 // Out of file descriptors and the like: the next accept may succeed; do not spin, and
                 // do not log the same failure twenty times a second.
-                if (_acceptFailureLog.TryLog(ex.SocketErrorCode.ToString(), out long left))
-                {
-                    if (left == 0) Log.AcceptFailed(_logger, ex.SocketErrorCode.ToString());
-                    else Log.AcceptFailedAgain(_logger, ex.SocketErrorCode.ToString(), left);
-                }
+                Log.AcceptFailed(_acceptFailureLog, _logger, ex.SocketErrorCode.ToString());
                 await Task.Delay(50);
                 continue;
             }
