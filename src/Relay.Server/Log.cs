@@ -66,6 +66,12 @@ internal static partial class Log
     public static void AcceptFailed(LogThrottle throttle, ILogger logger, string reason) =>
         throttle.Write(reason, logger, reason, AcceptFailed, AcceptFailedAgain);
 
+    [LoggerMessage(35, LogLevel.Information, "Backup made in {Path}: {Files} files, {Bytes} bytes, {Seconds:0.000} s")]
+    public static partial void BackupMade(ILogger logger, string path, int files, long bytes, double seconds);
+
+    [LoggerMessage(36, LogLevel.Error, "Backup failed: {Reason}; nothing of it was left")]
+    public static partial void BackupFailed(ILogger logger, string reason);
+
     [LoggerMessage(34, LogLevel.Warning, "The open files limit ({Soft}, hard limit {Hard}) leaves room for {Allowed} relay connections, fewer than --max-connections {Requested}: more are closed at once. Raise the limit to {Needed} (ulimit -n, systemd LimitNOFILE, docker run --ulimit nofile)")]
     public static partial void OpenFilesLimit(ILogger logger, long soft, long hard, int allowed, int requested, long needed);
 

@@ -51,6 +51,11 @@ internal sealed class RelayServerContext(RelayServerOptions options, QueueStore 
     public SourceLimiter Sources { get; } = new(options.MaxConnectionsPerSource, options.QueueCreationRate,
         options.QueueCreationBurst, options.Clock);
 
+    private Hosting.RelayBackups? _backups;
+
+    /// <summary>Backups of the store and identity (<c>POST /admin/backup</c>), one at a time.</summary>
+    public Hosting.RelayBackups Backups => LazyInitializer.EnsureInitialized(ref _backups, () => new Hosting.RelayBackups(this));
+
     /// <summary>Constant-time check of the queue-creation password (empty when none is configured).</summary>
     public bool CheckCreatePassword(ReadOnlySpan<byte> password)
     {

@@ -143,6 +143,12 @@ public sealed class RelayServerOptions
     public bool AllowNewQueues { get => Volatile.Read(ref _allowNewQueues); set => Volatile.Write(ref _allowNewQueues, value); }
     private bool _allowNewQueues = true;
 
+    /// <summary>
+    /// Where <c>POST /admin/backup</c> makes its backups, one directory each; null: <c>backups</c> in
+    /// the data directory. On the store's file system a backup hard-links the store's table files.
+    /// </summary>
+    public string? BackupDirectory { get; set; }
+
     /// <summary>How often the relay sweeps expired messages and idle queues (and counts them in metrics).</summary>
     public TimeSpan SweepInterval { get; set; } = TimeSpan.FromMinutes(10);
 

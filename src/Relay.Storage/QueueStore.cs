@@ -11,7 +11,9 @@ namespace Relay.Storage;
 //             idle queue handles are evicted from memory. Message ids of a queue handle start at
 //             max(last stored id + 1, epoch << 32), so ids are never reused by a queue, not even
 //             after every message was acknowledged and the relay restarted, without writing
-//             anything per message besides the message itself.
+//             anything per message besides the message itself. A backup's copy is
+//             BackupEpochMargin (2^24) epochs ahead: a store started from it never gives an id that
+//             the store it was copied from gave after the backup.
 //   queues    recipientId(24) → u8 version (1) ‖ u8 status (bit 0 secured, bit 1 suspended)
 //             ‖ senderId(24) ‖ recipientKey(32) ‖ deliveryKey(32) ‖ senderKey(32, zeros while
 //             unsecured) ‖ u32 createdHour ‖ u32 lastActiveHour                      (130 bytes)

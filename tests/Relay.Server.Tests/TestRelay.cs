@@ -32,6 +32,14 @@ public sealed class TestRelay : IAsyncDisposable
         return relay;
     }
 
+    /// <summary>A relay on port 0 serving <paramref name="dataDirectory"/> as it is (kept on dispose).</summary>
+    public static async Task<TestRelay> StartInAsync(string dataDirectory, Action<RelayServerOptions>? configure = null)
+    {
+        var relay = new TestRelay(dataDirectory, configure) { OwnsDirectory = false };
+        await relay.StartServerAsync(0);
+        return relay;
+    }
+
     private async Task StartServerAsync(int port)
     {
         var options = new RelayServerOptions

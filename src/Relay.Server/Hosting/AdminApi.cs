@@ -17,6 +17,8 @@ namespace Relay.Server.Hosting;
 /// <item>GET /admin/queue-creation: <c>{"enabled": true|false}</c>.</item>
 /// <item>POST /admin/queue-creation with <c>{"enabled": false}</c>: flips the new-queues switch at
 /// runtime (NEW answers DISABLED; existing queues keep working). Not persisted across restarts.</item>
+/// <item>POST /admin/backup: makes a backup (<see cref="RelayBackups"/>) and answers where, or 409
+/// while another is being made, or 500 with the reason it failed.</item>
 /// </list>
 /// </summary>
 internal static class AdminApi
@@ -86,6 +88,29 @@ internal static class AdminApi
             }
             await ctx.Response.WriteAsJsonAsync(new QueueCreationSwitch { Enabled = options.AllowNewQueues }, AdminJsonContext.Default.QueueCreationSwitch);
         }));
+        app.MapPost(Prefix + "/backup", (RequestDelegate)(ctx => Backup(ctx, context.Backups)));
+    }
+
+    private static async Task Backup(HttpContext ctx, RelayBackups backups)
+    {
+        BackupResult? made;
+        try
+        {
+            made = await backups.CreateAsync();
+        }
+        catch (BackupException e)
+        {
+            ctx.Response.StatusCode = StatusCodes.Status500InternalServerError;
+            await ctx.Response.WriteAsJsonAsync(new AdminError { Error = "backup failed: " + e.Message }, AdminJsonContext.Default.AdminError);
+            return;
+        }
+        if (made is null)
+        {
+            ctx.Response.StatusCode = StatusCodes.Status409Conflict;
+            await ctx.Response.WriteAsJsonAsync(new AdminError { Error = "a backup is being made; try again when it is done" }, AdminJsonContext.Default.AdminError);
+            return;
+        }
+        await ctx.Response.WriteAsJsonAsync(made, AdminJsonContext.Default.BackupResult);
     }
 
     /// <summary>Constant-time comparison of the bearer token (hashes of equal length, whatever was sent).</summary>

@@ -95,6 +95,9 @@ public sealed class RelayServer : IAsyncDisposable
         _logger = context.Logger;
     }
 
+    /// <summary>The backups <c>POST /admin/backup</c> makes.</summary>
+    internal RelayBackups Backups => _context.Backups;
+
     /// <summary>
     /// Opens the store, binds both listeners and starts serving. Throws when a port is taken, the store
     /// cannot open, or the identity cannot make the TLS certificate (<see cref="InvalidDataException"/>).

@@ -42,4 +42,12 @@ public sealed class QueueCreationSwitch
 [JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.SnakeCaseLower, WriteIndented = true)]
 [JsonSerializable(typeof(AdminStats))]
 [JsonSerializable(typeof(QueueCreationSwitch))]
+[JsonSerializable(typeof(Relay.Server.Hosting.BackupResult))]
+[JsonSerializable(typeof(AdminError))]
 public sealed partial class AdminJsonContext : JsonSerializerContext;
+
+/// <summary>An admin API request that could not be done: what went wrong, in words.</summary>
+public sealed class AdminError
+{
+    public required string Error { get; init; }
+}

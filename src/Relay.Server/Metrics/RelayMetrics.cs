@@ -60,6 +60,8 @@ public sealed class RelayMetrics
     private readonly Counter _sweepFailures;
     private readonly Histogram _sweepSeconds;
     private readonly Counter _reclaims;
+    private readonly Counter _backups;
+    private readonly Gauge _lastBackup;
     private readonly Counter _evicted;
     private readonly Gauge _outputMemory;
     private readonly Gauge _outputMemoryBudget;
@@ -125,6 +127,10 @@ public sealed class RelayMetrics
         _sweepSeconds = f.CreateHistogram("relay_store_sweep_seconds", "Duration of one expiry sweep.",
             new HistogramConfiguration { Buckets = Histogram.ExponentialBuckets(0.001, 4, 10) });
         _messagesExpired = f.CreateCounter("relay_messages_expired_total", "Messages deleted because they outlived the message TTL.");
+        _backups = f.CreateCounter("relay_backups_total", "Backups made through the admin API, by result: ok or failed.", "result");
+        _backups.WithLabels("ok");      // both series from the start, so that an alert on "failed" sees its increase
+        _backups.WithLabels("failed");
+        _lastBackup = f.CreateGauge("relay_backup_last_success_timestamp_seconds", "Unix time of the last backup made (0: none since the relay started).");
         _reclaims = f.CreateCounter("relay_store_reclaims_total", "Flush-and-compaction runs started because the store was over its disk budget.");
         _evicted = f.CreateCounter("relay_store_handles_evicted_total", "Idle queue handles dropped from memory.");
         _queues = f.CreateGauge("relay_store_queues", "Queues stored (RocksDB estimate).");
@@ -274,6 +280,14 @@ public sealed class RelayMetrics
         _quietCollectionPause.Inc(pauseSeconds);
     }
     public void Reclaimed() => _reclaims.Inc();
+
+    public void BackupMade(DateTimeOffset now)
+    {
+        _backups.WithLabels("ok").Inc();
+        _lastBackup.Set(now.ToUnixTimeSeconds());
+    }
+
+    public void BackupFailed() => _backups.WithLabels("failed").Inc();
     public void Evicted(int count) => _evicted.Inc(count);
 
     public void ConnectionOpened()

@@ -69,6 +69,13 @@ internal static unsafe partial class RocksDbNative
     [LibraryImport(Lib)] public static partial void rocksdb_column_family_handle_destroy(nint cf);
     [LibraryImport(Lib)] public static partial void rocksdb_flush_cf(nint db, nint flushOptions, nint cf, nint* errptr);
     [LibraryImport(Lib)] public static partial void rocksdb_free(nint ptr);
+
+    // --- checkpoint (an openable copy of the database: table files hard-linked, the rest copied) ---
+    [LibraryImport(Lib)] public static partial nint rocksdb_checkpoint_object_create(nint db, nint* errptr);
+    /// <summary>logSizeForFlush 0: the memtables are flushed first, so the copy needs little of the log.</summary>
+    [LibraryImport(Lib, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial void rocksdb_checkpoint_create(nint checkpoint, string checkpointDir, ulong logSizeForFlush, nint* errptr);
+    [LibraryImport(Lib)] public static partial void rocksdb_checkpoint_object_destroy(nint checkpoint);
     /// <summary>Null start and limit: the whole column family.</summary>
     [LibraryImport(Lib)] public static partial void rocksdb_compact_range_cf(nint db, nint cf, byte* start, nuint startLength, byte* limit, nuint limitLength);
     /// <summary>Null when the property is unknown, else a malloc()ed string to free with rocksdb_free.</summary>

@@ -99,6 +99,8 @@ public sealed class ServeSettings
             (s, v, src) => s.Server.AdminToken = v.Length == 0 ? null
                 : v.Length >= 16 && !v.Any(char.IsWhiteSpace) && !v.Any(char.IsControl) ? v
                 : throw new UsageException($"{src} must be at least 16 characters without spaces (e.g. from: openssl rand -hex 32)")),
+        new("backup-dir", "DIR", "DATA/backups", "where POST /admin/backup makes its backups, one directory each (on the store's file system its table files are hard-linked, not copied)",
+            (s, v, _) => s.Server.BackupDirectory = v.Length == 0 ? null : v),
         new("shutdown-timeout", "DURATION", "10s", "on SIGTERM/SIGINT, time connections get to finish what is in flight before they are aborted",
             (s, v, src) => s.Server.ShutdownTimeout = ParseDuration(src, v, TimeSpan.Zero)),
         new("store-failure-timeout", "DURATION", "60s", "when every store write has failed this long (an I/O error, not a full disk, which passes by itself), the relay exits with 1 so that its service manager restarts it and the store recovers from its log (0: keep running)",

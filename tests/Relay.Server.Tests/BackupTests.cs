@@ -1,0 +1,159 @@
+using System.Net;
+using System.Text;
+using System.Text.Json;
+using Relay.Client.Transport;
+using Relay.Server.Hosting;
+using static Relay.Server.Tests.OperationsMetrics;
+
+namespace Relay.Server.Tests;
+
+/// <summary>POST /admin/backup: a data directory the relay starts from, made while it serves.</summary>
+public class BackupTests
+{
+    private const string Token = "test-admin-token-0123456789";
+
+    private static async Task<JsonElement> PostBackupAsync(HttpClient admin, HttpStatusCode expected)
+    {
+        var response = await admin.PostAsync("admin/backup", null);
+        string body = await response.Content.ReadAsStringAsync();
+        await Assert.That(response.StatusCode).IsEqualTo(expected);
+        await Assert.That(response.Content.Headers.ContentType!.MediaType).IsEqualTo("application/json");
+        return JsonDocument.Parse(body).RootElement.Clone();
+    }
+
+    [Test]
+    public async Task A_backup_starts_as_the_same_relay_with_what_it_held_at_the_backup()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.AdminToken = Token);
+        using var admin = AdminClient(relay, Token);
+        RecipientQueue queue;
+        await using (var client = await relay.ConnectAsync())
+        {
+            queue = await client.CreateQueueAsync();
+            await client.SendAsync(new SenderQueue(queue.SenderId, null), "kept"u8.ToArray());
+        }
+
+        JsonElement made = await PostBackupAsync(admin, HttpStatusCode.OK);
+        string path = made.GetProperty("path").GetString()!;
+        await Assert.That(Path.GetDirectoryName(path)).IsEqualTo(Path.GetFullPath(Path.Combine(relay.DataDirectory, "backups")));
+        await Assert.That(made.GetProperty("files").GetInt32()).IsGreaterThan(3);
+        await Assert.That(made.GetProperty("bytes").GetInt64()).IsGreaterThan(0);
+        await Assert.That(made.GetProperty("seconds").GetDouble()).IsGreaterThanOrEqualTo(0);
+        if (!OperatingSystem.IsWindows())
+        {
+            await Assert.That(File.GetUnixFileMode(Path.Combine(path, "identity.pfx"))).IsEqualTo(UnixFileMode.UserRead | UnixFileMode.UserWrite);
+            await Assert.That(File.GetUnixFileMode(path)).IsEqualTo(UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+        }
+        await Assert.That(File.ReadAllBytes(Path.Combine(path, "identity.pfx")).SequenceEqual(File.ReadAllBytes(Path.Combine(relay.DataDirectory, "identity.pfx")))).IsTrue();
+        string metrics = await ScrapeAsync(relay);
+        await Assert.That(Value(metrics, "relay_backups_total", "result=\"ok\"")).IsEqualTo(1);
+        await Assert.That(Value(metrics, "relay_backups_total", "result=\"failed\"")).IsEqualTo(0);
+        await Assert.That(Value(metrics, "relay_backup_last_success_timestamp_seconds")).IsGreaterThan(DateTimeOffset.UtcNow.AddMinutes(-5).ToUnixTimeSeconds());
+        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("[35]") && l.Contains("Backup made in " + path))).IsTrue();
+
+        // What the relay takes after the backup is not in it.
+        await using (var client = await relay.ConnectAsync())
+        {
+            await client.SendAsync(new SenderQueue(queue.SenderId, null), "after"u8.ToArray());
+        }
+
+        // Started from the backup (the original still serving its own directory): the same address,
+        // the queue and the message the backup held, and only that.
+        await using var restored = await TestRelay.StartInAsync(path);
+        await Assert.That(restored.Address.Fingerprint).IsEqualTo(relay.Address.Fingerprint);
+        await using (var client = await restored.ConnectAsync())
+        {
+            var first = await client.GetAsync(queue);
+            await Assert.That(first).IsNotNull();
+            await Assert.That(Encoding.UTF8.GetString(first!.Body)).IsEqualTo("kept");
+            await client.AckAsync(queue, first.MessageId);
+            await Assert.That(await client.GetAsync(queue)).IsNull();
+            await client.SendAsync(new SenderQueue(queue.SenderId, null), "restored"u8.ToArray());
+            var next = await client.GetAsync(queue);
+            await Assert.That(next!.MessageId).IsGreaterThan(first.MessageId);
+        }
+    }
+
+    [Test]
+    public async Task A_backup_that_fails_answers_why_leaves_nothing_and_the_relay_goes_on()
+    {
+        string notADirectory = Path.Combine(Path.GetTempPath(), "relay-backup-file-" + Guid.NewGuid().ToString("N"));
+        File.WriteAllText(notADirectory, "a file where the backups would go");
+        try
+        {
+            await using var relay = await TestRelay.StartAsync(o =>
+            {
+                o.AdminToken = Token;
+                o.BackupDirectory = Path.Combine(notADirectory, "backups");
+            });
+            using var admin = AdminClient(relay, Token);
+
+            JsonElement failed = await PostBackupAsync(admin, HttpStatusCode.InternalServerError);
+            await Assert.That(failed.GetProperty("error").GetString()).StartsWith("backup failed: ");
+            string metrics = await ScrapeAsync(relay);
+            await Assert.That(Value(metrics, "relay_backups_total", "result=\"failed\"")).IsEqualTo(1);
+            await Assert.That(Value(metrics, "relay_backups_total", "result=\"ok\"")).IsEqualTo(0);
+            await Assert.That(Value(metrics, "relay_backup_last_success_timestamp_seconds")).IsEqualTo(0);
+            await Assert.That(relay.Logs.Lines.Any(l => l.Contains("[36]") && l.Contains("Backup failed"))).IsTrue();
+            await Assert.That(File.ReadAllText(notADirectory)).IsEqualTo("a file where the backups would go");
+
+            await using var client = await relay.ConnectAsync();
+            var queue = await client.CreateQueueAsync();
+            await client.SendAsync(new SenderQueue(queue.SenderId, null), "on"u8.ToArray());
+            await Assert.That(await client.GetAsync(queue)).IsNotNull();
+        }
+        finally
+        {
+            File.Delete(notADirectory);
+        }
+    }
+
+    [Test]
+    public async Task One_backup_at_a_time_and_one_cut_short_is_removed()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.AdminToken = Token);
+        string root = relay.Server.Backups.Root;
+        string cutShort = Path.Combine(root, "20260101T000000Z.partial");
+        Directory.CreateDirectory(Path.Combine(cutShort, "queues.tmp"));
+
+        using var admin = AdminClient(relay, Token);
+        RelayBackups backups = relay.Server.Backups;
+        await backups.Gate.WaitAsync();   // as while a backup is being made
+        try
+        {
+            await Assert.That(await backups.CreateAsync()).IsNull();
+            JsonElement busy = await PostBackupAsync(admin, HttpStatusCode.Conflict);
+            await Assert.That(busy.GetProperty("error").GetString()).Contains("a backup is being made");
+            await Assert.That(Directory.Exists(cutShort)).IsTrue();
+        }
+        finally
+        {
+            backups.Gate.Release();
+        }
+        await Assert.That(await backups.CreateAsync()).IsNotNull();
+        await Assert.That(Directory.Exists(cutShort)).IsFalse();
+        await PostBackupAsync(admin, HttpStatusCode.OK);
+
+        // Two in the same second get names of their own; only whole backups are left.
+        string[] names = [.. Directory.GetDirectories(root).Select(Path.GetFileName).Order()!];
+        await Assert.That(names.Length).IsGreaterThanOrEqualTo(2);
+        await Assert.That(names.All(n => !n!.EndsWith(".partial", StringComparison.Ordinal))).IsTrue();
+        await Assert.That(names.Distinct().Count()).IsEqualTo(names.Length);
+    }
+
+    [Test]
+    public async Task Without_the_token_no_backup_is_made()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.AdminToken = Token);
+        using var anonymous = AdminClient(relay);
+        using var wrong = AdminClient(relay, "another-token-0123456789");
+        await Assert.That((await anonymous.PostAsync("admin/backup", null)).StatusCode).IsEqualTo(HttpStatusCode.Unauthorized);
+        await Assert.That((await wrong.PostAsync("admin/backup", null)).StatusCode).IsEqualTo(HttpStatusCode.Unauthorized);
+        await Assert.That(Directory.Exists(Path.Combine(relay.DataDirectory, "backups"))).IsFalse();
+
+        await using var closed = await TestRelay.StartAsync();
+        using var none = AdminClient(closed);
+        await Assert.That((await none.PostAsync("admin/backup", null)).StatusCode).IsEqualTo(HttpStatusCode.NotFound);
+        await Assert.That(Directory.Exists(Path.Combine(closed.DataDirectory, "backups"))).IsFalse();
+    }
+}
