@@ -29,6 +29,9 @@ internal static class Keys
 
     public static ReadOnlySpan<byte> EpochKey => "epoch"u8;
 
+    /// <summary>In a backup not started yet only: the whole hour (since the Unix epoch) it was made in.</summary>
+    public static ReadOnlySpan<byte> BackupHourKey => "backup"u8;
+
     public static void MessageKey(Span<byte> key, ReadOnlySpan<byte> recipientId, ulong id)
     {
         recipientId.CopyTo(key);

@@ -7,24 +7,20 @@ namespace Relay.Storage;
 public sealed partial class QueueStore
 {
     /// <summary>
-    /// Epochs a backup's copy is ahead of the store it was made from. A store started from a backup
-    /// must not give a queue an id that the store it was copied from gave after the backup: a client
-    /// that received that id takes a new message with the same or a lower id for one it processed
-    /// already, and drops it. The store it was copied from advances its epoch at each open and at
-    /// most once per idle-handle eviction (every 30 s), so 2^24 epochs cover about 16 years of it;
-    /// the 32-bit epoch leaves room for 255 such restores.
+    /// Epochs the first open of a backup jumps ahead of the backup's, besides one per second since the
+    /// backup was made (see <see cref="NextEpochOfBackup"/>).
     /// </summary>
-    public const ulong BackupEpochMargin = 1UL << 24;
+    public const ulong BackupEpochJump = 1UL << 20;
 
     /// <summary>
     /// Makes <paramref name="directory"/> (which must not exist; its parent must) a copy of the store
     /// as it is now, which <see cref="Open"/> opens as a store of its own: every write done so far
     /// (each answered one included), table files hard-linked when the directory is on the same file
     /// system (they take space only as this store compacts them away) and copied otherwise, fsynced.
-    /// Its id epoch is <see cref="BackupEpochMargin"/> ahead, so that a store started from it never
-    /// gives a queue an id the store went on to give after the copy. Writes go on meanwhile; the
-    /// memtables' flush it starts costs them a little latency. Throws <see cref="StoreException"/>
-    /// with RocksDB's error (a full disk, a directory that exists or cannot be made).
+    /// Marked as a backup (the hour it was made in), so that its first open moves its id epoch far
+    /// enough ahead (<see cref="NextEpochOfBackup"/>). Writes go on meanwhile; the memtables' flush it
+    /// starts runs beside them. Throws <see cref="StoreException"/> with RocksDB's error (a full disk,
+    /// a directory that exists or cannot be made), leaving nothing of the copy.
     /// </summary>
     public void CreateBackup(string directory)
     {
@@ -40,11 +36,15 @@ public sealed partial class QueueStore
         }
         try
         {
-            AdvanceEpoch(directory, BackupEpochMargin);
+            // The store's own options, and a small block cache: one key is written.
+            using RocksDb copy = RocksDb.Open(directory, Keys.ColumnFamilies, 1 << 20, appendOnlyPrefix: (Cf.Messages, MessageHintPrefix));
+            Span<byte> hour = stackalloc byte[4];
+            BinaryPrimitives.WriteUInt32BigEndian(hour, NowHour());
+            copy.PutSync(Cf.Default, Keys.BackupHourKey, hour);
         }
         catch
         {
-            // Without its epoch ahead the copy is not safe to start from: none rather than that one.
+            // Unmarked, the copy is not safe to start from: none rather than that one.
             try
             {
                 Directory.Delete(directory, recursive: true);
@@ -56,20 +56,26 @@ public sealed partial class QueueStore
         }
     }
 
-    /// <summary>Raises the id epoch stored in the store at <paramref name="directory"/> (not open) by <paramref name="margin"/>, fsynced.</summary>
-    internal static void AdvanceEpoch(string directory, ulong margin)
+    /// <summary>
+    /// The id epoch of a backup's first open. It must not give a queue an id that was given after the
+    /// backup was made, by the store it was copied from or by another copy of the same backup started
+    /// earlier: a client that received such an id takes a new message with the same or a lower id for
+    /// one it processed already, and drops it. A store advances its epoch by one at each open and at
+    /// most once per idle-handle eviction (every 30 s). So the backup's epoch jumps by
+    /// <see cref="BackupEpochJump"/> (2^20 opens or evictions of the store it was copied from) plus
+    /// one per second since the hour the backup was made in: a copy started later is ahead of one
+    /// started earlier as long as that one opened less than about once a second. Ids are epoch ‖ a
+    /// 32-bit count, so the epoch stays below 2^32: about 136 years of seconds.
+    /// </summary>
+    internal static ulong NextEpochOfBackup(ulong epoch, uint backupHour, DateTimeOffset now)
     {
-        // The store's own options, and a small block cache: only the one key is read.
-        using RocksDb copy = RocksDb.Open(directory, Keys.ColumnFamilies, 1 << 20, appendOnlyPrefix: (Cf.Messages, MessageHintPrefix));
-        Span<byte> value = stackalloc byte[8];
-        ulong epoch = copy.Get(Cf.Default, Keys.EpochKey, value) == 8 ? BinaryPrimitives.ReadUInt64BigEndian(value) : 0;
-        ulong advanced = epoch + margin;
-        if (advanced >= MaxEpoch)
+        long seconds = Math.Max(0, now.ToUnixTimeSeconds() - (long)backupHour * 3600);
+        ulong next = epoch + BackupEpochJump + (ulong)seconds;
+        if (next >= MaxEpoch)
         {
-            throw new StoreException($"The store's message ids are used up for backups (epoch {epoch}): a store started from this copy could repeat ids.");
+            throw new StoreException($"Cannot start from this backup: its message ids would pass their limit (epoch {epoch}, made {seconds} s ago).");
         }
-        BinaryPrimitives.WriteUInt64BigEndian(value, advanced);
-        copy.PutSync(Cf.Default, Keys.EpochKey, value);
+        return next;
     }
 
     /// <summary>Ids are epoch &lt;&lt; 32 plus a count: the epoch must stay below 2^32 with room for opens after it.</summary>

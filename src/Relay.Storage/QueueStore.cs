@@ -11,9 +11,9 @@ namespace Relay.Storage;
 //             idle queue handles are evicted from memory. Message ids of a queue handle start at
 //             max(last stored id + 1, epoch << 32), so ids are never reused by a queue, not even
 //             after every message was acknowledged and the relay restarted, without writing
-//             anything per message besides the message itself. A backup's copy is
-//             BackupEpochMargin (2^24) epochs ahead: a store started from it never gives an id that
-//             the store it was copied from gave after the backup.
+//             anything per message besides the message itself. The first open of a backup
+//             jumps it ahead instead (see "backup").
+//             "backup" → u32 hour. Only in a backup not opened yet: the hour it was made in.
 //   queues    recipientId(24) → u8 version (1) ‖ u8 status (bit 0 secured, bit 1 suspended)
 //             ‖ senderId(24) ‖ recipientKey(32) ‖ deliveryKey(32) ‖ senderKey(32, zeros while
 //             unsecured) ‖ u32 createdHour ‖ u32 lastActiveHour                      (130 bytes)
@@ -138,19 +138,30 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
         }
 
         // A queue's message keys (recipient id ‖ increasing id) grow within their prefix: the recipient
-        // id and the id's first byte (0 until the 2^24th open). One byte longer than the recipient id
-        // because a queue's range delete starts at the bare recipient id, outside the prefix's domain:
-        // RocksDB 7.8 would otherwise use the point keys' hint for the range tombstone (its
-        // MemTable::Add does not keep the two apart; later versions do) and crash.
+        // id and the id's first byte (0 until the epoch reaches 2^24: that many opens, or 16 restored
+        // backups; see NextEpochOfBackup). One byte longer than the recipient id because a queue's
+        // range delete starts at the bare recipient id, outside the prefix's domain: RocksDB 7.8 would
+        // otherwise use the point keys' hint for the range tombstone (its MemTable::Add does not keep
+        // the two apart; later versions do) and crash.
         RocksDb db = RocksDb.Open(options.Path, Keys.ColumnFamilies, BlockCacheBytes, options.DeferCompactions, (Cf.Messages, MessageHintPrefix));
         QueueStore store;
         try
         {
             Span<byte> value = stackalloc byte[8];
             ulong epoch = db.Get(Cf.Default, Keys.EpochKey, value) == 8 ? BinaryPrimitives.ReadUInt64BigEndian(value) : 0;
-            epoch++;
-            BinaryPrimitives.WriteUInt64BigEndian(value, epoch);
-            db.PutSync(Cf.Default, Keys.EpochKey, value);
+            if (db.Get(Cf.Default, Keys.BackupHourKey, value) == 4)
+            {
+                // The first start of a backup: far enough ahead of every id given since (see NextEpochOfBackup).
+                epoch = NextEpochOfBackup(epoch, BinaryPrimitives.ReadUInt32BigEndian(value), options.Clock.GetUtcNow());
+                BinaryPrimitives.WriteUInt64BigEndian(value, epoch);
+                db.PutDeleteSync(Cf.Default, Keys.EpochKey, value, Keys.BackupHourKey);
+            }
+            else
+            {
+                epoch++;
+                BinaryPrimitives.WriteUInt64BigEndian(value, epoch);
+                db.PutSync(Cf.Default, Keys.EpochKey, value);
+            }
             store = new QueueStore(options, db, epoch);
         }
         catch

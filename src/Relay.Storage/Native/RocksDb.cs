@@ -304,6 +304,25 @@ internal sealed unsafe class RocksDb : IDisposable
         }
     }
 
+    /// <summary>Writes one key and deletes another in one batch with fsync, outside the group commit (used once while opening).</summary>
+    public void PutDeleteSync(int cf, ReadOnlySpan<byte> key, ReadOnlySpan<byte> value, ReadOnlySpan<byte> deleteKey)
+    {
+        nint batch = rocksdb_writebatch_create();
+        try
+        {
+            fixed (byte* k = key, v = value, d = deleteKey)
+            {
+                rocksdb_writebatch_put_cf(batch, _cfs[cf], k, (nuint)key.Length, v, (nuint)value.Length);
+                rocksdb_writebatch_delete_cf(batch, _cfs[cf], d, (nuint)deleteKey.Length);
+            }
+            Write(batch, sync: true);
+        }
+        finally
+        {
+            rocksdb_writebatch_destroy(batch);
+        }
+    }
+
     /// <summary>An iterator over keys in [lower, upper) of one column family (either bound may be empty: open).</summary>
     /// <param name="fillCache">False: the data blocks this iterator reads do not go into the block cache (data read once).</param>
     public Iterator CreateIterator(int cf, ReadOnlySpan<byte> lower, ReadOnlySpan<byte> upper, bool fillCache = true) => new(this, cf, lower, upper, fillCache);
