@@ -12,14 +12,12 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
 
     public int OpenConnections => Volatile.Read(ref _open);
 
-    /// <summary>Runs one connection to its end and closes it; never throws.</summary>
+    /// <summary>
+    /// Runs one connection that <see cref="TryAdmit"/> let in to its end and closes it (its slot given
+    /// back); never throws.
+    /// </summary>
     public async Task OnConnectedAsync(ClientStream connection)
     {
-        if (!TryAdmit())
-        {
-            connection.Close(abort: true);
-            return;
-        }
         try
         {
             // The source: the client address of the PROXY header, else the socket's peer. Memory only.
@@ -96,8 +94,13 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
         }
     }
 
-    /// <summary>Takes a connection slot; false (the refusal counted and logged) when the relay is full or stopping.</summary>
-    private bool TryAdmit()
+    /// <summary>
+    /// Takes a connection slot; false (the refusal counted and logged) when the relay is full or
+    /// stopping. The accept loop asks before it hands a socket on, and closes a refused one at once:
+    /// under load the thread pool may run a queued connection much later, and refused sockets waiting
+    /// for it would hold descriptors past the open files limit (which the store needs).
+    /// </summary>
+    public bool TryAdmit()
     {
         if (Interlocked.Increment(ref _open) <= context.ConnectionLimit && !context.Stopping.IsCancellationRequested)
         {
@@ -107,6 +110,9 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
         Refuse(context.Stopping.IsCancellationRequested ? "stopping" : "max_connections");
         return false;
     }
+
+    /// <summary>Gives back the slot of an admitted connection that will not run (the relay is stopping).</summary>
+    public void Release() => Interlocked.Decrement(ref _open);
 
     private void Refuse(string reason)
     {

@@ -119,6 +119,13 @@ internal sealed class RelayListener
                 await Task.Delay(50);
                 continue;
             }
+            // Over the limit: closed here, before the next accept, so refused connections never hold
+            // descriptors (a flood arrives faster than the thread pool would get to them).
+            if (!_handler.TryAdmit())
+            {
+                socket.Dispose();
+                continue;
+            }
             ClientStream connection;
             try
             {
@@ -128,11 +135,13 @@ internal sealed class RelayListener
             catch (Exception ex) when (ex is SocketException or IOException or ObjectDisposedException)
             {
                 // Reset by the peer between accept and set-up: nothing to serve.
+                _handler.Release();
                 socket.Dispose();
                 continue;
             }
             if (!Track(connection))
             {
+                _handler.Release();
                 socket.Dispose();
                 continue;
             }
