@@ -31,7 +31,7 @@ echo "store: $(du -sh "$DIR/relay/queues" | cut -f1), backups: $(du -sh "$DIR/re
 
 paced() {
   "$BIN" bench "$BENCH_ADDRESS" --scenario paced --rate 5000 --duration 8 --relay-pid "$BENCH_PID" --json 2> /dev/null | tail -1 |
-    python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"p50 {r[\"p50_ms\"]:.2f} p99 {r[\"p99_ms\"]:.2f} p99.9 {r[\"p999_ms\"]:.2f} ms, lost {r[\"lost\"]}")'
+    python3 -c 'import json,sys; r=json.load(sys.stdin); print("p50 %.2f p99 %.2f p99.9 %.2f ms, lost %d" % (r["p50_ms"], r["p99_ms"], r["p999_ms"], r["lost"]))'
 }
 for pair in $(seq "$PAIRS"); do
   ( while true; do backup > /dev/null; sleep 2; done ) &
