@@ -111,7 +111,7 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
         return false;
     }
 
-    /// <summary>Gives back the slot of an admitted connection that will not run (the relay is stopping).</summary>
+    /// <summary>Gives back the slot of an admitted connection that will not run (reset before its set-up, or the relay is stopping).</summary>
     public void Release() => Interlocked.Decrement(ref _open);
 
     private void Refuse(string reason)
