@@ -142,6 +142,28 @@ public class BackupTests
     }
 
     [Test]
+    public async Task The_time_of_the_newest_backup_outlives_a_restart()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.AdminToken = Token);
+        using (var admin = AdminClient(relay, Token))
+        {
+            await PostBackupAsync(admin, HttpStatusCode.OK);
+        }
+        string root = relay.Server.Backups.Root;
+        // An older one, and a later one cut short (never a backup): neither counts.
+        Directory.CreateDirectory(Path.Combine(root, "20200101T000000Z"));
+        Directory.CreateDirectory(Path.Combine(root, "29991231T000000Z.partial"));
+        string newest = Path.GetFileName(Directory.GetDirectories(root).Where(d => !d.EndsWith(".partial", StringComparison.Ordinal)).Max()!);
+        long expected = DateTimeOffset.ParseExact(newest, "yyyyMMdd'T'HHmmss'Z'", System.Globalization.CultureInfo.InvariantCulture,
+            System.Globalization.DateTimeStyles.AssumeUniversal).ToUnixTimeSeconds();
+
+        await relay.RestartAsync();
+        string metrics = await ScrapeAsync(relay);
+        await Assert.That(Value(metrics, "relay_backup_last_success_timestamp_seconds")).IsEqualTo(expected);
+        await Assert.That(Value(metrics, "relay_backups_total", "result=\"ok\"")).IsEqualTo(0);
+    }
+
+    [Test]
     public async Task Without_the_token_no_backup_is_made()
     {
         await using var relay = await TestRelay.StartAsync(o => o.AdminToken = Token);

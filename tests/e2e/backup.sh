@@ -6,7 +6,7 @@
 # client drops a message whose id is not). Also: the backup's modes, the token, the metric and log
 # lines, a backup that fails.
 source "$(dirname "$0")/lib.sh"
-expect_checks 24
+expect_checks 25
 
 TOKEN=e2e-admin-token-$(python3 -c 'import secrets; print(secrets.token_hex(12))')
 DATA=$E2E_TMP/relay
@@ -53,6 +53,9 @@ check "the relay stops on SIGTERM" stop_relay "$RELAY_PID"
 if ! start_relay relay2 "$DATA" "$PORT" "$ADMIN" --host relay.test --admin-token "$TOKEN"; then
     fail "relay starts again"; cat "$E2E_TMP/relay2.log"; finish; exit 1
 fi
+newest_backup_time() { python3 -c "import os,sys,datetime; n=max(os.listdir(sys.argv[1])); print(int(datetime.datetime.strptime(n.split('-')[0], '%Y%m%dT%H%M%SZ').replace(tzinfo=datetime.timezone.utc).timestamp()))" "$1"; }
+check "after the restart relay_backup_last_success_timestamp_seconds is the newest backup's time" bash -c "
+    curl -fsS http://127.0.0.1:$ADMIN/metrics | grep -qx \"relay_backup_last_success_timestamp_seconds $(newest_backup_time "$DATA/backups")\""
 "$RELAY" send --profile "$B" --to alice "two" >/dev/null
 check "a message after the backup arrives" bash -c "[ \"\$(listen_once '$A')\" = 'bob: two' ]"
 

@@ -92,10 +92,45 @@ internal sealed class RelayBackups(RelayServerContext context)
         }
     }
 
+    private const string NameFormat = "yyyyMMdd'T'HHmmss'Z'";
+
+    /// <summary>
+    /// The time of the newest complete backup in <see cref="Root"/>, read from its name (so that the
+    /// metric of the last backup outlives a restart); null when there is none or it cannot be read.
+    /// </summary>
+    public DateTimeOffset? Newest()
+    {
+        DateTimeOffset? newest = null;
+        try
+        {
+            if (!Directory.Exists(Root))
+            {
+                return null;
+            }
+            foreach (string dir in Directory.EnumerateDirectories(Root))
+            {
+                string name = Path.GetFileName(dir);
+                int dash = name.IndexOf('-', StringComparison.Ordinal);
+                string stamp = dash < 0 ? name : name[..dash];
+                if (DateTimeOffset.TryParseExact(stamp, NameFormat, CultureInfo.InvariantCulture,
+                        DateTimeStyles.AssumeUniversal | DateTimeStyles.AdjustToUniversal, out var made)
+                    && (newest is null || made > newest))
+                {
+                    newest = made;
+                }
+            }
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return null;
+        }
+        return newest;
+    }
+
     /// <summary>The UTC time to the second; a suffix when a backup of the same second exists.</summary>
     private string NewName()
     {
-        string stamp = context.Options.Clock.GetUtcNow().UtcDateTime.ToString("yyyyMMdd'T'HHmmss'Z'", CultureInfo.InvariantCulture);
+        string stamp = context.Options.Clock.GetUtcNow().UtcDateTime.ToString(NameFormat, CultureInfo.InvariantCulture);
         string name = stamp;
         for (int n = 2; Directory.Exists(Path.Combine(Root, name)); n++)
         {

@@ -206,6 +206,10 @@ public sealed class RelayServer : IAsyncDisposable
             };
             metrics.BindMemory(context.Output, context.InFlight, context.Keys);
             metrics.BindConnectionLimit(connectionLimit);
+            if (context.Backups.Newest() is { } newestBackup)
+            {
+                metrics.BackupFound(newestBackup);
+            }
             var handler = new RelayConnectionHandler(context);
 
             // Bound before the host starts, so that a taken port fails the start; accepting starts once ready to serve.

@@ -130,7 +130,7 @@ public sealed class RelayMetrics
         _backups = f.CreateCounter("relay_backups_total", "Backups made through the admin API, by result: ok or failed.", "result");
         _backups.WithLabels("ok");      // both series from the start, so that an alert on "failed" sees its increase
         _backups.WithLabels("failed");
-        _lastBackup = f.CreateGauge("relay_backup_last_success_timestamp_seconds", "Unix time of the last backup made (0: none since the relay started).");
+        _lastBackup = f.CreateGauge("relay_backup_last_success_timestamp_seconds", "Unix time of the newest backup: made since the relay started, or found in the backup directory at start (0: none).");
         _reclaims = f.CreateCounter("relay_store_reclaims_total", "Flush-and-compaction runs started because the store was over its disk budget.");
         _evicted = f.CreateCounter("relay_store_handles_evicted_total", "Idle queue handles dropped from memory.");
         _queues = f.CreateGauge("relay_store_queues", "Queues stored (RocksDB estimate).");
@@ -288,6 +288,10 @@ public sealed class RelayMetrics
     }
 
     public void BackupFailed() => _backups.WithLabels("failed").Inc();
+
+    /// <summary>At start: the time of the newest backup already in the backup directory.</summary>
+    public void BackupFound(DateTimeOffset made) => _lastBackup.Set(made.ToUnixTimeSeconds());
+
     public void Evicted(int count) => _evicted.Inc(count);
 
     public void ConnectionOpened()
