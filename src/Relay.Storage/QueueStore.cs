@@ -149,19 +149,12 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
         {
             Span<byte> value = stackalloc byte[8];
             ulong epoch = db.Get(Cf.Default, Keys.EpochKey, value) == 8 ? BinaryPrimitives.ReadUInt64BigEndian(value) : 0;
-            if (db.Get(Cf.Default, Keys.BackupHourKey, value) == 4)
-            {
-                // The first start of a backup: far enough ahead of every id given since (see NextEpochOfBackup).
-                epoch = NextEpochOfBackup(epoch, BinaryPrimitives.ReadUInt32BigEndian(value), options.Clock.GetUtcNow());
-                BinaryPrimitives.WriteUInt64BigEndian(value, epoch);
-                db.PutDeleteSync(Cf.Default, Keys.EpochKey, value, Keys.BackupHourKey);
-            }
-            else
-            {
-                epoch++;
-                BinaryPrimitives.WriteUInt64BigEndian(value, epoch);
-                db.PutSync(Cf.Default, Keys.EpochKey, value);
-            }
+            // The first start of a backup (its mark, the hour it was made in, is deleted with the write):
+            // far enough ahead of every id given since (see NextEpochOfBackup).
+            bool backup = db.Get(Cf.Default, Keys.BackupHourKey, value) == 4;
+            epoch = backup ? NextEpochOfBackup(epoch, BinaryPrimitives.ReadUInt32BigEndian(value), options.Clock.GetUtcNow()) : epoch + 1;
+            BinaryPrimitives.WriteUInt64BigEndian(value, epoch);
+            db.PutSync(Cf.Default, Keys.EpochKey, value, backup ? Keys.BackupHourKey : default);
             store = new QueueStore(options, db, epoch);
         }
         catch

@@ -286,26 +286,11 @@ internal sealed unsafe class RocksDb : IDisposable
         Check(err);
     }
 
-    /// <summary>Writes one key with fsync, outside the group commit (used once while opening).</summary>
-    public void PutSync(int cf, ReadOnlySpan<byte> key, ReadOnlySpan<byte> value)
-    {
-        nint batch = rocksdb_writebatch_create();
-        try
-        {
-            fixed (byte* k = key, v = value)
-            {
-                rocksdb_writebatch_put_cf(batch, _cfs[cf], k, (nuint)key.Length, v, (nuint)value.Length);
-            }
-            Write(batch, sync: true);
-        }
-        finally
-        {
-            rocksdb_writebatch_destroy(batch);
-        }
-    }
-
-    /// <summary>Writes one key and deletes another in one batch with fsync, outside the group commit (used once while opening).</summary>
-    public void PutDeleteSync(int cf, ReadOnlySpan<byte> key, ReadOnlySpan<byte> value, ReadOnlySpan<byte> deleteKey)
+    /// <summary>
+    /// Writes one key with fsync, outside the group commit (while opening, and the writer's probe of a
+    /// failed store); in the same batch deletes <paramref name="deleteKey"/> when it is not empty.
+    /// </summary>
+    public void PutSync(int cf, ReadOnlySpan<byte> key, ReadOnlySpan<byte> value, ReadOnlySpan<byte> deleteKey = default)
     {
         nint batch = rocksdb_writebatch_create();
         try
@@ -313,7 +298,10 @@ internal sealed unsafe class RocksDb : IDisposable
             fixed (byte* k = key, v = value, d = deleteKey)
             {
                 rocksdb_writebatch_put_cf(batch, _cfs[cf], k, (nuint)key.Length, v, (nuint)value.Length);
-                rocksdb_writebatch_delete_cf(batch, _cfs[cf], d, (nuint)deleteKey.Length);
+                if (!deleteKey.IsEmpty)
+                {
+                    rocksdb_writebatch_delete_cf(batch, _cfs[cf], d, (nuint)deleteKey.Length);
+                }
             }
             Write(batch, sync: true);
         }
