@@ -72,6 +72,12 @@ internal static partial class Log
     [LoggerMessage(36, LogLevel.Error, "Backup failed: {Reason}; nothing of it was left")]
     public static partial void BackupFailed(ILogger logger, string reason);
 
+    [LoggerMessage(37, LogLevel.Information, "Backup removed (--backup-keep {Keep}): {Path}")]
+    public static partial void BackupRemoved(ILogger logger, string path, int keep);
+
+    [LoggerMessage(38, LogLevel.Warning, "Removing an old backup failed: {Path}: {Reason}; it is left as it is")]
+    public static partial void BackupNotRemoved(ILogger logger, string path, string reason);
+
     [LoggerMessage(34, LogLevel.Warning, "The open files limit ({Soft}, hard limit {Hard}) leaves room for {Allowed} relay connections, fewer than --max-connections {Requested}: more are closed at once. Raise the limit to {Needed} (ulimit -n, systemd LimitNOFILE, docker run --ulimit nofile)")]
     public static partial void OpenFilesLimit(ILogger logger, long soft, long hard, int allowed, int requested, long needed);
 

@@ -51,10 +51,9 @@ internal sealed class RelayServerContext(RelayServerOptions options, QueueStore 
     public SourceLimiter Sources { get; } = new(options.MaxConnectionsPerSource, options.QueueCreationRate,
         options.QueueCreationBurst, options.Clock);
 
-    private Hosting.RelayBackups? _backups;
-
     /// <summary>Backups of the store and identity (<c>POST /admin/backup</c>), one at a time.</summary>
-    public Hosting.RelayBackups Backups => LazyInitializer.EnsureInitialized(ref _backups, () => new Hosting.RelayBackups(this));
+    public Hosting.RelayBackups Backups { get; } = new(store, options.DataDirectory, options.BackupDirectory, options.BackupKeep,
+        options.Clock, logger, metrics);
 
     /// <summary>Constant-time check of the queue-creation password (empty when none is configured).</summary>
     public bool CheckCreatePassword(ReadOnlySpan<byte> password)

@@ -149,6 +149,12 @@ public sealed class RelayServerOptions
     /// </summary>
     public string? BackupDirectory { get; set; }
 
+    /// <summary>
+    /// Complete backups kept in <see cref="BackupDirectory"/>: after each backup the oldest are removed
+    /// so that this many remain (the one just made among them); 0 keeps every one.
+    /// </summary>
+    public int BackupKeep { get; set; } = 7;
+
     /// <summary>How often the relay sweeps expired messages and idle queues (and counts them in metrics).</summary>
     public TimeSpan SweepInterval { get; set; } = TimeSpan.FromMinutes(10);
 

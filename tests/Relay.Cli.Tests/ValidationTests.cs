@@ -50,6 +50,8 @@ public class ValidationTests
     [Arguments("--message-ttl", "5m")]
     [Arguments("--idle-queue-ttl", "-1h")]
     [Arguments("--queue-max-messages", "0")]
+    [Arguments("--backup-keep", "-1")]
+    [Arguments("--backup-keep", "seven")]
     [Arguments("--queue-max-messages", "many")]
     [Arguments("--queue-max-bytes", "12")]
     [Arguments("--disk-budget", "huge")]

@@ -164,6 +164,92 @@ public class BackupTests
     }
 
     [Test]
+    public async Task After_a_backup_the_oldest_go_so_that_the_kept_number_remain_and_nothing_else_is_touched()
+    {
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.AdminToken = Token;
+            o.BackupKeep = 2;
+        });
+        string root = relay.Server.Backups.Root;
+        // Two older backups (the second of the same second), one cut short, and what is not a backup.
+        string[] older = ["20200101T000000Z", "20200101T000000Z-2"];
+        foreach (string name in older)
+        {
+            Directory.CreateDirectory(Path.Combine(root, name, "queues"));
+            File.WriteAllText(Path.Combine(root, name, "identity.pfx"), "old");
+        }
+        string[] notBackups = ["weekly", "20200101T000000Z-x", "20200101", "20200101T000000Z-1"];
+        foreach (string name in notBackups)
+        {
+            Directory.CreateDirectory(Path.Combine(root, name));
+        }
+        File.WriteAllText(Path.Combine(root, "19990101T000000Z"), "a file, not a backup");
+        using var admin = AdminClient(relay, Token);
+
+        JsonElement first = await PostBackupAsync(admin, HttpStatusCode.OK);
+        string[] removed = [.. first.GetProperty("removed").EnumerateArray().Select(e => e.GetString()!)];
+        await Assert.That(removed).IsEquivalentTo(new[] { Path.GetFullPath(Path.Combine(root, older[0])) });
+        await Assert.That(Directory.Exists(Path.Combine(root, older[0]))).IsFalse();
+        await Assert.That(Directory.Exists(Path.Combine(root, older[1]))).IsTrue();
+        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("[37]") && l.Contains(removed[0]))).IsTrue();
+
+        JsonElement second = await PostBackupAsync(admin, HttpStatusCode.OK);
+        await Assert.That(second.GetProperty("removed").EnumerateArray().Select(e => e.GetString()!).ToArray())
+            .IsEquivalentTo(new[] { Path.GetFullPath(Path.Combine(root, older[1])) });
+        JsonElement third = await PostBackupAsync(admin, HttpStatusCode.OK);
+        await Assert.That(third.GetProperty("removed").EnumerateArray().Select(e => e.GetString()!).ToArray())
+            .IsEquivalentTo(new[] { first.GetProperty("path").GetString() });
+
+        // The two newest backups, each whole, and everything that is not a backup, untouched.
+        string[] left = [.. Directory.GetDirectories(root).Select(Path.GetFileName)!];
+        await Assert.That(left).IsEquivalentTo(notBackups.Append(Path.GetFileName(second.GetProperty("path").GetString()!))
+            .Append(Path.GetFileName(third.GetProperty("path").GetString()!)).ToArray());
+        await Assert.That(File.ReadAllText(Path.Combine(root, "19990101T000000Z"))).IsEqualTo("a file, not a backup");
+        await using var restored = await TestRelay.StartInAsync(second.GetProperty("path").GetString()!);
+        await Assert.That(restored.Address.Fingerprint).IsEqualTo(relay.Address.Fingerprint);
+    }
+
+    [Test]
+    public async Task With_keep_0_every_backup_stays()
+    {
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.AdminToken = Token;
+            o.BackupKeep = 0;
+        });
+        string root = relay.Server.Backups.Root;
+        Directory.CreateDirectory(Path.Combine(root, "20200101T000000Z"));
+        using var admin = AdminClient(relay, Token);
+        for (int i = 0; i < 3; i++)
+        {
+            JsonElement made = await PostBackupAsync(admin, HttpStatusCode.OK);
+            await Assert.That(made.GetProperty("removed").GetArrayLength()).IsEqualTo(0);
+        }
+        await Assert.That(Directory.GetDirectories(root).Length).IsEqualTo(4);
+    }
+
+    [Test]
+    public async Task A_clock_set_back_never_removes_the_backup_just_made()
+    {
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.AdminToken = Token;
+            o.BackupKeep = 1;
+        });
+        string root = relay.Server.Backups.Root;
+        // Named later than now, as after the clock was set back: by name it is the newest, but the
+        // one just made is kept whatever its name, and with 1 to keep the other goes.
+        string future = Path.Combine(root, "29991231T235959Z");
+        Directory.CreateDirectory(future);
+        using var admin = AdminClient(relay, Token);
+        JsonElement made = await PostBackupAsync(admin, HttpStatusCode.OK);
+        await Assert.That(Directory.Exists(made.GetProperty("path").GetString()!)).IsTrue();
+        await Assert.That(made.GetProperty("removed").EnumerateArray().Select(e => e.GetString()!).ToArray())
+            .IsEquivalentTo(new[] { Path.GetFullPath(future) });
+    }
+
+    [Test]
     public async Task Without_the_token_no_backup_is_made()
     {
         await using var relay = await TestRelay.StartAsync(o => o.AdminToken = Token);

@@ -4,9 +4,10 @@
 # lost and it is started from the backup: the same address, the conversation goes on, and a message
 # sent after the restore arrives (its id is above the ones the lost relay gave after the backup; a
 # client drops a message whose id is not). Also: the backup's modes, the token, the metric and log
-# lines, a backup that fails.
+# lines, a backup that fails; `relay backup` of a stopped relay (refused while it runs), the
+# backups it keeps, and a relay started from one.
 source "$(dirname "$0")/lib.sh"
-expect_checks 25
+expect_checks 35
 
 TOKEN=e2e-admin-token-$(python3 -c 'import secrets; print(secrets.token_hex(12))')
 DATA=$E2E_TMP/relay
@@ -36,6 +37,7 @@ import json, os, sys
 made = json.load(open(sys.argv[1]))
 assert os.path.dirname(made["path"]) == os.path.realpath(sys.argv[2]), made
 assert os.path.isdir(made["path"]) and made["files"] > 3 and made["bytes"] > 0 and made["seconds"] >= 0, made
+assert made["removed"] == [], made
 PY
 check "the backup holds identity.pfx (0600) and queues/, in a directory of mode 0700" bash -c "
     [ \"\$(stat -c %a '$BACKUP')\" = 700 ] && [ \"\$(stat -c %a '$BACKUP/identity.pfx')\" = 600 ] &&
@@ -85,6 +87,44 @@ check "log event 36 says why" grep -q "Relay\[36\].*Backup failed" "$E2E_TMP/res
 check "the file in the way is as it was" bash -c "[ -f '$E2E_TMP/not-a-directory' ] && [ ! -s '$E2E_TMP/not-a-directory' ]"
 check "the relay goes on after it" "$RELAY" check "$ADDR"
 check "the relay stops cleanly" stop_relay "$RELAY_PID"
-check "the backups hold no address of a client or the relay" bash -c "! grep -rlaF '127.0.0.1' '$E2E_TMP/lost/backups' '$RESTORED'"
+
+# relay backup: the restored relay, stopped, backed up by the command (its settings from RELAY_*
+# as relay serve takes them), the oldest removed beyond --backup-keep, refused while the relay runs.
+COLD=$E2E_TMP/cold
+RELAY_BACKUP_DIR=$COLD "$RELAY" backup --data "$RESTORED" --backup-keep 2 > "$E2E_TMP/cold1.out" 2> "$E2E_TMP/cold1.err"
+check "relay backup of a stopped relay exits 0 and prints the backup's path" bash -c "
+    [ \"\$(dirname \"\$(cat '$E2E_TMP/cold1.out')\")\" = '$COLD' ] && grep -q 'Backup made in' '$E2E_TMP/cold1.err'"
+COLD1=$(cat "$E2E_TMP/cold1.out")
+check "it holds identity.pfx (0600) and queues/" bash -c "[ \"\$(stat -c %a '$COLD1/identity.pfx')\" = 600 ] && [ -f '$COLD1/queues/CURRENT' ] && cmp -s '$COLD1/identity.pfx' '$RESTORED/identity.pfx'"
+"$RELAY" backup --data "$RESTORED" --backup-dir "$COLD" --backup-keep 2 > "$E2E_TMP/cold2.out" 2>&1
+"$RELAY" backup --data "$RESTORED" --backup-dir "$COLD" --backup-keep 2 > "$E2E_TMP/cold3.out" 2> "$E2E_TMP/cold3.err"
+check "--backup-keep 2: the third backup removes the first, and says so" bash -c "
+    [ \$(ls '$COLD' | wc -l) = 2 ] && [ ! -e '$COLD1' ] && grep -qF 'Backup removed (--backup-keep 2): $COLD1' '$E2E_TMP/cold3.err'"
+if ! start_relay restored2 "$RESTORED" "$PORT" "$ADMIN" --host relay.test; then
+    fail "the restored relay starts again"; cat "$E2E_TMP/restored2.log"; finish; exit 1
+fi
+"$RELAY" backup --data "$RESTORED" --backup-dir "$COLD" > "$E2E_TMP/running.out" 2> "$E2E_TMP/running.err"; RC=$?
+check "relay backup of a running relay: exit 1, one line saying to use POST /admin/backup" bash -c "
+    [ $RC = 1 ] && [ ! -s '$E2E_TMP/running.out' ] && [ \$(wc -l < '$E2E_TMP/running.err') = 1 ] &&
+    grep -q '^relay: backup failed: the relay in .* is running.*POST /admin/backup' '$E2E_TMP/running.err'"
+check "and makes nothing" bash -c "[ \$(ls '$COLD' | wc -l) = 2 ]"
+check "the relay it refused goes on" "$RELAY" check "$ADDR"
+"$RELAY" send --profile "$B" --to alice "five" >/dev/null
+check "a message taken before the relay stops" bash -c "[ \"\$(listen_once '$A')\" = 'bob: five' ]"
+check "the relay stops" stop_relay "$RELAY_PID"
+mkdir -p "$E2E_TMP/empty"
+"$RELAY" backup --data "$E2E_TMP/empty" > /dev/null 2> "$E2E_TMP/empty.err"; RC=$?
+check "relay backup where there is no relay: exit 1, says so" bash -c "[ $RC = 1 ] && grep -q 'no relay identity in' '$E2E_TMP/empty.err' && [ -z \"\$(ls -A '$E2E_TMP/empty')\" ]"
+
+# A relay started from the newest backup of the command: the same address, and the conversation goes on.
+COLD3=$(cat "$E2E_TMP/cold3.out")
+cp -a "$COLD3" "$E2E_TMP/from-cold"
+if ! start_relay from-cold "$E2E_TMP/from-cold" "$PORT" "$ADMIN" --host relay.test; then
+    fail "a relay starts from relay backup's backup"; cat "$E2E_TMP/from-cold.log"; finish; exit 1
+fi
+"$RELAY" send --profile "$B" --to alice "six" >/dev/null
+check "started from relay backup's backup, a new message arrives" bash -c "[ \"\$(listen_once '$A')\" = 'bob: six' ]"
+stop_relay "$RELAY_PID"
+check "the backups hold no address of a client or the relay" bash -c "! grep -rlaF '127.0.0.1' '$E2E_TMP/lost/backups' '$RESTORED' '$COLD'"
 
 finish

@@ -1,6 +1,8 @@
 using System.Diagnostics;
 using System.Globalization;
+using Microsoft.Extensions.Logging;
 using Relay.Protocol;
+using Relay.Server.Metrics;
 using Relay.Storage;
 
 namespace Relay.Server.Hosting;
@@ -12,16 +14,21 @@ public sealed class BackupResult
     public required int Files { get; init; }
     public required long Bytes { get; init; }
     public required double Seconds { get; init; }
+    /// <summary>Older backups removed after this one to keep <c>--backup-keep</c> of them (full paths, oldest first).</summary>
+    public required IReadOnlyList<string> Removed { get; init; }
 }
 
 /// <summary>
-/// Backups of a serving relay (<c>POST /admin/backup</c>): each a data directory of its own,
-/// <c>&lt;backup dir&gt;/&lt;UTC time&gt;/</c> with <c>identity.pfx</c> and <c>queues/</c>, that
-/// <c>relay serve --data</c> starts from (same address, every queue and message as at the backup).
-/// One at a time. It is made as <c>&lt;name&gt;.partial</c> and renamed when whole, so a directory
-/// without that suffix is always a complete backup.
+/// Backups of a relay: each a data directory of its own, <c>&lt;backup dir&gt;/&lt;UTC time&gt;/</c>
+/// with <c>identity.pfx</c> and <c>queues/</c>, that <c>relay serve --data</c> starts from (same
+/// address, every queue and message as at the backup). Made while the relay serves
+/// (<c>POST /admin/backup</c>, one at a time) or of a stopped relay (<c>relay backup</c>,
+/// <see cref="StoppedRelayBackup"/>). It is made as <c>&lt;name&gt;.partial</c> and renamed when
+/// whole, so a directory without that suffix is always a complete backup. After each backup the
+/// oldest are removed so that <see cref="Keep"/> remain.
 /// </summary>
-internal sealed class RelayBackups(RelayServerContext context)
+internal sealed class RelayBackups(QueueStore store, string dataDirectory, string? backupDirectory, int keep,
+    TimeProvider clock, ILogger logger, RelayMetrics? metrics)
 {
     private const string PartialSuffix = ".partial";
     private const UnixFileMode OwnerOnly = UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute;
@@ -30,7 +37,10 @@ internal sealed class RelayBackups(RelayServerContext context)
     /// <summary>Held while a backup is being made (tests hold it to be one).</summary>
     internal SemaphoreSlim Gate => _one;
 
-    public string Root { get; } = context.Options.BackupDirectory ?? Path.Combine(context.Options.DataDirectory, "backups");
+    public string Root { get; } = backupDirectory ?? Path.Combine(dataDirectory, "backups");
+
+    /// <summary>Complete backups kept after each backup, the newest; 0: every one.</summary>
+    public int Keep { get; } = keep;
 
     /// <summary>Null when another backup is being made; throws <see cref="BackupException"/> when this one fails.</summary>
     public async Task<BackupResult?> CreateAsync()
@@ -50,10 +60,14 @@ internal sealed class RelayBackups(RelayServerContext context)
         }
     }
 
-    private BackupResult Create()
+    /// <summary>Makes one backup, then removes the oldest beyond <see cref="Keep"/>; throws <see cref="BackupException"/> when it fails.</summary>
+    internal BackupResult Create()
     {
         var watch = Stopwatch.StartNew();
         string? partial = null;
+        string path;
+        int files;
+        long bytes;
         try
         {
             DurableDirectory.Create(Root, OwnerOnly);
@@ -61,18 +75,14 @@ internal sealed class RelayBackups(RelayServerContext context)
             string name = NewName();
             partial = Path.Combine(Root, name + PartialSuffix);
             DurableDirectory.Create(partial, OwnerOnly);
-            context.Store.CreateBackup(Path.Combine(partial, "queues"));
-            byte[] identity = File.ReadAllBytes(RelayIdentity.PathIn(context.Options.DataDirectory));
+            store.CreateBackup(Path.Combine(partial, "queues"));
+            byte[] identity = File.ReadAllBytes(RelayIdentity.PathIn(dataDirectory));
             DurableDirectory.WritePrivateFile(RelayIdentity.PathIn(partial), s => s.Write(identity), overwrite: false);
-            string path = Path.Combine(Root, name);
+            (files, bytes) = Measure(partial);
+            path = Path.Combine(Root, name);
             Directory.Move(partial, path);
             partial = null;
             DurableDirectory.Sync(Root);
-            (int files, long bytes) = Measure(path);
-            var result = new BackupResult { Path = Path.GetFullPath(path), Files = files, Bytes = bytes, Seconds = watch.Elapsed.TotalSeconds };
-            context.Metrics.BackupMade(context.Options.Clock.GetUtcNow());
-            Log.BackupMade(context.Logger, result.Path, files, bytes, result.Seconds);
-            return result;
         }
         catch (Exception e) when (e is StoreException or IOException or UnauthorizedAccessException or ObjectDisposedException)
         {
@@ -80,16 +90,22 @@ internal sealed class RelayBackups(RelayServerContext context)
             {
                 TryDelete(partial);
             }
-            context.Metrics.BackupFailed();
+            metrics?.BackupFailed();
             string reason = e switch
             {
                 StoreException => e.Message,
                 ObjectDisposedException => "the relay is stopping",
                 _ => $"{e.GetType().Name}: {e.Message}",
             };
-            Log.BackupFailed(context.Logger, reason);
+            Log.BackupFailed(logger, reason);
             throw new BackupException(reason, e);
         }
+        double seconds = watch.Elapsed.TotalSeconds;
+        metrics?.BackupMade(clock.GetUtcNow());
+        string full = Path.GetFullPath(path);
+        Log.BackupMade(logger, full, files, bytes, seconds);
+        // The new backup is whole and counted before any older one goes.
+        return new BackupResult { Path = full, Files = files, Bytes = bytes, Seconds = seconds, Removed = RemoveOldest(Path.GetFileName(path)) };
     }
 
     private const string NameFormat = "yyyyMMdd'T'HHmmss'Z'";
@@ -100,37 +116,104 @@ internal sealed class RelayBackups(RelayServerContext context)
     /// </summary>
     public DateTimeOffset? Newest()
     {
-        DateTimeOffset? newest = null;
         try
         {
-            if (!Directory.Exists(Root))
-            {
-                return null;
-            }
-            foreach (string dir in Directory.EnumerateDirectories(Root))
-            {
-                string name = Path.GetFileName(dir);
-                int dash = name.IndexOf('-', StringComparison.Ordinal);
-                string stamp = dash < 0 ? name : name[..dash];
-                if (DateTimeOffset.TryParseExact(stamp, NameFormat, CultureInfo.InvariantCulture,
-                        DateTimeStyles.AssumeUniversal | DateTimeStyles.AdjustToUniversal, out var made)
-                    && (newest is null || made > newest))
-                {
-                    newest = made;
-                }
-            }
+            return Complete().Select(b => (DateTimeOffset?)b.Made).LastOrDefault();
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             return null;
         }
-        return newest;
+    }
+
+    /// <summary>
+    /// The complete backups in <see cref="Root"/> (directories named as this class names them; anything
+    /// else there is not a backup and is left alone), oldest first: by time, then by the suffix of a
+    /// second backup in the same second.
+    /// </summary>
+    private List<(string Path, DateTimeOffset Made, int Number)> Complete()
+    {
+        var backups = new List<(string Path, DateTimeOffset Made, int Number)>();
+        if (!Directory.Exists(Root))
+        {
+            return backups;
+        }
+        foreach (string dir in Directory.EnumerateDirectories(Root))
+        {
+            string name = Path.GetFileName(dir);
+            int dash = name.IndexOf('-', StringComparison.Ordinal);
+            string stamp = dash < 0 ? name : name[..dash];
+            int number = 1;
+            if (DateTimeOffset.TryParseExact(stamp, NameFormat, CultureInfo.InvariantCulture,
+                    DateTimeStyles.AssumeUniversal | DateTimeStyles.AdjustToUniversal, out var made)
+                && (dash < 0 || (int.TryParse(name.AsSpan(dash + 1), NumberStyles.None, CultureInfo.InvariantCulture, out number) && number >= 2)))
+            {
+                backups.Add((dir, made, number));
+            }
+        }
+        backups.Sort((a, b) => a.Made != b.Made ? a.Made.CompareTo(b.Made) : a.Number.CompareTo(b.Number));
+        return backups;
+    }
+
+    /// <summary>
+    /// Removes the oldest complete backups so that <see cref="Keep"/> remain, never <paramref name="made"/>
+    /// (the one just made, even with a clock set back behind older names). A backup that cannot be
+    /// removed is logged (event 38) and left; the backup just made stands either way.
+    /// </summary>
+    private IReadOnlyList<string> RemoveOldest(string made)
+    {
+        if (Keep <= 0)
+        {
+            return [];
+        }
+        List<(string Path, DateTimeOffset Made, int Number)> backups;
+        try
+        {
+            backups = Complete();
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            Log.BackupNotRemoved(logger, Root, e.Message);
+            return [];
+        }
+        backups.RemoveAll(b => Path.GetFileName(b.Path) == made);
+        var removed = new List<string>();
+        for (int i = 0; i < backups.Count - (Keep - 1); i++)
+        {
+            string path = Path.GetFullPath(backups[i].Path);
+            try
+            {
+                Directory.Delete(path, recursive: true);
+                removed.Add(path);
+                Log.BackupRemoved(logger, path, Keep);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                Log.BackupNotRemoved(logger, path, e.Message);
+            }
+        }
+        if (removed.Count > 0)
+        {
+            TrySync(Root);
+        }
+        return removed;
+    }
+
+    private static void TrySync(string directory)
+    {
+        try
+        {
+            DurableDirectory.Sync(directory);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+        }
     }
 
     /// <summary>The UTC time to the second; a suffix when a backup of the same second exists.</summary>
     private string NewName()
     {
-        string stamp = context.Options.Clock.GetUtcNow().UtcDateTime.ToString(NameFormat, CultureInfo.InvariantCulture);
+        string stamp = clock.GetUtcNow().UtcDateTime.ToString(NameFormat, CultureInfo.InvariantCulture);
         string name = stamp;
         for (int n = 2; Directory.Exists(Path.Combine(Root, name)); n++)
         {
@@ -173,4 +256,55 @@ internal sealed class RelayBackups(RelayServerContext context)
 }
 
 /// <summary>A backup failed; the message says why (RocksDB's error or the file system's), and nothing of it is left.</summary>
-internal sealed class BackupException(string message, Exception inner) : Exception(message, inner);
+public sealed class BackupException(string message, Exception? inner = null) : Exception(message, inner);
+
+/// <summary>
+/// <c>relay backup</c>: a backup of a relay that is not running, into the same backup directory and
+/// under the same names and retention as <c>POST /admin/backup</c> (for a relay without the admin
+/// API, or before it is moved or upgraded). Opening the store advances its id epoch by one, as a
+/// start does; nothing else in the data directory changes.
+/// </summary>
+public static class StoppedRelayBackup
+{
+    /// <summary>
+    /// Makes one backup of the relay whose data directory is <paramref name="dataDirectory"/>. Throws
+    /// <see cref="BackupException"/> saying why not: no relay there, the relay is running (its store is
+    /// locked: <c>POST /admin/backup</c> makes a backup of a running relay), or the store or file
+    /// system failed.
+    /// </summary>
+    public static BackupResult Make(string dataDirectory, string? backupDirectory, int keep, ILogger logger)
+    {
+        if (!RelayIdentity.Exists(dataDirectory))
+        {
+            throw new BackupException($"no relay identity in {dataDirectory}; is it the data directory of a relay?");
+        }
+        string queues = Path.Combine(dataDirectory, "queues");
+        if (!Directory.Exists(queues))
+        {
+            throw new BackupException($"no queue store in {dataDirectory} (the relay has never run)");
+        }
+        QueueStore store;
+        try
+        {
+            store = QueueStore.Open(new QueueStoreOptions
+            {
+                Path = queues,
+                // Nothing but the backup: no sweeps, no compaction started.
+                SweepInterval = TimeSpan.Zero,
+                DeferCompactions = true,
+            });
+        }
+        catch (StoreException e) when (e.Message.Contains("lock", StringComparison.OrdinalIgnoreCase))
+        {
+            throw new BackupException($"the relay in {dataDirectory} is running (its store is locked); make the backup with POST /admin/backup", e);
+        }
+        catch (StoreException e)
+        {
+            throw new BackupException($"cannot open the store in {queues}: {e.Message}", e);
+        }
+        using (store)
+        {
+            return new RelayBackups(store, dataDirectory, backupDirectory, keep, TimeProvider.System, logger, metrics: null).Create();
+        }
+    }
+}

@@ -99,8 +99,10 @@ public sealed class ServeSettings
             (s, v, src) => s.Server.AdminToken = v.Length == 0 ? null
                 : v.Length >= 16 && !v.Any(char.IsWhiteSpace) && !v.Any(char.IsControl) ? v
                 : throw new UsageException($"{src} must be at least 16 characters without spaces (e.g. from: openssl rand -hex 32)")),
-        new("backup-dir", "DIR", "DATA/backups", "where POST /admin/backup makes its backups, one directory each (on the store's file system its table files are hard-linked, not copied)",
+        new("backup-dir", "DIR", "DATA/backups", "where POST /admin/backup and relay backup make backups, one directory each (on the store's file system its table files are hard-linked, not copied)",
             (s, v, _) => s.Server.BackupDirectory = v.Length == 0 ? null : v),
+        new("backup-keep", "N", "7", "complete backups kept in the backup directory: after each backup the oldest are removed so that this many remain, the new one among them (0: keep every one)",
+            (s, v, src) => s.Server.BackupKeep = (int)ParseNumber(src, v, 0, 1_000_000)),
         new("shutdown-timeout", "DURATION", "10s", "on SIGTERM/SIGINT, time connections get to finish what is in flight before they are aborted",
             (s, v, src) => s.Server.ShutdownTimeout = ParseDuration(src, v, TimeSpan.Zero)),
         new("store-failure-timeout", "DURATION", "60s", "when every store write has failed this long (an I/O error, not a full disk, which passes by itself), the relay exits with 1 so that its service manager restarts it and the store recovers from its log (0: keep running)",
