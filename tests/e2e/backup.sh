@@ -7,7 +7,7 @@
 # lines, a backup that fails; `relay backup` of a stopped relay (refused while it runs), the
 # backups it keeps, and a relay started from one.
 source "$(dirname "$0")/lib.sh"
-expect_checks 35
+expect_checks 37
 
 TOKEN=e2e-admin-token-$(python3 -c 'import secrets; print(secrets.token_hex(12))')
 DATA=$E2E_TMP/relay
@@ -115,6 +115,27 @@ check "the relay stops" stop_relay "$RELAY_PID"
 mkdir -p "$E2E_TMP/empty"
 "$RELAY" backup --data "$E2E_TMP/empty" > /dev/null 2> "$E2E_TMP/empty.err"; RC=$?
 check "relay backup where there is no relay: exit 1, says so" bash -c "[ $RC = 1 ] && grep -q 'no relay identity in' '$E2E_TMP/empty.err' && [ -z \"\$(ls -A '$E2E_TMP/empty')\" ]"
+
+# Run as root on the data directory of another user (a service user, systemd's dynamic user), relay
+# backup acts as that user: every file it makes there belongs to the relay, which starts after it.
+OWNED=$E2E_TMP/owned
+cp -a "$RESTORED" "$OWNED"
+chmod o+x "$E2E_TMP"
+if [ "$(id -u)" = 0 ] && chown -R 65534:65534 "$OWNED"; then
+    "$RELAY" backup --data "$OWNED" > "$E2E_TMP/owned.out" 2> "$E2E_TMP/owned.err"; RC=$?
+    check "relay backup as root on a directory of uid 65534: every file it made there is that user's" bash -c "
+        [ $RC = 0 ] && grep -q 'acting as the owner of $OWNED (uid 65534)' '$E2E_TMP/owned.err' &&
+        [ -f \"\$(cat '$E2E_TMP/owned.out')/queues/CURRENT\" ] && [ -z \"\$(find '$OWNED' ! -uid 65534 -o ! -gid 65534)\" ]"
+    setpriv --reuid=65534 --regid=65534 --clear-groups "$RELAY" serve --data "$OWNED" --listen "127.0.0.1:$PORT" \
+        --admin "127.0.0.1:$ADMIN" --host relay.test > "$E2E_TMP/owned.log" 2>&1 &
+    RELAY_PID=$!; E2E_PIDS+=("$RELAY_PID")
+    wait_for_http "http://127.0.0.1:$ADMIN/readyz" 30
+    check "the relay, run as that user, starts after it and works" bash -c "'$RELAY' check '$ADDR' >/dev/null && ! grep -Eq 'fail:|crit:' '$E2E_TMP/owned.log'"
+    stop_relay "$RELAY_PID"
+else
+    fail "relay backup of another user's data directory (needs root, as CI runs the checks)"
+    fail "the relay, run as that user, starts after it (needs root)"
+fi
 
 # A relay started from the newest backup of the command: the same address, and the conversation goes on.
 COLD3=$(cat "$E2E_TMP/cold3.out")

@@ -151,7 +151,7 @@ assert [l.split()[0] for l in lines] == ["append", "overwrite"], lines
 for l in lines:
     p = [float(x) for x in re.findall(r"p[0-9.]+ ([0-9.]+)", l)]
     assert len(p) == 4 and 0 <= p[0] <= p[1] <= p[2] <= p[3] and p[3] > 0, l
-    assert "(50 writes of 600 B)" in l, l
+    assert "(50 writes of 600 B; CPU " in l and re.search(r"CPU [0-9]+ us each\)$", l), l
 PY
     [ -z "$(ls -A "$E2E_TMP/disk")" ]
 }

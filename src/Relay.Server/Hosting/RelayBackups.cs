@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Globalization;
+using System.Runtime.InteropServices;
 using Microsoft.Extensions.Logging;
 using Relay.Protocol;
 using Relay.Server.Metrics;
@@ -264,8 +265,59 @@ public sealed class BackupException(string message, Exception? inner = null) : E
 /// API, or before it is moved or upgraded). Opening the store advances its id epoch by one, as a
 /// start does; nothing else in the data directory changes.
 /// </summary>
-public static class StoppedRelayBackup
+public static partial class StoppedRelayBackup
 {
+    /// <summary>
+    /// Run as root on a data directory that belongs to another user (the relay's service user, a
+    /// systemd dynamic user): the process takes that user's ids (effective user and group, no
+    /// supplementary groups), so that the store's new files and the backups belong to the relay as
+    /// if it had made them, and a root-owned file never stands in its way later. Returns that user
+    /// id, or null when nothing changed (not root, the directory is root's, or not Linux).
+    /// </summary>
+    public static uint? ActAsOwnerOf(string dataDirectory)
+    {
+        if (!OperatingSystem.IsLinux() || GetEffectiveUserId() != 0 || !Directory.Exists(dataDirectory))
+        {
+            return null;
+        }
+        // statx's layout is the same on every architecture: stx_uid at 20, stx_gid at 24.
+        byte[] buffer = new byte[256];
+        if (Statx(AtCurrentDirectory, dataDirectory, 0, StatxUid | StatxGid, buffer) != 0)
+        {
+            throw new BackupException($"cannot read the owner of {dataDirectory}: {Marshal.GetPInvokeErrorMessage(Marshal.GetLastPInvokeError())}");
+        }
+        uint uid = BitConverter.ToUInt32(buffer, 20);
+        uint gid = BitConverter.ToUInt32(buffer, 24);
+        if (uid == 0)
+        {
+            return null;
+        }
+        if (SetGroups(0, 0) != 0 || SetEffectiveGroupId(gid) != 0 || SetEffectiveUserId(uid) != 0)
+        {
+            throw new BackupException($"cannot act as the owner of {dataDirectory} (uid {uid}): {Marshal.GetPInvokeErrorMessage(Marshal.GetLastPInvokeError())}");
+        }
+        return uid;
+    }
+
+    private const int AtCurrentDirectory = -100;
+    private const uint StatxUid = 0x8;
+    private const uint StatxGid = 0x10;
+
+    [LibraryImport("libc", EntryPoint = "statx", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    private static partial int Statx(int directoryFd, string path, int flags, uint mask, byte[] buffer);
+
+    [LibraryImport("libc", EntryPoint = "geteuid")]
+    private static partial uint GetEffectiveUserId();
+
+    [LibraryImport("libc", EntryPoint = "setgroups", SetLastError = true)]
+    private static partial int SetGroups(nuint size, nint list);
+
+    [LibraryImport("libc", EntryPoint = "setegid", SetLastError = true)]
+    private static partial int SetEffectiveGroupId(uint gid);
+
+    [LibraryImport("libc", EntryPoint = "seteuid", SetLastError = true)]
+    private static partial int SetEffectiveUserId(uint uid);
+
     /// <summary>
     /// Makes one backup of the relay whose data directory is <paramref name="dataDirectory"/>. Throws
     /// <see cref="BackupException"/> saying why not: no relay there, the relay is running (its store is

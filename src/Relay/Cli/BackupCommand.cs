@@ -35,6 +35,10 @@ public static class BackupCommand
         BackupResult made;
         try
         {
+            if (StoppedRelayBackup.ActAsOwnerOf(options.DataDirectory) is { } owner)
+            {
+                Console.Error.WriteLine($"relay: acting as the owner of {options.DataDirectory} (uid {owner}), as the relay does");
+            }
             made = StoppedRelayBackup.Make(options.DataDirectory, options.BackupDirectory, options.BackupKeep, new StandardErrorLogger());
         }
         catch (BackupException e)
