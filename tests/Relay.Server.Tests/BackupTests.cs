@@ -163,14 +163,16 @@ public class BackupTests
         await Assert.That(Value(metrics, "relay_backups_total", "result=\"ok\"")).IsEqualTo(0);
     }
 
+    private static Task<TestRelay> StartKeepingAsync(int keep) => TestRelay.StartAsync(o =>
+    {
+        o.AdminToken = Token;
+        o.BackupKeep = keep;
+    });
+
     [Test]
     public async Task After_a_backup_the_oldest_go_so_that_the_kept_number_remain_and_nothing_else_is_touched()
     {
-        await using var relay = await TestRelay.StartAsync(o =>
-        {
-            o.AdminToken = Token;
-            o.BackupKeep = 2;
-        });
+        await using var relay = await StartKeepingAsync(2);
         string root = relay.Server.Backups.Root;
         // Two older backups (the second of the same second), one cut short, and what is not a backup.
         string[] older = ["20200101T000000Z", "20200101T000000Z-2"];
@@ -213,11 +215,7 @@ public class BackupTests
     [Test]
     public async Task With_keep_0_every_backup_stays()
     {
-        await using var relay = await TestRelay.StartAsync(o =>
-        {
-            o.AdminToken = Token;
-            o.BackupKeep = 0;
-        });
+        await using var relay = await StartKeepingAsync(0);
         string root = relay.Server.Backups.Root;
         Directory.CreateDirectory(Path.Combine(root, "20200101T000000Z"));
         using var admin = AdminClient(relay, Token);
@@ -232,11 +230,7 @@ public class BackupTests
     [Test]
     public async Task A_clock_set_back_never_removes_the_backup_just_made()
     {
-        await using var relay = await TestRelay.StartAsync(o =>
-        {
-            o.AdminToken = Token;
-            o.BackupKeep = 1;
-        });
+        await using var relay = await StartKeepingAsync(1);
         string root = relay.Server.Backups.Root;
         // Named later than now, as after the clock was set back: by name it is the newest, but the
         // one just made is kept whatever its name, and with 1 to keep the other goes.
