@@ -174,18 +174,19 @@ public class BackupTests
     {
         await using var relay = await StartKeepingAsync(2);
         string root = relay.Server.Backups.Root;
-        // Two older backups (the second of the same second), one cut short, and what is not a backup.
+        // Two older backups (the second of the same second), and what is not a backup of this relay:
+        // names it does not give, and one of another relay sharing the directory.
+        byte[] identity = File.ReadAllBytes(Path.Combine(relay.DataDirectory, "identity.pfx"));
         string[] older = ["20200101T000000Z", "20200101T000000Z-2"];
-        foreach (string name in older)
+        string[] notBackups = ["weekly", "20200101T000000Z-x", "20200101", "20200101T000000Z-1", "20190101T000000Z"];
+        foreach (string name in older.Concat(notBackups))
         {
             Directory.CreateDirectory(Path.Combine(root, name, "queues"));
-            File.WriteAllText(Path.Combine(root, name, "identity.pfx"), "old");
+            File.WriteAllBytes(Path.Combine(root, name, "identity.pfx"), identity);
         }
-        string[] notBackups = ["weekly", "20200101T000000Z-x", "20200101", "20200101T000000Z-1"];
-        foreach (string name in notBackups)
-        {
-            Directory.CreateDirectory(Path.Combine(root, name));
-        }
+        byte[] another = (byte[])identity.Clone();
+        another[^1] ^= 1;
+        File.WriteAllBytes(Path.Combine(root, "20190101T000000Z", "identity.pfx"), another);
         File.WriteAllText(Path.Combine(root, "19990101T000000Z"), "a file, not a backup");
         using var admin = AdminClient(relay, Token);
 
@@ -218,6 +219,7 @@ public class BackupTests
         await using var relay = await StartKeepingAsync(0);
         string root = relay.Server.Backups.Root;
         Directory.CreateDirectory(Path.Combine(root, "20200101T000000Z"));
+        File.Copy(Path.Combine(relay.DataDirectory, "identity.pfx"), Path.Combine(root, "20200101T000000Z", "identity.pfx"));
         using var admin = AdminClient(relay, Token);
         for (int i = 0; i < 3; i++)
         {
@@ -236,6 +238,7 @@ public class BackupTests
         // one just made is kept whatever its name, and with 1 to keep the other goes.
         string future = Path.Combine(root, "29991231T235959Z");
         Directory.CreateDirectory(future);
+        File.Copy(Path.Combine(relay.DataDirectory, "identity.pfx"), Path.Combine(future, "identity.pfx"));
         using var admin = AdminClient(relay, Token);
         JsonElement made = await PostBackupAsync(admin, HttpStatusCode.OK);
         await Assert.That(Directory.Exists(made.GetProperty("path").GetString()!)).IsTrue();

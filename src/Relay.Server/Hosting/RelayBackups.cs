@@ -128,9 +128,10 @@ internal sealed class RelayBackups(QueueStore store, string dataDirectory, strin
     }
 
     /// <summary>
-    /// The complete backups in <see cref="Root"/> (directories named as this class names them; anything
-    /// else there is not a backup and is left alone), oldest first: by time, then by the suffix of a
-    /// second backup in the same second.
+    /// This relay's complete backups in <see cref="Root"/>, oldest first: by time, then by the suffix
+    /// of a second backup in the same second. Only directories named as this class names them and
+    /// holding this relay's identity count: anything else there (an operator's files, a backup of
+    /// another relay sharing the directory) is not this relay's backup and is left alone.
     /// </summary>
     private List<(string Path, DateTimeOffset Made, int Number)> Complete()
     {
@@ -139,6 +140,7 @@ internal sealed class RelayBackups(QueueStore store, string dataDirectory, strin
         {
             return backups;
         }
+        byte[] identity = File.ReadAllBytes(RelayIdentity.PathIn(dataDirectory));
         foreach (string dir in Directory.EnumerateDirectories(Root))
         {
             string name = Path.GetFileName(dir);
@@ -147,13 +149,20 @@ internal sealed class RelayBackups(QueueStore store, string dataDirectory, strin
             int number = 1;
             if (DateTimeOffset.TryParseExact(stamp, NameFormat, CultureInfo.InvariantCulture,
                     DateTimeStyles.AssumeUniversal | DateTimeStyles.AdjustToUniversal, out var made)
-                && (dash < 0 || (int.TryParse(name.AsSpan(dash + 1), NumberStyles.None, CultureInfo.InvariantCulture, out number) && number >= 2)))
+                && (dash < 0 || (int.TryParse(name.AsSpan(dash + 1), NumberStyles.None, CultureInfo.InvariantCulture, out number) && number >= 2))
+                && HoldsIdentity(dir, identity))
             {
                 backups.Add((dir, made, number));
             }
         }
         backups.Sort((a, b) => a.Made != b.Made ? a.Made.CompareTo(b.Made) : a.Number.CompareTo(b.Number));
         return backups;
+    }
+
+    private static bool HoldsIdentity(string backup, byte[] identity)
+    {
+        string path = RelayIdentity.PathIn(backup);
+        return File.Exists(path) && new FileInfo(path).Length == identity.Length && File.ReadAllBytes(path).AsSpan().SequenceEqual(identity);
     }
 
     /// <summary>
