@@ -355,7 +355,9 @@ public static partial class StoppedRelayBackup
                 DeferCompactions = true,
             });
         }
-        catch (StoreException e) when (e.Message.Contains("lock", StringComparison.OrdinalIgnoreCase))
+        // RocksDB's "IO error: While lock file: …/LOCK: Resource temporarily unavailable" (not any
+        // message with "lock" in it: "block checksum mismatch" is a damaged store, not a running relay).
+        catch (StoreException e) when (e.Message.Contains("lock file", StringComparison.OrdinalIgnoreCase))
         {
             throw new BackupException($"the relay in {dataDirectory} is running (its store is locked); make the backup with POST /admin/backup", e);
         }

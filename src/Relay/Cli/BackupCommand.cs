@@ -1,4 +1,3 @@
-using System.Collections;
 using Microsoft.Extensions.Logging;
 using Relay.Server.Hosting;
 
@@ -26,12 +25,7 @@ public static class BackupCommand
                     .Append(("--config FILE", "JSON settings file of relay serve"))));
             return RelayCli.Ok;
         }
-        var environment = new Dictionary<string, string?>(StringComparer.Ordinal);
-        foreach (DictionaryEntry e in Environment.GetEnvironmentVariables())
-        {
-            environment[(string)e.Key] = e.Value as string;
-        }
-        var options = ServeSettings.Bind(a, environment).Server;
+        var options = ServeSettings.Bind(a).Server;
         BackupResult made;
         try
         {

@@ -1,4 +1,3 @@
-using System.Collections;
 using System.Net;
 using System.Net.Sockets;
 using Microsoft.Extensions.Logging;
@@ -18,12 +17,7 @@ public static class ServeCommand
             Console.Out.Write(Help());
             return RelayCli.Ok;
         }
-        var environment = new Dictionary<string, string?>(StringComparer.Ordinal);
-        foreach (DictionaryEntry e in Environment.GetEnvironmentVariables())
-        {
-            environment[(string)e.Key] = e.Value as string;
-        }
-        var settings = ServeSettings.Bind(a, environment);
+        var settings = ServeSettings.Bind(a);
         var options = settings.Server;
 
         CheckDataDirectory(options.DataDirectory);

@@ -116,6 +116,17 @@ public sealed class ServeSettings
     public static ISet<string> ValueOptionNames => Options.Where(o => !o.IsSwitch).Select(o => o.Name).Append("config").ToHashSet();
     public static ISet<string> SwitchNames => Options.Where(o => o.IsSwitch).Select(o => o.Name).ToHashSet();
 
+    /// <summary>Binds defaults, then the config file, then this process's environment, then the flags.</summary>
+    public static ServeSettings Bind(CliArgs args)
+    {
+        var environment = new Dictionary<string, string?>(StringComparer.Ordinal);
+        foreach (System.Collections.DictionaryEntry e in Environment.GetEnvironmentVariables())
+        {
+            environment[(string)e.Key] = e.Value as string;
+        }
+        return Bind(args, environment);
+    }
+
     /// <summary>Binds defaults, then the config file, then the environment, then the flags.</summary>
     public static ServeSettings Bind(CliArgs args, IDictionary<string, string?> environment)
     {
