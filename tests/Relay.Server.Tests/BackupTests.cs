@@ -247,6 +247,52 @@ public class BackupTests
     }
 
     [Test]
+    public async Task An_old_backup_that_cannot_be_removed_stays_and_the_new_one_stands()
+    {
+        await using var relay = await StartKeepingAsync(1);
+        string root = relay.Server.Backups.Root;
+        string old = Path.Combine(root, "20200101T000000Z");
+        Directory.CreateDirectory(old);
+        File.Copy(Path.Combine(relay.DataDirectory, "identity.pfx"), Path.Combine(old, "identity.pfx"));
+        // An immutable file (root on ext4, as CI runs): nothing, not even root, removes its directory.
+        string pinned = Path.Combine(old, "pinned");
+        File.WriteAllText(pinned, "x");
+        Skip.When(!Attributes("+i", pinned), "needs root and a file system with chattr +i (CI runs the tests as root on ext4)");
+        try
+        {
+            using var admin = AdminClient(relay, Token);
+            JsonElement made = await PostBackupAsync(admin, HttpStatusCode.OK);
+            await Assert.That(made.GetProperty("removed").GetArrayLength()).IsEqualTo(0);
+            await Assert.That(Directory.Exists(made.GetProperty("path").GetString()!)).IsTrue();
+            await Assert.That(File.Exists(pinned)).IsTrue();
+            await Assert.That(relay.Logs.Lines.Any(l => l.Contains("[38]") && l.Contains("Removing an old backup failed: " + old))).IsTrue();
+            string metrics = await ScrapeAsync(relay);
+            await Assert.That(Value(metrics, "relay_backups_total", "result=\"ok\"")).IsEqualTo(1);
+        }
+        finally
+        {
+            Attributes("-i", pinned);
+        }
+    }
+
+    private static bool Attributes(string change, string path)
+    {
+        try
+        {
+            using var chattr = System.Diagnostics.Process.Start(new System.Diagnostics.ProcessStartInfo("chattr", [change, path])
+            {
+                RedirectStandardError = true,
+            })!;
+            chattr.WaitForExit();
+            return chattr.ExitCode == 0;
+        }
+        catch (System.ComponentModel.Win32Exception)
+        {
+            return false;
+        }
+    }
+
+    [Test]
     public async Task Without_the_token_no_backup_is_made()
     {
         await using var relay = await TestRelay.StartAsync(o => o.AdminToken = Token);
