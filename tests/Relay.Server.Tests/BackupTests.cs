@@ -169,6 +169,17 @@ public class BackupTests
         o.BackupKeep = keep;
     });
 
+    /// <summary>A directory in the relay's backup directory that counts as one of its backups: a name it gives, its identity.</summary>
+    private static string OlderBackup(TestRelay relay, string name)
+    {
+        string path = Path.Combine(relay.Server.Backups.Root, name);
+        Directory.CreateDirectory(Path.Combine(path, "queues"));
+        File.Copy(Path.Combine(relay.DataDirectory, "identity.pfx"), Path.Combine(path, "identity.pfx"));
+        return path;
+    }
+
+    private static string[] Removed(JsonElement made) => [.. made.GetProperty("removed").EnumerateArray().Select(e => e.GetString()!)];
+
     [Test]
     public async Task After_a_backup_the_oldest_go_so_that_the_kept_number_remain_and_nothing_else_is_touched()
     {
@@ -176,32 +187,30 @@ public class BackupTests
         string root = relay.Server.Backups.Root;
         // Two older backups (the second of the same second), and what is not a backup of this relay:
         // names it does not give, and one of another relay sharing the directory.
-        byte[] identity = File.ReadAllBytes(Path.Combine(relay.DataDirectory, "identity.pfx"));
         string[] older = ["20200101T000000Z", "20200101T000000Z-2"];
         string[] notBackups = ["weekly", "20200101T000000Z-x", "20200101", "20200101T000000Z-1", "20190101T000000Z"];
         foreach (string name in older.Concat(notBackups))
         {
-            Directory.CreateDirectory(Path.Combine(root, name, "queues"));
-            File.WriteAllBytes(Path.Combine(root, name, "identity.pfx"), identity);
+            OlderBackup(relay, name);
         }
-        byte[] another = (byte[])identity.Clone();
+        byte[] another = File.ReadAllBytes(Path.Combine(relay.DataDirectory, "identity.pfx"));
         another[^1] ^= 1;
         File.WriteAllBytes(Path.Combine(root, "20190101T000000Z", "identity.pfx"), another);
         File.WriteAllText(Path.Combine(root, "19990101T000000Z"), "a file, not a backup");
         using var admin = AdminClient(relay, Token);
 
         JsonElement first = await PostBackupAsync(admin, HttpStatusCode.OK);
-        string[] removed = [.. first.GetProperty("removed").EnumerateArray().Select(e => e.GetString()!)];
+        string[] removed = Removed(first);
         await Assert.That(removed).IsEquivalentTo(new[] { Path.GetFullPath(Path.Combine(root, older[0])) });
         await Assert.That(Directory.Exists(Path.Combine(root, older[0]))).IsFalse();
         await Assert.That(Directory.Exists(Path.Combine(root, older[1]))).IsTrue();
         await Assert.That(relay.Logs.Lines.Any(l => l.Contains("[37]") && l.Contains(removed[0]))).IsTrue();
 
         JsonElement second = await PostBackupAsync(admin, HttpStatusCode.OK);
-        await Assert.That(second.GetProperty("removed").EnumerateArray().Select(e => e.GetString()!).ToArray())
+        await Assert.That(Removed(second))
             .IsEquivalentTo(new[] { Path.GetFullPath(Path.Combine(root, older[1])) });
         JsonElement third = await PostBackupAsync(admin, HttpStatusCode.OK);
-        await Assert.That(third.GetProperty("removed").EnumerateArray().Select(e => e.GetString()!).ToArray())
+        await Assert.That(Removed(third))
             .IsEquivalentTo(new[] { first.GetProperty("path").GetString() });
 
         // The two newest backups, each whole, and everything that is not a backup, untouched.
@@ -218,13 +227,12 @@ public class BackupTests
     {
         await using var relay = await StartKeepingAsync(0);
         string root = relay.Server.Backups.Root;
-        Directory.CreateDirectory(Path.Combine(root, "20200101T000000Z"));
-        File.Copy(Path.Combine(relay.DataDirectory, "identity.pfx"), Path.Combine(root, "20200101T000000Z", "identity.pfx"));
+        OlderBackup(relay, "20200101T000000Z");
         using var admin = AdminClient(relay, Token);
         for (int i = 0; i < 3; i++)
         {
             JsonElement made = await PostBackupAsync(admin, HttpStatusCode.OK);
-            await Assert.That(made.GetProperty("removed").GetArrayLength()).IsEqualTo(0);
+            await Assert.That(Removed(made)).IsEmpty();
         }
         await Assert.That(Directory.GetDirectories(root).Length).IsEqualTo(4);
     }
@@ -233,16 +241,13 @@ public class BackupTests
     public async Task A_clock_set_back_never_removes_the_backup_just_made()
     {
         await using var relay = await StartKeepingAsync(1);
-        string root = relay.Server.Backups.Root;
         // Named later than now, as after the clock was set back: by name it is the newest, but the
         // one just made is kept whatever its name, and with 1 to keep the other goes.
-        string future = Path.Combine(root, "29991231T235959Z");
-        Directory.CreateDirectory(future);
-        File.Copy(Path.Combine(relay.DataDirectory, "identity.pfx"), Path.Combine(future, "identity.pfx"));
+        string future = OlderBackup(relay, "29991231T235959Z");
         using var admin = AdminClient(relay, Token);
         JsonElement made = await PostBackupAsync(admin, HttpStatusCode.OK);
         await Assert.That(Directory.Exists(made.GetProperty("path").GetString()!)).IsTrue();
-        await Assert.That(made.GetProperty("removed").EnumerateArray().Select(e => e.GetString()!).ToArray())
+        await Assert.That(Removed(made))
             .IsEquivalentTo(new[] { Path.GetFullPath(future) });
     }
 
@@ -250,10 +255,7 @@ public class BackupTests
     public async Task An_old_backup_that_cannot_be_removed_stays_and_the_new_one_stands()
     {
         await using var relay = await StartKeepingAsync(1);
-        string root = relay.Server.Backups.Root;
-        string old = Path.Combine(root, "20200101T000000Z");
-        Directory.CreateDirectory(old);
-        File.Copy(Path.Combine(relay.DataDirectory, "identity.pfx"), Path.Combine(old, "identity.pfx"));
+        string old = OlderBackup(relay, "20200101T000000Z");
         // An immutable file (root on ext4, as CI runs): nothing, not even root, removes its directory.
         string pinned = Path.Combine(old, "pinned");
         File.WriteAllText(pinned, "x");
@@ -262,7 +264,7 @@ public class BackupTests
         {
             using var admin = AdminClient(relay, Token);
             JsonElement made = await PostBackupAsync(admin, HttpStatusCode.OK);
-            await Assert.That(made.GetProperty("removed").GetArrayLength()).IsEqualTo(0);
+            await Assert.That(Removed(made)).IsEmpty();
             await Assert.That(Directory.Exists(made.GetProperty("path").GetString()!)).IsTrue();
             await Assert.That(File.Exists(pinned)).IsTrue();
             await Assert.That(relay.Logs.Lines.Any(l => l.Contains("[38]") && l.Contains("Removing an old backup failed: " + old))).IsTrue();
