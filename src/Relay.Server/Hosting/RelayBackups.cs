@@ -359,7 +359,9 @@ public static partial class StoppedRelayBackup
         // message with "lock" in it: "block checksum mismatch" is a damaged store, not a running relay).
         catch (StoreException e) when (e.Message.Contains("lock file", StringComparison.OrdinalIgnoreCase))
         {
-            throw new BackupException($"the relay in {dataDirectory} is running (its store is locked); make the backup with POST /admin/backup", e);
+            // The lock says only that another process has the store open: the relay, most of the time, or
+            // another `relay backup` of the same directory.
+            throw new BackupException($"the relay in {dataDirectory} is running, or another relay backup has its store open (the store is locked); make the backup of a running relay with POST /admin/backup", e);
         }
         catch (StoreException e)
         {
