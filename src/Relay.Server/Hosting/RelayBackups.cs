@@ -329,9 +329,9 @@ public static partial class StoppedRelayBackup
 
     /// <summary>
     /// Makes one backup of the relay whose data directory is <paramref name="dataDirectory"/>. Throws
-    /// <see cref="BackupException"/> saying why not: no relay there, the relay is running (its store is
-    /// locked: <c>POST /admin/backup</c> makes a backup of a running relay), or the store or file
-    /// system failed.
+    /// <see cref="BackupException"/> saying why not: no relay there, its store locked (the relay is
+    /// running, and <c>POST /admin/backup</c> makes a backup of a running relay, or another
+    /// <c>relay backup</c> has it open), or the store or file system failed.
     /// </summary>
     public static BackupResult Make(string dataDirectory, string? backupDirectory, int keep, ILogger logger)
     {
