@@ -31,6 +31,12 @@ internal static partial class Log
     [LoggerMessage(7, LogLevel.Error, "Building the TLS context from the relay identity failed: {Error}; the relay cannot serve TLS and stops")]
     public static partial void TlsSetupFailed(ILogger logger, string error);
 
+    [LoggerMessage(39, LogLevel.Information, "TLS certificate renewed, valid until {NotAfter:u}")]
+    public static partial void TlsRenewed(ILogger logger, DateTimeOffset notAfter);
+
+    [LoggerMessage(40, LogLevel.Error, "Renewing the TLS certificate failed: {Error}; the current one, valid until {NotAfter:u}, stays and the renewal is tried again in an hour")]
+    public static partial void TlsRenewalFailed(ILogger logger, string error, DateTimeOffset notAfter);
+
     [LoggerMessage(10, LogLevel.Debug, "TLS handshake failed: {Reason}")]
     public static partial void TlsFailed(ILogger logger, string reason);
 

@@ -1,4 +1,3 @@
-using System.Net.Security;
 using System.Security.Cryptography;
 using System.Text;
 using Microsoft.Extensions.Logging;
@@ -10,7 +9,7 @@ namespace Relay.Server;
 
 /// <summary>What every connection of one relay shares.</summary>
 internal sealed class RelayServerContext(RelayServerOptions options, QueueStore store, RelayMetrics metrics,
-    ILogger logger, Task<SslServerAuthenticationOptions>? tlsOptions)
+    ILogger logger, Hosting.TlsCertificates? tls)
 {
     private readonly byte[] _passwordHash = string.IsNullOrEmpty(options.CreatePassword)
         ? [] : SHA256.HashData(Encoding.UTF8.GetBytes(options.CreatePassword));
@@ -20,10 +19,11 @@ internal sealed class RelayServerContext(RelayServerOptions options, QueueStore 
     public RelayMetrics Metrics { get; } = metrics;
     public ILogger Logger { get; } = logger;
     /// <summary>
-    /// The TLS settings, built in the background at start-up (signing the TLS certificate and building
-    /// its chain takes a few hundred milliseconds); the first handshakes wait for it.
+    /// The TLS certificate and settings (null without TLS), made in the background at start-up
+    /// (signing the certificate and building its chain takes a few hundred milliseconds; the first
+    /// handshakes wait for it) and renewed while the relay runs.
     /// </summary>
-    public Task<SslServerAuthenticationOptions> TlsOptions { get; } = tlsOptions ?? Task.FromResult(new SslServerAuthenticationOptions());
+    public Hosting.TlsCertificates? Tls { get; } = tls;
     public CancellationTokenSource Stopping { get; } = new();
 
     /// <summary>

@@ -4,6 +4,7 @@ using System.Net.Security;
 using System.Net.Sockets;
 using System.Security.Authentication;
 using System.Security.Cryptography;
+using System.Security.Cryptography.X509Certificates;
 using System.Text;
 using Relay.Client.Transport;
 using Relay.Protocol;
@@ -42,6 +43,10 @@ public sealed class RawClient : IAsyncDisposable
     public int MaxMessage { get; private set; }
     public ushort Version { get; private set; }
     public Socket Socket => _tcp?.Client ?? throw new InvalidOperationException("an in-process connection has no socket");
+    /// <summary>The TLS (leaf) certificate the relay presented; null without TLS.</summary>
+    public X509Certificate2? ServerCertificate => (_stream as SslStream)?.RemoteCertificate as X509Certificate2;
+    /// <summary>The certificates the relay presented with its leaf (PROTOCOL.md §2: the identity certificate).</summary>
+    public IReadOnlyList<X509Certificate2> PresentedChain { get; private set; } = [];
 
     private RawClient(TcpClient? tcp, Stream stream)
     {
@@ -59,14 +64,19 @@ public sealed class RawClient : IAsyncDisposable
         {
             var ssl = new SslStream(stream, leaveInnerStreamOpen: false);
             using var cts = new CancellationTokenSource(DefaultTimeout);
+            List<X509Certificate2> presented = [];
             await ssl.AuthenticateAsClientAsync(new SslClientAuthenticationOptions
             {
                 TargetHost = "relay",
                 ApplicationProtocols = alpn ?? [new SslApplicationProtocol(ProtocolConstants.AlpnString)],
                 EnabledSslProtocols = SslProtocols.Tls13,
-                RemoteCertificateValidationCallback = (_, _, _, _) => true,
+                RemoteCertificateValidationCallback = (_, _, chain, _) =>
+                {
+                    presented = chain?.ChainPolicy.ExtraStore.Cast<X509Certificate2>().ToList() ?? [];
+                    return true;
+                },
             }, cts.Token);
-            stream = ssl;
+            return new RawClient(tcp, ssl) { PresentedChain = presented };
         }
         return new RawClient(tcp, stream);
     }

@@ -64,7 +64,7 @@ internal sealed partial class RelaySession : IThreadPoolWorkItem
                 if (_options.Tls)
                 {
                     ssl = new SslStream(transport, leaveInnerStreamOpen: true);
-                    await ssl.AuthenticateAsServerAsync(await _context.TlsOptions.WaitAsync(handshakeTimeout.Token), handshakeTimeout.Token);
+                    await ssl.AuthenticateAsServerAsync(await _context.Tls!.OptionsAsync(handshakeTimeout.Token), handshakeTimeout.Token);
                     // A client that offers no ALPN at all completes TLS without one: refuse it too (PROTOCOL.md §2).
                     if (!ssl.NegotiatedApplicationProtocol.Protocol.Span.SequenceEqual(ProtocolConstants.Alpn))
                     {

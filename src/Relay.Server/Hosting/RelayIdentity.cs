@@ -106,15 +106,17 @@ public sealed class RelayIdentity : IDisposable
         return new RelayIdentity(loaded);
     }
 
-    /// <summary>A TLS certificate valid for <paramref name="lifetime"/>, signed by the identity key.</summary>
-    public X509Certificate2 CreateTlsCertificate(TimeSpan lifetime)
+    /// <summary>
+    /// A TLS certificate valid from an hour before <paramref name="now"/> (for clients whose clock is
+    /// behind) to <paramref name="now"/> + <paramref name="lifetime"/>, signed by the identity key.
+    /// </summary>
+    public X509Certificate2 CreateTlsCertificate(DateTimeOffset now, TimeSpan lifetime)
     {
         using var key = ECDsa.Create(ECCurve.NamedCurves.nistP256);
         var request = new CertificateRequest("CN=relay", key, HashAlgorithmName.SHA256);
         request.CertificateExtensions.Add(new X509BasicConstraintsExtension(false, false, 0, true));
         request.CertificateExtensions.Add(new X509KeyUsageExtension(X509KeyUsageFlags.DigitalSignature, true));
         request.CertificateExtensions.Add(new X509EnhancedKeyUsageExtension([new Oid("1.3.6.1.5.5.7.3.1")], false));
-        var now = DateTimeOffset.UtcNow;
         Span<byte> serial = stackalloc byte[16];
         RandomNumberGenerator.Fill(serial);
         serial[0] &= 0x7F;

@@ -1,7 +1,4 @@
 using System.Net;
-using System.Net.Security;
-using System.Security.Authentication;
-using System.Security.Cryptography.X509Certificates;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Connections;
 using Microsoft.AspNetCore.Hosting;
@@ -34,7 +31,7 @@ public sealed class RelayServer : IAsyncDisposable
     // snapshot under the same lock: none is registered after the snapshot.
     private readonly Dictionary<InProcessConnection, Task> _inProcess = new(ReferenceEqualityComparer.Instance);
     private readonly ListenOptions? _adminListen;
-    private readonly Task<(X509Certificate2 Certificate, SslServerAuthenticationOptions Options)>? _tlsTask;
+    private readonly TlsCertificates? _tls;
     private readonly ILogger _logger;
     private readonly RelayMaintenance _maintenance;
     private volatile bool _ready;
@@ -79,7 +76,7 @@ public sealed class RelayServer : IAsyncDisposable
     }
 
     private RelayServer(RelayServerOptions options, WebApplication app, RelayServerContext context, RelayIdentity identity,
-        RelayListener relayListener, RelayConnectionHandler handler, ListenOptions? adminListen, Task<(X509Certificate2 Certificate, SslServerAuthenticationOptions Options)>? tlsTask, RelayMaintenance maintenance)
+        RelayListener relayListener, RelayConnectionHandler handler, ListenOptions? adminListen, TlsCertificates? tls, RelayMaintenance maintenance)
     {
         _maintenance = maintenance;
         Options = options;
@@ -89,7 +86,7 @@ public sealed class RelayServer : IAsyncDisposable
         _relayListener = relayListener;
         _handler = handler;
         _adminListen = adminListen;
-        _tlsTask = tlsTask;
+        _tls = tls;
         Store = context.Store;
         Metrics = context.Metrics;
         _logger = context.Logger;
@@ -127,7 +124,7 @@ public sealed class RelayServer : IAsyncDisposable
             var id = RelayIdentity.LoadOrCreate(options.DataDirectory, out bool isNew);
             return (Identity: id, Created: isNew);
         }, cancellationToken);
-        Task<(X509Certificate2 Certificate, SslServerAuthenticationOptions Options)>? tlsTask = null;
+        TlsCertificates? tls = null;
         QueueStore? store = null;
         RelayIdentity? identity = null;
         RelayListener? relayListener = null;
@@ -189,15 +186,11 @@ public sealed class RelayServer : IAsyncDisposable
             var started = await identityTask;
             identity = started.Identity;
             bool created = started.Created;
-            var signer = identity;
-            tlsTask = options.Tls ? Task.Run(() => BuildTls(signer)) : null;
-            // Only a context that was built goes to the handshakes (a failure cancels theirs); the
-            // failure itself ends the start (RequireTlsAsync).
-            Task<SslServerAuthenticationOptions>? tls = tlsTask?.ContinueWith(t => t.Result.Options, CancellationToken.None,
-                TaskContinuationOptions.ExecuteSynchronously | TaskContinuationOptions.OnlyOnRanToCompletion, TaskScheduler.Default);
-
             // The logger category is the product, not a type name: operators filter on "Relay".
             var loggerHolder = new LoggerHolder();
+            // The first TLS certificate is made in the background; the handshakes wait for it, and a
+            // failure to make it ends the start (RequireTlsAsync).
+            tls = options.Tls ? new TlsCertificates(identity, options.Clock, loggerHolder) : null;
             var context = new RelayServerContext(options, store, metrics, loggerHolder, tls) { ConnectionLimit = connectionLimit };
             store.DiskFullChanged += full =>
             {
@@ -239,7 +232,7 @@ public sealed class RelayServer : IAsyncDisposable
             MapAdmin(app, context, () => server?._ready == true);
             await app.StartAsync(cancellationToken);
             var maintenance = new RelayMaintenance(context, () => server?.StopForStoreFailure());
-            server = new RelayServer(options, app, context, identity, relayListener, handler, adminListen, tlsTask, maintenance);
+            server = new RelayServer(options, app, context, identity, relayListener, handler, adminListen, tls, maintenance);
             relayListener.Start();
             maintenance.Start();
             if (created)
@@ -276,7 +269,7 @@ public sealed class RelayServer : IAsyncDisposable
             {
                 var leftover = await identityTask;
                 leftover.Identity.Dispose();
-                if (tlsTask != null) (await tlsTask).Certificate.Dispose();
+                tls?.Dispose();
             }
             catch (Exception)
             {
@@ -293,13 +286,13 @@ public sealed class RelayServer : IAsyncDisposable
     /// </summary>
     private async Task RequireTlsAsync()
     {
-        if (_tlsTask is null)
+        if (_tls is null)
         {
             return;
         }
         try
         {
-            await _tlsTask;
+            await _tls.Started;
         }
         catch (Exception ex)
         {
@@ -308,20 +301,6 @@ public sealed class RelayServer : IAsyncDisposable
             throw new InvalidDataException(
                 $"cannot make a TLS certificate with the relay identity {RelayIdentity.PathIn(Options.DataDirectory)}: {ex.Message}", ex);
         }
-    }
-
-    private static (X509Certificate2 Certificate, SslServerAuthenticationOptions Options) BuildTls(RelayIdentity identity)
-    {
-        var certificate = identity.CreateTlsCertificate(TimeSpan.FromDays(30));
-        var chainOnly = X509CertificateLoader.LoadCertificate(identity.IdentityCertificate.RawData);
-        return (certificate, new SslServerAuthenticationOptions
-        {
-            ServerCertificateContext = SslStreamCertificateContext.Create(certificate, [chainOnly], offline: true),
-            ApplicationProtocols = [new SslApplicationProtocol(ProtocolConstants.AlpnString)],
-            EnabledSslProtocols = SslProtocols.Tls13,
-            ClientCertificateRequired = false,
-            CertificateRevocationCheckMode = X509RevocationMode.NoCheck,
-        });
     }
 
     private static void MapAdmin(WebApplication app, RelayServerContext context, Func<bool> ready)
@@ -448,10 +427,7 @@ public sealed class RelayServer : IAsyncDisposable
                 storeError = ex;
             }
             await _app.DisposeAsync();
-            if (_tlsTask is { IsCompletedSuccessfully: true } t)
-            {
-                t.Result.Certificate.Dispose();
-            }
+            _tls?.Dispose();
             _identity.Dispose();
             Log.Stopped(_logger);
             if (storeError is not null)
