@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using System.Buffers.Binary;
 using System.Runtime.CompilerServices;
 using System.Security.Cryptography;
@@ -179,6 +180,7 @@ internal sealed partial class RelaySession
             : 1;
 
         Subscription? replaced = null;
+        bool added;
         lock (_subLock)
         {
             if (!_subscriptions.ContainsKey(queue) && _subscriptions.Count >= _options.MaxSubscriptionsPerConnection)
@@ -199,7 +201,11 @@ internal sealed partial class RelaySession
             _store.KeepTail(queue, true);   // live deliveries straight from memory (DESIGN.md, performance rules)
             lock (_subLock)
             {
-                _subscriptions[queue] = subscription;
+                // The gauge counts entries of the connections' tables: this one may still hold a
+                // subscription another connection took, whose end has not reached it yet.
+                ref Subscription? entry = ref CollectionsMarshal.GetValueRefOrAddDefault(_subscriptions, queue, out bool existed);
+                entry = subscription;
+                added = !existed;
             }
             // OK first, then the first waiting message, both in order on this connection.
             _context.Metrics.Command(FrameType.Sub, CommandResult.Ok);
@@ -208,6 +214,10 @@ internal sealed partial class RelaySession
         }
         // A subscribed queue is in use even when nobody sends to it (idle-queue expiry, OPERATIONS.md).
         _store.MarkActive(queue);
+        if (added)
+        {
+            _context.Metrics.SubscriptionsChanged(1);
+        }
         if (replaced != null)
         {
             if (ReferenceEquals(replaced.Session, this))
@@ -218,12 +228,7 @@ internal sealed partial class RelaySession
             else
             {
                 replaced.Session.OnSubscriptionEnded(replaced, notify: true);
-                _context.Metrics.SubscriptionsChanged(1);
             }
-        }
-        else
-        {
-            _context.Metrics.SubscriptionsChanged(1);
         }
     }
 
