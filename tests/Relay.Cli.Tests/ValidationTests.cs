@@ -69,6 +69,7 @@ public class ValidationTests
     [Arguments("--max-subscriptions", "-3")]
     [Arguments("--handshake-timeout", "1ms")]
     [Arguments("--idle-timeout", "0s")]
+    [Arguments("--idle-timeout", "59s")]
     [Arguments("--new-queues", "perhaps")]
     [Arguments("--sweep-interval", "0.1s")]
     [Arguments("--admin-token", "short")]

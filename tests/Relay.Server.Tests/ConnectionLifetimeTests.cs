@@ -462,6 +462,45 @@ public class ConnectionLifetimeTests
     }
 
     [Test]
+    public async Task A_frame_that_waited_while_the_relay_stopped_reading_is_not_counted_as_trickled()
+    {
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Tls = false;
+            o.PartialFrameTimeout = TimeSpan.FromSeconds(1);
+            o.MaxOutputBuffer = 16 * 1024;
+        });
+        // In process: the relay's sends wait once 64 KiB are unread, so two 60 KB messages stop its reading.
+        await using var recipient = await RawClient.ConnectInProcessAsync(relay);
+        var queue = await recipient.CreateQueueAsync();
+        await using (var sender = await RawClient.ConnectAsync(relay))
+        {
+            var sent = await sender.RequestAsync(sender.Send(sender.NextCorr(), queue.SenderId, new byte[60_000]));
+            await Assert.That(sent.Type).IsEqualTo(FrameType.Ok);
+        }
+        byte[] Get() => recipient.QueueCommand(FrameType.Get, recipient.NextCorr(), queue.RecipientId, [], queue.RecipientPrivate);
+        var first = Get();
+        var second = Get();
+        var ping = RawClient.Frame(FrameType.Ping, recipient.NextCorr(), []);
+
+        // A GET and the start of the next, then the rest of it and the start of a PING: the second
+        // answer does not fit, and the relay stops reading with only the PING's start left over.
+        await recipient.WriteAsync([.. first, .. second[..10]]);
+        await Task.Delay(200);
+        await recipient.WriteAsync([.. second[10..], .. ping[..5]]);
+        // Longer than the partial-frame timeout, all of it the relay's own pause.
+        await Task.Delay(2_500);
+        for (int i = 0; i < 2; i++)
+        {
+            var message = await recipient.ReadResponseAsync();
+            await Assert.That(message.Type).IsEqualTo(FrameType.Msg);
+        }
+        await recipient.WriteAsync(ping[5..]);
+        var pong = await recipient.ReadResponseAsync();
+        await Assert.That(pong.Type).IsEqualTo(FrameType.Pong);
+    }
+
+    [Test]
     public async Task A_subscriber_that_does_not_read_gets_no_more_than_its_output_limit_and_then_everything()
     {
         const int Queues = 50, PerQueue = 64, Size = 16 * 1024;

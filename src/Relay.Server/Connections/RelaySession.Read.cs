@@ -231,6 +231,9 @@ internal sealed partial class RelaySession
             if (paused)
             {
                 await WaitForCapacityAsync(connection.Ended);
+                // The time the relay did not read is not the client's: a frame left over from before
+                // the pause starts its partial-frame time now.
+                _partialSince = 0;
                 continue;
             }
             CheckFrameProgress(dispatched);

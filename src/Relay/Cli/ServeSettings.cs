@@ -84,8 +84,8 @@ public sealed class ServeSettings
             (s, v, src) => s.Server.MaxSubscriptionsPerConnection = (int)ParseNumber(src, v, 1, 10_000_000)),
         new("handshake-timeout", "DURATION", "10s", "time allowed for TLS and HELLO",
             (s, v, src) => s.Server.HandshakeTimeout = ParseDuration(src, v, TimeSpan.FromMilliseconds(100))),
-        new("idle-timeout", "DURATION", "300s", "a connection silent for this long is closed",
-            (s, v, src) => s.Server.IdleTimeout = ParseDuration(src, v, TimeSpan.FromSeconds(1))),
+        new("idle-timeout", "DURATION", "300s", "a connection the relay has read nothing from for this long is closed (at least 60s: clients PING at least every 60 s)",
+            (s, v, src) => s.Server.IdleTimeout = ParseDuration(src, v, TimeSpan.FromSeconds(60))),
         new("create-password", "TEXT", "none", "password clients must give to create queues (at most 255 UTF-8 bytes)",
             (s, v, src) => s.Server.CreatePassword = v.Length == 0 ? null
                 : System.Text.Encoding.UTF8.GetByteCount(v) <= 255 ? v : throw new UsageException($"{src} must be at most 255 UTF-8 bytes (the protocol's limit)")),
