@@ -192,6 +192,13 @@ internal sealed partial class RelaySession
         var subscription = new Subscription(this, queue, window);
         lock (queue.Sync)
         {
+            if (queue.Deleted)
+            {
+                // A DEL on another connection came between the lookup and here, and has ended the
+                // queue's subscriptions already: this one would never get its END.
+                Fail(FrameType.Sub, corr, ErrorCode.Auth);
+                return;
+            }
             if (queue.Tag is Subscription old)
             {
                 old.Ended = true;
