@@ -145,7 +145,9 @@ public class ConversationTests
             var unavailable = await aliceListener.NextAsync<ContactUnavailable>();
             await Assert.That(unavailable.Contact).IsEqualTo("ghost");
             await Assert.That(unavailable.Reason).Contains("AUTH");
-            await Assert.That((await aliceListener.NextAsync<ContactJoined>()).Contact).IsEqualTo("bob");
+            // Contacts are independent: Bob's JOIN may come before or after the report on the ghost.
+            var joined = aliceListener.Seen.OfType<ContactJoined>().FirstOrDefault() ?? await aliceListener.NextAsync<ContactJoined>();
+            await Assert.That(joined.Contact).IsEqualTo("bob");
             await bob.SendAsync("alice", "still here");
             await Assert.That((await aliceListener.NextAsync<MessageReceived>()).Text).IsEqualTo("still here");
         }
@@ -318,6 +320,119 @@ public class ConversationTests
             await alice.SendAsync("bob", "hello bob");
             await using var bobListener = new Listener(bob);
             await Assert.That((await bobListener.NextAsync<MessageReceived>()).Text).IsEqualTo("hello bob");
+        }
+    }
+
+    [Test]
+    public async Task A_contact_whose_queue_is_full_is_reported_and_retried_while_the_others_arrive()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.QueueMaxMessages = 2);
+        var (alice, bob, _, _) = await ConnectedPairAsync(relay);
+        await using (alice)
+        await using (bob)
+        {
+            await using var carol = new Messenger(new MemoryProfileStore(), Fast);
+            var (link, _) = await alice.InviteAsync(relay.Address, "carol");
+            await carol.JoinAsync(link, name: "alice");
+            await using (var joins = new Listener(alice))
+            {
+                await joins.NextAsync<ContactJoined>();
+                await joins.NextAsync<ContactJoined>();
+            }
+
+            // Bob is offline: his queue takes two messages, and the relay refuses the third.
+            await alice.SendAsync("bob", "one");
+            await alice.SendAsync("bob", "two");
+            var refused = await Assert.ThrowsAsync<RelayErrorException>(() => alice.SendAsync("bob", "three"));
+            await Assert.That(refused!.Code).IsEqualTo(ErrorCode.Quota);
+            await carol.SendAsync("alice", "from carol");
+
+            // Alice listens: Carol's message arrives, and the message waiting for Bob is reported.
+            await using var listener = new Listener(alice);
+            await Assert.That((await listener.NextAsync<MessageReceived>()).Text).IsEqualTo("from carol");
+            var stalled = listener.Seen.OfType<OutboxStalled>().FirstOrDefault() ?? await listener.NextAsync<OutboxStalled>();
+            await Assert.That(stalled.Contact).IsEqualTo("bob");
+            await Assert.That(stalled.Waiting).IsEqualTo(1);
+            await Assert.That(stalled.Reason).Contains("QUOTA");
+
+            // Bob reads his queue, which frees room: the waiting message follows, in order.
+            await using var bobListener = new Listener(bob);
+            var received = new List<string>();
+            for (int i = 0; i < 3; i++) received.Add((await bobListener.NextAsync<MessageReceived>()).Text);
+            await Assert.That(received).IsEquivalentTo(new[] { "one", "two", "three" }, TUnit.Assertions.Enums.CollectionOrdering.Matching);
+            await bobListener.DrainAsync();
+            await Assert.That(bobListener.Seen.OfType<MessagesMissing>()).IsEmpty();
+            await Assert.That(bobListener.Seen.OfType<MessageRejected>()).IsEmpty();
+        }
+    }
+
+    [Test]
+    public async Task A_relay_that_is_down_holds_up_only_the_contacts_that_receive_on_it()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var other = await TestRelay.StartAsync();
+        var (alice, bob, _, _) = await ConnectedPairAsync(relay);
+        await using (alice)
+        await using (bob)
+        {
+            // Carol's JOIN waits on the other relay, which then stops.
+            await using var carol = new Messenger(new MemoryProfileStore(), Fast);
+            var (link, _) = await alice.InviteAsync(other.Address, "carol");
+            await carol.JoinAsync(link, name: "alice");
+            Listener? listener = null;
+            try
+            {
+                await other.RestartAsync(async () =>
+                {
+                    listener = new Listener(alice);
+                    await Assert.That((await listener.NextAsync<ContactJoined>(10)).Contact).IsEqualTo("bob");
+                    await bob.SendAsync("alice", "while the other relay is down");
+                    await Assert.That((await listener.NextAsync<MessageReceived>(10)).Text).IsEqualTo("while the other relay is down");
+                });
+                // The relay is back: the same listener gets Carol's JOIN.
+                await Assert.That((await listener!.NextAsync<ContactJoined>()).Contact).IsEqualTo("carol");
+            }
+            finally
+            {
+                if (listener != null) await listener.DisposeAsync();
+            }
+        }
+    }
+
+    [Test]
+    public async Task A_relay_that_is_down_holds_up_only_the_messages_to_send_to_it()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var other = await TestRelay.StartAsync();
+        await using var alice = new Messenger(new MemoryProfileStore(), Fast);
+        await using var bob = new Messenger(new MemoryProfileStore(), Fast);
+        var (link, _) = await alice.InviteAsync(relay.Address, "bob");
+        await bob.JoinAsync(link, other.Address, "alice");   // Bob receives on the other relay
+        await using (var joined = new Listener(alice))
+        {
+            await joined.NextAsync<ContactJoined>();
+        }
+        Listener? listener = null;
+        try
+        {
+            await other.RestartAsync(async () =>
+            {
+                // A message to Bob waits in Alice's profile: his relay is down.
+                using (var giveUp = new CancellationTokenSource(TimeSpan.FromSeconds(1)))
+                {
+                    await Assert.ThrowsAsync<OperationCanceledException>(() => alice.SendAsync("bob", "waited", giveUp.Token));
+                }
+                await bob.SendAsync("alice", "hello alice");
+                listener = new Listener(alice);
+                await Assert.That((await listener.NextAsync<MessageReceived>(10)).Text).IsEqualTo("hello alice");
+            });
+            // Bob's relay is back: Alice's listener sends what waited.
+            await using var bobListener = new Listener(bob);
+            await Assert.That((await bobListener.NextAsync<MessageReceived>()).Text).IsEqualTo("waited");
+        }
+        finally
+        {
+            if (listener != null) await listener.DisposeAsync();
         }
     }
 

@@ -20,8 +20,22 @@ public sealed record MessageRejected(string Contact, EnvelopeError Error, string
 /// <summary>Envelopes that never arrived before a later one did (dropped or reordered by the network or the relay).</summary>
 public sealed record MessagesMissing(string Contact, ulong Count) : ConversationEvent(Contact);
 
-/// <summary>A contact's queue cannot be received from (its relay refused the SUB: the queue was deleted, say); the other contacts go on.</summary>
+/// <summary>
+/// A contact's queue cannot be received from (its relay refused the SUB: the queue was deleted, say;
+/// or the relay could not be reached within <see cref="RelayClientOptions.RetryFor"/>); the other
+/// contacts go on.
+/// </summary>
 public sealed record ContactUnavailable(string Contact, string Reason) : ConversationEvent(Contact);
+
+/// <summary>
+/// Messages to a contact wait in the profile's outbox: the contact's relay refused the oldest (its
+/// queue is full: QUOTA; the relay's storage is full: FULL; …) or could not be reached within
+/// <see cref="RelayClientOptions.RetryFor"/>. They are not lost: the listener keeps offering them, in
+/// order and with back-off, until the relay takes them (reported again only when the reason changes),
+/// and the next <see cref="Messenger.SendAsync"/> or <see cref="Messenger.ListenAsync"/> sends them too.
+/// The other contacts go on.
+/// </summary>
+public sealed record OutboxStalled(string Contact, int Waiting, string Reason) : ConversationEvent(Contact);
 
 /// <summary>
 /// Private conversations over any relays: invitations, joins, end-to-end encrypted messages with a
@@ -34,6 +48,9 @@ public sealed class Messenger : IAsyncDisposable
     private readonly IProfileStore _store;
     private readonly RelayClient _client;
     private readonly bool _ownsClient;
+    // One outbox flush per contact at a time: two would race to send the same envelopes, and one could
+    // send an envelope after the one behind it.
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<string, SemaphoreSlim> _flushing = new();
 
     public Messenger(IProfileStore store, RelayClient client)
     {
@@ -196,6 +213,20 @@ public sealed class Messenger : IAsyncDisposable
     /// <summary>Sends every unacknowledged envelope of a contact, oldest first (identical bytes, so resends are absorbed as duplicates).</summary>
     public async Task FlushOutboxAsync(string contactName, CancellationToken cancellationToken = default)
     {
+        var gate = _flushing.GetOrAdd(contactName, _ => new SemaphoreSlim(1, 1));
+        await gate.WaitAsync(cancellationToken);
+        try
+        {
+            await FlushOutboxLockedAsync(contactName, cancellationToken);
+        }
+        finally
+        {
+            gate.Release();
+        }
+    }
+
+    private async Task FlushOutboxLockedAsync(string contactName, CancellationToken cancellationToken)
+    {
         while (true)
         {
             var (relay, queue, envelope) = _store.Update(profile =>
@@ -217,8 +248,11 @@ public sealed class Messenger : IAsyncDisposable
     }
 
     /// <summary>
-    /// Subscribes to every contact's queue and yields what arrives: joins, messages (each once; a
-    /// redelivery is absorbed), refusals and contacts that cannot be received from. Each delivery is
+    /// Subscribes to every contact's queue, sends what waits in their outboxes, and yields what
+    /// arrives: joins, messages (each once; a redelivery is absorbed), refusals, contacts that cannot
+    /// be received from and outboxes whose relay refuses them for now. Contacts are independent: each
+    /// one's subscription and outbox go on concurrently, so a relay that is down or refuses a
+    /// contact's messages (QUOTA) holds up only the contacts whose queues are on it. Each delivery is
     /// acknowledged after the contact's new state is saved and before its events are yielded (the
     /// ACK is sent, its answer not awaited): an app that must keep every message stores it before it
     /// asks for the next event. A delivery whose handling fails (the profile cannot be saved, say)
@@ -227,24 +261,17 @@ public sealed class Messenger : IAsyncDisposable
     public async IAsyncEnumerable<ConversationEvent> ListenAsync([EnumeratorCancellation] CancellationToken cancellationToken = default)
     {
         var profile = _store.Load();
-        foreach (var contact in profile.Contacts)
-        {
-            if (contact.Outbox.Count > 0)
-            {
-                await FlushOutboxAsync(contact.Name, cancellationToken);
-            }
-        }
         // A queue lost while listening (taken by another device, deleted and refused after a
         // reconnection, or a delivery that fails its integrity check) is reported between
         // deliveries; the other contacts go on. Watched from before the first SUB.
-        var lost = Channel.CreateUnbounded<ConversationEvent>();
+        var notices = Channel.CreateUnbounded<ConversationEvent>();
         void Ended(RelayAddress relay, RecipientQueue queue) => Report(queue, "another device is receiving this contact's messages now (or the queue was deleted)");
         void Refused(RelayAddress relay, RecipientQueue queue, RelayErrorException error) => Report(queue, error.Message);
         void Rejected(RelayAddress relay, RecipientQueue queue, string reason) => Report(queue, reason);
         void Report(RecipientQueue queue, string reason)
         {
             var contact = _store.Load().Contacts.FirstOrDefault(c => c.RecipientId.AsSpan().SequenceEqual(queue.RecipientId));
-            if (contact != null) lost.Writer.TryWrite(new ContactUnavailable(contact.Name, reason));
+            if (contact != null) notices.Writer.TryWrite(new ContactUnavailable(contact.Name, reason));
         }
         // The only reader of the client's deliveries meanwhile (a second listener throws here).
         _client.BeginReadingDeliveries();
@@ -255,39 +282,55 @@ public sealed class Messenger : IAsyncDisposable
         // Deliveries are taken from the stream only when they are about to be handled: an app that
         // stops listening after an event leaves the next delivery there for the next listener.
         var deliveries = _client.Deliveries;
-        Task<bool>? nextDelivery = null, nextLost = null;
+        Task<bool>? nextDelivery = null, nextNotice = null;
         var acks = new List<Task>();
+        // Each contact on its own: its subscription and its outbox go on concurrently with every other
+        // contact's and with the deliveries, so a relay that is down, or one that refuses a contact's
+        // envelopes, holds up only what goes through it. What they meet is reported between deliveries.
+        var contactWork = new List<Task>();
+        async Task Watch(Task work)
+        {
+            try
+            {
+                await work;
+            }
+            catch (OperationCanceledException) when (stop.IsCancellationRequested)
+            {
+            }
+            catch (Exception ex)
+            {
+                // Not a relay's answer nor a lost connection (the profile cannot be saved, say): it
+                // ends listening, as a failure of the deliveries' handling does.
+                notices.Writer.TryComplete(ex);
+            }
+        }
         try
         {
             foreach (var contact in profile.Contacts)
             {
-                var relay = RelayAddress.Parse(contact.ReceiveRelay);
-                try
+                contactWork.Add(Watch(SubscribeContactAsync(contact, notices.Writer, stop.Token)));
+                if (contact.Outbox.Count > 0)
                 {
-                    await _client.SubscribeAsync(relay, ReceiveQueue(contact), cancellationToken);
-                }
-                catch (RelayErrorException ex)
-                {
-                    lost.Writer.TryWrite(new ContactUnavailable(contact.Name, ex.Message));
+                    contactWork.Add(Watch(SendOutboxAsync(contact.Name, notices.Writer, stop.Token)));
                 }
             }
             nextDelivery = deliveries.WaitToReadAsync(stop.Token).AsTask();
-            nextLost = lost.Reader.WaitToReadAsync(stop.Token).AsTask();
+            nextNotice = notices.Reader.WaitToReadAsync(stop.Token).AsTask();
             while (true)
             {
-                if (nextLost.IsCompleted)
+                if (nextNotice.IsCompleted)
                 {
-                    while (lost.Reader.TryRead(out var e))
+                    while (notices.Reader.TryRead(out var e))
                     {
                         yield return e;
                     }
-                    await nextLost;   // throws if cancelled
-                    nextLost = lost.Reader.WaitToReadAsync(stop.Token).AsTask();
+                    await nextNotice;   // throws if cancelled
+                    nextNotice = notices.Reader.WaitToReadAsync(stop.Token).AsTask();
                     continue;
                 }
                 if (!nextDelivery.IsCompleted)
                 {
-                    await Task.WhenAny(nextDelivery, nextLost);
+                    await Task.WhenAny(nextDelivery, nextNotice);
                     continue;
                 }
                 if (!await nextDelivery) break;   // the client was disposed
@@ -322,7 +365,7 @@ public sealed class Messenger : IAsyncDisposable
             // not sent yet (waiting for a connection) are given up: their messages come again later
             // and are absorbed.
             stop.Cancel();
-            foreach (var wait in new[] { nextDelivery, nextLost })
+            foreach (var wait in new[] { nextDelivery, nextNotice })
             {
                 try
                 {
@@ -343,6 +386,64 @@ public sealed class Messenger : IAsyncDisposable
                     // Listening is over; an ACK's failure changes nothing (see AckAsync).
                 }
             }
+            // Subscriptions and outboxes still waiting for their relays: given up (Watch absorbs the cancellation).
+            await Task.WhenAll(contactWork);
+        }
+    }
+
+    /// <summary>Subscribes a contact's queue (retried while its relay cannot be reached); a refusal is reported for that contact only.</summary>
+    private async Task SubscribeContactAsync(ContactData contact, ChannelWriter<ConversationEvent> events, CancellationToken cancellationToken)
+    {
+        try
+        {
+            await _client.SubscribeAsync(RelayAddress.Parse(contact.ReceiveRelay), ReceiveQueue(contact), cancellationToken);
+        }
+        catch (RelayErrorException ex)
+        {
+            events.TryWrite(new ContactUnavailable(contact.Name, ex.Message));
+        }
+        catch (RelayConnectException ex) when (!cancellationToken.IsCancellationRequested)
+        {
+            // Given up after RetryFor (or the relay is not the one its address names). The queue stays
+            // subscribed unless the relay refuses it: its messages come if the relay is reached later.
+            events.TryWrite(new ContactUnavailable(contact.Name, ex.Message));
+        }
+    }
+
+    /// <summary>
+    /// Sends a contact's outbox; while its relay refuses the oldest envelope (QUOTA, FULL, …) or cannot be
+    /// reached, reports it (again only when the reason changes) and tries again with back-off.
+    /// </summary>
+    private async Task SendOutboxAsync(string contactName, ChannelWriter<ConversationEvent> events, CancellationToken cancellationToken)
+    {
+        var wait = _client.Options.ReconnectMin;
+        string? reported = null;
+        while (true)
+        {
+            string reason;
+            try
+            {
+                await FlushOutboxAsync(contactName, cancellationToken);
+                return;
+            }
+            catch (RelayErrorException ex)
+            {
+                reason = ex.Message;
+            }
+            catch (RelayConnectException ex) when (!cancellationToken.IsCancellationRequested)
+            {
+                reason = ex.Message;
+            }
+            if (reason != reported)
+            {
+                int waiting = _store.Load().Find(contactName)?.Outbox.Count ?? 0;
+                if (waiting == 0) return;
+                events.TryWrite(new OutboxStalled(contactName, waiting, reason));
+                reported = reason;
+            }
+            await Task.Delay(wait, cancellationToken);
+            long most = Math.Max(_client.Options.ReconnectMax.Ticks, TimeSpan.TicksPerMillisecond);
+            wait = TimeSpan.FromTicks(Math.Clamp(wait.Ticks * 2, TimeSpan.TicksPerMillisecond, most));
         }
     }
 
