@@ -437,6 +437,70 @@ public class ConversationTests
     }
 
     [Test]
+    public async Task A_message_comes_again_until_the_app_has_asked_for_the_event_after_it()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        var (alice, bob, aliceStore, _) = await ConnectedPairAsync(relay);
+        await using (bob)
+        {
+            await using (alice)
+            {
+                await using (var joined = new Listener(alice))
+                {
+                    await joined.NextAsync<ContactJoined>();
+                }
+                await bob.SendAsync("alice", "important");
+
+                // The app's handling of the message throws: the next listener gets it again.
+                using (var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20)))
+                {
+                    await Assert.ThrowsAsync<IOException>(async () =>
+                    {
+                        await foreach (var e in alice.ListenAsync(cts.Token))
+                        {
+                            if (e is MessageReceived) throw new IOException("the app's database is full");
+                        }
+                    });
+                }
+                // The app leaves the loop after the message without acknowledging it: it comes again.
+                await Assert.That(await FirstMessageAsync(alice)).IsEqualTo("important");
+            }
+
+            // The app's process ended there: the next one gets the message from the relay again, and
+            // handles it (acknowledging it before it leaves the loop).
+            await using (var restarted = new Messenger(aliceStore, Fast))
+            {
+                await Assert.That(await FirstMessageAsync(restarted, acknowledge: true)).IsEqualTo("important");
+            }
+
+            // Handled: it never comes again, and the conversation goes on.
+            await using var again = new Messenger(aliceStore, Fast);
+            await using var listener = new Listener(again);
+            await bob.SendAsync("alice", "next");
+            await Assert.That((await listener.NextAsync<MessageReceived>()).Text).IsEqualTo("next");
+            await listener.DrainAsync();
+            await Assert.That(listener.Seen.OfType<MessageReceived>().Count()).IsEqualTo(1);
+            await Assert.That(listener.Seen.OfType<MessageRejected>()).IsEmpty();
+            await Assert.That(listener.Seen.OfType<MessagesMissing>()).IsEmpty();
+        }
+    }
+
+    /// <summary>Listens until the first message and leaves the loop there (acknowledging it first if asked).</summary>
+    private static async Task<string?> FirstMessageAsync(Messenger messenger, bool acknowledge = false)
+    {
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        await foreach (var e in messenger.ListenAsync(cts.Token))
+        {
+            if (e is MessageReceived m)
+            {
+                if (acknowledge) messenger.Acknowledge();
+                return m.Text;
+            }
+        }
+        return null;
+    }
+
+    [Test]
     public async Task A_second_listener_on_the_same_client_is_refused_and_the_first_goes_on()
     {
         await using var relay = await TestRelay.StartAsync();

@@ -13,7 +13,11 @@ namespace Relay.Client.Conversations;
 public abstract record ConversationEvent(string Contact);
 /// <summary>The invited side joined: the conversation is open both ways.</summary>
 public sealed record ContactJoined(string Contact) : ConversationEvent(Contact);
-/// <summary>A message, decrypted and verified; yielded once (a redelivery of it is absorbed).</summary>
+/// <summary>
+/// A message, decrypted and verified. Yielded once it is handled (a redelivery of it is absorbed); until
+/// the app has asked for the next event (or called <see cref="Messenger.Acknowledge"/>) it is not, and
+/// it comes again with the next <see cref="Messenger.ListenAsync"/>.
+/// </summary>
 public sealed record MessageReceived(string Contact, string Text, DateTimeOffset Hour, ulong Counter) : ConversationEvent(Contact);
 /// <summary>An envelope refused (tampered, replayed, malformed); the conversation goes on.</summary>
 public sealed record MessageRejected(string Contact, EnvelopeError Error, string Reason) : ConversationEvent(Contact);
@@ -39,8 +43,9 @@ public sealed record OutboxStalled(string Contact, int Waiting, string Reason) :
 
 /// <summary>
 /// Private conversations over any relays: invitations, joins, end-to-end encrypted messages with a
-/// per-direction key chain, and listening with acknowledgement only after the new state is saved
-/// (so a crash redelivers, and the counters absorb the duplicate).
+/// per-direction key chain, and at-least-once listening: a message is saved as received and
+/// acknowledged only after the app has handled it (so an app that fails or a crash gets it again, and
+/// the counters absorb a message handled already).
 /// </summary>
 public sealed class Messenger : IAsyncDisposable
 {
@@ -51,6 +56,9 @@ public sealed class Messenger : IAsyncDisposable
     // One outbox flush per contact at a time: two would race to send the same envelopes, and one could
     // send an envelope after the one behind it.
     private readonly System.Collections.Concurrent.ConcurrentDictionary<string, SemaphoreSlim> _flushing = new();
+    // While ListenAsync waits for the app to handle the events it yielded: what acknowledges them.
+    private Action? _acknowledge;
+    private int _listening;
 
     public Messenger(IProfileStore store, RelayClient client)
     {
@@ -252,11 +260,22 @@ public sealed class Messenger : IAsyncDisposable
     /// arrives: joins, messages (each once; a redelivery is absorbed), refusals, contacts that cannot
     /// be received from and outboxes whose relay refuses them for now. Contacts are independent: each
     /// one's subscription and outbox go on concurrently, so a relay that is down or refuses a
-    /// contact's messages (QUOTA) holds up only the contacts whose queues are on it. Each delivery is
-    /// acknowledged after the contact's new state is saved and before its events are yielded (the
-    /// ACK is sent, its answer not awaited): an app that must keep every message stores it before it
-    /// asks for the next event. A delivery whose handling fails (the profile cannot be saved, say)
-    /// stays first in line for the next call.
+    /// contact's messages (QUOTA) holds up only the contacts whose queues are on it.
+    /// <para>
+    /// At least once: a delivery's events are yielded before anything is saved or acknowledged, and
+    /// when the app asks for the event after them (the loop comes round again) the contact's new state
+    /// is saved and the delivery acknowledged (the ACK is sent, its answer not awaited). So when the
+    /// app's loop body throws, leaves the loop, or the process stops while it handles a
+    /// <see cref="MessageReceived"/>, the message is neither saved nor acknowledged, and it comes again,
+    /// first in line, with the next call (or from the relay, to the next process); the replay
+    /// protection accepts it, as it was never recorded. An app that leaves the loop after handling an
+    /// event calls <see cref="Acknowledge"/> first. Once the loop has come round, a message is never
+    /// yielded again (a redelivery or a replay is absorbed or refused). A <see cref="ContactJoined"/>
+    /// is the exception: the opened conversation is saved before it is yielded (so the app may send
+    /// to the contact from its handler), and an app that fails to handle it finds the contact joined in
+    /// <see cref="Contacts"/>. A delivery whose saving fails (the profile cannot be written, say) stays
+    /// first in line too, and the exception ends listening.
+    /// </para>
     /// </summary>
     public async IAsyncEnumerable<ConversationEvent> ListenAsync([EnumeratorCancellation] CancellationToken cancellationToken = default)
     {
@@ -275,6 +294,7 @@ public sealed class Messenger : IAsyncDisposable
         }
         // The only reader of the client's deliveries meanwhile (a second listener throws here).
         _client.BeginReadingDeliveries();
+        Volatile.Write(ref _listening, 1);
         _client.SubscriptionEnded += Ended;
         _client.SubscriptionRefused += Refused;
         _client.DeliveryRejected += Rejected;
@@ -288,6 +308,27 @@ public sealed class Messenger : IAsyncDisposable
         // contact's and with the deliveries, so a relay that is down, or one that refuses a contact's
         // envelopes, holds up only what goes through it. What they meet is reported between deliveries.
         var contactWork = new List<Task>();
+        // Saves a handled delivery's state, takes it from the stream and acknowledges it: once, when the
+        // app asks for the event after its last one (or calls Acknowledge).
+        void Commit(Handled handled)
+        {
+            if (handled.Committed) return;
+            if (handled.Contact is { } name && handled.Save is { } save)
+            {
+                ulong id = handled.Delivery.Delivery.MessageId;
+                _store.Update(profile =>
+                {
+                    if (profile.Find(name) is { } c && id > c.ReceivedThrough) save(c);
+                    return 0;
+                });
+            }
+            handled.Committed = true;
+            deliveries.TryRead(out _);
+            // Acknowledged without waiting for the answer, so a backlog drains without a round trip
+            // per message: ACKs leave in delivery order, and whatever becomes of one, the saved state
+            // absorbs the message if it comes again.
+            acks.Add(AckAsync(handled.Delivery, stop.Token));
+        }
         async Task Watch(Task work)
         {
             try
@@ -334,21 +375,20 @@ public sealed class Messenger : IAsyncDisposable
                     continue;
                 }
                 if (!await nextDelivery) break;   // the client was disposed
-                // A delivery leaves the stream once handled (its contact's state saved): if handling
+                // A delivery leaves the stream once the app has handled its events (it asked for the
+                // next one) and the contact's new state is saved: if the app's handling or the save
                 // fails, it stays first, and the next listener handles it before the messages the
                 // relay pushed after it (with a delivery window several are waiting behind it).
                 if (deliveries.TryPeek(out var delivery))
                 {
-                    var events = await ProcessAsync(delivery, cancellationToken);
-                    deliveries.TryRead(out _);
-                    // Acknowledged without waiting for the answer, so a backlog drains without a round
-                    // trip per message: ACKs leave in delivery order, and whatever becomes of one, the
-                    // saved state absorbs the message if it comes again.
-                    acks.Add(AckAsync(delivery, stop.Token));
-                    foreach (var e in events)
+                    var handled = await ProcessAsync(delivery, cancellationToken);
+                    Volatile.Write(ref _acknowledge, () => Commit(handled));
+                    foreach (var e in handled.Events)
                     {
                         yield return e;
                     }
+                    Volatile.Write(ref _acknowledge, null);
+                    Commit(handled);
                     // After the events: the state behind them is saved whatever becomes of an ACK.
                     await ObserveAcksAsync(acks);
                 }
@@ -357,6 +397,10 @@ public sealed class Messenger : IAsyncDisposable
         }
         finally
         {
+            // Events yielded and not acknowledged (the app's loop threw or left): their delivery stays
+            // first in line, unsaved and unacknowledged.
+            Volatile.Write(ref _acknowledge, null);
+            Volatile.Write(ref _listening, 0);
             _client.EndReadingDeliveries();
             _client.SubscriptionEnded -= Ended;
             _client.SubscriptionRefused -= Refused;
@@ -447,6 +491,24 @@ public sealed class Messenger : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// Tells the listening <see cref="ListenAsync"/> that the app has handled the events it yielded
+    /// last: their delivery is saved and acknowledged now, as it would be when the app asks for the
+    /// next event. For an app that leaves the loop after handling an event (<c>break</c>, <c>return</c>):
+    /// call it first, or the event comes again with the next <see cref="ListenAsync"/>. Call it from
+    /// the loop's body; it does nothing for an event that needs no acknowledgement (a report on a
+    /// contact), and throws <see cref="InvalidOperationException"/> when no ListenAsync is listening.
+    /// A failure to save the state (the profile cannot be written) is thrown, and the events come again.
+    /// </summary>
+    public void Acknowledge()
+    {
+        if (Volatile.Read(ref _listening) == 0)
+        {
+            throw new InvalidOperationException("nothing to acknowledge: no ListenAsync is listening (acknowledge inside the loop, before leaving it)");
+        }
+        Volatile.Read(ref _acknowledge)?.Invoke();
+    }
+
     /// <summary>Acknowledges a handled delivery; what the relay answers changes nothing for the saved state.</summary>
     private async Task AckAsync(QueueDelivery delivery, CancellationToken cancellationToken)
     {
@@ -488,17 +550,30 @@ public sealed class Messenger : IAsyncDisposable
 
     private static RecipientQueue ReceiveQueue(ContactData c) => new(c.RecipientId, c.ReceiveSenderId, c.RecipientPrivate, c.DeliveryKey);
 
-    private async Task<List<ConversationEvent>> ProcessAsync(QueueDelivery delivery, CancellationToken cancellationToken)
+    /// <summary>
+    /// A delivery handled: the events to yield and the contact's new state, saved (by <see cref="Save"/>)
+    /// only once the app has handled the events. A JOIN's state is saved before its event is yielded.
+    /// </summary>
+    private sealed class Handled(QueueDelivery delivery, List<ConversationEvent> events, string? contact = null, Action<ContactData>? save = null)
+    {
+        public QueueDelivery Delivery { get; } = delivery;
+        public List<ConversationEvent> Events { get; } = events;
+        public string? Contact { get; } = contact;
+        public Action<ContactData>? Save { get; } = save;
+        public bool Committed { get; set; }
+    }
+
+    private async Task<Handled> ProcessAsync(QueueDelivery delivery, CancellationToken cancellationToken)
     {
         var envelope = delivery.Delivery.Body;
         var rid = delivery.Queue.RecipientId;
         var contact = _store.Load().Contacts.FirstOrDefault(c => c.RecipientId.AsSpan().SequenceEqual(rid));
-        if (contact is null) return [];
+        if (contact is null) return new Handled(delivery, []);
         var events = new List<ConversationEvent>();
         if (!E2eCrypto.TryReadHeader(envelope, out byte kind, out _, out var joinerKeySpan))
         {
             events.Add(new MessageRejected(contact.Name, EnvelopeError.Malformed, "not an envelope of this protocol (wrong length, version or kind)"));
-            return events;
+            return new Handled(delivery, events);
         }
         if (kind == E2eCrypto.KindJoin && contact.Status == ContactStatus.Invited && contact.Inviter)
         {
@@ -511,21 +586,21 @@ public sealed class Messenger : IAsyncDisposable
             catch (CryptographicException ex)
             {
                 events.Add(new MessageRejected(contact.Name, EnvelopeError.Malformed, ex.Message));
-                return events;
+                return new Handled(delivery, events);
             }
             ulong expected = 0;
             var error = E2eCrypto.TryOpen(envelope, ref expected, j2i, out var content, out _);
             if (error != EnvelopeError.None || content.Length < 2 + 24)
             {
                 events.Add(new MessageRejected(contact.Name, error == EnvelopeError.None ? EnvelopeError.Malformed : error, "invalid join message"));
-                return events;
+                return new Handled(delivery, events);
             }
             int addressLength = BinaryPrimitives.ReadUInt16BigEndian(content);
             if (content.Length != 2 + addressLength + 24 ||
                 !RelayAddress.TryParse(Encoding.UTF8.GetString(content, 2, addressLength), out var peerRelay, out _))
             {
                 events.Add(new MessageRejected(contact.Name, EnvelopeError.Malformed, "the join message names no valid relay"));
-                return events;
+                return new Handled(delivery, events);
             }
             var peerSenderId = content.AsSpan(2 + addressLength, 24).ToArray();
             // Derived, not drawn: a JOIN processed again (the process stopped before saving) secures
@@ -541,7 +616,7 @@ public sealed class Messenger : IAsyncDisposable
                 // complete. Any other refusal (INTERNAL, FULL, LIMIT) passes: it throws, and the JOIN
                 // stays first in line for the next listener instead of being acknowledged away.
                 events.Add(new MessageRejected(contact.Name, EnvelopeError.Malformed, "the joiner's queue cannot be secured: " + ex.Message));
-                return events;
+                return new Handled(delivery, events);
             }
             _store.Update(profile =>
             {
@@ -560,50 +635,49 @@ public sealed class Messenger : IAsyncDisposable
                 return 0;
             });
             events.Add(new ContactJoined(contact.Name));
-            return events;
+            return new Handled(delivery, events);
         }
         if (contact.ReceiveChain is null)
         {
             events.Add(new MessageRejected(contact.Name, EnvelopeError.Malformed, "a message before the contact joined"));
-            return events;
+            return new Handled(delivery, events);
         }
-        return _store.Update(profile =>
+        // The contact's new receiving state is computed here and saved only once the app has handled
+        // the events (see Handled): a message not handled is still new to the saved state when it comes again.
+        var c = contact;
+        ulong id = delivery.Delivery.MessageId;
+        if (id <= c.ReceivedThrough)
         {
-            var c = profile.Find(contact.Name)!;
-            if (delivery.Delivery.MessageId <= c.ReceivedThrough)
-            {
-                // Delivered again (its ACK was lost, or the relay restarted before the delete was on
-                // disk): processed already, so nothing to report; the caller acknowledges it again.
-                return events;
-            }
-            c.ReceivedThrough = delivery.Delivery.MessageId;
-            byte[] hash = SHA256.HashData(envelope);
-            if (c.LastAccepted is { } last && hash.AsSpan().SequenceEqual(last))
-            {
-                // The envelope accepted last, stored again: the contact sent it again after its SEND's
-                // answer was lost (PROTOCOL.md §11.4). Processed already; acknowledged like a redelivery.
-                return events;
-            }
-            var chain = c.ReceiveChain!;
-            ulong expected = c.ReceiveCounter;
-            if (kind == E2eCrypto.KindJoin)
-            {
-                // A JOIN after the conversation opened: a redelivery or a replay.
-                events.Add(new MessageRejected(c.Name, EnvelopeError.Replayed, "replayed join message"));
-                return events;
-            }
-            var error = E2eCrypto.TryOpen(envelope, ref expected, chain, out var content, out var skipped);
+            // Delivered again (its ACK was lost, or the relay restarted before the delete was on
+            // disk): processed already, so nothing to report; the caller acknowledges it again.
+            return new Handled(delivery, events);
+        }
+        void Seen(ContactData saved) => saved.ReceivedThrough = id;
+        byte[] hash = SHA256.HashData(envelope);
+        if (c.LastAccepted is { } last && hash.AsSpan().SequenceEqual(last))
+        {
+            // The envelope accepted last, stored again: the contact sent it again after its SEND's
+            // answer was lost (PROTOCOL.md §11.4). Processed already; acknowledged like a redelivery.
+            return new Handled(delivery, events, c.Name, Seen);
+        }
+        var chain = (byte[])c.ReceiveChain!.Clone();
+        ulong next = c.ReceiveCounter;
+        if (kind == E2eCrypto.KindJoin)
+        {
+            // A JOIN after the conversation opened: a redelivery or a replay.
+            events.Add(new MessageRejected(c.Name, EnvelopeError.Replayed, "replayed join message"));
+            return new Handled(delivery, events, c.Name, Seen);
+        }
+        {
+            var error = E2eCrypto.TryOpen(envelope, ref next, chain, out var content, out var skipped);
             switch (error)
             {
                 case EnvelopeError.None:
-                    c.ReceiveChain = chain;
-                    c.ReceiveCounter = expected;
-                    c.LastAccepted = hash;
                     if (skipped > 0) events.Add(new MessagesMissing(c.Name, skipped));
                     if (content.Length >= 1 && content[0] == ContentText)
                     {
                         var hour = DateTimeOffset.FromUnixTimeSeconds((long)delivery.Delivery.Hour * 3600);
-                        events.Add(new MessageReceived(c.Name, Encoding.UTF8.GetString(content, 1, content.Length - 1), hour, expected - 1));
+                        events.Add(new MessageReceived(c.Name, Encoding.UTF8.GetString(content, 1, content.Length - 1), hour, next - 1));
                     }
                     break;
                 case EnvelopeError.Replayed:
@@ -619,8 +693,19 @@ public sealed class Messenger : IAsyncDisposable
                     events.Add(new MessageRejected(c.Name, error, "malformed message"));
                     break;
             }
-            return events;
-        });
+            if (error != EnvelopeError.None)
+            {
+                // Refused: the state does not change, beyond the delivery being done with.
+                return new Handled(delivery, events, c.Name, Seen);
+            }
+            return new Handled(delivery, events, c.Name, saved =>
+            {
+                saved.ReceivedThrough = id;
+                saved.ReceiveChain = chain;
+                saved.ReceiveCounter = next;
+                saved.LastAccepted = hash;
+            });
+        }
     }
 
     public async ValueTask DisposeAsync()

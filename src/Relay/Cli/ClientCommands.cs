@@ -195,7 +195,12 @@ public static class ClientCommands
                             Console.Error.WriteLine($"relay: {o.Waiting} message(s) to {Printable(o.Contact)} wait and will be sent again: {o.Reason}");
                             break;
                     }
-                    if (once && gotMessage) return RelayCli.Ok;
+                    if (once && gotMessage)
+                    {
+                        // Printed: saved and acknowledged before leaving, or it would come again.
+                        messenger.Acknowledge();
+                        return RelayCli.Ok;
+                    }
                 }
             }
             catch (OperationCanceledException) when (!stop.IsCancellationRequested)
