@@ -7,8 +7,9 @@ using System.Security.Cryptography.X509Certificates;
 namespace Relay.Protocol;
 
 /// <summary>
-/// <c>relay://&lt;fingerprint&gt;@host[,host2...]:port</c> (docs/PROTOCOL.md §1). The fingerprint is
-/// base64url(SHA-256(identity certificate SubjectPublicKeyInfo)), 43 characters.
+/// <c>relay://&lt;fingerprint&gt;@host[,host2...][:port]</c> (docs/PROTOCOL.md §1). The fingerprint is
+/// base64url(SHA-256(identity certificate SubjectPublicKeyInfo)), 43 characters. An IPv6 host is
+/// written in brackets; the port, 5223 when absent, follows the last host.
 /// </summary>
 public sealed record RelayAddress(string Fingerprint, IReadOnlyList<string> Hosts, int Port)
 {
@@ -45,11 +46,15 @@ public sealed record RelayAddress(string Fingerprint, IReadOnlyList<string> Host
             return false;
         }
         var hostPort = rest.Slice(at + 1);
-        int colon = hostPort.LastIndexOf(':');
+        // The port follows the last host: a ':' inside an IPv6 host's brackets, or in a host before
+        // the last ',', is no port separator ([2001:db8::1],x.onion takes the default port).
+        int lastHost = Math.Max(hostPort.LastIndexOf(']'), hostPort.LastIndexOf(',')) + 1;
+        int colon = hostPort.Slice(lastHost).LastIndexOf(':');
         int port = DefaultPort;
         ReadOnlySpan<char> hostsPart = hostPort;
-        if (colon >= 0 && !hostPort.EndsWith("]"))
+        if (colon >= 0)
         {
+            colon += lastHost;
             if (!int.TryParse(hostPort.Slice(colon + 1), NumberStyles.None, CultureInfo.InvariantCulture, out port) || port is < 1 or > 65535)
             {
                 error = "the port must be a number from 1 to 65535";

@@ -85,6 +85,25 @@ public class RelayAddressTests
     }
 
     [Test]
+    [Arguments("[2001:db8::1],x.onion", "[2001:db8::1]|x.onion", RelayAddress.DefaultPort)]
+    [Arguments("[2001:db8::1],x.onion:443", "[2001:db8::1]|x.onion", 443)]
+    [Arguments("x.onion,[2001:db8::1]", "x.onion|[2001:db8::1]", RelayAddress.DefaultPort)]
+    [Arguments("x.onion,[2001:db8::1]:443", "x.onion|[2001:db8::1]", 443)]
+    [Arguments("[2001:db8::1],[::1]", "[2001:db8::1]|[::1]", RelayAddress.DefaultPort)]
+    [Arguments("[2001:db8::1],10.0.0.7:9000", "[2001:db8::1]|10.0.0.7", 9000)]
+    public async Task The_port_is_read_only_after_the_last_host_so_ipv6_hosts_mix_with_others(string hostsPort, string hosts, int port)
+    {
+        var text = $"relay://{Fp}@{hostsPort}";
+        var address = RelayAddress.Parse(text);
+        var again = RelayAddress.Parse(address.ToString());
+
+        await Assert.That(string.Join("|", address.Hosts)).IsEqualTo(hosts);
+        await Assert.That(address.Port).IsEqualTo(port);
+        await Assert.That(string.Join("|", again.Hosts)).IsEqualTo(hosts);
+        await Assert.That(again.Port).IsEqualTo(port);
+    }
+
+    [Test]
     [Arguments(1)]
     [Arguments(65535)]
     public async Task Port_range_bounds_are_accepted(int port)
@@ -129,6 +148,12 @@ public class RelayAddressTests
         yield return $"relay://{Fp}@relay.example.com:+443";
         yield return $"relay://{Fp}@relay.example.com:0443x";
         yield return $"relay://{Fp}@::1:443";
+        yield return $"relay://{Fp}@[::1]:";
+        yield return $"relay://{Fp}@[::1]:http";
+        yield return $"relay://{Fp}@[::1]x:443";
+        yield return $"relay://{Fp}@[::1],:443";
+        yield return $"relay://{Fp}@[::1]:443,x.onion";
+        yield return $"relay://{Fp}@x.onion,2001:db8::1";
     }
 
     [Test]
