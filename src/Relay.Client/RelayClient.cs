@@ -8,7 +8,11 @@ namespace Relay.Client;
 
 public sealed class RelayClientOptions
 {
-    /// <summary>SOCKS5 proxy (host:port) for every relay connection: Tor, shadowsocks' ss-local.</summary>
+    /// <summary>
+    /// SOCKS5 proxy (host:port) for every relay connection: Tor, shadowsocks' ss-local. The proxy
+    /// resolves the relay's host name (see <see cref="Transport.Socks5"/>: an internationalized name
+    /// must be written in its ASCII form, xn--…).
+    /// </summary>
     public string? Socks { get; init; }
 
     /// <summary>False only for relays run with plain TCP.</summary>

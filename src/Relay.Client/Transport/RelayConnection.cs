@@ -13,7 +13,10 @@ namespace Relay.Client.Transport;
 
 public sealed class RelayConnectionOptions
 {
-    /// <summary>SOCKS5 proxy as host:port (Tor, shadowsocks' ss-local); null connects directly.</summary>
+    /// <summary>
+    /// SOCKS5 proxy as host:port (Tor, shadowsocks' ss-local); null connects directly. The relay's
+    /// host goes to the proxy as a name it resolves, or as an address when it is one (<see cref="Socks5"/>).
+    /// </summary>
     public string? Socks { get; init; }
 
     /// <summary>False for a relay configured with plain TCP (loopback hop, benchmarks).</summary>

@@ -1,13 +1,25 @@
+using System.Net;
 using System.Net.Sockets;
 using System.Text;
 
 namespace Relay.Client.Transport;
 
-/// <summary>Minimal SOCKS5 CONNECT (RFC 1928, no authentication), by host name so the proxy resolves it (Tor needs that for .onion).</summary>
+/// <summary>
+/// Minimal SOCKS5 CONNECT (RFC 1928, no authentication). A host name goes to the proxy as a name
+/// (ATYP 3), so the proxy resolves it (Tor needs that for .onion); an IP address, IPv6 in brackets as
+/// in a relay address, goes as an address (ATYP 1 or 4).
+/// </summary>
 public static class Socks5
 {
+    /// <summary>
+    /// Opens a connection to <paramref name="host"/>:<paramref name="port"/> through the proxy.
+    /// A host name must be ASCII, as a SOCKS5 request carries it: an internationalized name is given
+    /// in its ASCII form (punycode, <c>xn--…</c>); another throws <see cref="ArgumentException"/>
+    /// before the proxy is contacted. Proxy and network failures throw <see cref="RelayConnectException"/>.
+    /// </summary>
     public static async Task<Stream> ConnectAsync(string proxyHost, int proxyPort, string host, int port, CancellationToken cancellationToken)
     {
+        var destination = Destination(host);
         TcpClient? tcp = null;
         try
         {
@@ -20,17 +32,12 @@ public static class Socks5
             {
                 throw new RelayConnectException($"the SOCKS5 proxy {proxyHost}:{proxyPort} refused the no-authentication method");
             }
-            var name = Encoding.ASCII.GetBytes(host);
-            if (name.Length is 0 or > 255)
-            {
-                throw new RelayConnectException("host name too long for SOCKS5");
-            }
-            var request = new byte[7 + name.Length];
-            request[0] = 5; request[1] = 1; request[2] = 0; request[3] = 3;
-            request[4] = (byte)name.Length;
-            name.CopyTo(request, 5);
-            request[5 + name.Length] = (byte)(port >> 8);
-            request[6 + name.Length] = (byte)port;
+            // VER CMD RSV ‖ ATYP DST.ADDR ‖ DST.PORT
+            var request = new byte[3 + destination.Length + 2];
+            request[0] = 5; request[1] = 1; request[2] = 0;
+            destination.CopyTo(request, 3);
+            request[^2] = (byte)(port >> 8);
+            request[^1] = (byte)port;
             await stream.WriteAsync(request, cancellationToken);
             var head = new byte[4];
             await stream.ReadExactlyAsync(head, cancellationToken);
@@ -59,6 +66,35 @@ public static class Socks5
             tcp?.Dispose();
             throw;
         }
+    }
+
+    /// <summary>ATYP ‖ DST.ADDR of a CONNECT request for <paramref name="host"/>.</summary>
+    private static byte[] Destination(string host)
+    {
+        var literal = host.Length > 2 && host[0] == '[' && host[^1] == ']' ? host[1..^1] : host;
+        if (IPAddress.TryParse(literal, out var ip))
+        {
+            // IPv6 (a scope id means nothing to the proxy and is not sent); IPv4 only as a dotted quad
+            // (other forms that parse, such as "10.1", go as names, for the proxy to read as it does).
+            if (ip.AddressFamily == AddressFamily.InterNetworkV6)
+            {
+                return [4, .. ip.GetAddressBytes()];
+            }
+            if (ip.AddressFamily == AddressFamily.InterNetwork && ip.ToString() == literal)
+            {
+                return [1, .. ip.GetAddressBytes()];
+            }
+        }
+        if (!Ascii.IsValid(host))
+        {
+            throw new ArgumentException(
+                $"the host name '{host}' is not ASCII, which a SOCKS5 request cannot carry: give it in its ASCII form (punycode, xn--…)", nameof(host));
+        }
+        if (host.Length is 0 or > 255)
+        {
+            throw new RelayConnectException("host name too long for SOCKS5");
+        }
+        return [3, (byte)host.Length, .. Encoding.ASCII.GetBytes(host)];
     }
 
     private static async Task<int> ReadByteAsync(Stream stream, CancellationToken cancellationToken)
