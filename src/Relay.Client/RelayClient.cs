@@ -85,7 +85,9 @@ public sealed class RelayClient : IAsyncDisposable
             {
                 return await operation(connection);
             }
-            catch (RelayConnectException) when (!cancellationToken.IsCancellationRequested && connection.Closed.IsCancellationRequested)
+            // Lost: the connection's Failure is set before any request fails for it, and before
+            // Closed is cancelled (a request made in between fails at once).
+            catch (RelayConnectException) when (!cancellationToken.IsCancellationRequested && connection.Failure is not null)
             {
                 link.Drop(connection);
             }

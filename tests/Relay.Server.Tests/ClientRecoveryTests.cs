@@ -149,6 +149,53 @@ public class ClientRecoveryTests
     }
 
     [Test]
+    public async Task RunAsync_retries_a_request_made_while_its_connection_is_closing()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        await using var client = new RelayClient(new RelayClientOptions
+        {
+            Tls = false,
+            ReconnectMin = TimeSpan.FromMilliseconds(50),
+            ReconnectMax = TimeSpan.FromMilliseconds(500),
+        });
+        var connection = await client.ConnectAsync(relay.Address);
+
+        // A request still being written holds the connection's close halfway: it refuses new
+        // requests already, and is not marked closed yet.
+        using var writing = new ManualResetEventSlim();
+        using var written = new ManualResetEventSlim();
+        var slow = Task.Run(async () =>
+        {
+            try
+            {
+                await connection.RequestAsync(0, (w, corr, _) =>
+                {
+                    writing.Set();
+                    written.Wait(TimeSpan.FromSeconds(30));
+                    FrameWriter.WriteEmpty(w, FrameType.Ping, corr);
+                });
+            }
+            catch (RelayConnectException)
+            {
+                // Closed under it.
+            }
+        });
+        await Assert.That(writing.Wait(TimeSpan.FromSeconds(10))).IsTrue();
+        var closing = Task.Run(async () => await connection.DisposeAsync());
+        await Assert.That(await OperationsMetrics.EventuallyAsync(() => Task.FromResult(connection.Failure != null), seconds: 10)).IsTrue();
+        await Assert.That(connection.Closed.IsCancellationRequested).IsFalse();
+
+        // A PING run now meets the closing connection: it runs again on a new one.
+        var ping = client.RunAsync(relay.Address, c => c.PingAsync());
+        await Task.WhenAny(ping, Task.Delay(200));
+        written.Set();
+        await ping.WaitAsync(TimeSpan.FromSeconds(10));
+        await closing.WaitAsync(TimeSpan.FromSeconds(10));
+        await slow.WaitAsync(TimeSpan.FromSeconds(10));
+        await Assert.That(await client.ConnectAsync(relay.Address)).IsNotSameReferenceAs(connection);
+    }
+
+    [Test]
     public async Task A_welcome_announcing_an_oversized_frame_is_refused()
     {
         await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
