@@ -52,7 +52,11 @@ public sealed record QueueDelivery(RelayAddress Relay, RecipientQueue Queue, Del
 /// <summary>
 /// Connections to many relays at once: one per relay, opened on first use, re-opened with back-off
 /// when lost, with every subscription renewed, and kept alive with PINGs. Deliveries of all
-/// subscribed queues of all relays arrive on one stream.
+/// subscribed queues of all relays arrive on one stream. A relay that does not present the identity
+/// of its address (<see cref="FingerprintMismatchException"/>: a hostile network on the way) is never
+/// used: <see cref="ConnectAsync"/>, <see cref="RunAsync{T}"/> and <see cref="SubscribeAsync"/> throw
+/// that at once, while the connection that brings the deliveries goes on trying with back-off, so the
+/// subscriptions come back when the way to the real relay does.
 /// </summary>
 public sealed class RelayClient : IAsyncDisposable
 {
@@ -324,6 +328,13 @@ public sealed class RelayClient : IAsyncDisposable
                         _keepAlive ??= KeepAliveAsync();
                         return connection;
                     }
+                    catch (FingerprintMismatchException) when (retry)
+                    {
+                        // Not retried here: the caller is told at once. The next attempt (the
+                        // delivery pump's) waits for the back-off all the same.
+                        _backoff.Failed();
+                        throw;
+                    }
                     catch (RelayConnectException ex) when (retry && !linked.IsCancellationRequested && ex is not FingerprintMismatchException && MayRetry())
                     {
                         await Task.Delay(_backoff.Failed(), linked.Token);
@@ -392,8 +403,9 @@ public sealed class RelayClient : IAsyncDisposable
                 }
                 catch (FingerprintMismatchException)
                 {
-                    // Retrying cannot help.
-                    return;
+                    // Another relay answered: maybe a hostile network on the way, which may not last.
+                    // The app's own calls were told; the next attempt waits for the back-off (GetAsync).
+                    continue;
                 }
                 catch (Exception)
                 {

@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using System.Collections.Concurrent;
 using System.Net;
 using System.Net.Sockets;
 using System.Text;
@@ -146,6 +147,39 @@ public class ClientRecoveryTests
         await using var deliveries = client.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
         await Assert.That(await deliveries.MoveNextAsync()).IsTrue();
         await Assert.That(Text(deliveries.Current.Delivery)).IsEqualTo("back");
+    }
+
+    [Test]
+    public async Task Deliveries_come_back_by_themselves_after_another_relay_answered_for_the_relay_a_while()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var impostor = await TestRelay.StartAsync();
+        await using var path = SwitchingProxy.Start(relay.Server.RelayEndPoint);
+        var address = relay.Address with { Hosts = ["127.0.0.1"], Port = path.Port };
+        await using var owner = await relay.ConnectAsync();
+        var queue = await owner.CreateQueueAsync();
+        await using var client = new RelayClient(new RelayClientOptions
+        {
+            ReconnectMin = TimeSpan.FromMilliseconds(50),
+            ReconnectMax = TimeSpan.FromMilliseconds(500),
+        });
+        await client.SubscribeAsync(address, queue);
+
+        // For a while the way to the relay leads to another one (a hostile network on the way): the
+        // app is told at once, and the client's own reconnections meet it too.
+        path.Target = impostor.Server.RelayEndPoint;
+        path.DropAll();
+        await Assert.ThrowsAsync<FingerprintMismatchException>(() => client.RunAsync(address, c => c.PingAsync()));
+        await Assert.That(await OperationsMetrics.EventuallyAsync(() => Task.FromResult(path.ConnectionsTo(impostor.Server.RelayEndPoint) >= 2), seconds: 10)).IsTrue();
+
+        // The way leads to the relay again: the subscription is renewed and its deliveries arrive
+        // without the app doing anything.
+        path.Target = relay.Server.RelayEndPoint;
+        await owner.SendAsync(new SenderQueue(queue.SenderId, null), "after"u8.ToArray());
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        await using var deliveries = client.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
+        await Assert.That(await deliveries.MoveNextAsync()).IsTrue();
+        await Assert.That(Text(deliveries.Current.Delivery)).IsEqualTo("after");
     }
 
     [Test]
@@ -304,6 +338,98 @@ public class ClientRecoveryTests
         await Assert.That(waits.Min()).IsGreaterThanOrEqualTo(max / 2);
         await Assert.That(waits.Max()).IsLessThanOrEqualTo(max);
         await Assert.That(waits.Distinct().Count()).IsGreaterThan(100);
+    }
+
+    /// <summary>Forwards TCP both ways to a target that can change; a connection goes to the target of when it was accepted.</summary>
+    private sealed class SwitchingProxy : IAsyncDisposable
+    {
+        private readonly TcpListener _listener = new(IPAddress.Loopback, 0);
+        private readonly CancellationTokenSource _stop = new();
+        private readonly List<TcpClient> _open = [];
+        private readonly ConcurrentDictionary<IPEndPoint, int> _connections = new();
+        private volatile IPEndPoint _target;
+
+        private SwitchingProxy(IPEndPoint target)
+        {
+            _target = target;
+            _listener.Start();
+            _ = AcceptAsync();
+        }
+
+        public static SwitchingProxy Start(IPEndPoint target) => new(target);
+
+        public int Port => ((IPEndPoint)_listener.LocalEndpoint).Port;
+
+        public IPEndPoint Target
+        {
+            get => _target;
+            set => _target = value;
+        }
+
+        /// <summary>How many connections went to <paramref name="target"/>.</summary>
+        public int ConnectionsTo(IPEndPoint target) => _connections.GetValueOrDefault(target);
+
+        /// <summary>Closes every connection forwarded so far.</summary>
+        public void DropAll()
+        {
+            lock (_open)
+            {
+                foreach (var c in _open) c.Dispose();
+                _open.Clear();
+            }
+        }
+
+        private async Task AcceptAsync()
+        {
+            try
+            {
+                while (true)
+                {
+                    var client = await _listener.AcceptTcpClientAsync(_stop.Token);
+                    var target = _target;
+                    _connections.AddOrUpdate(target, 1, (_, n) => n + 1);
+                    var upstream = new TcpClient();
+                    try
+                    {
+                        await upstream.ConnectAsync(target, _stop.Token);
+                    }
+                    catch (SocketException)
+                    {
+                        client.Dispose();
+                        upstream.Dispose();
+                        continue;
+                    }
+                    lock (_open) _open.AddRange([client, upstream]);
+                    _ = ForwardAsync(client, upstream);
+                    _ = ForwardAsync(upstream, client);
+                }
+            }
+            catch (Exception) when (_stop.IsCancellationRequested)
+            {
+            }
+        }
+
+        private static async Task ForwardAsync(TcpClient from, TcpClient to)
+        {
+            try
+            {
+                await from.GetStream().CopyToAsync(to.GetStream());
+            }
+            catch (Exception)
+            {
+                // Dropped, or the other side went away.
+            }
+            from.Dispose();
+            to.Dispose();
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            await _stop.CancelAsync();
+            _listener.Stop();
+            DropAll();
+            _stop.Dispose();
+        }
     }
 
     /// <summary>Forwards a relay's plain TCP both ways, flipping the last byte of every MSG frame of the chosen queue it passes to the client.</summary>
