@@ -101,11 +101,17 @@ public sealed class RelayClient : IAsyncDisposable
     public Task RunAsync(RelayAddress relay, Func<RelayConnection, Task> operation, CancellationToken cancellationToken = default) =>
         RunAsync(relay, async c => { await operation(c); return true; }, cancellationToken);
 
-    /// <summary>Subscribes a queue; it stays subscribed across reconnections until <see cref="Unsubscribe"/>.</summary>
+    /// <summary>
+    /// Subscribes a queue; it stays subscribed across reconnections until <see cref="Unsubscribe"/>.
+    /// Cancelled (<see cref="OperationCanceledException"/>), it leaves a queue that was not subscribed
+    /// unsubscribed, as if it had not been called (a SUB that reached the relay meanwhile is let go:
+    /// its deliveries are not handed out, and the next call subscribes again), and one that was, or
+    /// that another call is subscribing, as it is.
+    /// </summary>
     public async Task SubscribeAsync(RelayAddress relay, RecipientQueue queue, CancellationToken cancellationToken = default)
     {
         var link = Link(relay);
-        link.BeginSubscribing(queue);
+        bool wasSubscribed = link.BeginSubscribing(queue);
         link.EnsurePump();
         try
         {
@@ -114,7 +120,12 @@ public sealed class RelayClient : IAsyncDisposable
         catch (RelayErrorException)
         {
             // Refused (AUTH, LIMIT): not subscribed, and not renewed after a reconnection either.
-            link.Subscriptions.TryRemove(queue.RecipientId, out _);
+            link.Forget(queue.RecipientId);
+            throw;
+        }
+        catch (OperationCanceledException)
+        {
+            link.SubscribeCancelled(queue, wasSubscribed);
             throw;
         }
         finally
@@ -123,8 +134,14 @@ public sealed class RelayClient : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// Stops handing the queue's deliveries to the app and renewing its subscription. Its messages
+    /// stay on the relay (relay/1 has no command that ends a subscription: the relay's lasts until the
+    /// connection ends); a later <see cref="SubscribeAsync"/> subscribes it again, and the relay
+    /// delivers again from its oldest message not acknowledged, so nothing that arrived meanwhile is missed.
+    /// </summary>
     public void Unsubscribe(RelayAddress relay, RecipientQueue queue) =>
-        Link(relay).Subscriptions.TryRemove(queue.RecipientId, out _);
+        Link(relay).Forget(queue.RecipientId);
 
     /// <summary>
     /// Raised when a relay refuses to renew a subscription after a reconnection (the queue was deleted
@@ -232,12 +249,41 @@ public sealed class RelayClient : IAsyncDisposable
         // an END that arrives meanwhile concerns the subscription being replaced, not the new one.
         private readonly Dictionary<byte[], int> _subscribing = new(IdComparer.Instance);
 
-        public void BeginSubscribing(RecipientQueue queue)
+        /// <summary>A SubscribeAsync starts; true when the queue was subscribed already.</summary>
+        public bool BeginSubscribing(RecipientQueue queue)
         {
             lock (_subscribing)
             {
+                bool subscribed = Subscriptions.ContainsKey(queue.RecipientId);
                 Subscriptions[queue.RecipientId] = queue;
                 _subscribing[queue.RecipientId] = _subscribing.GetValueOrDefault(queue.RecipientId) + 1;
+                return subscribed;
+            }
+        }
+
+        /// <summary>
+        /// The queue is no longer subscribed: not renewed, and the current connection stops receiving
+        /// it, so a later SubscribeAsync sends SUB again (a connection not yet current is seen to
+        /// when it becomes current, <see cref="GetAsync"/>).
+        /// </summary>
+        public void Forget(byte[] recipientId)
+        {
+            lock (_subscribing)
+            {
+                Subscriptions.TryRemove(recipientId, out _);
+                Volatile.Read(ref _current)?.StopReceiving(recipientId);
+            }
+        }
+
+        /// <summary>A SubscribeAsync was cancelled: a queue it was to subscribe goes back to unsubscribed, unless another call is subscribing it.</summary>
+        public void SubscribeCancelled(RecipientQueue queue, bool wasSubscribed)
+        {
+            lock (_subscribing)
+            {
+                if (!wasSubscribed && _subscribing.GetValueOrDefault(queue.RecipientId) <= 1)
+                {
+                    Forget(queue.RecipientId);
+                }
             }
         }
 
@@ -297,6 +343,7 @@ public sealed class RelayClient : IAsyncDisposable
                 {
                     try
                     {
+                        List<byte[]> renewed;
                         var connection = await RelayConnection.ConnectAsync(relay, new RelayConnectionOptions
                         {
                             Socks = owner.Options.Socks,
@@ -311,7 +358,7 @@ public sealed class RelayClient : IAsyncDisposable
                             renewal.CancelAfter(owner.Options.ConnectTimeout);
                             try
                             {
-                                await ResubscribeAsync(connection, renewal.Token);
+                                renewed = await ResubscribeAsync(connection, renewal.Token);
                             }
                             catch (OperationCanceledException) when (!linked.IsCancellationRequested)
                             {
@@ -323,7 +370,16 @@ public sealed class RelayClient : IAsyncDisposable
                             await connection.DisposeAsync();
                             throw;
                         }
-                        Volatile.Write(ref _current, connection);
+                        lock (_subscribing)
+                        {
+                            // A queue let go while it was being renewed (Unsubscribe, a cancelled
+                            // SubscribeAsync) is not received here either.
+                            foreach (var id in renewed)
+                            {
+                                if (!Subscriptions.ContainsKey(id)) connection.StopReceiving(id);
+                            }
+                            Volatile.Write(ref _current, connection);
+                        }
                         _backoff.Connected();
                         _keepAlive ??= KeepAliveAsync();
                         return connection;
@@ -350,15 +406,17 @@ public sealed class RelayClient : IAsyncDisposable
         /// <summary>
         /// Renews every subscription on a new connection. A queue the relay refuses (deleted meanwhile:
         /// AUTH; too many subscriptions: LIMIT) is dropped from the subscriptions and reported through
-        /// <see cref="RelayClient.SubscriptionRefused"/>; the others go on.
+        /// <see cref="RelayClient.SubscriptionRefused"/>; the others go on. Returns the queues renewed.
         /// </summary>
-        private async Task ResubscribeAsync(RelayConnection connection, CancellationToken cancellationToken)
+        private async Task<List<byte[]>> ResubscribeAsync(RelayConnection connection, CancellationToken cancellationToken)
         {
+            var renewed = new List<byte[]>();
             foreach (var (id, queue) in Subscriptions)
             {
                 try
                 {
                     await connection.SubscribeAsync(queue, owner.Options.DeliveryWindow, cancellationToken);
+                    renewed.Add(id);
                 }
                 catch (RelayErrorException refused)
                 {
@@ -366,6 +424,7 @@ public sealed class RelayClient : IAsyncDisposable
                     owner.OnSubscriptionRefused(relay, queue, refused);
                 }
             }
+            return renewed;
         }
 
         /// <summary>Forgets a lost connection (if it is still the current one) and closes it.</summary>

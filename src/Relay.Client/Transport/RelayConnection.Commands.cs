@@ -139,7 +139,7 @@ public sealed partial class RelayConnection
         Expect(response, FrameType.Ok, "SEND");
     }
 
-    /// <summary>True once SUB was sent for this queue on this connection (and no END, refusal or rejected delivery since).</summary>
+    /// <summary>True once SUB was sent for this queue on this connection (and no END, refusal, rejected delivery or <see cref="RelayClient.Unsubscribe"/> since).</summary>
     public bool IsSubscribed(RecipientQueue queue) => IsSubscribed(queue.RecipientId);
 
     /// <summary>Whether the queue with this recipient id is subscribed on this connection.</summary>
@@ -203,6 +203,13 @@ public sealed partial class RelayConnection
         }
         Expect(response, FrameType.Ok, "SUB");
     }
+
+    /// <summary>
+    /// The app no longer receives the queue (<see cref="RelayClient.Unsubscribe"/>): its deliveries are
+    /// dropped until a SUB of it, which the relay answers by delivering again from the oldest message.
+    /// The relay's subscription stays, with the window it granted.
+    /// </summary>
+    internal void StopReceiving(ReadOnlySpan<byte> recipientId) => Unsubscribed(Id.From(recipientId));
 
     /// <summary>The app no longer receives the queue (its SUB was refused, or the caller stopped waiting); its window stays as the relay granted it.</summary>
     private void Unsubscribed(Id id)

@@ -1,0 +1,83 @@
+using System.Text;
+using Relay.Client;
+using Relay.Client.Transport;
+
+namespace Relay.Server.Tests;
+
+/// <summary>
+/// What an app sees of <see cref="RelayClient.SubscribeAsync"/> and <see cref="RelayClient.Unsubscribe"/>:
+/// a queue is delivered while it is subscribed, and nothing that arrives while it is not is lost.
+/// </summary>
+public class ClientSubscriptionTests
+{
+    private static RelayClientOptions Options => new()
+    {
+        ReconnectMin = TimeSpan.FromMilliseconds(50),
+        ReconnectMax = TimeSpan.FromMilliseconds(500),
+    };
+
+    private static string Text(QueueDelivery d) => Encoding.UTF8.GetString(d.Delivery.Body);
+
+    [Test]
+    public async Task A_cancelled_SubscribeAsync_leaves_the_queue_unsubscribed_and_a_later_one_subscribes_it()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var owner = await relay.ConnectAsync();
+        var queue = await owner.CreateQueueAsync();
+        await owner.SendAsync(new SenderQueue(queue.SenderId, null), "stored"u8.ToArray());
+        await using var client = new RelayClient(Options);
+
+        await Assert.ThrowsAsync<OperationCanceledException>(() => client.SubscribeAsync(relay.Address, queue, new CancellationToken(true)));
+
+        // The client is connected (its deliveries' connection was started), and the queue is not delivered.
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        await using var deliveries = client.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
+        var next = deliveries.MoveNextAsync().AsTask();
+        await Assert.That(await Task.WhenAny(next, Task.Delay(TimeSpan.FromSeconds(1.5))) == next).IsFalse();
+        var connection = await client.ConnectAsync(relay.Address);
+        await Assert.That(connection.IsSubscribed(queue)).IsFalse();
+
+        // Subscribed when the app asks again: the message comes, once, and its ACK is taken.
+        await client.SubscribeAsync(relay.Address, queue);
+        await Assert.That(await next.WaitAsync(TimeSpan.FromSeconds(10))).IsTrue();
+        await Assert.That(Text(deliveries.Current)).IsEqualTo("stored");
+        await client.RunAsync(relay.Address, c => c.AckAsync(queue, deliveries.Current.Delivery.MessageId));
+        var again = deliveries.MoveNextAsync().AsTask();
+        await Assert.That(await Task.WhenAny(again, Task.Delay(500)) == again).IsFalse();
+        await cts.CancelAsync();
+        await Assert.That(async () => await again).Throws<OperationCanceledException>();
+    }
+
+    [Test]
+    public async Task A_queue_subscribed_again_after_Unsubscribe_gets_what_arrived_meanwhile()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var owner = await relay.ConnectAsync();
+        var queue = await owner.CreateQueueAsync();
+        var sender = new SenderQueue(queue.SenderId, null);
+        await using var client = new RelayClient(Options);
+        await client.SubscribeAsync(relay.Address, queue);
+        var connection = await client.ConnectAsync(relay.Address);
+
+        // Unsubscribed: what arrives is not handed to the app.
+        client.Unsubscribe(relay.Address, queue);
+        await Assert.That(connection.IsSubscribed(queue)).IsFalse();
+        await owner.SendAsync(sender, "meanwhile"u8.ToArray());
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        await using var deliveries = client.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
+        var next = deliveries.MoveNextAsync().AsTask();
+        await Assert.That(await Task.WhenAny(next, Task.Delay(500)) == next).IsFalse();
+
+        // Subscribed again on the same connection: what arrived meanwhile comes first, then the
+        // rest, and the ACKs are taken.
+        await client.SubscribeAsync(relay.Address, queue);
+        await owner.SendAsync(sender, "after"u8.ToArray());
+        await Assert.That(await client.ConnectAsync(relay.Address)).IsSameReferenceAs(connection);
+        await Assert.That(await next.WaitAsync(TimeSpan.FromSeconds(10))).IsTrue();
+        await Assert.That(Text(deliveries.Current)).IsEqualTo("meanwhile");
+        await client.RunAsync(relay.Address, c => c.AckAsync(queue, deliveries.Current.Delivery.MessageId));
+        await Assert.That(await deliveries.MoveNextAsync()).IsTrue();
+        await Assert.That(Text(deliveries.Current)).IsEqualTo("after");
+        await client.RunAsync(relay.Address, c => c.AckAsync(queue, deliveries.Current.Delivery.MessageId));
+    }
+}
