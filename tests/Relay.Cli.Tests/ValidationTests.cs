@@ -86,6 +86,77 @@ public class ValidationTests
         await AssertUsageError(flag.Split('=')[0], args);
     }
 
+    private static ServeSettings Bind(string[] flags, Dictionary<string, string?> environment) =>
+        ServeSettings.Bind(CliArgs.Parse("serve", flags, ServeSettings.ValueOptionNames, ServeSettings.SwitchNames, 0), environment);
+
+    [Test]
+    [Arguments("bad host")]
+    [Arguments("::1")]
+    [Arguments("relay.example,fe80::1")]
+    [Arguments("relay.example,a/b")]
+    [Arguments("user@relay.example")]
+    [Arguments(",")]
+    public async Task A_host_no_client_could_parse_is_refused_naming_the_option_it_came_from(string host)
+    {
+        // The same rule as relay init and relay address, and as clients parse the printed address.
+        var fromFlag = Assert.Throws<UsageException>(() => Bind(["--host", host], []));
+        await Assert.That(fromFlag!.Message).StartsWith("--host must be one or more host names");
+        var fromEnvironment = Assert.Throws<UsageException>(() => Bind([], new() { ["RELAY_HOST"] = host }));
+        await Assert.That(fromEnvironment!.Message).StartsWith("RELAY_HOST must be one or more host names");
+
+        using var files = new SettingsFiles();
+        await AssertUsageError("--host", "serve", "--data", files.DataDirectory, "--listen", "127.0.0.1:0", "--admin", "off", "--host", host);
+        await Assert.That(Directory.Exists(files.DataDirectory)).IsFalse();
+    }
+
+    [Test]
+    public async Task Hosts_clients_parse_are_taken_and_an_empty_value_leaves_the_listeners_host()
+    {
+        await Assert.That(Bind(["--host", "relay.example, [2001:db8::1] ,abc.onion"], []).Server.PublicHosts)
+            .IsEquivalentTo(new[] { "relay.example", "[2001:db8::1]", "abc.onion" });
+        await Assert.That(Bind([], new() { ["RELAY_HOST"] = "" }).Server.PublicHosts).IsEmpty();
+    }
+
+    [Test]
+    public async Task An_empty_data_directory_is_a_one_line_error_naming_where_it_came_from()
+    {
+        await AssertUsageError("--data must name a directory", "serve", "--data", "", "--listen", "127.0.0.1:0", "--admin", "off");
+        await AssertUsageError("--data must name a directory", "serve", "--data=", "--listen", "127.0.0.1:0", "--admin", "off");
+        var fromEnvironment = Assert.Throws<UsageException>(() => Bind([], new() { ["RELAY_DATA"] = "" }));
+        await Assert.That(fromEnvironment!.Message).StartsWith("RELAY_DATA must name a directory");
+    }
+
+    [Test]
+    [Arguments("--message-ttl", "30m", "--message-ttl must be at least 1h, got '30m'")]
+    [Arguments("--idle-queue-ttl", "59m", "--idle-queue-ttl must be at least 1h, got '59m'")]
+    [Arguments("--proxy-header-timeout", "50ms", "--proxy-header-timeout must be at least 100ms, got '50ms'")]
+    [Arguments("--handshake-timeout", "0.05", "--handshake-timeout must be at least 100ms, got '0.05'")]
+    [Arguments("--idle-timeout", "500ms", "--idle-timeout must be at least 1s, got '500ms'")]
+    [Arguments("--sweep-interval", "0.1s", "--sweep-interval must be at least 1s, got '0.1s'")]
+    [Arguments("--message-ttl", "40000d", "--message-ttl must be at most 36500d, got '40000d'")]
+    [Arguments("--shutdown-timeout", "1e300", "--shutdown-timeout must be at most 36500d, got '1e300'")]
+    [Arguments("--store-failure-timeout", "1e400h", "--store-failure-timeout must be at most 36500d, got '1e400h'")]
+    [Arguments("--message-ttl", "soon", "--message-ttl must be a duration such as 45s, 30m, 12h or 21d, got 'soon'")]
+    public async Task A_duration_out_of_range_names_the_bound_in_the_units_the_options_take(string flag, string value, string message)
+    {
+        using var files = new SettingsFiles();
+        var (code, error) = await RunAsync("serve", "--data", files.DataDirectory, flag, value);
+        await Assert.That(code).IsEqualTo(RelayCli.Usage);
+        await Assert.That(error.Trim()).IsEqualTo("relay: " + message);
+    }
+
+    [Test]
+    public async Task The_longest_duration_is_taken_and_durations_print_in_their_largest_whole_unit()
+    {
+        await Assert.That(Bind(["--message-ttl", "36500d"], []).Server.MessageTtl).IsEqualTo(TimeSpan.FromDays(36500));
+        await Assert.That(ServeSettings.FormatDuration(TimeSpan.FromHours(1))).IsEqualTo("1h");
+        await Assert.That(ServeSettings.FormatDuration(TimeSpan.FromMinutes(90))).IsEqualTo("90m");
+        await Assert.That(ServeSettings.FormatDuration(TimeSpan.FromDays(21))).IsEqualTo("21d");
+        await Assert.That(ServeSettings.FormatDuration(TimeSpan.FromMilliseconds(100))).IsEqualTo("100ms");
+        await Assert.That(ServeSettings.FormatDuration(TimeSpan.FromMilliseconds(1500))).IsEqualTo("1500ms");
+        await Assert.That(ServeSettings.FormatDuration(TimeSpan.Zero)).IsEqualTo("0s");
+    }
+
     [Test]
     public async Task The_relay_and_admin_listeners_on_one_port_are_refused_before_anything_starts()
     {

@@ -37,13 +37,13 @@ public sealed class ServeSettings
     public static readonly Option[] Options =
     [
         new("data", "DIR", "./relay-data", "data directory: identity and queue store",
-            (s, v, _) => s.Server.DataDirectory = v),
+            (s, v, src) => s.Server.DataDirectory = v.Trim().Length > 0 ? v : throw new UsageException($"{src} must name a directory, got an empty value")),
         new("listen", "HOST:PORT", "0.0.0.0:5223", "relay listener",
             (s, v, src) => s.Server.Listen = ParseEndPoint(src, v)),
         new("admin", "HOST:PORT|off", "127.0.0.1:5280", "admin HTTP listener (health, readiness, metrics, admin API)",
             (s, v, src) => s.Server.Admin = v == "off" ? null : ParseEndPoint(src, v)),
         new("host", "HOST[,HOST2...]", "the listener's host", "public host names printed in the relay address (e.g. a domain and a .onion)",
-            (s, v, _) => s.Server.PublicHosts = [.. v.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)]),
+            (s, v, src) => s.Server.PublicHosts = [.. ParseHosts(src, v)]),
         new("plain-tcp", "", "false", "serve the relay protocol without TLS (only behind a TLS-terminating proxy on loopback, or for benchmarks)",
             (s, v, src) => s.Server.Tls = !CliArgs.ParseBool(src, v)),
         new("durability", "fsync|relaxed", "fsync", "fsync: a SEND is answered only after its write is fsynced; relaxed: no fsync (a power loss may lose acknowledged messages)",
@@ -213,6 +213,22 @@ public sealed class ServeSettings
             : new IPEndPoint(address, port);
     }
 
+    /// <summary>
+    /// The public hosts of the relay address: names, IPv4 addresses or IPv6 addresses in brackets,
+    /// as <see cref="RelayAddress.IsHost"/> (and so every client) accepts them. An empty value
+    /// leaves the listener's host.
+    /// </summary>
+    public static string[] ParseHosts(string what, string value)
+    {
+        if (value.Trim().Length == 0)
+        {
+            return [];
+        }
+        var hosts = value.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        return hosts.Length > 0 && hosts.All(RelayAddress.IsHost) ? hosts
+            : throw new UsageException($"{what} must be one or more host names separated by commas (an IPv6 address in brackets: [2001:db8::1]), got '{value}'");
+    }
+
     public static TimeSpan ParseDuration(string what, string value, TimeSpan min)
     {
         var v = value.Trim().ToLowerInvariant();
@@ -225,12 +241,32 @@ public sealed class ServeSettings
             _ when v.EndsWith('d') => (v[..^1], 86400),
             _ => (v, 1),
         };
-        if (!double.TryParse(number, NumberStyles.Float, CultureInfo.InvariantCulture, out double n) || !(n >= 0) || double.IsInfinity(n) || n * unit > 100 * 365 * 86400.0)
+        if (!double.TryParse(number, NumberStyles.Float, CultureInfo.InvariantCulture, out double n) || !(n >= 0))
         {
             throw new UsageException($"{what} must be a duration such as 45s, 30m, 12h or 21d, got '{value}'");
         }
+        if (double.IsInfinity(n) || n * unit > LongestDuration.TotalSeconds)
+        {
+            throw new UsageException($"{what} must be at most {FormatDuration(LongestDuration)}, got '{value}'");
+        }
         var result = TimeSpan.FromSeconds(n * unit);
-        return result < min ? throw new UsageException($"{what} must be at least {min}, got '{value}'") : result;
+        return result < min ? throw new UsageException($"{what} must be at least {FormatDuration(min)}, got '{value}'") : result;
+    }
+
+    /// <summary>The longest duration any option takes: 36500d (100 years).</summary>
+    public static readonly TimeSpan LongestDuration = TimeSpan.FromDays(100 * 365);
+
+    /// <summary>A duration in the units the options take: the largest of d, h, m, s and ms that gives a whole number (1h, 100ms, 36500d).</summary>
+    public static string FormatDuration(TimeSpan duration)
+    {
+        foreach (var (unit, length) in (ReadOnlySpan<(string, TimeSpan)>)[("d", TimeSpan.FromDays(1)), ("h", TimeSpan.FromHours(1)), ("m", TimeSpan.FromMinutes(1)), ("s", TimeSpan.FromSeconds(1))])
+        {
+            if (duration >= length && duration.Ticks % length.Ticks == 0)
+            {
+                return (duration.Ticks / length.Ticks).ToString(CultureInfo.InvariantCulture) + unit;
+            }
+        }
+        return duration == TimeSpan.Zero ? "0s" : duration.TotalMilliseconds.ToString(CultureInfo.InvariantCulture) + "ms";
     }
 
     public static long ParseNumber(string what, string value, long min, long max)
