@@ -449,4 +449,17 @@ public class OperationsTests
             try { Directory.Delete(dir, recursive: true); } catch (IOException) { }
         }
     }
+
+    [Test]
+    public async Task A_relay_listening_on_an_IPv6_address_gives_that_address_in_brackets_and_clients_reach_it()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Listen = new IPEndPoint(IPAddress.IPv6Loopback, 0));
+        var printed = relay.Address.ToString();
+        await Assert.That(printed).EndsWith($"@[::1]:{relay.Server.RelayEndPoint.Port}");
+        await Assert.That(relay.Logs.Lines.Any(l => l.StartsWith("Information Relay[1] ", StringComparison.Ordinal) && l.Contains(printed, StringComparison.Ordinal))).IsTrue();
+        // What an operator copies from the log is what a client takes.
+        var parsed = RelayAddress.Parse(printed);
+        await using var client = await RelayConnection.ConnectAsync(parsed);
+        await client.PingAsync();
+    }
 }

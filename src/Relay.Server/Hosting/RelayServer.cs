@@ -63,17 +63,22 @@ public sealed class RelayServer : IAsyncDisposable
     public IPEndPoint RelayEndPoint => _relayListener.EndPoint;
     public IPEndPoint? AdminEndPoint => (IPEndPoint?)_adminListen?.EndPoint;
 
-    /// <summary>The address clients use: the configured public hosts, else the listener's host.</summary>
+    /// <summary>The address clients use: the configured public hosts, else the listener's host (an IPv6 one in brackets).</summary>
     public RelayAddress Address
     {
         get
         {
             var ep = RelayEndPoint;
-            IReadOnlyList<string> hosts = Options.PublicHosts.Count > 0 ? Options.PublicHosts
-                : [ep.Address.Equals(IPAddress.Any) || ep.Address.Equals(IPAddress.IPv6Any) ? "localhost" : ep.Address.ToString()];
+            IReadOnlyList<string> hosts = Options.PublicHosts.Count > 0 ? Options.PublicHosts : [HostOf(ep.Address)];
             return _identity.AddressFor(hosts, ep.Port);
         }
     }
+
+    /// <summary>A listener's address as a host of the relay address: localhost for any address, an IPv6 address in brackets.</summary>
+    private static string HostOf(IPAddress address) =>
+        address.Equals(IPAddress.Any) || address.Equals(IPAddress.IPv6Any) ? "localhost"
+        : address.AddressFamily == System.Net.Sockets.AddressFamily.InterNetworkV6 ? $"[{address}]"
+        : address.ToString();
 
     private RelayServer(RelayServerOptions options, WebApplication app, RelayServerContext context, RelayIdentity identity,
         RelayListener relayListener, RelayConnectionHandler handler, ListenOptions? adminListen, TlsCertificates? tls, RelayMaintenance maintenance)
