@@ -462,4 +462,39 @@ public class OperationsTests
         await using var client = await RelayConnection.ConnectAsync(parsed);
         await client.PingAsync();
     }
+
+    [Test]
+    public async Task Admin_connections_beyond_its_limit_are_closed_at_once_without_a_log_line_each()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        var admin = relay.Server.AdminEndPoint!;
+        const int extra = 20;
+        var sockets = new List<System.Net.Sockets.Socket>();
+        try
+        {
+            for (int i = 0; i < OpenFiles.AdminConnections + extra; i++)
+            {
+                var socket = new System.Net.Sockets.Socket(admin.AddressFamily, System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Tcp);
+                sockets.Add(socket);
+                await socket.ConnectAsync(admin);
+            }
+            // The listener holds its 64 and closes the others at once: a read of theirs sees the end.
+            var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+            int closed;
+            do
+            {
+                await Task.Delay(50);
+                closed = sockets.Count(s => s.Poll(0, System.Net.Sockets.SelectMode.SelectRead) && s.Available == 0);
+            }
+            while (closed < extra && DateTime.UtcNow < deadline);
+            await Assert.That(closed).IsEqualTo(extra);
+            // Kestrel's warning for each refused connection (event 24) would let a flood of the admin port flood the log.
+            var kestrelConnections = relay.Logs.Lines.Where(l => l.Contains("Microsoft.AspNetCore.Server.Kestrel.Connections", StringComparison.Ordinal)).ToList();
+            await Assert.That(kestrelConnections).IsEmpty();
+        }
+        finally
+        {
+            foreach (var socket in sockets) socket.Dispose();
+        }
+    }
 }

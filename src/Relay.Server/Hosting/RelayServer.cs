@@ -168,6 +168,10 @@ public sealed class RelayServer : IAsyncDisposable
             builder.Logging.ClearProviders();
             builder.Logging.AddFilter("Microsoft", LogLevel.Warning);
             builder.Logging.AddFilter("System", LogLevel.Warning);
+            // Kestrel warns (event 24) of every connection its MaxConcurrentConnections refuses, one
+            // line each: a flood of the admin port would flood the log. Its other events of this
+            // category are debug lines; errors still pass.
+            builder.Logging.AddFilter("Microsoft.AspNetCore.Server.Kestrel.Connections", LogLevel.Error);
             if (configureLogging != null)
             {
                 configureLogging(builder.Logging);
