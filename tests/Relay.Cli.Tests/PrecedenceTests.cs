@@ -177,7 +177,7 @@ public class PrecedenceTests
     }
 
     /// <summary>A file of this repository, found from the test's output directory upwards.</summary>
-    private static string RepositoryFile(string relative)
+    internal static string RepositoryFile(string relative)
     {
         for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir != null; dir = dir.Parent)
         {

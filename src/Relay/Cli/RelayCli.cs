@@ -1,3 +1,5 @@
+using System.Reflection;
+
 namespace Relay.Cli;
 
 /// <summary>The <c>relay</c> executable: one subcommand per file under Cli/.</summary>
@@ -40,7 +42,7 @@ public static class RelayCli
             }
             if (args[0] is "--version")
             {
-                Console.Out.WriteLine(typeof(RelayCli).Assembly.GetName().Version?.ToString(3));
+                Console.Out.WriteLine(Version);
                 return Ok;
             }
             var rest = args.Skip(1).ToArray();
@@ -74,6 +76,10 @@ public static class RelayCli
         }
     }
 
+    /// <summary>The relay's version: packaging/VERSION, which every build stamps into the assembly.</summary>
+    public static string Version =>
+        typeof(RelayCli).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion ?? "unknown";
+
     private static string MainHelp()
     {
         var lines = new List<string>
@@ -85,6 +91,10 @@ public static class RelayCli
             "Commands:",
         };
         lines.AddRange(Commands.Select(c => $"  {c.Name,-10} {c.Summary}"));
+        lines.Add("");
+        lines.Add("Options:");
+        lines.Add($"  {"--help",-10} show this help");
+        lines.Add($"  {"--version",-10} print the version");
         lines.Add("");
         lines.Add("Run 'relay <command> --help' for the options of a command.");
         return string.Join('\n', lines) + "\n";
