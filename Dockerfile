@@ -41,8 +41,6 @@ COPY --from=build /out/relay /usr/bin/relay
 USER relay:relay
 WORKDIR /data
 VOLUME /data
-# The ASP.NET host would otherwise watch its content root (the working directory) recursively.
-ENV DOTNET_hostBuilder__reloadConfigOnChange=false
 EXPOSE 5223 5280
 # /healthz on the admin listener; the image has no curl, so bash speaks HTTP/1.0 over /dev/tcp.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
