@@ -4,7 +4,7 @@
 # configuration precedence, and packaging/monitoring (rules, scrape config, dashboard) against a
 # live /metrics.
 source "$(dirname "$0")/lib.sh"
-expect_checks 35
+expect_checks 43
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 MON=$ROOT/packaging/monitoring
@@ -98,6 +98,27 @@ for name in $(names_used); do
 done
 check "dashboard and rules name $COUNT metrics, all exported by the relay" bash -c "[ $COUNT -ge 20 ] && [ -z '$MISSING' ] || { echo 'missing:$MISSING'; false; }"
 
+# The admin listener holds 64 connections and closes more at once, without a log line for each.
+admin_flood() {
+    python3 - "$ADMIN" <<'PY'
+import socket, sys, time
+held = [socket.create_connection(("127.0.0.1", int(sys.argv[1])), 5) for _ in range(100)]
+time.sleep(1.5)
+closed = 0
+for s in held:
+    s.setblocking(False)
+    try:
+        closed += s.recv(1) == b""
+    except (BlockingIOError, ConnectionResetError) as e:
+        closed += isinstance(e, ConnectionResetError)
+for s in held:
+    s.close()
+sys.exit(0 if closed >= 36 else f"{closed} of 100 closed")
+PY
+}
+check "a flood of the admin port: connections beyond 64 are closed at once" admin_flood
+check "and the log has no line for them" bash -c "! grep -q 'Kestrel.Connections' '$E2E_TMP/ops.log'"
+
 # Logs: one JSON object per line, without addresses.
 check "SIGTERM exits 0" stop_relay "$RELAY_PID" TERM
 check "every log line is valid JSON" python3 -c "
@@ -138,5 +159,38 @@ check "config: --listen overrides the environment" env RELAY_LISTEN="127.0.0.1:$
 check "config: RELAY_CONFIG names the file" env RELAY_CONFIG="$E2E_TMP/relay.json" bash -c "$(declare -f listens_on wait_for_http); E2E_PIDS=(); RELAY='$RELAY'; E2E_TMP='$E2E_TMP'; A2=$A2; listens_on $P_JSON"
 check "config: an unknown key is exit 2 naming it" bash -c "echo '{\"lisen\": 1}' > '$E2E_TMP/bad.json'; err=\$(timeout 20 '$RELAY' serve --config '$E2E_TMP/bad.json' --admin 127.0.0.1:0 2>&1 >/dev/null); [ \$? = 2 ] && echo \"\$err\" | grep -q lisen"
 check "config: a short admin token is exit 2 naming RELAY_ADMIN_TOKEN" bash -c "err=\$(RELAY_ADMIN_TOKEN=short timeout 20 '$RELAY' serve --data '$E2E_TMP/data3' --listen 127.0.0.1:0 --admin 127.0.0.1:0 2>&1 >/dev/null); [ \$? = 2 ] && echo \"\$err\" | grep -q RELAY_ADMIN_TOKEN"
+
+# The command line: the version, and values no client could use refused in one line with exit 2.
+check "relay --version prints packaging/VERSION" bash -c "[ \"\$('$RELAY' --version)\" = \"\$(tr -d ' \n' < '$ROOT/packaging/VERSION')\" ] && '$RELAY' --help | grep -q -- '--version'"
+usage_error() {  # usage_error TEXT ARGS...: serve exits 2 with one stderr line containing TEXT
+    local text=$1; shift
+    local err rc=0
+    err=$(timeout 20 "$RELAY" serve "$@" 2>&1 >/dev/null) || rc=$?
+    [ "$rc" = 2 ] && [ "$(printf '%s\n' "$err" | wc -l)" = 1 ] && printf '%s' "$err" | grep -qF -- "$text" || { echo "exit $rc: $err"; false; }
+}
+check "serve --host 'bad host' is exit 2 naming --host" usage_error "--host must be one or more host names" --data "$E2E_TMP/data4" --listen 127.0.0.1:0 --admin off --host 'bad host'
+check "serve with RELAY_DATA empty is exit 2 naming RELAY_DATA" env RELAY_DATA= bash -c "$(declare -f usage_error); RELAY='$RELAY'; usage_error 'RELAY_DATA must name a directory' --listen 127.0.0.1:0 --admin off"
+check "serve --message-ttl 30m names the minimum as 1h" usage_error "--message-ttl must be at least 1h, got '30m'" --data "$E2E_TMP/data4" --message-ttl 30m
+check "serve --message-ttl 40000d names the longest duration" usage_error "--message-ttl must be at most 36500d, got '40000d'" --data "$E2E_TMP/data4" --message-ttl 40000d
+
+# An IPv6 listener without --host: its address in brackets, which a client takes.
+P6=$(free_port)
+ipv6_address() {
+    "$RELAY" serve --data "$E2E_TMP/data6" --listen "[::1]:$P6" --admin off >"$E2E_TMP/ipv6.log" 2>&1 &
+    local pid=$! ok=1 addr=
+    E2E_PIDS+=("$pid")
+    for _ in $(seq 100); do
+        addr=$(grep -o "relay://[^ ]*" "$E2E_TMP/ipv6.log" | head -1)
+        [ -n "$addr" ] && break
+        sleep 0.2
+    done
+    case "$addr" in
+        *"@[::1]:$P6") "$RELAY" ping "$addr" --timeout 10 >/dev/null && ok=0 ;;
+        *) echo "address: '$addr'"; cat "$E2E_TMP/ipv6.log" ;;
+    esac
+    stop_relay "$pid" TERM >/dev/null
+    return $ok
+}
+check "serve --listen [::1]:PORT logs relay://…@[::1]:PORT and relay ping reaches it" ipv6_address
 
 finish
