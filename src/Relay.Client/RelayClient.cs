@@ -18,7 +18,11 @@ public sealed class RelayClientOptions
     /// <summary>False only for relays run with plain TCP.</summary>
     public bool Tls { get; init; } = true;
 
-    /// <summary>PING interval on idle connections; a failed PING reconnects.</summary>
+    /// <summary>
+    /// PING interval on idle connections; a failed PING reconnects. Keep it under 60 s: a relay closes
+    /// a connection it has read nothing from for its idle timeout, which may be as short as 60 s
+    /// (deliveries to the client do not count; PROTOCOL.md §3).
+    /// </summary>
     public TimeSpan KeepAlive { get; init; } = TimeSpan.FromSeconds(30);
 
     public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(30);
