@@ -131,7 +131,7 @@ public class ValidationTests
     [Arguments("--idle-queue-ttl", "59m", "--idle-queue-ttl must be at least 1h, got '59m'")]
     [Arguments("--proxy-header-timeout", "50ms", "--proxy-header-timeout must be at least 100ms, got '50ms'")]
     [Arguments("--handshake-timeout", "0.05", "--handshake-timeout must be at least 100ms, got '0.05'")]
-    [Arguments("--idle-timeout", "500ms", "--idle-timeout must be at least 1s, got '500ms'")]
+    [Arguments("--idle-timeout", "59s", "--idle-timeout must be at least 1m, got '59s'")]
     [Arguments("--sweep-interval", "0.1s", "--sweep-interval must be at least 1s, got '0.1s'")]
     [Arguments("--message-ttl", "40000d", "--message-ttl must be at most 36500d, got '40000d'")]
     [Arguments("--shutdown-timeout", "1e300", "--shutdown-timeout must be at most 36500d, got '1e300'")]
