@@ -56,7 +56,8 @@ public sealed record QueueDelivery(RelayAddress Relay, RecipientQueue Queue, Del
 /// <summary>
 /// Connections to many relays at once: one per relay, opened on first use, re-opened with back-off
 /// when lost, with every subscription renewed, and kept alive with PINGs. Deliveries of all
-/// subscribed queues of all relays arrive on one stream. A relay that does not present the identity
+/// subscribed queues of all relays arrive on one stream. Of an address with several hosts the first
+/// is dialled, and after a failed attempt the next, in turn. A relay that does not present the identity
 /// of its address (<see cref="FingerprintMismatchException"/>: a hostile network on the way) is never
 /// used: <see cref="ConnectAsync"/>, <see cref="RunAsync{T}"/> and <see cref="SubscribeAsync"/> throw
 /// that at once, while the connection that brings the deliveries goes on trying with back-off, so the
@@ -246,6 +247,10 @@ public sealed class RelayClient : IAsyncDisposable
         private readonly SemaphoreSlim _connectLock = new(1, 1);
         private readonly ReconnectBackoff _backoff = new(owner.Options.ReconnectMin, owner.Options.ReconnectMax);   // under _connectLock
         private RelayConnection? _current;
+        // Which of the address's hosts the next connection dials (under _connectLock): the first, and
+        // after a failed attempt the next, so an address naming a clearnet and an .onion host reaches
+        // the relay by whichever way is open.
+        private int _host;
         private Task? _pump;
         private Task? _keepAlive;
         public ConcurrentDictionary<byte[], RecipientQueue> Subscriptions { get; } = new(IdComparer.Instance);
@@ -353,6 +358,7 @@ public sealed class RelayClient : IAsyncDisposable
                             Socks = owner.Options.Socks,
                             Tls = owner.Options.Tls,
                             ConnectTimeout = owner.Options.ConnectTimeout,
+                            Host = relay.Hosts[_host],
                         }, linked.Token);
                         try
                         {
@@ -388,15 +394,26 @@ public sealed class RelayClient : IAsyncDisposable
                         _keepAlive ??= KeepAliveAsync();
                         return connection;
                     }
-                    catch (FingerprintMismatchException) when (retry)
+                    catch (RelayConnectException ex)
                     {
-                        // Not retried here: the caller is told at once. The next attempt (the
-                        // delivery pump's) waits for the back-off all the same.
-                        _backoff.Failed();
-                        throw;
-                    }
-                    catch (RelayConnectException ex) when (retry && !linked.IsCancellationRequested && ex is not FingerprintMismatchException && MayRetry())
-                    {
+                        // The next attempt goes to the address's next host (a clearnet name and an
+                        // .onion name of one relay: the way to one may be blocked or down).
+                        _host = (_host + 1) % relay.Hosts.Count;
+                        if (!retry)
+                        {
+                            throw;
+                        }
+                        if (ex is FingerprintMismatchException)
+                        {
+                            // Not retried here: the caller is told at once. The next attempt (the
+                            // delivery pump's) waits for the back-off all the same.
+                            _backoff.Failed();
+                            throw;
+                        }
+                        if (linked.IsCancellationRequested || !MayRetry())
+                        {
+                            throw;
+                        }
                         await Task.Delay(_backoff.Failed(), linked.Token);
                     }
                 }

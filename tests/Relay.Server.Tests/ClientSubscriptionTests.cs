@@ -1,6 +1,7 @@
 using System.Text;
 using Relay.Client;
 using Relay.Client.Transport;
+using Relay.Protocol;
 
 namespace Relay.Server.Tests;
 
@@ -79,5 +80,31 @@ public class ClientSubscriptionTests
         await Assert.That(await deliveries.MoveNextAsync()).IsTrue();
         await Assert.That(Text(deliveries.Current)).IsEqualTo("after");
         await client.RunAsync(relay.Address, c => c.AckAsync(queue, deliveries.Current.Delivery.MessageId));
+    }
+
+    [Test]
+    public async Task An_address_whose_first_host_cannot_be_reached_is_reached_through_its_next()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var owner = await relay.ConnectAsync();
+        var queue = await owner.CreateQueueAsync();
+        await owner.SendAsync(new SenderQueue(queue.SenderId, null), "by the second host"u8.ToArray());
+        // 127.0.0.2 is this machine too, but nothing listens there: the relay listens on 127.0.0.1 only.
+        var address = new RelayAddress(relay.Address.Fingerprint, ["127.0.0.2", "127.0.0.1"], relay.Address.Port);
+        await using var client = new RelayClient(new RelayClientOptions
+        {
+            ReconnectMin = TimeSpan.FromMilliseconds(50),
+            ReconnectMax = TimeSpan.FromMilliseconds(500),
+            RetryFor = TimeSpan.FromSeconds(10),
+        });
+
+        await client.RunAsync(address, c => c.PingAsync());
+        await client.SubscribeAsync(address, queue);
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        await foreach (var delivery in client.DeliveriesAsync(cts.Token))
+        {
+            await Assert.That(Text(delivery)).IsEqualTo("by the second host");
+            break;
+        }
     }
 }
