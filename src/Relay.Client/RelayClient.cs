@@ -565,7 +565,11 @@ public sealed class RelayClient : IAsyncDisposable
 
         public async ValueTask DisposeAsync()
         {
+            // A connection being made (under the lock) ends at once, the client's token being
+            // cancelled, or it would be put in place after the one taken here and left open.
+            bool locked = await _connectLock.WaitAsync(TimeSpan.FromSeconds(5));
             var current = Interlocked.Exchange(ref _current, null);
+            if (locked) _connectLock.Release();
             if (current != null) await current.DisposeAsync();
             foreach (var t in new[] { _pump, _keepAlive })
             {

@@ -107,4 +107,30 @@ public class ClientSubscriptionTests
             break;
         }
     }
+
+    [Test]
+    public async Task A_client_disposed_while_it_connects_leaves_no_connection_open()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var owner = await relay.ConnectAsync();
+        var queue = await owner.CreateQueueAsync();
+        for (int i = 0; i < 40; i++)
+        {
+            var client = new RelayClient(Options);
+            // The subscription's connection is being made (TLS, HELLO, SUB) when the app disposes the client.
+            var subscribing = client.SubscribeAsync(relay.Address, queue);
+            await Task.Delay(i % 8 * 3);
+            await client.DisposeAsync();
+            try
+            {
+                await subscribing;
+            }
+            catch (Exception ex) when (ex is OperationCanceledException or ObjectDisposedException or RelayConnectException)
+            {
+            }
+        }
+        // Only the owner's connection stays.
+        await Assert.That(await OperationsMetrics.EventuallyAsync(async () =>
+            OperationsMetrics.Value(await OperationsMetrics.ScrapeAsync(relay), "relay_connections_open") == 1, seconds: 10)).IsTrue();
+    }
 }
