@@ -89,10 +89,10 @@ public sealed class RelayClient : IAsyncDisposable
         var link = Link(relay);
         while (true)
         {
-            var connection = await link.GetAsync(retry: true, cancellationToken);
+            var connection = await link.GetAsync(retry: true, cancellationToken).ConfigureAwait(false);
             try
             {
-                return await operation(connection);
+                return await operation(connection).ConfigureAwait(false);
             }
             // Lost: the connection's Failure is set before any request fails for it, and before
             // Closed is cancelled (a request made in between fails at once).
@@ -104,7 +104,7 @@ public sealed class RelayClient : IAsyncDisposable
     }
 
     public Task RunAsync(RelayAddress relay, Func<RelayConnection, Task> operation, CancellationToken cancellationToken = default) =>
-        RunAsync(relay, async c => { await operation(c); return true; }, cancellationToken);
+        RunAsync(relay, async c => { await operation(c).ConfigureAwait(false); return true; }, cancellationToken);
 
     /// <summary>
     /// Subscribes a queue; it stays subscribed across reconnections until <see cref="Unsubscribe"/>.
@@ -120,7 +120,7 @@ public sealed class RelayClient : IAsyncDisposable
         link.EnsurePump();
         try
         {
-            await RunAsync(relay, c => c.IsSubscribed(queue) ? Task.CompletedTask : c.SubscribeAsync(queue, Options.DeliveryWindow, cancellationToken), cancellationToken);
+            await RunAsync(relay, c => c.IsSubscribed(queue) ? Task.CompletedTask : c.SubscribeAsync(queue, Options.DeliveryWindow, cancellationToken), cancellationToken).ConfigureAwait(false);
         }
         catch (RelayErrorException)
         {
@@ -203,7 +203,7 @@ public sealed class RelayClient : IAsyncDisposable
         BeginReadingDeliveries();
         try
         {
-            await foreach (var delivery in _deliveries.ReadAllAsync(cancellationToken))
+            await foreach (var delivery in _deliveries.ReadAllAsync(cancellationToken).ConfigureAwait(false))
             {
                 yield return delivery;
             }
@@ -235,7 +235,7 @@ public sealed class RelayClient : IAsyncDisposable
         _disposed.Cancel();
         foreach (var link in _links.Values)
         {
-            await link.DisposeAsync();
+            await link.DisposeAsync().ConfigureAwait(false);
         }
         _deliveries.Complete();
         _disposed.Dispose();
@@ -328,7 +328,7 @@ public sealed class RelayClient : IAsyncDisposable
             var current = Volatile.Read(ref _current);
             if (current is { Closed.IsCancellationRequested: false }) return current;
             using var linked = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, owner._disposed.Token);
-            await _connectLock.WaitAsync(linked.Token);
+            await _connectLock.WaitAsync(linked.Token).ConfigureAwait(false);
             try
             {
                 current = _current;
@@ -336,7 +336,7 @@ public sealed class RelayClient : IAsyncDisposable
                 if (current != null)
                 {
                     Interlocked.CompareExchange(ref _current, null, current);
-                    await current.DisposeAsync();
+                    await current.DisposeAsync().ConfigureAwait(false);
                 }
                 if (retry)
                 {
@@ -344,7 +344,7 @@ public sealed class RelayClient : IAsyncDisposable
                     // growing rather than starting again: a relay that accepts and then drops (full,
                     // restarting) is not hammered, and no two clients come back in step.
                     var wait = _backoff.BeforeConnect();
-                    if (wait > TimeSpan.Zero) await Task.Delay(wait, linked.Token);
+                    if (wait > TimeSpan.Zero) await Task.Delay(wait, linked.Token).ConfigureAwait(false);
                 }
                 long started = System.Diagnostics.Stopwatch.GetTimestamp();
                 bool MayRetry() => owner.Options.RetryFor is not { } limit || System.Diagnostics.Stopwatch.GetElapsedTime(started) < limit;
@@ -359,7 +359,7 @@ public sealed class RelayClient : IAsyncDisposable
                             Tls = owner.Options.Tls,
                             ConnectTimeout = owner.Options.ConnectTimeout,
                             Host = relay.Hosts[_host],
-                        }, linked.Token);
+                        }, linked.Token).ConfigureAwait(false);
                         try
                         {
                             // A relay that answers the handshake but not the SUBs must not hold this
@@ -368,7 +368,7 @@ public sealed class RelayClient : IAsyncDisposable
                             renewal.CancelAfter(owner.Options.ConnectTimeout);
                             try
                             {
-                                renewed = await ResubscribeAsync(connection, renewal.Token);
+                                renewed = await ResubscribeAsync(connection, renewal.Token).ConfigureAwait(false);
                             }
                             catch (OperationCanceledException) when (!linked.IsCancellationRequested)
                             {
@@ -377,7 +377,7 @@ public sealed class RelayClient : IAsyncDisposable
                         }
                         catch
                         {
-                            await connection.DisposeAsync();
+                            await connection.DisposeAsync().ConfigureAwait(false);
                             throw;
                         }
                         lock (_subscribing)
@@ -414,7 +414,7 @@ public sealed class RelayClient : IAsyncDisposable
                         {
                             throw;
                         }
-                        await Task.Delay(_backoff.Failed(), linked.Token);
+                        await Task.Delay(_backoff.Failed(), linked.Token).ConfigureAwait(false);
                     }
                 }
             }
@@ -436,7 +436,7 @@ public sealed class RelayClient : IAsyncDisposable
             {
                 try
                 {
-                    await connection.SubscribeAsync(queue, owner.Options.DeliveryWindow, cancellationToken);
+                    await connection.SubscribeAsync(queue, owner.Options.DeliveryWindow, cancellationToken).ConfigureAwait(false);
                     renewed.Add(id);
                 }
                 catch (RelayErrorException refused)
@@ -475,7 +475,7 @@ public sealed class RelayClient : IAsyncDisposable
                 RelayConnection connection;
                 try
                 {
-                    connection = await GetAsync(retry: true, token);
+                    connection = await GetAsync(retry: true, token).ConfigureAwait(false);
                 }
                 catch (OperationCanceledException)
                 {
@@ -493,7 +493,7 @@ public sealed class RelayClient : IAsyncDisposable
                     // not end while queues are subscribed.
                     try
                     {
-                        await Task.Delay(owner.Options.ReconnectMax, token);
+                        await Task.Delay(owner.Options.ReconnectMax, token).ConfigureAwait(false);
                     }
                     catch (OperationCanceledException)
                     {
@@ -503,7 +503,7 @@ public sealed class RelayClient : IAsyncDisposable
                 }
                 try
                 {
-                    await foreach (var e in connection.Events.ReadAllAsync(token))
+                    await foreach (var e in connection.Events.ReadAllAsync(token).ConfigureAwait(false))
                     {
                         if (e is DeliveryEvent d && Subscriptions.ContainsKey(d.Queue.RecipientId))
                         {
@@ -539,14 +539,14 @@ public sealed class RelayClient : IAsyncDisposable
             {
                 while (!token.IsCancellationRequested)
                 {
-                    await Task.Delay(owner.Options.KeepAlive, token);
+                    await Task.Delay(owner.Options.KeepAlive, token).ConfigureAwait(false);
                     var current = Volatile.Read(ref _current);
                     if (current is null || current.Closed.IsCancellationRequested) continue;
                     try
                     {
                         using var timeout = CancellationTokenSource.CreateLinkedTokenSource(token);
                         timeout.CancelAfter(owner.Options.KeepAlive);
-                        await current.PingAsync(timeout.Token);
+                        await current.PingAsync(timeout.Token).ConfigureAwait(false);
                     }
                     catch (Exception) when (!token.IsCancellationRequested)
                     {
@@ -554,7 +554,7 @@ public sealed class RelayClient : IAsyncDisposable
                         // relay that does not follow the protocol): replace the connection. Anything
                         // else let through would end the keep-alive of this relay for good.
                         Drop(current);
-                        await current.DisposeAsync();
+                        await current.DisposeAsync().ConfigureAwait(false);
                     }
                 }
             }
@@ -567,14 +567,14 @@ public sealed class RelayClient : IAsyncDisposable
         {
             // A connection being made (under the lock) ends at once, the client's token being
             // cancelled, or it would be put in place after the one taken here and left open.
-            bool locked = await _connectLock.WaitAsync(TimeSpan.FromSeconds(5));
+            bool locked = await _connectLock.WaitAsync(TimeSpan.FromSeconds(5)).ConfigureAwait(false);
             var current = Interlocked.Exchange(ref _current, null);
             if (locked) _connectLock.Release();
-            if (current != null) await current.DisposeAsync();
+            if (current != null) await current.DisposeAsync().ConfigureAwait(false);
             foreach (var t in new[] { _pump, _keepAlive })
             {
                 if (t is null) continue;
-                try { await t.WaitAsync(TimeSpan.FromSeconds(5)); } catch (Exception) { }
+                try { await t.WaitAsync(TimeSpan.FromSeconds(5)).ConfigureAwait(false); } catch (Exception) { }
             }
         }
     }

@@ -96,7 +96,7 @@ public sealed class Messenger : IAsyncDisposable
     {
         // The name and the profile are checked before the relay is asked for anything.
         _store.Update(profile => UniqueName(profile, name));
-        var queue = await _client.RunAsync(relay, c => c.CreateQueueAsync(password, cancellationToken), cancellationToken);
+        var queue = await _client.RunAsync(relay, c => c.CreateQueueAsync(password, cancellationToken), cancellationToken).ConfigureAwait(false);
         var own = new byte[32];
         var ownPublic = new byte[32];
         RelayCrypto.GenerateKeyPair(own, ownPublic);
@@ -143,10 +143,10 @@ public sealed class Messenger : IAsyncDisposable
 
         // The name and the profile are checked before the invitation is used: a refusal after SKEY would burn it.
         _store.Update(profile => UniqueName(profile, name));
-        var queue = await _client.RunAsync(relay, c => c.CreateQueueAsync(password, cancellationToken), cancellationToken);
+        var queue = await _client.RunAsync(relay, c => c.CreateQueueAsync(password, cancellationToken), cancellationToken).ConfigureAwait(false);
         try
         {
-            await _client.RunAsync(invitation.Relay, c => c.SecureAsync(invitation.SenderId, senderPrivate, cancellationToken), cancellationToken);
+            await _client.RunAsync(invitation.Relay, c => c.SecureAsync(invitation.SenderId, senderPrivate, cancellationToken), cancellationToken).ConfigureAwait(false);
         }
         catch (RelayErrorException ex) when (ex.Code == ErrorCode.Auth)
         {
@@ -188,7 +188,7 @@ public sealed class Messenger : IAsyncDisposable
             });
             return n;
         });
-        await FlushOutboxAsync(contactName, cancellationToken);
+        await FlushOutboxAsync(contactName, cancellationToken).ConfigureAwait(false);
         return contactName;
     }
 
@@ -215,17 +215,17 @@ public sealed class Messenger : IAsyncDisposable
             contact.SendCounter++;
             return 0;
         });
-        await FlushOutboxAsync(contactName, cancellationToken);
+        await FlushOutboxAsync(contactName, cancellationToken).ConfigureAwait(false);
     }
 
     /// <summary>Sends every unacknowledged envelope of a contact, oldest first (identical bytes, so resends are absorbed as duplicates).</summary>
     public async Task FlushOutboxAsync(string contactName, CancellationToken cancellationToken = default)
     {
         var gate = _flushing.GetOrAdd(contactName, _ => new SemaphoreSlim(1, 1));
-        await gate.WaitAsync(cancellationToken);
+        await gate.WaitAsync(cancellationToken).ConfigureAwait(false);
         try
         {
-            await FlushOutboxLockedAsync(contactName, cancellationToken);
+            await FlushOutboxLockedAsync(contactName, cancellationToken).ConfigureAwait(false);
         }
         finally
         {
@@ -245,7 +245,7 @@ public sealed class Messenger : IAsyncDisposable
                     : (RelayAddress.Parse(c.SendRelay), new SenderQueue(c.SendSenderId!, c.SenderPrivate), c.Outbox[0]);
             });
             if (envelope is null) return;
-            await _client.RunAsync(relay!, c => c.SendAsync(queue!, envelope, 0, cancellationToken), cancellationToken);
+            await _client.RunAsync(relay!, c => c.SendAsync(queue!, envelope, 0, cancellationToken), cancellationToken).ConfigureAwait(false);
             _store.Update(profile =>
             {
                 var c = profile.Find(contactName)!;
@@ -333,7 +333,7 @@ public sealed class Messenger : IAsyncDisposable
         {
             try
             {
-                await work;
+                await work.ConfigureAwait(false);
             }
             catch (OperationCanceledException) when (stop.IsCancellationRequested)
             {
@@ -365,23 +365,23 @@ public sealed class Messenger : IAsyncDisposable
                     {
                         yield return e;
                     }
-                    await nextNotice;   // throws if cancelled
+                    await nextNotice.ConfigureAwait(false);   // throws if cancelled
                     nextNotice = notices.Reader.WaitToReadAsync(stop.Token).AsTask();
                     continue;
                 }
                 if (!nextDelivery.IsCompleted)
                 {
-                    await Task.WhenAny(nextDelivery, nextNotice);
+                    await Task.WhenAny(nextDelivery, nextNotice).ConfigureAwait(false);
                     continue;
                 }
-                if (!await nextDelivery) break;   // the client was disposed
+                if (!await nextDelivery.ConfigureAwait(false)) break;   // the client was disposed
                 // A delivery leaves the stream once the app has handled its events (it asked for the
                 // next one) and the contact's new state is saved: if the app's handling or the save
                 // fails, it stays first, and the next listener handles it before the messages the
                 // relay pushed after it (with a delivery window several are waiting behind it).
                 if (deliveries.TryPeek(out var delivery))
                 {
-                    var handled = await ProcessAsync(delivery, cancellationToken);
+                    var handled = await ProcessAsync(delivery, cancellationToken).ConfigureAwait(false);
                     Volatile.Write(ref _acknowledge, () => Commit(handled));
                     foreach (var e in handled.Events)
                     {
@@ -390,7 +390,7 @@ public sealed class Messenger : IAsyncDisposable
                     Volatile.Write(ref _acknowledge, null);
                     Commit(handled);
                     // After the events: the state behind them is saved whatever becomes of an ACK.
-                    await ObserveAcksAsync(acks);
+                    await ObserveAcksAsync(acks).ConfigureAwait(false);
                 }
                 nextDelivery = deliveries.WaitToReadAsync(stop.Token).AsTask();
             }
@@ -413,7 +413,7 @@ public sealed class Messenger : IAsyncDisposable
             {
                 try
                 {
-                    if (wait != null) await wait;
+                    if (wait != null) await wait.ConfigureAwait(false);
                 }
                 catch (OperationCanceledException)
                 {
@@ -423,7 +423,7 @@ public sealed class Messenger : IAsyncDisposable
             {
                 try
                 {
-                    await ack;
+                    await ack.ConfigureAwait(false);
                 }
                 catch (Exception)
                 {
@@ -431,7 +431,7 @@ public sealed class Messenger : IAsyncDisposable
                 }
             }
             // Subscriptions and outboxes still waiting for their relays: given up (Watch absorbs the cancellation).
-            await Task.WhenAll(contactWork);
+            await Task.WhenAll(contactWork).ConfigureAwait(false);
         }
     }
 
@@ -440,7 +440,7 @@ public sealed class Messenger : IAsyncDisposable
     {
         try
         {
-            await _client.SubscribeAsync(RelayAddress.Parse(contact.ReceiveRelay), ReceiveQueue(contact), cancellationToken);
+            await _client.SubscribeAsync(RelayAddress.Parse(contact.ReceiveRelay), ReceiveQueue(contact), cancellationToken).ConfigureAwait(false);
         }
         catch (RelayErrorException ex)
         {
@@ -467,7 +467,7 @@ public sealed class Messenger : IAsyncDisposable
             string reason;
             try
             {
-                await FlushOutboxAsync(contactName, cancellationToken);
+                await FlushOutboxAsync(contactName, cancellationToken).ConfigureAwait(false);
                 return;
             }
             catch (RelayErrorException ex)
@@ -485,7 +485,7 @@ public sealed class Messenger : IAsyncDisposable
                 events.TryWrite(new OutboxStalled(contactName, waiting, reason));
                 reported = reason;
             }
-            await Task.Delay(wait, cancellationToken);
+            await Task.Delay(wait, cancellationToken).ConfigureAwait(false);
             long most = Math.Max(_client.Options.ReconnectMax.Ticks, TimeSpan.TicksPerMillisecond);
             wait = TimeSpan.FromTicks(Math.Clamp(wait.Ticks * 2, TimeSpan.TicksPerMillisecond, most));
         }
@@ -514,7 +514,7 @@ public sealed class Messenger : IAsyncDisposable
     {
         try
         {
-            await _client.RunAsync(delivery.Relay, c => c.AckAsync(delivery.Queue, delivery.Delivery.MessageId, cancellationToken), cancellationToken);
+            await _client.RunAsync(delivery.Relay, c => c.AckAsync(delivery.Queue, delivery.Delivery.MessageId, cancellationToken), cancellationToken).ConfigureAwait(false);
         }
         catch (RelayErrorException ex) when (ex.Code is ErrorCode.NoMsg or ErrorCode.Internal or ErrorCode.Auth)
         {
@@ -533,7 +533,7 @@ public sealed class Messenger : IAsyncDisposable
             if (!acks[i].IsCompleted) continue;
             var done = acks[i];
             acks.RemoveAt(i);
-            await done;
+            await done.ConfigureAwait(false);
         }
     }
 
@@ -608,7 +608,7 @@ public sealed class Messenger : IAsyncDisposable
             var senderPrivate = JoinSenderKey(contact.OwnPrivate, peerSenderId);
             try
             {
-                await _client.RunAsync(peerRelay, c => c.SecureAsync(peerSenderId, senderPrivate, cancellationToken), cancellationToken);
+                await _client.RunAsync(peerRelay, c => c.SecureAsync(peerSenderId, senderPrivate, cancellationToken), cancellationToken).ConfigureAwait(false);
             }
             catch (RelayErrorException ex) when (ex.Code == ErrorCode.Auth)
             {
@@ -712,7 +712,7 @@ public sealed class Messenger : IAsyncDisposable
     {
         if (_ownsClient)
         {
-            await _client.DisposeAsync();
+            await _client.DisposeAsync().ConfigureAwait(false);
         }
     }
 }

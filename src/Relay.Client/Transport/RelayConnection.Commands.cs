@@ -47,7 +47,7 @@ public sealed partial class RelayConnection
     public async Task<TimeSpan> PingAsync(CancellationToken cancellationToken = default)
     {
         long start = System.Diagnostics.Stopwatch.GetTimestamp();
-        var response = await RequestAsync(0, static (w, corr, _) => FrameWriter.WriteEmpty(w, FrameType.Ping, corr), cancellationToken);
+        var response = await RequestAsync(0, static (w, corr, _) => FrameWriter.WriteEmpty(w, FrameType.Ping, corr), cancellationToken).ConfigureAwait(false);
         Expect(response, FrameType.Pong, "PING");
         return System.Diagnostics.Stopwatch.GetElapsedTime(start);
     }
@@ -63,7 +63,7 @@ public sealed partial class RelayConnection
         RelayCrypto.GenerateKeyPair(dhPrivate, dhPublic);
         var pw = Encoding.UTF8.GetBytes(password ?? "");
         var response = await RequestAsync((recipientPublic, dhPublic, pw),
-            static (w, corr, s) => FrameWriter.WriteNew(w, corr, s.recipientPublic, s.dhPublic, s.pw), cancellationToken);
+            static (w, corr, s) => FrameWriter.WriteNew(w, corr, s.recipientPublic, s.dhPublic, s.pw), cancellationToken).ConfigureAwait(false);
         Expect(response, FrameType.Ids, "NEW");
         var p = response.Payload;
         if (p.Length != 2 * ProtocolConstants.IdSize + ProtocolConstants.KeySize)
@@ -122,7 +122,7 @@ public sealed partial class RelayConnection
     public async Task SecureAsync(byte[] senderId, byte[] senderPrivateKey, CancellationToken cancellationToken = default)
     {
         var senderPublic = RelayCrypto.PublicKeyOf(senderPrivateKey);
-        var response = await QueueCommandAsync(FrameType.SKey, senderId, senderPrivateKey, senderPublic, default, cancellationToken);
+        var response = await QueueCommandAsync(FrameType.SKey, senderId, senderPrivateKey, senderPublic, default, cancellationToken).ConfigureAwait(false);
         Expect(response, FrameType.Ok, "SKEY");
     }
 
@@ -135,7 +135,7 @@ public sealed partial class RelayConnection
             // every request on it.
             throw new RelayErrorException(ErrorCode.TooLarge, "SEND");
         }
-        var response = await SendCommandAsync(queue, flags, body, cancellationToken);
+        var response = await SendCommandAsync(queue, flags, body, cancellationToken).ConfigureAwait(false);
         Expect(response, FrameType.Ok, "SEND");
     }
 
@@ -189,7 +189,7 @@ public sealed partial class RelayConnection
         try
         {
             response = await QueueCommandAsync(FrameType.Sub, queue.RecipientId, queue.RecipientPrivateKey, args, default, cancellationToken,
-                WindowEffect.Sub(id, DeliveryWindow.Grant(window)));
+                WindowEffect.Sub(id, DeliveryWindow.Grant(window))).ConfigureAwait(false);
         }
         catch when (added)
         {
@@ -233,7 +233,7 @@ public sealed partial class RelayConnection
     /// </summary>
     public async Task AckAsync(RecipientQueue queue, ulong messageId, CancellationToken cancellationToken = default)
     {
-        var response = await AckCommandAsync(queue, messageId, through: false, cancellationToken);
+        var response = await AckCommandAsync(queue, messageId, through: false, cancellationToken).ConfigureAwait(false);
         Expect(response, FrameType.Ok, "ACK");
     }
 
@@ -245,14 +245,14 @@ public sealed partial class RelayConnection
     /// </summary>
     public async Task AckThroughAsync(RecipientQueue queue, ulong messageId, CancellationToken cancellationToken = default)
     {
-        var response = await AckCommandAsync(queue, messageId, through: true, cancellationToken);
+        var response = await AckCommandAsync(queue, messageId, through: true, cancellationToken).ConfigureAwait(false);
         Expect(response, FrameType.Ok, "ACK");
     }
 
     /// <summary>GET: the oldest message, or null when the queue is empty. It stays until ACKed.</summary>
     public async Task<Delivery?> GetAsync(RecipientQueue queue, CancellationToken cancellationToken = default)
     {
-        var response = await QueueCommandAsync(FrameType.Get, queue.RecipientId, queue.RecipientPrivateKey, default, default, cancellationToken);
+        var response = await QueueCommandAsync(FrameType.Get, queue.RecipientId, queue.RecipientPrivateKey, default, default, cancellationToken).ConfigureAwait(false);
         if (response.Type == FrameType.Empty) return null;
         Expect(response, FrameType.Msg, "GET");
         using var cipher = new DeliveryCipher(queue.DeliveryKey);
@@ -266,13 +266,13 @@ public sealed partial class RelayConnection
 
     public async Task SuspendAsync(RecipientQueue queue, CancellationToken cancellationToken = default)
     {
-        var response = await QueueCommandAsync(FrameType.Off, queue.RecipientId, queue.RecipientPrivateKey, default, default, cancellationToken);
+        var response = await QueueCommandAsync(FrameType.Off, queue.RecipientId, queue.RecipientPrivateKey, default, default, cancellationToken).ConfigureAwait(false);
         Expect(response, FrameType.Ok, "OFF");
     }
 
     public async Task DeleteAsync(RecipientQueue queue, CancellationToken cancellationToken = default)
     {
-        var response = await QueueCommandAsync(FrameType.Del, queue.RecipientId, queue.RecipientPrivateKey, default, default, cancellationToken);
+        var response = await QueueCommandAsync(FrameType.Del, queue.RecipientId, queue.RecipientPrivateKey, default, default, cancellationToken).ConfigureAwait(false);
         Expect(response, FrameType.Ok, "DEL");
     }
 }

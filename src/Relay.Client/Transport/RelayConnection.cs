@@ -114,11 +114,11 @@ public sealed partial class RelayConnection : IAsyncDisposable
             if (options.Socks is { } socks)
             {
                 var (proxyHost, proxyPort) = ParseHostPort(socks);
-                stream = await Socks5.ConnectAsync(proxyHost, proxyPort, host, address.Port, timeout.Token);
+                stream = await Socks5.ConnectAsync(proxyHost, proxyPort, host, address.Port, timeout.Token).ConfigureAwait(false);
             }
             else
             {
-                var tcp = await TcpConnect.ConnectAsync(host, address.Port, timeout.Token);
+                var tcp = await TcpConnect.ConnectAsync(host, address.Port, timeout.Token).ConfigureAwait(false);
                 stream = tcp.GetStream();
             }
         }
@@ -130,7 +130,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
         {
             throw new RelayConnectException($"cannot connect to {host}:{address.Port}: {ex.Message}", ex);
         }
-        return await HandshakeAsync(address, host, stream, options, timeout.Token, cancellationToken);
+        return await HandshakeAsync(address, host, stream, options, timeout.Token, cancellationToken).ConfigureAwait(false);
     }
 
     /// <summary>
@@ -147,7 +147,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
         options ??= new RelayConnectionOptions();
         using var timeout = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
         timeout.CancelAfter(options.ConnectTimeout);
-        return await HandshakeAsync(address, options.Host ?? address.Host, transport, options, timeout.Token, cancellationToken);
+        return await HandshakeAsync(address, options.Host ?? address.Host, transport, options, timeout.Token, cancellationToken).ConfigureAwait(false);
     }
 
     /// <summary>TLS (when on) and HELLO over an open stream; disposes the stream when either fails.</summary>
@@ -178,23 +178,23 @@ public sealed partial class RelayConnection : IAsyncDisposable
                 };
                 try
                 {
-                    await ssl.AuthenticateAsClientAsync(tlsOptions, timeout);
+                    await ssl.AuthenticateAsClientAsync(tlsOptions, timeout).ConfigureAwait(false);
                 }
                 catch (AuthenticationException) when (!pinned && checkedCertificate)
                 {
-                    await ssl.DisposeAsync();
+                    await ssl.DisposeAsync().ConfigureAwait(false);
                     throw new FingerprintMismatchException(address.Fingerprint);
                 }
                 catch (AuthenticationException ex)
                 {
                     // No certificate got as far as the pin check: no TLS at all (a plain-TCP relay?) or
                     // no common TLS 1.3 setup; not an identity mismatch.
-                    await ssl.DisposeAsync();
+                    await ssl.DisposeAsync().ConfigureAwait(false);
                     throw new RelayConnectException($"the TLS handshake with {host}:{address.Port} failed before the relay's identity could be checked (is it a plain-TCP relay?): {ex.Message}", ex);
                 }
                 if (ssl.NegotiatedApplicationProtocol.ToString() != ProtocolConstants.AlpnString)
                 {
-                    await ssl.DisposeAsync();
+                    await ssl.DisposeAsync().ConfigureAwait(false);
                     throw new RelayConnectException("the server did not agree to the relay/1 protocol (ALPN)");
                 }
                 stream = ssl;
@@ -203,9 +203,9 @@ public sealed partial class RelayConnection : IAsyncDisposable
             var input = PipeReader.Create(stream, new StreamPipeReaderOptions(bufferSize: 64 * 1024, leaveOpen: true));
             var hello = new ArrayBufferWriter<byte>(16);
             FrameWriter.WriteHello(hello, ProtocolConstants.MinVersion, ProtocolConstants.MaxVersion);
-            await stream.WriteAsync(hello.WrittenMemory, timeout);
-            await stream.FlushAsync(timeout);
-            var (type, payload) = await ReadOneFrameAsync(input, timeout);
+            await stream.WriteAsync(hello.WrittenMemory, timeout).ConfigureAwait(false);
+            await stream.FlushAsync(timeout).ConfigureAwait(false);
+            var (type, payload) = await ReadOneFrameAsync(input, timeout).ConfigureAwait(false);
             if (type == FrameType.Err)
             {
                 var code = payload.Length > 0 ? (ErrorCode)payload[0] : ErrorCode.Syntax;
@@ -234,17 +234,17 @@ public sealed partial class RelayConnection : IAsyncDisposable
         }
         catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
         {
-            await stream.DisposeAsync();
+            await stream.DisposeAsync().ConfigureAwait(false);
             throw new RelayConnectException($"timed out during the handshake with {host}:{address.Port}");
         }
         catch (Exception ex) when (ex is IOException or AuthenticationException or ProtocolException)
         {
-            await stream.DisposeAsync();
+            await stream.DisposeAsync().ConfigureAwait(false);
             throw new RelayConnectException($"the connection to {host}:{address.Port} failed during the handshake: {ex.Message}", ex);
         }
         catch
         {
-            await stream.DisposeAsync();
+            await stream.DisposeAsync().ConfigureAwait(false);
             throw;
         }
     }
@@ -263,7 +263,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
     {
         while (true)
         {
-            var result = await input.ReadAsync(cancellationToken);
+            var result = await input.ReadAsync(cancellationToken).ConfigureAwait(false);
             var buffer = result.Buffer;
             try
             {
@@ -292,7 +292,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
         {
             while (true)
             {
-                var result = await input.ReadAsync(_closed.Token);
+                var result = await input.ReadAsync(_closed.Token).ConfigureAwait(false);
                 var buffer = result.Buffer;
                 try
                 {
@@ -329,12 +329,12 @@ public sealed partial class RelayConnection : IAsyncDisposable
         }
         finally
         {
-            await input.CompleteAsync();
+            await input.CompleteAsync().ConfigureAwait(false);
             Fail(failure ?? new RelayConnectException("the connection was closed"), brokeProtocol);
             if (brokeProtocol)
             {
                 // Closed at once rather than when the app disposes the connection: the relay sees it gone.
-                await CloseTransportAsync();
+                await CloseTransportAsync().ConfigureAwait(false);
             }
         }
     }
@@ -519,22 +519,22 @@ public sealed partial class RelayConnection : IAsyncDisposable
         {
             while (true)
             {
-                var result = await reader.ReadAsync();
+                var result = await reader.ReadAsync().ConfigureAwait(false);
                 var buffer = result.Buffer;
                 if (buffer.IsSingleSegment)
                 {
                     if (!buffer.IsEmpty)
                     {
-                        await _stream.WriteAsync(buffer.First);
+                        await _stream.WriteAsync(buffer.First).ConfigureAwait(false);
                     }
                 }
                 else
                 {
-                    await WriteGatheredAsync(buffer);
+                    await WriteGatheredAsync(buffer).ConfigureAwait(false);
                 }
                 if (!buffer.IsEmpty)
                 {
-                    await _stream.FlushAsync();
+                    await _stream.FlushAsync().ConfigureAwait(false);
                 }
                 reader.AdvanceTo(buffer.End);
                 if (result.IsCompleted) break;
@@ -546,7 +546,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
         }
         finally
         {
-            await reader.CompleteAsync();
+            await reader.CompleteAsync().ConfigureAwait(false);
         }
     }
 
@@ -571,14 +571,14 @@ public sealed partial class RelayConnection : IAsyncDisposable
                     rest = rest.Slice(n);
                     if (filled == chunk.Length)
                     {
-                        await _stream.WriteAsync(chunk.AsMemory(0, filled));
+                        await _stream.WriteAsync(chunk.AsMemory(0, filled)).ConfigureAwait(false);
                         filled = 0;
                     }
                 }
             }
             if (filled > 0)
             {
-                await _stream.WriteAsync(chunk.AsMemory(0, filled));
+                await _stream.WriteAsync(chunk.AsMemory(0, filled)).ConfigureAwait(false);
             }
         }
         finally
@@ -623,10 +623,10 @@ public sealed partial class RelayConnection : IAsyncDisposable
     public async ValueTask DisposeAsync()
     {
         Fail(new RelayConnectException("the connection was closed"));
-        await CloseTransportAsync();
+        await CloseTransportAsync().ConfigureAwait(false);
         try
         {
-            await _readLoop.WaitAsync(TimeSpan.FromSeconds(5));
+            await _readLoop.WaitAsync(TimeSpan.FromSeconds(5)).ConfigureAwait(false);
         }
         catch (Exception)
         {
@@ -651,7 +651,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
     {
         try
         {
-            await _copyLoop.WaitAsync(TimeSpan.FromSeconds(5));
+            await _copyLoop.WaitAsync(TimeSpan.FromSeconds(5)).ConfigureAwait(false);
         }
         catch (Exception)
         {
@@ -659,7 +659,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
         }
         try
         {
-            await _stream.DisposeAsync();
+            await _stream.DisposeAsync().ConfigureAwait(false);
         }
         catch (Exception)
         {

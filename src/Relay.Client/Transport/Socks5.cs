@@ -23,11 +23,11 @@ public static class Socks5
         TcpClient? tcp = null;
         try
         {
-            tcp = await TcpConnect.ConnectAsync(proxyHost, proxyPort, cancellationToken);
+            tcp = await TcpConnect.ConnectAsync(proxyHost, proxyPort, cancellationToken).ConfigureAwait(false);
             var stream = tcp.GetStream();
-            await stream.WriteAsync(new byte[] { 5, 1, 0 }, cancellationToken);
+            await stream.WriteAsync(new byte[] { 5, 1, 0 }, cancellationToken).ConfigureAwait(false);
             var reply = new byte[2];
-            await stream.ReadExactlyAsync(reply, cancellationToken);
+            await stream.ReadExactlyAsync(reply, cancellationToken).ConfigureAwait(false);
             if (reply[0] != 5 || reply[1] != 0)
             {
                 throw new RelayConnectException($"the SOCKS5 proxy {proxyHost}:{proxyPort} refused the no-authentication method");
@@ -38,9 +38,9 @@ public static class Socks5
             destination.CopyTo(request, 3);
             request[^2] = (byte)(port >> 8);
             request[^1] = (byte)port;
-            await stream.WriteAsync(request, cancellationToken);
+            await stream.WriteAsync(request, cancellationToken).ConfigureAwait(false);
             var head = new byte[4];
-            await stream.ReadExactlyAsync(head, cancellationToken);
+            await stream.ReadExactlyAsync(head, cancellationToken).ConfigureAwait(false);
             if (head[0] != 5 || head[1] != 0)
             {
                 throw new RelayConnectException($"the SOCKS5 proxy could not connect to the relay (reply code {head[1]})");
@@ -49,11 +49,11 @@ public static class Socks5
             {
                 1 => 4,
                 4 => 16,
-                3 => (await ReadByteAsync(stream, cancellationToken)),
+                3 => (await ReadByteAsync(stream, cancellationToken).ConfigureAwait(false)),
                 _ => throw new RelayConnectException("the SOCKS5 proxy sent an unknown address type"),
             };
             var rest = new byte[skip + 2];
-            await stream.ReadExactlyAsync(rest, cancellationToken);
+            await stream.ReadExactlyAsync(rest, cancellationToken).ConfigureAwait(false);
             return stream;
         }
         catch (Exception ex) when (ex is SocketException or IOException or EndOfStreamException)
@@ -100,7 +100,7 @@ public static class Socks5
     private static async Task<int> ReadByteAsync(Stream stream, CancellationToken cancellationToken)
     {
         var one = new byte[1];
-        await stream.ReadExactlyAsync(one, cancellationToken);
+        await stream.ReadExactlyAsync(one, cancellationToken).ConfigureAwait(false);
         return one[0];
     }
 }

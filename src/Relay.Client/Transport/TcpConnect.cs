@@ -18,7 +18,7 @@ internal static class TcpConnect
         var tcp = new TcpClient { NoDelay = true };
         try
         {
-            await tcp.ConnectAsync(host, port, cancellationToken);
+            await tcp.ConnectAsync(host, port, cancellationToken).ConfigureAwait(false);
             if (IsConnectedToItself(tcp.Client))
             {
                 throw new SocketException((int)SocketError.ConnectionRefused);
