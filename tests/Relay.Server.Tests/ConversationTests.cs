@@ -98,6 +98,48 @@ public class ConversationTests
         await Assert.That(await bob.JoinAsync(second, name: "alice-again")).IsEqualTo("alice-again");
     }
 
+    /// <summary>A profile in memory whose save number <see cref="FailingUpdate"/> (counted from 1) fails, once.</summary>
+    private sealed class FailOnceProfileStore : IProfileStore
+    {
+        private readonly MemoryProfileStore _inner = new();
+        private int _updates;
+        public int FailingUpdate;
+
+        public ProfileData Load() => _inner.Load();
+
+        public T Update<T>(Func<ProfileData, T> change)
+        {
+            if (Interlocked.Increment(ref _updates) == FailingUpdate) throw new IOException("injected: no space left on device");
+            return _inner.Update(change);
+        }
+    }
+
+    /// <summary>
+    /// Joining saves the contact (once its queue is made), secures the inviter's queue, then saves
+    /// that it did: whichever of those saves fails, the same link joined again opens the conversation,
+    /// the invitation not used up by the join that stopped.
+    /// </summary>
+    [Test]
+    [Arguments(2)]
+    [Arguments(3)]
+    public async Task A_join_that_stopped_at_a_failed_save_is_finished_by_joining_the_same_link_again(int failingSave)
+    {
+        await using var relay = await TestRelay.StartAsync();
+        var bobStore = new FailOnceProfileStore { FailingUpdate = failingSave };
+        await using var alice = new Messenger(new MemoryProfileStore(), Fast);
+        await using var bob = new Messenger(bobStore, Fast);
+        var (link, _) = await alice.InviteAsync(relay.Address, "bob");
+
+        await Assert.ThrowsAsync<IOException>(() => bob.JoinAsync(link, name: "alice"));
+        await Assert.That(await bob.JoinAsync(link, name: "alice")).IsEqualTo("alice");
+        await Assert.That(bobStore.Load().Contacts.Select(c => c.Name)).IsEquivalentTo(new[] { "alice" });
+
+        await using var listener = new Listener(alice);
+        await Assert.That((await listener.NextAsync<ContactJoined>()).Contact).IsEqualTo("bob");
+        await bob.SendAsync("alice", "joined at the second try");
+        await Assert.That((await listener.NextAsync<MessageReceived>()).Text).IsEqualTo("joined at the second try");
+    }
+
     [Test]
     public async Task A_join_processed_again_after_the_inviter_stopped_before_saving_still_opens_the_conversation()
     {

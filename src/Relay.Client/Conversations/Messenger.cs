@@ -125,6 +125,10 @@ public sealed class Messenger : IAsyncDisposable
     /// Joins the conversation of <paramref name="link"/>: creates this side's queue (on
     /// <paramref name="ownRelay"/>, default the inviter's relay), secures the inviter's queue with a new
     /// sender key, and sends this side's queue details through it. Returns the new contact's name.
+    /// The contact is saved before the inviter's queue is secured: a join that stops after that (the
+    /// relay cannot be reached, the process stops) is taken up again by the next JoinAsync of the same
+    /// link, with the same keys and queue, or by the next <see cref="ListenAsync"/> or
+    /// <see cref="SendAsync"/>, so the invitation is never used up by a join that did not finish.
     /// </summary>
     public async Task<string> JoinAsync(string link, RelayAddress? ownRelay = null, string? name = null, string? password = null,
         CancellationToken cancellationToken = default)
@@ -133,63 +137,94 @@ public sealed class Messenger : IAsyncDisposable
         {
             throw new FormatException(error);
         }
-        var relay = ownRelay ?? invitation.Relay;
-        var own = new byte[32];
-        var ownPublic = new byte[32];
-        RelayCrypto.GenerateKeyPair(own, ownPublic);
-        var senderPrivate = new byte[32];
-        RelayCrypto.GenerateKeyPair(senderPrivate, new byte[32]);
-        var (j2i, i2j) = E2eCrypto.InitialChains(own, invitation.InviterKey, invitation.InviterKey, ownPublic);
+        string contactName;
+        if (_store.Load().Contacts.FirstOrDefault(c => c.SendUnsecured && c.SendSenderId is { } id
+                && id.AsSpan().SequenceEqual(invitation.SenderId)) is { } unfinished)
+        {
+            contactName = unfinished.Name;
+        }
+        else
+        {
+            var relay = ownRelay ?? invitation.Relay;
+            var own = new byte[32];
+            var ownPublic = new byte[32];
+            RelayCrypto.GenerateKeyPair(own, ownPublic);
+            var senderPrivate = new byte[32];
+            RelayCrypto.GenerateKeyPair(senderPrivate, new byte[32]);
+            var (j2i, i2j) = E2eCrypto.InitialChains(own, invitation.InviterKey, invitation.InviterKey, ownPublic);
 
-        // The name and the profile are checked before the invitation is used: a refusal after SKEY would burn it.
-        _store.Update(profile => UniqueName(profile, name));
-        var queue = await _client.RunAsync(relay, c => c.CreateQueueAsync(password, cancellationToken), cancellationToken).ConfigureAwait(false);
+            // The name and the profile are checked before the invitation is used: a refusal after SKEY would burn it.
+            _store.Update(profile => UniqueName(profile, name));
+            var queue = await _client.RunAsync(relay, c => c.CreateQueueAsync(password, cancellationToken), cancellationToken).ConfigureAwait(false);
+
+            // JOIN content: u16 addressLength ‖ relay address ‖ senderId[24] of this side's queue.
+            var address = Encoding.UTF8.GetBytes(relay.ToString());
+            var content = new byte[2 + address.Length + 24];
+            BinaryPrimitives.WriteUInt16BigEndian(content, (ushort)address.Length);
+            address.CopyTo(content, 2);
+            queue.SenderId.CopyTo(content, 2 + address.Length);
+            var envelope = E2eCrypto.Seal(E2eCrypto.KindJoin, 0, j2i, content, ownPublic);
+
+            contactName = _store.Update(profile =>
+            {
+                var n = UniqueName(profile, name);
+                profile.Contacts.Add(new ContactData
+                {
+                    Name = n,
+                    Status = ContactStatus.Joined,
+                    Inviter = false,
+                    OwnPrivate = own,
+                    OwnPublic = ownPublic,
+                    PeerPublic = invitation.InviterKey,
+                    ReceiveRelay = relay.ToString(),
+                    RecipientId = queue.RecipientId,
+                    ReceiveSenderId = queue.SenderId,
+                    RecipientPrivate = queue.RecipientPrivateKey,
+                    DeliveryKey = queue.DeliveryKey,
+                    SendRelay = invitation.Relay.ToString(),
+                    SendSenderId = invitation.SenderId,
+                    SenderPrivate = senderPrivate,
+                    SendUnsecured = true,
+                    SendChain = j2i,
+                    SendCounter = 1,
+                    ReceiveChain = i2j,
+                    ReceiveCounter = 0,
+                    Outbox = [envelope],
+                });
+                return n;
+            });
+        }
         try
         {
-            await _client.RunAsync(invitation.Relay, c => c.SecureAsync(invitation.SenderId, senderPrivate, cancellationToken), cancellationToken).ConfigureAwait(false);
+            await SecureSendQueueAsync(contactName, cancellationToken).ConfigureAwait(false);
         }
         catch (RelayErrorException ex) when (ex.Code == ErrorCode.Auth)
         {
+            // Secured with another key (the link was used by someone else) or gone: this join did not happen.
+            _store.Update(profile => profile.Contacts.RemoveAll(c => c.Name == contactName));
             throw new InvalidOperationException("this invitation cannot be used: it was used already, or its queue no longer exists", ex);
         }
-
-        // JOIN content: u16 addressLength ‖ relay address ‖ senderId[24] of this side's queue.
-        var address = Encoding.UTF8.GetBytes(relay.ToString());
-        var content = new byte[2 + address.Length + 24];
-        BinaryPrimitives.WriteUInt16BigEndian(content, (ushort)address.Length);
-        address.CopyTo(content, 2);
-        queue.SenderId.CopyTo(content, 2 + address.Length);
-        var envelope = E2eCrypto.Seal(E2eCrypto.KindJoin, 0, j2i, content, ownPublic);
-
-        var contactName = _store.Update(profile =>
-        {
-            var n = UniqueName(profile, name);
-            profile.Contacts.Add(new ContactData
-            {
-                Name = n,
-                Status = ContactStatus.Joined,
-                Inviter = false,
-                OwnPrivate = own,
-                OwnPublic = ownPublic,
-                PeerPublic = invitation.InviterKey,
-                ReceiveRelay = relay.ToString(),
-                RecipientId = queue.RecipientId,
-                ReceiveSenderId = queue.SenderId,
-                RecipientPrivate = queue.RecipientPrivateKey,
-                DeliveryKey = queue.DeliveryKey,
-                SendRelay = invitation.Relay.ToString(),
-                SendSenderId = invitation.SenderId,
-                SenderPrivate = senderPrivate,
-                SendChain = j2i,
-                SendCounter = 1,
-                ReceiveChain = i2j,
-                ReceiveCounter = 0,
-                Outbox = [envelope],
-            });
-            return n;
-        });
         await FlushOutboxAsync(contactName, cancellationToken).ConfigureAwait(false);
         return contactName;
+    }
+
+    /// <summary>
+    /// Secures the queue a joined contact is sent to with the saved sender key, when that is not known
+    /// to be done (<see cref="ContactData.SendUnsecured"/>); SKEY with the same key again answers OK.
+    /// </summary>
+    private async Task SecureSendQueueAsync(string contactName, CancellationToken cancellationToken)
+    {
+        if (_store.Load().Find(contactName) is not { SendUnsecured: true } contact)
+        {
+            return;
+        }
+        await _client.RunAsync(RelayAddress.Parse(contact.SendRelay!),
+            c => c.SecureAsync(contact.SendSenderId!, contact.SenderPrivate!, cancellationToken), cancellationToken).ConfigureAwait(false);
+        _store.Update(profile =>
+        {
+            if (profile.Find(contactName) is { } c) c.SendUnsecured = false;
+            return 0;
+        });
     }
 
     /// <summary>Encrypts and sends a text message; completes when the relay has it on disk.</summary>
@@ -235,6 +270,8 @@ public sealed class Messenger : IAsyncDisposable
 
     private async Task FlushOutboxLockedAsync(string contactName, CancellationToken cancellationToken)
     {
+        // A join that stopped before its SKEY was answered: the queue is secured before the JOIN goes.
+        await SecureSendQueueAsync(contactName, cancellationToken).ConfigureAwait(false);
         while (true)
         {
             var (relay, queue, envelope) = _store.Update(profile =>

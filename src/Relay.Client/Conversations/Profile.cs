@@ -44,6 +44,13 @@ public sealed class ContactData
     public string? SendRelay { get; set; }
     public byte[]? SendSenderId { get; set; }
     public byte[]? SenderPrivate { get; set; }
+    /// <summary>
+    /// True while the queue this side sends to is not yet known to be secured with
+    /// <see cref="SenderPrivate"/>: a join saves the contact before its SKEY, so that no failure after
+    /// the SKEY can use the invitation up, and that SKEY, repeated with the same key (which the relay
+    /// accepts again), comes before the first envelope leaves.
+    /// </summary>
+    public bool SendUnsecured { get; set; }
 
     // Key chains (docs/PROTOCOL.md §11): the next counter and chain key of each direction.
     public byte[]? SendChain { get; set; }
