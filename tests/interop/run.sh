@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Interoperability: a Python client written from docs/PROTOCOL.md alone (relay_client.py) runs the
 # whole queue lifecycle against the published relay binary ($RELAY), over TLS with a pinned
-# fingerprint and over plain TCP. Ends with "e2e total: N passed, N failed".
+# fingerprint and over plain TCP; its end-to-end layer (e2e_layer.py, §11) then holds conversations
+# with the C# SDK through the `relay` command line (invite, join, send, listen), each side inviting
+# once. Ends with "e2e total: N passed, N failed".
 # Needs /usr/bin/python3 with python3-cryptography (Debian). TRANSCRIPT_OUT=FILE keeps the annotated
 # hex transcript of one exchange of each command (docs/PROTOCOL.md Appendix A is made from it).
 HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/../e2e/lib.sh"
-expect_checks 116
+expect_checks 137
 export PYTHONDONTWRITEBYTECODE=1
 
 PY=${PYTHON:-}
@@ -21,10 +23,11 @@ if [ -z "$PY" ]; then
 fi
 
 # run_client NAME ADDRESS [lifecycle args...]: one PASS/FAIL per check of the Python client.
+# SCRIPT=conversation.py runs the end-to-end conversations instead of the queue lifecycle.
 run_client() {
     local name=$1 address=$2; shift 2
     local out=$E2E_TMP/$name.out rc=0
-    (cd "$HERE" && timeout 120 "$PY" lifecycle.py "$address" "$@") >"$out" 2>&1 || rc=$?
+    (cd "$HERE" && timeout 180 "$PY" "${SCRIPT:-lifecycle.py}" "$address" "$@") >"$out" 2>&1 || rc=$?
     while IFS= read -r line; do
         case "$line" in
             "PASS "*) pass "$name: ${line#PASS }" ;;
@@ -61,6 +64,9 @@ if start_relay plain "$E2E_TMP/plain" "$PORT" "$ADMIN" --plain-tcp; then
     check "plain: the transcript recomputes (lengths, MACs, deliveries)" \
         bash -c "cd '$HERE' && '$PY' verify_transcript.py '$E2E_TMP/transcript.txt' >/dev/null"
     if [ -n "${TRANSCRIPT_OUT:-}" ] && [ -s "$E2E_TMP/transcript.txt" ]; then cp "$E2E_TMP/transcript.txt" "$TRANSCRIPT_OUT"; fi
+    # §11 both ways: Python invites and the CLI joins, then the CLI invites and Python joins.
+    mkdir -p "$E2E_TMP/profiles"
+    SCRIPT=conversation.py run_client e2e "$ADDRESS" --plain --relay-bin "$RELAY" --dir "$E2E_TMP/profiles"
     check "plain: SIGTERM exits 0 after the Python client" stop_relay "$RELAY_PID" TERM
 else
     fail "plain: relay becomes ready"; cat "$E2E_TMP/plain.log"
