@@ -181,7 +181,12 @@ def parse_join_content(content: bytes) -> tuple[str, bytes]:
     (length,) = struct.unpack(">H", content[:2])
     if len(content) != 2 + length + 24:
         raise Refused("malformed", "join content length")
-    return content[2:2 + length].decode(), content[2 + length:]
+    try:
+        address = content[2:2 + length].decode()
+        rc.Address.parse(address)
+    except ValueError as e:
+        raise Refused("malformed", "the JOIN names no valid relay address") from e
+    return address, content[2 + length:]
 
 
 # ---- a conversation over one relay connection ------------------------------------------------------
