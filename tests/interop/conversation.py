@@ -8,6 +8,8 @@ line per check; a step whose precondition failed is reported as failed, so the c
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import subprocess
 import sys
 import traceback
@@ -218,6 +220,17 @@ def cli_invites(cli: Cli, address: str, workdir: str) -> None:
             return True
         raise AssertionError("Python's queue is not secured")
     check("cli invites: the CLI secured Python's queue (SKEY with another key: AUTH)", secured)
+
+    def derived():
+        # The inviter's conversation private key, read from the CLI's profile (not on the wire): the
+        # key §11.1 derives from it is the one that secured the queue, as SKEY with it answers OK.
+        with open(f"{profile}/profile.json", encoding="utf-8") as f:
+            contact = next(c for c in json.load(f)["contacts"] if c["name"] == "py")
+        own_private = base64.b64decode(contact["ownPrivate"])
+        conv = state["conv"]
+        assert rc.public_of(own_private) == e2e.Invitation.parse(state["link"]).inviter_key
+        conn.secure(conv.queue.sender_id, e2e.join_sender_key(own_private, conv.queue.sender_id))
+    check("cli invites: the CLI's sender key for Python's queue is the §11.1 derivation (SKEY with it: OK)", derived)
 
     def cli_sends(text: str, counter: int, size: int):
         def run():

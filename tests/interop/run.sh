@@ -8,7 +8,7 @@
 # hex transcript of one exchange of each command (docs/PROTOCOL.md Appendix A is made from it).
 HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/../e2e/lib.sh"
-expect_checks 137
+expect_checks 138
 export PYTHONDONTWRITEBYTECODE=1
 
 PY=${PYTHON:-}
