@@ -201,6 +201,8 @@ public static class E2eCrypto
         uint length = BinaryPrimitives.ReadUInt32BigEndian(plain);
         if (length > plain.Length - LengthPrefixSize)
         {
+            CryptographicOperations.ZeroMemory(candidate);
+            CryptographicOperations.ZeroMemory(plain);
             return EnvelopeError.Malformed;
         }
         candidate.CopyTo(chainKey);
