@@ -12,30 +12,12 @@ import base64
 import json
 import subprocess
 import sys
-import traceback
 
 import e2e_layer as e2e
 import relay_client as rc
+from checks import Checks
 
-PASSED = 0
-FAILED = 0
-
-
-def check(name: str, fn) -> object:
-    global PASSED, FAILED
-    try:
-        result = fn()
-        if result is False:
-            raise AssertionError("returned False")
-        PASSED += 1
-        print(f"PASS {name}", flush=True)
-        return result
-    except Exception as e:  # noqa: BLE001 - every failure is reported, the run goes on
-        FAILED += 1
-        print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
-        if "-v" in sys.argv:
-            traceback.print_exc()
-        return None
+check = Checks()
 
 
 def refused(reason: str, fn) -> bool:
@@ -279,7 +261,7 @@ def main() -> int:
     cli = Cli(args.relay_bin, args.plain)
     python_invites(cli, args.address, args.dir)
     cli_invites(cli, args.address, args.dir)
-    return 1 if FAILED else 0
+    return 1 if check.failed else 0
 
 
 if __name__ == "__main__":

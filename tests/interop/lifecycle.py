@@ -13,29 +13,11 @@ import socket
 import struct
 import sys
 import time
-import traceback
 
 import relay_client as rc
+from checks import Checks
 
-PASSED = 0
-FAILED = 0
-
-
-def check(name: str, fn) -> object:
-    global PASSED, FAILED
-    try:
-        result = fn()
-        if result is False:
-            raise AssertionError("returned False")
-        PASSED += 1
-        print(f"PASS {name}", flush=True)
-        return result
-    except Exception as e:  # noqa: BLE001 - every failure is reported, the run goes on
-        FAILED += 1
-        print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
-        if "-v" in sys.argv:
-            traceback.print_exc()
-        return None
+check = Checks()
 
 
 def expect_error(name: str, code: str, fn) -> None:
@@ -363,8 +345,8 @@ def main() -> int:
     run(a.address, a.plain)
     if a.transcript:
         check("transcript of every command written", lambda: transcript_run(a.address, a.plain, a.transcript))
-    print(f"{PASSED} passed, {FAILED} failed", flush=True)
-    return 0 if FAILED == 0 else 1
+    print(f"{check.passed} passed, {check.failed} failed", flush=True)
+    return 0 if check.failed == 0 else 1
 
 
 if __name__ == "__main__":
