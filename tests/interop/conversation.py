@@ -64,6 +64,21 @@ TEXT_1024 = "x" * 226               # content 227: a 1,024-byte envelope
 TEXT_UNICODE = "grüße, 你好 ✓ from the other language"
 
 
+def cli_sends(cli: "Cli", profile: str, state: dict, text: str, counter: int, size: int):
+    """A check: `relay send` of text to "py"; Python opens the exact text as MESSAGE `counter` in a `size`-byte envelope."""
+    def run():
+        conv = state["conv"]
+        cli.run("send", "--profile", profile, "--to", "py", text)
+        env = conv.next_delivery().body
+        header, content, missing = conv.open_message(env)
+        assert header.kind == e2e.KIND_MESSAGE and header.counter == counter, f"kind {header.kind}, counter {header.counter}"
+        assert missing == 0 and content == e2e.text_content(text), f"content {content[:40]!r}"
+        assert len(env) == size, f"{len(env)} bytes, expected {size}"
+        expect_size(env, e2e.MESSAGE_HEADER, len(content))
+        state["last"] = env
+    return run
+
+
 def python_invites(cli: Cli, address: str, workdir: str) -> None:
     profile = f"{workdir}/cli-joiner"
     conn = rc.Connection.connect(address, tls=False) if cli.plain else rc.Connection.connect(address)
@@ -109,21 +124,9 @@ def python_invites(cli: Cli, address: str, workdir: str) -> None:
     check("py invites: the JOIN again is refused as replayed",
           lambda: refused("replayed", lambda: state["conv"].accept_join(state["join"])))
 
-    def cli_sends(text: str, counter: int, size: int):
-        def run():
-            conv = state["conv"]
-            cli.run("send", "--profile", profile, "--to", "py", text)
-            env = conv.next_delivery().body
-            header, content, missing = conv.open_message(env)
-            assert header.kind == e2e.KIND_MESSAGE and header.counter == counter, f"counter {header.counter}"
-            assert missing == 0 and content == e2e.text_content(text), f"content {content[:40]!r}"
-            assert len(env) == size, f"{len(env)} bytes, expected {size}"
-            expect_size(env, e2e.MESSAGE_HEADER, len(content))
-            state["last"] = env
-        return run
-    check("py invites: 'relay send' → Python decrypts the exact text (counter 1, 256 bytes)", cli_sends(TEXT_UNICODE, 1, 256))
-    check("py invites: 226 bytes of content (the most) → 256-byte envelope", cli_sends(TEXT_256, 2, 256))
-    check("py invites: 227 bytes of content → 1,024-byte envelope", cli_sends(TEXT_1024, 3, 1024))
+    check("py invites: 'relay send' → Python decrypts the exact text (counter 1, 256 bytes)", cli_sends(cli, profile, state, TEXT_UNICODE, 1, 256))
+    check("py invites: 226 bytes of content (the most) → 256-byte envelope", cli_sends(cli, profile, state, TEXT_256, 2, 256))
+    check("py invites: 227 bytes of content → 1,024-byte envelope", cli_sends(cli, profile, state, TEXT_1024, 3, 1024))
 
     def tamper_message():
         conv = state["conv"]
@@ -214,20 +217,8 @@ def cli_invites(cli: Cli, address: str, workdir: str) -> None:
         conn.secure(conv.queue.sender_id, e2e.join_sender_key(own_private, conv.queue.sender_id))
     check("cli invites: the CLI's sender key for Python's queue is the §11.1 derivation (SKEY with it: OK)", derived)
 
-    def cli_sends(text: str, counter: int, size: int):
-        def run():
-            conv = state["conv"]
-            cli.run("send", "--profile", profile, "--to", "py", text)
-            env = conv.next_delivery().body
-            header, content, missing = conv.open_message(env)
-            assert header.counter == counter and missing == 0, f"counter {header.counter}"
-            assert content == e2e.text_content(text), f"content {content[:40]!r}"
-            assert len(env) == size, f"{len(env)} bytes, expected {size}"
-            expect_size(env, e2e.MESSAGE_HEADER, len(content))
-            state["last"] = env
-        return run
-    check("cli invites: 'relay send' → Python decrypts the exact text (counter 0)", cli_sends(TEXT_UNICODE, 0, 256))
-    check("cli invites: 227 bytes of content → 1,024-byte envelope (counter 1)", cli_sends(TEXT_1024, 1, 1024))
+    check("cli invites: 'relay send' → Python decrypts the exact text (counter 0)", cli_sends(cli, profile, state, TEXT_UNICODE, 0, 256))
+    check("cli invites: 227 bytes of content → 1,024-byte envelope (counter 1)", cli_sends(cli, profile, state, TEXT_1024, 1, 1024))
 
     def tamper():
         conv = state["conv"]

@@ -53,9 +53,6 @@ internal sealed class TlsCertificates : IDisposable
     /// </summary>
     public Task Started => _first;
 
-    /// <summary>When the certificate handshakes get now stops being valid (null before the first is made).</summary>
-    public DateTimeOffset? NotAfter => _current?.NotAfter;
-
     /// <summary>The settings for one TLS handshake, with a certificate that is valid now.</summary>
     public async ValueTask<SslServerAuthenticationOptions> OptionsAsync(CancellationToken cancellationToken)
     {

@@ -80,10 +80,11 @@ public static class IdentityCommands
 
     private static (IReadOnlyList<string> Hosts, int Port) HostsAndPort(CliArgs a)
     {
-        var hosts = (a.Get("host") ?? "localhost").Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
-        if (hosts.Length == 0 || !hosts.All(RelayAddress.IsHost))
+        var value = a.Get("host") ?? "localhost";
+        var hosts = ServeSettings.ParseHosts("--host", value);
+        if (hosts.Length == 0)
         {
-            throw new UsageException("--host must be one or more host names separated by commas (an IPv6 address in brackets: [2001:db8::1])");
+            throw new UsageException($"--host must be one or more host names separated by commas (an IPv6 address in brackets: [2001:db8::1]), got '{value}'");
         }
         int port = a.GetInt("port", RelayAddress.DefaultPort, 1, 65535);
         return (hosts, port);
