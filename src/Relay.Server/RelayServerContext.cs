@@ -47,9 +47,10 @@ internal sealed class RelayServerContext(RelayServerOptions options, QueueStore 
     /// <summary>Event 15 (a connection refused by a limit): at most one line per reason every 10 s.</summary>
     public LogThrottle ConnectionRefusalLog { get; } = new(options.Clock);
 
-    /// <summary>Per-source connection count and queue-creation bucket; sources live only here, in memory.</summary>
+    /// <summary>Per-source connection count, queue-creation and key-agreement buckets; sources live only here, in memory.</summary>
     public SourceLimiter Sources { get; } = new(options.MaxConnectionsPerSource, options.QueueCreationRate,
-        options.QueueCreationBurst, options.Clock);
+        options.QueueCreationBurst, options.Clock,
+        options.KeyAgreementRate, options.KeyAgreementBurst);
 
     /// <summary>Backups of the store and identity (<c>POST /admin/backup</c>), one at a time.</summary>
     public Hosting.RelayBackups Backups { get; } = new(store, options.DataDirectory, options.BackupDirectory, options.BackupKeep,

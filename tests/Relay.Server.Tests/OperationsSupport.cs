@@ -82,6 +82,7 @@ public sealed class OperationsClock : TimeProvider
     private long _offsetTicks;
     public void Advance(TimeSpan by) => Interlocked.Add(ref _offsetTicks, by.Ticks);
     public override DateTimeOffset GetUtcNow() => base.GetUtcNow().AddTicks(Interlocked.Read(ref _offsetTicks));
+    // In 128 bits: days of ticks times the timestamp frequency overflow 64.
     public override long GetTimestamp() =>
-        base.GetTimestamp() + Interlocked.Read(ref _offsetTicks) * TimestampFrequency / TimeSpan.TicksPerSecond;
+        base.GetTimestamp() + (long)((Int128)Interlocked.Read(ref _offsetTicks) * TimestampFrequency / TimeSpan.TicksPerSecond);
 }

@@ -96,7 +96,7 @@ idle_within_budget() {
         echo "open files limit $(ulimit -n): 10,000 connections need at least 10,100"
         return 1
     fi
-    start_relay idle "$IDLE_DATA" "$IDLE_PORT" "$IDLE_ADMIN" --max-connections-per-source 0 --queue-creation-rate 0 || return 1
+    start_relay idle "$IDLE_DATA" "$IDLE_PORT" "$IDLE_ADMIN" --max-connections-per-source 0 --queue-creation-rate 0 --key-agreement-rate 0 || return 1
     local pid=$RELAY_PID rc=0
     timeout 300 python3 "$IDLE" "$IDLE_ADDR" "$pid" 10000 >"$E2E_TMP/idle.out" 2>"$E2E_TMP/idle.err" || rc=$?
     curl -s "http://127.0.0.1:$IDLE_ADMIN/metrics" >"$E2E_TMP/idle.metrics" || true

@@ -15,7 +15,7 @@ start_bench_relay() {
   # shellcheck disable=SC2086  # BENCH_ENV is a list of NAME=VALUE words
   env ${BENCH_ENV:-} "$bin" serve --data "$data" --listen "127.0.0.1:$port" --admin "$admin" \
     --queue-max-messages 5000 --queue-max-bytes 100MB --max-connections-per-source 0 \
-    --queue-creation-rate 0 "$@" > "$log" 2>&1 &
+    --queue-creation-rate 0 --key-agreement-rate 0 "$@" > "$log" 2>&1 &
   BENCH_PID=$!
   BENCH_ADDRESS=
   for _ in $(seq 100); do

@@ -30,6 +30,7 @@ internal sealed partial class RelaySession
                 RandomNumberGenerator.Fill(decoy);
                 RelayCrypto.TryDeriveAuthKey(_sessionPrivate, decoy, _sessionId, bytes);
                 key = _keys.AddDecoy(id, bytes);
+                CountKeyAgreement();
             }
             key.Verify(command.MacInput, command.Mac);
             return false;
@@ -38,13 +39,29 @@ internal sealed partial class RelaySession
         if (!_keys.TryGetReal(k, out key))
         {
             var bytes = new byte[ProtocolConstants.KeySize];
-            if (!RelayCrypto.TryDeriveAuthKey(_sessionPrivate, clientKey, _sessionId, bytes))
+            bool agreed = RelayCrypto.TryDeriveAuthKey(_sessionPrivate, clientKey, _sessionId, bytes);
+            CountKeyAgreement();
+            if (!agreed)
             {
                 return false;
             }
             key = _keys.AddReal(k, bytes);
         }
         return key.Verify(command.MacInput, command.Mac);
+    }
+
+    /// <summary>
+    /// Charges a key agreement just made to the source's budget (<see cref="RelayServerOptions.KeyAgreementRate"/>):
+    /// beyond it, the read loop waits after this request before it reads the next one. Real and decoy
+    /// agreements are charged alike, after the work is done, so the wait tells nothing of a queue.
+    /// </summary>
+    private void CountKeyAgreement()
+    {
+        var wait = _context.Sources.KeyAgreement(Source);
+        if (wait > _keyAgreementWait)
+        {
+            _keyAgreementWait = wait;
+        }
     }
 
     /// <summary>Parses a recipient command and authorizes it; answers the error itself and returns null on failure.</summary>

@@ -208,7 +208,7 @@ internal sealed partial class RelaySession
                 {
                     dispatched = true;
                     Dispatch(new FrameView(frameBytes.FirstSpan));
-                    if (MustPause)
+                    if (MustPause || _keyAgreementWait != TimeSpan.Zero)
                     {
                         paused = true;
                         break;
@@ -230,6 +230,15 @@ internal sealed partial class RelaySession
             }
             if (paused)
             {
+                if (_keyAgreementWait != TimeSpan.Zero)
+                {
+                    // The source made more key agreements than its budget: its answers so far are
+                    // flushed, and the next request is read once the bucket has refilled.
+                    var wait = _keyAgreementWait;
+                    _keyAgreementWait = TimeSpan.Zero;
+                    _context.Metrics.KeyAgreementWait(wait);
+                    await Task.Delay(wait, _options.Clock, connection.Ended);
+                }
                 await WaitForCapacityAsync(connection.Ended);
                 // The time the relay did not read is not the client's: a frame left over from before
                 // the pause starts its partial-frame time now.

@@ -28,6 +28,10 @@ internal sealed partial class RelaySession : IThreadPoolWorkItem
     // Derived auth keys, real and decoy (read loop only).
     private readonly SessionKeys _keys;
 
+    // How long the read loop waits after the request it is handling: the source's key agreements
+    // beyond its budget (read loop only; zero almost always).
+    private TimeSpan _keyAgreementWait;
+
     private readonly Lock _subLock = new();
     private readonly Dictionary<QueueHandle, Subscription> _subscriptions = new(ReferenceEqualityComparer.Instance);
 

@@ -64,18 +64,23 @@ internal readonly struct SourceKey : IEquatable<SourceKey>
 }
 
 /// <summary>
-/// Per-source limits: concurrent connections, and a token bucket of queue creations. One lock around
-/// one dictionary: it is touched at connection open and close and at NEW, never per message. Entries
-/// are dropped once a source has no connection and a full bucket (nothing left to remember), so memory
-/// follows the sources active in the last few minutes, not every source ever seen.
+/// Per-source limits: concurrent connections, a token bucket of queue creations, and one of key
+/// agreements (the X25519 a connection's first use of a queue key costs the relay, real or decoy
+/// alike). One lock around one dictionary: it is touched at connection open and close, at NEW and
+/// at a key agreement (tens of microseconds of CPU each), never per message. Entries are dropped once
+/// a source has no connection and full buckets (nothing left to remember), so memory follows the
+/// sources active in the last few minutes, not every source ever seen.
 /// </summary>
-internal sealed class SourceLimiter(int maxConnectionsPerSource, double creationsPerMinute, int creationBurst, TimeProvider clock)
+internal sealed class SourceLimiter(int maxConnectionsPerSource, double creationsPerMinute, int creationBurst, TimeProvider clock,
+    double agreementsPerSecond = 0, int agreementBurst = 1)
 {
     private sealed class Entry
     {
         public int Connections;
         public double Tokens;
         public long Stamp;
+        public double Agreements;
+        public long AgreementStamp;
     }
 
     private static readonly TimeSpan PruneInterval = TimeSpan.FromMinutes(1);
@@ -83,10 +88,12 @@ internal sealed class SourceLimiter(int maxConnectionsPerSource, double creation
     private readonly Lock _lock = new();
     private readonly Dictionary<SourceKey, Entry> _entries = new();
     private readonly double _tokensPerTick = creationsPerMinute / 60.0 / clock.TimestampFrequency;
+    private readonly double _agreementsPerTick = agreementsPerSecond / clock.TimestampFrequency;
     private long _lastPrune = clock.GetTimestamp();
 
     private bool LimitsConnections => maxConnectionsPerSource > 0;
     private bool LimitsCreation => creationsPerMinute > 0;
+    private bool LimitsAgreements => agreementsPerSecond > 0;
 
     /// <summary>Sources remembered now (for tests).</summary>
     public int TrackedSources
@@ -126,7 +133,7 @@ internal sealed class SourceLimiter(int maxConnectionsPerSource, double creation
             {
                 entry.Connections--;
                 long now = clock.GetTimestamp();
-                if (entry.Connections <= 0 && Refill(entry, now) >= creationBurst)
+                if (Forgettable(entry, now))
                 {
                     _entries.Remove(source);
                 }
@@ -155,12 +162,35 @@ internal sealed class SourceLimiter(int maxConnectionsPerSource, double creation
         }
     }
 
+    /// <summary>
+    /// Counts one key agreement made for <paramref name="source"/>. Returns how long its connection
+    /// waits before it reads another request: zero while the source's bucket holds a token, else the
+    /// time the bucket takes to refill what was taken beyond it. The agreement is made either way
+    /// (the answer does not depend on the bucket), so what a client learns from its answers never
+    /// depends on the limit; only how fast a source gets them does.
+    /// </summary>
+    public TimeSpan KeyAgreement(SourceKey source)
+    {
+        if (!source.IsKnown || !LimitsAgreements)
+        {
+            return TimeSpan.Zero;
+        }
+        lock (_lock)
+        {
+            long now = clock.GetTimestamp();
+            var entry = GetOrAdd(source, now);
+            double left = RefillAgreements(entry, now) - 1;
+            entry.Agreements = left;
+            return left >= 0 ? TimeSpan.Zero : TimeSpan.FromSeconds(-left / agreementsPerSecond);
+        }
+    }
+
     private Entry GetOrAdd(SourceKey source, long now)
     {
         if (!_entries.TryGetValue(source, out var entry))
         {
             PruneIfDue(now);
-            entry = new Entry { Tokens = creationBurst, Stamp = now };
+            entry = new Entry { Tokens = creationBurst, Stamp = now, Agreements = agreementBurst, AgreementStamp = now };
             _entries.Add(source, entry);
         }
         return entry;
@@ -180,7 +210,20 @@ internal sealed class SourceLimiter(int maxConnectionsPerSource, double creation
         return entry.Tokens;
     }
 
-    /// <summary>At most once a minute: forgets sources with no connection whose bucket has refilled.</summary>
+    private double RefillAgreements(Entry entry, long now)
+    {
+        entry.Agreements = LimitsAgreements
+            ? Math.Min(agreementBurst, entry.Agreements + Math.Max(0, now - entry.AgreementStamp) * _agreementsPerTick)
+            : agreementBurst;
+        entry.AgreementStamp = now;
+        return entry.Agreements;
+    }
+
+    /// <summary>Nothing to remember: no connection, and both buckets full again.</summary>
+    private bool Forgettable(Entry entry, long now) =>
+        entry.Connections <= 0 && Refill(entry, now) >= creationBurst && RefillAgreements(entry, now) >= agreementBurst;
+
+    /// <summary>At most once a minute: forgets sources with no connection whose buckets have refilled.</summary>
     private void PruneIfDue(long now)
     {
         if (clock.GetElapsedTime(_lastPrune, now) < PruneInterval)
@@ -190,7 +233,7 @@ internal sealed class SourceLimiter(int maxConnectionsPerSource, double creation
         _lastPrune = now;
         foreach (var (key, entry) in _entries)
         {
-            if (entry.Connections <= 0 && Refill(entry, now) >= creationBurst)
+            if (Forgettable(entry, now))
             {
                 _entries.Remove(key);
             }

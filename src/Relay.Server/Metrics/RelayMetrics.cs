@@ -43,6 +43,8 @@ public sealed class RelayMetrics
     private readonly Gauge _connectionsOpen;
     private readonly Counter _connectionsAccepted;
     private readonly Counter _connectionsRejected;
+    private readonly Counter _keyAgreementWaits;
+    private readonly Counter _keyAgreementWaitSeconds;
     private readonly Counter _handshakes;
     private readonly Counter _commands;
     private readonly Counter _protocolErrors;
@@ -105,6 +107,8 @@ public sealed class RelayMetrics
             "Relay connections served at once: --max-connections, or fewer when the open files limit leaves room for fewer.");
         _connectionsAccepted = f.CreateCounter("relay_connections_accepted_total", "Relay connections accepted.");
         _connectionsRejected = f.CreateCounter("relay_connections_rejected_total", "Relay connections closed at once by a limit.", "reason");
+        _keyAgreementWaits = f.CreateCounter("relay_key_agreement_waits_total", "Times a connection waited before reading its next request because its source made more key agreements than --key-agreement-burst and --key-agreement-rate allow.");
+        _keyAgreementWaitSeconds = f.CreateCounter("relay_key_agreement_wait_seconds_total", "Time connections waited for their sources' key-agreement budget.");
         _handshakes = f.CreateCounter("relay_handshakes_total", "Handshakes by result: ok, or the reason of the failure.", "result");
         _commands = f.CreateCounter("relay_commands_total", "Commands by type and result (ok or the error code).", "command", "result");
         _protocolErrors = f.CreateCounter("relay_protocol_errors_total", "Connections closed for a protocol violation, by error code.", "code");
@@ -302,6 +306,12 @@ public sealed class RelayMetrics
 
     public void ConnectionClosed() => _connectionsOpen.Dec();
     public void ConnectionRejected(string reason) => _connectionsRejected.WithLabels(reason).Inc();
+
+    internal void KeyAgreementWait(TimeSpan wait)
+    {
+        _keyAgreementWaits.Inc();
+        _keyAgreementWaitSeconds.Inc(wait.TotalSeconds);
+    }
     public void HandshakeSucceeded() => _handshakeOk.Inc();
     public void HandshakeFailed(string reason) => _handshakes.WithLabels(reason).Inc();
     public void ProtocolError(ErrorCode code) => _protocolErrors.WithLabels(CommandResult.From(code)).Inc();

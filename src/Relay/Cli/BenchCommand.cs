@@ -115,6 +115,7 @@ public static class BenchCommand
                 // The bench's own connections and a margin: no open files limit to raise for 20,000.
                 MaxConnections = options.Producers + options.Consumers + 64,
                 QueueCreationRate = 0,
+                KeyAgreementRate = 0,
             }, logging => logging.SetMinimumLevel(LogLevel.Warning).AddSimpleConsole(o => o.SingleLine = true));
             address = local.Address;
             local.Store.Committed += commits.Record;
