@@ -478,6 +478,191 @@ public class ConversationTests
         }
     }
 
+    /// <summary>
+    /// A message the app sends while it listens, which cannot go out (its contact's relay is down), is
+    /// sent by the listener once the relay is back: the app calls nothing more.
+    /// </summary>
+    [Test]
+    [Arguments(false)]
+    [Arguments(true)]
+    public async Task A_message_sent_while_listening_that_could_not_go_out_is_sent_by_the_listener_once_the_relay_is_back(bool retryBounded)
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var other = await TestRelay.StartAsync();
+        var options = retryBounded
+            ? new RelayClientOptions { ReconnectMin = Fast.ReconnectMin, ReconnectMax = Fast.ReconnectMax, RetryFor = TimeSpan.FromMilliseconds(500) }
+            : Fast;
+        await using var alice = new Messenger(new MemoryProfileStore(), options);
+        await using var bob = new Messenger(new MemoryProfileStore(), Fast);
+        var (link, _) = await alice.InviteAsync(relay.Address, "bob");
+        await bob.JoinAsync(link, other.Address, "alice");   // Bob receives on the other relay
+        await using var listener = new Listener(alice);
+        await listener.NextAsync<ContactJoined>();
+
+        await other.RestartAsync(async () =>
+        {
+            // Bob's relay is down: the message waits in Alice's profile (SendAsync gives up, or the app stops waiting).
+            if (retryBounded)
+            {
+                await Assert.ThrowsAsync<RelayConnectException>(() => alice.SendAsync("bob", "sent while listening"));
+            }
+            else
+            {
+                using var giveUp = new CancellationTokenSource(TimeSpan.FromSeconds(1));
+                await Assert.ThrowsAsync<OperationCanceledException>(() => alice.SendAsync("bob", "sent while listening", giveUp.Token));
+            }
+        });
+
+        // Bob's relay is back: Alice's listener sends the message, with no further call.
+        await using var bobListener = new Listener(bob);
+        await Assert.That((await bobListener.NextAsync<MessageReceived>()).Text).IsEqualTo("sent while listening");
+    }
+
+    /// <summary>A text of 1,500 bytes: a 4,096-byte envelope.</summary>
+    private static readonly string LargeText = new('x', 1500);
+
+    /// <summary>
+    /// A message whose envelope is over the maximum message size the contact's relay announced is
+    /// refused before it is sealed: no chain step saved, nothing queued, and the next message is the
+    /// next in line (no gap at the receiver). A later process knows the limit from the profile.
+    /// </summary>
+    [Test]
+    public async Task A_message_over_the_relays_limit_is_refused_before_it_is_sealed()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.MaxMessage = 1000);
+        var (alice, bob, aliceStore, bobStore) = await ConnectedPairAsync(relay);
+        await using (alice)
+        await using (bob)
+        {
+            await using var listener = new Listener(alice);
+            await listener.NextAsync<ContactJoined>();
+            var before = bobStore.Load().Find("alice")!;
+
+            var refused = await Assert.ThrowsAsync<MessageTooLargeException>(() => bob.SendAsync("alice", LargeText));
+            await Assert.That(refused!.Contact).IsEqualTo("alice");
+            await Assert.That(refused.EnvelopeSize).IsEqualTo(4096);
+            await Assert.That(refused.MaxMessage).IsEqualTo(1000);
+            await Assert.That(refused.Sealed).IsFalse();
+            await Assert.That(refused.MaxTextBytes).IsEqualTo(256 - 10 - 4 - 16 - 1);
+            var after = bobStore.Load().Find("alice")!;
+            await Assert.That(after.SendCounter).IsEqualTo(before.SendCounter);
+            await Assert.That(after.SendChain).IsEquivalentTo(before.SendChain!);
+            await Assert.That(after.Outbox).IsEmpty();
+
+            // The inviter's side knows its contact's relay's limit too.
+            await Assert.ThrowsAsync<MessageTooLargeException>(() => alice.SendAsync("bob", LargeText));
+            await Assert.That(aliceStore.Load().Find("bob")!.Outbox).IsEmpty();
+
+            // The longest text that fits goes out as the next message in line.
+            await bob.SendAsync("alice", new string('y', refused.MaxTextBytes));
+            var received = await listener.NextAsync<MessageReceived>();
+            await Assert.That(received.Text.Length).IsEqualTo(refused.MaxTextBytes);
+            await Assert.That(received.Counter).IsEqualTo(before.SendCounter);
+
+            // Another process of Bob's profile refuses it before it connects anywhere.
+            await using (var bobAgain = new Messenger(bobStore, Fast))
+            {
+                await Assert.ThrowsAsync<MessageTooLargeException>(() => bobAgain.SendAsync("alice", LargeText));
+                await Assert.That(bobStore.Load().Find("alice")!.SendCounter).IsEqualTo(before.SendCounter + 1);
+                await bobAgain.SendAsync("alice", "short");
+            }
+            await Assert.That((await listener.NextAsync<MessageReceived>()).Text).IsEqualTo("short");
+            await listener.DrainAsync();
+            await Assert.That(listener.Seen.OfType<MessagesMissing>()).IsEmpty();
+            await Assert.That(listener.Seen.OfType<MessageRejected>()).IsEmpty();
+        }
+    }
+
+    /// <summary>
+    /// A message sealed before the relay's limit was known (a profile that never learned it) and
+    /// refused by it is dropped, SendAsync says so, and the next message still arrives.
+    /// </summary>
+    [Test]
+    public async Task A_message_sealed_before_the_relays_limit_was_known_is_dropped_and_SendAsync_says_so()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.MaxMessage = 1000);
+        var (alice, bob, _, bobStore) = await ConnectedPairAsync(relay);
+        await using (alice)
+        await using (bob)
+        {
+            await using var listener = new Listener(alice);
+            await listener.NextAsync<ContactJoined>();
+            bobStore.Update(profile => profile.Find("alice")!.SendMaxMessage = null);
+
+            await using var bobAgain = new Messenger(bobStore, Fast);
+            var refused = await Assert.ThrowsAsync<MessageTooLargeException>(() => bobAgain.SendAsync("alice", LargeText));
+            await Assert.That(refused!.Sealed).IsTrue();
+            await Assert.That(refused.MaxMessage).IsEqualTo(1000);
+            await Assert.That(bobStore.Load().Find("alice")!.Outbox).IsEmpty();
+            // SendAsync told the app: no listener reports it again.
+            await Assert.That(bobStore.Load().Find("alice")!.Dropped).IsEmpty();
+
+            await bobAgain.SendAsync("alice", "next");
+            var missing = await listener.NextAsync<MessagesMissing>();
+            await Assert.That(missing.Count).IsEqualTo(1UL);
+            await Assert.That((await listener.NextAsync<MessageReceived>()).Text).IsEqualTo("next");
+        }
+    }
+
+    /// <summary>
+    /// An envelope queued while the relay's limit allowed it, which the relay then refuses for good
+    /// (its operator lowered the limit), is dropped from the outbox and reported as MessageDropped, and
+    /// the messages behind it go on; the receiver reports the gap and decrypts the next message. The
+    /// drop happens in the listener's outbox work, or in the next SendAsync (and the next listener reports it).
+    /// </summary>
+    [Test]
+    [Arguments(true)]
+    [Arguments(false)]
+    public async Task An_envelope_the_relay_refuses_for_good_is_dropped_and_reported_and_the_next_ones_go_on(bool listening)
+    {
+        int maxMessage = ProtocolConstants.DefaultMaxMessage;
+        await using var relay = await TestRelay.StartAsync(o => o.MaxMessage = maxMessage);
+        var (alice, bob, _, bobStore) = await ConnectedPairAsync(relay);
+        await using (alice)
+        await using (bob)
+        {
+            await using (var joins = new Listener(alice))
+            {
+                await joins.NextAsync<ContactJoined>();
+            }
+            await relay.RestartAsync(async () =>
+            {
+                // Queued while the relay is down; its operator then lowers its limit.
+                foreach (var text in new[] { LargeText, "behind the large one" })
+                {
+                    using var giveUp = new CancellationTokenSource(TimeSpan.FromMilliseconds(500));
+                    await Assert.ThrowsAsync<OperationCanceledException>(() => bob.SendAsync("alice", text, giveUp.Token));
+                }
+                maxMessage = 1000;
+            });
+            await Assert.That(bobStore.Load().Find("alice")!.Outbox.Count).IsEqualTo(2);
+
+            if (!listening)
+            {
+                await bob.SendAsync("alice", "sent after the restart");
+            }
+            await using var bobListener = new Listener(bob);
+            var dropped = await bobListener.NextAsync<MessageDropped>();
+            await Assert.That(dropped.Contact).IsEqualTo("alice");
+            await Assert.That(dropped.Reason).Contains("TOO_LARGE");
+
+            await using var aliceListener = new Listener(alice);
+            var missing = await aliceListener.NextAsync<MessagesMissing>();
+            await Assert.That(missing.Count).IsEqualTo(1UL);
+            await Assert.That((await aliceListener.NextAsync<MessageReceived>()).Text).IsEqualTo("behind the large one");
+            if (!listening)
+            {
+                await Assert.That((await aliceListener.NextAsync<MessageReceived>()).Text).IsEqualTo("sent after the restart");
+            }
+            await bobListener.DrainAsync();
+            await Assert.That(bobListener.Seen.OfType<MessageDropped>().Count()).IsEqualTo(1);
+            await Assert.That(bobListener.Seen.OfType<OutboxStalled>()).IsEmpty();
+            await Assert.That(bobStore.Load().Find("alice")!.Outbox).IsEmpty();
+            // The relay's new limit is known now: the large message is refused before it is sealed.
+            await Assert.ThrowsAsync<MessageTooLargeException>(() => bob.SendAsync("alice", LargeText));
+        }
+    }
+
     [Test]
     public async Task A_message_comes_again_until_the_app_has_asked_for_the_event_after_it()
     {

@@ -37,9 +37,18 @@ public sealed record ContactUnavailable(string Contact, string Reason) : Convers
 /// <see cref="RelayClientOptions.RetryFor"/>. They are not lost: the listener keeps offering them, in
 /// order and with back-off, until the relay takes them (reported again only when the reason changes),
 /// and the next <see cref="Messenger.SendAsync"/> or <see cref="Messenger.ListenAsync"/> sends them too.
+/// A message a SendAsync leaves in the outbox while a listener runs is offered the same way.
 /// The other contacts go on.
 /// </summary>
 public sealed record OutboxStalled(string Contact, int Waiting, string Reason) : ConversationEvent(Contact);
+
+/// <summary>
+/// A message to a contact taken out of the profile's outbox because the contact's relay refuses it for
+/// good (TOO_LARGE: the envelope is over the relay's maximum message size, lowered after the message
+/// was queued, say). It is never sent; the messages behind it go on, and the contact, when the next one
+/// arrives, sees one message missing (<see cref="MessagesMissing"/>).
+/// </summary>
+public sealed record MessageDropped(string Contact, string Reason) : ConversationEvent(Contact);
 
 /// <summary>
 /// Private conversations over any relays: invitations, joins, end-to-end encrypted messages with a
@@ -56,6 +65,10 @@ public sealed class Messenger : IAsyncDisposable
     // One outbox flush per contact at a time: two would race to send the same envelopes, and one could
     // send an envelope after the one behind it.
     private readonly System.Collections.Concurrent.ConcurrentDictionary<string, SemaphoreSlim> _flushing = new();
+    // The largest message each relay announced (WELCOME) on the connections this messenger used, by address.
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<string, int> _maxMessage = new();
+    // While ListenAsync runs: each contact's outbox sender, woken when the contact's outbox has work.
+    private OutboxSenders? _senders;
     // While ListenAsync waits for the app to handle the events it yielded: what acknowledges them.
     private Action? _acknowledge;
     private int _listening;
@@ -96,7 +109,7 @@ public sealed class Messenger : IAsyncDisposable
     {
         // The name and the profile are checked before the relay is asked for anything.
         _store.Update(profile => UniqueName(profile, name));
-        var queue = await _client.RunAsync(relay, c => c.CreateQueueAsync(password, cancellationToken), cancellationToken).ConfigureAwait(false);
+        var queue = await RunAsync(relay, c => c.CreateQueueAsync(password, cancellationToken), cancellationToken).ConfigureAwait(false);
         var own = new byte[32];
         var ownPublic = new byte[32];
         RelayCrypto.GenerateKeyPair(own, ownPublic);
@@ -155,7 +168,7 @@ public sealed class Messenger : IAsyncDisposable
 
             // The name and the profile are checked before the invitation is used: a refusal after SKEY would burn it.
             _store.Update(profile => UniqueName(profile, name));
-            var queue = await _client.RunAsync(relay, c => c.CreateQueueAsync(password, cancellationToken), cancellationToken).ConfigureAwait(false);
+            var queue = await RunAsync(relay, c => c.CreateQueueAsync(password, cancellationToken), cancellationToken).ConfigureAwait(false);
 
             // JOIN content: u16 addressLength ‖ relay address ‖ senderId[24] of this side's queue.
             var address = Encoding.UTF8.GetBytes(relay.ToString());
@@ -218,16 +231,37 @@ public sealed class Messenger : IAsyncDisposable
         {
             return;
         }
-        await _client.RunAsync(RelayAddress.Parse(contact.SendRelay!),
-            c => c.SecureAsync(contact.SendSenderId!, contact.SenderPrivate!, cancellationToken), cancellationToken).ConfigureAwait(false);
+        var relay = RelayAddress.Parse(contact.SendRelay!);
+        await RunAsync(relay, c => c.SecureAsync(contact.SendSenderId!, contact.SenderPrivate!, cancellationToken), cancellationToken).ConfigureAwait(false);
         _store.Update(profile =>
         {
-            if (profile.Find(contactName) is { } c) c.SendUnsecured = false;
+            if (profile.Find(contactName) is { } c)
+            {
+                c.SendUnsecured = false;
+                c.SendMaxMessage = LearnedMaxMessage(relay) ?? c.SendMaxMessage;
+            }
             return 0;
         });
     }
 
-    /// <summary>Encrypts and sends a text message; completes when the relay has it on disk.</summary>
+    /// <summary>
+    /// Encrypts and sends a text message; completes when the relay has it on disk.
+    /// <para>
+    /// A message whose envelope is larger than the contact's relay takes (its maximum message size,
+    /// announced when a connection is made, and kept in the profile) is refused before anything is
+    /// sealed or saved: <see cref="MessageTooLargeException"/>. When that limit is not known (no
+    /// connection to that relay has told it to this profile yet), the message is sealed and sent; a relay that refuses it as too large gets the same exception, with
+    /// <see cref="MessageTooLargeException.Sealed"/> set: it is dropped, and the contact sees one
+    /// message missing.
+    /// </para>
+    /// <para>
+    /// Any other failure (the relay cannot be reached, refuses for now: QUOTA, FULL; the call is
+    /// cancelled) leaves the sealed message in the profile's outbox: it goes out, once, with the next
+    /// SendAsync or <see cref="ListenAsync"/>, and a listener running meanwhile sends it as soon as the
+    /// relay takes it. While a listener is offering the contact's waiting messages to its relay, this
+    /// call waits its turn; cancelled then, it saves nothing.
+    /// </para>
+    /// </summary>
     public async Task SendAsync(string contactName, string text, CancellationToken cancellationToken = default)
     {
         var content = new byte[1 + Encoding.UTF8.GetByteCount(text)];
@@ -237,30 +271,32 @@ public sealed class Messenger : IAsyncDisposable
         {
             throw new ArgumentException($"message too long: at most {E2eCrypto.MaxContent(E2eCrypto.KindMessage) - 1} bytes of UTF-8");
         }
-        _store.Update(profile =>
-        {
-            var contact = profile.Find(contactName) ?? throw new ArgumentException($"no contact named '{contactName}'");
-            if (contact.Status != ContactStatus.Joined || contact.SendChain is null)
-            {
-                throw new InvalidOperationException($"'{contactName}' has not joined yet: run 'relay listen' until it says so");
-            }
-            var chain = contact.SendChain;
-            contact.Outbox.Add(E2eCrypto.Seal(E2eCrypto.KindMessage, contact.SendCounter, chain, content));
-            contact.SendChain = chain;
-            contact.SendCounter++;
-            return 0;
-        });
-        await FlushOutboxAsync(contactName, cancellationToken).ConfigureAwait(false);
-    }
-
-    /// <summary>Sends every unacknowledged envelope of a contact, oldest first (identical bytes, so resends are absorbed as duplicates).</summary>
-    public async Task FlushOutboxAsync(string contactName, CancellationToken cancellationToken = default)
-    {
-        var gate = _flushing.GetOrAdd(contactName, _ => new SemaphoreSlim(1, 1));
+        int size = E2eCrypto.PaddedSizeFor(content.Length, E2eCrypto.MessageHeaderSize);
+        // The contact's outbox is this call's from the sealing to the end of the sending: no other
+        // flush (a listener's) sends this envelope meanwhile, so a refusal of it is this call's to report.
+        var gate = Gate(contactName);
         await gate.WaitAsync(cancellationToken).ConfigureAwait(false);
         try
         {
-            await FlushOutboxLockedAsync(contactName, cancellationToken).ConfigureAwait(false);
+            var envelope = _store.Update(profile =>
+            {
+                var contact = profile.Find(contactName) ?? throw new ArgumentException($"no contact named '{contactName}'");
+                if (contact.Status != ContactStatus.Joined || contact.SendChain is null)
+                {
+                    throw new InvalidOperationException($"'{contactName}' has not joined yet: run 'relay listen' until it says so");
+                }
+                if (KnownMaxMessage(contact) is { } max && size > max)
+                {
+                    throw new MessageTooLargeException(contactName, size, max, sealedAndDropped: false);
+                }
+                var chain = contact.SendChain;
+                var sealedEnvelope = E2eCrypto.Seal(E2eCrypto.KindMessage, contact.SendCounter, chain, content);
+                contact.Outbox.Add(sealedEnvelope);
+                contact.SendChain = chain;
+                contact.SendCounter++;
+                return sealedEnvelope;
+            });
+            await FlushAndWakeAsync(contactName, envelope, cancellationToken).ConfigureAwait(false);
         }
         finally
         {
@@ -268,10 +304,58 @@ public sealed class Messenger : IAsyncDisposable
         }
     }
 
-    private async Task FlushOutboxLockedAsync(string contactName, CancellationToken cancellationToken)
+    /// <summary>
+    /// Sends every unacknowledged envelope of a contact, oldest first (identical bytes, so resends are
+    /// absorbed as duplicates). One the relay refuses for good (TOO_LARGE) is taken out of the outbox
+    /// and reported as <see cref="MessageDropped"/> by the listener (now, or the next one), and the
+    /// ones behind it go on.
+    /// </summary>
+    public async Task FlushOutboxAsync(string contactName, CancellationToken cancellationToken = default)
+    {
+        var gate = Gate(contactName);
+        await gate.WaitAsync(cancellationToken).ConfigureAwait(false);
+        try
+        {
+            await FlushAndWakeAsync(contactName, null, cancellationToken).ConfigureAwait(false);
+        }
+        finally
+        {
+            gate.Release();
+        }
+    }
+
+    // One outbox flush per contact at a time (see _flushing).
+    private SemaphoreSlim Gate(string contactName) => _flushing.GetOrAdd(contactName, _ => new SemaphoreSlim(1, 1));
+
+    /// <summary>
+    /// A flush outside the listener's own outbox work: what it leaves to do (envelopes that did not go
+    /// out, drops to report) becomes the listener's, if one is running.
+    /// </summary>
+    private async Task FlushAndWakeAsync(string contactName, byte[]? own, CancellationToken cancellationToken)
+    {
+        int dropped;
+        try
+        {
+            dropped = await FlushOutboxLockedAsync(contactName, own, cancellationToken).ConfigureAwait(false);
+        }
+        catch
+        {
+            Volatile.Read(ref _senders)?.Wake(contactName);
+            throw;
+        }
+        if (dropped > 0) Volatile.Read(ref _senders)?.Wake(contactName);
+    }
+
+    /// <summary>
+    /// Sends the outbox (under the contact's gate); returns how many envelopes it dropped and left to a
+    /// listener to report. <paramref name="own"/>: the envelope of the SendAsync calling, whose
+    /// refusal for good that call reports itself (it throws <see cref="MessageTooLargeException"/>).
+    /// </summary>
+    private async Task<int> FlushOutboxLockedAsync(string contactName, byte[]? own, CancellationToken cancellationToken)
     {
         // A join that stopped before its SKEY was answered: the queue is secured before the JOIN goes.
         await SecureSendQueueAsync(contactName, cancellationToken).ConfigureAwait(false);
+        int dropped = 0;
         while (true)
         {
             var (relay, queue, envelope) = _store.Update(profile =>
@@ -281,21 +365,71 @@ public sealed class Messenger : IAsyncDisposable
                     ? (null, null, null)
                     : (RelayAddress.Parse(c.SendRelay), new SenderQueue(c.SendSenderId!, c.SenderPrivate), c.Outbox[0]);
             });
-            if (envelope is null) return;
-            await _client.RunAsync(relay!, c => c.SendAsync(queue!, envelope, 0, cancellationToken), cancellationToken).ConfigureAwait(false);
+            if (envelope is null) return dropped;
+            string? refused = null;
+            try
+            {
+                await RunAsync(relay!, c => c.SendAsync(queue!, envelope, 0, cancellationToken), cancellationToken).ConfigureAwait(false);
+            }
+            catch (RelayErrorException ex) when (ex.Code == ErrorCode.TooLarge)
+            {
+                // For good: the relay's limit is below the envelope (lowered since it was queued, or not
+                // known when it was sealed). Sending it again cannot help, and it would hold every
+                // message behind it; the receiver's counters take the gap (PROTOCOL.md §11.4).
+                refused = LearnedMaxMessage(relay!) is { } max
+                    ? $"{ex.Message}: the envelope is {envelope.Length} bytes and the relay takes at most {max}; it is dropped and will not be sent"
+                    : $"{ex.Message}: the envelope is {envelope.Length} bytes; it is dropped and will not be sent";
+            }
+            bool mine = refused != null && own != null && envelope.AsSpan().SequenceEqual(own);
             _store.Update(profile =>
             {
                 var c = profile.Find(contactName)!;
-                if (c.Outbox.Count > 0 && c.Outbox[0].AsSpan().SequenceEqual(envelope)) c.Outbox.RemoveAt(0);
+                if (c.Outbox.Count > 0 && c.Outbox[0].AsSpan().SequenceEqual(envelope))
+                {
+                    c.Outbox.RemoveAt(0);
+                    if (refused != null && !mine) c.Dropped.Add(refused);
+                }
+                c.SendMaxMessage = LearnedMaxMessage(relay!) ?? c.SendMaxMessage;
                 return 0;
             });
+            if (mine)
+            {
+                throw new MessageTooLargeException(contactName, envelope.Length, LearnedMaxMessage(relay!) ?? 0, sealedAndDropped: true);
+            }
+            if (refused != null) dropped++;
         }
     }
 
+    /// <summary>Runs a command on the relay's connection (see <see cref="RelayClient.RunAsync{T}"/>), noting the relay's maximum message size.</summary>
+    private Task<T> RunAsync<T>(RelayAddress relay, Func<RelayConnection, Task<T>> operation, CancellationToken cancellationToken) =>
+        _client.RunAsync(relay, c =>
+        {
+            _maxMessage[relay.ToString()] = c.MaxMessage;
+            return operation(c);
+        }, cancellationToken);
+
+    private Task RunAsync(RelayAddress relay, Func<RelayConnection, Task> operation, CancellationToken cancellationToken) =>
+        RunAsync(relay, async c =>
+        {
+            await operation(c).ConfigureAwait(false);
+            return true;
+        }, cancellationToken);
+
+    /// <summary>The largest message the relay announced on the last connection this messenger used to it (null: none yet).</summary>
+    private int? LearnedMaxMessage(RelayAddress relay) => _maxMessage.TryGetValue(relay.ToString(), out int max) ? max : null;
+
+    /// <summary>The largest message the contact's relay takes, as far as is known: from this process's connection, else from the profile.</summary>
+    private int? KnownMaxMessage(ContactData contact) =>
+        contact.SendRelay is { } relay && RelayAddress.TryParse(relay, out var address, out _) && LearnedMaxMessage(address) is { } max
+            ? max
+            : contact.SendMaxMessage;
+
     /// <summary>
-    /// Subscribes to every contact's queue, sends what waits in their outboxes, and yields what
-    /// arrives: joins, messages (each once; a redelivery is absorbed), refusals, contacts that cannot
-    /// be received from and outboxes whose relay refuses them for now. Contacts are independent: each
+    /// Subscribes to every contact's queue, sends what waits in their outboxes (and, while it runs, what
+    /// a <see cref="SendAsync"/> could not send: the relay was down, say), and yields what arrives:
+    /// joins, messages (each once; a redelivery is absorbed), refusals, contacts that cannot be received
+    /// from, outboxes whose relay refuses them for now, and messages dropped because their relay refuses
+    /// them for good (<see cref="MessageDropped"/>). Contacts are independent: each
     /// one's subscription and outbox go on concurrently, so a relay that is down or refuses a
     /// contact's messages (QUOTA) holds up only the contacts whose queues are on it.
     /// <para>
@@ -336,6 +470,10 @@ public sealed class Messenger : IAsyncDisposable
         _client.SubscriptionRefused += Refused;
         _client.DeliveryRejected += Rejected;
         using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        // Each contact's outbox is sent by a task of its own, started when it first has work: what
+        // waits at the start, and whatever a SendAsync (or a join) meanwhile leaves unsent or drops.
+        var senders = new OutboxSenders((name, wake) => Watch(SendOutboxAsync(name, wake, notices.Writer, stop.Token)));
+        Volatile.Write(ref _senders, senders);
         // Deliveries are taken from the stream only when they are about to be handled: an app that
         // stops listening after an event leaves the next delivery there for the next listener.
         var deliveries = _client.Deliveries;
@@ -387,9 +525,9 @@ public sealed class Messenger : IAsyncDisposable
             foreach (var contact in profile.Contacts)
             {
                 contactWork.Add(Watch(SubscribeContactAsync(contact, notices.Writer, stop.Token)));
-                if (contact.Outbox.Count > 0)
+                if (contact.Outbox.Count > 0 || contact.Dropped.Count > 0)
                 {
-                    contactWork.Add(Watch(SendOutboxAsync(contact.Name, notices.Writer, stop.Token)));
+                    senders.Wake(contact.Name);
                 }
             }
             nextDelivery = deliveries.WaitToReadAsync(stop.Token).AsTask();
@@ -438,6 +576,8 @@ public sealed class Messenger : IAsyncDisposable
             // first in line, unsaved and unacknowledged.
             Volatile.Write(ref _acknowledge, null);
             Volatile.Write(ref _listening, 0);
+            Volatile.Write(ref _senders, null);
+            contactWork.AddRange(senders.Close());
             _client.EndReadingDeliveries();
             _client.SubscriptionEnded -= Ended;
             _client.SubscriptionRefused -= Refused;
@@ -492,19 +632,71 @@ public sealed class Messenger : IAsyncDisposable
     }
 
     /// <summary>
-    /// Sends a contact's outbox; while its relay refuses the oldest envelope (QUOTA, FULL, …) or cannot be
-    /// reached, reports it (again only when the reason changes) and tries again with back-off.
+    /// While <see cref="ListenAsync"/> runs: a task per contact that sends the contact's outbox each time
+    /// it is woken (<see cref="Wake"/>), started on the first wake-up.
     /// </summary>
-    private async Task SendOutboxAsync(string contactName, ChannelWriter<ConversationEvent> events, CancellationToken cancellationToken)
+    private sealed class OutboxSenders(Func<string, ChannelReader<bool>, Task> start)
+    {
+        private readonly Dictionary<string, Channel<bool>> _wakes = [];
+        private readonly List<Task> _tasks = [];
+        private bool _closed;
+
+        /// <summary>The contact's outbox has work (envelopes to send, drops to report): its sender sends it, now or after the sending under way.</summary>
+        public void Wake(string contactName)
+        {
+            lock (_wakes)
+            {
+                if (_closed) return;
+                if (!_wakes.TryGetValue(contactName, out var wake))
+                {
+                    // One pending wake-up is enough: the sender reads the whole outbox.
+                    wake = Channel.CreateBounded<bool>(new BoundedChannelOptions(1) { FullMode = BoundedChannelFullMode.DropWrite });
+                    _wakes[contactName] = wake;
+                    _tasks.Add(Task.Run(() => start(contactName, wake.Reader)));
+                }
+                wake.Writer.TryWrite(true);
+            }
+        }
+
+        /// <summary>No sender starts after this; returns the ones started (they end with the listener's cancellation).</summary>
+        public List<Task> Close()
+        {
+            lock (_wakes)
+            {
+                _closed = true;
+                return [.. _tasks];
+            }
+        }
+    }
+
+    /// <summary>
+    /// A contact's outbox sender while listening: each time it is woken, sends the outbox; while the
+    /// relay refuses the oldest envelope for now (QUOTA, FULL, …) or cannot be reached, reports it (again
+    /// only when the reason changes) and tries again with back-off until the outbox is empty. Envelopes
+    /// the relay refuses for good are reported as <see cref="MessageDropped"/>.
+    /// </summary>
+    private async Task SendOutboxAsync(string contactName, ChannelReader<bool> wake, ChannelWriter<ConversationEvent> events, CancellationToken cancellationToken)
+    {
+        while (true)
+        {
+            await wake.ReadAsync(cancellationToken).ConfigureAwait(false);
+            await SendOutboxOnceAsync(contactName, events, cancellationToken).ConfigureAwait(false);
+        }
+    }
+
+    private async Task SendOutboxOnceAsync(string contactName, ChannelWriter<ConversationEvent> events, CancellationToken cancellationToken)
     {
         var wait = _client.Options.ReconnectMin;
         string? reported = null;
         while (true)
         {
             string reason;
+            var gate = Gate(contactName);
+            await gate.WaitAsync(cancellationToken).ConfigureAwait(false);
             try
             {
-                await FlushOutboxAsync(contactName, cancellationToken).ConfigureAwait(false);
+                await FlushOutboxLockedAsync(contactName, null, cancellationToken).ConfigureAwait(false);
+                ReportDropped(contactName, events);
                 return;
             }
             catch (RelayErrorException ex)
@@ -515,6 +707,11 @@ public sealed class Messenger : IAsyncDisposable
             {
                 reason = ex.Message;
             }
+            finally
+            {
+                gate.Release();
+            }
+            ReportDropped(contactName, events);
             if (reason != reported)
             {
                 int waiting = _store.Load().Find(contactName)?.Outbox.Count ?? 0;
@@ -525,6 +722,23 @@ public sealed class Messenger : IAsyncDisposable
             await Task.Delay(wait, cancellationToken).ConfigureAwait(false);
             long most = Math.Max(_client.Options.ReconnectMax.Ticks, TimeSpan.TicksPerMillisecond);
             wait = TimeSpan.FromTicks(Math.Clamp(wait.Ticks * 2, TimeSpan.TicksPerMillisecond, most));
+        }
+    }
+
+    /// <summary>Reports (once) the envelopes of the contact's outbox dropped since the last report.</summary>
+    private void ReportDropped(string contactName, ChannelWriter<ConversationEvent> events)
+    {
+        if (_store.Load().Find(contactName) is not { Dropped.Count: > 0 }) return;
+        var reasons = _store.Update(profile =>
+        {
+            if (profile.Find(contactName) is not { } c) return [];
+            var taken = c.Dropped;
+            c.Dropped = [];
+            return taken;
+        });
+        foreach (var reason in reasons)
+        {
+            events.TryWrite(new MessageDropped(contactName, reason));
         }
     }
 
@@ -551,7 +765,7 @@ public sealed class Messenger : IAsyncDisposable
     {
         try
         {
-            await _client.RunAsync(delivery.Relay, c => c.AckAsync(delivery.Queue, delivery.Delivery.MessageId, cancellationToken), cancellationToken).ConfigureAwait(false);
+            await RunAsync(delivery.Relay, c => c.AckAsync(delivery.Queue, delivery.Delivery.MessageId, cancellationToken), cancellationToken).ConfigureAwait(false);
         }
         catch (RelayErrorException ex) when (ex.Code is ErrorCode.NoMsg or ErrorCode.Internal or ErrorCode.Auth)
         {
@@ -645,7 +859,7 @@ public sealed class Messenger : IAsyncDisposable
             var senderPrivate = JoinSenderKey(contact.OwnPrivate, peerSenderId);
             try
             {
-                await _client.RunAsync(peerRelay, c => c.SecureAsync(peerSenderId, senderPrivate, cancellationToken), cancellationToken).ConfigureAwait(false);
+                await RunAsync(peerRelay, c => c.SecureAsync(peerSenderId, senderPrivate, cancellationToken), cancellationToken).ConfigureAwait(false);
             }
             catch (RelayErrorException ex) when (ex.Code == ErrorCode.Auth)
             {
@@ -664,6 +878,7 @@ public sealed class Messenger : IAsyncDisposable
                 c.SendRelay = peerRelay.ToString();
                 c.SendSenderId = peerSenderId;
                 c.SenderPrivate = senderPrivate;
+                c.SendMaxMessage = LearnedMaxMessage(peerRelay);
                 c.SendChain = i2j;
                 c.SendCounter = 0;
                 c.ReceiveChain = j2i;

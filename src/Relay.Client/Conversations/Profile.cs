@@ -68,6 +68,18 @@ public sealed class ContactData
 
     /// <summary>Sealed envelopes not yet acknowledged by the relay, oldest first; sent again as they are.</summary>
     public List<byte[]> Outbox { get; set; } = [];
+
+    /// <summary>
+    /// The largest message the relay of <see cref="SendRelay"/> announced the last time this profile
+    /// talked to it (null: not known yet): a message whose envelope is larger is refused before it is sealed.
+    /// </summary>
+    public int? SendMaxMessage { get; set; }
+
+    /// <summary>
+    /// Why each envelope taken out of <see cref="Outbox"/> was (the relay refused it for good), for the
+    /// ones not yet reported as <see cref="MessageDropped"/> by a listener.
+    /// </summary>
+    public List<string> Dropped { get; set; } = [];
 }
 
 [JsonSourceGenerationOptions(WriteIndented = true, PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase)]
