@@ -194,6 +194,9 @@ public static class ClientCommands
                         case OutboxStalled o:
                             Console.Error.WriteLine($"relay: {o.Waiting} message(s) to {Printable(o.Contact)} wait and will be sent again: {o.Reason}");
                             break;
+                        case MessageDropped d:
+                            Console.Error.WriteLine($"relay: a message to {Printable(d.Contact)} was dropped, never sent: {d.Reason}");
+                            break;
                     }
                     if (once && gotMessage)
                     {
