@@ -78,9 +78,9 @@ public sealed class RelayServerOptions
     /// <summary>
     /// Key agreements per second and source once <see cref="KeyAgreementBurst"/> is spent; 0: no limit.
     /// The first use of a queue key on a connection (SUB, GET, SEND, ACK, … naming it), real or for a
-    /// queue that does not exist, costs the relay an X25519 agreement (about 50 µs of CPU); beyond the
-    /// burst the source's connections wait before their next request is read (never an error, never
-    /// a different answer). 200 a second is 1 % of a core per source, and a person's client makes one
+    /// queue that does not exist, costs the relay an X25519 agreement (about 50 µs of CPU), and a new
+    /// connection counts as one; beyond the burst the source's connections wait before their next
+    /// request is read, a new one before its handshake (never an error, never a different answer). 200 a second is 1 % of a core per source, and a person's client makes one
     /// per queue when it connects; without it one address naming random queue ids keeps cores busy.
     /// </summary>
     public double KeyAgreementRate { get; set; } = 200;

@@ -36,17 +36,18 @@ public class KeyAgreementLimitTests
         await using var relay = await TestRelay.StartAsync(o =>
         {
             o.ProxyProtocol = true;
-            o.KeyAgreementBurst = 3;
+            o.KeyAgreementBurst = 4;   // the connection's own, and 3 queue keys
             o.KeyAgreementRate = 1;
         });
         await using var fromA = new HeaderProxy(relay.Server.RelayEndPoint, HeaderProxy.V2("192.0.2.1"));
         await using var fromB = new HeaderProxy(relay.Server.RelayEndPoint, HeaderProxy.V2("192.0.2.2"));
+        // The bucket refills from the first agreement on: time counts from before A connects.
+        var watch = Stopwatch.StartNew();
         await using var a = await ConnectThroughAsync(relay, fromA);
         await using var b = await ConnectThroughAsync(relay, fromB);
 
-        // Source A pipelines 7 GETs naming queues that do not exist: 3 within the burst, then 4 beyond
-        // it at 1 a second. Every answer is AUTH, as without the budget.
-        var watch = Stopwatch.StartNew();
+        // Source A pipelines 7 GETs naming queues that do not exist: 3 within the burst (after its
+        // connection's own), then 4 beyond it at 1 a second. Every answer is AUTH, as without the budget.
         var flood = Enumerable.Range(0, 7).Select(_ => RefusalAsync(a.GetAsync(RandomQueue()))).ToArray();
         await flood[2];
         await Assert.That(flood[6].IsCompleted).IsFalse();
@@ -64,7 +65,8 @@ public class KeyAgreementLimitTests
         {
             await Assert.That(code).IsEqualTo(ErrorCode.Auth);
         }
-        // The 4th to 7th were each read a second after the one before (the 7th's own wait comes after its answer).
+        // 8 agreements (the connection and 7 keys) from a bucket of 4 refilling at 1 a second: the 7th
+        // GET is read 3 seconds after the connection at the earliest (its own wait comes after its answer).
         await Assert.That(watch.Elapsed).IsGreaterThanOrEqualTo(TimeSpan.FromSeconds(2.9));
         await Assert.That(await WaitsAsync(relay)).IsEqualTo(4);
         // The connection goes on.
@@ -77,7 +79,7 @@ public class KeyAgreementLimitTests
         await using var relay = await TestRelay.StartAsync(o =>
         {
             o.ProxyProtocol = true;
-            o.KeyAgreementBurst = 3;
+            o.KeyAgreementBurst = 4;   // the reader's connection, and 3 queue keys
             o.KeyAgreementRate = 2;
         });
         await using var owner = new HeaderProxy(relay.Server.RelayEndPoint, HeaderProxy.V2("192.0.2.10"));
@@ -106,6 +108,33 @@ public class KeyAgreementLimitTests
                 await Assert.That(await r.GetAsync(q)).IsNull();
             }
         }
+        await Assert.That(await WaitsAsync(relay)).IsEqualTo(2);
+    }
+
+    [Test]
+    public async Task A_source_that_reconnects_beyond_the_burst_waits_before_each_handshake_and_others_do_not()
+    {
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.ProxyProtocol = true;
+            o.KeyAgreementBurst = 2;
+            o.KeyAgreementRate = 1;
+        });
+        await using var fromA = new HeaderProxy(relay.Server.RelayEndPoint, HeaderProxy.V2("192.0.2.30"));
+        await using var fromB = new HeaderProxy(relay.Server.RelayEndPoint, HeaderProxy.V2("192.0.2.31"));
+        var watch = Stopwatch.StartNew();
+        for (int i = 0; i < 4; i++)
+        {
+            await using var c = await ConnectThroughAsync(relay, fromA);
+            await c.PingAsync();
+        }
+        // Two within the burst, then two more a second apart.
+        await Assert.That(watch.Elapsed).IsGreaterThanOrEqualTo(TimeSpan.FromSeconds(1.9));
+        await Assert.That(await WaitsAsync(relay)).IsEqualTo(2);
+
+        // Another source connects without waiting.
+        await using var b = await ConnectThroughAsync(relay, fromB);
+        await b.PingAsync();
         await Assert.That(await WaitsAsync(relay)).IsEqualTo(2);
     }
 

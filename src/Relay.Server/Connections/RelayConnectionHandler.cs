@@ -49,7 +49,21 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
             }
             try
             {
+                // A connection costs key agreements (TLS's, and the session key of HELLO's answer):
+                // it is charged to the source's budget like a queue key, and beyond it waits before
+                // its handshake, so a source that reconnects in a loop is slowed like one naming
+                // random queue ids.
+                var wait = context.Sources.KeyAgreement(source);
+                if (wait != TimeSpan.Zero)
+                {
+                    context.Metrics.KeyAgreementWait(wait);
+                    await Task.Delay(wait, context.Options.Clock, context.Stopping.Token);
+                }
                 await RunSessionAsync(connection, connection, source);
+            }
+            catch (OperationCanceledException) when (context.Stopping.IsCancellationRequested)
+            {
+                // Stopping while the connection waited for its source's budget: closed below.
             }
             finally
             {

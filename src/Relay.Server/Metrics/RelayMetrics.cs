@@ -107,7 +107,7 @@ public sealed class RelayMetrics
             "Relay connections served at once: --max-connections, or fewer when the open files limit leaves room for fewer.");
         _connectionsAccepted = f.CreateCounter("relay_connections_accepted_total", "Relay connections accepted.");
         _connectionsRejected = f.CreateCounter("relay_connections_rejected_total", "Relay connections closed at once by a limit.", "reason");
-        _keyAgreementWaits = f.CreateCounter("relay_key_agreement_waits_total", "Times a connection waited before reading its next request because its source made more key agreements than --key-agreement-burst and --key-agreement-rate allow.");
+        _keyAgreementWaits = f.CreateCounter("relay_key_agreement_waits_total", "Times a connection waited (before its handshake, or before reading its next request) because its source made more key agreements than --key-agreement-burst and --key-agreement-rate allow.");
         _keyAgreementWaitSeconds = f.CreateCounter("relay_key_agreement_wait_seconds_total", "Time connections waited for their sources' key-agreement budget.");
         _handshakes = f.CreateCounter("relay_handshakes_total", "Handshakes by result: ok, or the reason of the failure.", "result");
         _commands = f.CreateCounter("relay_commands_total", "Commands by type and result (ok or the error code).", "command", "result");

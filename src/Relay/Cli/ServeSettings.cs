@@ -80,7 +80,7 @@ public sealed class ServeSettings
             (s, v, src) => s.Server.QueueCreationRate = ParseNumber(src, v, 0, 1_000_000)),
         new("queue-creation-burst", "N", "100", "queues one source may create at once before the rate applies",
             (s, v, src) => s.Server.QueueCreationBurst = (int)ParseNumber(src, v, 1, 1_000_000)),
-        new("key-agreement-rate", "N", "200", "key agreements (a queue key's first use on a connection, about 50 µs of CPU each) one source may make per second once its burst is spent; its connections wait beyond; 0: no limit",
+        new("key-agreement-rate", "N", "200", "key agreements (a queue key's first use on a connection, a new connection; about 50 µs of CPU each) one source may make per second once its burst is spent; its connections wait beyond; 0: no limit",
             (s, v, src) => s.Server.KeyAgreementRate = ParseNumber(src, v, 0, 1_000_000)),
         new("key-agreement-burst", "N", "4096", "key agreements one source may make at once before the rate applies",
             (s, v, src) => s.Server.KeyAgreementBurst = (int)ParseNumber(src, v, 1, 10_000_000)),
