@@ -58,10 +58,14 @@ public sealed record QueueDelivery(RelayAddress Relay, RecipientQueue Queue, Del
 /// when lost, with every subscription renewed, and kept alive with PINGs. Deliveries of all
 /// subscribed queues of all relays arrive on one stream. Of an address with several hosts the first
 /// is dialled, and after a failed attempt the next, in turn. A relay that does not present the identity
-/// of its address (<see cref="FingerprintMismatchException"/>: a hostile network on the way) is never
-/// used: <see cref="ConnectAsync"/>, <see cref="RunAsync{T}"/> and <see cref="SubscribeAsync"/> throw
-/// that at once, while the connection that brings the deliveries goes on trying with back-off, so the
-/// subscriptions come back when the way to the real relay does.
+/// of its address (<see cref="FingerprintMismatchException"/>: a relay replaced, or a hostile network on
+/// the way) is never used: <see cref="ConnectAsync"/>, <see cref="RunAsync{T}"/> and
+/// <see cref="SubscribeAsync"/> throw that at once, while the connection that brings the deliveries
+/// goes on trying with back-off, so the subscriptions come back when the way to the real relay does.
+/// Every failed attempt to connect, whoever made it (an app's call or the reconnection that brings
+/// the deliveries), is reported through <see cref="ConnectionFailed"/>, and every connection made
+/// through <see cref="ConnectionMade"/>: an app that only reads <see cref="DeliveriesAsync"/> learns
+/// from them that a relay cannot be reached, or is not the one its address names.
 /// </summary>
 public sealed class RelayClient : IAsyncDisposable
 {
@@ -192,6 +196,38 @@ public sealed class RelayClient : IAsyncDisposable
 
     private void OnDeliveryRejected(RelayAddress relay, RecipientQueue queue, string reason) =>
         Raise(() => DeliveryRejected?.Invoke(relay, queue, reason));
+
+    /// <summary>
+    /// Raised on every failed attempt to connect to a relay, whoever made it: a call of the app's
+    /// (<see cref="ConnectAsync"/>, <see cref="RunAsync{T}"/>, <see cref="SubscribeAsync"/>) or the
+    /// reconnection that brings a relay's deliveries, which goes on with back-off after it. The exception
+    /// says why: a <see cref="FingerprintMismatchException"/> (the server at the address is not the relay
+    /// it names: the relay was replaced, or someone on the way answers for it; nothing is sent to it),
+    /// another <see cref="RelayConnectException"/> (network, proxy, TLS, a timeout, a relay that does not
+    /// answer the renewed subscriptions), or a <see cref="RelayErrorException"/> (the relay refused the
+    /// handshake). A call the app cancels is not a failure. With <see cref="ConnectionMade"/> it tells an
+    /// app whether each relay is reachable ("offline" after this, "online" after that). Runs on the
+    /// connecting task, before the attempt's caller hears of it: keep it short, and do not wait there for
+    /// this client.
+    /// </summary>
+    public event Action<RelayAddress, Exception>? ConnectionFailed;
+
+    private void OnConnectionFailed(RelayAddress relay, Exception failure) =>
+        Raise(() => ConnectionFailed?.Invoke(relay, failure));
+
+    /// <summary>
+    /// Raised when a connection to a relay is made (the first, and each one that replaces a connection
+    /// lost), once the subscriptions of that relay are renewed on it. Runs on the connecting task: keep
+    /// it short, and do not wait there for this client.
+    /// </summary>
+    public event Action<RelayAddress>? ConnectionMade;
+
+    private void OnConnectionMade(RelayAddress relay) =>
+        Raise(() => ConnectionMade?.Invoke(relay));
+
+    /// <summary>Whether <paramref name="recipientId"/> is among the subscriptions kept for <paramref name="relay"/>.</summary>
+    internal bool IsSubscribed(RelayAddress relay, byte[] recipientId) =>
+        _links.TryGetValue(relay.ToString(), out var link) && link.Subscriptions.ContainsKey(recipientId);
 
     /// <summary>
     /// Every delivery of every subscribed queue, in arrival order per queue. One reader at a time
@@ -392,10 +428,12 @@ public sealed class RelayClient : IAsyncDisposable
                         }
                         _backoff.Connected();
                         _keepAlive ??= KeepAliveAsync();
+                        owner.OnConnectionMade(relay);
                         return connection;
                     }
                     catch (RelayConnectException ex)
                     {
+                        owner.OnConnectionFailed(relay, ex);
                         // The next attempt goes to the address's next host (a clearnet name and an
                         // .onion name of one relay: the way to one may be blocked or down).
                         _host = (_host + 1) % relay.Hosts.Count;
@@ -415,6 +453,13 @@ public sealed class RelayClient : IAsyncDisposable
                             throw;
                         }
                         await Task.Delay(_backoff.Failed(), linked.Token).ConfigureAwait(false);
+                    }
+                    catch (Exception ex) when (ex is not OperationCanceledException)
+                    {
+                        // Not retried here (the relay refused the handshake: RelayErrorException): the
+                        // caller is told, and the delivery pump tries again later.
+                        owner.OnConnectionFailed(relay, ex);
+                        throw;
                     }
                 }
             }

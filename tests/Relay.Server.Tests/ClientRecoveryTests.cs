@@ -182,6 +182,99 @@ public class ClientRecoveryTests
         await Assert.That(Text(deliveries.Current.Delivery)).IsEqualTo("after");
     }
 
+    /// <summary>
+    /// An app that makes no call of its own (it only reads the deliveries of its subscriptions) is told
+    /// of each failed attempt of the client's reconnections: here the server at the relay's address is
+    /// another relay, whose identity is not the address's.
+    /// </summary>
+    [Test]
+    public async Task A_subscriber_that_makes_no_call_is_told_of_each_failed_connection_to_a_relay_that_is_not_the_one_its_address_names()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var impostor = await TestRelay.StartAsync();
+        await using var path = SwitchingProxy.Start(relay.Server.RelayEndPoint);
+        var address = relay.Address with { Hosts = ["127.0.0.1"], Port = path.Port };
+        await using var owner = await relay.ConnectAsync();
+        var queue = await owner.CreateQueueAsync();
+        await using var client = new RelayClient(new RelayClientOptions
+        {
+            ReconnectMin = TimeSpan.FromMilliseconds(50),
+            ReconnectMax = TimeSpan.FromMilliseconds(500),
+        });
+        var failures = System.Threading.Channels.Channel.CreateUnbounded<(RelayAddress Relay, Exception Failure)>();
+        int made = 0;
+        client.ConnectionFailed += (r, ex) => failures.Writer.TryWrite((r, ex));
+        client.ConnectionMade += _ => Interlocked.Increment(ref made);
+        await client.SubscribeAsync(address, queue);
+        await Assert.That(Volatile.Read(ref made)).IsEqualTo(1);
+
+        // The relay is replaced at its address (or a network on the way answers for it).
+        path.Target = impostor.Server.RelayEndPoint;
+        path.DropAll();
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        for (int i = 0; i < 3; i++)
+        {
+            var (failedRelay, failure) = await failures.Reader.ReadAsync(cts.Token);
+            await Assert.That(failedRelay.ToString()).IsEqualTo(address.ToString());
+            await Assert.That(failure).IsTypeOf<FingerprintMismatchException>();
+        }
+        await Assert.That(Volatile.Read(ref made)).IsEqualTo(1);
+
+        // The real relay answers again: the connection is made and the deliveries come.
+        path.Target = relay.Server.RelayEndPoint;
+        await owner.SendAsync(new SenderQueue(queue.SenderId, null), "after"u8.ToArray());
+        await using var deliveries = client.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
+        await Assert.That(await deliveries.MoveNextAsync()).IsTrue();
+        await Assert.That(Text(deliveries.Current.Delivery)).IsEqualTo("after");
+        await Assert.That(Volatile.Read(ref made)).IsEqualTo(2);
+    }
+
+    /// <summary>
+    /// While a subscriber's relay is down, each reconnection attempt that fails is reported with its
+    /// cause; when the relay is back, the connection is reported made and the deliveries resume.
+    /// </summary>
+    [Test]
+    public async Task A_subscriber_is_told_of_each_failed_connection_while_its_relay_is_down_and_its_deliveries_resume_when_it_is_back()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        var queue = await CreateQueueAsync(relay);
+        await using var client = new RelayClient(new RelayClientOptions
+        {
+            ReconnectMin = TimeSpan.FromMilliseconds(50),
+            ReconnectMax = TimeSpan.FromMilliseconds(500),
+        });
+        var failures = new ConcurrentQueue<(RelayAddress Relay, Exception Failure)>();
+        int made = 0;
+        client.ConnectionFailed += (r, ex) => failures.Enqueue((r, ex));
+        client.ConnectionMade += _ => Interlocked.Increment(ref made);
+        await client.SubscribeAsync(relay.Address, queue);
+
+        await relay.RestartAsync(async () =>
+        {
+            await Assert.That(await OperationsMetrics.EventuallyAsync(() => Task.FromResult(failures.Count >= 3), seconds: 10)).IsTrue();
+        });
+        foreach (var (failedRelay, failure) in failures)
+        {
+            await Assert.That(failedRelay.ToString()).IsEqualTo(relay.Address.ToString());
+            await Assert.That(failure is RelayConnectException and not FingerprintMismatchException).IsTrue();
+            await Assert.That(failure.Message).Contains("cannot connect to");
+        }
+
+        await using var sender = await relay.ConnectAsync();
+        await sender.SendAsync(new SenderQueue(queue.SenderId, null), "back"u8.ToArray());
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        await using var deliveries = client.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
+        await Assert.That(await deliveries.MoveNextAsync()).IsTrue();
+        await Assert.That(Text(deliveries.Current.Delivery)).IsEqualTo("back");
+        await Assert.That(Volatile.Read(ref made)).IsEqualTo(2);
+    }
+
+    private static async Task<RecipientQueue> CreateQueueAsync(TestRelay relay)
+    {
+        await using var owner = await relay.ConnectAsync();
+        return await owner.CreateQueueAsync();
+    }
+
     [Test]
     public async Task RunAsync_retries_a_request_made_while_its_connection_is_closing()
     {
@@ -341,7 +434,7 @@ public class ClientRecoveryTests
     }
 
     /// <summary>Forwards TCP both ways to a target that can change; a connection goes to the target of when it was accepted.</summary>
-    private sealed class SwitchingProxy : IAsyncDisposable
+    internal sealed class SwitchingProxy : IAsyncDisposable
     {
         private readonly TcpListener _listener = new(IPAddress.Loopback, 0);
         private readonly CancellationTokenSource _stop = new();
