@@ -29,8 +29,9 @@ public class ConversationTests
                 {
                     await foreach (var e in messenger.ListenAsync(_stop.Token)) _events.Writer.TryWrite(e);
                 }
-                catch (OperationCanceledException) { }
-                finally { _events.Writer.TryComplete(); }
+                catch (OperationCanceledException) { _events.Writer.TryComplete(); }
+                // What ended listening reaches the test's next read.
+                catch (Exception ex) { _events.Writer.TryComplete(ex); }
             });
         }
 
@@ -193,6 +194,41 @@ public class ConversationTests
             await bob.SendAsync("alice", "still here");
             await Assert.That((await aliceListener.NextAsync<MessageReceived>()).Text).IsEqualTo("still here");
         }
+    }
+
+    /// <summary>
+    /// While the server at a contact's relay address is another relay (the relay replaced, or someone
+    /// on the way answering for it), the listener says so for that contact, once rather than at every
+    /// attempt, and says when it receives from the contact again.
+    /// </summary>
+    [Test]
+    public async Task A_listener_is_told_when_a_contacts_relay_is_not_the_one_its_address_names_and_when_it_is_back()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var impostor = await TestRelay.StartAsync();
+        await using var path = ClientRecoveryTests.SwitchingProxy.Start(relay.Server.RelayEndPoint);
+        var address = relay.Address with { Hosts = ["127.0.0.1"], Port = path.Port };
+        await using var alice = new Messenger(new MemoryProfileStore(), Fast);
+        await using var bob = new Messenger(new MemoryProfileStore(), Fast);
+        var (link, _) = await alice.InviteAsync(address, "bob");
+        await bob.JoinAsync(link, ownRelay: relay.Address, name: "alice");
+        await using var listener = new Listener(alice);
+        await listener.NextAsync<ContactJoined>();
+
+        path.Target = impostor.Server.RelayEndPoint;
+        path.DropAll();
+        var unavailable = await listener.NextAsync<ContactUnavailable>();
+        await Assert.That(unavailable.Contact).IsEqualTo("bob");
+        await Assert.That(unavailable.Reason).Contains("not the relay it names");
+        await Assert.That(unavailable.Reason).Contains(relay.Address.Fingerprint);
+        await Assert.That(await OperationsMetrics.EventuallyAsync(() => Task.FromResult(path.ConnectionsTo(impostor.Server.RelayEndPoint) >= 3), seconds: 10)).IsTrue();
+        await listener.DrainAsync();
+        await Assert.That(listener.Seen.OfType<ContactUnavailable>().Count()).IsEqualTo(1);
+
+        path.Target = relay.Server.RelayEndPoint;
+        await Assert.That((await listener.NextAsync<ContactAvailable>()).Contact).IsEqualTo("bob");
+        await bob.SendAsync("alice", "after");
+        await Assert.That((await listener.NextAsync<MessageReceived>()).Text).IsEqualTo("after");
     }
 
     [Test]

@@ -25,11 +25,21 @@ public sealed record MessageRejected(string Contact, EnvelopeError Error, string
 public sealed record MessagesMissing(string Contact, ulong Count) : ConversationEvent(Contact);
 
 /// <summary>
-/// A contact's queue cannot be received from (its relay refused the SUB: the queue was deleted, say;
-/// or the relay could not be reached within <see cref="RelayClientOptions.RetryFor"/>); the other
-/// contacts go on.
+/// A contact's queue cannot be received from: its relay refused the SUB (the queue was deleted, say),
+/// another device took it, or a connection to its relay failed: the relay cannot be reached, or the
+/// server at its address is not the relay the address names (a <see cref="FingerprintMismatchException"/>:
+/// the relay was replaced, or someone on the way answers for it; the reason says so). A failed
+/// connection is reported for each contact subscribed on that relay, again only when the kind of
+/// failure changes; the listener goes on trying, and once a connection is made the contacts are
+/// reported as <see cref="ContactAvailable"/>. The other contacts go on.
 /// </summary>
 public sealed record ContactUnavailable(string Contact, string Reason) : ConversationEvent(Contact);
+
+/// <summary>
+/// A contact reported <see cref="ContactUnavailable"/> because a connection to its relay failed is
+/// received from again: a connection to the relay was made and the contact's queue subscribed on it.
+/// </summary>
+public sealed record ContactAvailable(string Contact) : ConversationEvent(Contact);
 
 /// <summary>
 /// Messages to a contact wait in the profile's outbox: the contact's relay refused the oldest (its
@@ -428,7 +438,9 @@ public sealed class Messenger : IAsyncDisposable
     /// Subscribes to every contact's queue, sends what waits in their outboxes (and, while it runs, what
     /// a <see cref="SendAsync"/> could not send: the relay was down, say), and yields what arrives:
     /// joins, messages (each once; a redelivery is absorbed), refusals, contacts that cannot be received
-    /// from, outboxes whose relay refuses them for now, and messages dropped because their relay refuses
+    /// from (<see cref="ContactUnavailable"/>: their relay refused or ended the subscription, cannot be
+    /// reached, or is not the relay its address names) and, after a failed connection, can again
+    /// (<see cref="ContactAvailable"/>), outboxes whose relay refuses them for now, and messages dropped because their relay refuses
     /// them for good (<see cref="MessageDropped"/>). Contacts are independent: each
     /// one's subscription and outbox go on concurrently, so a relay that is down or refuses a
     /// contact's messages (QUOTA) holds up only the contacts whose queues are on it.
@@ -463,12 +475,42 @@ public sealed class Messenger : IAsyncDisposable
             var contact = _store.Load().Contacts.FirstOrDefault(c => c.RecipientId.AsSpan().SequenceEqual(queue.RecipientId));
             if (contact != null) notices.Writer.TryWrite(new ContactUnavailable(contact.Name, reason));
         }
+        // A failed connection to a relay is reported for the contacts subscribed on it, again only when
+        // the kind of failure changes (not at every attempt of the back-off); a connection made after
+        // one reports them available. By relay address: the kind of failure reported last.
+        var unreachable = new Dictionary<string, Type>();
+        void ConnectionFailed(RelayAddress relay, Exception failure)
+        {
+            string reason = failure is FingerprintMismatchException
+                ? $"the server at this contact's relay address is not the relay it names ({failure.Message}): the relay was replaced, or someone on the way answers for it; listening goes on trying"
+                : $"this contact's relay cannot be reached ({failure.Message}); listening goes on trying";
+            lock (unreachable)
+            {
+                if (unreachable.TryGetValue(relay.ToString(), out var last) && last == failure.GetType()) return;
+                unreachable[relay.ToString()] = failure.GetType();
+                foreach (var contact in ReceivingFrom(relay)) notices.Writer.TryWrite(new ContactUnavailable(contact.Name, reason));
+            }
+        }
+        void ConnectionMade(RelayAddress relay)
+        {
+            lock (unreachable)
+            {
+                if (!unreachable.Remove(relay.ToString())) return;
+                foreach (var contact in ReceivingFrom(relay)) notices.Writer.TryWrite(new ContactAvailable(contact.Name));
+            }
+        }
+        // The contacts whose queue on the relay is subscribed (not refused, ended or rejected).
+        IEnumerable<ContactData> ReceivingFrom(RelayAddress relay) =>
+            _store.Load().Contacts.Where(c => RelayAddress.TryParse(c.ReceiveRelay, out var r, out _)
+                && r.ToString() == relay.ToString() && _client.IsSubscribed(relay, c.RecipientId));
         // The only reader of the client's deliveries meanwhile (a second listener throws here).
         _client.BeginReadingDeliveries();
         Volatile.Write(ref _listening, 1);
         _client.SubscriptionEnded += Ended;
         _client.SubscriptionRefused += Refused;
         _client.DeliveryRejected += Rejected;
+        _client.ConnectionFailed += ConnectionFailed;
+        _client.ConnectionMade += ConnectionMade;
         using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
         // Each contact's outbox is sent by a task of its own, started when it first has work: what
         // waits at the start, and whatever a SendAsync (or a join) meanwhile leaves unsent or drops.
@@ -582,6 +624,8 @@ public sealed class Messenger : IAsyncDisposable
             _client.SubscriptionEnded -= Ended;
             _client.SubscriptionRefused -= Refused;
             _client.DeliveryRejected -= Rejected;
+            _client.ConnectionFailed -= ConnectionFailed;
+            _client.ConnectionMade -= ConnectionMade;
             // The waits hold registrations on the token and waiters on the channels: end them. ACKs
             // not sent yet (waiting for a connection) are given up: their messages come again later
             // and are absorbed.
@@ -623,11 +667,11 @@ public sealed class Messenger : IAsyncDisposable
         {
             events.TryWrite(new ContactUnavailable(contact.Name, ex.Message));
         }
-        catch (RelayConnectException ex) when (!cancellationToken.IsCancellationRequested)
+        catch (RelayConnectException) when (!cancellationToken.IsCancellationRequested)
         {
-            // Given up after RetryFor (or the relay is not the one its address names). The queue stays
+            // Given up after RetryFor (or the relay is not the one its address names): reported when the
+            // attempt failed (RelayClient.ConnectionFailed, watched by ListenAsync). The queue stays
             // subscribed unless the relay refuses it: its messages come if the relay is reached later.
-            events.TryWrite(new ContactUnavailable(contact.Name, ex.Message));
         }
     }
 
@@ -773,6 +817,12 @@ public sealed class Messenger : IAsyncDisposable
             // INTERNAL: the relay could not write it and delivers the message again (PROTOCOL.md §6).
             // AUTH: the queue is gone or another device took it (reported as ContactUnavailable).
             // The state is saved either way: a message still stored comes again and is absorbed.
+        }
+        catch (FingerprintMismatchException)
+        {
+            // The server at the relay's address is another one (reported as ContactUnavailable): not
+            // retried by RunAsync, and no reason to stop listening; the message comes again from the
+            // real relay and is absorbed, as after a lost ACK.
         }
     }
 

@@ -191,6 +191,9 @@ public static class ClientCommands
                         case ContactUnavailable u:
                             Console.Error.WriteLine($"relay: cannot receive from {Printable(u.Contact)}: {u.Reason}");
                             break;
+                        case ContactAvailable v:
+                            Console.Error.WriteLine($"relay: receiving from {Printable(v.Contact)} again");
+                            break;
                         case OutboxStalled o:
                             Console.Error.WriteLine($"relay: {o.Waiting} message(s) to {Printable(o.Contact)} wait and will be sent again: {o.Reason}");
                             break;
