@@ -595,7 +595,8 @@ public class ConversationTests
             await Assert.That(received.Text.Length).IsEqualTo(refused.MaxTextBytes);
             await Assert.That(received.Counter).IsEqualTo(before.SendCounter);
 
-            // Another process of Bob's profile refuses it before it connects anywhere.
+            // Another process of Bob's profile refuses it too: the limit saved in the profile, which
+            // the relay confirms.
             await using (var bobAgain = new Messenger(bobStore, Fast))
             {
                 await Assert.ThrowsAsync<MessageTooLargeException>(() => bobAgain.SendAsync("alice", LargeText));
@@ -606,6 +607,48 @@ public class ConversationTests
             await listener.DrainAsync();
             await Assert.That(listener.Seen.OfType<MessagesMissing>()).IsEmpty();
             await Assert.That(listener.Seen.OfType<MessageRejected>()).IsEmpty();
+        }
+    }
+
+    /// <summary>
+    /// A profile that saved a relay's limit does not refuse a message over it on that alone: the limit
+    /// may have been raised since, so the relay is asked first; only when it cannot be reached does the
+    /// saved limit decide.
+    /// </summary>
+    [Test]
+    public async Task A_message_over_the_limit_saved_in_the_profile_goes_out_when_the_relay_has_raised_it_since()
+    {
+        int maxMessage = 1000;
+        await using var relay = await TestRelay.StartAsync(o => o.MaxMessage = maxMessage);
+        var (alice, bob, _, bobStore) = await ConnectedPairAsync(relay);
+        await using (alice)
+        await using (bob)
+        {
+            await using var listener = new Listener(alice);
+            await listener.NextAsync<ContactJoined>();
+            await Assert.That(bobStore.Load().Find("alice")!.SendMaxMessage).IsEqualTo(1000);
+
+            await relay.RestartAsync(async () =>
+            {
+                // Its operator raises the limit. While the relay is down, the saved limit decides.
+                maxMessage = ProtocolConstants.DefaultMaxMessage;
+                await using var offline = new Messenger(bobStore, new RelayClientOptions
+                {
+                    ConnectTimeout = TimeSpan.FromSeconds(1),
+                    ReconnectMin = TimeSpan.FromMilliseconds(50),
+                    ReconnectMax = TimeSpan.FromMilliseconds(500),
+                });
+                var refused = await Assert.ThrowsAsync<MessageTooLargeException>(() => offline.SendAsync("alice", LargeText));
+                await Assert.That(refused!.MaxMessage).IsEqualTo(1000);
+                await Assert.That(refused.Sealed).IsFalse();
+            });
+
+            // Another process of Bob's profile, which has not connected to the relay yet, asks it first.
+            await using var bobAgain = new Messenger(bobStore, Fast);
+            await bobAgain.SendAsync("alice", LargeText);
+            await Assert.That((await listener.NextAsync<MessageReceived>()).Text).IsEqualTo(LargeText);
+            await Assert.That(bobStore.Load().Find("alice")!.SendMaxMessage).IsEqualTo(ProtocolConstants.DefaultMaxMessage);
+            await Assert.That(listener.Seen.OfType<MessagesMissing>()).IsEmpty();
         }
     }
 

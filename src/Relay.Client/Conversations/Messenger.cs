@@ -259,7 +259,10 @@ public sealed class Messenger : IAsyncDisposable
     /// <para>
     /// A message whose envelope is larger than the contact's relay takes (its maximum message size,
     /// announced when a connection is made, and kept in the profile) is refused before anything is
-    /// sealed or saved: <see cref="MessageTooLargeException"/>. When that limit is not known (no
+    /// sealed or saved: <see cref="MessageTooLargeException"/>. When the limit known is only the one
+    /// saved in the profile (no connection to that relay in this process yet), the relay is asked first,
+    /// as its operator may have raised it since; the saved limit decides when the relay cannot be reached
+    /// within <see cref="RelayClientOptions.ConnectTimeout"/>. When that limit is not known (no
     /// connection to that relay has told it to this profile yet), the message is sealed and sent; a relay that refuses it as too large gets the same exception, with
     /// <see cref="MessageTooLargeException.Sealed"/> set: it is dropped, and the contact sees one
     /// message missing.
@@ -282,6 +285,7 @@ public sealed class Messenger : IAsyncDisposable
             throw new ArgumentException($"message too long: at most {E2eCrypto.MaxContent(E2eCrypto.KindMessage) - 1} bytes of UTF-8");
         }
         int size = E2eCrypto.PaddedSizeFor(content.Length, E2eCrypto.MessageHeaderSize);
+        await LearnMaxMessageAsync(contactName, size, cancellationToken).ConfigureAwait(false);
         // The contact's outbox is this call's from the sealing to the end of the sending: no other
         // flush (a listener's) sends this envelope meanwhile, so a refusal of it is this call's to report.
         var gate = Gate(contactName);
@@ -427,6 +431,40 @@ public sealed class Messenger : IAsyncDisposable
 
     /// <summary>The largest message the relay announced on the last connection this messenger used to it (null: none yet).</summary>
     private int? LearnedMaxMessage(RelayAddress relay) => _maxMessage.TryGetValue(relay.ToString(), out int max) ? max : null;
+
+    /// <summary>
+    /// When the only limit known for the contact's relay is the one saved in the profile and it is below
+    /// <paramref name="size"/>, asks the relay (a PING, which learns the limit its connection announced):
+    /// its operator may have raised the limit since. A relay that cannot be reached within
+    /// <see cref="RelayClientOptions.ConnectTimeout"/> (or <see cref="RelayClientOptions.RetryFor"/>)
+    /// leaves the decision to the saved limit.
+    /// </summary>
+    private async Task LearnMaxMessageAsync(string contactName, int size, CancellationToken cancellationToken)
+    {
+        if (_store.Load().Find(contactName) is not { SendRelay: { } sendRelay, SendMaxMessage: { } saved } || size <= saved
+            || !RelayAddress.TryParse(sendRelay, out var relay, out _) || LearnedMaxMessage(relay) is not null)
+        {
+            return;
+        }
+        using var bounded = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        bounded.CancelAfter(_client.Options.ConnectTimeout);
+        try
+        {
+            await RunAsync(relay, c => c.PingAsync(bounded.Token), bounded.Token).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
+        {
+            // Not reached in time: the saved limit decides.
+        }
+        catch (RelayConnectException)
+        {
+            // Given up, or another relay answers at its address: the saved limit decides.
+        }
+        catch (RelayErrorException)
+        {
+            // The PING was refused; the limit, if a connection was made, is learned all the same.
+        }
+    }
 
     /// <summary>The largest message the contact's relay takes, as far as is known: from this process's connection, else from the profile.</summary>
     private int? KnownMaxMessage(ContactData contact) =>
