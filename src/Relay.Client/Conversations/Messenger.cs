@@ -32,6 +32,14 @@ public sealed record MessagesMissing(string Contact, ulong Count) : Conversation
 /// connection is reported for each contact subscribed on that relay, again only when the kind of
 /// failure changes; the listener goes on trying, and once a connection is made the contacts are
 /// reported as <see cref="ContactAvailable"/>. The other contacts go on.
+/// <para>
+/// Also reported for a contact whose JOIN arrived while the joiner's queue cannot be secured on the
+/// joiner's relay (SKEY): that relay cannot be reached, is not the relay its address names, or refuses
+/// for now (INTERNAL, FULL, LIMIT); the reason names the relay. Again only when the kind of failure
+/// changes: the listener tries again with back-off, the JOIN (and what the contact sent behind it)
+/// waiting unacknowledged and unsaved, and once the relay takes the SKEY the contact is reported as
+/// <see cref="ContactJoined"/>, with no call of the app's.
+/// </para>
 /// </summary>
 public sealed record ContactUnavailable(string Contact, string Reason) : ConversationEvent(Contact);
 
@@ -66,7 +74,7 @@ public sealed record MessageDropped(string Contact, string Reason) : Conversatio
 /// acknowledged only after the app has handled it (so an app that fails or a crash gets it again, and
 /// the counters absorb a message handled already).
 /// </summary>
-public sealed class Messenger : IAsyncDisposable
+public sealed partial class Messenger : IAsyncDisposable
 {
     private const byte ContentText = 1;
     private readonly IProfileStore _store;
@@ -481,7 +489,12 @@ public sealed class Messenger : IAsyncDisposable
     /// (<see cref="ContactAvailable"/>), outboxes whose relay refuses them for now, and messages dropped because their relay refuses
     /// them for good (<see cref="MessageDropped"/>). Contacts are independent: each
     /// one's subscription and outbox go on concurrently, so a relay that is down or refuses a
-    /// contact's messages (QUOTA) holds up only the contacts whose queues are on it.
+    /// contact's messages (QUOTA) holds up only the contacts whose queues are on it. So does the
+    /// securing of a joiner's queue when its JOIN arrives: while the joiner's relay cannot take it
+    /// (down, another server at its address, INTERNAL, …) the contact is reported as
+    /// <see cref="ContactUnavailable"/> and the JOIN, with what the contact sent behind it, waits
+    /// unacknowledged and unsaved (for the next listener too) while the other contacts go on; it is
+    /// tried again with back-off and handled, followed by what waited behind it, once the relay takes it.
     /// <para>
     /// At least once: a delivery's events are yielded before anything is saved or acknowledged, and
     /// when the app asks for the event after them (the loop comes round again) the contact's new state
@@ -557,15 +570,19 @@ public sealed class Messenger : IAsyncDisposable
         // Deliveries are taken from the stream only when they are about to be handled: an app that
         // stops listening after an event leaves the next delivery there for the next listener.
         var deliveries = _client.Deliveries;
-        Task<bool>? nextDelivery = null, nextNotice = null;
+        Task<bool>? nextDelivery = null, nextNotice = null, nextSettled = null;
+        // Joins whose SKEY of the joiner's queue settled (SecureJoinAsync): their held deliveries are handled next.
+        var settled = Channel.CreateUnbounded<PendingJoin>();
         var acks = new List<Task>();
         // Each contact on its own: its subscription and its outbox go on concurrently with every other
         // contact's and with the deliveries, so a relay that is down, or one that refuses a contact's
         // envelopes, holds up only what goes through it. What they meet is reported between deliveries.
         var contactWork = new List<Task>();
-        // Saves a handled delivery's state, takes it from the stream and acknowledges it: once, when the
-        // app asks for the event after its last one (or calls Acknowledge).
-        void Commit(Handled handled)
+        // Secures a joiner's queue for a JOIN, on a task of its own, like the outboxes.
+        void Secure(PendingJoin join) => contactWork.Add(Watch(SecureJoinAsync(join, notices.Writer, settled.Writer, stop.Token)));
+        // Saves a handled delivery's state, takes it from the stream (or from the join that held it) and
+        // acknowledges it: once, when the app asks for the event after its last one (or calls Acknowledge).
+        void Commit(Handled handled, PendingJoin? heldBy)
         {
             if (handled.Committed) return;
             if (handled.Contact is { } name && handled.Save is { } save)
@@ -578,7 +595,15 @@ public sealed class Messenger : IAsyncDisposable
                 });
             }
             handled.Committed = true;
-            deliveries.TryRead(out _);
+            if (heldBy is null)
+            {
+                deliveries.TryRead(out _);
+            }
+            else
+            {
+                heldBy.Held.RemoveAt(0);
+                if (heldBy.Held.Count == 0 && _joins.GetValueOrDefault(heldBy.Request.Contact) == heldBy) _joins.Remove(heldBy.Request.Contact);
+            }
             // Acknowledged without waiting for the answer, so a backlog drains without a round trip
             // per message: ACKs leave in delivery order, and whatever becomes of one, the saved state
             // absorbs the message if it comes again.
@@ -610,8 +635,14 @@ public sealed class Messenger : IAsyncDisposable
                     senders.Wake(contact.Name);
                 }
             }
+            // Joins an earlier listener left pending: secured again (their deliveries are held still).
+            foreach (var join in _joins.Values)
+            {
+                if (!join.Settled) Secure(join);
+            }
             nextDelivery = deliveries.WaitToReadAsync(stop.Token).AsTask();
             nextNotice = notices.Reader.WaitToReadAsync(stop.Token).AsTask();
+            nextSettled = settled.Reader.WaitToReadAsync(stop.Token).AsTask();
             while (true)
             {
                 if (nextNotice.IsCompleted)
@@ -624,30 +655,73 @@ public sealed class Messenger : IAsyncDisposable
                     nextNotice = notices.Reader.WaitToReadAsync(stop.Token).AsTask();
                     continue;
                 }
-                if (!nextDelivery.IsCompleted)
+                if (nextSettled.IsCompleted)
                 {
-                    await Task.WhenAny(nextDelivery, nextNotice).ConfigureAwait(false);
+                    // Only a wake-up: the settled joins are found by SettledJoin.
+                    while (settled.Reader.TryRead(out _)) { }
+                    await nextSettled.ConfigureAwait(false);   // throws if cancelled
+                    nextSettled = settled.Reader.WaitToReadAsync(stop.Token).AsTask();
                     continue;
                 }
-                if (!await nextDelivery.ConfigureAwait(false)) break;   // the client was disposed
-                // A delivery leaves the stream once the app has handled its events (it asked for the
-                // next one) and the contact's new state is saved: if the app's handling or the save
-                // fails, it stays first, and the next listener handles it before the messages the
-                // relay pushed after it (with a delivery window several are waiting behind it).
-                if (deliveries.TryPeek(out var delivery))
+                // A delivery to handle: first those a join held, once its SKEY settled, in order; else the
+                // stream's first. A delivery leaves the stream (or the join) once the app has handled its
+                // events (it asked for the next one) and the contact's new state is saved: if the app's
+                // handling or the save fails, it stays first, and the next listener handles it before the
+                // messages the relay pushed after it (with a delivery window several are waiting behind it).
+                QueueDelivery delivery;
+                var heldBy = SettledJoin();
+                if (heldBy != null)
                 {
-                    var handled = await ProcessAsync(delivery, cancellationToken).ConfigureAwait(false);
-                    Volatile.Write(ref _acknowledge, () => Commit(handled));
-                    foreach (var e in handled.Events)
-                    {
-                        yield return e;
-                    }
-                    Volatile.Write(ref _acknowledge, null);
-                    Commit(handled);
-                    // After the events: the state behind them is saved whatever becomes of an ACK.
-                    await ObserveAcksAsync(acks).ConfigureAwait(false);
+                    delivery = heldBy.Held[0];
                 }
-                nextDelivery = deliveries.WaitToReadAsync(stop.Token).AsTask();
+                else
+                {
+                    if (!nextDelivery.IsCompleted)
+                    {
+                        await Task.WhenAny(nextDelivery, nextNotice, nextSettled).ConfigureAwait(false);
+                        continue;
+                    }
+                    if (!await nextDelivery.ConfigureAwait(false)) break;   // the client was disposed
+                    nextDelivery = deliveries.WaitToReadAsync(stop.Token).AsTask();
+                    if (!deliveries.TryPeek(out delivery!)) continue;
+                    if (HoldingQueue(delivery.Queue.RecipientId) is { } holding)
+                    {
+                        // Behind a JOIN whose SKEY is not settled (or whose held deliveries are not all
+                        // handled): held after it, unacknowledged, so no other contact waits for it.
+                        deliveries.TryRead(out _);
+                        holding.Hold(delivery);
+                        continue;
+                    }
+                }
+                var handled = Process(delivery);
+                if (handled.Join is { } request)
+                {
+                    if (heldBy is null)
+                    {
+                        deliveries.TryRead(out _);
+                        var join = new PendingJoin(request);
+                        join.Hold(delivery);
+                        _joins[request.Contact] = join;
+                        Secure(join);
+                    }
+                    else
+                    {
+                        // Another JOIN than the one settled (after one refused for good): secured in turn.
+                        heldBy.Request = request;
+                        heldBy.Unsettle();
+                        Secure(heldBy);
+                    }
+                    continue;
+                }
+                Volatile.Write(ref _acknowledge, () => Commit(handled, heldBy));
+                foreach (var e in handled.Events)
+                {
+                    yield return e;
+                }
+                Volatile.Write(ref _acknowledge, null);
+                Commit(handled, heldBy);
+                // After the events: the state behind them is saved whatever becomes of an ACK.
+                await ObserveAcksAsync(acks).ConfigureAwait(false);
             }
         }
         finally
@@ -668,7 +742,7 @@ public sealed class Messenger : IAsyncDisposable
             // not sent yet (waiting for a connection) are given up: their messages come again later
             // and are absorbed.
             stop.Cancel();
-            foreach (var wait in new[] { nextDelivery, nextNotice })
+            foreach (var wait in new[] { nextDelivery, nextNotice, nextSettled })
             {
                 try
                 {
@@ -892,6 +966,8 @@ public sealed class Messenger : IAsyncDisposable
     /// <summary>
     /// A delivery handled: the events to yield and the contact's new state, saved (by <see cref="Save"/>)
     /// only once the app has handled the events. A JOIN's state is saved before its event is yielded.
+    /// A JOIN whose SKEY of the joiner's queue is not settled yet is not handled: <see cref="Join"/>
+    /// says what to secure, and the delivery is held (see <see cref="PendingJoin"/>).
     /// </summary>
     private sealed class Handled(QueueDelivery delivery, List<ConversationEvent> events, string? contact = null, Action<ContactData>? save = null)
     {
@@ -899,10 +975,11 @@ public sealed class Messenger : IAsyncDisposable
         public List<ConversationEvent> Events { get; } = events;
         public string? Contact { get; } = contact;
         public Action<ContactData>? Save { get; } = save;
+        public JoinRequest? Join { get; init; }
         public bool Committed { get; set; }
     }
 
-    private async Task<Handled> ProcessAsync(QueueDelivery delivery, CancellationToken cancellationToken)
+    private Handled Process(QueueDelivery delivery)
     {
         var envelope = delivery.Delivery.Body;
         var rid = delivery.Queue.RecipientId;
@@ -942,21 +1019,25 @@ public sealed class Messenger : IAsyncDisposable
                 return new Handled(delivery, events);
             }
             var peerSenderId = content.AsSpan(2 + addressLength, 24).ToArray();
-            // Derived, not drawn: a JOIN processed again (the process stopped before saving) secures
-            // the queue with the same key, which SKEY accepts again (PROTOCOL.md §11.2).
-            var senderPrivate = JoinSenderKey(contact.OwnPrivate, peerSenderId);
-            try
+            byte[] joinHash = SHA256.HashData(envelope);
+            if (!_joins.TryGetValue(contact.Name, out var join) || !join.SettledFor(joinHash))
             {
-                await RunAsync(peerRelay, c => c.SecureAsync(peerSenderId, senderPrivate, cancellationToken), cancellationToken).ConfigureAwait(false);
+                // The joiner's queue is secured away from the deliveries' handling (SecureJoinAsync): its
+                // relay may be down, or refuse for now, which must hold up no other contact. The JOIN
+                // is held meanwhile, neither saved nor acknowledged, and handled here again once settled.
+                // The key is derived, not drawn: a JOIN processed again (the process stopped before
+                // saving) secures the queue with the same key, which SKEY accepts again (PROTOCOL.md §11.1).
+                var senderKey = JoinSenderKey(contact.OwnPrivate, peerSenderId);
+                return new Handled(delivery, events) { Join = new JoinRequest(contact.Name, peerRelay, peerSenderId, senderKey, joinHash) };
             }
-            catch (RelayErrorException ex) when (ex.Code == ErrorCode.Auth)
+            if (join.Refused is { } refused)
             {
                 // Secured with another key already (or no such queue): not this contact's JOIN to
-                // complete. Any other refusal (INTERNAL, FULL, LIMIT) passes: it throws, and the JOIN
-                // stays first in line for the next listener instead of being acknowledged away.
-                events.Add(new MessageRejected(contact.Name, EnvelopeError.Malformed, "the joiner's queue cannot be secured: " + ex.Message));
+                // complete. Any other refusal (INTERNAL, FULL, LIMIT) is tried again (SecureJoinAsync).
+                events.Add(new MessageRejected(contact.Name, EnvelopeError.Malformed, "the joiner's queue cannot be secured: " + refused));
                 return new Handled(delivery, events);
             }
+            var senderPrivate = join.Request.SenderPrivate;
             _store.Update(profile =>
             {
                 var c = profile.Find(contact.Name)!;
@@ -971,7 +1052,7 @@ public sealed class Messenger : IAsyncDisposable
                 c.SendCounter = 0;
                 c.ReceiveChain = j2i;
                 c.ReceiveCounter = expected;
-                c.LastAccepted = SHA256.HashData(envelope);
+                c.LastAccepted = joinHash;
                 return 0;
             });
             events.Add(new ContactJoined(contact.Name));
