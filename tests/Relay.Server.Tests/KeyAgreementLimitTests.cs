@@ -19,7 +19,7 @@ public class KeyAgreementLimitTests
         RandomNumberGenerator.GetBytes(ProtocolConstants.KeySize), RandomNumberGenerator.GetBytes(ProtocolConstants.KeySize));
 
     private static Task<RelayConnection> ConnectThroughAsync(TestRelay relay, HeaderProxy proxy) =>
-        RelayConnection.ConnectAsync(proxy.AddressOf(relay), new RelayConnectionOptions { ConnectTimeout = TimeSpan.FromSeconds(10) });
+        ProxyProtocolServerTests.ConnectThroughAsync(relay, proxy);
 
     private static async Task<double> WaitsAsync(TestRelay relay) =>
         OperationsMetrics.Value(await OperationsMetrics.ScrapeAsync(relay), "relay_key_agreement_waits_total");
@@ -170,11 +170,13 @@ public class KeyAgreementLimitTests
         {
             waits.Add(limiter.KeyAgreement(source));
         }
-        // Two within the burst; then each one more is a tenth of a second more debt.
-        await Assert.That(waits).IsEquivalentTo([TimeSpan.Zero, TimeSpan.Zero, TimeSpan.FromMilliseconds(100), TimeSpan.FromMilliseconds(200)]);
-        // Half the debt paid: the next waits for the rest and its own.
+        // Two within the burst; then each one more is a tenth of a second more debt, and a wait covers
+        // the debt and a tenth of a second of refill beyond it.
+        var refill = SourceLimiter.AgreementRefill;
+        await Assert.That(waits).IsEquivalentTo([TimeSpan.Zero, TimeSpan.Zero, TimeSpan.FromMilliseconds(100) + refill, TimeSpan.FromMilliseconds(200) + refill]);
+        // Half the debt paid: the next waits for the rest, its own, and the refill.
         clock.Advance(TimeSpan.FromMilliseconds(100));
-        await Assert.That(limiter.KeyAgreement(source)).IsEqualTo(TimeSpan.FromMilliseconds(200));
+        await Assert.That(limiter.KeyAgreement(source)).IsEqualTo(TimeSpan.FromMilliseconds(200) + refill);
 
         // Another source has its own bucket.
         await Assert.That(limiter.KeyAgreement(SourceKey.From(System.Net.IPAddress.Parse("198.51.100.8")))).IsEqualTo(TimeSpan.Zero);

@@ -471,7 +471,7 @@ public sealed class HeaderProxy : IAsyncDisposable
 /// </summary>
 public class ProxyProtocolServerTests
 {
-    private static async Task<Relay.Client.Transport.RelayConnection> ConnectThroughAsync(TestRelay relay, HeaderProxy proxy) =>
+    internal static async Task<Relay.Client.Transport.RelayConnection> ConnectThroughAsync(TestRelay relay, HeaderProxy proxy) =>
         await Relay.Client.Transport.RelayConnection.ConnectAsync(proxy.AddressOf(relay),
             new Relay.Client.Transport.RelayConnectionOptions { ConnectTimeout = TimeSpan.FromSeconds(10) });
 

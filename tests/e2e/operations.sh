@@ -4,7 +4,7 @@
 # configuration precedence, and packaging/monitoring (rules, scrape config, dashboard) against a
 # live /metrics.
 source "$(dirname "$0")/lib.sh"
-expect_checks 43
+expect_checks 47
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 MON=$ROOT/packaging/monitoring
@@ -192,5 +192,37 @@ ipv6_address() {
     return $ok
 }
 check "serve --listen [::1]:PORT logs relay://…@[::1]:PORT and relay ping reaches it" ipv6_address
+
+# A flood of refused commands (GETs naming random queue ids: each new id costs the relay a decoy key
+# agreement) from one source is slowed to that source's key-agreement budget: the relay's CPU stays a
+# small part of what the same flood takes from a relay without the budget (most of a core), and another
+# connection is answered throughout. Both relays are measured in this run: the comparison is a ratio.
+flood_run() {   # NAME EXTRA-ARGS…: leaves auth_flood.py's JSON line and the relay's waits counter in $E2E_TMP/NAME.flood
+    local name=$1 port admin addr; shift
+    port=$(free_port); admin=$(free_port)
+    echo '{} 0' >"$E2E_TMP/$name.flood"
+    start_relay "$name" "$E2E_TMP/data-$name" "$port" "$admin" "$@" || { cat "$E2E_TMP/$name.log"; return; }
+    addr=$("$RELAY" address --data "$E2E_TMP/data-$name" --host 127.0.0.1 --port "$port")
+    local out
+    out=$(python3 "$ROOT/bench/Relay.Benchmarks/scripts/auth_flood.py" "$addr" "$RELAY_PID" --flooders=2 --seconds=5 2>/dev/null | tail -1)
+    [ -n "$out" ] || out='{}'
+    echo "$out $(curl -fsS "http://127.0.0.1:$admin/metrics" | awk '/^relay_key_agreement_waits_total /{print $2}')" >"$E2E_TMP/$name.flood"
+    stop_relay "$RELAY_PID" TERM >/dev/null
+}
+flood_run flood --key-agreement-burst 200 --key-agreement-rate 100
+flood_run flood-open --key-agreement-rate 0
+BUDGET=$(cat "$E2E_TMP/flood.flood"); OPEN=$(cat "$E2E_TMP/flood-open.flood")
+echo "flood with the budget: $BUDGET"
+echo "flood without it:      $OPEN"
+field() { python3 -c "import json,sys; print(json.loads(sys.argv[1].rsplit(' ',1)[0]).get(sys.argv[2], 'nan'))" "$1" "$2" 2>/dev/null || echo nan; }
+check "a random-id flood from one source is held to its budget (at most 150 refused a second: 200 at once, then 100 a second)" \
+    python3 -c "import sys; v=float(sys.argv[1]); sys.exit(0 if 0 < v <= 150 else 1)" "$(field "$BUDGET" refused_per_second)"
+check "the relay spends less than a third of the CPU the same flood takes without the budget" \
+    python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a} vs {b} cores'); sys.exit(0 if 0 <= a < b / 3 else 1)" \
+    "$(field "$BUDGET" relay_cpu_cores)" "$(field "$OPEN" relay_cpu_cores)"
+check "another connection is answered throughout the flood (a PING every 10 ms)" \
+    python3 -c "import sys; v=float(sys.argv[1]); sys.exit(0 if v >= 100 else 1)" "$(field "$BUDGET" bystander_pings)"
+check "the waits are counted in relay_key_agreement_waits_total" \
+    python3 -c "import sys; v=float(sys.argv[1]); sys.exit(0 if v >= 1 else 1)" "${BUDGET##* }"
 
 finish

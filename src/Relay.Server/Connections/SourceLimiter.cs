@@ -85,6 +85,9 @@ internal sealed class SourceLimiter(int maxConnectionsPerSource, double creation
 
     private static readonly TimeSpan PruneInterval = TimeSpan.FromMinutes(1);
 
+    /// <summary>What a connection waits beyond its source's debt of key agreements: a tenth of a second of refill.</summary>
+    public static readonly TimeSpan AgreementRefill = TimeSpan.FromMilliseconds(100);
+
     private readonly Lock _lock = new();
     private readonly Dictionary<SourceKey, Entry> _entries = new();
     private readonly double _tokensPerTick = creationsPerMinute / 60.0 / clock.TimestampFrequency;
@@ -165,9 +168,12 @@ internal sealed class SourceLimiter(int maxConnectionsPerSource, double creation
     /// <summary>
     /// Counts one key agreement made for <paramref name="source"/>. Returns how long its connection
     /// waits before it reads another request: zero while the source's bucket holds a token, else the
-    /// time the bucket takes to refill what was taken beyond it. The agreement is made either way
-    /// (the answer does not depend on the bucket), so what a client learns from its answers never
-    /// depends on the limit; only how fast a source gets them does.
+    /// time the bucket takes to refill what was taken beyond it and <see cref="AgreementRefill"/> more,
+    /// so that a source held to the rate is woken about ten times a second, not once per agreement
+    /// (a wake-up of a waiting connection cost the relay about 0.4 ms of CPU, several agreements'
+    /// worth: docs/PERFORMANCE.md, twenty-sixth round).
+    /// The agreement is made either way (the answer does not depend on the bucket), so what a client
+    /// learns from its answers never depends on the limit; only how fast a source gets them does.
     /// </summary>
     public TimeSpan KeyAgreement(SourceKey source)
     {
@@ -181,7 +187,7 @@ internal sealed class SourceLimiter(int maxConnectionsPerSource, double creation
             var entry = GetOrAdd(source, now);
             double left = RefillAgreements(entry, now) - 1;
             entry.Agreements = left;
-            return left >= 0 ? TimeSpan.Zero : TimeSpan.FromSeconds(-left / agreementsPerSecond);
+            return left >= 0 ? TimeSpan.Zero : TimeSpan.FromSeconds(-left / agreementsPerSecond) + AgreementRefill;
         }
     }
 
