@@ -110,6 +110,9 @@ public sealed class RelayClient : IAsyncDisposable
     public Task RunAsync(RelayAddress relay, Func<RelayConnection, Task> operation, CancellationToken cancellationToken = default) =>
         RunAsync(relay, async c => { await operation(c).ConfigureAwait(false); return true; }, cancellationToken);
 
+    /// <summary>Forgets a connection of <see cref="ConnectAsync"/> found lost (its Failure set), if it is still the current one, so the next call connects anew.</summary>
+    internal void Drop(RelayAddress relay, RelayConnection connection) => Link(relay).Drop(connection);
+
     /// <summary>
     /// Subscribes a queue; it stays subscribed across reconnections until <see cref="Unsubscribe"/>.
     /// Cancelled (<see cref="OperationCanceledException"/>), it leaves a queue that was not subscribed

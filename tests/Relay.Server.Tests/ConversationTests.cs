@@ -636,12 +636,13 @@ public class ConversationTests
 
     /// <summary>
     /// A message the app sends while it listens, which cannot go out (its contact's relay is down), is
-    /// sent by the listener once the relay is back: the app calls nothing more.
+    /// reported as waiting (OutboxStalled naming the relay, once, whether or not RetryFor bounds the
+    /// app's calls) and sent by the listener once the relay is back: the app calls nothing more.
     /// </summary>
     [Test]
     [Arguments(false)]
     [Arguments(true)]
-    public async Task A_message_sent_while_listening_that_could_not_go_out_is_sent_by_the_listener_once_the_relay_is_back(bool retryBounded)
+    public async Task A_message_sent_while_listening_that_could_not_go_out_is_reported_and_sent_by_the_listener_once_the_relay_is_back(bool retryBounded)
     {
         await using var relay = await TestRelay.StartAsync();
         await using var other = await TestRelay.StartAsync();
@@ -667,6 +668,15 @@ public class ConversationTests
                 using var giveUp = new CancellationTokenSource(TimeSpan.FromSeconds(1));
                 await Assert.ThrowsAsync<OperationCanceledException>(() => alice.SendAsync("bob", "sent while listening", giveUp.Token));
             }
+            // The listener tells the app that the message waits, and why: Bob's relay cannot be reached.
+            var stalled = await listener.NextAsync<OutboxStalled>(10);
+            await Assert.That(stalled.Contact).IsEqualTo("bob");
+            await Assert.That(stalled.Waiting).IsEqualTo(1);
+            await Assert.That(stalled.Reason).Contains("cannot be reached");
+            await Assert.That(stalled.Reason).Contains(other.Address.ToString());
+            // Once, not at every attempt of the back-off.
+            await listener.DrainAsync(1500);
+            await Assert.That(listener.Seen.OfType<OutboxStalled>().Count()).IsEqualTo(1);
         });
 
         // Bob's relay is back: Alice's listener sends the message, with no further call.

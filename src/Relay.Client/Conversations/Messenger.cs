@@ -51,9 +51,12 @@ public sealed record ContactAvailable(string Contact) : ConversationEvent(Contac
 
 /// <summary>
 /// Messages to a contact wait in the profile's outbox: the contact's relay refused the oldest (its
-/// queue is full: QUOTA; the relay's storage is full: FULL; …) or could not be reached within
-/// <see cref="RelayClientOptions.RetryFor"/>. They are not lost: the listener keeps offering them, in
-/// order and with back-off, until the relay takes them (reported again only when the reason changes),
+/// queue is full: QUOTA; the relay's storage is full: FULL; …), cannot be reached (a connection attempt
+/// failed, or no answer within <see cref="RelayClientOptions.ConnectTimeout"/>; whatever
+/// <see cref="RelayClientOptions.RetryFor"/> is), or is not the relay its address names (a
+/// <see cref="FingerprintMismatchException"/>); the reason says which and names the relay when it
+/// cannot be reached. They are not lost: the listener keeps offering them, in
+/// order and with back-off, until the relay takes them (reported again only when the kind of failure changes),
 /// and the next <see cref="Messenger.SendAsync"/> or <see cref="Messenger.ListenAsync"/> sends them too.
 /// A message a SendAsync leaves in the outbox while a listener runs is offered the same way.
 /// The other contacts go on.
@@ -227,7 +230,7 @@ public sealed partial class Messenger : IAsyncDisposable
         }
         try
         {
-            await SecureSendQueueAsync(contactName, cancellationToken).ConfigureAwait(false);
+            await SecureSendQueueAsync(contactName, attempt: false, cancellationToken).ConfigureAwait(false);
         }
         catch (RelayErrorException ex) when (ex.Code == ErrorCode.Auth)
         {
@@ -242,15 +245,16 @@ public sealed partial class Messenger : IAsyncDisposable
     /// <summary>
     /// Secures the queue a joined contact is sent to with the saved sender key, when that is not known
     /// to be done (<see cref="ContactData.SendUnsecured"/>); SKEY with the same key again answers OK.
+    /// <paramref name="attempt"/>: one attempt (see <see cref="SendCommandAsync"/>).
     /// </summary>
-    private async Task SecureSendQueueAsync(string contactName, CancellationToken cancellationToken)
+    private async Task SecureSendQueueAsync(string contactName, bool attempt, CancellationToken cancellationToken)
     {
         if (_store.Load().Find(contactName) is not { SendUnsecured: true } contact)
         {
             return;
         }
         var relay = RelayAddress.Parse(contact.SendRelay!);
-        await RunAsync(relay, c => c.SecureAsync(contact.SendSenderId!, contact.SenderPrivate!, cancellationToken), cancellationToken).ConfigureAwait(false);
+        await SendCommandAsync(relay, (c, token) => c.SecureAsync(contact.SendSenderId!, contact.SenderPrivate!, token), attempt, cancellationToken).ConfigureAwait(false);
         _store.Update(profile =>
         {
             if (profile.Find(contactName) is { } c)
@@ -358,7 +362,7 @@ public sealed partial class Messenger : IAsyncDisposable
         int dropped;
         try
         {
-            dropped = await FlushOutboxLockedAsync(contactName, own, cancellationToken).ConfigureAwait(false);
+            dropped = await FlushOutboxLockedAsync(contactName, own, attempt: false, cancellationToken).ConfigureAwait(false);
         }
         catch
         {
@@ -372,11 +376,13 @@ public sealed partial class Messenger : IAsyncDisposable
     /// Sends the outbox (under the contact's gate); returns how many envelopes it dropped and left to a
     /// listener to report. <paramref name="own"/>: the envelope of the SendAsync calling, whose
     /// refusal for good that call reports itself (it throws <see cref="MessageTooLargeException"/>).
+    /// <paramref name="attempt"/>: each command is one attempt (the listener's outbox sender, see
+    /// <see cref="SendCommandAsync"/>), else it is retried as <see cref="RelayClient.RunAsync{T}"/> does.
     /// </summary>
-    private async Task<int> FlushOutboxLockedAsync(string contactName, byte[]? own, CancellationToken cancellationToken)
+    private async Task<int> FlushOutboxLockedAsync(string contactName, byte[]? own, bool attempt, CancellationToken cancellationToken)
     {
         // A join that stopped before its SKEY was answered: the queue is secured before the JOIN goes.
-        await SecureSendQueueAsync(contactName, cancellationToken).ConfigureAwait(false);
+        await SecureSendQueueAsync(contactName, attempt, cancellationToken).ConfigureAwait(false);
         int dropped = 0;
         while (true)
         {
@@ -391,7 +397,7 @@ public sealed partial class Messenger : IAsyncDisposable
             string? refused = null;
             try
             {
-                await RunAsync(relay!, c => c.SendAsync(queue!, envelope, 0, cancellationToken), cancellationToken).ConfigureAwait(false);
+                await SendCommandAsync(relay!, (c, token) => c.SendAsync(queue!, envelope, 0, token), attempt, cancellationToken).ConfigureAwait(false);
             }
             catch (RelayErrorException ex) when (ex.Code == ErrorCode.TooLarge)
             {
@@ -436,6 +442,44 @@ public sealed partial class Messenger : IAsyncDisposable
             await operation(c).ConfigureAwait(false);
             return true;
         }, cancellationToken);
+
+    /// <summary>
+    /// Runs a command of the outbox on the contact's relay. Not an <paramref name="attempt"/>: as
+    /// <see cref="RunAsync{T}"/> (retried while the relay cannot be reached, until
+    /// <see cref="RelayClientOptions.RetryFor"/>). An attempt (the listener's outbox sender, which
+    /// reports and backs off itself): a connection is tried once (a failed attempt throws its
+    /// <see cref="RelayConnectException"/> at once) and the whole is bounded by
+    /// <see cref="RelayClientOptions.ConnectTimeout"/> (<see cref="OperationCanceledException"/> while
+    /// <paramref name="cancellationToken"/> is not cancelled); a connection lost before the answer is
+    /// replaced within that bound.
+    /// </summary>
+    private async Task SendCommandAsync(RelayAddress relay, Func<RelayConnection, CancellationToken, Task> operation, bool attempt,
+        CancellationToken cancellationToken)
+    {
+        if (!attempt)
+        {
+            await RunAsync(relay, c => operation(c, cancellationToken), cancellationToken).ConfigureAwait(false);
+            return;
+        }
+        using var bounded = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        bounded.CancelAfter(_client.Options.ConnectTimeout);
+        while (true)
+        {
+            var connection = await _client.ConnectAsync(relay, bounded.Token).ConfigureAwait(false);
+            _maxMessage[relay.ToString()] = connection.MaxMessage;
+            try
+            {
+                await operation(connection, bounded.Token).ConfigureAwait(false);
+                return;
+            }
+            catch (RelayConnectException) when (!bounded.IsCancellationRequested && connection.Failure is not null)
+            {
+                // Lost before the answer: the next connection is one more attempt (identical bytes
+                // again, absorbed by the receiver if the first reached the relay).
+                _client.Drop(relay, connection);
+            }
+        }
+    }
 
     /// <summary>The largest message the relay announced on the last connection this messenger used to it (null: none yet).</summary>
     private int? LearnedMaxMessage(RelayAddress relay) => _maxMessage.TryGetValue(relay.ToString(), out int max) ? max : null;
@@ -827,8 +871,12 @@ public sealed partial class Messenger : IAsyncDisposable
 
     /// <summary>
     /// A contact's outbox sender while listening: each time it is woken, sends the outbox; while the
-    /// relay refuses the oldest envelope for now (QUOTA, FULL, …) or cannot be reached, reports it (again
-    /// only when the reason changes) and tries again with back-off until the outbox is empty. Envelopes
+    /// relay refuses the oldest envelope for now (QUOTA, FULL, …), cannot be reached or is not the relay
+    /// its address names, reports it as <see cref="OutboxStalled"/> (again only when the kind of failure
+    /// changes) and tries again with back-off (from <see cref="RelayClientOptions.ReconnectMin"/> to
+    /// <see cref="RelayClientOptions.ReconnectMax"/>) until the outbox is empty. Each try is one attempt
+    /// (see <see cref="SendCommandAsync"/>), so the report does not wait for
+    /// <see cref="RelayClientOptions.RetryFor"/>, unset by default (for ever). Envelopes
     /// the relay refuses for good are reported as <see cref="MessageDropped"/>.
     /// </summary>
     private async Task SendOutboxAsync(string contactName, ChannelReader<bool> wake, ChannelWriter<ConversationEvent> events, CancellationToken cancellationToken)
@@ -846,40 +894,57 @@ public sealed partial class Messenger : IAsyncDisposable
         string? reported = null;
         while (true)
         {
-            string reason;
+            string kind, reason;
             var gate = Gate(contactName);
             await gate.WaitAsync(cancellationToken).ConfigureAwait(false);
             try
             {
-                await FlushOutboxLockedAsync(contactName, null, cancellationToken).ConfigureAwait(false);
+                // Each command one attempt: this loop backs off and reports, so a relay that cannot be
+                // reached is told to the app (RetryFor, which bounds the app's own calls, plays no part).
+                await FlushOutboxLockedAsync(contactName, null, attempt: true, cancellationToken).ConfigureAwait(false);
                 ReportDropped(contactName, events);
                 return;
             }
             catch (RelayErrorException ex)
             {
+                kind = $"refused {ex.Code}";
                 reason = ex.Message;
+            }
+            catch (FingerprintMismatchException ex)
+            {
+                kind = nameof(FingerprintMismatchException);
+                reason = $"the server at this contact's relay address {SendRelayOf(contactName)} is not the relay it names ({ex.Message}): the relay was replaced, or someone on the way answers for it; listening goes on trying";
             }
             catch (RelayConnectException ex) when (!cancellationToken.IsCancellationRequested)
             {
-                reason = ex.Message;
+                kind = nameof(RelayConnectException);
+                reason = $"this contact's relay {SendRelayOf(contactName)} cannot be reached ({ex.Message}); listening goes on trying";
+            }
+            catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
+            {
+                kind = "timeout";
+                reason = $"this contact's relay {SendRelayOf(contactName)} cannot be reached (no answer within {_client.Options.ConnectTimeout.TotalSeconds:0.#} s); listening goes on trying";
             }
             finally
             {
                 gate.Release();
             }
             ReportDropped(contactName, events);
-            if (reason != reported)
+            if (kind != reported)
             {
                 int waiting = _store.Load().Find(contactName)?.Outbox.Count ?? 0;
                 if (waiting == 0) return;
                 events.TryWrite(new OutboxStalled(contactName, waiting, reason));
-                reported = reason;
+                reported = kind;
             }
             await Task.Delay(wait, cancellationToken).ConfigureAwait(false);
             long most = Math.Max(_client.Options.ReconnectMax.Ticks, TimeSpan.TicksPerMillisecond);
             wait = TimeSpan.FromTicks(Math.Clamp(wait.Ticks * 2, TimeSpan.TicksPerMillisecond, most));
         }
     }
+
+    /// <summary>The address of the relay the contact is sent to, as saved (for a report).</summary>
+    private string SendRelayOf(string contactName) => _store.Load().Find(contactName)?.SendRelay ?? "(none)";
 
     /// <summary>Reports (once) the envelopes of the contact's outbox dropped since the last report.</summary>
     private void ReportDropped(string contactName, ChannelWriter<ConversationEvent> events)
