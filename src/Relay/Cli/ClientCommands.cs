@@ -189,7 +189,7 @@ public static class ClientCommands
                             Console.Error.WriteLine($"relay: {g.Count} message(s) from {Printable(g.Contact)} never arrived before a later one");
                             break;
                         case ContactUnavailable u:
-                            Console.Error.WriteLine($"relay: cannot receive from {Printable(u.Contact)}: {u.Reason}");
+                            Console.Error.WriteLine($"relay: {Printable(u.Contact)} is unavailable: {u.Reason}");
                             break;
                         case ContactAvailable v:
                             Console.Error.WriteLine($"relay: receiving from {Printable(v.Contact)} again");
