@@ -118,22 +118,48 @@ public sealed class RelayClient : IAsyncDisposable
     /// Cancelled (<see cref="OperationCanceledException"/>), it leaves a queue that was not subscribed
     /// unsubscribed, as if it had not been called (a SUB that reached the relay meanwhile is let go:
     /// its deliveries are not handed out, and the next call subscribes again), and one that was, or
-    /// that another call is subscribing, as it is.
+    /// that another call is subscribing, as it is. A relay that refuses the SUB (AUTH, LIMIT) throws its
+    /// <see cref="RelayErrorException"/>, and the queue is not subscribed. A relay that refuses the
+    /// handshake (ERR VERSION, say) has refused a connection, not the queue: that is thrown as a
+    /// <see cref="RelayConnectException"/> whose inner exception is the relay's
+    /// <see cref="RelayErrorException"/>, and the queue stays subscribed, subscribed on the relay once a
+    /// connection is made.
     /// </summary>
     public async Task SubscribeAsync(RelayAddress relay, RecipientQueue queue, CancellationToken cancellationToken = default)
     {
         var link = Link(relay);
         bool wasSubscribed = link.BeginSubscribing(queue);
         link.EnsurePump();
+        // The SUB's own refusal, told from a refusal of the handshake (which comes before any operation).
+        RelayErrorException? refused = null;
+        async Task Subscribe(RelayConnection c)
+        {
+            if (c.IsSubscribed(queue)) return;
+            try
+            {
+                await c.SubscribeAsync(queue, Options.DeliveryWindow, cancellationToken).ConfigureAwait(false);
+            }
+            catch (RelayErrorException ex)
+            {
+                refused = ex;
+                throw;
+            }
+        }
         try
         {
-            await RunAsync(relay, c => c.IsSubscribed(queue) ? Task.CompletedTask : c.SubscribeAsync(queue, Options.DeliveryWindow, cancellationToken), cancellationToken).ConfigureAwait(false);
+            await RunAsync(relay, Subscribe, cancellationToken).ConfigureAwait(false);
         }
-        catch (RelayErrorException)
+        catch (RelayErrorException ex) when (ex == refused)
         {
             // Refused (AUTH, LIMIT): not subscribed, and not renewed after a reconnection either.
             link.Forget(queue.RecipientId);
             throw;
+        }
+        catch (RelayErrorException handshake)
+        {
+            // The relay refused the handshake: a failed connection (reported through ConnectionFailed),
+            // after which the delivery pump tries again; the queue is renewed on the connection it makes.
+            throw new RelayConnectException(handshake.Message, handshake);
         }
         catch (OperationCanceledException)
         {

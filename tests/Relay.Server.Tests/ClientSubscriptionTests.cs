@@ -1,3 +1,6 @@
+using System.Net;
+using System.Net.Sockets;
+using System.Security.Cryptography;
 using System.Text;
 using Relay.Client;
 using Relay.Client.Transport;
@@ -18,6 +21,78 @@ public class ClientSubscriptionTests
     };
 
     private static string Text(QueueDelivery d) => Encoding.UTF8.GetString(d.Delivery.Body);
+
+    /// <summary>
+    /// A relay that refuses the handshake (it answers HELLO with ERR VERSION) has not refused the queue:
+    /// the failed connection is thrown to the caller (a RelayConnectException, its inner exception the
+    /// relay's refusal), the queue stays subscribed, and its SUB is sent once a connection is made.
+    /// </summary>
+    [Test]
+    public async Task A_relay_that_refuses_the_handshake_leaves_the_queue_subscribed_for_the_next_connection()
+    {
+        var listener = new TcpListener(IPAddress.Loopback, 0);
+        listener.Start();
+        try
+        {
+            var address = new RelayAddress(RelayAddress.Base64Url(new byte[32]), ["127.0.0.1"], ((IPEndPoint)listener.LocalEndpoint).Port);
+            var queue = ScriptedRelay.NewQueue();
+            await using var client = new RelayClient(new RelayClientOptions
+            {
+                Tls = false,
+                ReconnectMin = TimeSpan.FromMilliseconds(50),
+                ReconnectMax = TimeSpan.FromMilliseconds(500),
+            });
+            using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+            // Every connection's HELLO is answered with ERR VERSION and the range of versions the relay
+            // speaks (2 to 3) until the call has failed; then with WELCOME, and the SUB that follows is noted.
+            bool refuse = true;
+            var subscribed = new TaskCompletionSource<RawFrame>(TaskCreationOptions.RunContinuationsAsynchronously);
+            var sessions = new List<ScriptedRelay.Session>();
+            var accepting = Task.Run(async () =>
+            {
+                while (!timeout.IsCancellationRequested)
+                {
+                    var session = new ScriptedRelay.Session(await listener.AcceptTcpClientAsync(timeout.Token));
+                    sessions.Add(session);
+                    await session.ExpectAsync(FrameType.Hello);
+                    if (Volatile.Read(ref refuse))
+                    {
+                        await session.SendAsync(w => FrameWriter.WriteVersionError(w, 2, 3));
+                        session.Dispose();
+                        continue;
+                    }
+                    var sessionKey = new byte[ProtocolConstants.KeySize];
+                    RelayCrypto.GenerateKeyPair(new byte[ProtocolConstants.KeySize], sessionKey);
+                    await session.SendAsync(w => FrameWriter.WriteWelcome(w, 1, 65_536, 65_000, RandomNumberGenerator.GetBytes(ProtocolConstants.SessionIdSize), sessionKey));
+                    subscribed.TrySetResult(await session.ReadAsync(TimeSpan.FromSeconds(5)));
+                    return;
+                }
+            });
+            try
+            {
+                var failed = await Assert.ThrowsAsync<RelayConnectException>(() => client.SubscribeAsync(address, queue, timeout.Token));
+                await Assert.That(failed!.InnerException).IsTypeOf<RelayErrorException>();
+                await Assert.That(((RelayErrorException)failed.InnerException!).Code).IsEqualTo(ErrorCode.Version);
+
+                // The next connection (the client's reconnection) is answered: the queue is subscribed on it.
+                Volatile.Write(ref refuse, false);
+                var sub = await subscribed.Task.WaitAsync(timeout.Token);
+                await Assert.That(sub.Type).IsEqualTo(FrameType.Sub);
+                await Assert.That(sub.Payload.AsSpan().IndexOf(queue.RecipientId) >= 0).IsTrue();
+            }
+            finally
+            {
+                await timeout.CancelAsync();
+                listener.Stop();
+                try { await accepting; } catch (Exception) { }
+                foreach (var session in sessions) session.Dispose();
+            }
+        }
+        finally
+        {
+            listener.Stop();
+        }
+    }
 
     [Test]
     public async Task A_cancelled_SubscribeAsync_leaves_the_queue_unsubscribed_and_a_later_one_subscribes_it()

@@ -825,8 +825,8 @@ public sealed partial class Messenger : IAsyncDisposable
         }
         catch (RelayConnectException) when (!cancellationToken.IsCancellationRequested)
         {
-            // Given up after RetryFor (or the relay is not the one its address names): reported when the
-            // attempt failed (RelayClient.ConnectionFailed, watched by ListenAsync). The queue stays
+            // Given up after RetryFor (or the relay is not the one its address names, or refused the
+            // handshake): reported when the attempt failed (RelayClient.ConnectionFailed, watched by ListenAsync). The queue stays
             // subscribed unless the relay refuses it: its messages come if the relay is reached later.
         }
     }
