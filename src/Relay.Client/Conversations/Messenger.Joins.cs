@@ -117,25 +117,13 @@ public sealed partial class Messenger
                     settled.TryWrite(join);
                     return;
                 }
-                catch (RelayErrorException ex)
+                catch (Exception ex) when (AttemptFailed(ex, cancellationToken))
                 {
-                    kind = $"refused {ex.Code}";
-                    reason = $"the joiner's relay {relay} refuses for now to secure the joiner's queue ({ex.Message})";
-                }
-                catch (FingerprintMismatchException ex)
-                {
-                    kind = nameof(FingerprintMismatchException);
-                    reason = $"the server at the joiner's relay address {relay} is not the relay it names ({ex.Message}): the relay was replaced, or someone on the way answers for it";
-                }
-                catch (RelayConnectException ex) when (!cancellationToken.IsCancellationRequested)
-                {
-                    kind = nameof(RelayConnectException);
-                    reason = $"the joiner's relay {relay} cannot be reached ({ex.Message})";
-                }
-                catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
-                {
-                    kind = "timeout";
-                    reason = $"the joiner's relay {relay} cannot be reached (no answer within {_client.Options.ConnectTimeout.TotalSeconds:0.#} s)";
+                    (kind, reason) = DescribeFailure(ex, $"the joiner's relay {relay}");
+                    if (ex is RelayErrorException)
+                    {
+                        reason = $"the joiner's relay {relay} refuses for now to secure the joiner's queue ({ex.Message})";
+                    }
                 }
             }
             if (kind != reported)
@@ -145,8 +133,7 @@ public sealed partial class Messenger
                 reported = kind;
             }
             await Task.Delay(wait, cancellationToken).ConfigureAwait(false);
-            long most = Math.Max(_client.Options.ReconnectMax.Ticks, TimeSpan.TicksPerMillisecond);
-            wait = TimeSpan.FromTicks(Math.Clamp(wait.Ticks * 2, TimeSpan.TicksPerMillisecond, most));
+            wait = NextWait(wait);
         }
     }
 }

@@ -905,25 +905,13 @@ public sealed partial class Messenger : IAsyncDisposable
                 ReportDropped(contactName, events);
                 return;
             }
-            catch (RelayErrorException ex)
+            catch (Exception ex) when (AttemptFailed(ex, cancellationToken))
             {
-                kind = $"refused {ex.Code}";
-                reason = ex.Message;
-            }
-            catch (FingerprintMismatchException ex)
-            {
-                kind = nameof(FingerprintMismatchException);
-                reason = $"the server at this contact's relay address {SendRelayOf(contactName)} is not the relay it names ({ex.Message}): the relay was replaced, or someone on the way answers for it; listening goes on trying";
-            }
-            catch (RelayConnectException ex) when (!cancellationToken.IsCancellationRequested)
-            {
-                kind = nameof(RelayConnectException);
-                reason = $"this contact's relay {SendRelayOf(contactName)} cannot be reached ({ex.Message}); listening goes on trying";
-            }
-            catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
-            {
-                kind = "timeout";
-                reason = $"this contact's relay {SendRelayOf(contactName)} cannot be reached (no answer within {_client.Options.ConnectTimeout.TotalSeconds:0.#} s); listening goes on trying";
+                (kind, reason) = DescribeFailure(ex, $"this contact's relay {SendRelayOf(contactName)}");
+                if (ex is not RelayErrorException)
+                {
+                    reason += "; listening goes on trying";
+                }
             }
             finally
             {
@@ -938,9 +926,37 @@ public sealed partial class Messenger : IAsyncDisposable
                 reported = kind;
             }
             await Task.Delay(wait, cancellationToken).ConfigureAwait(false);
-            long most = Math.Max(_client.Options.ReconnectMax.Ticks, TimeSpan.TicksPerMillisecond);
-            wait = TimeSpan.FromTicks(Math.Clamp(wait.Ticks * 2, TimeSpan.TicksPerMillisecond, most));
+            wait = NextWait(wait);
         }
+    }
+
+    /// <summary>
+    /// Whether <paramref name="ex"/> ended one attempt of a retried relay command (a listener's outbox
+    /// sender, a join's SKEY) rather than the listener: the relay refused (any code; a caller tells
+    /// refusals for good apart first), could not be reached, is not the relay its address names, or
+    /// did not answer within the attempt's time.
+    /// </summary>
+    private static bool AttemptFailed(Exception ex, CancellationToken cancellationToken) =>
+        ex is RelayErrorException || (ex is RelayConnectException or OperationCanceledException && !cancellationToken.IsCancellationRequested);
+
+    /// <summary>
+    /// A failed attempt (<see cref="AttemptFailed"/>) as a kind, reported once while it stays the same,
+    /// and a reason for the app; <paramref name="relay"/> names the relay ("this contact's relay relay://…").
+    /// </summary>
+    private (string Kind, string Reason) DescribeFailure(Exception ex, string relay) => ex switch
+    {
+        RelayErrorException e => ($"refused {e.Code}", e.Message),
+        FingerprintMismatchException => (nameof(FingerprintMismatchException),
+            $"the server at the address of {relay} is not the relay it names ({ex.Message}): the relay was replaced, or someone on the way answers for it"),
+        RelayConnectException => (nameof(RelayConnectException), $"{relay} cannot be reached ({ex.Message})"),
+        _ => ("timeout", $"{relay} cannot be reached (no answer within {_client.Options.ConnectTimeout.TotalSeconds:0.#} s)"),
+    };
+
+    /// <summary>The next wait of a retry loop: twice the last, up to <see cref="RelayClientOptions.ReconnectMax"/>.</summary>
+    private TimeSpan NextWait(TimeSpan wait)
+    {
+        long most = Math.Max(_client.Options.ReconnectMax.Ticks, TimeSpan.TicksPerMillisecond);
+        return TimeSpan.FromTicks(Math.Clamp(wait.Ticks * 2, TimeSpan.TicksPerMillisecond, most));
     }
 
     /// <summary>The address of the relay the contact is sent to, as saved (for a report).</summary>
