@@ -40,7 +40,8 @@ check "its log says why, once (event 33, naming RocksDB's error)" bash -c "
     [ \$(grep -c 'Relay\[33\].*failed every write for [0-9]* s, and not for a full disk (RocksDB: IO error: .*Operation not permitted)' '$E2E_TMP/failing.log') = 1 ]"
 check "and each command's refusal (event 20) names it too" bash -c "
     grep -q 'Relay\[20\] Store operation SEND failed' '$E2E_TMP/failing.log' &&
-    ! grep 'Relay\[20\]' '$E2E_TMP/failing.log' | grep -v -q 'Operation not permitted'"
+    ! grep 'Relay\[20\]' '$E2E_TMP/failing.log' | grep -v -q 'Operation not permitted' ||
+    { echo 'its event 20 lines:'; grep 'Relay\[20\]' '$E2E_TMP/failing.log' | head -5; false; }"
 
 # The service manager would start it again at once; it starts as soon as the directory is writable.
 chattr -i "$DATA/queues"
