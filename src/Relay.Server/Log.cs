@@ -62,6 +62,17 @@ internal static partial class Log
     public static void ConnectionRejected(RelayServerContext context, string reason) =>
         context.ConnectionRefusalLog.Write(reason, context.Logger, reason, ConnectionRejected, ConnectionRejectedAgain);
 
+    [LoggerMessage(41, LogLevel.Warning, "A source made more key agreements than --key-agreement-burst and --key-agreement-rate allow: its connections wait before they are read (behind a proxy without the PROXY protocol, every client is one source)")]
+    private static partial void KeyAgreementWait(ILogger logger);
+
+    [LoggerMessage(41, LogLevel.Warning, "A source made more key agreements than --key-agreement-burst and --key-agreement-rate allow: its connections wait before they are read (behind a proxy without the PROXY protocol, every client is one source; {Left} more waits since the last such line, not logged)")]
+    private static partial void KeyAgreementWaitAgain(ILogger logger, long left);
+
+    /// <summary>Event 41, at most one line every 10 s (the metrics count each wait and its time).</summary>
+    public static void KeyAgreementWait(RelayServerContext context) =>
+        context.KeyAgreementLog.Write("key-agreement", context.Logger, 0,
+            static (logger, _) => KeyAgreementWait(logger), static (logger, _, left) => KeyAgreementWaitAgain(logger, left));
+
     [LoggerMessage(16, LogLevel.Warning, "Accepting a connection failed: {Reason}")]
     private static partial void AcceptFailed(ILogger logger, string reason);
 

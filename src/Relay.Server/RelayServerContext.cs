@@ -44,6 +44,16 @@ internal sealed class RelayServerContext(RelayServerOptions options, QueueStore 
     /// <summary>Event 20 (a store operation failed): at most one line per command every 10 s.</summary>
     public LogThrottle StoreFailureLog { get; } = new(options.Clock);
 
+    /// <summary>Event 41 (a source's connections wait for its key-agreement budget): at most one line every 10 s.</summary>
+    public LogThrottle KeyAgreementLog { get; } = new(options.Clock);
+
+    /// <summary>A connection of a source over its key-agreement budget waits <paramref name="wait"/>: counted, and logged (throttled).</summary>
+    public void KeyAgreementWaited(TimeSpan wait)
+    {
+        Metrics.KeyAgreementWait(wait);
+        Log.KeyAgreementWait(this);
+    }
+
     /// <summary>Event 15 (a connection refused by a limit): at most one line per reason every 10 s.</summary>
     public LogThrottle ConnectionRefusalLog { get; } = new(options.Clock);
 

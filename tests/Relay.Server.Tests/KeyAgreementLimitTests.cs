@@ -69,6 +69,10 @@ public class KeyAgreementLimitTests
         // GET is read 3 seconds after the connection at the earliest (its own wait comes after its answer).
         await Assert.That(watch.Elapsed).IsGreaterThanOrEqualTo(TimeSpan.FromSeconds(2.9));
         await Assert.That(await WaitsAsync(relay)).IsEqualTo(4);
+        // The operator is told once (event 41, at most a line every 10 s), with nothing of the source.
+        var told = relay.Logs.Lines.Where(l => l.Contains("more key agreements than")).ToList();
+        await Assert.That(told.Count).IsEqualTo(1);
+        await Assert.That(told[0].Contains("192.0.2")).IsFalse();
         // The connection goes on.
         await a.PingAsync();
     }

@@ -56,7 +56,7 @@ internal sealed class RelayConnectionHandler(RelayServerContext context)
                 var wait = context.Sources.KeyAgreement(source);
                 if (wait != TimeSpan.Zero)
                 {
-                    context.Metrics.KeyAgreementWait(wait);
+                    context.KeyAgreementWaited(wait);
                     await Task.Delay(wait, context.Options.Clock, context.Stopping.Token);
                 }
                 await RunSessionAsync(connection, connection, source);

@@ -236,7 +236,7 @@ internal sealed partial class RelaySession
                     // flushed, and the next request is read once the bucket has refilled.
                     var wait = _keyAgreementWait;
                     _keyAgreementWait = TimeSpan.Zero;
-                    _context.Metrics.KeyAgreementWait(wait);
+                    _context.KeyAgreementWaited(wait);
                     await Task.Delay(wait, _options.Clock, connection.Ended);
                 }
                 await WaitForCapacityAsync(connection.Ended);
