@@ -137,10 +137,11 @@ internal sealed class TlsCertificates : IDisposable
             }
             retired = _previous;
             _previous = _current;
+            // Logged before it is handed out: a handshake that presents it finds the line written.
+            Log.TlsRenewed(_logger, issued.NotAfter);
             _current = issued;
         }
         retired?.Dispose();
-        Log.TlsRenewed(_logger, issued.NotAfter);
         return issued;
     }
 
