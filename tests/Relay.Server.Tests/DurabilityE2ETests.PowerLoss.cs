@@ -218,7 +218,8 @@ public partial class DurabilityE2ETests
         // (on lossyfs, the same address every time) loses power six times, every 0.2–0.6 s, and comes back;
         // Alice's Messenger listens throughout. Sends wait for the relay (RelayClient retries), an
         // envelope whose SEND got no answer is sent again (the same bytes), and Alice gets each
-        // message exactly once, in order, with nothing reported missing or rejected.
+        // message exactly once, in order, with nothing reported missing or rejected (only the relay's
+        // outages: unavailable, then available again).
         var binary = Binary();
         LossyMount.Require();
         var (root, backing, mountPoint) = NewLossyDirectories();
@@ -298,7 +299,14 @@ public partial class DurabilityE2ETests
             List<Relay.Client.Conversations.ConversationEvent> events;
             lock (heard) events = [.. heard];
             var texts = events.OfType<Relay.Client.Conversations.MessageReceived>().Select(m => m.Text).ToList();
-            var other = events.Where(e => e is not Relay.Client.Conversations.MessageReceived and not Relay.Client.Conversations.ContactJoined).Select(e => e.ToString()).ToList();
+            // While the relay is down, the listener is told (ContactUnavailable: it cannot be reached) and
+            // told again when it is back (ContactAvailable); nothing else but messages.
+            static bool Outage(Relay.Client.Conversations.ConversationEvent e) =>
+                e is Relay.Client.Conversations.ContactAvailable
+                || e is Relay.Client.Conversations.ContactUnavailable u && u.Reason.Contains("cannot be reached", StringComparison.Ordinal);
+            var other = events.Where(e => e is not Relay.Client.Conversations.MessageReceived and not Relay.Client.Conversations.ContactJoined && !Outage(e))
+                .Select(e => e.ToString()).ToList();
+            var lastOutage = events.LastOrDefault(Outage);
             string context = $"{sent} messages, {cuts} power losses; events other than messages: {string.Join("; ", other)}";
             Console.WriteLine(context);
             await Assert.That(cuts).IsEqualTo(Cuts).Because(context);
@@ -306,6 +314,7 @@ public partial class DurabilityE2ETests
             await Assert.That(texts).IsEquivalentTo(Enumerable.Range(0, sent).Select(i => $"m{i:D4}").ToList(),
                 TUnit.Assertions.Enums.CollectionOrdering.Matching).Because(context);
             await Assert.That(other).IsEmpty().Because(context);
+            await Assert.That(lastOutage is null or Relay.Client.Conversations.ContactAvailable).IsTrue().Because(context);
         }
         finally
         {
