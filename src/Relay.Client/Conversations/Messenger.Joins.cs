@@ -97,33 +97,28 @@ public sealed partial class Messenger
         while (true)
         {
             string kind, reason;
-            // One attempt at a time, each bounded like a connection: the back-off and the reports are this loop's.
-            using (var attempt = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken))
+            // One attempt at a time, bounded like a connection (CommandAsync): the back-off and the reports are this loop's.
+            try
             {
-                attempt.CancelAfter(_client.Options.ConnectTimeout);
-                try
+                await CommandAsync(relay, (c, token) => c.SecureAsync(request.PeerSenderId, request.SenderPrivate, token),
+                    attempt: true, cancellationToken).ConfigureAwait(false);
+                join.Settle(null);
+                settled.TryWrite(join);
+                return;
+            }
+            catch (RelayErrorException ex) when (ex.Code == ErrorCode.Auth)
+            {
+                // Secured with another key already (or no such queue): not this contact's JOIN to complete.
+                join.Settle(ex.Message);
+                settled.TryWrite(join);
+                return;
+            }
+            catch (Exception ex) when (AttemptFailed(ex, cancellationToken))
+            {
+                (kind, reason) = DescribeFailure(ex, $"the joiner's relay {relay}");
+                if (ex is RelayErrorException)
                 {
-                    var connection = await _client.ConnectAsync(relay, attempt.Token).ConfigureAwait(false);
-                    _maxMessage[relay.ToString()] = connection.MaxMessage;
-                    await connection.SecureAsync(request.PeerSenderId, request.SenderPrivate, attempt.Token).ConfigureAwait(false);
-                    join.Settle(null);
-                    settled.TryWrite(join);
-                    return;
-                }
-                catch (RelayErrorException ex) when (ex.Code == ErrorCode.Auth)
-                {
-                    // Secured with another key already (or no such queue): not this contact's JOIN to complete.
-                    join.Settle(ex.Message);
-                    settled.TryWrite(join);
-                    return;
-                }
-                catch (Exception ex) when (AttemptFailed(ex, cancellationToken))
-                {
-                    (kind, reason) = DescribeFailure(ex, $"the joiner's relay {relay}");
-                    if (ex is RelayErrorException)
-                    {
-                        reason = $"the joiner's relay {relay} refuses for now to secure the joiner's queue ({ex.Message})";
-                    }
+                    reason = $"the joiner's relay {relay} refuses for now to secure the joiner's queue ({ex.Message})";
                 }
             }
             if (kind != reported)

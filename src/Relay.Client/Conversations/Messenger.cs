@@ -254,7 +254,7 @@ public sealed partial class Messenger : IAsyncDisposable
             return;
         }
         var relay = RelayAddress.Parse(contact.SendRelay!);
-        await SendCommandAsync(relay, (c, token) => c.SecureAsync(contact.SendSenderId!, contact.SenderPrivate!, token), attempt, cancellationToken).ConfigureAwait(false);
+        await CommandAsync(relay, (c, token) => c.SecureAsync(contact.SendSenderId!, contact.SenderPrivate!, token), attempt, cancellationToken).ConfigureAwait(false);
         _store.Update(profile =>
         {
             if (profile.Find(contactName) is { } c)
@@ -397,7 +397,7 @@ public sealed partial class Messenger : IAsyncDisposable
             string? refused = null;
             try
             {
-                await SendCommandAsync(relay!, (c, token) => c.SendAsync(queue!, envelope, 0, token), attempt, cancellationToken).ConfigureAwait(false);
+                await CommandAsync(relay!, (c, token) => c.SendAsync(queue!, envelope, 0, token), attempt, cancellationToken).ConfigureAwait(false);
             }
             catch (RelayErrorException ex) when (ex.Code == ErrorCode.TooLarge)
             {
@@ -432,7 +432,7 @@ public sealed partial class Messenger : IAsyncDisposable
     private Task<T> RunAsync<T>(RelayAddress relay, Func<RelayConnection, Task<T>> operation, CancellationToken cancellationToken) =>
         _client.RunAsync(relay, c =>
         {
-            _maxMessage[relay.ToString()] = c.MaxMessage;
+            NoteMaxMessage(relay, c);
             return operation(c);
         }, cancellationToken);
 
@@ -444,16 +444,16 @@ public sealed partial class Messenger : IAsyncDisposable
         }, cancellationToken);
 
     /// <summary>
-    /// Runs a command of the outbox on the contact's relay. Not an <paramref name="attempt"/>: as
+    /// Runs a command on a relay, noting its maximum message size. Not an <paramref name="attempt"/>: as
     /// <see cref="RunAsync{T}"/> (retried while the relay cannot be reached, until
-    /// <see cref="RelayClientOptions.RetryFor"/>). An attempt (the listener's outbox sender, which
-    /// reports and backs off itself): a connection is tried once (a failed attempt throws its
+    /// <see cref="RelayClientOptions.RetryFor"/>). An attempt (the listener's outbox sender and a join's
+    /// SKEY, which report and back off themselves): a connection is tried once (a failed attempt throws its
     /// <see cref="RelayConnectException"/> at once) and the whole is bounded by
     /// <see cref="RelayClientOptions.ConnectTimeout"/> (<see cref="OperationCanceledException"/> while
     /// <paramref name="cancellationToken"/> is not cancelled); a connection lost before the answer is
     /// replaced within that bound.
     /// </summary>
-    private async Task SendCommandAsync(RelayAddress relay, Func<RelayConnection, CancellationToken, Task> operation, bool attempt,
+    private async Task CommandAsync(RelayAddress relay, Func<RelayConnection, CancellationToken, Task> operation, bool attempt,
         CancellationToken cancellationToken)
     {
         if (!attempt)
@@ -466,7 +466,7 @@ public sealed partial class Messenger : IAsyncDisposable
         while (true)
         {
             var connection = await _client.ConnectAsync(relay, bounded.Token).ConfigureAwait(false);
-            _maxMessage[relay.ToString()] = connection.MaxMessage;
+            NoteMaxMessage(relay, connection);
             try
             {
                 await operation(connection, bounded.Token).ConfigureAwait(false);
@@ -480,6 +480,8 @@ public sealed partial class Messenger : IAsyncDisposable
             }
         }
     }
+
+    private void NoteMaxMessage(RelayAddress relay, RelayConnection connection) => _maxMessage[relay.ToString()] = connection.MaxMessage;
 
     /// <summary>The largest message the relay announced on the last connection this messenger used to it (null: none yet).</summary>
     private int? LearnedMaxMessage(RelayAddress relay) => _maxMessage.TryGetValue(relay.ToString(), out int max) ? max : null;
