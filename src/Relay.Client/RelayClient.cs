@@ -80,7 +80,12 @@ public sealed class RelayClient : IAsyncDisposable
     private RelayLink Link(RelayAddress relay) =>
         _links.GetOrAdd(relay.ToString(), _ => new RelayLink(this, relay));
 
-    /// <summary>The live connection to <paramref name="relay"/>, connecting (once) if there is none.</summary>
+    /// <summary>
+    /// The live connection to <paramref name="relay"/>, connecting (once) if there is none. While the
+    /// client is connecting to it again already (the connection that brings the deliveries, through its
+    /// back-off), this throws at once what that connection's last attempt met (or its next, if none
+    /// failed yet), rather than waiting for it.
+    /// </summary>
     public Task<RelayConnection> ConnectAsync(RelayAddress relay, CancellationToken cancellationToken = default) =>
         Link(relay).GetAsync(retry: false, cancellationToken);
 
@@ -318,6 +323,12 @@ public sealed class RelayClient : IAsyncDisposable
         private int _host;
         private Task? _pump;
         private Task? _keepAlive;
+        // The failure of the last attempt to connect of the caller that holds the connect lock (null
+        // until one fails), and a signal for the next one: a caller of one attempt (ConnectAsync) that
+        // finds another caller reconnecting (the delivery pump, through its back-off) is told why at
+        // once, rather than waiting for the lock until its own time is up.
+        private Exception? _lastFailure;
+        private TaskCompletionSource _nextFailure = new(TaskCreationOptions.RunContinuationsAsynchronously);
         public ConcurrentDictionary<byte[], RecipientQueue> Subscriptions { get; } = new(IdComparer.Instance);
         // Queues whose SubscribeAsync is under way (with a count for concurrent calls), under _subscribing's lock:
         // an END that arrives meanwhile concerns the subscription being replaced, not the new one.
@@ -393,7 +404,16 @@ public sealed class RelayClient : IAsyncDisposable
             var current = Volatile.Read(ref _current);
             if (current is { Closed.IsCancellationRequested: false }) return current;
             using var linked = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, owner._disposed.Token);
-            await _connectLock.WaitAsync(linked.Token).ConfigureAwait(false);
+            if (retry)
+            {
+                await _connectLock.WaitAsync(linked.Token).ConfigureAwait(false);
+            }
+            else
+            {
+                await LockForOneAttemptAsync(linked.Token).ConfigureAwait(false);
+            }
+            // What the attempts of an earlier holder met says nothing of this one's (the relay may be back).
+            Volatile.Write(ref _lastFailure, null);
             try
             {
                 current = _current;
@@ -462,6 +482,7 @@ public sealed class RelayClient : IAsyncDisposable
                     }
                     catch (RelayConnectException ex)
                     {
+                        AttemptFailed(ex);
                         owner.OnConnectionFailed(relay, ex);
                         // The next attempt goes to the address's next host (a clearnet name and an
                         // .onion name of one relay: the way to one may be blocked or down).
@@ -495,6 +516,50 @@ public sealed class RelayClient : IAsyncDisposable
             finally
             {
                 _connectLock.Release();
+            }
+        }
+
+        private void AttemptFailed(RelayConnectException failure)
+        {
+            Volatile.Write(ref _lastFailure, failure);
+            Interlocked.Exchange(ref _nextFailure, new(TaskCreationOptions.RunContinuationsAsynchronously)).TrySetResult();
+        }
+
+        /// <summary>
+        /// Takes the connect lock for one attempt. While another caller holds it to connect again (the
+        /// delivery pump, between its attempts), the failure of its last attempt, or else of its next,
+        /// is thrown at once (as a <see cref="RelayConnectException"/> of the same kind): the relay
+        /// cannot be reached now, and another attempt of this caller's would only repeat it.
+        /// </summary>
+        private async Task LockForOneAttemptAsync(CancellationToken cancellationToken)
+        {
+            if (_connectLock.Wait(0)) return;
+            using var waiting = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+            var locked = _connectLock.WaitAsync(waiting.Token);
+            while (true)
+            {
+                var next = Volatile.Read(ref _nextFailure).Task;
+                if (!locked.IsCompleted && Volatile.Read(ref _lastFailure) is { } failure)
+                {
+                    waiting.Cancel();
+                    try
+                    {
+                        await locked.ConfigureAwait(false);
+                        _connectLock.Release();   // taken meanwhile after all: not this caller's
+                    }
+                    catch (OperationCanceledException)
+                    {
+                    }
+                    if (cancellationToken.IsCancellationRequested) throw new OperationCanceledException(cancellationToken);
+                    throw failure is FingerprintMismatchException mismatch
+                        ? new FingerprintMismatchException(mismatch.Expected)
+                        : new RelayConnectException(failure.Message, failure);
+                }
+                if (await Task.WhenAny(locked, next).ConfigureAwait(false) == locked)
+                {
+                    await locked.ConfigureAwait(false);   // throws when cancelled
+                    return;
+                }
             }
         }
 

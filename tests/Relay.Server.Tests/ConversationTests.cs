@@ -684,6 +684,83 @@ public class ConversationTests
         await Assert.That((await bobListener.NextAsync<MessageReceived>()).Text).IsEqualTo("sent while listening");
     }
 
+    /// <summary>
+    /// The relay a listener both receives on and sends through stops: while the listener's connection
+    /// is being made again (its back-off), a message sent meanwhile is reported as waiting at once, with
+    /// what the reconnection meets (the relay cannot be reached: connection refused), not after a
+    /// connection's timeout; it goes out once the relay is back.
+    /// </summary>
+    [Test]
+    public async Task A_message_waiting_for_the_relay_the_listener_reconnects_to_is_reported_at_once_with_the_reason()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        var (alice, bob, _, _) = await ConnectedPairAsync(relay);
+        await using (alice)
+        await using (bob)
+        {
+            await using var listener = new Listener(alice);
+            await listener.NextAsync<ContactJoined>();
+            await relay.RestartAsync(async () =>
+            {
+                // The listener's connection is lost and is being made again.
+                await Assert.That((await listener.NextAsync<ContactUnavailable>(10)).Reason).Contains("cannot be reached");
+                using (var giveUp = new CancellationTokenSource(TimeSpan.FromSeconds(1)))
+                {
+                    await Assert.ThrowsAsync<OperationCanceledException>(() => alice.SendAsync("bob", "waited", giveUp.Token));
+                }
+                // Well within the client's ConnectTimeout (30 s).
+                var stalled = await listener.NextAsync<OutboxStalled>(5);
+                await Assert.That(stalled.Contact).IsEqualTo("bob");
+                await Assert.That(stalled.Reason).Contains($"{relay.Address} cannot be reached (");
+                await Assert.That(stalled.Reason).DoesNotContain("no answer within");
+            });
+            await using var bobListener = new Listener(bob);
+            await Assert.That((await bobListener.NextAsync<MessageReceived>()).Text).IsEqualTo("waited");
+        }
+    }
+
+    /// <summary>
+    /// Another server answers at the address of the relay a listener both receives on and sends
+    /// through: a message sent meanwhile is reported as waiting, saying that the server there is not
+    /// the relay the address names (not that the relay cannot be reached), and goes out once the way
+    /// to the real relay is back.
+    /// </summary>
+    [Test]
+    public async Task A_message_waiting_while_another_server_answers_at_the_relays_address_is_reported_as_such()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var impostor = await TestRelay.StartAsync();
+        await using var path = ClientRecoveryTests.SwitchingProxy.Start(relay.Server.RelayEndPoint);
+        var address = relay.Address with { Hosts = ["127.0.0.1"], Port = path.Port };
+        await using var alice = new Messenger(new MemoryProfileStore(), Fast);
+        await using var bob = new Messenger(new MemoryProfileStore(), Fast);
+        var (link, _) = await alice.InviteAsync(address, "bob");
+        await bob.JoinAsync(link, address, "alice");
+        await using var listener = new Listener(alice);
+        await listener.NextAsync<ContactJoined>();
+
+        path.Target = impostor.Server.RelayEndPoint;
+        path.DropAll();
+        await Assert.That((await listener.NextAsync<ContactUnavailable>(10)).Reason).Contains("not the relay it names");
+        try
+        {
+            using var giveUp = new CancellationTokenSource(TimeSpan.FromSeconds(1));
+            await alice.SendAsync("bob", "waited", giveUp.Token);
+            throw new InvalidOperationException("the message was sent through a server that is not the relay");
+        }
+        catch (Exception ex) when (ex is FingerprintMismatchException or OperationCanceledException)
+        {
+        }
+        var stalled = await listener.NextAsync<OutboxStalled>(5);
+        await Assert.That(stalled.Contact).IsEqualTo("bob");
+        await Assert.That(stalled.Reason).Contains("is not the relay it names");
+        await Assert.That(stalled.Reason).Contains(relay.Address.Fingerprint);
+
+        path.Target = relay.Server.RelayEndPoint;
+        await using var bobListener = new Listener(bob);
+        await Assert.That((await bobListener.NextAsync<MessageReceived>()).Text).IsEqualTo("waited");
+    }
+
     /// <summary>A text of 1,500 bytes: a 4,096-byte envelope.</summary>
     private static readonly string LargeText = new('x', 1500);
 

@@ -31,4 +31,8 @@ public class RelayConnectException(string message, Exception? inner = null) : Ex
 
 /// <summary>The relay presented a certificate that does not match the pinned fingerprint.</summary>
 public sealed class FingerprintMismatchException(string expected)
-    : RelayConnectException($"the relay's identity does not match the fingerprint {expected} in its address; refusing to talk to it");
+    : RelayConnectException($"the relay's identity does not match the fingerprint {expected} in its address; refusing to talk to it")
+{
+    /// <summary>The fingerprint the relay's address names.</summary>
+    public string Expected { get; } = expected;
+}
