@@ -7,7 +7,7 @@
 # One memory budget is (10,000 idle subscribed TLS connections within issue 6's 250 MB, as .ci/run
 # keeps the allocations per message within a budget): memory does not move with the VM's load.
 source "$(dirname "$0")/lib.sh"
-expect_checks 32
+expect_checks 34
 
 # json_ok FILE EXPECTED_MESSAGES [python condition on d]: the last stdout line is one JSON object
 # with the fields issue 6 names, nothing lost or duplicated, and the condition true.
@@ -162,6 +162,34 @@ disk_refuses() {
     [ "$rc" = 2 ] && echo "$err" | grep -q -- "--count must be at least 10"
 }
 check "disk_sync.py refuses a count below 10" disk_refuses
+
+# The host probe of PERFORMANCE.md's twenty-seventh round (OPERATIONS.md, "What the host adds to
+# latency"): four loads, each line well-formed, a verdict, its file removed, bad values refused.
+HOST_THROTTLE=$(dirname "$0")/../../bench/Relay.Benchmarks/scripts/host_throttle.py
+mkdir -p "$E2E_TMP/host"
+host_ok() {
+    python3 "$HOST_THROTTLE" "$E2E_TMP/host" --seconds 1 >"$E2E_TMP/host.out" 2>&1 || return 1
+    python3 - "$E2E_TMP/host.out" <<'PY'
+import re, sys
+lines = open(sys.argv[1]).read().splitlines()
+assert len(lines) == 6 and re.match(r"[0-9]+ CPUs, 1 s per load", lines[0]), lines
+for label, l in zip(["alone", "busy loops", "fdatasync loop", "busy loops + fdatasync"], lines[1:5]):
+    m = re.search(r"wake-ups +([0-9]+) +late >2 ms +([0-9]+) +latest +([0-9.]+) ms +lost +([0-9.]+) ms/s +in the busiest tenth of 100 ms ([0-9.]+) +by tenth \[([0-9, ]+)\]$", l)
+    assert label in l and m, l
+    wakeups, late, share = int(m.group(1)), int(m.group(2)), float(m.group(5))
+    tenths = [int(x) for x in m.group(6).split(",")]
+    assert wakeups > 100 and sum(tenths) == late and 0 <= share <= 1, l
+assert re.match(r"(paused|not paused): ", lines[5]), lines[5]
+PY
+    [ -z "$(ls -A "$E2E_TMP/host")" ]
+}
+check "host_throttle.py probes four loads, says whether the host pauses the machine, and leaves nothing behind" host_ok
+host_refuses() {
+    local err rc=0
+    err=$(python3 "$HOST_THROTTLE" "$E2E_TMP/host" --seconds 0.5 2>&1) || rc=$?
+    [ "$rc" = 2 ] && echo "$err" | grep -q -- "--seconds must be at least 1"
+}
+check "host_throttle.py refuses a run under a second" host_refuses
 
 # The C floor of PERFORMANCE.md's paced rounds: builds without warnings, and every record of a
 # short paced run comes through its forwarder with one log and with two logs flushed in parallel.
