@@ -174,7 +174,7 @@ import re, sys
 lines = open(sys.argv[1]).read().splitlines()
 assert len(lines) == 6 and re.match(r"[0-9]+ CPUs, 1 s per load", lines[0]), lines
 for label, l in zip(["alone", "busy loops", "fdatasync loop", "busy loops + fdatasync"], lines[1:5]):
-    m = re.search(r"wake-ups +([0-9]+) +late >2 ms +([0-9]+) +latest +([0-9.]+) ms +lost +([0-9.]+) ms/s +in the busiest tenth of 100 ms ([0-9.]+) +by tenth \[([0-9, ]+)\]$", l)
+    m = re.search(r"wake-ups +([0-9]+) +late >2 ms +([0-9]+) +latest +([0-9.]+) ms +lost +([0-9.]+) ms/s +in the busiest fifth of 100 ms ([0-9.]+) +by tenth \[([0-9, ]+)\]$", l)
     assert label in l and m, l
     wakeups, late, share = int(m.group(1)), int(m.group(2)), float(m.group(5))
     tenths = [int(x) for x in m.group(6).split(",")]
