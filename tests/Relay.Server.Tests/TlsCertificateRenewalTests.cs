@@ -68,6 +68,46 @@ public class TlsCertificateRenewalTests
         await Assert.That(pong.Type).IsEqualTo(FrameType.Pong);
     }
 
+    /// <summary>
+    /// Handshakes that come together while the certificate is due make one renewal between them:
+    /// one line of event 39, and every handshake after it presents the same new certificate.
+    /// </summary>
+    [Test]
+    public async Task Handshakes_that_come_together_at_the_renewal_renew_the_certificate_once()
+    {
+        var clock = new OperationsClock();
+        await using var relay = await TestRelay.StartAsync(o => o.Clock = clock);
+        string original;
+        await using (var first = await RawClient.ConnectAsync(relay))
+        {
+            original = first.ServerCertificate!.SerialNumber;
+        }
+        clock.Advance(TimeSpan.FromHours(25));
+        var serials = new System.Collections.Concurrent.ConcurrentBag<string>();
+        using var deadline = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        async Task HandshakeUntilRenewedAsync()
+        {
+            while (!deadline.IsCancellationRequested)
+            {
+                await using var client = await RawClient.ConnectAsync(relay);
+                string serial = client.ServerCertificate!.SerialNumber;
+                if (serial != original)
+                {
+                    serials.Add(serial);
+                    return;
+                }
+            }
+        }
+        await Task.WhenAll(Enumerable.Range(0, 8).Select(_ => Task.Run(HandshakeUntilRenewedAsync)));
+        await Assert.That(serials.Count).IsEqualTo(8);
+        await using (var after = await RawClient.ConnectAsync(relay))
+        {
+            serials.Add(after.ServerCertificate!.SerialNumber);
+        }
+        await Assert.That(serials.Distinct().Count()).IsEqualTo(1);
+        await Assert.That(relay.Logs.Lines.Count(l => l.Contains("[39]"))).IsEqualTo(1);
+    }
+
     /// <summary>The client's check (PROTOCOL.md §2) with the relay's clock as the client's.</summary>
     private static bool Valid(TestRelay relay, RawClient client, OperationsClock clock) =>
         RelayAddress.VerifyChain(client.ServerCertificate!, client.PresentedChain, relay.Server.Fingerprint, clock.GetUtcNow().UtcDateTime);

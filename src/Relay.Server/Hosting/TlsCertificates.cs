@@ -58,19 +58,31 @@ internal sealed class TlsCertificates : IDisposable
     {
         Issued current = _current ?? await _first.WaitAsync(cancellationToken).ConfigureAwait(false);
         DateTimeOffset now = _clock.GetUtcNow();
-        if (now - current.Made >= RenewAfter && Renew(now) is { } renewal && now >= current.NotAfter)
+        if (now - current.Made >= RenewAfter)
         {
-            current = await renewal.WaitAsync(cancellationToken).ConfigureAwait(false) ?? current;
+            if (Renew(current, now) is not { } renewal)
+            {
+                // Renewed since it was read (or the relay stops): the newest one.
+                current = _current ?? current;
+            }
+            else if (now >= current.NotAfter)
+            {
+                current = await renewal.WaitAsync(cancellationToken).ConfigureAwait(false) ?? current;
+            }
         }
         return current.Options;
     }
 
-    /// <summary>The renewal in progress, started now unless one failed less than an hour ago; null once disposed.</summary>
-    private Task<Issued?>? Renew(DateTimeOffset now)
+    /// <summary>
+    /// The renewal of <paramref name="due"/> in progress, started now unless one failed less than an
+    /// hour ago; null once disposed, or when <paramref name="due"/> was renewed meanwhile (a handshake
+    /// that read it just before a renewal put the next one in place must not start another).
+    /// </summary>
+    private Task<Issued?>? Renew(Issued due, DateTimeOffset now)
     {
         lock (_lock)
         {
-            if (_disposed)
+            if (_disposed || (_renewal is null && !ReferenceEquals(_current, due)))
             {
                 return null;
             }
