@@ -28,6 +28,8 @@ public class ConversationTests
                 try
                 {
                     await foreach (var e in messenger.ListenAsync(_stop.Token)) _events.Writer.TryWrite(e);
+                    // Listening ended by itself: the test's next read says so (ChannelClosedException).
+                    _events.Writer.TryComplete();
                 }
                 catch (OperationCanceledException) { _events.Writer.TryComplete(); }
                 // What ended listening reaches the test's next read.
@@ -759,6 +761,46 @@ public class ConversationTests
         path.Target = relay.Server.RelayEndPoint;
         await using var bobListener = new Listener(bob);
         await Assert.That((await bobListener.NextAsync<MessageReceived>()).Text).IsEqualTo("waited");
+    }
+
+    /// <summary>
+    /// An app that shares its RelayClient with a Messenger and disposes it while the Messenger listens
+    /// (with a join waiting for a relay that is down) ends the listening, with no exception; the join
+    /// waits, unsaved, for the next listener.
+    /// </summary>
+    [Test]
+    public async Task Listening_ends_when_the_app_disposes_the_client_it_shares()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var other = await TestRelay.StartAsync();
+        var client = new RelayClient(Fast);
+        var aliceStore = new MemoryProfileStore();
+        await using var alice = new Messenger(aliceStore, client);
+        await using var bob = new Messenger(new MemoryProfileStore(), Fast);
+        await using var carol = await JoinedContactAsync(alice, relay, "carol");
+        var (link, _) = await alice.InviteAsync(relay.Address, "bob");
+        await bob.JoinAsync(link, other.Address, "alice");   // Bob receives on the other relay
+        Exception? ended = null;
+        await other.RestartAsync(async () =>
+        {
+            await using var listener = new Listener(alice);
+            // Bob's JOIN waits for the other relay.
+            await Assert.That((await listener.NextAsync<ContactUnavailable>(10)).Contact).IsEqualTo("bob");
+            await client.DisposeAsync();
+            try
+            {
+                while (true) await listener.NextAsync<ConversationEvent>(10);
+            }
+            catch (Exception ex)
+            {
+                ended = ex;
+            }
+        });
+        await Assert.That(ended is ChannelClosedException { InnerException: null }).IsTrue().Because($"listening ended with {ended}");
+        // Bob's JOIN was neither saved nor acknowledged: another listener, on a client of its own, handles it.
+        await using var again = new Messenger(aliceStore, Fast);
+        await using var next = new Listener(again);
+        await Assert.That((await next.NextAsync<ContactJoined>()).Contact).IsEqualTo("bob");
     }
 
     /// <summary>A text of 1,500 bytes: a 4,096-byte envelope.</summary>

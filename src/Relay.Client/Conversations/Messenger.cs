@@ -556,6 +556,12 @@ public sealed partial class Messenger : IAsyncDisposable
     /// <see cref="Contacts"/>. A delivery whose saving fails (the profile cannot be written, say) stays
     /// first in line too, and the exception ends listening.
     /// </para>
+    /// <para>
+    /// Listening ends, with no exception, when the <see cref="RelayClient"/> the messenger uses is
+    /// disposed (an app that shares its own client with the messenger and disposes it): joins and
+    /// outboxes still waiting for their relays are given up, unsaved and unacknowledged, for the next
+    /// listener.
+    /// </para>
     /// </summary>
     public async IAsyncEnumerable<ConversationEvent> ListenAsync([EnumeratorCancellation] CancellationToken cancellationToken = default)
     {
