@@ -399,6 +399,24 @@ public sealed class RelayClient : IAsyncDisposable
             }
         }
 
+        /// <summary>
+        /// A delivery of <paramref name="connection"/>'s subscription failed its integrity check: let the
+        /// queue go unless the app subscribed it anew since (the connection receives it again): let go
+        /// then, its deliveries would be dropped and fill its window, and a later SubscribeAsync, finding
+        /// it subscribed on the connection, would send no SUB to have them delivered again.
+        /// </summary>
+        private RecipientQueue? OnRejected(RelayConnection connection, byte[] recipientId)
+        {
+            lock (_subscribing)
+            {
+                if (connection.IsSubscribed(recipientId))
+                {
+                    return null;
+                }
+                return Subscriptions.TryRemove(recipientId, out var queue) ? queue : null;
+            }
+        }
+
         public async Task<RelayConnection> GetAsync(bool retry, CancellationToken cancellationToken)
         {
             var current = Volatile.Read(ref _current);
@@ -652,7 +670,7 @@ public sealed class RelayClient : IAsyncDisposable
                         {
                             owner.OnSubscriptionEnded(relay, queue);
                         }
-                        else if (e is DeliveryRejectedEvent rejected && Subscriptions.TryRemove(rejected.Queue.RecipientId, out var dropped))
+                        else if (e is DeliveryRejectedEvent rejected && OnRejected(connection, rejected.Queue.RecipientId) is { } dropped)
                         {
                             owner.OnDeliveryRejected(relay, dropped, rejected.Reason);
                         }

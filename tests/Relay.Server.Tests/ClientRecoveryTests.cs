@@ -117,6 +117,70 @@ public class ClientRecoveryTests
         await Assert.That(Text(((DeliveryEvent)delivered).Delivery)).IsEqualTo("stored");
     }
 
+    /// <summary>
+    /// A queue the app subscribes again after one of its deliveries failed the integrity check, before
+    /// the client got to that failure, stays subscribed: the failure concerned the subscription it
+    /// replaced. Its messages come, rather than being dropped until the connection is replaced.
+    /// </summary>
+    [Test]
+    public async Task A_queue_subscribed_again_before_its_rejected_delivery_is_handled_stays_subscribed()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        await using var proxy = TamperingProxy.Start(relay.Server.RelayEndPoint);
+        await using var owner = await relay.ConnectAsync();
+        var first = await owner.CreateQueueAsync();
+        var queue = await owner.CreateQueueAsync();
+        await owner.SendAsync(new SenderQueue(first.SenderId, null), "first"u8.ToArray());
+        await owner.SendAsync(new SenderQueue(queue.SenderId, null), "stored"u8.ToArray());
+        var through = proxy.AddressOf(relay);
+        await using var client = new RelayClient(new RelayClientOptions
+        {
+            Tls = false,
+            ReconnectMin = TimeSpan.FromMilliseconds(50),
+            ReconnectMax = TimeSpan.FromMilliseconds(500),
+        });
+        // The handler of the first queue's rejection holds the client's delivery pump: what the
+        // connection reads meanwhile waits for it.
+        using var holding = new ManualResetEventSlim();
+        using var release = new ManualResetEventSlim();
+        var rejected = new ConcurrentQueue<RecipientQueue>();
+        client.DeliveryRejected += (_, q, _) =>
+        {
+            rejected.Enqueue(q);
+            if (q.RecipientId.AsSpan().SequenceEqual(first.RecipientId))
+            {
+                holding.Set();
+                release.Wait(TimeSpan.FromSeconds(20));
+            }
+        };
+        try
+        {
+            proxy.TamperWith(first.RecipientId);
+            await client.SubscribeAsync(through, first);
+            await Assert.That(holding.Wait(TimeSpan.FromSeconds(10))).IsTrue();
+
+            // The queue's delivery fails its check; the app subscribes it again (the way to the relay
+            // is sound again) before the client has handled that failure.
+            proxy.TamperWith(queue.RecipientId);
+            await client.SubscribeAsync(through, queue);
+            var connection = await client.ConnectAsync(through);
+            await Assert.That(await OperationsMetrics.EventuallyAsync(() => Task.FromResult(!connection.IsSubscribed(queue)), seconds: 10)).IsTrue();
+            proxy.TamperWith(new byte[ProtocolConstants.IdSize]);
+            await client.SubscribeAsync(through, queue);
+        }
+        finally
+        {
+            release.Set();
+        }
+
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(10));
+        await using var deliveries = client.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
+        await Assert.That(await deliveries.MoveNextAsync()).IsTrue();
+        await Assert.That(Text(deliveries.Current.Delivery)).IsEqualTo("stored");
+        // Only the first queue's rejection is reported: the other's concerned a subscription replaced.
+        await Assert.That(rejected.Count).IsEqualTo(1);
+    }
+
     [Test]
     public async Task A_relay_that_never_answers_the_renewed_subscriptions_does_not_hold_the_client_for_ever()
     {
