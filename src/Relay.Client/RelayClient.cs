@@ -619,6 +619,9 @@ public sealed class RelayClient : IAsyncDisposable
         {
             lock (this)
             {
+                // Not once the client is disposed (a SubscribeAsync after DisposeAsync, which throws
+                // ObjectDisposedException to its caller): the pump would fault at once, with nobody to see it.
+                if (owner._disposed.IsCancellationRequested) return;
                 _pump ??= PumpAsync();
             }
         }

@@ -183,6 +183,27 @@ public class ClientSubscriptionTests
         }
     }
 
+    /// <summary>
+    /// A subscription asked for once the client is disposed (an app's last call, racing its shutdown)
+    /// throws <see cref="ObjectDisposedException"/> to its caller, and nothing else: no task of the
+    /// client's faults with nobody to see it.
+    /// </summary>
+    [Test]
+    public async Task A_subscription_asked_for_after_the_client_is_disposed_throws_and_leaves_no_exception_unobserved()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var owner = await relay.ConnectAsync();
+        var queue = await owner.CreateQueueAsync();
+        using var unobserved = new UnobservedExceptions(e => e is ObjectDisposedException && e.StackTrace?.Contains("PumpAsync") == true);
+        for (int i = 0; i < 3; i++)
+        {
+            var client = new RelayClient(Options);
+            await client.DisposeAsync();
+            await Assert.ThrowsAsync<ObjectDisposedException>(() => client.SubscribeAsync(relay.Address, queue));
+        }
+        await Assert.That(await unobserved.CollectAsync()).IsEmpty();
+    }
+
     [Test]
     public async Task A_client_disposed_while_it_connects_leaves_no_connection_open()
     {
