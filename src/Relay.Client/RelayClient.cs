@@ -44,7 +44,9 @@ public sealed class RelayClientOptions
 
     /// <summary>
     /// How long <see cref="RelayClient.RunAsync{T}"/> and subscriptions keep trying to reach a relay
-    /// before they give up with the last <see cref="RelayConnectException"/>. Null (the default):
+    /// before they give up with the last <see cref="RelayConnectException"/>, counted from the call (calls
+    /// made together give up together: a call that waited that long for another's attempts is told
+    /// their failure). Null (the default):
     /// for ever, with back-off (a long-running app); a one-shot tool sets a bound.
     /// </summary>
     public TimeSpan? RetryFor { get; init; }
@@ -421,6 +423,11 @@ public sealed class RelayClient : IAsyncDisposable
         {
             var current = Volatile.Read(ref _current);
             if (current is { Closed.IsCancellationRequested: false }) return current;
+            // RetryFor counts from here: the time spent waiting for another caller's attempts (the
+            // delivery pump's, another RunAsync's) is time spent trying, or callers queued behind one
+            // another would each try for RetryFor in turn.
+            long started = System.Diagnostics.Stopwatch.GetTimestamp();
+            bool MayRetry() => owner.Options.RetryFor is not { } limit || System.Diagnostics.Stopwatch.GetElapsedTime(started) < limit;
             using var linked = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, owner._disposed.Token);
             if (retry)
             {
@@ -430,12 +437,18 @@ public sealed class RelayClient : IAsyncDisposable
             {
                 await LockForOneAttemptAsync(linked.Token).ConfigureAwait(false);
             }
-            // What the attempts of an earlier holder met says nothing of this one's (the relay may be back).
-            Volatile.Write(ref _lastFailure, null);
             try
             {
                 current = _current;
                 if (current is { Closed.IsCancellationRequested: false }) return current;
+                if (retry && !MayRetry() && Volatile.Read(ref _lastFailure) is RelayConnectException earlier)
+                {
+                    // Given up while an earlier holder tried: its last failure is this caller's answer
+                    // (and, left in place, the answer of the callers after it).
+                    throw Again(earlier);
+                }
+                // What the attempts of an earlier holder met says nothing of this one's (the relay may be back).
+                Volatile.Write(ref _lastFailure, null);
                 if (current != null)
                 {
                     Interlocked.CompareExchange(ref _current, null, current);
@@ -449,8 +462,6 @@ public sealed class RelayClient : IAsyncDisposable
                     var wait = _backoff.BeforeConnect();
                     if (wait > TimeSpan.Zero) await Task.Delay(wait, linked.Token).ConfigureAwait(false);
                 }
-                long started = System.Diagnostics.Stopwatch.GetTimestamp();
-                bool MayRetry() => owner.Options.RetryFor is not { } limit || System.Diagnostics.Stopwatch.GetElapsedTime(started) < limit;
                 while (true)
                 {
                     try
@@ -569,9 +580,7 @@ public sealed class RelayClient : IAsyncDisposable
                     {
                     }
                     if (cancellationToken.IsCancellationRequested) throw new OperationCanceledException(cancellationToken);
-                    throw failure is FingerprintMismatchException mismatch
-                        ? new FingerprintMismatchException(mismatch.Expected)
-                        : new RelayConnectException(failure.Message, failure);
+                    throw Again(failure);
                 }
                 if (await Task.WhenAny(locked, next).ConfigureAwait(false) == locked)
                 {
@@ -580,6 +589,12 @@ public sealed class RelayClient : IAsyncDisposable
                 }
             }
         }
+
+        /// <summary>Another caller's failure to connect, thrown to this one as a <see cref="RelayConnectException"/> of the same kind.</summary>
+        private static RelayConnectException Again(Exception failure) =>
+            failure is FingerprintMismatchException mismatch
+                ? new FingerprintMismatchException(mismatch.Expected)
+                : new RelayConnectException(failure.Message, failure);
 
         /// <summary>
         /// Renews every subscription on a new connection. A queue the relay refuses (deleted meanwhile:

@@ -204,6 +204,48 @@ public class ClientSubscriptionTests
         await Assert.That(await unobserved.CollectAsync()).IsEmpty();
     }
 
+    /// <summary>
+    /// Calls made at once to a relay that cannot be reached (a subscription, whose delivery pump tries
+    /// too, and several RunAsync) all give up after about <see cref="RelayClientOptions.RetryFor"/>,
+    /// with what the attempts met, rather than one after another, each trying for RetryFor in turn.
+    /// </summary>
+    [Test]
+    public async Task Calls_to_a_relay_that_cannot_be_reached_give_up_together_after_RetryFor()
+    {
+        // Nothing listens there: each attempt is refused at once.
+        var address = new RelayAddress(RelayAddress.Base64Url(new byte[32]), ["127.0.0.1"], TestPorts.Free());
+        await using var client = new RelayClient(new RelayClientOptions
+        {
+            ReconnectMin = TimeSpan.FromMilliseconds(50),
+            ReconnectMax = TimeSpan.FromMilliseconds(500),
+            RetryFor = TimeSpan.FromSeconds(1),
+        });
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        async Task<(double Seconds, Exception? Failure)> Timed(Func<Task> call)
+        {
+            try
+            {
+                await call();
+                return (clock.Elapsed.TotalSeconds, null);
+            }
+            catch (Exception ex)
+            {
+                return (clock.Elapsed.TotalSeconds, ex);
+            }
+        }
+        var calls = new List<Task<(double Seconds, Exception? Failure)>> { Timed(() => client.SubscribeAsync(address, ScriptedRelay.NewQueue())) };
+        for (int i = 0; i < 3; i++)
+        {
+            calls.Add(Timed(() => client.RunAsync(address, c => c.PingAsync())));
+        }
+        foreach (var (seconds, failure) in await Task.WhenAll(calls).WaitAsync(TimeSpan.FromSeconds(30)))
+        {
+            await Assert.That(failure).IsTypeOf<RelayConnectException>();
+            await Assert.That(failure!.Message).Contains("cannot connect to");
+            await Assert.That(seconds).IsLessThan(3.0);
+        }
+    }
+
     [Test]
     public async Task A_client_disposed_while_it_connects_leaves_no_connection_open()
     {
