@@ -302,8 +302,13 @@ public sealed class RelayClient : IAsyncDisposable
 
     internal void EndReadingDeliveries() => Volatile.Write(ref _deliveryReader, 0);
 
+    private int _disposeCalled;
+
+    /// <summary>Closes every connection and ends the delivery stream. A second call does nothing.</summary>
     public async ValueTask DisposeAsync()
     {
+        // The token source is disposed by the first call: cancelling it again would throw.
+        if (Interlocked.Exchange(ref _disposeCalled, 1) != 0) return;
         _disposed.Cancel();
         foreach (var link in _links.Values)
         {

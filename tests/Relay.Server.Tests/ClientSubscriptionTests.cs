@@ -246,6 +246,24 @@ public class ClientSubscriptionTests
         }
     }
 
+    /// <summary>
+    /// A client disposed twice (an app's shutdown path besides its <c>await using</c>) closes once and
+    /// ignores the second call, as every <see cref="IAsyncDisposable"/>.
+    /// </summary>
+    [Test]
+    public async Task A_client_disposed_twice_ignores_the_second_call()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var owner = await relay.ConnectAsync();
+        var queue = await owner.CreateQueueAsync();
+        var client = new RelayClient(Options);
+        await client.SubscribeAsync(relay.Address, queue);
+        await client.DisposeAsync();
+        await client.DisposeAsync();
+        await Assert.That(await OperationsMetrics.EventuallyAsync(async () =>
+            OperationsMetrics.Value(await OperationsMetrics.ScrapeAsync(relay), "relay_connections_open") == 1, seconds: 10)).IsTrue();
+    }
+
     [Test]
     public async Task A_client_disposed_while_it_connects_leaves_no_connection_open()
     {
