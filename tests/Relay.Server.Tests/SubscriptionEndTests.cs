@@ -32,6 +32,121 @@ public class SubscriptionEndTests
     }
 
     /// <summary>
+    /// Two devices take the same queues from each other, round after round, each pipelining its SUBs.
+    /// A device follows PROTOCOL.md §6: an END read while a SUB of the queue awaits its answer ends
+    /// the subscription that SUB replaces, any other END ends its subscription. Once both connections
+    /// are quiet, exactly one of them holds each queue: no END of an older subscription is written
+    /// after the OK of the newer one that took the queue back.
+    /// </summary>
+    [Test]
+    public async Task Devices_taking_queues_from_each_other_always_leave_exactly_one_subscriber_per_queue()
+    {
+        const int Queues = 100;
+        const int Rounds = 200;
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        var queues = new List<RawQueue>();
+        await using (var setup = await RawClient.ConnectAsync(relay))
+        {
+            for (int i = 0; i < Queues; i++)
+            {
+                var queue = await setup.CreateQueueAsync();
+                queues.Add(queue);
+                // Each SUB pushes a large message: a connection's output is busy while it subscribes.
+                var stored = await setup.RequestAsync(setup.Send(setup.NextCorr(), queue.SenderId, new byte[60 * 1024]));
+                await Assert.That(stored.Type).IsEqualTo(FrameType.Ok);
+            }
+        }
+        var devices = new[] { new Device(await RawClient.ConnectAsync(relay), Queues), new Device(await RawClient.ConnectAsync(relay), Queues) };
+        try
+        {
+            for (int round = 0; round < Rounds; round++)
+            {
+                await Task.WhenAll(devices.Select(d => d.SubscribeAllAsync(queues)));
+                // Quiet: an END one connection's SUB causes is written on the other before the first
+                // one's next answer, so two PING rounds on both connections bring every END in.
+                for (int i = 0; i < 2; i++)
+                {
+                    await Task.WhenAll(devices.Select(d => d.PingAsync()));
+                }
+                for (int q = 0; q < Queues; q++)
+                {
+                    int holders = devices.Count(d => d.Subscribed[q]);
+                    await Assert.That(holders).IsEqualTo(1).Because($"round {round}, queue {q}");
+                }
+            }
+        }
+        finally
+        {
+            foreach (var d in devices)
+            {
+                await d.Client.DisposeAsync();
+            }
+        }
+    }
+
+    /// <summary>A device's view of its subscriptions, from the frames it reads in order.</summary>
+    private sealed class Device(RawClient client, int queues)
+    {
+        public RawClient Client { get; } = client;
+        public bool[] Subscribed { get; } = new bool[queues];
+        private readonly int[] _pending = new int[queues];
+        private readonly Dictionary<uint, int> _subs = [];
+        private readonly Dictionary<string, int> _index = [];
+
+        public async Task SubscribeAllAsync(List<RawQueue> queues)
+        {
+            var frames = new List<byte>();
+            for (int q = 0; q < queues.Count; q++)
+            {
+                _index[Convert.ToHexString(queues[q].RecipientId)] = q;
+                uint corr = Client.NextCorr();
+                _subs[corr] = q;
+                _pending[q]++;
+                frames.AddRange(Client.QueueCommand(FrameType.Sub, corr, queues[q].RecipientId, [], queues[q].RecipientPrivate));
+            }
+            await Client.WriteAsync([.. frames]);
+            while (_subs.Count > 0)
+            {
+                Handle(await Client.ReadResponseAsync());
+            }
+        }
+
+        public async Task PingAsync()
+        {
+            uint corr = Client.NextCorr();
+            await Client.WriteAsync(RawClient.Frame(FrameType.Ping, corr, []));
+            RawFrame frame;
+            while ((frame = await Client.ReadResponseAsync()).Type != FrameType.Pong || frame.Correlation != corr)
+            {
+                Handle(frame);
+            }
+        }
+
+        private void Handle(RawFrame frame)
+        {
+            if (frame.Type == FrameType.Msg && frame.Correlation == 0)
+            {
+                return;
+            }
+            if (frame.Type == FrameType.End)
+            {
+                int q = _index[Convert.ToHexString(frame.Payload)];
+                if (_pending[q] == 0)
+                {
+                    Subscribed[q] = false;
+                }
+                return;
+            }
+            if (!_subs.Remove(frame.Correlation, out int sub) || frame.Type != FrameType.Ok)
+            {
+                throw new InvalidOperationException($"unexpected {frame}");
+            }
+            _pending[sub]--;
+            Subscribed[sub] = true;
+        }
+    }
+
+    /// <summary>
     /// Another device deletes the queues while this one subscribes to them, every command pipelined:
     /// each SUB is refused (AUTH), or answered OK and followed by END. No subscriber is left waiting on
     /// a queue that no longer exists.

@@ -316,16 +316,20 @@ internal sealed partial class RelaySession
             {
                 _subscriptions.Remove(subscription.Queue);
                 removed = true;
+                // Not when this connection subscribed the queue again meanwhile: its newer subscription
+                // goes on. Written under the lock: a SUB of the queue on this connection adds its entry
+                // under it before it writes its OK, so this END goes out before that OK, where the
+                // client takes it for the end of the subscription that SUB replaces. Written after the
+                // OK, it would end the newer subscription in the client's eyes while the relay pushes on.
+                if (notify)
+                {
+                    WriteEnd(subscription.Queue.RecipientId);
+                }
             }
         }
         if (removed)
         {
             _context.Metrics.SubscriptionsChanged(-1);
-        }
-        // Not when this connection subscribed the queue again meanwhile: its newer subscription goes on.
-        if (notify && removed)
-        {
-            WriteEnd(subscription.Queue.RecipientId);
         }
         subscription.Dispose();
     }
