@@ -334,7 +334,7 @@ public sealed class RelayClient : IAsyncDisposable
         // until one fails), and a signal for the next one: a caller of one attempt (ConnectAsync) that
         // finds another caller reconnecting (the delivery pump, through its back-off) is told why at
         // once, rather than waiting for the lock until its own time is up.
-        private Exception? _lastFailure;
+        private RelayConnectException? _lastFailure;
         private TaskCompletionSource _nextFailure = new(TaskCreationOptions.RunContinuationsAsynchronously);
         public ConcurrentDictionary<byte[], RecipientQueue> Subscriptions { get; } = new(IdComparer.Instance);
         // Queues whose SubscribeAsync is under way (with a count for concurrent calls), under _subscribing's lock:
@@ -446,7 +446,7 @@ public sealed class RelayClient : IAsyncDisposable
             {
                 current = _current;
                 if (current is { Closed.IsCancellationRequested: false }) return current;
-                if (retry && !MayRetry() && Volatile.Read(ref _lastFailure) is RelayConnectException earlier)
+                if (retry && !MayRetry() && Volatile.Read(ref _lastFailure) is { } earlier)
                 {
                     // Given up while an earlier holder tried: its last failure is this caller's answer
                     // (and, left in place, the answer of the callers after it).
@@ -596,7 +596,7 @@ public sealed class RelayClient : IAsyncDisposable
         }
 
         /// <summary>Another caller's failure to connect, thrown to this one as a <see cref="RelayConnectException"/> of the same kind.</summary>
-        private static RelayConnectException Again(Exception failure) =>
+        private static RelayConnectException Again(RelayConnectException failure) =>
             failure is FingerprintMismatchException mismatch
                 ? new FingerprintMismatchException(mismatch.Expected)
                 : new RelayConnectException(failure.Message, failure);

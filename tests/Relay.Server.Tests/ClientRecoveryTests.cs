@@ -15,6 +15,14 @@ namespace Relay.Server.Tests;
 /// </summary>
 public class ClientRecoveryTests
 {
+    /// <summary>A client of a relay without TLS (behind the tests' proxies) that reconnects quickly.</summary>
+    private static RelayClientOptions PlainFast => new()
+    {
+        Tls = false,
+        ReconnectMin = TimeSpan.FromMilliseconds(50),
+        ReconnectMax = TimeSpan.FromMilliseconds(500),
+    };
+
     private static string Text(Delivery d) => Encoding.UTF8.GetString(d.Body);
 
     [Test]
@@ -85,12 +93,7 @@ public class ClientRecoveryTests
         await owner.SendAsync(new SenderQueue(queue.SenderId, null), "stored"u8.ToArray());
 
         var through = proxy.AddressOf(relay);
-        await using var client = new RelayClient(new RelayClientOptions
-        {
-            Tls = false,
-            ReconnectMin = TimeSpan.FromMilliseconds(50),
-            ReconnectMax = TimeSpan.FromMilliseconds(500),
-        });
+        await using var client = new RelayClient(PlainFast);
         var rejected = new TaskCompletionSource<(RecipientQueue Queue, string Reason)>(TaskCreationOptions.RunContinuationsAsynchronously);
         client.DeliveryRejected += (_, q, reason) => rejected.TrySetResult((q, reason));
         await client.SubscribeAsync(through, other);
@@ -133,12 +136,7 @@ public class ClientRecoveryTests
         await owner.SendAsync(new SenderQueue(first.SenderId, null), "first"u8.ToArray());
         await owner.SendAsync(new SenderQueue(queue.SenderId, null), "stored"u8.ToArray());
         var through = proxy.AddressOf(relay);
-        await using var client = new RelayClient(new RelayClientOptions
-        {
-            Tls = false,
-            ReconnectMin = TimeSpan.FromMilliseconds(50),
-            ReconnectMax = TimeSpan.FromMilliseconds(500),
-        });
+        await using var client = new RelayClient(PlainFast);
         // The handler of the first queue's rejection holds the client's delivery pump: what the
         // connection reads meanwhile waits for it.
         using var holding = new ManualResetEventSlim();
@@ -343,12 +341,7 @@ public class ClientRecoveryTests
     public async Task RunAsync_retries_a_request_made_while_its_connection_is_closing()
     {
         await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
-        await using var client = new RelayClient(new RelayClientOptions
-        {
-            Tls = false,
-            ReconnectMin = TimeSpan.FromMilliseconds(50),
-            ReconnectMax = TimeSpan.FromMilliseconds(500),
-        });
+        await using var client = new RelayClient(PlainFast);
         var connection = await client.ConnectAsync(relay.Address);
 
         // A request still being written holds the connection's close halfway: it refuses new
