@@ -63,7 +63,12 @@ public sealed partial class QueueStore
             }
             Interlocked.Decrement(ref queue.PendingOps);
         }
+        QueueHandle? putBack = op.Kind is OpKind.Ack or OpKind.Expire ? queue : null;   // read before the op goes back to its pool
         op.Fail(error);
+        if (putBack is not null)
+        {
+            MessagesPutBack?.Invoke(putBack);
+        }
     }
 
     private void Undo(WriteOp op, QueueHandle queue)

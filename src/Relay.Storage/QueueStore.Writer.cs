@@ -51,6 +51,14 @@ public sealed partial class QueueStore
     /// <summary>Called on the writer thread while a failed write is being undone (staging is refused then). For tests.</summary>
     internal Action? WhileUndoing;
 
+    /// <summary>
+    /// Raised by the writer thread when a failed write was undone that deleted messages of the queue
+    /// (an ACK, or expiry): they are stored again, the oldest of the queue once more, after a
+    /// subscriber may have moved past them. Raised after the operation's caller heard of the failure,
+    /// with no lock held; the handler must be quick (it runs while the writer undoes the batch).
+    /// </summary>
+    public event Action<QueueHandle>? MessagesPutBack;
+
     /// <summary>Raised by the writer thread after each batch, before any of its operations is answered: operations in it and seconds spent writing (and fsyncing) it.</summary>
     public event Action<StoreCommit>? Committed;
 

@@ -287,7 +287,7 @@ internal sealed partial class RelaySession
             // an earlier ACK of this queue may not be taken back yet, and restarting before it would
             // push from the middle of the queue.
             StoreFailed(FrameType.Ack, corr, ex);
-            _ = RestartWhenWritableAsync(queue);
+            RestartAfterFailedAck(queue);
             return;
         }
         if (!ack.IsCompleted)
@@ -336,18 +336,31 @@ internal sealed partial class RelaySession
                 // The write failed and was undone: the messages are stored again, oldest first, but
                 // the subscription moved past them when the ACK was accepted.
                 StoreFailed(FrameType.Ack, corr, ex);
-                _ = RestartWhenWritableAsync(queue);
+                RestartAfterFailedAck(queue);
                 return;
             }
             if (status != StoreStatus.Ok)
             {
-                if (status == StoreStatus.NotOldest && _store.IsGone(queue, id))
+                bool older = false;
+                if (status == StoreStatus.NotOldest)
                 {
-                    // Outstanding messages that expired before their ACK: nothing to delete, but
-                    // their places in the window are free, so the next messages can go out.
-                    ReleaseThrough(queue, id);
+                    if (_store.IsGone(queue, id))
+                    {
+                        // Outstanding messages that expired (or another connection's ACK deleted)
+                        // before their ACK: nothing to delete, but their places in the window are
+                        // free, so the next messages can go out.
+                        ReleaseThrough(queue, id);
+                    }
+                    else
+                    {
+                        older = true;
+                    }
                 }
                 Fail(FrameType.Ack, corr, status == StoreStatus.NotFound && !queue.Deleted ? ErrorCode.NoMsg : ErrorFor(status));
+                if (older)
+                {
+                    StartAgainIfPutBack(queue, id);
+                }
                 return;
             }
             _context.Metrics.MessagesAcked(count);
@@ -363,33 +376,121 @@ internal sealed partial class RelaySession
     }
 
     /// <summary>
-    /// Restarts the subscription after a refused ACK once the store writes again: after the undo of
-    /// a failed write, and once a write succeeded since (at once after a one-off failure; while the
-    /// disk is full or fails every write, when it works again). Restarting at once would push the
-    /// same messages again and again while writes keep failing, each answered by an ACK that fails
-    /// too, at the speed of the round trip; waiting costs the subscriber nothing it could have had.
-    /// </summary>
-    private async Task RestartWhenWritableAsync(QueueHandle queue)
-    {
-        await _store.WhenUndone();
-        await _store.WhenWritable();
-        RestartAfterFailedAck(queue);
-    }
-
-    /// <summary>
-    /// After an ACK answered INTERNAL (nothing deleted): this connection's subscription of the queue
-    /// starts again from the oldest stored message with its window empty (PROTOCOL.md §6 ACK), so the
-    /// client receives the messages that ACK covered again and acknowledges them again.
+    /// After an ACK answered INTERNAL (the answer just written): restarts this connection's
+    /// subscription of the queue once the store writes again, from the oldest stored message with its
+    /// window empty (PROTOCOL.md §6 ACK), so the client receives the messages that ACK covered again
+    /// and acknowledges them again. Without the restart they would stay outstanding for good: the
+    /// client freed their places and does not ACK them again, and a full window pushes nothing more.
+    /// The answer allows the client one restart: none is made if the subscription was started again
+    /// meanwhile (<see cref="StartAgainIfBehindLocked"/>, after the failed delete put messages back).
     /// </summary>
     private void RestartAfterFailedAck(QueueHandle queue)
     {
+        Subscription? failed;
+        int restarts;
         lock (queue.Sync)
         {
-            if (queue.Tag is Subscription s && ReferenceEquals(s.Session, this))
+            failed = queue.Tag is Subscription s && ReferenceEquals(s.Session, this) ? s : null;
+            restarts = failed?.Restarts ?? 0;
+        }
+        _ = RestartWhenWritableAsync(queue, failed, restarts);
+    }
+
+    /// <summary>
+    /// The restart waits for the undo (an earlier ACK of this queue may not be taken back yet, and
+    /// restarting before it would push from the middle of the queue), and until a write succeeded
+    /// (at once after a one-off failure; while the disk is full or fails every write, when it works
+    /// again). Restarting at once would push the same messages again and again while writes keep
+    /// failing, each answered by an ACK that fails too, at the speed of the round trip; waiting costs
+    /// the subscriber nothing it could have had.
+    /// </summary>
+    private async Task RestartWhenWritableAsync(QueueHandle queue, Subscription? failed, int restarts)
+    {
+        await _store.WhenUndone();
+        await _store.WhenWritable();
+        lock (queue.Sync)
+        {
+            if (queue.Tag is Subscription s && ReferenceEquals(s.Session, this) && !(ReferenceEquals(s, failed) && s.Restarts != restarts))
             {
                 s.Restart();
                 DeliverNextLocked(s);
             }
+        }
+    }
+
+    /// <summary>
+    /// The store put messages of <paramref name="queue"/> back after a failed delete
+    /// (<see cref="QueueStore.MessagesPutBack"/>): another connection's ACK of them, or their expiry.
+    /// Its subscriber may have moved past them (its own ACK of one answered NO_MSG while the delete
+    /// was being written, or its SUB started after them); once the store writes again, a subscriber
+    /// with nothing outstanding starts again from the oldest, and one with messages outstanding does
+    /// when its ACK of them finds the older messages (<see cref="StartAgainIfPutBack"/>).
+    /// </summary>
+    internal static async Task StartSubscriberAgainWhenWritableAsync(QueueStore store, QueueHandle queue)
+    {
+        await store.WhenUndone();
+        await store.WhenWritable();
+        lock (queue.Sync)
+        {
+            if (queue.Tag is Subscription s)
+            {
+                s.Session.StartAgainIfBehindLocked(s);
+            }
+        }
+    }
+
+    /// <summary>
+    /// This connection's ACK of <paramref name="id"/> was answered NO_MSG because an older message is
+    /// stored: if that message is one the subscription moved past (a failed delete put it back) and
+    /// <paramref name="id"/> is outstanding, frees the places up to <paramref name="id"/> as the client
+    /// did, and once nothing is outstanding starts the subscription again from the oldest stored
+    /// message (PROTOCOL.md §6 ACK). Any other ACK answered NO_MSG (out of order) changes nothing.
+    /// </summary>
+    private void StartAgainIfPutBack(QueueHandle queue, ulong id)
+    {
+        lock (queue.Sync)
+        {
+            if (queue.Tag is Subscription s && ReferenceEquals(s.Session, this) && s.CountThrough(id) > 0
+                && OldestStored(queue) is ulong oldest && s.IsBehind(oldest))
+            {
+                s.TryReleaseThrough(id);
+                StartAgainIfBehindLocked(s);
+            }
+        }
+    }
+
+    /// <summary>
+    /// Starts <paramref name="s"/> (this connection's) again from the oldest stored message when it
+    /// has nothing outstanding and moved past a message that is stored again. The client's count of
+    /// the window is empty too then, so the pushes from the oldest fit it. Caller holds <c>s.Queue.Sync</c>.
+    /// </summary>
+    private void StartAgainIfBehindLocked(Subscription s)
+    {
+        if (s.Ended || s.HasOutstanding || s.NextFrom == 0 || OldestStored(s.Queue) is not ulong oldest || !s.IsBehind(oldest))
+        {
+            return;
+        }
+        s.Restart();
+        DeliverNextLocked(s);
+    }
+
+    /// <summary>The id of the queue's oldest stored message; null when there is none or the store failed to read it (logged).</summary>
+    private ulong? OldestStored(QueueHandle queue)
+    {
+        try
+        {
+            if (!_store.TryPeekOldest(queue, out StoredMessage message))
+            {
+                return null;
+            }
+            ulong id = message.Id;
+            message.Return();
+            return id;
+        }
+        catch (Exception ex)
+        {
+            Log.StoreFailed(_context, "SUB", ex);
+            return null;
         }
     }
 

@@ -31,6 +31,20 @@ internal sealed class Subscription(RelaySession session, QueueHandle queue, int 
 
     public bool HasRoom => (_outstanding?.Count ?? 0) < Window;
 
+    /// <summary>True while a message pushed is not acknowledged.</summary>
+    public bool HasOutstanding => _outstanding is { Count: > 0 };
+
+    /// <summary>How many times <see cref="Restart"/> ran: an ACK answered INTERNAL restarts the subscription only if nothing else did since.</summary>
+    public int Restarts { get; private set; }
+
+    /// <summary>
+    /// True when <paramref name="oldestStored"/>, the queue's oldest stored message, is one this
+    /// subscription moved past without it being outstanding: a failed delete stored it again (only an
+    /// undone delete puts a message back below the ids already handed out).
+    /// </summary>
+    public bool IsBehind(ulong oldestStored) =>
+        oldestStored < NextFrom && !(_outstanding is not null && _outstanding.TryPeek(out ulong oldest) && oldest <= oldestStored);
+
     public void Delivered(ulong id)
     {
         (_outstanding ??= new Queue<ulong>(Window)).Enqueue(id);
@@ -77,6 +91,7 @@ internal sealed class Subscription(RelaySession session, QueueHandle queue, int 
     {
         _outstanding?.Clear();
         NextFrom = 0;
+        Restarts++;
     }
 
     public void Dispose() => _cipher?.Dispose();

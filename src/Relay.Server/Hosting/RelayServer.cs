@@ -190,6 +190,7 @@ public sealed class RelayServer : IAsyncDisposable
             var metrics = new RelayMetrics();
             store.Committed += metrics.Committed;
             store.CompletionScope = BatchedSends.Run;
+            store.MessagesPutBack += queue => _ = RelaySession.StartSubscriberAgainWhenWritableAsync(store, queue);
             metrics.Bind(store, options);
 
             var started = await identityTask;
