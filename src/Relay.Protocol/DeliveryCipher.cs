@@ -11,7 +11,8 @@ namespace Relay.Protocol;
 /// overhead was most of the cost of sealing a small message (1,319 vs 711 ns for 256 bytes,
 /// DeliveryBenchmarks). Where libcrypto 3 cannot be called directly, or disagrees with the BCL on a
 /// known input, the BCL type does the work. Not thread-safe: one user at a time (a subscription under
-/// its queue's lock, a connection's read loop).
+/// its queue's lock, a connection's read loop). <see cref="Dispose"/> is the exception: it may be called
+/// again, and on several threads at once.
 /// </summary>
 public sealed unsafe class DeliveryCipher : IDisposable
 {
@@ -19,7 +20,8 @@ public sealed unsafe class DeliveryCipher : IDisposable
     private nint _seal;
     private nint _open;
     private ChaCha20Poly1305? _bcl;
-    private bool _disposed;
+    private int _disposed;   // 1 once Dispose has begun
+    private int _contextsFreed;
 
     private readonly bool _native;
 
@@ -43,7 +45,7 @@ public sealed unsafe class DeliveryCipher : IDisposable
     public void Encrypt(ReadOnlySpan<byte> nonce, ReadOnlySpan<byte> plaintext, Span<byte> ciphertext, Span<byte> tag, ReadOnlySpan<byte> aad)
     {
         CheckSizes(nonce, plaintext.Length, ciphertext.Length, tag.Length);
-        ObjectDisposedException.ThrowIf(_disposed, this);
+        ObjectDisposedException.ThrowIf(_disposed != 0, this);
         if (!_native)
         {
             (_bcl ??= new ChaCha20Poly1305(_key)).Encrypt(nonce, plaintext, ciphertext, tag, aad);
@@ -60,7 +62,7 @@ public sealed unsafe class DeliveryCipher : IDisposable
     public bool TryDecrypt(ReadOnlySpan<byte> nonce, ReadOnlySpan<byte> ciphertext, ReadOnlySpan<byte> tag, Span<byte> plaintext, ReadOnlySpan<byte> aad)
     {
         CheckSizes(nonce, ciphertext.Length, plaintext.Length, tag.Length);
-        ObjectDisposedException.ThrowIf(_disposed, this);
+        ObjectDisposedException.ThrowIf(_disposed != 0, this);
         bool ok;
         if (!_native)
         {
@@ -98,13 +100,22 @@ public sealed unsafe class DeliveryCipher : IDisposable
     }
 
     /// <summary>True once disposed (its native contexts are freed).</summary>
-    public bool IsDisposed => _disposed;
+    public bool IsDisposed => Volatile.Read(ref _disposed) != 0;
+
+    /// <summary>Native contexts this cipher's <see cref="Dispose"/> freed: one per direction used, never more.</summary>
+    internal int ContextsFreed => Volatile.Read(ref _contextsFreed);
 
     public void Dispose()
     {
-        _disposed = true;
-        EvpChaCha20Poly1305.Free(ref _seal);
-        EvpChaCha20Poly1305.Free(ref _open);
+        // Only the first call frees, whichever thread makes it: a subscription can end on two threads
+        // at once (its connection closing while another's SUB takes the queue or a DEL removes it),
+        // and a context freed twice corrupts the native heap.
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+        {
+            return;
+        }
+        if (EvpChaCha20Poly1305.Free(ref _seal)) Interlocked.Increment(ref _contextsFreed);
+        if (EvpChaCha20Poly1305.Free(ref _open)) Interlocked.Increment(ref _contextsFreed);
         _bcl?.Dispose();
         CryptographicOperations.ZeroMemory(_key);
         GC.SuppressFinalize(this);
@@ -153,13 +164,16 @@ internal static unsafe partial class EvpChaCha20Poly1305
         return context;
     }
 
-    public static void Free(ref nint context)
+    /// <summary>Frees <paramref name="context"/> when it is set, and clears it; true when it freed one.</summary>
+    public static bool Free(ref nint context)
     {
         if (context != 0)
         {
             EVP_CIPHER_CTX_free(context);   // also clears the key schedule
             context = 0;
+            return true;
         }
+        return false;
     }
 
     public static void Seal(nint context, ReadOnlySpan<byte> nonce, ReadOnlySpan<byte> plaintext, Span<byte> ciphertext, Span<byte> tag, ReadOnlySpan<byte> aad)

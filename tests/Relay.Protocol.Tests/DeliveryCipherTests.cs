@@ -95,4 +95,57 @@ public class DeliveryCipherTests
         cipher.Dispose();
         await Assert.That(() => cipher.Encrypt(new byte[12], new byte[4], new byte[4], new byte[16], [])).Throws<ObjectDisposedException>();
     }
+    /// <summary>
+    /// The relay disposes a subscription's cipher wherever the subscription ends, and a subscription can
+    /// end on two threads at once (its connection closing while another connection's SUB takes the queue
+    /// or a DEL removes it). Each native context is freed exactly once: a second free of the same
+    /// context corrupts the native heap (and usually aborts the process).
+    /// </summary>
+    [Test]
+    public async Task Disposed_on_several_threads_at_once_frees_each_native_context_once()
+    {
+        const int Ciphers = 20_000;
+        int threads = Math.Max(2, Environment.ProcessorCount);
+        var ciphers = new DeliveryCipher[Ciphers];
+        byte[] nonce = new byte[12], data = new byte[64], tag = new byte[16];
+        for (int i = 0; i < Ciphers; i++)
+        {
+            // Both directions used: a sealing and an opening context to free.
+            ciphers[i] = new DeliveryCipher(RfcKey, native: true);
+            ciphers[i].Encrypt(nonce, data, data, tag, []);
+            ciphers[i].TryDecrypt(nonce, data, tag, data, []);
+        }
+        // Each cipher is disposed by every thread at the same moment: the threads meet, spinning,
+        // before each one (a blocking barrier wakes them one after another, too late to meet).
+        int arrived = 0;
+        var failures = new System.Collections.Concurrent.ConcurrentQueue<Exception>();
+        var workers = Enumerable.Range(0, threads).Select(_ => new Thread(() =>
+        {
+            for (int round = 1; round <= Ciphers; round++)
+            {
+                Interlocked.Increment(ref arrived);
+                for (int spins = 1; Volatile.Read(ref arrived) < round * threads; spins++)
+                {
+                    // Yielding now and then lets a thread that has no core of its own arrive.
+                    if (spins % 4096 == 0) Thread.Yield();
+                    else Thread.SpinWait(1);
+                }
+                try
+                {
+                    ciphers[round - 1].Dispose();
+                }
+                catch (Exception ex)
+                {
+                    failures.Enqueue(ex);
+                }
+            }
+        })).ToArray();
+        foreach (var worker in workers) worker.Start();
+        foreach (var worker in workers) worker.Join();
+
+        await Assert.That(failures).IsEmpty();
+        await Assert.That(ciphers.All(c => c.IsDisposed)).IsTrue();
+        var freedOtherThanTwice = ciphers.Select(c => c.ContextsFreed).Where(n => n != 2).ToList();
+        await Assert.That(freedOtherThanTwice).IsEmpty();
+    }
 }

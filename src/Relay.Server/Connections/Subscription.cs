@@ -94,5 +94,10 @@ internal sealed class Subscription(RelaySession session, QueueHandle queue, int 
         Restarts++;
     }
 
+    /// <summary>
+    /// Frees the cipher. Called wherever the subscription ends, which may be on two threads at once
+    /// (its connection closing, another connection's SUB of the queue, a DEL): the cipher frees its
+    /// native contexts on the first call only.
+    /// </summary>
     public void Dispose() => _cipher?.Dispose();
 }
