@@ -188,6 +188,13 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
 
     internal uint NowHour() => (uint)(_options.Clock.GetUtcNow().ToUnixTimeSeconds() / 3600);
 
+    /// <summary>
+    /// Called before a lookup reads the database because the queue it names is not in memory (its
+    /// record, or a sender id's index entry). Throwing fails the lookup as a failed disk read would.
+    /// For tests of what the layers above do then; a lookup served from memory never calls it.
+    /// </summary>
+    internal Action? BeforeLookupRead;
+
     public QueueHandle? FindByRecipientId(ReadOnlySpan<byte> recipientId)
     {
         if (recipientId.Length != QueueHandle.IdLength)
@@ -227,6 +234,7 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
         int length;
         try
         {
+            BeforeLookupRead?.Invoke();
             length = _db.Get(Cf.Senders, senderId, recipientId);
         }
         finally
@@ -257,6 +265,7 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
             // handle in memory nothing writes the queue, so what is read stays true, unless a handle
             // that existed meanwhile was removed (a DEL made durable, say): then it is read again
             // under the lock, as every load was before.
+            BeforeLookupRead?.Invoke();
             long removals = Interlocked.Read(ref _handleRemovals);
             Span<byte> record = stackalloc byte[Keys.QueueRecordLength];
             bool found = Read(recipientId, record, out var totals);

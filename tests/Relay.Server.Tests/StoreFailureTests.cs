@@ -220,6 +220,44 @@ public class StoreFailureTests
     }
 
     [Test]
+    public async Task Commands_whose_queue_the_store_fails_to_look_up_are_answered_internal_and_the_connection_goes_on()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        RawQueue queue;
+        await using (var creator = await RawClient.ConnectAsync(relay))
+        {
+            queue = await creator.CreateQueueAsync();
+        }
+        // Started again, the relay holds no queue in memory: a command naming one looks it up in the store.
+        await relay.RestartAsync();
+        relay.Server.Store.BeforeLookupRead = () => throw new StoreException("injected lookup failure");
+        await using var client = await RawClient.ConnectAsync(relay);
+        uint send = client.NextCorr(), sub = client.NextCorr();
+        await client.WriteAsync(client.Send(send, queue.SenderId, "m1"u8));
+        await client.WriteAsync(client.QueueCommand(FrameType.Sub, sub, queue.RecipientId, [], queue.RecipientPrivate));
+
+        // Each request gets its one answer, INTERNAL, and the PING after them its PONG.
+        var frames = await FramesUntilQuietAsync(client);
+        var sendAnswers = frames.Where(f => f.Correlation == send).ToList();
+        var subAnswers = frames.Where(f => f.Correlation == sub).ToList();
+        await Assert.That(sendAnswers.Count).IsEqualTo(1);
+        await Assert.That(sendAnswers[0].Error).IsEqualTo(ErrorCode.Internal);
+        await Assert.That(subAnswers.Count).IsEqualTo(1);
+        await Assert.That(subAnswers[0].Error).IsEqualTo(ErrorCode.Internal);
+        await Assert.That(await LoggedAsync(relay, "Store operation SEND failed: injected lookup failure")).IsTrue();
+        await Assert.That(await LoggedAsync(relay, "Store operation SUB failed: injected lookup failure")).IsTrue();
+        var metrics = await ScrapeAsync(relay);
+        await Assert.That(Value(metrics, "relay_commands_total", "command=\"send\",result=\"internal\"")).IsEqualTo(1);
+        await Assert.That(Value(metrics, "relay_commands_total", "command=\"sub\",result=\"internal\"")).IsEqualTo(1);
+
+        // The store reads again: the same connection sends, subscribes and receives.
+        relay.Server.Store.BeforeLookupRead = null;
+        await SendAsync(client, queue, "m2");
+        await SubscribeAsync(client, queue);
+        await Assert.That((await NextMessageAsync(client, queue)).Text).IsEqualTo("m2");
+    }
+
+    [Test]
     public async Task A_disk_that_fails_every_write_is_logged_once_per_command_and_ten_seconds_with_a_count_of_the_rest()
     {
         var clock = new OperationsClock();

@@ -26,7 +26,10 @@ internal sealed partial class RelaySession
             Fail(FrameType.Send, corr, ErrorCode.TooLarge);
             return;
         }
-        var queue = _store.FindBySenderId(command.QueueId);
+        if (!TryFindQueue(FrameType.Send, corr, command.QueueId, senderSide: true, out var queue))
+        {
+            return;
+        }
         if (queue is null)
         {
             Authorize(command, null, senderSide: true);

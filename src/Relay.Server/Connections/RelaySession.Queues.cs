@@ -76,13 +76,37 @@ internal sealed partial class RelaySession
             Fail(frame.Type, frame.CorrelationId, ErrorCode.Syntax);
             return null;
         }
-        var queue = _store.FindByRecipientId(command.QueueId);
+        if (!TryFindQueue(frame.Type, frame.CorrelationId, command.QueueId, senderSide: false, out var queue))
+        {
+            return null;
+        }
         if (!Authorize(command, queue?.RecipientKey, senderSide: false) || queue is null)
         {
             Fail(frame.Type, frame.CorrelationId, ErrorCode.Auth);
             return null;
         }
         return queue;
+    }
+
+    /// <summary>
+    /// Finds the queue of a sender id (<paramref name="senderSide"/>) or recipient id; null when there
+    /// is none. A queue not in memory is read from the store: false when that read failed, the request
+    /// answered INTERNAL and the failure logged. (Thrown on, the failure would end the connection with
+    /// this request and every one after it unanswered.)
+    /// </summary>
+    private bool TryFindQueue(FrameType type, uint corr, ReadOnlySpan<byte> id, bool senderSide, out QueueHandle? queue)
+    {
+        try
+        {
+            queue = senderSide ? _store.FindBySenderId(id) : _store.FindByRecipientId(id);
+            return true;
+        }
+        catch (Exception ex)
+        {
+            queue = null;
+            StoreFailed(type, corr, ex);
+            return false;
+        }
     }
 
     private void Fail(FrameType type, uint corr, ErrorCode code)
@@ -194,7 +218,10 @@ internal sealed partial class RelaySession
             Fail(FrameType.SKey, corr, ErrorCode.Syntax);
             return;
         }
-        var queue = _store.FindBySenderId(command.QueueId);
+        if (!TryFindQueue(FrameType.SKey, corr, command.QueueId, senderSide: true, out var queue))
+        {
+            return;
+        }
         var senderKey = command.Args.ToArray();
         // The MAC key comes from the key in the request, whether the queue exists or not: the same
         // derivation, cached under the same key, in both cases (a decoy here would be told apart by
