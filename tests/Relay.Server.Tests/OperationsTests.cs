@@ -497,4 +497,36 @@ public class OperationsTests
             foreach (var socket in sockets) socket.Dispose();
         }
     }
+    [Test]
+    [Arguments(false)]
+    [Arguments(true)]
+    public async Task A_client_that_goes_away_after_TLS_before_HELLO_is_counted_once_as_a_closed_handshake(bool reset)
+    {
+        await using var relay = await TestRelay.StartAsync();
+        var before = await ScrapeAsync(relay);
+        var client = await RawClient.ConnectRawAsync(relay);   // TLS done, no HELLO
+        // The relay's side of TLS is done too once its session tickets arrive (it sends them after it
+        // has read the client's Finished): going away before then is a TLS failure.
+        await Assert.That(await EventuallyAsync(() => Task.FromResult(client.Socket.Available > 0), seconds: 10)).IsTrue();
+        if (reset)
+        {
+            // RST instead of FIN: a client killed, or a proxy or NAT dropping the connection.
+            client.Socket.LingerState = new System.Net.Sockets.LingerOption(true, 0);
+            client.Socket.Close();
+        }
+        else
+        {
+            await client.ShutdownSendAsync();
+        }
+        await client.DisposeAsync();
+
+        static double Handshakes(string text) => text.Split('\n').Where(l => l.StartsWith("relay_handshakes_total{", StringComparison.Ordinal))
+            .Sum(l => double.Parse(l[(l.LastIndexOf(' ') + 1)..], System.Globalization.CultureInfo.InvariantCulture));
+        string after = before;
+        await EventuallyAsync(async () => Handshakes(after = await ScrapeAsync(relay)) > Handshakes(before), seconds: 10);
+        await Assert.That(Value(after, "relay_handshakes_total", "result=\"closed\"") - Value(before, "relay_handshakes_total", "result=\"closed\"")).IsEqualTo(1);
+        // Counted under that one result: a scrape a moment later finds no other.
+        await Task.Delay(300);
+        await Assert.That(Handshakes(await ScrapeAsync(relay)) - Handshakes(before)).IsEqualTo(1);
+    }
 }

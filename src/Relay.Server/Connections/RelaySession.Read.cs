@@ -134,6 +134,13 @@ internal sealed partial class RelaySession
                 Log.HandshakeTimeout(_logger);
                 return false;
             }
+            catch (IOException)
+            {
+                // Reset (a client killed, a proxy or NAT dropping the connection) rather than closed:
+                // the same for the count; the exception ends the connection as any failed read does.
+                _context.Metrics.HandshakeFailed(_readStart == _readEnd ? "closed" : "truncated");
+                throw;
+            }
             var buffer = Received;
             try
             {
