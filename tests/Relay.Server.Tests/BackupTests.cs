@@ -223,6 +223,56 @@ public class BackupTests
     }
 
     [Test]
+    [Arguments(false)]
+    [Arguments(true)]
+    public async Task A_relay_restored_by_pointing_data_at_a_backup_never_removes_its_own_data_directory(bool throughLink)
+    {
+        await using var relay = await StartKeepingAsync(1);
+        string root = relay.Server.Backups.Root;
+        string backup;
+        using (var admin = AdminClient(relay, Token))
+        {
+            backup = (await PostBackupAsync(admin, HttpStatusCode.OK)).GetProperty("path").GetString()!;
+        }
+
+        // Restored as OPERATIONS.md allows: --data pointing at the backup (or at a link to it), the
+        // rest of the settings (a config file's backupDir and backupKeep) as they were.
+        string data = backup;
+        if (throughLink)
+        {
+            data = Path.Combine(relay.DataDirectory, "restored");
+            Directory.CreateSymbolicLink(data, backup);
+        }
+        await using var restored = await TestRelay.StartInAsync(data, o =>
+        {
+            o.AdminToken = Token;
+            o.BackupDirectory = root;
+            o.BackupKeep = 1;
+        });
+        RecipientQueue queue;
+        await using (var client = await restored.ConnectAsync())
+        {
+            queue = await client.CreateQueueAsync();
+            await client.SendAsync(new SenderQueue(queue.SenderId, null), "after the restore"u8.ToArray());
+        }
+        using (var admin = AdminClient(restored, Token))
+        {
+            // Its data directory is named and holds the identity as a backup does, but it is the relay.
+            JsonElement made = await PostBackupAsync(admin, HttpStatusCode.OK);
+            await Assert.That(Removed(made)).IsEmpty();
+        }
+        await Assert.That(Directory.Exists(Path.Combine(backup, "queues"))).IsTrue();
+
+        await restored.RestartAsync();
+        await using (var client = await restored.ConnectAsync())
+        {
+            var kept = await client.GetAsync(queue);
+            await Assert.That(kept).IsNotNull();
+            await Assert.That(Encoding.UTF8.GetString(kept!.Body)).IsEqualTo("after the restore");
+        }
+    }
+
+    [Test]
     public async Task With_keep_0_every_backup_stays()
     {
         await using var relay = await StartKeepingAsync(0);

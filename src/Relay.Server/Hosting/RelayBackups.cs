@@ -28,7 +28,7 @@ public sealed class BackupResult
 /// whole, so a directory without that suffix is always a complete backup. After each backup the
 /// oldest are removed so that <see cref="Keep"/> remain.
 /// </summary>
-internal sealed class RelayBackups(QueueStore store, string dataDirectory, string? backupDirectory, int keep,
+internal sealed partial class RelayBackups(QueueStore store, string dataDirectory, string? backupDirectory, int keep,
     TimeProvider clock, ILogger logger, RelayMetrics? metrics)
 {
     private const string PartialSuffix = ".partial";
@@ -131,7 +131,9 @@ internal sealed class RelayBackups(QueueStore store, string dataDirectory, strin
     /// This relay's complete backups in <see cref="Root"/>, oldest first: by time, then by the suffix
     /// of a second backup in the same second. Only directories named as this class names them and
     /// holding this relay's identity count: anything else there (an operator's files, a backup of
-    /// another relay sharing the directory) is not this relay's backup and is left alone.
+    /// another relay sharing the directory) is not this relay's backup and is left alone. Nor is the
+    /// relay's own data directory (or one holding it), although it looks like a backup when the relay
+    /// was restored by pointing <c>--data</c> at one: it is the relay's live store now.
     /// </summary>
     private List<(string Path, DateTimeOffset Made, int Number)> Complete()
     {
@@ -150,7 +152,8 @@ internal sealed class RelayBackups(QueueStore store, string dataDirectory, strin
             if (DateTimeOffset.TryParseExact(stamp, NameFormat, CultureInfo.InvariantCulture,
                     DateTimeStyles.AssumeUniversal | DateTimeStyles.AdjustToUniversal, out var made)
                 && (dash < 0 || (int.TryParse(name.AsSpan(dash + 1), NumberStyles.None, CultureInfo.InvariantCulture, out number) && number >= 2))
-                && HoldsIdentity(dir, identity))
+                && HoldsIdentity(dir, identity)
+                && !HoldsDataDirectory(dir))
             {
                 backups.Add((dir, made, number));
             }
@@ -158,6 +161,37 @@ internal sealed class RelayBackups(QueueStore store, string dataDirectory, strin
         backups.Sort((a, b) => a.Made != b.Made ? a.Made.CompareTo(b.Made) : a.Number.CompareTo(b.Number));
         return backups;
     }
+
+    /// <summary>
+    /// True when <paramref name="directory"/> is the relay's data directory or one of its parents,
+    /// also when either is reached through a symbolic link (a data directory linked to a backup).
+    /// </summary>
+    private bool HoldsDataDirectory(string directory)
+    {
+        string data = RealPath(dataDirectory);
+        string dir = RealPath(directory);
+        return data == dir || data.StartsWith(dir + Path.DirectorySeparatorChar, StringComparison.Ordinal);
+    }
+
+    /// <summary>The absolute path with every symbolic link resolved (where it cannot be resolved: the full path as given).</summary>
+    private static string RealPath(string path)
+    {
+        string full = Path.TrimEndingDirectorySeparator(Path.GetFullPath(path));
+        if (OperatingSystem.IsWindows())
+        {
+            return full;
+        }
+        byte[] resolved = new byte[4097];   // PATH_MAX and its terminating zero
+        if (ResolvePath(full, resolved) == 0)
+        {
+            return full;
+        }
+        int length = Array.IndexOf(resolved, (byte)0);
+        return System.Text.Encoding.UTF8.GetString(resolved, 0, length < 0 ? resolved.Length : length);
+    }
+
+    [LibraryImport("libc", EntryPoint = "realpath", StringMarshalling = StringMarshalling.Utf8)]
+    private static partial nint ResolvePath(string path, byte[] resolved);
 
     private static bool HoldsIdentity(string backup, byte[] identity)
     {
