@@ -134,15 +134,57 @@ public class ValidationTests
     [Arguments("--idle-timeout", "59s", "--idle-timeout must be at least 1m, got '59s'")]
     [Arguments("--sweep-interval", "0.1s", "--sweep-interval must be at least 1s, got '0.1s'")]
     [Arguments("--message-ttl", "40000d", "--message-ttl must be at most 36500d, got '40000d'")]
-    [Arguments("--shutdown-timeout", "1e300", "--shutdown-timeout must be at most 36500d, got '1e300'")]
+    [Arguments("--shutdown-timeout", "1e300", "--shutdown-timeout must be at most 49d, got '1e300'")]
     [Arguments("--store-failure-timeout", "1e400h", "--store-failure-timeout must be at most 36500d, got '1e400h'")]
     [Arguments("--message-ttl", "soon", "--message-ttl must be a duration such as 45s, 30m, 12h or 21d, got 'soon'")]
+    [Arguments("--sweep-interval", "50d", "--sweep-interval must be at most 49d, got '50d'")]
     public async Task A_duration_out_of_range_names_the_bound_in_the_units_the_options_take(string flag, string value, string message)
     {
         using var files = new SettingsFiles();
         var (code, error) = await RunAsync("serve", "--data", files.DataDirectory, flag, value);
         await Assert.That(code).IsEqualTo(RelayCli.Usage);
         await Assert.That(error.Trim()).IsEqualTo("relay: " + message);
+    }
+
+    /// <summary>
+    /// Durations the relay waits out with a timer end at 49d, what the runtime's timers take: a longer
+    /// one failed the start (sweep interval), closed every connection in its handshake without a word
+    /// (handshake and PROXY header timeouts) or crashed the shutdown (shutdown timeout).
+    /// </summary>
+    [Test]
+    [Arguments("--sweep-interval", "sweepInterval", "RELAY_SWEEP_INTERVAL")]
+    [Arguments("--handshake-timeout", "handshakeTimeout", "RELAY_HANDSHAKE_TIMEOUT")]
+    [Arguments("--proxy-header-timeout", "proxyHeaderTimeout", "RELAY_PROXY_HEADER_TIMEOUT")]
+    [Arguments("--shutdown-timeout", "shutdownTimeout", "RELAY_SHUTDOWN_TIMEOUT")]
+    public async Task A_timer_duration_longer_than_a_timer_takes_is_a_usage_error_from_every_source(string flag, string key, string variable)
+    {
+        var fromFlag = Assert.Throws<UsageException>(() => Bind([flag, "100d"], []));
+        await Assert.That(fromFlag!.Message).IsEqualTo($"{flag} must be at most 49d, got '100d'");
+        var fromEnvironment = Assert.Throws<UsageException>(() => Bind([], new() { [variable] = "1200h" }));
+        await Assert.That(fromEnvironment!.Message).IsEqualTo($"{variable} must be at most 49d, got '1200h'");
+        using var files = new SettingsFiles();
+        string config = files.Write("relay.json", $"{{\"{key}\": \"50d\"}}");
+        var fromFile = Assert.Throws<UsageException>(() => Bind(["--config", config], []));
+        await Assert.That(fromFile!.Message).IsEqualTo($"'{key}' in {config} must be at most 49d, got '50d'");
+        // The bound itself is taken.
+        var server = Bind([flag, "49d"], []).Server;
+        TimeSpan taken = flag switch
+        {
+            "--sweep-interval" => server.SweepInterval,
+            "--handshake-timeout" => server.HandshakeTimeout,
+            "--proxy-header-timeout" => server.ProxyHeaderTimeout,
+            _ => server.ShutdownTimeout,
+        };
+        await Assert.That(taken).IsEqualTo(TimeSpan.FromDays(49));
+    }
+
+    [Test]
+    public async Task Listen_refuses_a_timeout_longer_than_a_timer_takes()
+    {
+        using var files = new SettingsFiles();
+        var (code, error) = await RunAsync("listen", "--profile", files.DataDirectory, "--timeout", "31536000");
+        await Assert.That(code).IsEqualTo(RelayCli.Usage);
+        await Assert.That(error.Trim()).IsEqualTo("relay: option --timeout must be a whole number from 1 to 4233600, got '31536000'");
     }
 
     [Test]

@@ -150,7 +150,8 @@ public static class ClientCommands
             return Task.FromResult(RelayCli.Ok);
         }
         bool once = a.Switch("once");
-        int timeout = a.GetInt("timeout", 0, 1, 86400 * 365);
+        // At most what a timer takes (about 49.7 days): 49 days.
+        int timeout = a.GetInt("timeout", 0, 1, (int)ServeSettings.LongestTimer.TotalSeconds);
         var options = ClientOptions(a);
         var store = Profile(a);
         return Guard(async () =>

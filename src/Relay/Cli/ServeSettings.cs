@@ -73,7 +73,7 @@ public sealed class ServeSettings
         new("proxy-protocol", "", "false", "require a PROXY protocol v1 or v2 header (haproxy send-proxy-v2, stunnel protocol = proxy) on every relay connection, before TLS; its client address feeds the per-source limits, in memory only",
             (s, v, src) => s.Server.ProxyProtocol = CliArgs.ParseBool(src, v)),
         new("proxy-header-timeout", "DURATION", "5s", "time allowed for the PROXY header",
-            (s, v, src) => s.Server.ProxyHeaderTimeout = ParseDuration(src, v, TimeSpan.FromMilliseconds(100))),
+            (s, v, src) => s.Server.ProxyHeaderTimeout = ParseDuration(src, v, TimeSpan.FromMilliseconds(100), LongestTimer)),
         new("max-connections-per-source", "N", "100", "concurrent relay connections from one source (IPv4 address or IPv6 /64); 0: no limit",
             (s, v, src) => s.Server.MaxConnectionsPerSource = (int)ParseNumber(src, v, 0, 10_000_000)),
         new("queue-creation-rate", "N", "30", "queues (NEW) one source may create per minute once its burst is spent (LIMIT beyond); 0: no limit",
@@ -87,7 +87,7 @@ public sealed class ServeSettings
         new("max-subscriptions", "N", "10000", "subscriptions per connection",
             (s, v, src) => s.Server.MaxSubscriptionsPerConnection = (int)ParseNumber(src, v, 1, 10_000_000)),
         new("handshake-timeout", "DURATION", "10s", "time allowed for TLS and HELLO",
-            (s, v, src) => s.Server.HandshakeTimeout = ParseDuration(src, v, TimeSpan.FromMilliseconds(100))),
+            (s, v, src) => s.Server.HandshakeTimeout = ParseDuration(src, v, TimeSpan.FromMilliseconds(100), LongestTimer)),
         new("idle-timeout", "DURATION", "300s", "a connection the relay has read nothing from for this long is closed (at least 60s: clients PING at least every 60 s)",
             (s, v, src) => s.Server.IdleTimeout = ParseDuration(src, v, TimeSpan.FromSeconds(60))),
         new("create-password", "TEXT", "none", "password clients must give to create queues (at most 255 UTF-8 bytes)",
@@ -98,7 +98,7 @@ public sealed class ServeSettings
         new("collect-when-quiet", "on|off", "on", "when the relay goes quiet after allocating 4 MiB or more, it collects its garbage and gives the collector's free memory back (at most about once a minute; its pause, 0.1–0.2 s with 10,000 connections, is in relay_quiet_collection_pause_seconds_total)",
             (s, v, src) => s.Server.CollectWhenQuiet = CliArgs.ParseBool(src, v)),
         new("sweep-interval", "DURATION", "10m", "how often expired messages and idle queues are removed",
-            (s, v, src) => s.Server.SweepInterval = ParseDuration(src, v, TimeSpan.FromSeconds(1))),
+            (s, v, src) => s.Server.SweepInterval = ParseDuration(src, v, TimeSpan.FromSeconds(1), LongestTimer)),
         new("admin-token", "TOKEN", "none (admin API off)", "bearer token of the admin API (/admin/*); at least 16 characters, no spaces; without it /admin/* answers 404",
             (s, v, src) => s.Server.AdminToken = v.Length == 0 ? null
                 : v.Length >= 16 && !v.Any(char.IsWhiteSpace) && !v.Any(char.IsControl) ? v
@@ -108,7 +108,7 @@ public sealed class ServeSettings
         new("backup-keep", "N", "7", "complete backups kept in the backup directory: after each backup the oldest are removed so that this many remain, the new one among them (0: keep every one)",
             (s, v, src) => s.Server.BackupKeep = (int)ParseNumber(src, v, 0, 1_000_000)),
         new("shutdown-timeout", "DURATION", "10s", "on SIGTERM/SIGINT, time connections get to finish what is in flight before they are aborted",
-            (s, v, src) => s.Server.ShutdownTimeout = ParseDuration(src, v, TimeSpan.Zero)),
+            (s, v, src) => s.Server.ShutdownTimeout = ParseDuration(src, v, TimeSpan.Zero, LongestTimer)),
         new("store-failure-timeout", "DURATION", "60s", "when every store write has failed this long (an I/O error, not a full disk, which passes by itself), the relay exits with 1 so that its service manager restarts it and the store recovers from its log (0: keep running)",
             (s, v, src) => s.Server.StoreFailureTimeout = v == "0" ? TimeSpan.Zero : ParseDuration(src, v, TimeSpan.FromSeconds(1))),
         new("log-format", "text|json", "text", "log line format on stdout",
@@ -233,8 +233,10 @@ public sealed class ServeSettings
             : throw new UsageException($"{what} must be one or more host names separated by commas (an IPv6 address in brackets: [2001:db8::1]), got '{value}'");
     }
 
-    public static TimeSpan ParseDuration(string what, string value, TimeSpan min)
+    /// <param name="max">the longest value taken (default <see cref="LongestDuration"/>)</param>
+    public static TimeSpan ParseDuration(string what, string value, TimeSpan min, TimeSpan? max = null)
     {
+        TimeSpan longest = max ?? LongestDuration;
         var v = value.Trim().ToLowerInvariant();
         (string number, double unit) = v switch
         {
@@ -249,9 +251,9 @@ public sealed class ServeSettings
         {
             throw new UsageException($"{what} must be a duration such as 45s, 30m, 12h or 21d, got '{value}'");
         }
-        if (double.IsInfinity(n) || n * unit > LongestDuration.TotalSeconds)
+        if (double.IsInfinity(n) || n * unit > longest.TotalSeconds)
         {
-            throw new UsageException($"{what} must be at most {FormatDuration(LongestDuration)}, got '{value}'");
+            throw new UsageException($"{what} must be at most {FormatDuration(longest)}, got '{value}'");
         }
         var result = TimeSpan.FromSeconds(n * unit);
         return result < min ? throw new UsageException($"{what} must be at least {FormatDuration(min)}, got '{value}'") : result;
@@ -259,6 +261,13 @@ public sealed class ServeSettings
 
     /// <summary>The longest duration any option takes: 36500d (100 years).</summary>
     public static readonly TimeSpan LongestDuration = TimeSpan.FromDays(100 * 365);
+
+    /// <summary>
+    /// The longest duration of an option the relay waits out with a timer (the sweep interval, the
+    /// handshake, PROXY header and shutdown timeouts): 49d. The runtime's timers take at most about
+    /// 49.7 days (2^32 - 2 ms); a longer one failed the start, every connection or the shutdown.
+    /// </summary>
+    public static readonly TimeSpan LongestTimer = TimeSpan.FromDays(49);
 
     /// <summary>A duration in the units the options take: the largest of d, h, m, s and ms that gives a whole number (1h, 100ms, 36500d).</summary>
     public static string FormatDuration(TimeSpan duration)
