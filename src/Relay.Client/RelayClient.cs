@@ -6,8 +6,20 @@ using Relay.Protocol;
 
 namespace Relay.Client;
 
+/// <summary>
+/// How a <see cref="RelayClient"/> connects and keeps its connections. A value out of its documented
+/// range is refused when it is set (<see cref="ArgumentOutOfRangeException"/> naming the option), and
+/// a <see cref="ReconnectMin"/> above <see cref="ReconnectMax"/> when the client is made
+/// (<see cref="ArgumentException"/>): such a value would otherwise make every connection or every
+/// renewed subscription fail, or the reconnections spin, for as long as the app runs.
+/// </summary>
 public sealed class RelayClientOptions
 {
+    // The times below set timers, which count whole milliseconds (a positive value under 1 ms would
+    // be none) up to 2^32 - 2 ms (about 49.7 days): the documented range is 1 ms to 49 days.
+    private static readonly TimeSpan ShortestTimer = TimeSpan.FromMilliseconds(1);
+    private static readonly TimeSpan LongestTimer = TimeSpan.FromDays(49);
+
     /// <summary>
     /// SOCKS5 proxy (host:port) for every relay connection: Tor, shadowsocks' ss-local. The proxy
     /// resolves the relay's host name (see <see cref="Transport.Socks5"/>: an internationalized name
@@ -21,35 +33,82 @@ public sealed class RelayClientOptions
     /// <summary>
     /// PING interval on idle connections; a failed PING reconnects. Keep it under 60 s: a relay closes
     /// a connection it has read nothing from for its idle timeout, which may be as short as 60 s
-    /// (deliveries to the client do not count; PROTOCOL.md §3).
+    /// (deliveries to the client do not count; PROTOCOL.md §3). From 1 ms to 49 days.
     /// </summary>
-    public TimeSpan KeepAlive { get; init; } = TimeSpan.FromSeconds(30);
+    public TimeSpan KeepAlive { get; init => field = Timer(value, nameof(KeepAlive)); } = TimeSpan.FromSeconds(30);
 
-    public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    /// <summary>
+    /// How long an attempt to connect may take (TCP or SOCKS5, TLS, the handshake), and then the renewal
+    /// of the subscriptions on the connection it made. From 1 ms to 49 days.
+    /// </summary>
+    public TimeSpan ConnectTimeout { get; init => field = Timer(value, nameof(ConnectTimeout)); } = TimeSpan.FromSeconds(30);
 
     /// <summary>
     /// Back-off between reconnection attempts: doubles from the first value up to the second, each wait
     /// drawn from the upper half of its step; a connection lost before it lasted the second value counts
     /// as a failed attempt (the back-off goes on growing), one that lasted is replaced after about the first.
+    /// Each from 1 ms to 49 days, the first not above the second (checked when the client is made).
     /// </summary>
-    public TimeSpan ReconnectMin { get; init; } = TimeSpan.FromMilliseconds(100);
-    public TimeSpan ReconnectMax { get; init; } = TimeSpan.FromSeconds(10);
+    public TimeSpan ReconnectMin { get; init => field = Timer(value, nameof(ReconnectMin)); } = TimeSpan.FromMilliseconds(100);
+
+    /// <inheritdoc cref="ReconnectMin"/>
+    public TimeSpan ReconnectMax { get; init => field = Timer(value, nameof(ReconnectMax)); } = TimeSpan.FromSeconds(10);
 
     /// <summary>
     /// Messages of each subscribed queue that may arrive before the first is ACKed (SUB's delivery
     /// window, 1 to 64). The default, 32, saves a round trip per message when a backlog drains (over
     /// Tor about 1.6 times faster); 1 delivers one at a time. ACKs must follow delivery order.
     /// </summary>
-    public int DeliveryWindow { get; init; } = 32;
+    public int DeliveryWindow
+    {
+        get;
+        init
+        {
+            if (value < 1 || value > ProtocolConstants.MaxDeliveryWindow)
+            {
+                throw new ArgumentOutOfRangeException(nameof(DeliveryWindow), value,
+                    $"{nameof(DeliveryWindow)} must be from 1 to {ProtocolConstants.MaxDeliveryWindow}");
+            }
+            field = value;
+        }
+    } = 32;
 
     /// <summary>
     /// How long <see cref="RelayClient.RunAsync{T}"/> and subscriptions keep trying to reach a relay
     /// before they give up with the last <see cref="RelayConnectException"/>, counted from the call (calls
     /// made together give up together: a call that waited that long for another's attempts is told
     /// their failure). Null (the default):
-    /// for ever, with back-off (a long-running app); a one-shot tool sets a bound.
+    /// for ever, with back-off (a long-running app); a one-shot tool sets a bound. Zero makes one attempt;
+    /// a negative value is refused (null, not <see cref="Timeout.InfiniteTimeSpan"/>, means for ever).
     /// </summary>
-    public TimeSpan? RetryFor { get; init; }
+    public TimeSpan? RetryFor
+    {
+        get;
+        init
+        {
+            if (value < TimeSpan.Zero)
+            {
+                throw new ArgumentOutOfRangeException(nameof(RetryFor), value,
+                    $"{nameof(RetryFor)} must be zero or more, or null to try for ever");
+            }
+            field = value;
+        }
+    }
+
+    private static TimeSpan Timer(TimeSpan value, string name) =>
+        value >= ShortestTimer && value <= LongestTimer
+            ? value
+            : throw new ArgumentOutOfRangeException(name, value, $"{name} must be from 1 ms to 49 days");
+
+    /// <summary>What cannot be checked as each option is set: throws <see cref="ArgumentException"/>.</summary>
+    internal void Check()
+    {
+        if (ReconnectMin > ReconnectMax)
+        {
+            throw new ArgumentException(
+                $"{nameof(ReconnectMin)} ({ReconnectMin}) must not be above {nameof(ReconnectMax)} ({ReconnectMax})", "options");
+        }
+    }
 }
 
 /// <summary>A message that arrived on one of the subscribed queues of some relay.</summary>
@@ -77,7 +136,16 @@ public sealed class RelayClient : IAsyncDisposable
 
     public RelayClientOptions Options { get; }
 
-    public RelayClient(RelayClientOptions? options = null) => Options = options ?? new RelayClientOptions();
+    /// <summary>
+    /// A client with <paramref name="options"/> (the defaults when null). Throws
+    /// <see cref="ArgumentException"/> for a <see cref="RelayClientOptions.ReconnectMin"/> above
+    /// <see cref="RelayClientOptions.ReconnectMax"/>.
+    /// </summary>
+    public RelayClient(RelayClientOptions? options = null)
+    {
+        Options = options ?? new RelayClientOptions();
+        Options.Check();
+    }
 
     private RelayLink Link(RelayAddress relay) =>
         _links.GetOrAdd(relay.ToString(), _ => new RelayLink(this, relay));
