@@ -1,5 +1,6 @@
 using System.Collections.Concurrent;
 using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
 using System.Threading.Channels;
 using Relay.Client.Transport;
 using Relay.Protocol;
@@ -207,12 +208,19 @@ public sealed class RelayClient : IAsyncDisposable
         link.EnsurePump();
         // The SUB's own refusal, told from a refusal of the handshake (which comes before any operation).
         RelayErrorException? refused = null;
+        bool decided = false;
         async Task Subscribe(RelayConnection c)
         {
-            if (c.IsSubscribed(queue)) return;
+            // The connection registers the queue before it writes the SUB: from here on it receives it.
+            var subscribed = c.IsSubscribed(queue) ? Task.CompletedTask : c.SubscribeAsync(queue, Options.DeliveryWindow, cancellationToken);
+            if (!decided)
+            {
+                decided = true;
+                link.Decided(queue);
+            }
             try
             {
-                await c.SubscribeAsync(queue, Options.DeliveryWindow, cancellationToken).ConfigureAwait(false);
+                await subscribed.ConfigureAwait(false);
             }
             catch (RelayErrorException ex)
             {
@@ -243,7 +251,7 @@ public sealed class RelayClient : IAsyncDisposable
         }
         finally
         {
-            link.EndSubscribing(queue);
+            link.EndSubscribing(queue, decided);
         }
     }
 
@@ -294,7 +302,11 @@ public sealed class RelayClient : IAsyncDisposable
     /// Raised when a delivery of a subscribed queue fails its integrity check: the app's delivery key
     /// for it is not the queue's (damaged or mixed-up data), or the relay does not follow the protocol.
     /// The queue is no longer subscribed (retrying cannot help) and its messages stay on the relay; the
-    /// other queues go on. Runs on the delivery pump: keep it short.
+    /// other queues go on. Not raised for a failure the client handles once the queue is subscribed
+    /// again (by a <see cref="SubscribeAsync"/> under way or done, or renewed on a connection that
+    /// replaced the one that read the delivery): it concerned the subscription replaced, and the queue
+    /// stays subscribed, its new subscription's deliveries checked alike. Runs on the delivery pump:
+    /// keep it short.
     /// </summary>
     public event Action<RelayAddress, RecipientQueue, string>? DeliveryRejected;
 
@@ -405,9 +417,22 @@ public sealed class RelayClient : IAsyncDisposable
         private RelayConnectException? _lastFailure;
         private TaskCompletionSource _nextFailure = new(TaskCreationOptions.RunContinuationsAsynchronously);
         public ConcurrentDictionary<byte[], RecipientQueue> Subscriptions { get; } = new(IdComparer.Instance);
-        // Queues whose SubscribeAsync is under way (with a count for concurrent calls), under _subscribing's lock:
-        // an END that arrives meanwhile concerns the subscription being replaced, not the new one.
-        private readonly Dictionary<byte[], int> _subscribing = new(IdComparer.Instance);
+        // The SubscribeAsync calls under way, by queue, under _subscribing's lock (see SubscribeCalls).
+        private readonly Dictionary<byte[], SubscribeCalls> _subscribing = new(IdComparer.Instance);
+
+        /// <summary>The SubscribeAsync calls of one queue under way.</summary>
+        private sealed class SubscribeCalls
+        {
+            /// <summary>How many (a cancelled one lets the queue go only when it is the only one).</summary>
+            public int UnderWay;
+
+            /// <summary>
+            /// How many have not had the queue received on a connection yet (sent its SUB, or found it
+            /// received there): each will when it gets a connection. An END or a rejected delivery read
+            /// before then concerns the subscription these calls replace, not the one they make.
+            /// </summary>
+            public int Undecided;
+        }
 
         /// <summary>A SubscribeAsync starts; true when the queue was subscribed already.</summary>
         public bool BeginSubscribing(RecipientQueue queue)
@@ -416,8 +441,23 @@ public sealed class RelayClient : IAsyncDisposable
             {
                 bool subscribed = Subscriptions.ContainsKey(queue.RecipientId);
                 Subscriptions[queue.RecipientId] = queue;
-                _subscribing[queue.RecipientId] = _subscribing.GetValueOrDefault(queue.RecipientId) + 1;
+                ref var calls = ref CollectionsMarshal.GetValueRefOrAddDefault(_subscribing, queue.RecipientId, out _);
+                calls ??= new SubscribeCalls();
+                calls.UnderWay++;
+                calls.Undecided++;
                 return subscribed;
+            }
+        }
+
+        /// <summary>
+        /// A SubscribeAsync had the queue received on a connection (it sent its SUB there, which
+        /// registers the queue before the SUB is written, or found it received there). Once per call.
+        /// </summary>
+        public void Decided(RecipientQueue queue)
+        {
+            lock (_subscribing)
+            {
+                _subscribing[queue.RecipientId].Undecided--;
             }
         }
 
@@ -440,24 +480,32 @@ public sealed class RelayClient : IAsyncDisposable
         {
             lock (_subscribing)
             {
-                if (!wasSubscribed && _subscribing.GetValueOrDefault(queue.RecipientId) <= 1)
+                if (!wasSubscribed && _subscribing[queue.RecipientId].UnderWay <= 1)
                 {
                     Forget(queue.RecipientId);
                 }
             }
         }
 
-        public void EndSubscribing(RecipientQueue queue)
+        /// <summary>A SubscribeAsync ends; <paramref name="decided"/>: it called <see cref="Decided"/>.</summary>
+        public void EndSubscribing(RecipientQueue queue, bool decided)
         {
             lock (_subscribing)
             {
-                if (_subscribing.TryGetValue(queue.RecipientId, out int n))
-                {
-                    if (n > 1) _subscribing[queue.RecipientId] = n - 1;
-                    else _subscribing.Remove(queue.RecipientId);
-                }
+                var calls = _subscribing[queue.RecipientId];
+                if (!decided) calls.Undecided--;
+                if (--calls.UnderWay == 0) _subscribing.Remove(queue.RecipientId);
             }
         }
+
+        /// <summary>
+        /// True when the app subscribed the queue anew after an END or a rejected delivery stopped a
+        /// connection receiving it: the current connection receives it again, or a SubscribeAsync of it
+        /// has yet to find it received or send its SUB (it will send one). Under _subscribing's lock.
+        /// </summary>
+        private bool SubscribedAnewLocked(byte[] recipientId) =>
+            Volatile.Read(ref _current)?.IsSubscribed(recipientId) == true
+            || (_subscribing.TryGetValue(recipientId, out var calls) && calls.Undecided > 0);
 
         /// <summary>The relay ended <paramref name="connection"/>'s subscription: let the queue go unless it is subscribed anew.</summary>
         private RecipientQueue? OnEnded(RelayConnection connection, byte[] recipientId)
@@ -475,16 +523,18 @@ public sealed class RelayClient : IAsyncDisposable
         }
 
         /// <summary>
-        /// A delivery of <paramref name="connection"/>'s subscription failed its integrity check: let the
-        /// queue go unless the app subscribed it anew since (the connection receives it again): let go
-        /// then, its deliveries would be dropped and fill its window, and a later SubscribeAsync, finding
-        /// it subscribed on the connection, would send no SUB to have them delivered again.
+        /// A delivery of a connection's subscription failed its integrity check: let the queue go, unless
+        /// the app subscribed it anew since (<see cref="SubscribedAnewLocked"/>), on that connection or
+        /// on the one that replaced it. Letting it go then would leave it received with its deliveries
+        /// dropped, filling its window (a later SubscribeAsync, finding it received, would send no SUB
+        /// to have them delivered again), or let a SubscribeAsync about to send its SUB subscribe a
+        /// queue the client no longer hands out.
         /// </summary>
-        private RecipientQueue? OnRejected(RelayConnection connection, byte[] recipientId)
+        private RecipientQueue? OnRejected(byte[] recipientId)
         {
             lock (_subscribing)
             {
-                if (connection.IsSubscribed(recipientId))
+                if (SubscribedAnewLocked(recipientId))
                 {
                     return null;
                 }
@@ -761,7 +811,7 @@ public sealed class RelayClient : IAsyncDisposable
                         {
                             owner.OnSubscriptionEnded(relay, queue);
                         }
-                        else if (e is DeliveryRejectedEvent rejected && OnRejected(connection, rejected.Queue.RecipientId) is { } dropped)
+                        else if (e is DeliveryRejectedEvent rejected && OnRejected(rejected.Queue.RecipientId) is { } dropped)
                         {
                             owner.OnDeliveryRejected(relay, dropped, rejected.Reason);
                         }

@@ -179,6 +179,161 @@ public class ClientRecoveryTests
         await Assert.That(rejected.Count).IsEqualTo(1);
     }
 
+    /// <summary>
+    /// A queue whose delivery failed its integrity check on a connection that was then lost, and that
+    /// the app subscribes again, stays subscribed when the client handles that failure while the
+    /// SubscribeAsync waits for the next connection (its SUB not sent yet): the failure concerned the
+    /// subscription replaced. Another queue rejected alike, which the app leaves, is reported and let go.
+    /// </summary>
+    [Test]
+    public async Task A_rejected_delivery_handled_while_SubscribeAsync_waits_for_a_connection_leaves_the_queue_subscribed()
+    {
+        await using var scene = await StaleRejectionScene.StartAsync();
+        var (proxy, client) = (scene.Proxy, scene.Client);
+        proxy.HoldNewConnections();
+        proxy.DropAll();
+        await Assert.That(await OperationsMetrics.EventuallyAsync(() => Task.FromResult(scene.Lost.Closed.IsCancellationRequested), seconds: 10)).IsTrue();
+        var subscribing = client.SubscribeAsync(scene.Through, scene.Queue);
+        await Assert.That(await OperationsMetrics.EventuallyAsync(() => Task.FromResult(proxy.Accepted == 2), seconds: 10)).IsTrue();
+
+        // The client handles the rejections read on the lost connection; the SubscribeAsync waits for
+        // its connection meanwhile.
+        scene.HandleRejections();
+        await scene.OtherRejectionHandled.WaitAsync(TimeSpan.FromSeconds(10));
+        await Assert.That(subscribing.IsCompleted).IsFalse();
+        proxy.ForwardHeld();
+        await subscribing.WaitAsync(TimeSpan.FromSeconds(10));
+
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(10));
+        await using var deliveries = client.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
+        await Assert.That(await deliveries.MoveNextAsync()).IsTrue();
+        await Assert.That(Text(deliveries.Current.Delivery)).IsEqualTo("stored");
+        await Assert.That(scene.Rejected()).IsEquivalentTo(["first", "other"]);
+    }
+
+    /// <summary>
+    /// As above, with the client handling the failure only after the SubscribeAsync was done on the
+    /// connection that replaced the lost one: the queue stays subscribed, and so does the other queue,
+    /// renewed there too. Neither failure is reported: both concerned subscriptions replaced.
+    /// </summary>
+    [Test]
+    public async Task A_rejected_delivery_handled_after_the_queue_was_subscribed_again_on_a_new_connection_leaves_it_subscribed()
+    {
+        await using var scene = await StaleRejectionScene.StartAsync();
+        var client = scene.Client;
+        scene.Proxy.DropAll();
+        await Assert.That(await OperationsMetrics.EventuallyAsync(() => Task.FromResult(scene.Lost.Closed.IsCancellationRequested), seconds: 10)).IsTrue();
+        await client.SubscribeAsync(scene.Through, scene.Queue).WaitAsync(TimeSpan.FromSeconds(10));
+        scene.HandleRejections();
+
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(10));
+        await using var deliveries = client.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
+        var texts = new List<string>();
+        for (int i = 0; i < 2; i++)
+        {
+            await Assert.That(await deliveries.MoveNextAsync()).IsTrue();
+            texts.Add(Text(deliveries.Current.Delivery));
+        }
+        await Assert.That(texts).IsEquivalentTo(["stored", "other"]);
+        await Assert.That(scene.Rejected()).IsEquivalentTo(["first"]);
+    }
+
+    /// <summary>
+    /// A client whose handling of rejected deliveries is held back (the handler of the first queue's
+    /// rejection holds its delivery pump) while the deliveries of two more queues, each with a message
+    /// stored, fail their integrity check on its connection (<see cref="Lost"/>); the way to the relay is
+    /// sound again afterwards.
+    /// </summary>
+    private sealed class StaleRejectionScene : IAsyncDisposable
+    {
+        private readonly ManualResetEventSlim _holding = new();
+        private readonly ManualResetEventSlim _release = new();
+        private readonly ConcurrentQueue<string> _rejected = new();
+        private readonly TaskCompletionSource _otherHandled = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        private readonly Dictionary<string, string> _names = [];
+
+        public required TestRelay Relay { get; init; }
+        public required TamperingProxy Proxy { get; init; }
+        public required RelayClient Client { get; init; }
+        public RelayAddress Through => Proxy.AddressOf(Relay);
+        public RecipientQueue Queue { get; private set; } = null!;
+        public RelayConnection Lost { get; private set; } = null!;
+
+        /// <summary>Completes when the client handled the other queue's rejection (after the queue's).</summary>
+        public Task OtherRejectionHandled => _otherHandled.Task;
+
+        /// <summary>The queues reported through DeliveryRejected, by name.</summary>
+        public string[] Rejected() => [.. _rejected];
+
+        public static async Task<StaleRejectionScene> StartAsync()
+        {
+            var relay = await TestRelay.StartAsync(o => o.Tls = false);
+            var scene = new StaleRejectionScene
+            {
+                Relay = relay,
+                Proxy = TamperingProxy.Start(relay.Server.RelayEndPoint),
+                Client = new RelayClient(PlainFast),
+            };
+            await scene.SetUpAsync();
+            return scene;
+        }
+
+        private async Task SetUpAsync()
+        {
+            await using var owner = await Relay.ConnectAsync();
+            var first = await owner.CreateQueueAsync();
+            Queue = await owner.CreateQueueAsync();
+            var other = await owner.CreateQueueAsync();
+            foreach (var (queue, name) in new[] { (first, "first"), (Queue, "stored"), (other, "other") })
+            {
+                _names[Convert.ToHexString(queue.RecipientId)] = name == "stored" ? "queue" : name;
+                await owner.SendAsync(new SenderQueue(queue.SenderId, null), Encoding.UTF8.GetBytes(name));
+            }
+            Client.DeliveryRejected += (_, q, _) =>
+            {
+                var name = _names[Convert.ToHexString(q.RecipientId)];
+                _rejected.Enqueue(name);
+                if (name == "first")
+                {
+                    _holding.Set();
+                    _release.Wait(TimeSpan.FromSeconds(20));
+                }
+                else if (name == "other")
+                {
+                    _otherHandled.TrySetResult();
+                }
+            };
+            Proxy.TamperWith(first.RecipientId);
+            await Client.SubscribeAsync(Through, first);
+            if (!_holding.Wait(TimeSpan.FromSeconds(10))) throw new TimeoutException("the first queue's rejection was not handled");
+            Lost = await Client.ConnectAsync(Through);
+            foreach (var queue in new[] { Queue, other })
+            {
+                Proxy.TamperWith(queue.RecipientId);
+                await Client.SubscribeAsync(Through, queue);
+                if (!await OperationsMetrics.EventuallyAsync(() => Task.FromResult(!Lost.IsSubscribed(queue)), seconds: 10))
+                {
+                    throw new TimeoutException("a tampered delivery was not rejected");
+                }
+            }
+            Proxy.TamperWith(new byte[ProtocolConstants.IdSize]);
+        }
+
+        /// <summary>Lets the client handle the rejections it read (the queue's, then the other's).</summary>
+        public void HandleRejections() => _release.Set();
+
+        public async ValueTask DisposeAsync()
+        {
+            _release.Set();
+            Proxy.ForwardHeld();
+            await Client.DisposeAsync();
+            await Proxy.DisposeAsync();
+            await Relay.DisposeAsync();
+            _holding.Dispose();
+            _release.Dispose();
+        }
+    }
+
     [Test]
     public async Task A_relay_that_never_answers_the_renewed_subscriptions_does_not_hold_the_client_for_ever()
     {
@@ -596,6 +751,24 @@ public class ClientRecoveryTests
 
         public void TamperWith(byte[] recipientId) => Volatile.Write(ref _victim, recipientId);
 
+        private TaskCompletionSource? _held;
+
+        /// <summary>Connections accepted from now on wait (the client's handshake unanswered) until <see cref="ForwardHeld"/>.</summary>
+        public void HoldNewConnections() => Volatile.Write(ref _held, new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously));
+
+        /// <summary>The held connections, and those accepted from now on, go to the relay.</summary>
+        public void ForwardHeld() => Interlocked.Exchange(ref _held, null)?.TrySetResult();
+
+        /// <summary>Closes every connection forwarded so far (a way to the relay that was lost).</summary>
+        public void DropAll()
+        {
+            lock (_open)
+            {
+                foreach (var c in _open) c.Dispose();
+                _open.Clear();
+            }
+        }
+
         /// <summary>SUB frames from clients are dropped (a relay that never answers them).</summary>
         public volatile bool DropSubs;
         /// <summary>WELCOME announces this maxFrame instead of the relay's.</summary>
@@ -629,6 +802,8 @@ public class ClientRecoveryTests
                 {
                     var client = await _listener.AcceptTcpClientAsync(_stop.Token);
                     Interlocked.Increment(ref _accepted);
+                    lock (_open) _open.Add(client);
+                    if (Volatile.Read(ref _held) is { } held) await held.Task.WaitAsync(_stop.Token);
                     var upstream = new TcpClient();
                     try
                     {
@@ -641,7 +816,7 @@ public class ClientRecoveryTests
                         upstream.Dispose();
                         continue;
                     }
-                    lock (_open) _open.AddRange([client, upstream]);
+                    lock (_open) _open.Add(upstream);
                     _ = ForwardAsync(client.GetStream(), upstream.GetStream(), toClient: false);
                     _ = ForwardAsync(upstream.GetStream(), client.GetStream(), toClient: true);
                 }
