@@ -209,15 +209,17 @@ public sealed class RelayClient : IAsyncDisposable
         // The SUB's own refusal, told from a refusal of the handshake (which comes before any operation).
         RelayErrorException? refused = null;
         bool decided = false;
+        void Decide(bool value)
+        {
+            if (decided == value) return;
+            decided = value;
+            link.Decided(queue, value);
+        }
         async Task Subscribe(RelayConnection c)
         {
             // The connection registers the queue before it writes the SUB: from here on it receives it.
             var subscribed = c.IsSubscribed(queue) ? Task.CompletedTask : c.SubscribeAsync(queue, Options.DeliveryWindow, cancellationToken);
-            if (!decided)
-            {
-                decided = true;
-                link.Decided(queue);
-            }
+            Decide(true);
             try
             {
                 await subscribed.ConfigureAwait(false);
@@ -225,6 +227,13 @@ public sealed class RelayClient : IAsyncDisposable
             catch (RelayErrorException ex)
             {
                 refused = ex;
+                throw;
+            }
+            catch (RelayConnectException)
+            {
+                // Lost before the answer: RunAsync tries again on the next connection, where this call
+                // finds the queue renewed or sends its SUB anew.
+                Decide(false);
                 throw;
             }
         }
@@ -291,7 +300,9 @@ public sealed class RelayClient : IAsyncDisposable
     /// Raised when a relay ends a subscription (END): another connection subscribed the queue (another
     /// device of the same recipient) or the queue was deleted. The queue is no longer subscribed and is
     /// not renewed after a reconnection, so two devices do not take it from each other for ever;
-    /// <see cref="SubscribeAsync"/> takes it back. Runs on the delivery pump: keep it short.
+    /// <see cref="SubscribeAsync"/> takes it back. Raised also for the subscription a SubscribeAsync has
+    /// just made, possibly before that call returns (two devices subscribing at the same moment: the
+    /// relay keeps the SUB it read last). Runs on the delivery pump: keep it short.
     /// </summary>
     public event Action<RelayAddress, RecipientQueue>? SubscriptionEnded;
 
@@ -451,13 +462,14 @@ public sealed class RelayClient : IAsyncDisposable
 
         /// <summary>
         /// A SubscribeAsync had the queue received on a connection (it sent its SUB there, which
-        /// registers the queue before the SUB is written, or found it received there). Once per call.
+        /// registers the queue before the SUB is written, or found it received there), or, with
+        /// <paramref name="decided"/> false, lost that connection before the SUB's answer and tries again.
         /// </summary>
-        public void Decided(RecipientQueue queue)
+        public void Decided(RecipientQueue queue, bool decided)
         {
             lock (_subscribing)
             {
-                _subscribing[queue.RecipientId].Undecided--;
+                _subscribing[queue.RecipientId].Undecided += decided ? -1 : 1;
             }
         }
 
@@ -487,7 +499,7 @@ public sealed class RelayClient : IAsyncDisposable
             }
         }
 
-        /// <summary>A SubscribeAsync ends; <paramref name="decided"/>: it called <see cref="Decided"/>.</summary>
+        /// <summary>A SubscribeAsync ends; <paramref name="decided"/>: it is counted as decided (<see cref="Decided"/>).</summary>
         public void EndSubscribing(RecipientQueue queue, bool decided)
         {
             lock (_subscribing)
@@ -507,14 +519,18 @@ public sealed class RelayClient : IAsyncDisposable
             Volatile.Read(ref _current)?.IsSubscribed(recipientId) == true
             || (_subscribing.TryGetValue(recipientId, out var calls) && calls.Undecided > 0);
 
-        /// <summary>The relay ended <paramref name="connection"/>'s subscription: let the queue go unless it is subscribed anew.</summary>
+        /// <summary>
+        /// The relay ended <paramref name="connection"/>'s subscription: let the queue go unless it is
+        /// subscribed anew (<see cref="SubscribedAnewLocked"/>), also when the SubscribeAsync that made
+        /// the subscription ended has not returned yet.
+        /// </summary>
         private RecipientQueue? OnEnded(RelayConnection connection, byte[] recipientId)
         {
             lock (_subscribing)
             {
                 // An END from a connection that is not the current one any more concerns a
                 // subscription that was renewed on the new connection since.
-                if (Volatile.Read(ref _current) != connection || connection.IsSubscribed(recipientId) || _subscribing.ContainsKey(recipientId))
+                if (Volatile.Read(ref _current) != connection || SubscribedAnewLocked(recipientId))
                 {
                     return null;
                 }

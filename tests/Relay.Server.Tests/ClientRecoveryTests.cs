@@ -82,6 +82,78 @@ public class ClientRecoveryTests
         await Assert.That(Text(phoneDeliveries.Current.Delivery)).IsEqualTo("m4");
     }
 
+    /// <summary>
+    /// Two devices subscribe a queue at the same moment: the relay serves the one whose SUB it read
+    /// last and ends the other's subscription (END) right after answering its SUB. The device whose
+    /// subscription ended is told every time, though its SubscribeAsync may not have returned yet,
+    /// and it does not take the queue back after a reconnection: the other one keeps receiving.
+    /// </summary>
+    [Test]
+    public async Task Of_two_devices_subscribing_a_queue_at_once_the_one_whose_subscription_ended_is_told()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        await using var owner = await relay.ConnectAsync();
+        await using var phone = new RelayClient(PlainFast);
+        await using var laptop = new RelayClient(PlainFast);
+        var ended = new ConcurrentDictionary<string, ConcurrentQueue<RelayClient>>();
+        void Told(RelayClient device, RecipientQueue queue) =>
+            ended.GetOrAdd(Convert.ToHexString(queue.RecipientId), _ => new()).Enqueue(device);
+        phone.SubscriptionEnded += (_, q) => Told(phone, q);
+        laptop.SubscriptionEnded += (_, q) => Told(laptop, q);
+        await phone.RunAsync(relay.Address, c => c.PingAsync());
+        await laptop.RunAsync(relay.Address, c => c.PingAsync());
+
+        // The client reads the END just after the OK, before the SubscribeAsync has returned: with a
+        // hundred queues subscribed by both at once, that happens for some of them.
+        const int Rounds = 10, QueuesPerRound = 10, Queues = Rounds * QueuesPerRound;
+        var queues = new List<RecipientQueue>();
+        for (int round = 0; round < Rounds; round++)
+        {
+            var batch = new List<RecipientQueue>();
+            for (int i = 0; i < QueuesPerRound; i++) batch.Add(await owner.CreateQueueAsync());
+            queues.AddRange(batch);
+            await Task.WhenAll(batch.SelectMany(q => new[] { phone.SubscribeAsync(relay.Address, q), laptop.SubscribeAsync(relay.Address, q) }));
+        }
+        await OperationsMetrics.EventuallyAsync(() => Task.FromResult(ended.Count == Queues), seconds: 10);
+        await Assert.That(ended.Count).IsEqualTo(Queues);
+
+        // Each queue's END was told once, to one device; after both reconnect, the other device gets
+        // the queue's messages and the told one none.
+        await relay.RestartAsync();
+        await phone.RunAsync(relay.Address, c => c.PingAsync());
+        await laptop.RunAsync(relay.Address, c => c.PingAsync());
+        await using var sender = await relay.ConnectAsync();
+        foreach (var queue in queues)
+        {
+            await sender.SendAsync(new SenderQueue(queue.SenderId, null), queue.RecipientId);
+        }
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        var received = new ConcurrentDictionary<string, ConcurrentQueue<RelayClient>>();
+        async Task ReceiveAsync(RelayClient device)
+        {
+            try
+            {
+                await foreach (var d in device.DeliveriesAsync(cts.Token))
+                {
+                    received.GetOrAdd(Convert.ToHexString(d.Queue.RecipientId), _ => new()).Enqueue(device);
+                    await device.RunAsync(relay.Address, c => c.AckAsync(d.Queue, d.Delivery.MessageId));
+                    if (received.Count == Queues) await Task.Delay(300, cts.Token);   // anything more would come meanwhile
+                    if (received.Count == Queues) return;
+                }
+            }
+            catch (OperationCanceledException)
+            {
+            }
+        }
+        await Task.WhenAll(ReceiveAsync(phone), ReceiveAsync(laptop));
+        foreach (var queue in queues)
+        {
+            var id = Convert.ToHexString(queue.RecipientId);
+            await Assert.That(ended[id].Count).IsEqualTo(1);
+            await Assert.That(received.TryGetValue(id, out var by) ? by.ToArray() : []).IsEquivalentTo(new[] { ended[id].Single() == phone ? laptop : phone });
+        }
+    }
+
     [Test]
     public async Task A_delivery_that_fails_its_integrity_check_drops_that_queue_only_and_stays_stored()
     {
