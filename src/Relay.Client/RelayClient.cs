@@ -32,9 +32,14 @@ public sealed class RelayClientOptions
     public bool Tls { get; init; } = true;
 
     /// <summary>
-    /// PING interval on idle connections; a failed PING reconnects. Keep it under 60 s: a relay closes
-    /// a connection it has read nothing from for its idle timeout, which may be as short as 60 s
-    /// (deliveries to the client do not count; PROTOCOL.md §3). From 1 ms to 49 days.
+    /// PING interval, and how long a connection may show no sign of life after a PING before it is
+    /// replaced. Signs of life: any frame from the relay (the PONG among them), and, until the PING is
+    /// written, the link taking the bytes written before it. So the wait for the PONG counts from when
+    /// the PING was written to the connection, not from when it was queued behind an upload: a SEND
+    /// that takes many KeepAlive periods on a slow link (1 MiB at 20 KB/s) keeps its connection while
+    /// the link moves, and a link that stops is still found within KeepAlive. Keep it under 60 s: a
+    /// relay closes a connection it has read nothing from for its idle timeout, which may be as short
+    /// as 60 s (deliveries to the client do not count; PROTOCOL.md §3). From 1 ms to 49 days.
     /// </summary>
     public TimeSpan KeepAlive { get; init => field = Timer(value, nameof(KeepAlive)); } = TimeSpan.FromSeconds(30);
 
@@ -858,14 +863,12 @@ public sealed class RelayClient : IAsyncDisposable
                     if (current is null || current.Closed.IsCancellationRequested) continue;
                     try
                     {
-                        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(token);
-                        timeout.CancelAfter(owner.Options.KeepAlive);
-                        await current.PingAsync(timeout.Token).ConfigureAwait(false);
+                        await current.PingWhileAliveAsync(owner.Options.KeepAlive, token).ConfigureAwait(false);
                     }
                     catch (Exception) when (!token.IsCancellationRequested)
                     {
-                        // No answer in time, the connection failed, or an answer that is no PONG (a
-                        // relay that does not follow the protocol): replace the connection. Anything
+                        // No sign of life in time, the connection failed, or an answer that is no PONG
+                        // (a relay that does not follow the protocol): replace the connection. Anything
                         // else let through would end the keep-alive of this relay for good.
                         Drop(current);
                         await current.DisposeAsync().ConfigureAwait(false);

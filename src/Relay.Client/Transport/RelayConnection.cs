@@ -32,7 +32,7 @@ public sealed class RelayConnectionOptions
 /// One connection to one relay: TLS with fingerprint pinning, the handshake, pipelined requests
 /// matched by correlation id, and pushed events. The transport layer of the SDK.
 /// Split by facet: this file (connect, read, write), RelayConnection.Requests.cs (requests in flight),
-/// RelayConnection.Commands.cs (the commands).
+/// RelayConnection.Commands.cs (the commands), RelayConnection.KeepAlive.cs (the keep-alive's PING).
 /// </summary>
 public sealed partial class RelayConnection : IAsyncDisposable
 {
@@ -294,6 +294,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
             {
                 var result = await input.ReadAsync(_closed.Token).ConfigureAwait(false);
                 var buffer = result.Buffer;
+                OnRead();
                 try
                 {
                     while (FrameReader.TryRead(ref buffer, Math.Max(MaxFrame, ProtocolConstants.HandshakeMaxFrame), out var frame))
@@ -523,10 +524,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
                 var buffer = result.Buffer;
                 if (buffer.IsSingleSegment)
                 {
-                    if (!buffer.IsEmpty)
-                    {
-                        await _stream.WriteAsync(buffer.First).ConfigureAwait(false);
-                    }
+                    await WriteInPiecesAsync(buffer.First).ConfigureAwait(false);
                 }
                 else
                 {
@@ -550,13 +548,30 @@ public sealed partial class RelayConnection : IAsyncDisposable
         }
     }
 
+    // The largest write to the transport: one TLS record. The keep-alive sees the link move as each
+    // write completes (RelayConnection.KeepAlive.cs), so a large frame (a SEND of up to 1 MiB) is not
+    // written in one piece either.
+    private const int WritePiece = 16 * 1024;
+
+    /// <summary>Writes one segment in writes of up to <see cref="WritePiece"/>.</summary>
+    private async ValueTask WriteInPiecesAsync(ReadOnlyMemory<byte> segment)
+    {
+        while (!segment.IsEmpty)
+        {
+            var piece = segment.Slice(0, Math.Min(segment.Length, WritePiece));
+            await _stream.WriteAsync(piece).ConfigureAwait(false);
+            OnWritten(piece.Length);
+            segment = segment.Slice(piece.Length);
+        }
+    }
+
     /// <summary>
-    /// Writes a multi-segment buffer in writes of up to 16 KiB: one TLS record and one send each,
-    /// instead of one per 4 KiB pipe segment.
+    /// Writes a multi-segment buffer in writes of up to <see cref="WritePiece"/>: one TLS record and
+    /// one send each, instead of one per 4 KiB pipe segment.
     /// </summary>
     private async ValueTask WriteGatheredAsync(ReadOnlySequence<byte> buffer)
     {
-        var chunk = ArrayPool<byte>.Shared.Rent(16 * 1024);
+        var chunk = ArrayPool<byte>.Shared.Rent(WritePiece);
         try
         {
             int filled = 0;
@@ -565,13 +580,14 @@ public sealed partial class RelayConnection : IAsyncDisposable
                 var rest = segment;
                 while (!rest.IsEmpty)
                 {
-                    int n = Math.Min(rest.Length, chunk.Length - filled);
+                    int n = Math.Min(rest.Length, WritePiece - filled);
                     rest.Span.Slice(0, n).CopyTo(chunk.AsSpan(filled));
                     filled += n;
                     rest = rest.Slice(n);
-                    if (filled == chunk.Length)
+                    if (filled == WritePiece)
                     {
                         await _stream.WriteAsync(chunk.AsMemory(0, filled)).ConfigureAwait(false);
+                        OnWritten(filled);
                         filled = 0;
                     }
                 }
@@ -579,6 +595,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
             if (filled > 0)
             {
                 await _stream.WriteAsync(chunk.AsMemory(0, filled)).ConfigureAwait(false);
+                OnWritten(filled);
             }
         }
         finally
@@ -614,6 +631,7 @@ public sealed partial class RelayConnection : IAsyncDisposable
             _flushScheduled = false;
             if (!_disposed)
             {
+                _flushed += _output.Writer.UnflushedBytes;
                 _ = _output.Writer.FlushAsync();
             }
         }
