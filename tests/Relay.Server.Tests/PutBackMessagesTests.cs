@@ -116,6 +116,22 @@ public class PutBackMessagesTests
         await Assert.That(answer.Type).IsEqualTo(FrameType.Empty);
     }
 
+    /// <summary>
+    /// Another device of the recipient polls: GET gives it <paramref name="id"/>, the oldest, and its
+    /// ACK of it is accepted, the delete held on its way to disk. Returns the hold and the ACK's correlation id.
+    /// </summary>
+    private static async Task<(HeldWrite Held, uint Ack)> PollerAcksWhileTheDiskWaitsAsync(TestRelay relay, RawClient poller, RawQueue queue, ulong id)
+    {
+        var got = await RequestAsync(poller, Get(poller, queue));
+        await Assert.That(got.Type).IsEqualTo(FrameType.Msg);
+        await Assert.That(RawClient.Open(queue, got.Payload).Id).IsEqualTo(id);
+        var held = new HeldWrite(relay);
+        uint ack = poller.NextCorr();
+        await poller.WriteAsync(Ack(poller, queue, ack, id));
+        await held.EnteredAsync();
+        return (held, ack);
+    }
+
     [Test]
     public async Task A_subscriber_whose_ack_found_the_message_deleted_by_a_poller_whose_delete_then_failed_still_receives_everything()
     {
@@ -130,12 +146,7 @@ public class PutBackMessagesTests
         var (m1, _) = await PushAsync(subscriber, queue);
 
         // The poller takes m1 too and acknowledges it; the delete waits on the disk.
-        var got = await RequestAsync(poller, Get(poller, queue));
-        await Assert.That(got.Type).IsEqualTo(FrameType.Msg);
-        var held = new HeldWrite(relay);
-        uint pollerAck = poller.NextCorr();
-        await poller.WriteAsync(Ack(poller, queue, pollerAck, m1));
-        await held.EnteredAsync();
+        var (held, pollerAck) = await PollerAcksWhileTheDiskWaitsAsync(relay, poller, queue, m1);
 
         // The subscriber's ACK of m1 finds it deleted (NO_MSG) and m2 goes out.
         var answer = await RequestAsync(subscriber, Ack(subscriber, queue, subscriber.NextCorr(), m1));
@@ -167,12 +178,7 @@ public class PutBackMessagesTests
         await SubscribeAsync(subscriber, queue);
         var (m1, _) = await PushAsync(subscriber, queue);
 
-        var got = await RequestAsync(poller, Get(poller, queue));
-        await Assert.That(got.Type).IsEqualTo(FrameType.Msg);
-        var held = new HeldWrite(relay);
-        uint pollerAck = poller.NextCorr();
-        await poller.WriteAsync(Ack(poller, queue, pollerAck, m1));
-        await held.EnteredAsync();
+        var (held, pollerAck) = await PollerAcksWhileTheDiskWaitsAsync(relay, poller, queue, m1);
         var answer = await RequestAsync(subscriber, Ack(subscriber, queue, subscriber.NextCorr(), m1));
         await Assert.That(answer.Error).IsEqualTo(ErrorCode.NoMsg);
         await Assert.ThrowsAsync<TimeoutException>(async () => await subscriber.ReadFrameAsync(Quiet));
@@ -245,11 +251,7 @@ public class PutBackMessagesTests
         Task AckAsync(ulong id) => client.RunAsync(relay.Address, c => c.AckAsync(recipient, id));
 
         var (m1, _) = await NextAsync();
-        await Assert.That((await RequestAsync(poller, Get(poller, queue))).Type).IsEqualTo(FrameType.Msg);
-        var held = new HeldWrite(relay);
-        uint pollerAck = poller.NextCorr();
-        await poller.WriteAsync(Ack(poller, queue, pollerAck, m1));
-        await held.EnteredAsync();
+        var (held, pollerAck) = await PollerAcksWhileTheDiskWaitsAsync(relay, poller, queue, m1);
         var gone = await Assert.ThrowsAsync<RelayErrorException>(() => AckAsync(m1));
         await Assert.That(gone!.Code).IsEqualTo(ErrorCode.NoMsg);
         var (m2, text2) = await NextAsync();
