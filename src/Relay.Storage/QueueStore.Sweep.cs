@@ -17,6 +17,12 @@ public sealed partial class QueueStore
     private long _diskCheckedAt = long.MinValue;
     private bool _overDiskBudget;
 
+    /// <summary>
+    /// Called by the idle-queue sweep once it found a queue idle and unsubscribed, before it deletes
+    /// it. For tests of what a SUB arriving then gets.
+    /// </summary>
+    internal Action<QueueHandle>? BeforeIdleDelete;
+
     private void StartSweepTimer()
     {
         if (_options.SweepInterval > TimeSpan.Zero)
@@ -214,6 +220,7 @@ public sealed partial class QueueStore
                     // (dropping it while the queue exists would exempt the queue for ever).
                     continue;
                 }
+                bool idle = false;
                 try
                 {
                     if (queue.LastActiveHour != hour)
@@ -223,24 +230,24 @@ public sealed partial class QueueStore
                     }
                     else if (queue.Tag is not null && !queue.Deleted)
                     {
-                        // A queue with a live subscriber is in use even without traffic: it is active
-                        // now, so once its subscriber leaves it has the whole idle TTL again (not a
-                        // deletion at the next sweep).
-                        WriteOp op = RentOp(OpKind.Activity, queue);
-                        StageActivity(queue, op, NowHour());
-                        ops.Add(op);
+                        ops.Add(KeepSubscribed(queue));
                     }
                     else if (!queue.Deleted)
                     {
-                        WriteOp op = RentOp(OpKind.Delete, queue);
-                        op.Idle = true;
-                        EnqueueDelete(queue, op);
-                        ops.Add(op);
+                        idle = true;
                     }
                 }
                 finally
                 {
                     queue.StoreLock.Exit();
+                }
+                if (idle)
+                {
+                    BeforeIdleDelete?.Invoke(queue);
+                    if (DeleteIdleQueue(queue, hour) is WriteOp op)
+                    {
+                        ops.Add(op);
+                    }
                 }
             }
             foreach (WriteOp op in ops)
@@ -248,6 +255,57 @@ public sealed partial class QueueStore
                 await op.AsStatusTask().ConfigureAwait(false);
             }
             ops.Clear();
+        }
+    }
+
+    /// <summary>
+    /// A queue with a live subscriber is in use even without traffic: it is active now, so once its
+    /// subscriber leaves it has the whole idle TTL again (not a deletion at the next sweep). Caller
+    /// holds the queue's StoreLock.
+    /// </summary>
+    private WriteOp KeepSubscribed(QueueHandle queue)
+    {
+        WriteOp op = RentOp(OpKind.Activity, queue);
+        StageActivity(queue, op, NowHour());
+        return op;
+    }
+
+    /// <summary>
+    /// Deletes a queue the sweep found idle (last active in <paramref name="hour"/>) and without a
+    /// subscriber, unless it was used, subscribed or deleted since; null when it was not deleted.
+    /// </summary>
+    private WriteOp? DeleteIdleQueue(QueueHandle queue, uint hour)
+    {
+        // The server subscribes a queue (sets its Tag) under its Sync lock, where it refuses a queue
+        // already deleted. Holding Sync here from the check to the delete, a SUB comes either before
+        // (the queue is in use and kept) or after (it finds the queue deleted and is refused); never
+        // between, where it would be answered OK for a queue about to be deleted, without an END.
+        // Sync before StoreLock: the order the server takes them in.
+        lock (queue.Sync)
+        {
+            if (!Acquire(queue))
+            {
+                return null;   // stale meanwhile: the next sweep decides on the current handle
+            }
+            try
+            {
+                if (queue.Deleted || queue.LastActiveHour != hour)
+                {
+                    return null;   // deleted by its recipient, or used, meanwhile
+                }
+                if (queue.Tag is not null)
+                {
+                    return KeepSubscribed(queue);
+                }
+                WriteOp op = RentOp(OpKind.Delete, queue);
+                op.Idle = true;
+                EnqueueDelete(queue, op);
+                return op;
+            }
+            finally
+            {
+                queue.StoreLock.Exit();
+            }
         }
     }
 

@@ -49,7 +49,11 @@ public sealed class QueueHandle
     /// <summary>Body bytes stored or being stored.</summary>
     public long ByteCount { get; internal set; }
 
-    /// <summary>Lock for the server's per-queue ordering (subscription, delivery state).</summary>
+    /// <summary>
+    /// Lock for the server's per-queue ordering (subscription, delivery state). The store takes it
+    /// only to delete an idle queue (its check of <see cref="Tag"/> and the delete as one step to a
+    /// SUB), before its own lock: whoever holds Sync may call the store, never the other way round.
+    /// </summary>
     public Lock Sync { get; } = new();
 
     /// <summary>Server-owned state (the subscription); the store never touches it.</summary>

@@ -357,6 +357,53 @@ public class OperationsTests
     }
 
     [Test]
+    public async Task A_SUB_that_arrives_while_the_sweep_deletes_its_queue_as_idle_keeps_the_queue()
+    {
+        var clock = new OperationsClock();
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Clock = clock;
+            o.IdleQueueTtl = TimeSpan.FromHours(24);
+            o.SweepInterval = TimeSpan.Zero;   // the test sweeps by hand
+            o.Tls = false;   // the relay's clock runs days ahead (see A_queue_its_recipient_subscribes_to_is_not_idle)
+        });
+        await using var owner = await relay.ConnectAsync();
+        var untouched = await owner.CreateQueueAsync();
+        var queue = await owner.CreateQueueAsync();
+        await using var device = await relay.ConnectAsync();
+        await using var sender = await relay.ConnectAsync();
+
+        // 30 hours on nobody used either queue; the recipient's SUB arrives just as the sweep found
+        // the queue idle and unsubscribed, before it deleted it.
+        clock.Advance(TimeSpan.FromHours(30));
+        Task? subscribed = null;
+        relay.Server.Store.BeforeIdleDelete = handle =>
+        {
+            if (subscribed is null && handle.RecipientId.AsSpan().SequenceEqual(queue.RecipientId))
+            {
+                subscribed = device.SubscribeAsync(queue);
+                // Until the relay took the SUB in (it may not answer before the sweep goes on).
+                var waited = System.Diagnostics.Stopwatch.StartNew();
+                while (handle.Tag is null && waited.Elapsed < TimeSpan.FromSeconds(10))
+                {
+                    Thread.Sleep(1);
+                }
+            }
+        };
+        await relay.Server.SweepNowAsync();
+        relay.Server.Store.BeforeIdleDelete = null;
+        await Assert.That(subscribed).IsNotNull();
+        await Assert.That(await ErrorOf(() => subscribed!)).IsNull();
+
+        // The recipient was told OK: the queue is in use and kept, and its subscription delivers.
+        await Assert.That(await ErrorOf(() => sender.SendAsync(new SenderQueue(queue.SenderId, null), "still here"u8.ToArray()))).IsNull();
+        var delivery = await NextDeliveryAsync(device);
+        await Assert.That(Encoding.UTF8.GetString(delivery.Body)).IsEqualTo("still here");
+        await Assert.That(await ErrorOf(() => owner.GetAsync(untouched))).IsEqualTo(ErrorCode.Auth);
+        await Assert.That(Value(await ScrapeAsync(relay), "relay_store_queues_deleted_total", "reason=\"idle\"")).IsEqualTo(1);
+    }
+
+    [Test]
     public async Task The_sweep_timer_runs_on_its_own()
     {
         await using var relay = await TestRelay.StartAsync(o => o.SweepInterval = TimeSpan.FromMilliseconds(100));
