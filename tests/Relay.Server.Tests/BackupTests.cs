@@ -142,6 +142,62 @@ public class BackupTests
     }
 
     [Test]
+    public async Task Two_relays_backing_up_into_one_directory_in_the_same_second_both_make_a_whole_backup()
+    {
+        string shared = Path.Combine(Path.GetTempPath(), "relay-shared-backups-" + Guid.NewGuid().ToString("N"));
+        try
+        {
+            await using var first = await TestRelay.StartAsync();
+            await using var second = await TestRelay.StartAsync();
+            // Both relays' backups run in the same second (a cron job each), and a backup cut short
+            // by a crash is left in the directory.
+            var now = new SameSecondClock(DateTimeOffset.UtcNow);
+            var logger = Microsoft.Extensions.Logging.Abstractions.NullLogger.Instance;
+            var a = new RelayBackups(first.Server.Store, first.DataDirectory, shared, 0, now, logger, null);
+            var b = new RelayBackups(second.Server.Store, second.DataDirectory, shared, 0, now, logger, null);
+            string cutShort = Path.Combine(shared, "20200101T000000Z.partial");
+            Directory.CreateDirectory(Path.Combine(cutShort, "queues.tmp"));
+
+            // The second relay's backup starts while the first one's is being made.
+            Task<BackupResult>? other = null;
+            var otherWaits = new TaskCompletionSource();
+            b.WaitingForAnother = () => otherWaits.TrySetResult();
+            a.WhileMaking = _ =>
+            {
+                other = Task.Run(b.Create);
+                Task.WhenAny(other, otherWaits.Task).Wait(TimeSpan.FromSeconds(30));
+            };
+            BackupResult madeA = await Task.Run(a.Create);
+            await Assert.That(other is not null).IsTrue();
+            BackupResult madeB = await other!;
+
+            string stamp = now.GetUtcNow().UtcDateTime.ToString("yyyyMMdd'T'HHmmss'Z'", System.Globalization.CultureInfo.InvariantCulture);
+            string[] names = [.. Directory.GetDirectories(shared).Select(d => Path.GetFileName(d)!).Order(StringComparer.Ordinal)];
+            await Assert.That(names).IsEquivalentTo(new[] { stamp, stamp + "-2" });
+            await Assert.That(new[] { madeA.Path, madeB.Path }.Select(p => Path.GetFileName(p)!).Order(StringComparer.Ordinal)).IsEquivalentTo(names);
+            // Each is whole and its own relay's: it starts as that relay.
+            foreach ((BackupResult made, TestRelay relay) in new[] { (madeA, first), (madeB, second) })
+            {
+                await Assert.That(File.ReadAllBytes(Path.Combine(made.Path, "identity.pfx")).SequenceEqual(File.ReadAllBytes(Path.Combine(relay.DataDirectory, "identity.pfx")))).IsTrue();
+                await using var restored = await TestRelay.StartInAsync(made.Path);
+                await Assert.That(restored.Address.Fingerprint).IsEqualTo(relay.Address.Fingerprint);
+            }
+        }
+        finally
+        {
+            if (Directory.Exists(shared))
+            {
+                Directory.Delete(shared, recursive: true);
+            }
+        }
+    }
+
+    private sealed class SameSecondClock(DateTimeOffset at) : TimeProvider
+    {
+        public override DateTimeOffset GetUtcNow() => at;
+    }
+
+    [Test]
     public async Task The_time_of_the_newest_backup_outlives_a_restart()
     {
         await using var relay = await TestRelay.StartAsync(o => o.AdminToken = Token);

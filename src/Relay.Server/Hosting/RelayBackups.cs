@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Globalization;
 using System.Runtime.InteropServices;
 using Microsoft.Extensions.Logging;
+using Microsoft.Win32.SafeHandles;
 using Relay.Protocol;
 using Relay.Server.Metrics;
 using Relay.Storage;
@@ -26,7 +27,9 @@ public sealed class BackupResult
 /// (<c>POST /admin/backup</c>, one at a time) or of a stopped relay (<c>relay backup</c>,
 /// <see cref="StoppedRelayBackup"/>). It is made as <c>&lt;name&gt;.partial</c> and renamed when
 /// whole, so a directory without that suffix is always a complete backup. After each backup the
-/// oldest are removed so that <see cref="Keep"/> remain.
+/// oldest are removed so that <see cref="Keep"/> remain. Backups into one directory (of relays
+/// sharing it, or <c>relay backup</c> runs) are made one after the other: each holds the lock of
+/// <see cref="LockFileName"/> there from its start to its removals.
 /// </summary>
 internal sealed partial class RelayBackups(QueueStore store, string dataDirectory, string? backupDirectory, int keep,
     TimeProvider clock, ILogger logger, RelayMetrics? metrics)
@@ -39,6 +42,12 @@ internal sealed partial class RelayBackups(QueueStore store, string dataDirector
     internal SemaphoreSlim Gate => _one;
 
     public string Root { get; } = backupDirectory ?? Path.Combine(dataDirectory, "backups");
+
+    /// <summary>Called with the partial directory once it holds the whole backup, before its rename (tests).</summary>
+    internal Action<string>? WhileMaking;
+
+    /// <summary>Called when another backup into <see cref="Root"/> is being made and this one waits for it (tests).</summary>
+    internal Action? WaitingForAnother;
 
     /// <summary>Complete backups kept after each backup, the newest; 0: every one.</summary>
     public int Keep { get; } = keep;
@@ -65,49 +74,138 @@ internal sealed partial class RelayBackups(QueueStore store, string dataDirector
     internal BackupResult Create()
     {
         var watch = Stopwatch.StartNew();
-        string? partial = null;
-        string path;
-        int files;
-        long bytes;
+        SafeFileHandle? held = null;
         try
         {
-            DurableDirectory.Create(Root, OwnerOnly);
-            RemovePartials();
-            string name = NewName();
-            partial = Path.Combine(Root, name + PartialSuffix);
-            DurableDirectory.Create(partial, OwnerOnly);
-            store.CreateBackup(Path.Combine(partial, "queues"));
-            byte[] identity = File.ReadAllBytes(RelayIdentity.PathIn(dataDirectory));
-            DurableDirectory.WritePrivateFile(RelayIdentity.PathIn(partial), s => s.Write(identity), overwrite: false);
-            (files, bytes) = Measure(partial);
-            path = Path.Combine(Root, name);
-            Directory.Move(partial, path);
-            partial = null;
-            DurableDirectory.Sync(Root);
-        }
-        catch (Exception e) when (e is StoreException or IOException or UnauthorizedAccessException or ObjectDisposedException)
-        {
-            if (partial is not null)
+            string? partial = null;
+            string path;
+            int files;
+            long bytes;
+            try
             {
-                TryDelete(partial);
+                DurableDirectory.Create(Root, OwnerOnly);
+                // Every backup into Root holds its lock file, whichever relay or relay backup run
+                // makes it: so a partial directory found here belongs to none in progress, and no
+                // other backup takes a name, or removes one, until this one is done.
+                held = LockRoot();
+                RemovePartials();
+                string name = NewName();
+                partial = Path.Combine(Root, name + PartialSuffix);
+                DurableDirectory.Create(partial, OwnerOnly);
+                store.CreateBackup(Path.Combine(partial, "queues"));
+                byte[] identity = File.ReadAllBytes(RelayIdentity.PathIn(dataDirectory));
+                DurableDirectory.WritePrivateFile(RelayIdentity.PathIn(partial), s => s.Write(identity), overwrite: false);
+                WhileMaking?.Invoke(partial);
+                (files, bytes) = Measure(partial);
+                path = Path.Combine(Root, name);
+                Directory.Move(partial, path);
+                partial = null;
+                DurableDirectory.Sync(Root);
             }
-            metrics?.BackupFailed();
-            string reason = e switch
+            catch (Exception e) when (e is StoreException or IOException or UnauthorizedAccessException or ObjectDisposedException)
             {
-                StoreException => e.Message,
-                ObjectDisposedException => "the relay is stopping",
-                _ => $"{e.GetType().Name}: {e.Message}",
-            };
-            Log.BackupFailed(logger, reason);
-            throw new BackupException(reason, e);
+                if (partial is not null)
+                {
+                    TryDelete(partial);
+                }
+                metrics?.BackupFailed();
+                string reason = e switch
+                {
+                    StoreException => e.Message,
+                    ObjectDisposedException => "the relay is stopping",
+                    _ => $"{e.GetType().Name}: {e.Message}",
+                };
+                Log.BackupFailed(logger, reason);
+                throw new BackupException(reason, e);
+            }
+            double seconds = watch.Elapsed.TotalSeconds;
+            metrics?.BackupMade(clock.GetUtcNow());
+            string full = Path.GetFullPath(path);
+            Log.BackupMade(logger, full, files, bytes, seconds);
+            // The new backup is whole and counted before any older one goes.
+            return new BackupResult { Path = full, Files = files, Bytes = bytes, Seconds = seconds, Removed = RemoveOldest(Path.GetFileName(path)) };
         }
-        double seconds = watch.Elapsed.TotalSeconds;
-        metrics?.BackupMade(clock.GetUtcNow());
-        string full = Path.GetFullPath(path);
-        Log.BackupMade(logger, full, files, bytes, seconds);
-        // The new backup is whole and counted before any older one goes.
-        return new BackupResult { Path = full, Files = files, Bytes = bytes, Seconds = seconds, Removed = RemoveOldest(Path.GetFileName(path)) };
+        finally
+        {
+            held?.Dispose();
+        }
     }
+
+    /// <summary>In <see cref="Root"/>: held by every backup made into it while it is made.</summary>
+    internal const string LockFileName = ".relay-backup.lock";
+
+    /// <summary>
+    /// Opens <see cref="LockFileName"/> in <see cref="Root"/> and takes its lock, waiting while
+    /// another backup (of this or another relay, or a <c>relay backup</c> run) holds it. The lock is
+    /// the system's (flock): it goes with the process that held it, so a crashed backup never leaves
+    /// it taken.
+    /// </summary>
+    private SafeFileHandle LockRoot()
+    {
+        string path = Path.Combine(Root, LockFileName);
+        if (!OperatingSystem.IsLinux())
+        {
+            // .NET's own lock of a file opened for no sharing (flock, or the sharing mode on Windows).
+            for (bool waiting = false; ; waiting = true)
+            {
+                try
+                {
+                    return File.OpenHandle(path, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None);
+                }
+                catch (IOException) when (File.Exists(path))
+                {
+                    if (!waiting)
+                    {
+                        WaitingForAnother?.Invoke();
+                    }
+                    Thread.Sleep(50);
+                }
+            }
+        }
+        // Opened without .NET, which would take a shared lock of its own (that another backup's
+        // open then fails on instead of waiting).
+        int fd = Open(path, OpenReadWrite | OpenCreate | OpenCloseOnExec, 0b110_000_000);   // mode 0600
+        if (fd < 0)
+        {
+            throw new IOException($"cannot open {path}: {Marshal.GetPInvokeErrorMessage(Marshal.GetLastPInvokeError())}");
+        }
+        var handle = new SafeFileHandle(fd, ownsHandle: true);
+        try
+        {
+            if (Flock(handle, LockExclusive | LockNonBlocking) != 0)
+            {
+                WaitingForAnother?.Invoke();
+                while (Flock(handle, LockExclusive) != 0)
+                {
+                    int error = Marshal.GetLastPInvokeError();
+                    if (error != Interrupted)
+                    {
+                        throw new IOException($"cannot lock {path}: {Marshal.GetPInvokeErrorMessage(error)}");
+                    }
+                }
+            }
+            return handle;
+        }
+        catch
+        {
+            handle.Dispose();
+            throw;
+        }
+    }
+
+    // Linux's values.
+    private const int OpenReadWrite = 2;
+    private const int OpenCreate = 0x40;
+    private const int OpenCloseOnExec = 0x80000;
+    private const int LockExclusive = 2;
+    private const int LockNonBlocking = 4;
+    private const int Interrupted = 4;   // EINTR
+
+    [LibraryImport("libc", EntryPoint = "open", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    private static partial int Open(string path, int flags, uint mode);
+
+    [LibraryImport("libc", EntryPoint = "flock", SetLastError = true)]
+    private static partial int Flock(SafeFileHandle file, int operation);
 
     private const string NameFormat = "yyyyMMdd'T'HHmmss'Z'";
 
@@ -266,7 +364,10 @@ internal sealed partial class RelayBackups(QueueStore store, string dataDirector
         return name;
     }
 
-    /// <summary>What a backup cut short (a crash, a power loss) left: never a backup, removed.</summary>
+    /// <summary>
+    /// What a backup cut short (a crash, a power loss) left: never a backup, removed. Called holding
+    /// the lock of <see cref="Root"/>, so no backup in progress has a partial directory there.
+    /// </summary>
     private void RemovePartials()
     {
         foreach (string left in Directory.EnumerateDirectories(Root, "*" + PartialSuffix))
