@@ -273,4 +273,62 @@ public class PutBackMessagesTests
         await Assert.That(await client.ConnectAsync(relay.Address)).IsSameReferenceAs(connection);
         await AssertEmptyAsync(poller, queue);
     }
+
+    /// <summary>
+    /// The subscriber's own ACK fails on the disk: the relay restarts its subscription once (the
+    /// INTERNAL answer allows the client one restart), not a second time for the messages the failed
+    /// delete put back, which would push beyond the window the client counts.
+    /// </summary>
+    [Test]
+    [Arguments(1)]
+    [Arguments(2)]
+    public async Task An_app_whose_own_ack_the_disk_refuses_receives_the_messages_again_once_on_the_same_connection(int messages)
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var owner = await RawClient.ConnectAsync(relay);
+        var queue = await owner.CreateQueueAsync();
+        var recipient = new RecipientQueue(queue.RecipientId, queue.SenderId, queue.RecipientPrivate, queue.DeliveryKey);
+        await using var sender = await RawClient.ConnectAsync(relay);
+        for (int i = 1; i <= messages; i++) await SendAsync(sender, queue, $"m{i}");
+
+        await using var client = new RelayClient(new RelayClientOptions { DeliveryWindow = 1 });
+        await client.SubscribeAsync(relay.Address, recipient);
+        var connection = await client.ConnectAsync(relay.Address);
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+        await using var deliveries = client.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
+        async Task<string> NextAsync()
+        {
+            await Assert.That(await deliveries.MoveNextAsync()).IsTrue();
+            return Encoding.UTF8.GetString(deliveries.Current.Delivery.Body);
+        }
+
+        await Assert.That(await NextAsync()).IsEqualTo("m1");
+        var held = new HeldWrite(relay);
+        var failing = client.RunAsync(relay.Address, c => c.AckAsync(recipient, deliveries.Current.Delivery.MessageId));
+        await held.EnteredAsync();
+        held.Release();
+        var failed = await Assert.ThrowsAsync<RelayErrorException>(() => failing);
+        await Assert.That(failed!.Code).IsEqualTo(ErrorCode.Internal);
+
+        // What the window allowed before the failure (m2 went out when the ACK was accepted) and m1
+        // again from the restart; each acknowledged in order until all are deleted, on the same connection.
+        var received = new List<string> { "m1" };
+        int deleted = 0;
+        while (deleted < messages)
+        {
+            received.Add(await NextAsync());
+            try
+            {
+                await client.RunAsync(relay.Address, c => c.AckAsync(recipient, deliveries.Current.Delivery.MessageId));
+                deleted++;
+            }
+            catch (RelayErrorException ex) when (ex.Code == ErrorCode.NoMsg)
+            {
+                // m2 delivered before the restart: not the oldest once m1 is stored again.
+            }
+        }
+        await AssertEmptyAsync(owner, queue);
+        await Assert.That(await client.ConnectAsync(relay.Address)).IsSameReferenceAs(connection);
+        await Assert.That(received.Count(t => t == "m1")).IsEqualTo(2);
+    }
 }
