@@ -24,9 +24,22 @@ public sealed class RelayClientOptions
     /// <summary>
     /// SOCKS5 proxy (host:port) for every relay connection: Tor, shadowsocks' ss-local. The proxy
     /// resolves the relay's host name (see <see cref="Transport.Socks5"/>: an internationalized name
-    /// must be written in its ASCII form, xn--…).
+    /// must be written in its ASCII form, xn--…). Null (the default) connects directly. A value that is
+    /// not host:port (an IPv6 address in brackets, the port 1 to 65535) is refused when it is set
+    /// (<see cref="ArgumentException"/> naming the option).
     /// </summary>
-    public string? Socks { get; init; }
+    public string? Socks
+    {
+        get;
+        init
+        {
+            if (value is not null && !RelayConnection.TryParseHostPort(value, out _, out _, out var error))
+            {
+                throw new ArgumentException($"{nameof(Socks)}: {error}", nameof(Socks));
+            }
+            field = value;
+        }
+    }
 
     /// <summary>False only for relays run with plain TCP.</summary>
     public bool Tls { get; init; } = true;

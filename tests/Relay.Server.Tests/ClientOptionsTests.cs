@@ -122,4 +122,39 @@ public class ClientOptionsTests
         // Equal is a back-off of constant steps: taken.
         await using var client = new RelayClient(new RelayClientOptions { ReconnectMin = TimeSpan.FromSeconds(1), ReconnectMax = TimeSpan.FromSeconds(1) });
     }
+
+    /// <summary>A Socks that is not host:port made every connection fail with a FormatException, for as long as the app ran.</summary>
+    [Test]
+    [Arguments("")]
+    [Arguments("not a host")]
+    [Arguments("proxy")]
+    [Arguments("proxy:")]
+    [Arguments(":1080")]
+    [Arguments("[]:1080")]
+    [Arguments("proxy:0")]
+    [Arguments("proxy:99999")]
+    [Arguments("proxy:-1")]
+    [Arguments("proxy:+1080")]
+    [Arguments("proxy:10 80")]
+    [Arguments("not a host:1080")]
+    public async Task A_Socks_that_is_not_host_and_port_is_refused_naming_it(string socks)
+    {
+        var refused = Assert.Throws<ArgumentException>(() => new RelayClientOptions { Socks = socks });
+        await Assert.That(refused.ParamName).IsEqualTo(nameof(RelayClientOptions.Socks));
+        await Assert.That(refused.Message).Contains("HOST:PORT");
+        await Assert.That(refused.Message).Contains(socks);
+    }
+
+    [Test]
+    [Arguments("127.0.0.1:9050")]
+    [Arguments("localhost:1080")]
+    [Arguments("ss-local:1")]
+    [Arguments("proxy.example:65535")]
+    [Arguments("[::1]:9050")]
+    public async Task A_Socks_of_host_and_port_is_taken(string socks)
+    {
+        await using var client = new RelayClient(new RelayClientOptions { Socks = socks });
+        await Assert.That(client.Options.Socks).IsEqualTo(socks);
+        await Assert.That(new RelayClientOptions { Socks = null }.Socks).IsNull();
+    }
 }

@@ -1,5 +1,7 @@
 using System.Buffers;
 using System.Buffers.Binary;
+using System.Diagnostics.CodeAnalysis;
+using System.Globalization;
 using System.IO.Pipelines;
 using System.Net.Security;
 using System.Net.Sockets;
@@ -249,14 +251,46 @@ public sealed partial class RelayConnection : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// A proxy's HOST:PORT (an IPv6 address in brackets): the host non-empty, without spaces or control
+    /// characters, the port 1 to 65535. Throws <see cref="FormatException"/> saying what is wrong.
+    /// </summary>
     internal static (string Host, int Port) ParseHostPort(string value)
     {
-        int colon = value.LastIndexOf(':');
-        if (colon <= 0 || !int.TryParse(value.AsSpan(colon + 1), out int port) || port is < 1 or > 65535)
+        if (!TryParseHostPort(value, out var host, out int port, out var error))
         {
-            throw new FormatException($"expected HOST:PORT, got '{value}'");
+            throw new FormatException(error);
         }
-        return (value.Substring(0, colon).Trim('[', ']'), port);
+        return (host, port);
+    }
+
+    internal static bool TryParseHostPort(string value, out string host, out int port, [NotNullWhen(false)] out string? error)
+    {
+        host = "";
+        port = 0;
+        int colon = value.LastIndexOf(':');
+        if (colon < 0)
+        {
+            error = $"expected HOST:PORT, got '{value}' (no port)";
+            return false;
+        }
+        var portText = value.AsSpan(colon + 1);
+        if (portText.Length == 0 || !int.TryParse(portText, NumberStyles.None, CultureInfo.InvariantCulture, out port) || port is < 1 or > 65535)
+        {
+            port = 0;
+            error = $"expected HOST:PORT with a port from 1 to 65535, got '{value}'";
+            return false;
+        }
+        host = value.Substring(0, colon).Trim('[', ']');
+        if (host.Length == 0 || host.Any(c => char.IsWhiteSpace(c) || char.IsControl(c)))
+        {
+            host = "";
+            port = 0;
+            error = $"expected HOST:PORT with a host name or address, got '{value}'";
+            return false;
+        }
+        error = null;
+        return true;
     }
 
     private static async Task<(FrameType, byte[])> ReadOneFrameAsync(PipeReader input, CancellationToken cancellationToken)
