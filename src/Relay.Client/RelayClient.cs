@@ -194,9 +194,15 @@ public sealed class RelayClient : IAsyncDisposable
             }
             // Lost: the connection's Failure is set before any request fails for it, and before
             // Closed is cancelled (a request made in between fails at once).
-            catch (RelayConnectException) when (!cancellationToken.IsCancellationRequested && connection.Failure is not null)
+            catch (RelayConnectException lost) when (connection.Failure is not null)
             {
                 link.Drop(connection);
+                // Cancelled meanwhile: the app's token, not the lost connection, is why this call
+                // stops here (it would otherwise run the operation again on the next connection).
+                if (cancellationToken.IsCancellationRequested)
+                {
+                    throw new OperationCanceledException(lost.Message, lost, cancellationToken);
+                }
             }
         }
     }

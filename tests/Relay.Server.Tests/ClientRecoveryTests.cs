@@ -717,6 +717,73 @@ public class ClientRecoveryTests
         await Assert.That(waits.Distinct().Count()).IsGreaterThan(100);
     }
 
+    /// <summary>
+    /// A RunAsync whose operation met a lost connection after the app cancelled its token threw the
+    /// lost connection's RelayConnectException: the app, which cancelled, was told the relay could not
+    /// be reached. It is told OperationCanceledException, as it would be a moment later.
+    /// </summary>
+    [Test]
+    public async Task RunAsync_cancelled_while_its_connection_is_lost_throws_OperationCanceledException()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var path = SwitchingProxy.Start(relay.Server.RelayEndPoint);
+        var address = relay.Address with { Hosts = ["127.0.0.1"], Port = path.Port };
+        await using var client = new RelayClient(new RelayClientOptions
+        {
+            ReconnectMin = TimeSpan.FromSeconds(30),
+            ReconnectMax = TimeSpan.FromSeconds(60),
+        });
+        var entered = new TaskCompletionSource<RelayConnection>(TaskCreationOptions.RunContinuationsAsynchronously);
+        var carryOn = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        int runs = 0;
+        using var cts = new CancellationTokenSource();
+        var run = client.RunAsync(address, async c =>
+        {
+            Interlocked.Increment(ref runs);
+            entered.TrySetResult(c);
+            await carryOn.Task;
+            await c.PingAsync();
+            return true;
+        }, cts.Token);
+
+        // The connection is lost while the operation runs; the app cancels before the operation
+        // meets the loss (its PING then fails at once).
+        var connection = await entered.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        path.DropAll();
+        await Assert.That(await OperationsMetrics.EventuallyAsync(() => Task.FromResult(connection.Closed.IsCancellationRequested), seconds: 10)).IsTrue();
+        await cts.CancelAsync();
+        carryOn.SetResult();
+
+        var thrown = await Assert.ThrowsAsync<OperationCanceledException>(() => run.WaitAsync(TimeSpan.FromSeconds(5)));
+        await Assert.That(thrown!.CancellationToken).IsEqualTo(cts.Token);
+        await Assert.That(runs).IsEqualTo(1);
+    }
+
+    /// <summary>A RunAsync cancelled while the client waits its back-off before connecting again (30 s and more here) stops at once with OperationCanceledException.</summary>
+    [Test]
+    public async Task RunAsync_cancelled_during_the_back_off_after_a_lost_connection_throws_OperationCanceledException()
+    {
+        await using var relay = await TestRelay.StartAsync();
+        await using var path = SwitchingProxy.Start(relay.Server.RelayEndPoint);
+        var address = relay.Address with { Hosts = ["127.0.0.1"], Port = path.Port };
+        await using var client = new RelayClient(new RelayClientOptions
+        {
+            ReconnectMin = TimeSpan.FromSeconds(30),
+            ReconnectMax = TimeSpan.FromSeconds(60),
+        });
+        var first = await client.ConnectAsync(address).WaitAsync(TimeSpan.FromSeconds(10));
+        path.DropAll();
+        await Assert.That(await OperationsMetrics.EventuallyAsync(() => Task.FromResult(first.Closed.IsCancellationRequested), seconds: 10)).IsTrue();
+
+        using var cts = new CancellationTokenSource();
+        var run = client.RunAsync(address, c => c.PingAsync(), cts.Token);
+        await Task.Delay(TimeSpan.FromMilliseconds(300));
+        await Assert.That(run.IsCompleted).IsFalse();
+        await cts.CancelAsync();
+        await Assert.ThrowsAsync<OperationCanceledException>(() => run.WaitAsync(TimeSpan.FromSeconds(5)));
+        await Assert.That(path.ConnectionsTo(relay.Server.RelayEndPoint)).IsEqualTo(1);
+    }
+
     /// <summary>Forwards TCP both ways to a target that can change; a connection goes to the target of when it was accepted.</summary>
     internal sealed class SwitchingProxy : IAsyncDisposable
     {
