@@ -141,6 +141,57 @@ public class RetentionTests
     }
 
     [Test]
+    public async Task A_queue_whose_idle_deletion_failed_to_write_stays_usable_and_the_next_sweep_deletes_it()
+    {
+        var clock = new ManualClock();
+        await using TestStore t = TestStore.Create(With(clock, idle: TimeSpan.FromDays(10)));
+        QueueHandle q = await t.CreateQueueAsync();
+        await t.Store.AppendAsync(q, 0, "m"u8);
+        clock.Advance(TimeSpan.FromDays(11));
+
+        t.Store.BeforeWrite = (_, _) => throw new IOException("injected write failure");
+        await Assert.ThrowsAsync<StoreException>(async () => await t.Store.SweepExpiredAsync());
+        t.Store.BeforeWrite = null;
+
+        // Nothing was deleted: the queue is found by either id, with its message, and counted as not deleted.
+        await Assert.That(t.Store.FindByRecipientId(q.RecipientId)).IsSameReferenceAs(q);
+        await Assert.That(t.Store.FindBySenderId(q.SenderId)).IsSameReferenceAs(q);
+        await Assert.That(q.Deleted).IsFalse();
+        await Assert.That(t.Peek(q)!.Value.Body).IsEquivalentTo("m"u8.ToArray());
+        await Assert.That(t.Store.Statistics.QueuesDeleted).IsEqualTo(0);
+        await Assert.That(t.Store.Statistics.IdleQueuesDeleted).IsEqualTo(0);
+
+        // Still idle: the next sweep deletes it, once.
+        await t.Store.SweepExpiredAsync();
+        await Assert.That(t.Store.FindByRecipientId(q.RecipientId)).IsNull();
+        await Assert.That(t.Store.FindBySenderId(q.SenderId)).IsNull();
+        await Assert.That(t.Store.Statistics.IdleQueuesDeleted).IsEqualTo(1);
+        await t.ReopenAsync();
+        await Assert.That(t.Store.FindByRecipientId(q.RecipientId)).IsNull();
+    }
+
+    [Test]
+    public async Task A_queue_whose_idle_deletion_failed_to_write_takes_messages_again()
+    {
+        var clock = new ManualClock();
+        await using TestStore t = TestStore.Create(With(clock, idle: TimeSpan.FromDays(10)));
+        QueueHandle q = await t.CreateQueueAsync();
+        clock.Advance(TimeSpan.FromDays(11));
+
+        t.Store.BeforeWrite = (_, _) => throw new IOException("injected write failure");
+        await Assert.ThrowsAsync<StoreException>(async () => await t.Store.SweepExpiredAsync());
+        t.Store.BeforeWrite = null;
+
+        AppendResult r = await t.Store.AppendAsync(q, 0, "after"u8);
+        await Assert.That(r.Status).IsEqualTo(StoreStatus.Ok);
+        await t.Store.SweepExpiredAsync();   // used since: kept
+        await t.ReopenAsync();
+        q = t.Store.FindByRecipientId(q.RecipientId)!;
+        await Assert.That(q).IsNotNull();
+        await Assert.That(t.Peek(q)!.Value.Body).IsEquivalentTo("after"u8.ToArray());
+    }
+
+    [Test]
     public async Task Idle_queues_are_deleted_and_active_ones_kept()
     {
         var clock = new ManualClock();
