@@ -494,7 +494,7 @@ public sealed partial class QueueStore
         Span<byte> idleKey = stackalloc byte[Keys.HourKeyLength];
         Keys.MessageUpperBound(end, queue.RecipientId);
         Keys.HourKey(idleKey, queue.LastActiveHour, queue.RecipientId);
-        using BatchScope batch = BeginBatch();
+        using BatchScope batch = BeginBatch(op);
         queue.Deleted = true;
         ClearTail(queue);
         batch.Delete(Cf.Queues, queue.RecipientId);
@@ -576,7 +576,7 @@ public sealed partial class QueueStore
     /// <summary>Stages <paramref name="op"/> moving the queue's last-active hour to <paramref name="hour"/>, later than it is. Caller holds the queue's StoreLock.</summary>
     private void StageActivity(QueueHandle queue, WriteOp op, uint hour)
     {
-        using BatchScope batch = BeginBatch();
+        using BatchScope batch = BeginBatch(op);
         MoveActivity(batch, queue, op, hour);
         batch.Add(op);
     }
@@ -585,7 +585,7 @@ public sealed partial class QueueStore
     private ValueTask<StoreStatus> Barrier(QueueHandle queue)
     {
         WriteOp op = RentOp(OpKind.Barrier, queue);
-        using (BatchScope batch = BeginBatch())
+        using (BatchScope batch = BeginBatch(op))
         {
             batch.Add(op);
         }

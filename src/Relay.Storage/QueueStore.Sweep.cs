@@ -101,36 +101,69 @@ public sealed partial class QueueStore
     {
         int expired = 0;
         var entries = new List<(uint Hour, byte[] RecipientId)>();
-        var ops = new List<(WriteOp Op, int Count)>();
+        var ops = new List<WriteOp>();
         while (ReadHourIndex(Cf.Expiry, cutoff, entries) > 0)
         {
-            foreach ((uint hour, byte[] recipientId) in entries)
+            int count = 0;
+            try
             {
-                QueueHandle? queue = FindByRecipientId(recipientId);
-                if (queue is null)
+                foreach ((uint hour, byte[] recipientId) in entries)
                 {
-                    ops.Add((DeleteIndexEntry(Cf.Expiry, hour, recipientId), 0));
+                    QueueHandle? queue = FindByRecipientId(recipientId);
+                    if (queue is null)
+                    {
+                        ops.Add(DeleteIndexEntry(Cf.Expiry, hour, recipientId));
+                    }
+                    else if (Acquire(queue))
+                    {
+                        WriteOp op = ExpireQueueMessages(queue, hour, cutoff);
+                        count += op.Count;   // read before the op goes back to its pool
+                        ops.Add(op);
+                    }
+                    // else: the handle went stale in between (evicted, then replaced or the queue
+                    // deleted); the next sweep finds the current handle or none.
                 }
-                else if (Acquire(queue))
-                {
-                    WriteOp op = ExpireQueueMessages(queue, hour, cutoff);
-                    ops.Add((op, op.Count));
-                }
-                // else: the handle went stale in between (evicted, then replaced or the queue
-                // deleted); the next sweep finds the current handle or none.
+            }
+            catch
+            {
+                // Staging refused (a failed write is being undone, the store closing): the ones staged
+                // are awaited all the same, so that each goes back to its pool.
+                await AwaitAllAsync(ops, rethrow: false).ConfigureAwait(false);
+                throw;
             }
             if (ops.Count == 0)
             {
                 break;
             }
-            foreach ((WriteOp op, int count) in ops)
-            {
-                await op.AsStatusTask().ConfigureAwait(false);
-                expired += count;
-            }
-            ops.Clear();
+            await AwaitAllAsync(ops, rethrow: true).ConfigureAwait(false);
+            expired += count;
         }
         return expired;
+    }
+
+    /// <summary>
+    /// Awaits every operation in <paramref name="ops"/> (an awaited one goes back to its pool) and
+    /// clears the list; then throws the first failure when <paramref name="rethrow"/>.
+    /// </summary>
+    private static async ValueTask AwaitAllAsync(List<WriteOp> ops, bool rethrow)
+    {
+        Exception? first = null;
+        foreach (WriteOp op in ops)
+        {
+            try
+            {
+                await op.AsStatusTask().ConfigureAwait(false);
+            }
+            catch (Exception e)
+            {
+                first ??= e;
+            }
+        }
+        ops.Clear();
+        if (rethrow && first is not null)
+        {
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(first);
+        }
     }
 
     /// <summary>Called holding the queue's StoreLock (released here).</summary>
@@ -138,8 +171,7 @@ public sealed partial class QueueStore
     {
         try
         {
-            WriteOp op = RentOp(OpKind.Expire, queue);
-            op.MessageId = queue.OldestBound;
+            WriteOp op;
             Span<byte> key = stackalloc byte[Keys.MessageKeyLength];
             Span<byte> expiryKey = stackalloc byte[Keys.HourKeyLength];
             Keys.HourKey(expiryKey, entryHour, queue.RecipientId);
@@ -165,7 +197,10 @@ public sealed partial class QueueStore
                         bytes += value.Length - Keys.MessageHeaderLength;
                     }
                 }
-                using BatchScope batch = BeginBatch();
+                // Rented only now: a failed read above leaves nothing behind.
+                op = RentOp(OpKind.Expire, queue);
+                using BatchScope batch = BeginBatch(op);
+                op.MessageId = queue.OldestBound;
                 if (ids is not null)
                 {
                     foreach (ulong id in ids)
@@ -205,56 +240,61 @@ public sealed partial class QueueStore
         while (ReadHourIndex(Cf.Idle, cutoff, entries, after) > 0)
         {
             after = entries[^1];
-            foreach ((uint hour, byte[] recipientId) in entries)
+            try
             {
-                QueueHandle? queue = FindByRecipientId(recipientId);
-                if (queue is null)
+                foreach ((uint hour, byte[] recipientId) in entries)
                 {
-                    ops.Add(DeleteIndexEntry(Cf.Idle, hour, recipientId));
-                    continue;
-                }
-                if (!Acquire(queue))
-                {
-                    // The handle went stale in between (evicted, then replaced or the queue deleted):
-                    // the entry stays for the next sweep, which finds the current handle or none
-                    // (dropping it while the queue exists would exempt the queue for ever).
-                    continue;
-                }
-                bool idle = false;
-                try
-                {
-                    if (queue.LastActiveHour != hour)
+                    QueueHandle? queue = FindByRecipientId(recipientId);
+                    if (queue is null)
                     {
-                        // Stale entry (a failed write left it): drop it and make sure the current one exists.
-                        ops.Add(FixIdleEntry(queue, hour));
+                        ops.Add(DeleteIndexEntry(Cf.Idle, hour, recipientId));
+                        continue;
                     }
-                    else if (queue.Tag is not null && !queue.Deleted)
+                    if (!Acquire(queue))
                     {
-                        ops.Add(KeepSubscribed(queue));
+                        // The handle went stale in between (evicted, then replaced or the queue deleted):
+                        // the entry stays for the next sweep, which finds the current handle or none
+                        // (dropping it while the queue exists would exempt the queue for ever).
+                        continue;
                     }
-                    else if (!queue.Deleted)
+                    bool idle = false;
+                    try
                     {
-                        idle = true;
+                        if (queue.LastActiveHour != hour)
+                        {
+                            // Stale entry (a failed write left it): drop it and make sure the current one exists.
+                            ops.Add(FixIdleEntry(queue, hour));
+                        }
+                        else if (queue.Tag is not null && !queue.Deleted)
+                        {
+                            ops.Add(KeepSubscribed(queue));
+                        }
+                        else if (!queue.Deleted)
+                        {
+                            idle = true;
+                        }
                     }
-                }
-                finally
-                {
-                    queue.StoreLock.Exit();
-                }
-                if (idle)
-                {
-                    BeforeIdleDelete?.Invoke(queue);
-                    if (DeleteIdleQueue(queue, hour) is WriteOp op)
+                    finally
                     {
-                        ops.Add(op);
+                        queue.StoreLock.Exit();
+                    }
+                    if (idle)
+                    {
+                        BeforeIdleDelete?.Invoke(queue);
+                        if (DeleteIdleQueue(queue, hour) is WriteOp op)
+                        {
+                            ops.Add(op);
+                        }
                     }
                 }
             }
-            foreach (WriteOp op in ops)
+            catch
             {
-                await op.AsStatusTask().ConfigureAwait(false);
+                // Staging refused: the ones staged are awaited all the same (see ExpireMessagesAsync).
+                await AwaitAllAsync(ops, rethrow: false).ConfigureAwait(false);
+                throw;
             }
-            ops.Clear();
+            await AwaitAllAsync(ops, rethrow: true).ConfigureAwait(false);
         }
     }
 
@@ -313,7 +353,7 @@ public sealed partial class QueueStore
     {
         Span<byte> key = stackalloc byte[Keys.HourKeyLength];
         WriteOp op = RentOp(OpKind.Meta, null);
-        using BatchScope batch = BeginBatch();
+        using BatchScope batch = BeginBatch(op);
         Keys.HourKey(key, staleHour, queue.RecipientId);
         batch.Delete(Cf.Idle, key);
         Keys.HourKey(key, queue.LastActiveHour, queue.RecipientId);
@@ -327,7 +367,7 @@ public sealed partial class QueueStore
         Span<byte> key = stackalloc byte[Keys.HourKeyLength];
         Keys.HourKey(key, hour, recipientId);
         WriteOp op = RentOp(OpKind.Meta, null);
-        using BatchScope batch = BeginBatch();
+        using BatchScope batch = BeginBatch(op);
         batch.Delete(cf, key);
         batch.Add(op);
         return op;

@@ -153,6 +153,23 @@ public sealed partial class QueueStore
     /// For a write that copies no queue state (the id epoch, which only goes up): staged even while a
     /// failed write is being undone, since refusing it would leave ids of the new epoch unrecorded.
     /// </param>
+    /// <summary>
+    /// <see cref="BeginBatch"/> for <paramref name="op"/>, rented beforehand: refused, it goes back to
+    /// the pool (nobody will await it).
+    /// </summary>
+    internal BatchScope BeginBatch(WriteOp op)
+    {
+        try
+        {
+            return BeginBatch();
+        }
+        catch
+        {
+            op.Discard();
+            throw;
+        }
+    }
+
     internal BatchScope BeginBatch(bool evenWhileUndoing = false)
     {
         Monitor.Enter(_batchLock);
@@ -654,11 +671,20 @@ public sealed partial class QueueStore
         else
         {
             op = new WriteOp(this);
+            Interlocked.Increment(ref _opsCreated);
         }
         op.Kind = kind;
         op.Queue = queue;
         return op;
     }
+
+    /// <summary>Completions waiting in the pool for reuse. For tests: every awaited operation goes back.</summary>
+    internal int PooledOps => Volatile.Read(ref _opPoolCount);
+
+    private int _opsCreated;
+
+    /// <summary>Completions made so far (the pool was empty). For tests: while nothing is in flight, all are pooled.</summary>
+    internal int CreatedOps => Volatile.Read(ref _opsCreated);
 
     internal void ReturnOp(WriteOp op)
     {
@@ -854,6 +880,9 @@ internal sealed class WriteOp : IValueTaskSource<AppendResult>, IValueTaskSource
 
     public void OnCompleted(Action<object?> continuation, object? state, short token, ValueTaskSourceOnCompletedFlags flags)
         => _core.OnCompleted(continuation, state, token, flags);
+
+    /// <summary>Back to the pool unused: the operation was rented but never staged (staging was refused).</summary>
+    public void Discard() => Recycle();
 
     private void Recycle()
     {

@@ -192,6 +192,50 @@ public class RetentionTests
     }
 
     [Test]
+    public async Task A_sweep_whose_expiry_write_failed_hands_back_every_operation_it_staged()
+    {
+        var clock = new ManualClock();
+        await using TestStore t = TestStore.Create(With(clock));
+        for (int i = 0; i < 3; i++)
+        {
+            await t.Store.AppendAsync(await t.CreateQueueAsync(), 0, "m"u8);
+        }
+        clock.Advance(TimeSpan.FromDays(30));
+
+        t.Store.BeforeWrite = (_, _) => throw new IOException("injected write failure");
+        await Assert.ThrowsAsync<StoreException>(async () => await t.Store.SweepExpiredAsync());
+        t.Store.BeforeWrite = null;
+
+        // The three expiry writes all failed; each went back to the pool, none is left behind.
+        await t.Store.WhenUndone();
+        await Assert.That(t.Store.PooledOps).IsEqualTo(t.Store.CreatedOps);
+        await Assert.That(await t.Store.SweepExpiredAsync()).IsEqualTo(3);
+        await Assert.That(t.Store.PooledOps).IsEqualTo(t.Store.CreatedOps);
+    }
+
+    [Test]
+    public async Task A_sweep_whose_idle_deletion_failed_hands_back_every_operation_it_staged()
+    {
+        var clock = new ManualClock();
+        await using TestStore t = TestStore.Create(With(clock, idle: TimeSpan.FromDays(10)));
+        for (int i = 0; i < 3; i++)
+        {
+            await t.CreateQueueAsync();
+        }
+        clock.Advance(TimeSpan.FromDays(11));
+
+        t.Store.BeforeWrite = (_, _) => throw new IOException("injected write failure");
+        await Assert.ThrowsAsync<StoreException>(async () => await t.Store.SweepExpiredAsync());
+        t.Store.BeforeWrite = null;
+
+        await t.Store.WhenUndone();
+        await Assert.That(t.Store.PooledOps).IsEqualTo(t.Store.CreatedOps);
+        await t.Store.SweepExpiredAsync();
+        await Assert.That(t.Store.Statistics.IdleQueuesDeleted).IsEqualTo(3);
+        await Assert.That(t.Store.PooledOps).IsEqualTo(t.Store.CreatedOps);
+    }
+
+    [Test]
     public async Task Idle_queues_are_deleted_and_active_ones_kept()
     {
         var clock = new ManualClock();
