@@ -146,15 +146,7 @@ public sealed partial class QueueStore
     }
 
     /// <summary>
-    /// Enters the batch lock. Throws (holding nothing, changing nothing) <see cref="ObjectDisposedException"/>
-    /// once the store is closing, and <see cref="StoreException"/> while a failed write is being undone.
-    /// </summary>
-    /// <param name="evenWhileUndoing">
-    /// For a write that copies no queue state (the id epoch, which only goes up): staged even while a
-    /// failed write is being undone, since refusing it would leave ids of the new epoch unrecorded.
-    /// </param>
-    /// <summary>
-    /// <see cref="BeginBatch"/> for <paramref name="op"/>, rented beforehand: refused, it goes back to
+    /// <see cref="BeginBatch(bool)"/> for <paramref name="op"/>, rented beforehand: refused, it goes back to
     /// the pool (nobody will await it).
     /// </summary>
     internal BatchScope BeginBatch(WriteOp op)
@@ -170,6 +162,14 @@ public sealed partial class QueueStore
         }
     }
 
+    /// <summary>
+    /// Enters the batch lock. Throws (holding nothing, changing nothing) <see cref="ObjectDisposedException"/>
+    /// once the store is closing, and <see cref="StoreException"/> while a failed write is being undone.
+    /// </summary>
+    /// <param name="evenWhileUndoing">
+    /// For a write that copies no queue state (the id epoch, which only goes up): staged even while a
+    /// failed write is being undone, since refusing it would leave ids of the new epoch unrecorded.
+    /// </param>
     internal BatchScope BeginBatch(bool evenWhileUndoing = false)
     {
         Monitor.Enter(_batchLock);
