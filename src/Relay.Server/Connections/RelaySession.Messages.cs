@@ -453,13 +453,17 @@ internal sealed partial class RelaySession
     {
         lock (queue.Sync)
         {
-            if (queue.Tag is Subscription s && ReferenceEquals(s.Session, this) && s.CountThrough(id) > 0
-                && OldestStored(queue) is ulong oldest && s.IsBehind(oldest))
+            if (!(queue.Tag is Subscription s && ReferenceEquals(s.Session, this) && s.CountThrough(id) > 0
+                && OldestStored(queue) is ulong oldest && s.IsBehind(oldest)))
             {
-                s.TryReleaseThrough(id);
-                StartAgainIfBehindLocked(s);
+                return;
             }
+            s.TryReleaseThrough(id);
         }
+        // The restart waits, as after an ACK answered INTERNAL, until the store writes again: while
+        // the disk is full the put-back messages would otherwise go out again and again, each ACK of
+        // them failing once more, at the speed of the round trip.
+        _ = StartSubscriberAgainWhenWritableAsync(_store, queue);
     }
 
     /// <summary>
