@@ -23,6 +23,13 @@ public class ClientRecoveryTests
         ReconnectMax = TimeSpan.FromMilliseconds(500),
     };
 
+    /// <summary>A client whose next connection after a lost one waits 30 s or more: a test can act while it waits.</summary>
+    private static RelayClientOptions SlowBackOff => new()
+    {
+        ReconnectMin = TimeSpan.FromSeconds(30),
+        ReconnectMax = TimeSpan.FromSeconds(60),
+    };
+
     private static string Text(Delivery d) => Encoding.UTF8.GetString(d.Body);
 
     [Test]
@@ -728,11 +735,7 @@ public class ClientRecoveryTests
         await using var relay = await TestRelay.StartAsync();
         await using var path = SwitchingProxy.Start(relay.Server.RelayEndPoint);
         var address = relay.Address with { Hosts = ["127.0.0.1"], Port = path.Port };
-        await using var client = new RelayClient(new RelayClientOptions
-        {
-            ReconnectMin = TimeSpan.FromSeconds(30),
-            ReconnectMax = TimeSpan.FromSeconds(60),
-        });
+        await using var client = new RelayClient(SlowBackOff);
         var entered = new TaskCompletionSource<RelayConnection>(TaskCreationOptions.RunContinuationsAsynchronously);
         var carryOn = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         int runs = 0;
@@ -766,11 +769,7 @@ public class ClientRecoveryTests
         await using var relay = await TestRelay.StartAsync();
         await using var path = SwitchingProxy.Start(relay.Server.RelayEndPoint);
         var address = relay.Address with { Hosts = ["127.0.0.1"], Port = path.Port };
-        await using var client = new RelayClient(new RelayClientOptions
-        {
-            ReconnectMin = TimeSpan.FromSeconds(30),
-            ReconnectMax = TimeSpan.FromSeconds(60),
-        });
+        await using var client = new RelayClient(SlowBackOff);
         var first = await client.ConnectAsync(address).WaitAsync(TimeSpan.FromSeconds(10));
         path.DropAll();
         await Assert.That(await OperationsMetrics.EventuallyAsync(() => Task.FromResult(first.Closed.IsCancellationRequested), seconds: 10)).IsTrue();
