@@ -98,4 +98,70 @@ public class DiskFullTests
         await Assert.That((await NextMessageAsync(recipient, queue)).Text).IsEqualTo("two");
         await Assert.That(Value(await ScrapeAsync(relay), "relay_store_disk_full")).IsEqualTo(0);
     }
+
+    /// <summary>
+    /// A subscriber with a window of 3 ACKs its three messages in one write (mode 0), while the
+    /// failed write is being undone (1: the undo takes 20 ms, so later ACKs are refused before they
+    /// are staged or find m1 put back), or one by one 2 ms apart (2). Every answer is an error, no
+    /// push comes while the disk is full, and once it has room the three messages come again.
+    /// </summary>
+    [Test]
+    [Arguments(0)]
+    [Arguments(1)]
+    [Arguments(2)]
+    public async Task Pipelined_acks_that_a_full_disk_refuses_are_followed_by_no_push_until_writes_work_then_by_every_message_again(int mode)
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        var store = relay.Server.Store;
+        store.FailedWriteProbeInterval = TimeSpan.FromMilliseconds(100);
+        await using var recipient = await RawClient.ConnectAsync(relay);
+        var queue = await recipient.CreateQueueAsync();
+        await using var sender = await RawClient.ConnectAsync(relay);
+        foreach (string text in new[] { "m1", "m2", "m3" })
+        {
+            var sent = await sender.RequestAsync(sender.Send(sender.NextCorr(), queue.SenderId, Encoding.UTF8.GetBytes(text)));
+            await Assert.That(sent.Type).IsEqualTo(FrameType.Ok);
+        }
+        var sub = await recipient.RequestAsync(recipient.QueueCommand(FrameType.Sub, recipient.NextCorr(), queue.RecipientId, [0, 3], queue.RecipientPrivate));
+        await Assert.That(sub.Type).IsEqualTo(FrameType.Ok);
+        var ids = new List<ulong>();
+        for (int i = 0; i < 3; i++)
+        {
+            ids.Add((await NextMessageAsync(recipient, queue)).Id);
+        }
+
+        int full = 1;
+        store.BeforeWrite = (_, _) =>
+        {
+            if (Volatile.Read(ref full) != 0) throw NoSpace();
+        };
+        if (mode == 1) store.WhileUndoing = () => Thread.Sleep(20);
+        if (mode == 2)
+        {
+            foreach (ulong id in ids)
+            {
+                await recipient.WriteAsync(Ack(recipient, queue, recipient.NextCorr(), id));
+                await Task.Delay(2);
+            }
+        }
+        else
+        {
+            await recipient.WriteAsync(ids.SelectMany(id => Ack(recipient, queue, recipient.NextCorr(), id)).ToArray());
+        }
+        var answers = new List<RawFrame>();
+        for (int i = 0; i < 3; i++)
+        {
+            answers.Add((await recipient.ReadFrameAsync())!);
+        }
+        await Assert.That(answers.All(a => a.Type == FrameType.Err)).IsTrue().Because(string.Join(", ", answers));
+        await Assert.ThrowsAsync<TimeoutException>(async () => await recipient.ReadFrameAsync(TimeSpan.FromMilliseconds(600)));
+
+        Volatile.Write(ref full, 0);
+        var again = new List<string>();
+        for (int i = 0; i < 3; i++)
+        {
+            again.Add((await NextMessageAsync(recipient, queue)).Text);
+        }
+        await Assert.That(again).IsEquivalentTo(new[] { "m1", "m2", "m3" });
+    }
 }
