@@ -192,6 +192,31 @@ public class PutBackMessagesTests
     }
 
     [Test]
+    public async Task A_subscription_that_began_while_the_only_message_was_being_deleted_receives_it_once_the_failed_delete_puts_it_back()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        await using var subscriber = await RawClient.ConnectAsync(relay);
+        var queue = await subscriber.CreateQueueAsync();
+        await using var sender = await RawClient.ConnectAsync(relay);
+        await using var poller = await RawClient.ConnectAsync(relay);
+        await SendAsync(sender, queue, "m1");
+
+        // The poller acknowledges m1, its only message; the delete waits on the disk. A subscription
+        // made meanwhile finds nothing to push.
+        ulong m1 = RawClient.Open(queue, (await RequestAsync(poller, Get(poller, queue))).Payload).Id;
+        var (held, pollerAck) = await PollerAcksWhileTheDiskWaitsAsync(relay, poller, queue, m1);
+        await SubscribeAsync(subscriber, queue);
+        await Assert.ThrowsAsync<TimeoutException>(async () => await subscriber.ReadFrameAsync(Quiet));
+
+        // The delete fails: m1 is stored again and pushed to the subscriber, which has no ACK to make
+        // and may wait for no other message.
+        held.Release();
+        await Assert.That((await AnswerAsync(poller, pollerAck)).Error).IsEqualTo(ErrorCode.Internal);
+        await Assert.That(await ReceiveAndAckAsync(subscriber, queue, 1)).IsEquivalentTo(new[] { "m1" });
+        await AssertEmptyAsync(poller, queue);
+    }
+
+    [Test]
     public async Task A_device_that_takes_a_queue_while_the_ack_of_the_device_before_fails_still_receives_everything()
     {
         await using var relay = await TestRelay.StartAsync(o => o.Tls = false);

@@ -467,17 +467,27 @@ internal sealed partial class RelaySession
     }
 
     /// <summary>
-    /// Starts <paramref name="s"/> (this connection's) again from the oldest stored message when it
-    /// has nothing outstanding and moved past a message that is stored again. The client's count of
-    /// the window is empty too then, so the pushes from the oldest fit it. Caller holds <c>s.Queue.Sync</c>.
+    /// Messages were stored again: starts <paramref name="s"/> (this connection's) again from the
+    /// oldest stored message when it has nothing outstanding and moved past one of them. The client's
+    /// count of the window is empty too then, so the pushes from the oldest fit it. A subscription that
+    /// has not moved past them (it began, or last looked for a message, while they were deleted in
+    /// memory, and found none) is pushed them now as far as its window allows: nothing else would
+    /// wake it before the queue's next message. Caller holds <c>s.Queue.Sync</c>.
     /// </summary>
     private void StartAgainIfBehindLocked(Subscription s)
     {
-        if (s.Ended || s.HasOutstanding || s.NextFrom == 0 || OldestStored(s.Queue) is not ulong oldest || !s.IsBehind(oldest))
+        if (s.Ended || OldestStored(s.Queue) is not ulong oldest)
         {
             return;
         }
-        s.Restart();
+        if (s.IsBehind(oldest))
+        {
+            if (s.HasOutstanding)
+            {
+                return;   // started again when the ACKs of what is outstanding find the older messages (StartAgainIfPutBack)
+            }
+            s.Restart();
+        }
         DeliverNextLocked(s);
     }
 
