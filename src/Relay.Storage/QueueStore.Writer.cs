@@ -383,6 +383,17 @@ public sealed partial class QueueStore
         }
     }
 
+    /// <summary>
+    /// Completes once no failed write is being undone and the store writes (<see cref="WhenUndone"/>,
+    /// then <see cref="WhenWritable"/>): what a failed write put back is stored again, and what is
+    /// delivered from it now can be acknowledged for good.
+    /// </summary>
+    public async Task WhenWritesAgain()
+    {
+        await WhenUndone().ConfigureAwait(false);
+        await WhenWritable().ConfigureAwait(false);
+    }
+
     /// <summary>Completed when a write succeeds again; under <see cref="_batchLock"/>.</summary>
     private TaskCompletionSource? _writable;
 

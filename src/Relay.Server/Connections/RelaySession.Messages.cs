@@ -409,8 +409,7 @@ internal sealed partial class RelaySession
     /// </summary>
     private async Task RestartWhenWritableAsync(QueueHandle queue, Subscription? failed, int restarts)
     {
-        await _store.WhenUndone();
-        await _store.WhenWritable();
+        await _store.WhenWritesAgain();
         lock (queue.Sync)
         {
             if (queue.Tag is Subscription s && ReferenceEquals(s.Session, this) && !(ReferenceEquals(s, failed) && s.Restarts != restarts))
@@ -431,8 +430,7 @@ internal sealed partial class RelaySession
     /// </summary>
     internal static async Task StartSubscriberAgainWhenWritableAsync(QueueStore store, QueueHandle queue)
     {
-        await store.WhenUndone();
-        await store.WhenWritable();
+        await store.WhenWritesAgain();
         lock (queue.Sync)
         {
             if (queue.Tag is Subscription s)
