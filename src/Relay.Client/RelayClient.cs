@@ -28,18 +28,7 @@ public sealed class RelayClientOptions
     /// not host:port (an IPv6 address in brackets, the port 1 to 65535) is refused when it is set
     /// (<see cref="ArgumentException"/> naming the option).
     /// </summary>
-    public string? Socks
-    {
-        get;
-        init
-        {
-            if (value is not null && !RelayConnection.TryParseHostPort(value, out _, out _, out var error))
-            {
-                throw new ArgumentException($"{nameof(Socks)}: {error}", nameof(Socks));
-            }
-            field = value;
-        }
-    }
+    public string? Socks { get; init => field = RelayConnectionOptions.CheckSocks(value); }
 
     /// <summary>False only for relays run with plain TCP.</summary>
     public bool Tls { get; init; } = true;

@@ -1,4 +1,5 @@
 using Relay.Client;
+using Relay.Client.Transport;
 
 namespace Relay.Server.Tests;
 
@@ -123,7 +124,10 @@ public class ClientOptionsTests
         await using var client = new RelayClient(new RelayClientOptions { ReconnectMin = TimeSpan.FromSeconds(1), ReconnectMax = TimeSpan.FromSeconds(1) });
     }
 
-    /// <summary>A Socks that is not host:port made every connection fail with a FormatException, for as long as the app ran.</summary>
+    /// <summary>
+    /// A Socks that is not host:port made every connection fail with a FormatException, for as long as
+    /// the app ran; RelayConnectionOptions (the transport's, of a bare connection) took one without a word too.
+    /// </summary>
     [Test]
     [Arguments("")]
     [Arguments("not a host")]
@@ -139,10 +143,13 @@ public class ClientOptionsTests
     [Arguments("not a host:1080")]
     public async Task A_Socks_that_is_not_host_and_port_is_refused_naming_it(string socks)
     {
-        var refused = Assert.Throws<ArgumentException>(() => new RelayClientOptions { Socks = socks });
-        await Assert.That(refused.ParamName).IsEqualTo(nameof(RelayClientOptions.Socks));
-        await Assert.That(refused.Message).Contains("HOST:PORT");
-        await Assert.That(refused.Message).Contains(socks);
+        foreach (var set in new Action[] { () => _ = new RelayClientOptions { Socks = socks }, () => _ = new RelayConnectionOptions { Socks = socks } })
+        {
+            var refused = Assert.Throws<ArgumentException>(set);
+            await Assert.That(refused.ParamName).IsEqualTo(nameof(RelayClientOptions.Socks));
+            await Assert.That(refused.Message).Contains("HOST:PORT");
+            await Assert.That(refused.Message).Contains(socks);
+        }
     }
 
     [Test]
@@ -156,5 +163,7 @@ public class ClientOptionsTests
         await using var client = new RelayClient(new RelayClientOptions { Socks = socks });
         await Assert.That(client.Options.Socks).IsEqualTo(socks);
         await Assert.That(new RelayClientOptions { Socks = null }.Socks).IsNull();
+        await Assert.That(new RelayConnectionOptions { Socks = socks }.Socks).IsEqualTo(socks);
+        await Assert.That(new RelayConnectionOptions { Socks = null }.Socks).IsNull();
     }
 }

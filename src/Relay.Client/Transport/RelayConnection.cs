@@ -18,8 +18,20 @@ public sealed class RelayConnectionOptions
     /// <summary>
     /// SOCKS5 proxy as host:port (Tor, shadowsocks' ss-local); null connects directly. The relay's
     /// host goes to the proxy as a name it resolves, or as an address when it is one (<see cref="Socks5"/>).
+    /// A value that is not host:port (an IPv6 address in brackets, the port 1 to 65535) is refused when
+    /// it is set (<see cref="ArgumentException"/> naming the option), rather than by every connection.
     /// </summary>
-    public string? Socks { get; init; }
+    public string? Socks { get; init => field = CheckSocks(value); }
+
+    /// <summary>
+    /// <paramref name="value"/> when it is null or host:port (<see cref="RelayConnection.TryParseHostPort"/>);
+    /// otherwise throws <see cref="ArgumentException"/> naming the option. The check of this Socks and
+    /// of <see cref="RelayClientOptions.Socks"/>.
+    /// </summary>
+    internal static string? CheckSocks(string? value) =>
+        value is null || RelayConnection.TryParseHostPort(value, out _, out _, out var error)
+            ? value
+            : throw new ArgumentException($"{nameof(Socks)}: {error}", nameof(Socks));
 
     /// <summary>False for a relay configured with plain TCP (loopback hop, benchmarks).</summary>
     public bool Tls { get; init; } = true;

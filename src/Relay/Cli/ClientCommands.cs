@@ -22,15 +22,17 @@ public static class ClientCommands
         return new RelayClientOptions { Socks = socks, Tls = !a.Switch("plain-tcp"), RetryFor = retryFor };
     }
 
-    /// <summary>The --socks value, checked to be HOST:PORT.</summary>
+    /// <summary>The --socks value, checked to be HOST:PORT as the SDK's options check it.</summary>
     internal static string CheckSocks(string value)
     {
-        int colon = value.LastIndexOf(':');
-        if (colon <= 0 || !int.TryParse(value.AsSpan(colon + 1), out int port) || port is < 1 or > 65535)
+        try
+        {
+            return new RelayConnectionOptions { Socks = value }.Socks!;
+        }
+        catch (ArgumentException)
         {
             throw new UsageException($"--socks must be HOST:PORT, got '{value}'");
         }
-        return value;
     }
 
     private static RelayAddress ParseAddress(string what, string value) =>
