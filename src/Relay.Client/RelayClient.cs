@@ -162,7 +162,9 @@ public sealed class RelayClient : IAsyncDisposable
     /// The live connection to <paramref name="relay"/>, connecting (once) if there is none. While the
     /// client is connecting to it again already (the connection that brings the deliveries, through its
     /// back-off), this throws at once what that connection's last attempt met (or its next, if none
-    /// failed yet), rather than waiting for it.
+    /// failed yet), rather than waiting for it. Cancelled, it throws <see cref="OperationCanceledException"/>
+    /// for <paramref name="cancellationToken"/>, also when the attempt failed as the token was
+    /// cancelled (that failure, reported through <see cref="ConnectionFailed"/>, its inner exception).
     /// </summary>
     public Task<RelayConnection> ConnectAsync(RelayAddress relay, CancellationToken cancellationToken = default) =>
         Link(relay).GetAsync(retry: false, cancellationToken);
@@ -170,6 +172,9 @@ public sealed class RelayClient : IAsyncDisposable
     /// <summary>
     /// Runs <paramref name="operation"/> on the relay's connection; when the connection is lost
     /// before an answer, reconnects and runs it again (until cancelled). Relay errors (ERR) are not retried.
+    /// Cancelled, it throws <see cref="OperationCanceledException"/> for <paramref name="cancellationToken"/>,
+    /// also when the connection was lost, or an attempt to connect failed, as the token was cancelled
+    /// (that failure its inner exception).
     /// </summary>
     public async Task<T> RunAsync<T>(RelayAddress relay, Func<RelayConnection, Task<T>> operation, CancellationToken cancellationToken = default)
     {
@@ -668,6 +673,13 @@ public sealed class RelayClient : IAsyncDisposable
                         // The next attempt goes to the address's next host (a clearnet name and an
                         // .onion name of one relay: the way to one may be blocked or down).
                         _host = (_host + 1) % relay.Hosts.Count;
+                        if (cancellationToken.IsCancellationRequested)
+                        {
+                            // Cancelled meanwhile (a socket aborted under the attempt, or the app
+                            // cancelled as it failed): the caller's token, not the failure, is why
+                            // this call stops, and the caller is told so, as RunAsync tells it.
+                            throw new OperationCanceledException(ex.Message, ex, cancellationToken);
+                        }
                         if (!retry)
                         {
                             throw;

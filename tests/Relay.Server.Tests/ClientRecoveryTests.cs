@@ -783,6 +783,36 @@ public class ClientRecoveryTests
         await Assert.That(path.ConnectionsTo(relay.Server.RelayEndPoint)).IsEqualTo(1);
     }
 
+    /// <summary>
+    /// A ConnectAsync or RunAsync whose attempt to connect failed as the app cancelled its token (here
+    /// the app cancels on hearing of the failure through ConnectionFailed, which runs before the call
+    /// hears of it) threw the attempt's RelayConnectException: the app, which cancelled, was told the
+    /// relay could not be reached. It is told OperationCanceledException for its token, the failure as
+    /// its inner exception, as RunAsync tells it when its operation meets a lost connection.
+    /// </summary>
+    [Test]
+    [Arguments(false)]
+    [Arguments(true)]
+    public async Task A_call_cancelled_as_its_attempt_to_connect_fails_throws_OperationCanceledException(bool run)
+    {
+        // Nothing listens there: the attempt is refused at once.
+        var address = new RelayAddress(RelayAddress.Base64Url(new byte[32]), ["127.0.0.1"], TestPorts.Free());
+        await using var client = new RelayClient(PlainFast);
+        using var cts = new CancellationTokenSource();
+        int failures = 0;
+        client.ConnectionFailed += (_, _) =>
+        {
+            Interlocked.Increment(ref failures);
+            cts.Cancel();
+        };
+        Task call = run ? client.RunAsync(address, c => c.PingAsync(), cts.Token) : client.ConnectAsync(address, cts.Token);
+
+        var thrown = await Assert.ThrowsAsync<OperationCanceledException>(() => call.WaitAsync(TimeSpan.FromSeconds(10)));
+        await Assert.That(thrown!.CancellationToken).IsEqualTo(cts.Token);
+        await Assert.That(thrown.InnerException).IsTypeOf<RelayConnectException>();
+        await Assert.That(Volatile.Read(ref failures)).IsEqualTo(1);
+    }
+
     /// <summary>Forwards TCP both ways to a target that can change; a connection goes to the target of when it was accepted.</summary>
     internal sealed class SwitchingProxy : IAsyncDisposable
     {
