@@ -318,9 +318,12 @@ public sealed class RelayClient : IAsyncDisposable
     /// Raised when a relay ends a subscription (END): another connection subscribed the queue (another
     /// device of the same recipient) or the queue was deleted. The queue is no longer subscribed and is
     /// not renewed after a reconnection, so two devices do not take it from each other for ever;
-    /// <see cref="SubscribeAsync"/> takes it back. Raised also for the subscription a SubscribeAsync has
-    /// just made, possibly before that call returns (two devices subscribing at the same moment: the
-    /// relay keeps the SUB it read last). Runs on the delivery pump: keep it short.
+    /// <see cref="SubscribeAsync"/> takes it back. Raised also for an END read just before its
+    /// connection was lost (the keep-alive replacing it), unless the connection that replaced it had
+    /// already renewed the queue (taken it back: the other device is told then), and for the
+    /// subscription a SubscribeAsync has just made, possibly before that call returns (two devices
+    /// subscribing at the same moment: the relay keeps the SUB it read last). Runs on the delivery
+    /// pump: keep it short.
     /// </summary>
     public event Action<RelayAddress, RecipientQueue>? SubscriptionEnded;
 
@@ -448,6 +451,10 @@ public sealed class RelayClient : IAsyncDisposable
         public ConcurrentDictionary<byte[], RecipientQueue> Subscriptions { get; } = new(IdComparer.Instance);
         // The SubscribeAsync calls under way, by queue, under _subscribing's lock (see SubscribeCalls).
         private readonly Dictionary<byte[], SubscribeCalls> _subscribing = new(IdComparer.Instance);
+        // The queues renewed, or about to be, by the attempts to replace a lost connection since the last
+        // connection was made current (under _subscribing's lock): an attempt that failed may have had
+        // its SUB read by the relay, so the queue counts as subscribed anew until a connection is current.
+        private readonly HashSet<byte[]> _renewing = new(IdComparer.Instance);
 
         /// <summary>The SubscribeAsync calls of one queue under way.</summary>
         private sealed class SubscribeCalls
@@ -529,42 +536,40 @@ public sealed class RelayClient : IAsyncDisposable
         }
 
         /// <summary>
-        /// True when the app subscribed the queue anew after an END or a rejected delivery stopped a
-        /// connection receiving it: the current connection receives it again, or a SubscribeAsync of it
-        /// has yet to find it received or send its SUB (it will send one). Under _subscribing's lock.
+        /// True when the queue was subscribed anew after an END or a rejected delivery stopped a
+        /// connection receiving it: the current connection receives it again, a SubscribeAsync of it
+        /// has yet to find it received or send its SUB (it will send one), or the connection being made
+        /// to replace a lost one has renewed it (<see cref="_renewing"/>). Under _subscribing's lock.
         /// </summary>
         private bool SubscribedAnewLocked(byte[] recipientId) =>
             Volatile.Read(ref _current)?.IsSubscribed(recipientId) == true
-            || (_subscribing.TryGetValue(recipientId, out var calls) && calls.Undecided > 0);
+            || (_subscribing.TryGetValue(recipientId, out var calls) && calls.Undecided > 0)
+            || _renewing.Contains(recipientId);
 
         /// <summary>
-        /// The relay ended <paramref name="connection"/>'s subscription: let the queue go unless it is
-        /// subscribed anew (<see cref="SubscribedAnewLocked"/>), also when the SubscribeAsync that made
-        /// the subscription ended has not returned yet.
-        /// </summary>
-        private RecipientQueue? OnEnded(RelayConnection connection, byte[] recipientId)
-        {
-            lock (_subscribing)
-            {
-                // An END from a connection that is not the current one any more concerns a
-                // subscription that was renewed on the new connection since.
-                if (Volatile.Read(ref _current) != connection || SubscribedAnewLocked(recipientId))
-                {
-                    return null;
-                }
-                return Subscriptions.TryRemove(recipientId, out var queue) ? queue : null;
-            }
-        }
-
-        /// <summary>
-        /// A delivery of a connection's subscription failed its integrity check: let the queue go, unless
-        /// the app subscribed it anew since (<see cref="SubscribedAnewLocked"/>), on that connection or
-        /// on the one that replaced it. Letting it go then would leave it received with its deliveries
+        /// The relay ended a connection's subscription of the queue (END), or a delivery of it failed its
+        /// integrity check: let the queue go (not renewed on the next connection), unless it was
+        /// subscribed anew since (<see cref="SubscribedAnewLocked"/>), on that connection or on one that
+        /// replaced it; also when the SubscribeAsync that made the subscription has not returned yet.
+        /// <para>
+        /// The same whether that connection is still the current one or was lost meanwhile (dropped by
+        /// the keep-alive while the delivery pump still read its last events): its END tells that another
+        /// connection (another device) took the queue, or that the queue was deleted. Renewed on the next
+        /// connection, the queue would be taken back from that device, and the devices would take it
+        /// from each other after every reconnection. A connection that replaced it and renewed the queue
+        /// (marked in <see cref="_renewing"/> before its SUB is sent) may have caused that END, and has
+        /// taken the queue back in any case (the other device got an END of its own): letting the queue
+        /// go then would leave that subscription on the relay with its deliveries dropped here, and the
+        /// queue received by nobody, so it stays subscribed.
+        /// </para>
+        /// <para>
+        /// Letting a queue go that was subscribed anew would leave it received with its deliveries
         /// dropped, filling its window (a later SubscribeAsync, finding it received, would send no SUB
         /// to have them delivered again), or let a SubscribeAsync about to send its SUB subscribe a
         /// queue the client no longer hands out.
+        /// </para>
         /// </summary>
-        private RecipientQueue? OnRejected(byte[] recipientId)
+        private RecipientQueue? LetGo(byte[] recipientId)
         {
             lock (_subscribing)
             {
@@ -660,6 +665,7 @@ public sealed class RelayClient : IAsyncDisposable
                                 if (!Subscriptions.ContainsKey(id)) connection.StopReceiving(id);
                             }
                             Volatile.Write(ref _current, connection);
+                            _renewing.Clear();   // the current connection tells from here on (SubscribedAnewLocked)
                         }
                         _backoff.Connected();
                         _keepAlive ??= KeepAliveAsync();
@@ -770,6 +776,14 @@ public sealed class RelayClient : IAsyncDisposable
             var renewed = new List<byte[]>();
             foreach (var (id, queue) in Subscriptions)
             {
+                lock (_subscribing)
+                {
+                    // Let go meanwhile (an END read on the connection this one replaces, Unsubscribe):
+                    // not renewed. Marked before its SUB is sent: an END read on the connection
+                    // replaced no longer lets it go (LetGo).
+                    if (!Subscriptions.ContainsKey(id)) continue;
+                    _renewing.Add(id);
+                }
                 try
                 {
                     await connection.SubscribeAsync(queue, owner.Options.DeliveryWindow, cancellationToken).ConfigureAwait(false);
@@ -848,11 +862,11 @@ public sealed class RelayClient : IAsyncDisposable
                         {
                             owner._deliveries.TryWrite(new QueueDelivery(relay, d.Queue, d.Delivery));
                         }
-                        else if (e is SubscriptionEndedEvent ended && OnEnded(connection, ended.RecipientId) is { } queue)
+                        else if (e is SubscriptionEndedEvent ended && LetGo(ended.RecipientId) is { } queue)
                         {
                             owner.OnSubscriptionEnded(relay, queue);
                         }
-                        else if (e is DeliveryRejectedEvent rejected && OnRejected(rejected.Queue.RecipientId) is { } dropped)
+                        else if (e is DeliveryRejectedEvent rejected && LetGo(rejected.Queue.RecipientId) is { } dropped)
                         {
                             owner.OnDeliveryRejected(relay, dropped, rejected.Reason);
                         }

@@ -90,6 +90,136 @@ public class ClientRecoveryTests
     }
 
     /// <summary>
+    /// The relay ends the phone's subscription of a queue (the laptop took it) just before the phone's
+    /// connection is dropped (as the keep-alive drops one), and the phone's delivery pump gets to that
+    /// END only afterwards. The END was ignored, as if it concerned a subscription renewed since, and the
+    /// phone's next connection took the queue back from the laptop. It lets the queue go: the phone is
+    /// told, its next connection renews nothing, and the laptop keeps receiving.
+    /// </summary>
+    [Test]
+    public async Task An_END_the_client_gets_to_after_its_connection_was_lost_lets_the_queue_go()
+    {
+        await using var scene = await StaleEndScene.StartAsync();
+        scene.Phone.Drop(scene.Relay.Address, scene.Lost);
+        scene.HandleEnds();
+        await scene.QueueEnded.WaitAsync(TimeSpan.FromSeconds(10));
+
+        await scene.Phone.RunAsync(scene.Relay.Address, c => c.PingAsync());
+        await scene.Owner.SendAsync(new SenderQueue(scene.Queue.SenderId, null), "after"u8.ToArray());
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(10));
+        await using var deliveries = scene.Laptop.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
+        await Assert.That(await deliveries.MoveNextAsync()).IsTrue();
+        await Assert.That(Text(deliveries.Current.Delivery)).IsEqualTo("after");
+        await Assert.That(scene.LaptopEnds).IsEqualTo(0);
+        await Assert.That(scene.Phone.IsSubscribed(scene.Relay.Address, scene.Queue.RecipientId)).IsFalse();
+    }
+
+    /// <summary>
+    /// As above, with the phone connecting again (an app's call) before its delivery pump gets to the
+    /// END: the new connection renewed the queue, which took it back from the laptop (told by an END of
+    /// its own). The old END does not let it go then: the new subscription would stay on the relay with
+    /// its deliveries dropped by the phone, and nobody would receive the queue.
+    /// </summary>
+    [Test]
+    public async Task An_END_the_client_gets_to_after_the_queue_was_renewed_on_a_new_connection_leaves_it_subscribed()
+    {
+        await using var scene = await StaleEndScene.StartAsync();
+        scene.Phone.Drop(scene.Relay.Address, scene.Lost);
+        await scene.Phone.RunAsync(scene.Relay.Address, c => c.PingAsync());
+        scene.HandleEnds();
+
+        await scene.Owner.SendAsync(new SenderQueue(scene.Queue.SenderId, null), "after"u8.ToArray());
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(10));
+        await using var deliveries = scene.Phone.DeliveriesAsync(cts.Token).GetAsyncEnumerator(cts.Token);
+        await Assert.That(await deliveries.MoveNextAsync()).IsTrue();
+        await Assert.That(Text(deliveries.Current.Delivery)).IsEqualTo("after");
+        // The pump handled the old END before it read the new connection's delivery.
+        await Assert.That(scene.QueueEnded.IsCompleted).IsFalse();
+    }
+
+    /// <summary>
+    /// A phone and a laptop subscribed to two queues on one relay, the phone first. The laptop takes
+    /// both; the handler of the first END holds the phone's delivery pump, so the second END
+    /// (<see cref="Queue"/>'s) waits, read, on the phone's connection (<see cref="Lost"/>).
+    /// </summary>
+    private sealed class StaleEndScene : IAsyncDisposable
+    {
+        private readonly ManualResetEventSlim _holding = new();
+        private readonly ManualResetEventSlim _release = new();
+        private readonly TaskCompletionSource _queueEnded = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        private int _laptopEnds;
+
+        public required TestRelay Relay { get; init; }
+        public required RelayConnection Owner { get; init; }
+        public required RelayClient Phone { get; init; }
+        public required RelayClient Laptop { get; init; }
+        public RecipientQueue Queue { get; private set; } = null!;
+        public RelayConnection Lost { get; private set; } = null!;
+
+        /// <summary>Completes when the phone was told that the queue's subscription ended.</summary>
+        public Task QueueEnded => _queueEnded.Task;
+
+        public int LaptopEnds => Volatile.Read(ref _laptopEnds);
+
+        public static async Task<StaleEndScene> StartAsync()
+        {
+            var relay = await TestRelay.StartAsync(o => o.Tls = false);
+            var scene = new StaleEndScene
+            {
+                Relay = relay,
+                Owner = await relay.ConnectAsync(),
+                Phone = new RelayClient(PlainFast),
+                Laptop = new RelayClient(PlainFast),
+            };
+            await scene.SetUpAsync();
+            return scene;
+        }
+
+        private async Task SetUpAsync()
+        {
+            var first = await Owner.CreateQueueAsync();
+            Queue = await Owner.CreateQueueAsync();
+            Phone.SubscriptionEnded += (_, q) =>
+            {
+                if (q.RecipientId.AsSpan().SequenceEqual(first.RecipientId))
+                {
+                    _holding.Set();
+                    _release.Wait(TimeSpan.FromSeconds(20));
+                }
+                else if (q.RecipientId.AsSpan().SequenceEqual(Queue.RecipientId))
+                {
+                    _queueEnded.TrySetResult();
+                }
+            };
+            Laptop.SubscriptionEnded += (_, _) => Interlocked.Increment(ref _laptopEnds);
+            await Phone.SubscribeAsync(Relay.Address, first);
+            await Phone.SubscribeAsync(Relay.Address, Queue);
+            Lost = await Phone.ConnectAsync(Relay.Address);
+            await Laptop.SubscribeAsync(Relay.Address, first);
+            if (!_holding.Wait(TimeSpan.FromSeconds(10))) throw new TimeoutException("the first END was not handled");
+            await Laptop.SubscribeAsync(Relay.Address, Queue);
+            if (!await OperationsMetrics.EventuallyAsync(() => Task.FromResult(!Lost.IsSubscribed(Queue)), seconds: 10))
+            {
+                throw new TimeoutException("the queue's END was not read");
+            }
+        }
+
+        /// <summary>Lets the phone's delivery pump go on: it handles the queue's END, read before.</summary>
+        public void HandleEnds() => _release.Set();
+
+        public async ValueTask DisposeAsync()
+        {
+            _release.Set();
+            await Phone.DisposeAsync();
+            await Laptop.DisposeAsync();
+            await Owner.DisposeAsync();
+            await Relay.DisposeAsync();
+            _holding.Dispose();
+            _release.Dispose();
+        }
+    }
+
+    /// <summary>
     /// Two devices subscribe a queue at the same moment: the relay serves the one whose SUB it read
     /// last and ends the other's subscription (END) right after answering its SUB. The device whose
     /// subscription ended is told every time, though its SubscribeAsync may not have returned yet,
