@@ -348,4 +348,18 @@ public class ValidationTests
             : ["serve", "--data", files.DataDirectory, "--listen", "127.0.0.1:0", "--admin", taken];
         await AssertUsageError(option, args);
     }
+
+    /// <summary>
+    /// A --socks that the client SDK refuses (a port with a sign, a host with a space) is a usage
+    /// error, as one without a port: the command's own looser check let it through, to fail as an
+    /// unexpected error when the command connected.
+    /// </summary>
+    [Test]
+    [Arguments("proxy:+1080")]
+    [Arguments("my proxy:1080")]
+    [Arguments("nonsense")]
+    public async Task A_socks_proxy_that_is_not_host_and_port_is_a_usage_error(string socks)
+    {
+        await AssertUsageError("--socks must be HOST:PORT", "ping", $"relay://{new string('A', 43)}@127.0.0.1:5223", "--socks", socks);
+    }
 }
