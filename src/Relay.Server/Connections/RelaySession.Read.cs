@@ -134,10 +134,11 @@ internal sealed partial class RelaySession
                 Log.HandshakeTimeout(_logger);
                 return false;
             }
-            catch (IOException)
+            catch (Exception ex) when (IsConnectionFailure(ex))
             {
-                // Reset (a client killed, a proxy or NAT dropping the connection) rather than closed:
-                // the same for the count; the exception ends the connection as any failed read does.
+                // Reset (a client killed, a proxy or NAT dropping the connection) or the socket closed
+                // under the read rather than closed: the same for the count; the exception ends the
+                // connection as any failed read does.
                 _context.Metrics.HandshakeFailed(_readStart == _readEnd ? "closed" : "truncated");
                 throw;
             }

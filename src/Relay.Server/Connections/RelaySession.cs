@@ -82,7 +82,7 @@ internal sealed partial class RelaySession : IThreadPoolWorkItem
                 }
                 StartOutput(input);
             }
-            catch (Exception ex) when (ex is OperationCanceledException or IOException or AuthenticationException or ObjectDisposedException)
+            catch (Exception ex) when (ex is OperationCanceledException or AuthenticationException || IsConnectionFailure(ex))
             {
                 _context.Metrics.HandshakeFailed("tls");
                 Log.TlsFailed(_logger, ex.GetType().Name);
@@ -127,7 +127,7 @@ internal sealed partial class RelaySession : IThreadPoolWorkItem
                     Log.IdleClosed(_logger);
                 }
             }
-            catch (Exception ex) when (ex is IOException or System.Net.Sockets.SocketException or ObjectDisposedException or InvalidOperationException)
+            catch (Exception ex) when (IsConnectionFailure(ex))
             {
                 Log.ConnectionFailed(_logger, ex.GetType().Name);
             }
@@ -156,6 +156,14 @@ internal sealed partial class RelaySession : IThreadPoolWorkItem
             _context.Metrics.ConnectionClosed();
         }
     }
+
+    /// <summary>
+    /// A failure of the transport that ends the connection (a reset, a socket closed or disposed under
+    /// a read or write): caught by the session, never the relay's problem. The handshake counts it
+    /// (every connection that does not complete its handshake is counted under one result).
+    /// </summary>
+    private static bool IsConnectionFailure(Exception ex) =>
+        ex is IOException or System.Net.Sockets.SocketException or ObjectDisposedException or InvalidOperationException;
 
     private void EndAllSubscriptions()
     {

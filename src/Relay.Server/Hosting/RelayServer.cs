@@ -370,6 +370,9 @@ public sealed class RelayServer : IAsyncDisposable
         return client;
     }
 
+    /// <summary>What the sessions share (store, options, metrics): for tests that run a session over a transport of their own.</summary>
+    internal RelayServerContext Context => _context;
+
     /// <summary>Ends reading on every in-process connection, waits for them, then aborts what is left.</summary>
     private async Task<bool> StopInProcessAsync(TimeSpan timeout)
     {
