@@ -192,6 +192,37 @@ public class BackupTests
         }
     }
 
+    [Test]
+    public async Task A_backup_directory_whose_lock_another_process_holds_for_ever_gets_a_busy_answer_in_bounded_time()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.AdminToken = Token);
+        using var admin = AdminClient(relay, Token);
+        var backups = relay.Server.Backups;
+        await Assert.That(backups.WaitForAnotherAtMost).IsEqualTo(RelayBackups.DefaultWaitForAnother);
+        backups.WaitForAnotherAtMost = TimeSpan.FromSeconds(1);
+        Directory.CreateDirectory(backups.Root);
+        string lockPath = Path.Combine(backups.Root, RelayBackups.LockFileName);
+        var waiting = new TaskCompletionSource();
+        backups.WaitingForAnother = () => waiting.TrySetResult();
+        var watch = System.Diagnostics.Stopwatch.StartNew();
+        // Another process's backup, stuck: its lock (a flock of the file opened for no sharing) is never let go.
+        using (new FileStream(lockPath, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None))
+        {
+            var busy = await PostBackupAsync(admin, HttpStatusCode.Conflict);
+            await Assert.That(watch.Elapsed).IsLessThan(TimeSpan.FromSeconds(8));
+            await Assert.That(waiting.Task.IsCompleted).IsTrue();
+            string error = busy.GetProperty("error").GetString()!;
+            await Assert.That(error).Contains("the backup directory is busy");
+            await Assert.That(error).Contains(RelayBackups.LockFileName);
+            // Nothing was made, and the relay's own backups are free for the next request.
+            await Assert.That(Directory.GetDirectories(backups.Root)).IsEmpty();
+            await Assert.That(backups.Gate.CurrentCount).IsEqualTo(1);
+        }
+        // Once the other backup is done, the next one is made.
+        await PostBackupAsync(admin, HttpStatusCode.OK);
+        await Assert.That(Directory.GetDirectories(backups.Root).Length).IsEqualTo(1);
+    }
+
     private sealed class SameSecondClock(DateTimeOffset at) : TimeProvider
     {
         public override DateTimeOffset GetUtcNow() => at;

@@ -18,7 +18,8 @@ namespace Relay.Server.Hosting;
 /// <item>POST /admin/queue-creation with <c>{"enabled": false}</c>: flips the new-queues switch at
 /// runtime (NEW answers DISABLED; existing queues keep working). Not persisted across restarts.</item>
 /// <item>POST /admin/backup: makes a backup (<see cref="RelayBackups"/>) and answers where, or 409
-/// while another is being made, or 500 with the reason it failed.</item>
+/// while another is being made (or another process's backup into the same directory held it for too
+/// long), or 500 with the reason it failed.</item>
 /// </list>
 /// </summary>
 internal static class AdminApi
@@ -97,6 +98,12 @@ internal static class AdminApi
         try
         {
             made = await backups.CreateAsync();
+        }
+        catch (BackupException e) when (e.DirectoryBusy)
+        {
+            ctx.Response.StatusCode = StatusCodes.Status409Conflict;
+            await ctx.Response.WriteAsJsonAsync(new AdminError { Error = e.Message }, AdminJsonContext.Default.AdminError);
+            return;
         }
         catch (BackupException e)
         {

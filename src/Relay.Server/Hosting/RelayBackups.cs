@@ -49,6 +49,16 @@ internal sealed partial class RelayBackups(QueueStore store, string dataDirector
     /// <summary>Called when another backup into <see cref="Root"/> is being made and this one waits for it (tests).</summary>
     internal Action? WaitingForAnother;
 
+    /// <summary>
+    /// How long a backup waits for another one into <see cref="Root"/> (of another relay, or a
+    /// <c>relay backup</c> run) before it gives up, the directory busy. Backups into one directory take
+    /// milliseconds with hard links and a few minutes at most copied to another file system: a lock
+    /// held for longer belongs to a backup that is stuck (a hung file system, a stopped process).
+    /// </summary>
+    internal TimeSpan WaitForAnotherAtMost { get; set; } = DefaultWaitForAnother;
+
+    internal static readonly TimeSpan DefaultWaitForAnother = TimeSpan.FromMinutes(10);
+
     /// <summary>Complete backups kept after each backup, the newest; 0: every one.</summary>
     public int Keep { get; } = keep;
 
@@ -102,7 +112,7 @@ internal sealed partial class RelayBackups(QueueStore store, string dataDirector
                 partial = null;
                 DurableDirectory.Sync(Root);
             }
-            catch (Exception e) when (e is StoreException or IOException or UnauthorizedAccessException or ObjectDisposedException)
+            catch (Exception e) when (e is StoreException or IOException or UnauthorizedAccessException or ObjectDisposedException or TimeoutException)
             {
                 if (partial is not null)
                 {
@@ -113,10 +123,11 @@ internal sealed partial class RelayBackups(QueueStore store, string dataDirector
                 {
                     StoreException => e.Message,
                     ObjectDisposedException => "the relay is stopping",
+                    TimeoutException => e.Message,
                     _ => $"{e.GetType().Name}: {e.Message}",
                 };
                 Log.BackupFailed(logger, reason);
-                throw new BackupException(reason, e);
+                throw new BackupException(reason, e) { DirectoryBusy = e is TimeoutException };
             }
             double seconds = watch.Elapsed.TotalSeconds;
             metrics?.BackupMade(clock.GetUtcNow());
@@ -136,13 +147,15 @@ internal sealed partial class RelayBackups(QueueStore store, string dataDirector
 
     /// <summary>
     /// Opens <see cref="LockFileName"/> in <see cref="Root"/> and takes its lock, waiting while
-    /// another backup (of this or another relay, or a <c>relay backup</c> run) holds it. The lock is
+    /// another backup (of this or another relay, or a <c>relay backup</c> run) holds it, for
+    /// <see cref="WaitForAnotherAtMost"/> at most (then <see cref="TimeoutException"/>). The lock is
     /// the system's (flock): it goes with the process that held it, so a crashed backup never leaves
     /// it taken.
     /// </summary>
     private SafeFileHandle LockRoot()
     {
         string path = Path.Combine(Root, LockFileName);
+        var waited = Stopwatch.StartNew();
         if (!OperatingSystem.IsLinux())
         {
             // .NET's own lock of a file opened for no sharing (flock, or the sharing mode on Windows).
@@ -158,7 +171,7 @@ internal sealed partial class RelayBackups(QueueStore store, string dataDirector
                     {
                         WaitingForAnother?.Invoke();
                     }
-                    Thread.Sleep(50);
+                    WaitForAnother(waited, path);
                 }
             }
         }
@@ -172,17 +185,23 @@ internal sealed partial class RelayBackups(QueueStore store, string dataDirector
         var handle = new SafeFileHandle(fd, ownsHandle: true);
         try
         {
-            if (Flock(handle, LockExclusive | LockNonBlocking) != 0)
+            // Without blocking, tried again until the limit: a blocking flock cannot be given up.
+            for (bool waiting = false; Flock(handle, LockExclusive | LockNonBlocking) != 0; waiting = true)
             {
-                WaitingForAnother?.Invoke();
-                while (Flock(handle, LockExclusive) != 0)
+                int error = Marshal.GetLastPInvokeError();
+                if (error == Interrupted)
                 {
-                    int error = Marshal.GetLastPInvokeError();
-                    if (error != Interrupted)
-                    {
-                        throw new IOException($"cannot lock {path}: {Marshal.GetPInvokeErrorMessage(error)}");
-                    }
+                    continue;
                 }
+                if (error != WouldBlock)
+                {
+                    throw new IOException($"cannot lock {path}: {Marshal.GetPInvokeErrorMessage(error)}");
+                }
+                if (!waiting)
+                {
+                    WaitingForAnother?.Invoke();
+                }
+                WaitForAnother(waited, path);
             }
             return handle;
         }
@@ -193,6 +212,16 @@ internal sealed partial class RelayBackups(QueueStore store, string dataDirector
         }
     }
 
+    /// <summary>Waits a moment before the lock is tried again; throws <see cref="TimeoutException"/> once <see cref="WaitForAnotherAtMost"/> has passed.</summary>
+    private void WaitForAnother(Stopwatch waited, string path)
+    {
+        if (waited.Elapsed >= WaitForAnotherAtMost)
+        {
+            throw new TimeoutException($"the backup directory is busy: another backup into it (of another relay, or a relay backup run) has held {path} for {Math.Ceiling(WaitForAnotherAtMost.TotalSeconds)} s; try again when it is done");
+        }
+        Thread.Sleep(50);
+    }
+
     // Linux's values.
     private const int OpenReadWrite = 2;
     private const int OpenCreate = 0x40;
@@ -200,6 +229,7 @@ internal sealed partial class RelayBackups(QueueStore store, string dataDirector
     private const int LockExclusive = 2;
     private const int LockNonBlocking = 4;
     private const int Interrupted = 4;   // EINTR
+    private const int WouldBlock = 11;   // EWOULDBLOCK
 
     [LibraryImport("libc", EntryPoint = "open", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
     private static partial int Open(string path, int flags, uint mode);
@@ -401,7 +431,11 @@ internal sealed partial class RelayBackups(QueueStore store, string dataDirector
 }
 
 /// <summary>A backup failed; the message says why (RocksDB's error or the file system's), and nothing of it is left.</summary>
-public sealed class BackupException(string message, Exception? inner = null) : Exception(message, inner);
+public sealed class BackupException(string message, Exception? inner = null) : Exception(message, inner)
+{
+    /// <summary>True when another backup into the backup directory held it for too long: nothing was wrong with this one.</summary>
+    public bool DirectoryBusy { get; init; }
+}
 
 /// <summary>
 /// <c>relay backup</c>: a backup of a relay that is not running, into the same backup directory and
