@@ -6,8 +6,9 @@ using Relay.Protocol;
 namespace Relay.Server.Tests;
 
 /// <summary>
-/// An ACK on one connection deletes messages that a subscriber on another connection was pushed or is
-/// about to be pushed; the disk then refuses that delete, and the messages are stored again. The
+/// An ACK on one connection (or the expiry sweep) deletes messages that a subscriber on another
+/// connection was pushed or is about to be pushed; the disk then refuses that delete, and the messages
+/// are stored again. The
 /// subscriber has meanwhile moved past them (its own ACK of one answered NO_MSG, or its subscription
 /// started after them). It must still receive them, and its queue must not stall: PROTOCOL.md §6 ACK.
 /// </summary>
@@ -189,6 +190,68 @@ public class PutBackMessagesTests
         await Assert.That((await AnswerAsync(poller, pollerAck)).Error).IsEqualTo(ErrorCode.Internal);
         await Assert.That(await ReceiveAndAckAsync(subscriber, queue, 1)).IsEquivalentTo(new[] { "m1" });
         await AssertEmptyAsync(poller, queue);
+    }
+
+    /// <summary>
+    /// The expiry sweep deletes the message the subscriber was pushed, and its ACK answers NO_MSG (an
+    /// expired message) while that delete is on its way to disk; the disk refuses the delete, which
+    /// puts the message back. PROTOCOL.md §6 ACK: it is delivered again, at once when nothing is
+    /// outstanding, else once the subscriber's ACK of what it was pushed meanwhile finds it.
+    /// </summary>
+    [Test]
+    [Arguments(false)]
+    [Arguments(true)]
+    public async Task A_subscriber_that_moved_past_a_message_whose_expiry_failed_receives_it_again(bool youngerMessage)
+    {
+        var clock = new OperationsClock();
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Tls = false;
+            o.Clock = clock;
+            o.MessageTtl = TimeSpan.FromHours(2);
+            o.SweepInterval = TimeSpan.Zero;   // the test sweeps by hand
+        });
+        await using var subscriber = await RawClient.ConnectAsync(relay);
+        var queue = await subscriber.CreateQueueAsync();
+        await using var sender = await RawClient.ConnectAsync(relay);
+        await SendAsync(sender, queue, "m1");
+        await SubscribeAsync(subscriber, queue);
+        var (m1, _) = await PushAsync(subscriber, queue);
+
+        // Three hours on, m1 outlived its TTL: the sweep deletes it, the delete held on its way to disk.
+        clock.Advance(TimeSpan.FromHours(3));
+        if (youngerMessage) await SendAsync(sender, queue, "m2");
+        var held = new HeldWrite(relay);
+        var sweep = relay.Server.SweepNowAsync();
+        await held.EnteredAsync();
+        var answer = await RequestAsync(subscriber, Ack(subscriber, queue, subscriber.NextCorr(), m1));
+        await Assert.That(answer.Error).IsEqualTo(ErrorCode.NoMsg);
+        ulong m2 = 0;
+        if (youngerMessage)
+        {
+            // The place m1 held is free: m2 goes out.
+            var (id2, text2) = await PushAsync(subscriber, queue);
+            await Assert.That(text2).IsEqualTo("m2");
+            m2 = id2;
+        }
+        else
+        {
+            await Assert.ThrowsAsync<TimeoutException>(async () => await subscriber.ReadFrameAsync(Quiet));
+        }
+
+        // The delete fails and m1 is stored again. A subscriber with nothing outstanding and no ACK to
+        // come gets it without waiting for another message to arrive; one with m2 outstanding has its
+        // ACK of m2 answered NO_MSG (m1 is older) and then gets both.
+        held.Release();
+        await Assert.That(await sweep).IsEqualTo(0);
+        if (youngerMessage)
+        {
+            answer = await RequestAsync(subscriber, Ack(subscriber, queue, subscriber.NextCorr(), m2));
+            await Assert.That(answer.Error).IsEqualTo(ErrorCode.NoMsg);
+        }
+        string[] expected = youngerMessage ? ["m1", "m2"] : ["m1"];
+        await Assert.That(await ReceiveAndAckAsync(subscriber, queue, expected.Length)).IsEquivalentTo(expected);
+        await AssertEmptyAsync(subscriber, queue);
     }
 
     [Test]
