@@ -139,8 +139,9 @@ internal static partial class Log
     [LoggerMessage(21, LogLevel.Information, "Expiry sweep removed {Count} messages and {Queues} idle queues")]
     public static partial void Swept(ILogger logger, long count, long queues);
 
-    [LoggerMessage(22, LogLevel.Error, "Expiry sweep failed: {Error}")]
-    public static partial void SweepFailed(ILogger logger, string error);
+    /// <summary>A sweep failed; what it removed before (made durable, not undone) is counted.</summary>
+    [LoggerMessage(22, LogLevel.Error, "Expiry sweep failed after it removed {Count} messages and {Queues} idle queues: {Error}")]
+    public static partial void SweepFailed(ILogger logger, long count, long queues, string error);
 
     [LoggerMessage(23, LogLevel.Warning, "Store is over its disk budget ({DiskBytes} of {BudgetBytes} bytes): NEW and SEND answer FULL")]
     public static partial void StoreFull(ILogger logger, long diskBytes, long budgetBytes);

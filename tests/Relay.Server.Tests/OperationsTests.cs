@@ -404,6 +404,37 @@ public class OperationsTests
     }
 
     [Test]
+    public async Task A_sweep_that_fails_deleting_idle_queues_logs_the_messages_it_expired_before()
+    {
+        var clock = new OperationsClock();
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Clock = clock;
+            o.IdleQueueTtl = TimeSpan.FromHours(24);
+            o.MessageTtl = TimeSpan.FromHours(2);
+            o.SweepInterval = TimeSpan.Zero;   // the test sweeps by hand
+            o.Tls = false;   // the relay's clock runs days ahead (see A_queue_its_recipient_subscribes_to_is_not_idle)
+        });
+        await using var client = await relay.ConnectAsync();
+        var queue = await client.CreateQueueAsync();
+        await client.SendAsync(new SenderQueue(queue.SenderId, null), "old"u8.ToArray());
+
+        // 30 hours on: the message expires, then the queue's deletion as idle fails to write.
+        clock.Advance(TimeSpan.FromHours(30));
+        var store = relay.Server.Store;
+        store.BeforeIdleDelete = _ => store.BeforeWrite = (_, _) => throw new IOException("injected write failure");
+        await relay.Server.SweepNowAsync();
+        store.BeforeIdleDelete = null;
+        store.BeforeWrite = null;
+
+        var failed = relay.Logs.Lines.Single(l => l.Contains("Expiry sweep failed"));
+        await Assert.That(failed).Contains("Expiry sweep failed after it removed 1 messages and 0 idle queues: StoreException");
+        await Assert.That(relay.Logs.Lines.Any(l => l.Contains("Expiry sweep removed"))).IsFalse();
+        await Assert.That(Value(await ScrapeAsync(relay), "relay_messages_expired_total")).IsEqualTo(1);
+        await Assert.That(Value(await ScrapeAsync(relay), "relay_store_sweep_failures_total")).IsEqualTo(1);
+    }
+
+    [Test]
     public async Task The_sweep_timer_runs_on_its_own()
     {
         await using var relay = await TestRelay.StartAsync(o => o.SweepInterval = TimeSpan.FromMilliseconds(100));

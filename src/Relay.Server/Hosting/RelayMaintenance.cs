@@ -144,11 +144,29 @@ internal sealed class RelayMaintenance : IAsyncDisposable
         try
         {
             if (_stopping) return 0;
-            long idleBefore = _store.Statistics.IdleQueuesDeleted;
+            return await SweepLockedAsync();
+        }
+        finally
+        {
+            _sweepGate.Release();
+        }
+    }
+
+    /// <summary>The sweep, the caller holding the sweep gate.</summary>
+    private async Task<int> SweepLockedAsync()
+    {
+        // What the sweep removed is read from the store's counts (only sweeps, one at a time, move
+        // them): a sweep that fails part of the way, its expiry done and its idle-queue phase failed
+        // say, has made what it removed until then durable, and its log line says how much.
+        var stats = _store.Statistics;
+        long expiredBefore = stats.MessagesExpired;
+        long idleBefore = stats.IdleQueuesDeleted;
+        try
+        {
             long start = Stopwatch.GetTimestamp();
             int expired = await _store.SweepExpiredAsync();
             _context.Metrics.SweepCompleted(Stopwatch.GetElapsedTime(start).TotalSeconds);
-            long idle = _store.Statistics.IdleQueuesDeleted - idleBefore;
+            long idle = stats.IdleQueuesDeleted - idleBefore;
             if (expired > 0 || idle > 0)
             {
                 Log.Swept(_context.Logger, expired, idle);
@@ -162,12 +180,8 @@ internal sealed class RelayMaintenance : IAsyncDisposable
         catch (Exception ex)
         {
             _context.Metrics.SweepFailed();
-            Log.SweepFailed(_context.Logger, ex.GetType().Name);
+            Log.SweepFailed(_context.Logger, stats.MessagesExpired - expiredBefore, stats.IdleQueuesDeleted - idleBefore, ex.GetType().Name);
             return 0;
-        }
-        finally
-        {
-            _sweepGate.Release();
         }
     }
 
