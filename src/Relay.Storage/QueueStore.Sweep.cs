@@ -7,7 +7,7 @@ namespace Relay.Storage;
 public sealed partial class QueueStore
 {
     /// <summary>Entries of the expiry or idle index handled per round; each round waits for its writes.</summary>
-    private const int SweepChunk = 1024;
+    internal const int SweepChunk = 1024;
 
     private readonly SemaphoreSlim _sweepLock = new(1, 1);
     private ITimer? _sweepTimer;
@@ -22,6 +22,12 @@ public sealed partial class QueueStore
     /// it. For tests of what a SUB arriving then gets.
     /// </summary>
     internal Action<QueueHandle>? BeforeIdleDelete;
+
+    /// <summary>
+    /// Called by the message expiry with the handle it found for an entry of the expiry index, before
+    /// it takes the queue's lock. For tests of a handle that goes stale then.
+    /// </summary>
+    internal Action<QueueHandle>? BeforeExpire;
 
     private void StartSweepTimer()
     {
@@ -102,8 +108,13 @@ public sealed partial class QueueStore
         int expired = 0;
         var entries = new List<(uint Hour, byte[] RecipientId)>();
         var ops = new List<WriteOp>();
-        while (ReadHourIndex(Cf.Expiry, cutoff, entries) > 0)
+        (uint, byte[])? after = null;
+        // Each chunk goes on after the last entry of the one before, as in ExpireIdleQueuesAsync: the
+        // entries of stale handles stay, and a whole chunk of them must not end the sweep (from the
+        // first entry again, it would read the same chunk for ever).
+        while (ReadHourIndex(Cf.Expiry, cutoff, entries, after) > 0)
         {
+            after = entries[^1];
             int count = 0;
             try
             {
@@ -113,15 +124,17 @@ public sealed partial class QueueStore
                     if (queue is null)
                     {
                         ops.Add(DeleteIndexEntry(Cf.Expiry, hour, recipientId));
+                        continue;
                     }
-                    else if (Acquire(queue))
+                    BeforeExpire?.Invoke(queue);
+                    if (Acquire(queue))
                     {
                         WriteOp op = ExpireQueueMessages(queue, hour, cutoff);
                         count += op.Count;   // read before the op goes back to its pool
                         ops.Add(op);
                     }
                     // else: the handle went stale in between (evicted, then replaced or the queue
-                    // deleted); the next sweep finds the current handle or none.
+                    // deleted); the entry stays, and the next sweep finds the current handle or none.
                 }
             }
             catch
@@ -130,10 +143,6 @@ public sealed partial class QueueStore
                 // are awaited all the same, so that each goes back to its pool.
                 await AwaitAllAsync(ops, rethrow: false).ConfigureAwait(false);
                 throw;
-            }
-            if (ops.Count == 0)
-            {
-                break;
             }
             await AwaitAllAsync(ops, rethrow: true).ConfigureAwait(false);
             expired += count;

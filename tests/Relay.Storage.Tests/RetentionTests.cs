@@ -141,6 +141,37 @@ public class RetentionTests
     }
 
     [Test]
+    public async Task Message_expiry_goes_on_past_a_whole_chunk_of_stale_handles()
+    {
+        var clock = new ManualClock();
+        await using TestStore t = TestStore.Create(With(clock));
+        QueueHandle[] queues = await Task.WhenAll(Enumerable.Range(0, QueueStore.SweepChunk + 1).Select(_ => t.CreateQueueAsync()));
+        await Task.WhenAll(queues.Select(q => t.Store.AppendAsync(q, 0, "old"u8).AsTask()));
+        clock.Advance(TimeSpan.FromDays(22));
+
+        // The handle the sweep finds for each entry of its first chunk goes stale before it takes the
+        // queue's lock (evicted, and another handle of the queue loaded): those entries stay.
+        int found = 0;
+        t.Store.BeforeExpire = handle =>
+        {
+            if (found++ < QueueStore.SweepChunk)
+            {
+                t.Store.EvictIdle(TimeSpan.Zero);
+                t.Store.FindByRecipientId(handle.RecipientId);
+            }
+        };
+        // The entry after that chunk is expired all the same.
+        await Assert.That(await t.Store.SweepExpiredAsync()).IsEqualTo(1);
+        await Assert.That(found).IsEqualTo(QueueStore.SweepChunk + 1);
+
+        // The next sweep finds the current handles of the others.
+        t.Store.BeforeExpire = null;
+        await Assert.That(await t.Store.SweepExpiredAsync()).IsEqualTo(QueueStore.SweepChunk);
+        await Assert.That(await t.Store.SweepExpiredAsync()).IsEqualTo(0);
+        await Assert.That(t.Store.Statistics.MessagesExpired).IsEqualTo(QueueStore.SweepChunk + 1);
+    }
+
+    [Test]
     public async Task A_queue_whose_idle_deletion_failed_to_write_stays_usable_and_the_next_sweep_deletes_it()
     {
         var clock = new ManualClock();
