@@ -38,10 +38,14 @@ public sealed partial class QueueStore
                 {
                     Interlocked.Increment(ref _statistics._idleQueuesDeleted);
                 }
+                lock (queue!.StoreLock)
+                {
+                    queue.Deletion = QueueDeletion.Done;
+                }
                 // Only now: until the deletion is durable the handle (marked Deleted) keeps Find
                 // from loading the old record again.
                 Interlocked.Increment(ref _handleRemovals);   // before the removal: see Load
-                _queues.TryRemove(new KeyValuePair<QueueKey, QueueHandle>(new QueueKey(queue!.RecipientId), queue));
+                _queues.TryRemove(new KeyValuePair<QueueKey, QueueHandle>(new QueueKey(queue.RecipientId), queue));
                 _senders.TryRemove(new QueueKey(queue.SenderId), out _);
                 break;
         }
@@ -115,7 +119,7 @@ public sealed partial class QueueStore
                 queue.Suspended = false;
                 break;
             case OpKind.Delete:
-                queue.Deleted = false;
+                queue.Deletion = QueueDeletion.None;
                 break;
         }
     }

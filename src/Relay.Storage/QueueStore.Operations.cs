@@ -72,7 +72,8 @@ public sealed partial class QueueStore
 
     /// <summary>
     /// Appends a message. <paramref name="body"/> is copied before this returns. NotFound (deleted),
-    /// Suspended, StoreFull, QuotaExceeded; otherwise the new id and hour once durable.
+    /// Deleting (its deletion being written), Suspended, StoreFull, QuotaExceeded; otherwise the new
+    /// id and hour once durable.
     /// </summary>
     /// <param name="quickContinuation">
     /// The caller's continuation neither blocks nor runs long: it may then run on the writer thread
@@ -89,7 +90,7 @@ public sealed partial class QueueStore
         {
             if (queue.Deleted)
             {
-                return new(new AppendResult(StoreStatus.NotFound, 0, 0));
+                return new(new AppendResult(Gone(queue), 0, 0));
             }
             if (queue.Suspended)
             {
@@ -317,7 +318,7 @@ public sealed partial class QueueStore
         {
             if (queue.Deleted)
             {
-                return new(StoreStatus.NotFound);
+                return new(Gone(queue));
             }
             if (queue.MessageCount == 0 || lastId < queue.OldestBound)
             {
@@ -426,7 +427,7 @@ public sealed partial class QueueStore
         {
             if (queue.Deleted)
             {
-                return new(StoreStatus.NotFound);
+                return new(Gone(queue));
             }
             if (queue.SenderKey is not null)
             {
@@ -453,7 +454,7 @@ public sealed partial class QueueStore
         {
             if (queue.Deleted)
             {
-                return new(StoreStatus.NotFound);
+                return new(Gone(queue));
             }
             return queue.Suspended ? Barrier(queue) : WriteRecord(queue, OpKind.Suspend, null, suspend: true);
         }
@@ -463,7 +464,11 @@ public sealed partial class QueueStore
         }
     }
 
-    /// <summary>Deletes the queue record, its sender index entry and all its messages; marks the handle Deleted.</summary>
+    /// <summary>
+    /// Deletes the queue record, its sender index entry and all its messages; marks the handle Deleted
+    /// (<see cref="QueueDeletion.Pending"/> until durable). Every operation on a deleted queue answers
+    /// NotFound, or <see cref="StoreStatus.Deleting"/> while the deletion is being written.
+    /// </summary>
     public ValueTask<StoreStatus> DeleteQueueAsync(QueueHandle queue)
     {
         ArgumentNullException.ThrowIfNull(queue);
@@ -475,7 +480,7 @@ public sealed partial class QueueStore
         {
             if (queue.Deleted)
             {
-                return new(StoreStatus.NotFound);
+                return new(Gone(queue));
             }
             WriteOp op = RentOp(OpKind.Delete, queue);
             EnqueueDelete(queue, op);
@@ -487,6 +492,13 @@ public sealed partial class QueueStore
         }
     }
 
+    /// <summary>
+    /// What an operation on a deleted queue answers: NotFound, or Deleting while its deletion is being
+    /// written (it may yet fail, and the queue come back). Caller holds the queue's StoreLock.
+    /// </summary>
+    private static StoreStatus Gone(QueueHandle queue) =>
+        queue.Deletion == QueueDeletion.Pending ? StoreStatus.Deleting : StoreStatus.NotFound;
+
     /// <summary>Caller holds the queue's StoreLock.</summary>
     private void EnqueueDelete(QueueHandle queue, WriteOp op)
     {
@@ -495,7 +507,7 @@ public sealed partial class QueueStore
         Keys.MessageUpperBound(end, queue.RecipientId);
         Keys.HourKey(idleKey, queue.LastActiveHour, queue.RecipientId);
         using BatchScope batch = BeginBatch(op);
-        queue.Deleted = true;
+        queue.Deletion = QueueDeletion.Pending;   // Done once durable, None again if undone
         ClearTail(queue);
         batch.Delete(Cf.Queues, queue.RecipientId);
         batch.Delete(Cf.Senders, queue.SenderId);

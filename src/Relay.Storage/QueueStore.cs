@@ -43,7 +43,29 @@ public sealed class QueueHandle
     public required byte[] DeliveryKey { get; init; }   // 32 bytes, symmetric
     public byte[]? SenderKey { get; internal set; }      // 32 bytes once secured
     public bool Suspended { get; internal set; }
-    public bool Deleted { get; internal set; }
+
+    /// <summary>
+    /// The queue takes no more commands: it is deleted, or its deletion is being written
+    /// (<see cref="Deletion"/> tells the two apart).
+    /// </summary>
+    public bool Deleted
+    {
+        get => _deletion != QueueDeletion.None;
+        internal set => _deletion = value ? QueueDeletion.Done : QueueDeletion.None;
+    }
+
+    /// <summary>
+    /// Whether the queue is deleted, or its deletion is staged and not durable yet (then a failed write
+    /// undoes it and the queue comes back). One read, so the two never mix: changed under the store's
+    /// lock of the queue.
+    /// </summary>
+    public QueueDeletion Deletion
+    {
+        get => _deletion;
+        internal set => _deletion = value;
+    }
+
+    private volatile QueueDeletion _deletion;
     /// <summary>Messages stored or being stored (appends reserve their place before they are durable).</summary>
     public int MessageCount { get; internal set; }
     /// <summary>Body bytes stored or being stored.</summary>
@@ -78,6 +100,21 @@ public sealed class QueueHandle
     internal DeliveryTail? Tail;
     internal bool KeepTail;
     internal long LastUsedTicks;
+}
+
+/// <summary>Where a queue stands with its deletion (<see cref="QueueHandle.Deletion"/>).</summary>
+public enum QueueDeletion : byte
+{
+    /// <summary>Not deleted.</summary>
+    None,
+    /// <summary>
+    /// Its deletion (its recipient's, or the idle-queue sweep's) is staged and not durable yet: if the
+    /// write fails, the deletion is undone and the queue is back. Commands on it answer
+    /// <see cref="StoreStatus.Deleting"/> meanwhile, not NotFound: whether it is gone is not known yet.
+    /// </summary>
+    Pending,
+    /// <summary>Deleted for good (durably, or its creation undone, or found gone from the store).</summary>
+    Done,
 }
 
 /// <summary>The RocksDB queue store. Thread-safe. See docs/OPERATIONS.md for the on-disk layout.</summary>
@@ -199,7 +236,37 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
     /// </summary>
     internal Action? BeforeLookupRead;
 
-    public QueueHandle? FindByRecipientId(ReadOnlySpan<byte> recipientId)
+    /// <summary>The queue of a recipient id; null when there is none, or it is deleted or being deleted.</summary>
+    public QueueHandle? FindByRecipientId(ReadOnlySpan<byte> recipientId) => Live(LookUp(recipientId));
+
+    /// <summary>The queue of a sender id; null when there is none, or it is deleted or being deleted.</summary>
+    public QueueHandle? FindBySenderId(ReadOnlySpan<byte> senderId) => Live(LookUpSender(senderId));
+
+    /// <summary>
+    /// Finds the queue of a sender id (<paramref name="senderSide"/>) or recipient id: Ok with its
+    /// handle; NotFound (null) when there is none or it is deleted; <see cref="StoreStatus.Deleting"/>
+    /// with its handle while its deletion is being written and may yet be undone, so that the caller
+    /// can check a command's authorization against the queue's keys before it answers "try again".
+    /// </summary>
+    public StoreStatus Find(ReadOnlySpan<byte> id, bool senderSide, out QueueHandle? queue)
+    {
+        queue = senderSide ? LookUpSender(id) : LookUp(id);
+        switch (queue?.Deletion)
+        {
+            case QueueDeletion.None:
+                return StoreStatus.Ok;
+            case QueueDeletion.Pending:
+                return StoreStatus.Deleting;
+            default:
+                queue = null;
+                return StoreStatus.NotFound;
+        }
+    }
+
+    private static QueueHandle? Live(QueueHandle? queue) => queue is null || queue.Deleted ? null : queue;
+
+    /// <summary>The handle of a recipient id, deleted or not (null: no such queue).</summary>
+    private QueueHandle? LookUp(ReadOnlySpan<byte> recipientId)
     {
         if (recipientId.Length != QueueHandle.IdLength)
         {
@@ -210,15 +277,15 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
         {
             queue = Load(recipientId, key);
         }
-        if (queue is null || queue.Deleted)
+        if (queue is not null)
         {
-            return null;
+            Volatile.Write(ref queue.LastUsedTicks, Environment.TickCount64);
         }
-        Volatile.Write(ref queue.LastUsedTicks, Environment.TickCount64);
         return queue;
     }
 
-    public QueueHandle? FindBySenderId(ReadOnlySpan<byte> senderId)
+    /// <summary>The handle of a sender id, deleted or not (null: no such queue).</summary>
+    private QueueHandle? LookUpSender(ReadOnlySpan<byte> senderId)
     {
         if (senderId.Length != QueueHandle.IdLength)
         {
@@ -227,7 +294,7 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
         var senderKey = new QueueKey(senderId);
         if (_senders.TryGetValue(senderKey, out byte[]? known))
         {
-            QueueHandle? loaded = FindByRecipientId(known);
+            QueueHandle? loaded = LookUp(known);
             if (loaded is not null && senderId.SequenceEqual(loaded.SenderId))
             {
                 return loaded;
@@ -249,12 +316,15 @@ public sealed partial class QueueStore : IAsyncDisposable, IDisposable
         {
             return null;
         }
-        QueueHandle? queue = FindByRecipientId(recipientId);
+        QueueHandle? queue = LookUp(recipientId);
         if (queue is null || !senderId.SequenceEqual(queue.SenderId))
         {
             return null;
         }
-        _senders[senderKey] = queue.RecipientId;
+        if (!queue.Deleted)
+        {
+            _senders[senderKey] = queue.RecipientId;
+        }
         return queue;
     }
 

@@ -16,6 +16,12 @@ public enum StoreStatus : byte
     Suspended,
     /// <summary>The message is not the oldest of its queue (ACK out of order).</summary>
     NotOldest,
+    /// <summary>
+    /// The queue's deletion is being written (<see cref="QueueDeletion.Pending"/>): nothing was done.
+    /// Whether the queue is gone is not known until that write ends (a failed one undoes the deletion);
+    /// the caller tries again.
+    /// </summary>
+    Deleting,
 }
 
 public sealed class QueueStoreOptions

@@ -404,6 +404,71 @@ public class OperationsTests
     }
 
     [Test]
+    public async Task Commands_on_a_queue_whose_idle_deletion_is_being_written_answer_INTERNAL_and_work_once_it_failed()
+    {
+        var clock = new OperationsClock();
+        await using var relay = await TestRelay.StartAsync(o =>
+        {
+            o.Clock = clock;
+            o.IdleQueueTtl = TimeSpan.FromHours(24);
+            o.SweepInterval = TimeSpan.Zero;   // the test sweeps by hand
+            o.Tls = false;   // the relay's clock runs days ahead (see A_queue_its_recipient_subscribes_to_is_not_idle)
+        });
+        await using var owner = await relay.ConnectAsync();
+        var queue = await owner.CreateQueueAsync();
+        await using var device = await relay.ConnectAsync();
+        await using var sender = await relay.ConnectAsync();
+        var to = new SenderQueue(queue.SenderId, null);
+
+        // 30 hours on the sweep deletes the queue as idle; the write of that deletion waits (a slow
+        // disk), then fails.
+        clock.Advance(TimeSpan.FromHours(30));
+        var store = relay.Server.Store;
+        using var release = new ManualResetEventSlim();
+        int writes = 0;
+        Relay.Storage.QueueHandle? deleted = null;
+        store.BeforeIdleDelete = handle =>
+        {
+            deleted = handle;
+            store.BeforeWrite = (_, _) =>
+            {
+                if (Interlocked.Increment(ref writes) == 1)
+                {
+                    release.Wait(TimeSpan.FromSeconds(30));
+                    throw new IOException("injected write failure");
+                }
+            };
+        };
+        var sweep = relay.Server.SweepNowAsync();
+        try
+        {
+            await Assert.That(await EventuallyAsync(() => Task.FromResult(deleted?.Deletion == Relay.Storage.QueueDeletion.Pending))).IsTrue();
+
+            // Whether the queue is gone is not known yet: not AUTH (final for a client), but INTERNAL
+            // (try again later), by sender and recipient alike.
+            await Assert.That(await ErrorOf(() => sender.SendAsync(to, "meanwhile"u8.ToArray()))).IsEqualTo(ErrorCode.Internal);
+            await Assert.That(await ErrorOf(() => device.SubscribeAsync(queue))).IsEqualTo(ErrorCode.Internal);
+            await Assert.That(await ErrorOf(() => owner.GetAsync(queue))).IsEqualTo(ErrorCode.Internal);
+            await Assert.That(await ErrorOf(() => owner.DeleteAsync(queue))).IsEqualTo(ErrorCode.Internal);
+        }
+        finally
+        {
+            release.Set();
+            await sweep;
+            store.BeforeIdleDelete = null;
+            store.BeforeWrite = null;
+        }
+
+        // The deletion was undone: the queue is back, and the same commands tried again work.
+        await Assert.That(await ErrorOf(() => sender.SendAsync(to, "after"u8.ToArray()))).IsNull();
+        await Assert.That(await ErrorOf(() => device.SubscribeAsync(queue))).IsNull();
+        var delivery = await NextDeliveryAsync(device);
+        await Assert.That(Encoding.UTF8.GetString(delivery.Body)).IsEqualTo("after");
+        await Assert.That(Value(await ScrapeAsync(relay), "relay_store_queues_deleted_total", "reason=\"idle\"")).IsEqualTo(0);
+        await Assert.That(Value(await ScrapeAsync(relay), "relay_store_sweep_failures_total")).IsEqualTo(1);
+    }
+
+    [Test]
     public async Task A_sweep_that_fails_deleting_idle_queues_logs_the_messages_it_expired_before()
     {
         var clock = new OperationsClock();

@@ -202,6 +202,67 @@ public class RetentionTests
     }
 
     [Test]
+    public async Task Operations_on_a_queue_whose_deletion_is_being_written_answer_Deleting_until_it_ends()
+    {
+        var clock = new ManualClock();
+        await using TestStore t = TestStore.Create(With(clock, idle: TimeSpan.FromDays(10)));
+        QueueHandle q = await t.CreateQueueAsync();
+        AppendResult m = await t.Store.AppendAsync(q, 0, "m"u8);
+        clock.Advance(TimeSpan.FromDays(11));
+
+        // The idle deletion's write waits (a slow disk), then fails.
+        using var release = new ManualResetEventSlim();
+        int writes = 0;
+        t.Store.BeforeIdleDelete = _ => t.Store.BeforeWrite = (_, _) =>
+        {
+            if (Interlocked.Increment(ref writes) == 1)
+            {
+                release.Wait(TimeSpan.FromSeconds(30));
+                throw new IOException("injected write failure");
+            }
+        };
+        Task<int> sweep = t.Store.SweepExpiredAsync().AsTask();
+        var waited = System.Diagnostics.Stopwatch.StartNew();
+        while (q.Deletion != QueueDeletion.Pending && waited.Elapsed < TimeSpan.FromSeconds(10))
+        {
+            await Task.Delay(1);
+        }
+        try
+        {
+            await Assert.That(q.Deletion).IsEqualTo(QueueDeletion.Pending);
+            await Assert.That(t.Store.Find(q.RecipientId, senderSide: false, out QueueHandle? byRecipient)).IsEqualTo(StoreStatus.Deleting);
+            await Assert.That(byRecipient).IsSameReferenceAs(q);
+            await Assert.That(t.Store.Find(q.SenderId, senderSide: true, out QueueHandle? bySender)).IsEqualTo(StoreStatus.Deleting);
+            await Assert.That(bySender).IsSameReferenceAs(q);
+            await Assert.That(t.Store.FindByRecipientId(q.RecipientId)).IsNull();
+            await Assert.That((await t.Store.AppendAsync(q, 0, "x"u8)).Status).IsEqualTo(StoreStatus.Deleting);
+            await Assert.That(await t.Store.AckAsync(q, m.MessageId)).IsEqualTo(StoreStatus.Deleting);
+            await Assert.That(await t.Store.SecureAsync(q, new byte[QueueHandle.KeyLength])).IsEqualTo(StoreStatus.Deleting);
+            await Assert.That(await t.Store.SuspendAsync(q)).IsEqualTo(StoreStatus.Deleting);
+            await Assert.That(await t.Store.DeleteQueueAsync(q)).IsEqualTo(StoreStatus.Deleting);
+        }
+        finally
+        {
+            release.Set();
+            await Assert.ThrowsAsync<StoreException>(async () => await sweep);
+            t.Store.BeforeIdleDelete = null;
+            t.Store.BeforeWrite = null;
+        }
+
+        // Undone: the queue is back as it was.
+        await Assert.That(q.Deletion).IsEqualTo(QueueDeletion.None);
+        await Assert.That(t.Store.Find(q.SenderId, senderSide: true, out _)).IsEqualTo(StoreStatus.Ok);
+        await Assert.That(t.Peek(q)!.Value.Id).IsEqualTo(m.MessageId);
+
+        // Deleted for good by the next sweep: NotFound from then on.
+        await t.Store.SweepExpiredAsync();
+        await Assert.That(q.Deletion).IsEqualTo(QueueDeletion.Done);
+        await Assert.That(t.Store.Find(q.RecipientId, senderSide: false, out QueueHandle? gone)).IsEqualTo(StoreStatus.NotFound);
+        await Assert.That(gone).IsNull();
+        await Assert.That(await t.Store.SuspendAsync(q)).IsEqualTo(StoreStatus.NotFound);
+    }
+
+    [Test]
     public async Task A_queue_whose_idle_deletion_failed_to_write_takes_messages_again()
     {
         var clock = new ManualClock();

@@ -26,7 +26,7 @@ internal sealed partial class RelaySession
             Fail(FrameType.Send, corr, ErrorCode.TooLarge);
             return;
         }
-        if (!TryFindQueue(FrameType.Send, corr, command.QueueId, senderSide: true, out var queue))
+        if (!TryFindQueue(FrameType.Send, corr, command.QueueId, senderSide: true, out var queue, out bool deleting))
         {
             return;
         }
@@ -41,6 +41,11 @@ internal sealed partial class RelaySession
         if ((senderKey != null && !Authorize(command, senderKey, senderSide: true)) || queue.Suspended)
         {
             Fail(FrameType.Send, corr, ErrorCode.Auth);
+            return;
+        }
+        if (deleting)
+        {
+            FailWhileDeleting(FrameType.Send, corr, queue);
             return;
         }
         ValueTask<AppendResult> append;
@@ -195,11 +200,14 @@ internal sealed partial class RelaySession
         var subscription = new Subscription(this, queue, window);
         lock (queue.Sync)
         {
-            if (queue.Deleted)
+            QueueDeletion deletion = queue.Deletion;
+            if (deletion != QueueDeletion.None)
             {
-                // A DEL on another connection came between the lookup and here, and has ended the
-                // queue's subscriptions already: this one would never get its END.
-                Fail(FrameType.Sub, corr, ErrorCode.Auth);
+                // A DEL on another connection, or the idle-queue sweep, came between the lookup and
+                // here: once durable it ends the queue's subscriptions (a DEL's did already), and this
+                // one would never get its END. While that deletion is being written it may yet fail,
+                // and the client is told to try again (FailWhileDeleting).
+                Fail(FrameType.Sub, corr, deletion == QueueDeletion.Pending ? ErrorCode.Internal : ErrorCode.Auth);
                 return;
             }
             if (queue.Tag is Subscription old)
@@ -340,6 +348,11 @@ internal sealed partial class RelaySession
                 // the subscription moved past them when the ACK was accepted.
                 StoreFailed(FrameType.Ack, corr, ex);
                 RestartAfterFailedAck(queue);
+                return;
+            }
+            if (status == StoreStatus.Deleting)
+            {
+                FailWhileDeleting(FrameType.Ack, corr, queue);
                 return;
             }
             if (status != StoreStatus.Ok)

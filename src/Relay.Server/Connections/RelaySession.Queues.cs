@@ -76,7 +76,7 @@ internal sealed partial class RelaySession
             Fail(frame.Type, frame.CorrelationId, ErrorCode.Syntax);
             return null;
         }
-        if (!TryFindQueue(frame.Type, frame.CorrelationId, command.QueueId, senderSide: false, out var queue))
+        if (!TryFindQueue(frame.Type, frame.CorrelationId, command.QueueId, senderSide: false, out var queue, out bool deleting))
         {
             return null;
         }
@@ -85,25 +85,48 @@ internal sealed partial class RelaySession
             Fail(frame.Type, frame.CorrelationId, ErrorCode.Auth);
             return null;
         }
+        if (deleting)
+        {
+            FailWhileDeleting(frame.Type, frame.CorrelationId, queue);
+            return null;
+        }
         return queue;
     }
 
     /// <summary>
-    /// Finds the queue of a sender id (<paramref name="senderSide"/>) or recipient id; null when there
-    /// is none. A queue not in memory is read from the store: false when that read failed, the request
-    /// answered INTERNAL and the failure logged. (Thrown on, the failure would end the connection with
-    /// this request and every one after it unanswered.)
+    /// Answers a command on a queue whose deletion is being written (<see cref="StoreStatus.Deleting"/>)
+    /// INTERNAL, which the client retries (PROTOCOL.md §6): that write may yet fail and the queue come
+    /// back, so AUTH (final for a client) would be wrong until it is durable. An ACK so answered
+    /// restarts the connection's subscription as after any ACK answered INTERNAL.
     /// </summary>
-    private bool TryFindQueue(FrameType type, uint corr, ReadOnlySpan<byte> id, bool senderSide, out QueueHandle? queue)
+    private void FailWhileDeleting(FrameType type, uint corr, QueueHandle queue)
+    {
+        Fail(type, corr, ErrorCode.Internal);
+        if (type == FrameType.Ack)
+        {
+            RestartAfterFailedAck(queue);
+        }
+    }
+
+    /// <summary>
+    /// Finds the queue of a sender id (<paramref name="senderSide"/>) or recipient id; null when there
+    /// is none. <paramref name="deleting"/>: the queue's deletion is being written (the caller checks
+    /// the command's authorization, then answers <see cref="FailWhileDeleting"/>). A queue not in
+    /// memory is read from the store: false when that read failed, the request answered INTERNAL and
+    /// the failure logged. (Thrown on, the failure would end the connection with this request and
+    /// every one after it unanswered.)
+    /// </summary>
+    private bool TryFindQueue(FrameType type, uint corr, ReadOnlySpan<byte> id, bool senderSide, out QueueHandle? queue, out bool deleting)
     {
         try
         {
-            queue = senderSide ? _store.FindBySenderId(id) : _store.FindByRecipientId(id);
+            deleting = _store.Find(id, senderSide, out queue) == StoreStatus.Deleting;
             return true;
         }
         catch (Exception ex)
         {
             queue = null;
+            deleting = false;
             StoreFailed(type, corr, ex);
             return false;
         }
@@ -124,6 +147,7 @@ internal sealed partial class RelaySession
     private static ErrorCode ErrorFor(StoreStatus status) => status switch
     {
         StoreStatus.NotFound or StoreStatus.Suspended or StoreStatus.Conflict => ErrorCode.Auth,
+        StoreStatus.Deleting => ErrorCode.Internal,   // see FailWhileDeleting
         StoreStatus.QuotaExceeded => ErrorCode.Quota,
         StoreStatus.StoreFull => ErrorCode.Full,
         StoreStatus.NotOldest => ErrorCode.NoMsg,
@@ -218,7 +242,7 @@ internal sealed partial class RelaySession
             Fail(FrameType.SKey, corr, ErrorCode.Syntax);
             return;
         }
-        if (!TryFindQueue(FrameType.SKey, corr, command.QueueId, senderSide: true, out var queue))
+        if (!TryFindQueue(FrameType.SKey, corr, command.QueueId, senderSide: true, out var queue, out bool deleting))
         {
             return;
         }
@@ -229,6 +253,11 @@ internal sealed partial class RelaySession
         if (!Authorize(command, senderKey, senderSide: true) || queue is null)
         {
             Fail(FrameType.SKey, corr, ErrorCode.Auth);
+            return;
+        }
+        if (deleting)
+        {
+            FailWhileDeleting(FrameType.SKey, corr, queue);
             return;
         }
         ValueTask<StoreStatus> secure;
