@@ -356,17 +356,25 @@ public class OperationsTests
         await Assert.That(await ErrorOf(() => last.GetAsync(listened))).IsNull();
     }
 
+    /// <summary>
+    /// A relay on <paramref name="clock"/> whose queues expire after 24 idle hours, swept by the test
+    /// only, over plain TCP: its clock runs days ahead (see A_queue_its_recipient_subscribes_to_is_not_idle).
+    /// </summary>
+    private static Task<TestRelay> StartSweptByHandAsync(OperationsClock clock, Action<RelayServerOptions>? configure = null) =>
+        TestRelay.StartAsync(o =>
+        {
+            o.Clock = clock;
+            o.IdleQueueTtl = TimeSpan.FromHours(24);
+            o.SweepInterval = TimeSpan.Zero;
+            o.Tls = false;
+            configure?.Invoke(o);
+        });
+
     [Test]
     public async Task A_SUB_that_arrives_while_the_sweep_deletes_its_queue_as_idle_keeps_the_queue()
     {
         var clock = new OperationsClock();
-        await using var relay = await TestRelay.StartAsync(o =>
-        {
-            o.Clock = clock;
-            o.IdleQueueTtl = TimeSpan.FromHours(24);
-            o.SweepInterval = TimeSpan.Zero;   // the test sweeps by hand
-            o.Tls = false;   // the relay's clock runs days ahead (see A_queue_its_recipient_subscribes_to_is_not_idle)
-        });
+        await using var relay = await StartSweptByHandAsync(clock);
         await using var owner = await relay.ConnectAsync();
         var untouched = await owner.CreateQueueAsync();
         var queue = await owner.CreateQueueAsync();
@@ -407,13 +415,7 @@ public class OperationsTests
     public async Task Commands_on_a_queue_whose_idle_deletion_is_being_written_answer_INTERNAL_and_work_once_it_failed()
     {
         var clock = new OperationsClock();
-        await using var relay = await TestRelay.StartAsync(o =>
-        {
-            o.Clock = clock;
-            o.IdleQueueTtl = TimeSpan.FromHours(24);
-            o.SweepInterval = TimeSpan.Zero;   // the test sweeps by hand
-            o.Tls = false;   // the relay's clock runs days ahead (see A_queue_its_recipient_subscribes_to_is_not_idle)
-        });
+        await using var relay = await StartSweptByHandAsync(clock);
         await using var owner = await relay.ConnectAsync();
         var queue = await owner.CreateQueueAsync();
         await using var device = await relay.ConnectAsync();
@@ -472,14 +474,7 @@ public class OperationsTests
     public async Task A_sweep_that_fails_deleting_idle_queues_logs_the_messages_it_expired_before()
     {
         var clock = new OperationsClock();
-        await using var relay = await TestRelay.StartAsync(o =>
-        {
-            o.Clock = clock;
-            o.IdleQueueTtl = TimeSpan.FromHours(24);
-            o.MessageTtl = TimeSpan.FromHours(2);
-            o.SweepInterval = TimeSpan.Zero;   // the test sweeps by hand
-            o.Tls = false;   // the relay's clock runs days ahead (see A_queue_its_recipient_subscribes_to_is_not_idle)
-        });
+        await using var relay = await StartSweptByHandAsync(clock, o => o.MessageTtl = TimeSpan.FromHours(2));
         await using var client = await relay.ConnectAsync();
         var queue = await client.CreateQueueAsync();
         await client.SendAsync(new SenderQueue(queue.SenderId, null), "old"u8.ToArray());
