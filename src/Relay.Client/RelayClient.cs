@@ -16,11 +16,6 @@ namespace Relay.Client;
 /// </summary>
 public sealed class RelayClientOptions
 {
-    // The times below set timers, which count whole milliseconds (a positive value under 1 ms would
-    // be none) up to 2^32 - 2 ms (about 49.7 days): the documented range is 1 ms to 49 days.
-    private static readonly TimeSpan ShortestTimer = TimeSpan.FromMilliseconds(1);
-    private static readonly TimeSpan LongestTimer = TimeSpan.FromDays(49);
-
     /// <summary>
     /// SOCKS5 proxy (host:port) for every relay connection: Tor, shadowsocks' ss-local. The proxy
     /// resolves the relay's host name (see <see cref="Transport.Socks5"/>: an internationalized name
@@ -103,10 +98,8 @@ public sealed class RelayClientOptions
         }
     }
 
-    private static TimeSpan Timer(TimeSpan value, string name) =>
-        value >= ShortestTimer && value <= LongestTimer
-            ? value
-            : throw new ArgumentOutOfRangeException(name, value, $"{name} must be from 1 ms to 49 days");
+    // The times set timers (1 ms to 49 days): the check RelayConnectionOptions.ConnectTimeout uses.
+    private static TimeSpan Timer(TimeSpan value, string name) => RelayConnectionOptions.CheckTimer(value, name);
 
     /// <summary>What cannot be checked as each option is set: throws <see cref="ArgumentException"/>.</summary>
     internal void Check()

@@ -4,7 +4,7 @@ using Relay.Client.Transport;
 namespace Relay.Server.Tests;
 
 /// <summary>
-/// A <see cref="RelayClientOptions"/> value the client cannot work with is refused where the app sets
+/// A <see cref="RelayClientOptions"/> or <see cref="RelayConnectionOptions"/> value the client cannot work with is refused where the app sets
 /// it, naming the option, instead of making every connection, renewal or reconnection fail for as long
 /// as the app runs.
 /// </summary>
@@ -69,6 +69,34 @@ public class ClientOptionsTests
                 _ => client.Options.ReconnectMax,
             };
             await Assert.That(taken).IsEqualTo(value);
+        }
+    }
+
+    /// <summary>
+    /// RelayConnectionOptions (the transport's, of a bare connection) took any ConnectTimeout: zero or a
+    /// negative value made every ConnectAsync with it time out at once or throw from CancelAfter, and
+    /// one over the timers' ~49.7 days threw there too. Now it is refused when it is set, as the client's.
+    /// </summary>
+    [Test]
+    [Arguments(0L)]
+    [Arguments(-TimeSpan.TicksPerSecond)]
+    [Arguments(-TicksPerMillisecond)]            // Timeout.InfiniteTimeSpan
+    [Arguments(TicksPerMillisecond / 2)]
+    [Arguments(FortyNineDays + 1)]
+    [Arguments(long.MaxValue)]
+    public async Task A_connection_ConnectTimeout_out_of_range_is_refused_naming_it(long ticks)
+    {
+        var refused = Assert.Throws<ArgumentOutOfRangeException>(() => new RelayConnectionOptions { ConnectTimeout = TimeSpan.FromTicks(ticks) });
+        await Assert.That(refused.ParamName).IsEqualTo(nameof(RelayConnectionOptions.ConnectTimeout));
+        await Assert.That(refused.Message).Contains("1 ms to 49 days");
+    }
+
+    [Test]
+    public async Task A_connection_ConnectTimeout_at_either_end_of_its_range_is_taken()
+    {
+        foreach (var value in new[] { TimeSpan.FromMilliseconds(1), TimeSpan.FromDays(49) })
+        {
+            await Assert.That(new RelayConnectionOptions { ConnectTimeout = value }.ConnectTimeout).IsEqualTo(value);
         }
     }
 

@@ -13,8 +13,19 @@ using Relay.Protocol;
 
 namespace Relay.Client.Transport;
 
+/// <summary>
+/// How <see cref="RelayConnection.ConnectAsync(RelayAddress, RelayConnectionOptions?, CancellationToken)"/>
+/// connects. A value out of its documented range is refused when it is set (<see cref="ArgumentException"/>
+/// or <see cref="ArgumentOutOfRangeException"/> naming the option), by the checks
+/// <see cref="RelayClientOptions"/> uses, rather than by every connection made with it.
+/// </summary>
 public sealed class RelayConnectionOptions
 {
+    // The times below set timers, which count whole milliseconds (a positive value under 1 ms would
+    // be none) up to 2^32 - 2 ms (about 49.7 days): the documented range is 1 ms to 49 days.
+    private static readonly TimeSpan ShortestTimer = TimeSpan.FromMilliseconds(1);
+    private static readonly TimeSpan LongestTimer = TimeSpan.FromDays(49);
+
     /// <summary>
     /// SOCKS5 proxy as host:port (Tor, shadowsocks' ss-local); null connects directly. The relay's
     /// host goes to the proxy as a name it resolves, or as an address when it is one (<see cref="Socks5"/>).
@@ -36,7 +47,21 @@ public sealed class RelayConnectionOptions
     /// <summary>False for a relay configured with plain TCP (loopback hop, benchmarks).</summary>
     public bool Tls { get; init; } = true;
 
-    public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    /// <summary>
+    /// How long an attempt to connect may take (TCP or SOCKS5, TLS, the handshake). From 1 ms to 49 days:
+    /// outside that range it is refused when it is set (<see cref="ArgumentOutOfRangeException"/> naming it).
+    /// </summary>
+    public TimeSpan ConnectTimeout { get; init => field = CheckTimer(value, nameof(ConnectTimeout)); } = TimeSpan.FromSeconds(30);
+
+    /// <summary>
+    /// <paramref name="value"/> when it is from 1 ms to 49 days; otherwise throws
+    /// <see cref="ArgumentOutOfRangeException"/> naming the option <paramref name="name"/>. The check of
+    /// this ConnectTimeout and of the times of <see cref="RelayClientOptions"/>.
+    /// </summary>
+    internal static TimeSpan CheckTimer(TimeSpan value, string name) =>
+        value >= ShortestTimer && value <= LongestTimer
+            ? value
+            : throw new ArgumentOutOfRangeException(name, value, $"{name} must be from 1 ms to 49 days");
 
     /// <summary>Which of the address's hosts to dial; default the first.</summary>
     public string? Host { get; init; }
