@@ -157,7 +157,8 @@ public sealed class RelayClient : IAsyncDisposable
     /// back-off), this throws at once what that connection's last attempt met (or its next, if none
     /// failed yet), rather than waiting for it. Cancelled, it throws <see cref="OperationCanceledException"/>
     /// for <paramref name="cancellationToken"/>, also when the attempt failed as the token was
-    /// cancelled (that failure, reported through <see cref="ConnectionFailed"/>, its inner exception).
+    /// cancelled (that failure, reported through <see cref="ConnectionFailed"/>, its inner exception);
+    /// stopped by <see cref="DisposeAsync"/>, <see cref="ObjectDisposedException"/>.
     /// </summary>
     public Task<RelayConnection> ConnectAsync(RelayAddress relay, CancellationToken cancellationToken = default) =>
         Link(relay).GetAsync(retry: false, cancellationToken);
@@ -167,7 +168,7 @@ public sealed class RelayClient : IAsyncDisposable
     /// before an answer, reconnects and runs it again (until cancelled). Relay errors (ERR) are not retried.
     /// Cancelled, it throws <see cref="OperationCanceledException"/> for <paramref name="cancellationToken"/>,
     /// also when the connection was lost, or an attempt to connect failed, as the token was cancelled
-    /// (that failure its inner exception).
+    /// (that failure its inner exception); stopped by <see cref="DisposeAsync"/>, <see cref="ObjectDisposedException"/>.
     /// </summary>
     public async Task<T> RunAsync<T>(RelayAddress relay, Func<RelayConnection, Task<T>> operation, CancellationToken cancellationToken = default)
     {
@@ -574,10 +575,38 @@ public sealed class RelayClient : IAsyncDisposable
             }
         }
 
+        /// <summary>
+        /// The current connection, or a new one (<paramref name="retry"/>: with back-off until
+        /// <see cref="RelayClientOptions.RetryFor"/>; otherwise one attempt). Whatever path it was on
+        /// (waiting for the lock or the back-off, an attempt cut short or failed, an earlier caller's
+        /// failure given as its answer), a call that stops as its token is cancelled throws
+        /// <see cref="OperationCanceledException"/> for that token, and one that stops as the client is
+        /// disposed <see cref="ObjectDisposedException"/>, as a call made after DisposeAsync does: neither
+        /// is told that the relay could not be reached.
+        /// </summary>
         public async Task<RelayConnection> GetAsync(bool retry, CancellationToken cancellationToken)
         {
             var current = Volatile.Read(ref _current);
             if (current is { Closed.IsCancellationRequested: false }) return current;
+            try
+            {
+                return await ConnectOrWaitAsync(retry, cancellationToken).ConfigureAwait(false);
+            }
+            catch (Exception ex) when (ex is OperationCanceledException or RelayConnectException && cancellationToken.IsCancellationRequested)
+            {
+                if (ex is OperationCanceledException cancelled && cancelled.CancellationToken == cancellationToken) throw;
+                throw new OperationCanceledException(ex.Message, ex, cancellationToken);
+            }
+            catch (Exception ex) when (ex is OperationCanceledException or RelayConnectException && owner._disposed.IsCancellationRequested)
+            {
+                throw new ObjectDisposedException(nameof(RelayClient));
+            }
+        }
+
+        /// <summary><see cref="GetAsync"/> once no current connection is found.</summary>
+        private async Task<RelayConnection> ConnectOrWaitAsync(bool retry, CancellationToken cancellationToken)
+        {
+            RelayConnection? current;
             // RetryFor counts from here: the time spent waiting for another caller's attempts (the
             // delivery pump's, another RunAsync's) is time spent trying, or callers queued behind one
             // another would each try for RetryFor in turn.
@@ -672,13 +701,8 @@ public sealed class RelayClient : IAsyncDisposable
                         // The next attempt goes to the address's next host (a clearnet name and an
                         // .onion name of one relay: the way to one may be blocked or down).
                         _host = (_host + 1) % relay.Hosts.Count;
-                        if (cancellationToken.IsCancellationRequested)
-                        {
-                            // Cancelled meanwhile (a socket aborted under the attempt, or the app
-                            // cancelled as it failed): the caller's token, not the failure, is why
-                            // this call stops, and the caller is told so, as RunAsync tells it.
-                            throw new OperationCanceledException(ex.Message, ex, cancellationToken);
-                        }
+                        // Cancelled or disposed meanwhile (a socket aborted under the attempt, or the
+                        // app cancelled or disposed as it failed): GetAsync tells the caller so.
                         if (!retry)
                         {
                             throw;

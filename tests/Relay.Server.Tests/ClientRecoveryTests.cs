@@ -943,6 +943,60 @@ public class ClientRecoveryTests
         await Assert.That(Volatile.Read(ref failures)).IsEqualTo(1);
     }
 
+    /// <summary>
+    /// A ConnectAsync or RunAsync whose attempt to connect failed as the app disposed the client (here
+    /// on hearing of the failure through ConnectionFailed, which runs before the call hears of it)
+    /// threw the attempt's RelayConnectException, as if the relay could not be reached; a call made
+    /// after DisposeAsync throws ObjectDisposedException, and so does this one now.
+    /// </summary>
+    [Test]
+    [Arguments(false)]
+    [Arguments(true)]
+    public async Task A_call_whose_attempt_to_connect_fails_as_the_client_is_disposed_throws_ObjectDisposedException(bool run)
+    {
+        // Nothing listens there: the attempt is refused at once.
+        var address = new RelayAddress(RelayAddress.Base64Url(new byte[32]), ["127.0.0.1"], TestPorts.Free());
+        var client = new RelayClient(PlainFast);
+        Task? disposing = null;
+        client.ConnectionFailed += (_, _) => disposing ??= client.DisposeAsync().AsTask();
+        Task call = run ? client.RunAsync(address, c => c.PingAsync()) : client.ConnectAsync(address);
+
+        await Assert.ThrowsAsync<ObjectDisposedException>(() => call.WaitAsync(TimeSpan.FromSeconds(10)));
+        await disposing!.WaitAsync(TimeSpan.FromSeconds(10));
+    }
+
+    /// <summary>
+    /// Calls waiting on an attempt to connect that the relay does not answer (it accepts the TCP
+    /// connection and never answers HELLO): one cancelled by the app threw OperationCanceledException
+    /// for a token of the client's own, not the app's; the one whose attempt it was, when the client is
+    /// disposed, threw OperationCanceledException for no token the app gave it. Now the first is told
+    /// of its own token, and the second ObjectDisposedException, both promptly.
+    /// </summary>
+    [Test]
+    [Arguments(false)]
+    [Arguments(true)]
+    public async Task Calls_waiting_on_an_attempt_to_connect_end_as_their_token_is_cancelled_or_the_client_disposed(bool run)
+    {
+        using var silent = new TcpListener(IPAddress.Loopback, 0);
+        silent.Start();
+        var address = new RelayAddress(RelayAddress.Base64Url(new byte[32]), ["127.0.0.1"], ((IPEndPoint)silent.LocalEndpoint).Port);
+        var client = new RelayClient(PlainFast);   // ConnectTimeout 30 s: longer than the test waits
+        // Takes the connect lock at once, its attempt waiting for the relay's WELCOME.
+        Task attempting = run ? client.RunAsync(address, c => c.PingAsync()) : client.ConnectAsync(address);
+        using var cts = new CancellationTokenSource();
+        var waiting = client.RunAsync(address, c => c.PingAsync(), cts.Token);
+        await Assert.That(waiting.IsCompleted).IsFalse();
+
+        await cts.CancelAsync();
+        var cancelled = await Assert.ThrowsAsync<OperationCanceledException>(() => waiting.WaitAsync(TimeSpan.FromSeconds(10)));
+        await Assert.That(cancelled!.CancellationToken).IsEqualTo(cts.Token);
+        await Assert.That(attempting.IsCompleted).IsFalse();
+
+        var disposing = client.DisposeAsync().AsTask();
+        await Assert.ThrowsAsync<ObjectDisposedException>(() => attempting.WaitAsync(TimeSpan.FromSeconds(10)));
+        await disposing.WaitAsync(TimeSpan.FromSeconds(10));
+    }
+
     /// <summary>Forwards TCP both ways to a target that can change; a connection goes to the target of when it was accepted.</summary>
     internal sealed class SwitchingProxy : IAsyncDisposable
     {
