@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Collections.Concurrent;
+using System.Diagnostics;
 using System.Net;
 using System.Net.Sockets;
 using System.Text;
@@ -995,6 +996,47 @@ public class ClientRecoveryTests
         var disposing = client.DisposeAsync().AsTask();
         await Assert.ThrowsAsync<ObjectDisposedException>(() => attempting.WaitAsync(TimeSpan.FromSeconds(10)));
         await disposing.WaitAsync(TimeSpan.FromSeconds(10));
+    }
+
+    /// <summary>
+    /// DisposeAsync while the app's calls wait on the relay (a SubscribeAsync and a RunAsync whose SUBs
+    /// the relay never answers, a DeliveriesAsync waiting for a message) ends each promptly: the calls
+    /// with ObjectDisposedException, as a call made after DisposeAsync, and the deliveries at their end.
+    /// The calls went back for a new connection after the one disposed and met a cancelled token of the
+    /// client's own: OperationCanceledException for no token the app gave them.
+    /// </summary>
+    [Test]
+    public async Task Disposing_the_client_ends_the_calls_waiting_on_the_relay_promptly()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        await using var proxy = TamperingProxy.Start(relay.Server.RelayEndPoint);
+        await using var owner = await relay.ConnectAsync();
+        var queue = await owner.CreateQueueAsync();
+        var other = await owner.CreateQueueAsync();
+        var through = proxy.AddressOf(relay);
+        var client = new RelayClient(PlainFast);
+        var connection = await client.ConnectAsync(through);
+        proxy.DropSubs = true;
+        await using var deliveries = client.DeliveriesAsync().GetAsyncEnumerator();
+        var reading = deliveries.MoveNextAsync().AsTask();
+        var subscribing = client.SubscribeAsync(through, queue);
+        var running = client.RunAsync(through, c => c.SubscribeAsync(other, 1));
+        // Both SUBs are sent (registered on the connection before they are written), and unanswered.
+        var sent = Stopwatch.StartNew();
+        while (!(connection.IsSubscribed(queue) && connection.IsSubscribed(other)) && sent.Elapsed < TimeSpan.FromSeconds(10))
+        {
+            await Task.Delay(10);
+        }
+        await Assert.That(connection.IsSubscribed(queue) && connection.IsSubscribed(other)).IsTrue();
+        await Assert.That(subscribing.IsCompleted || running.IsCompleted || reading.IsCompleted).IsFalse();
+
+        var disposing = client.DisposeAsync().AsTask();
+        await Assert.ThrowsAsync<ObjectDisposedException>(() => subscribing.WaitAsync(TimeSpan.FromSeconds(10)));
+        await Assert.ThrowsAsync<ObjectDisposedException>(() => running.WaitAsync(TimeSpan.FromSeconds(10)));
+        await Assert.That(await reading.WaitAsync(TimeSpan.FromSeconds(10))).IsFalse();
+        await disposing.WaitAsync(TimeSpan.FromSeconds(10));
+        await Assert.ThrowsAsync<ObjectDisposedException>(() => client.ConnectAsync(through));
+        await Assert.ThrowsAsync<ObjectDisposedException>(() => client.RunAsync(through, c => c.PingAsync()));
     }
 
     /// <summary>Forwards TCP both ways to a target that can change; a connection goes to the target of when it was accepted.</summary>
