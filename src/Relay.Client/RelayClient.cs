@@ -578,7 +578,7 @@ public sealed class RelayClient : IAsyncDisposable
         /// <summary>
         /// The current connection, or a new one (<paramref name="retry"/>: with back-off until
         /// <see cref="RelayClientOptions.RetryFor"/>; otherwise one attempt). Whatever path it was on
-        /// (waiting for the lock or the back-off, an attempt cut short or failed, an earlier caller's
+        /// (waiting for the lock or the back-off, an attempt cut short, failed or refused, an earlier caller's
         /// failure given as its answer), a call that stops as its token is cancelled throws
         /// <see cref="OperationCanceledException"/> for that token, and one that stops as the client is
         /// disposed <see cref="ObjectDisposedException"/>, as a call made after DisposeAsync does: neither
@@ -592,12 +592,13 @@ public sealed class RelayClient : IAsyncDisposable
             {
                 return await ConnectOrWaitAsync(retry, cancellationToken).ConfigureAwait(false);
             }
-            catch (Exception ex) when (ex is OperationCanceledException or RelayConnectException && cancellationToken.IsCancellationRequested)
+            // An attempt's failure (RelayErrorException: the relay refused the handshake) counts as one.
+            catch (Exception ex) when (ex is OperationCanceledException or RelayConnectException or RelayErrorException && cancellationToken.IsCancellationRequested)
             {
                 if (ex is OperationCanceledException cancelled && cancelled.CancellationToken == cancellationToken) throw;
                 throw new OperationCanceledException(ex.Message, ex, cancellationToken);
             }
-            catch (Exception ex) when (ex is OperationCanceledException or RelayConnectException && owner._disposed.IsCancellationRequested)
+            catch (Exception ex) when (ex is OperationCanceledException or RelayConnectException or RelayErrorException && owner._disposed.IsCancellationRequested)
             {
                 throw new ObjectDisposedException(nameof(RelayClient));
             }

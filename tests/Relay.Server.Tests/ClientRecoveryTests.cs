@@ -967,6 +967,65 @@ public class ClientRecoveryTests
     }
 
     /// <summary>
+    /// A ConnectAsync or RunAsync whose attempt the relay refused (ERR VERSION to its HELLO) as the app
+    /// cancelled its token or disposed the client (on hearing of it through ConnectionFailed) threw
+    /// the relay's RelayErrorException, where a refused TCP connection at that moment throws
+    /// OperationCanceledException or ObjectDisposedException: now it throws those too.
+    /// </summary>
+    [Test]
+    [Arguments(false, false)]
+    [Arguments(true, false)]
+    [Arguments(false, true)]
+    [Arguments(true, true)]
+    public async Task A_call_whose_handshake_is_refused_as_it_is_cancelled_or_the_client_disposed_is_told_so(bool run, bool dispose)
+    {
+        using var listener = new TcpListener(IPAddress.Loopback, 0);
+        listener.Start();
+        using var stop = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        var refusing = Task.Run(async () =>
+        {
+            while (!stop.IsCancellationRequested)
+            {
+                using var session = new ScriptedRelay.Session(await listener.AcceptTcpClientAsync(stop.Token));
+                await session.ExpectAsync(FrameType.Hello);
+                await session.SendAsync(w => FrameWriter.WriteVersionError(w, 2, 3));
+            }
+        });
+        var address = new RelayAddress(RelayAddress.Base64Url(new byte[32]), ["127.0.0.1"], ((IPEndPoint)listener.LocalEndpoint).Port);
+        var client = new RelayClient(PlainFast);
+        using var cts = new CancellationTokenSource();
+        Task? disposing = null;
+        client.ConnectionFailed += (_, failure) =>
+        {
+            if (failure is not RelayErrorException) return;
+            if (dispose) disposing ??= client.DisposeAsync().AsTask();
+            else cts.Cancel();
+        };
+        try
+        {
+            Task call = run ? client.RunAsync(address, c => c.PingAsync(), cts.Token) : client.ConnectAsync(address, cts.Token);
+            if (dispose)
+            {
+                await Assert.ThrowsAsync<ObjectDisposedException>(() => call.WaitAsync(TimeSpan.FromSeconds(10)));
+                await disposing!.WaitAsync(TimeSpan.FromSeconds(10));
+            }
+            else
+            {
+                var thrown = await Assert.ThrowsAsync<OperationCanceledException>(() => call.WaitAsync(TimeSpan.FromSeconds(10)));
+                await Assert.That(thrown!.CancellationToken).IsEqualTo(cts.Token);
+                await Assert.That(thrown.InnerException).IsTypeOf<RelayErrorException>();
+            }
+        }
+        finally
+        {
+            await client.DisposeAsync();
+            await stop.CancelAsync();
+            listener.Stop();
+            try { await refusing; } catch (Exception) { }
+        }
+    }
+
+    /// <summary>
     /// Calls waiting on an attempt to connect that the relay does not answer (it accepts the TCP
     /// connection and never answers HELLO): one cancelled by the app threw OperationCanceledException
     /// for a token of the client's own, not the app's; the one whose attempt it was, when the client is
