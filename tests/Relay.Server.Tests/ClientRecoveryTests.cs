@@ -1061,8 +1061,9 @@ public class ClientRecoveryTests
     /// DisposeAsync while the app's calls wait on the relay (a SubscribeAsync and a RunAsync whose SUBs
     /// the relay never answers, a DeliveriesAsync waiting for a message) ends each promptly: the calls
     /// with ObjectDisposedException, as a call made after DisposeAsync, and the deliveries at their end.
-    /// The calls went back for a new connection after the one disposed and met a cancelled token of the
-    /// client's own: OperationCanceledException for no token the app gave them.
+    /// The calls go back for a new connection after the one disposed; one that got there while the
+    /// client was still disposing met a cancelled token of the client's own, and threw
+    /// OperationCanceledException for no token the app gave it.
     /// </summary>
     [Test]
     public async Task Disposing_the_client_ends_the_calls_waiting_on_the_relay_promptly()
