@@ -1058,6 +1058,30 @@ public class ClientRecoveryTests
     }
 
     /// <summary>
+    /// DisposeAsync while a RunAsync or SubscribeAsync waits out the back-off between attempts to reach
+    /// a relay that cannot be reached ends it at once with ObjectDisposedException; the wait threw
+    /// OperationCanceledException for a token of the client's own, not one the app gave it.
+    /// </summary>
+    [Test]
+    [Arguments(false)]
+    [Arguments(true)]
+    public async Task Disposing_the_client_ends_a_call_waiting_out_the_back_off(bool subscribe)
+    {
+        // Nothing listens there: the attempt is refused at once, and the next waits 15 s or more.
+        var address = new RelayAddress(RelayAddress.Base64Url(new byte[32]), ["127.0.0.1"], TestPorts.Free());
+        var client = new RelayClient(SlowBackOff);
+        var failed = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        client.ConnectionFailed += (_, _) => failed.TrySetResult();
+        var call = subscribe ? client.SubscribeAsync(address, ScriptedRelay.NewQueue()) : client.RunAsync(address, c => c.PingAsync());
+        await failed.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        await Assert.That(call.IsCompleted).IsFalse();
+
+        var disposing = client.DisposeAsync().AsTask();
+        await Assert.ThrowsAsync<ObjectDisposedException>(() => call.WaitAsync(TimeSpan.FromSeconds(5)));
+        await disposing.WaitAsync(TimeSpan.FromSeconds(10));
+    }
+
+    /// <summary>
     /// DisposeAsync while the app's calls wait on the relay (a SubscribeAsync and a RunAsync whose SUBs
     /// the relay never answers, a DeliveriesAsync waiting for a message) ends each promptly: the calls
     /// with ObjectDisposedException, as a call made after DisposeAsync, and the deliveries at their end.
