@@ -586,6 +586,8 @@ public sealed class RelayClient : IAsyncDisposable
         /// </summary>
         public async Task<RelayConnection> GetAsync(bool retry, CancellationToken cancellationToken)
         {
+            // Named for the client, not for the token source of its own that DisposeAsync disposes.
+            if (Volatile.Read(ref owner._disposeCalled) != 0) throw new ObjectDisposedException(nameof(RelayClient));
             var current = Volatile.Read(ref _current);
             if (current is { Closed.IsCancellationRequested: false }) return current;
             try

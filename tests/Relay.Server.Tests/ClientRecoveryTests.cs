@@ -1119,8 +1119,17 @@ public class ClientRecoveryTests
         await Assert.ThrowsAsync<ObjectDisposedException>(() => running.WaitAsync(TimeSpan.FromSeconds(10)));
         await Assert.That(await reading.WaitAsync(TimeSpan.FromSeconds(10))).IsFalse();
         await disposing.WaitAsync(TimeSpan.FromSeconds(10));
-        await Assert.ThrowsAsync<ObjectDisposedException>(() => client.ConnectAsync(through));
-        await Assert.ThrowsAsync<ObjectDisposedException>(() => client.RunAsync(through, c => c.PingAsync()));
+        // Named for the client (they named the client's own CancellationTokenSource, which the app never saw).
+        var after = new[]
+        {
+            await Assert.ThrowsAsync<ObjectDisposedException>(() => client.ConnectAsync(through)),
+            await Assert.ThrowsAsync<ObjectDisposedException>(() => client.RunAsync(through, c => c.PingAsync())),
+            await Assert.ThrowsAsync<ObjectDisposedException>(() => client.SubscribeAsync(through, queue)),
+        };
+        foreach (var disposed in after)
+        {
+            await Assert.That(disposed!.ObjectName).IsEqualTo(nameof(RelayClient));
+        }
     }
 
     /// <summary>Forwards TCP both ways to a target that can change; a connection goes to the target of when it was accepted.</summary>
