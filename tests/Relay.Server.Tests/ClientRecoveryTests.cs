@@ -33,6 +33,9 @@ public class ClientRecoveryTests
 
     private static string Text(Delivery d) => Encoding.UTF8.GetString(d.Body);
 
+    /// <summary>An address of a port of this machine, with any pin (nothing checks it over plain TCP, or before a connection is made).</summary>
+    private static RelayAddress LoopbackAddress(int port) => new(RelayAddress.Base64Url(new byte[32]), ["127.0.0.1"], port);
+
     [Test]
     public async Task A_subscription_taken_by_another_device_is_reported_and_not_taken_back_after_a_reconnection()
     {
@@ -927,7 +930,7 @@ public class ClientRecoveryTests
     public async Task A_call_cancelled_as_its_attempt_to_connect_fails_throws_OperationCanceledException(bool run)
     {
         // Nothing listens there: the attempt is refused at once.
-        var address = new RelayAddress(RelayAddress.Base64Url(new byte[32]), ["127.0.0.1"], TestPorts.Free());
+        var address = LoopbackAddress(TestPorts.Free());
         await using var client = new RelayClient(PlainFast);
         using var cts = new CancellationTokenSource();
         int failures = 0;
@@ -956,7 +959,7 @@ public class ClientRecoveryTests
     public async Task A_call_whose_attempt_to_connect_fails_as_the_client_is_disposed_throws_ObjectDisposedException(bool run)
     {
         // Nothing listens there: the attempt is refused at once.
-        var address = new RelayAddress(RelayAddress.Base64Url(new byte[32]), ["127.0.0.1"], TestPorts.Free());
+        var address = LoopbackAddress(TestPorts.Free());
         var client = new RelayClient(PlainFast);
         Task? disposing = null;
         client.ConnectionFailed += (_, _) => disposing ??= client.DisposeAsync().AsTask();
@@ -991,7 +994,7 @@ public class ClientRecoveryTests
                 await session.SendAsync(w => FrameWriter.WriteVersionError(w, 2, 3));
             }
         });
-        var address = new RelayAddress(RelayAddress.Base64Url(new byte[32]), ["127.0.0.1"], ((IPEndPoint)listener.LocalEndpoint).Port);
+        var address = LoopbackAddress(((IPEndPoint)listener.LocalEndpoint).Port);
         var client = new RelayClient(PlainFast);
         using var cts = new CancellationTokenSource();
         Task? disposing = null;
@@ -1039,7 +1042,7 @@ public class ClientRecoveryTests
     {
         using var silent = new TcpListener(IPAddress.Loopback, 0);
         silent.Start();
-        var address = new RelayAddress(RelayAddress.Base64Url(new byte[32]), ["127.0.0.1"], ((IPEndPoint)silent.LocalEndpoint).Port);
+        var address = LoopbackAddress(((IPEndPoint)silent.LocalEndpoint).Port);
         var client = new RelayClient(PlainFast);   // ConnectTimeout 30 s: longer than the test waits
         // Takes the connect lock at once, its attempt waiting for the relay's WELCOME.
         Task attempting = run ? client.RunAsync(address, c => c.PingAsync()) : client.ConnectAsync(address);
@@ -1068,7 +1071,7 @@ public class ClientRecoveryTests
     public async Task Disposing_the_client_ends_a_call_waiting_out_the_back_off(bool subscribe)
     {
         // Nothing listens there: the attempt is refused at once, and the next waits 15 s or more.
-        var address = new RelayAddress(RelayAddress.Base64Url(new byte[32]), ["127.0.0.1"], TestPorts.Free());
+        var address = LoopbackAddress(TestPorts.Free());
         var client = new RelayClient(SlowBackOff);
         var failed = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         client.ConnectionFailed += (_, _) => failed.TrySetResult();
