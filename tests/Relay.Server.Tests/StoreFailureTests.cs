@@ -355,4 +355,42 @@ public class StoreFailureTests
         var acked = await recipient.RequestAsync(Ack(recipient, queue, recipient.NextCorr(), again));
         await Assert.That(acked.Type).IsEqualTo(FrameType.Ok);
     }
+
+    /// <summary>
+    /// A connection without a subscription (a GET client) acknowledges a message and the disk refuses
+    /// it; then it subscribes. The INTERNAL answer restarts no subscription (there was none), so the
+    /// one made after it is not started again once writes work: that would push the message again
+    /// into a window the client counts as full (PROTOCOL.md §7).
+    /// </summary>
+    [Test]
+    public async Task An_ack_that_the_disk_refuses_on_a_connection_without_a_subscription_does_not_restart_the_subscription_it_makes_next()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        relay.Server.Store.FailedWriteProbeInterval = TimeSpan.FromMilliseconds(100);
+        await using var recipient = await RawClient.ConnectAsync(relay);
+        var queue = await recipient.CreateQueueAsync();
+        await using var sender = await RawClient.ConnectAsync(relay);
+        await SendAsync(sender, queue, "m1");
+        var got = await recipient.RequestAsync(recipient.QueueCommand(FrameType.Get, recipient.NextCorr(), queue.RecipientId, [], queue.RecipientPrivate));
+        ulong m1 = RawClient.Open(queue, got.Payload).Id;
+
+        // Every write fails: the ACK is answered INTERNAL, and m1 stays stored.
+        relay.Server.Store.BeforeWrite = (_, _) => throw new IOException("injected write failure");
+        var ack = await recipient.RequestAsync(Ack(recipient, queue, recipient.NextCorr(), m1));
+        await Assert.That(ack.Error).IsEqualTo(ErrorCode.Internal);
+
+        // The subscription made next starts from m1 and fills its window of 1.
+        await SubscribeAsync(recipient, queue);
+        var (pushed, _) = await NextMessageAsync(recipient, queue);
+        await Assert.That(pushed).IsEqualTo(m1);
+
+        // Writes work again: nothing more comes until m1 is acknowledged.
+        relay.Server.Store.BeforeWrite = null;
+        await Assert.That(await EventuallyAsync(() => Task.FromResult(relay.Server.Store.WritesFailingFor == TimeSpan.Zero), seconds: 10)).IsTrue();
+        await Assert.ThrowsAsync<TimeoutException>(async () => await recipient.ReadFrameAsync(TimeSpan.FromMilliseconds(600)));
+        var acked = await recipient.RequestAsync(Ack(recipient, queue, recipient.NextCorr(), m1));
+        await Assert.That(acked.Type).IsEqualTo(FrameType.Ok);
+        var empty = await recipient.RequestAsync(recipient.QueueCommand(FrameType.Get, recipient.NextCorr(), queue.RecipientId, [], queue.RecipientPrivate));
+        await Assert.That(empty.Type).IsEqualTo(FrameType.Empty);
+    }
 }

@@ -398,7 +398,10 @@ internal sealed partial class RelaySession
     /// and acknowledges them again. Without the restart they would stay outstanding for good: the
     /// client freed their places and does not ACK them again, and a full window pushes nothing more.
     /// The answer allows the client one restart: none is made if the subscription was started again
-    /// meanwhile (<see cref="StartAgainIfBehindLocked"/>, after the failed delete put messages back).
+    /// meanwhile (<see cref="StartAgainIfBehindLocked"/>, after the failed delete put messages back),
+    /// and none if the connection had no subscription of the queue (a GET client): a subscription it
+    /// makes afterwards starts from the oldest stored message, and starting it again would push into a
+    /// window the client counts as full.
     /// </summary>
     private void RestartAfterFailedAck(QueueHandle queue)
     {
@@ -409,7 +412,10 @@ internal sealed partial class RelaySession
             failed = queue.Tag is Subscription s && ReferenceEquals(s.Session, this) ? s : null;
             restarts = failed?.Restarts ?? 0;
         }
-        _ = RestartWhenWritableAsync(queue, failed, restarts);
+        if (failed is not null)
+        {
+            _ = RestartWhenWritableAsync(queue, failed, restarts);
+        }
     }
 
     /// <summary>
@@ -420,7 +426,7 @@ internal sealed partial class RelaySession
     /// failing, each answered by an ACK that fails too, at the speed of the round trip; waiting costs
     /// the subscriber nothing it could have had.
     /// </summary>
-    private async Task RestartWhenWritableAsync(QueueHandle queue, Subscription? failed, int restarts)
+    private async Task RestartWhenWritableAsync(QueueHandle queue, Subscription failed, int restarts)
     {
         await _store.WhenWritesAgain();
         lock (queue.Sync)
