@@ -393,4 +393,56 @@ public class StoreFailureTests
         var empty = await recipient.RequestAsync(recipient.QueueCommand(FrameType.Get, recipient.NextCorr(), queue.RecipientId, [], queue.RecipientPrivate));
         await Assert.That(empty.Type).IsEqualTo(FrameType.Empty);
     }
+
+    /// <summary>
+    /// A subscriber's ACK is answered INTERNAL, and before writes work again it subscribes the queue
+    /// again (window 1), which pushes m1 from the oldest. A GET client then deletes m1, the first write
+    /// that works. The restart that INTERNAL asked for concerned the subscription the SUB replaced: the
+    /// new one, its window full with m1, gets nothing more until it acknowledges m1. (Restarted, it
+    /// was pushed m2, above m1, into a window the client counts as full: PROTOCOL.md §7.)
+    /// </summary>
+    [Test]
+    public async Task An_ack_that_the_disk_refuses_does_not_restart_the_subscription_that_a_sub_repeated_after_it_made()
+    {
+        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
+        relay.Server.Store.FailedWriteProbeInterval = TimeSpan.FromSeconds(30);   // only the GET client's ACK writes again
+        await using var recipient = await RawClient.ConnectAsync(relay);
+        var queue = await recipient.CreateQueueAsync();
+        await using var sender = await RawClient.ConnectAsync(relay);
+        await using var poller = await RawClient.ConnectAsync(relay);
+        await SendAsync(sender, queue, "m1");
+        await SendAsync(sender, queue, "m2");
+        await SubscribeAsync(recipient, queue);
+        var (m1, _) = await NextMessageAsync(recipient, queue);
+
+        int failing = 1;
+        relay.Server.Store.BeforeWrite = (_, _) =>
+        {
+            if (Volatile.Read(ref failing) != 0) throw new IOException("injected write failure");
+        };
+        var pushes = new List<RawFrame>();
+        var ack = await recipient.RequestAsync(Ack(recipient, queue, recipient.NextCorr(), m1), pushes);
+        await Assert.That(ack.Error).IsEqualTo(ErrorCode.Internal);
+        var sub = await recipient.RequestAsync(recipient.QueueCommand(FrameType.Sub, recipient.NextCorr(), queue.RecipientId, [], queue.RecipientPrivate), pushes);
+        await Assert.That(sub.Type).IsEqualTo(FrameType.Ok);
+        var (again, _) = await NextMessageAsync(recipient, queue);
+        await Assert.That(again).IsEqualTo(m1);
+
+        var got = await poller.RequestAsync(poller.QueueCommand(FrameType.Get, poller.NextCorr(), queue.RecipientId, [], queue.RecipientPrivate));
+        await Assert.That(RawClient.Open(queue, got.Payload).Id).IsEqualTo(m1);
+        Volatile.Write(ref failing, 0);
+        var deleted = await poller.RequestAsync(Ack(poller, queue, poller.NextCorr(), m1));
+        await Assert.That(deleted.Type).IsEqualTo(FrameType.Ok);
+        await Assert.ThrowsAsync<TimeoutException>(async () => await recipient.ReadFrameAsync(TimeSpan.FromMilliseconds(600)));
+
+        // Its ACK of m1 finds it deleted (NO_MSG) and frees the place: m2 comes (before that answer).
+        pushes.Clear();
+        var gone = await recipient.RequestAsync(Ack(recipient, queue, recipient.NextCorr(), m1), pushes);
+        await Assert.That(gone.Error).IsEqualTo(ErrorCode.NoMsg);
+        await Assert.That(pushes.Count).IsEqualTo(1);
+        var (next, _, body) = RawClient.Open(queue, pushes[0].Payload);
+        await Assert.That(Encoding.UTF8.GetString(body)).IsEqualTo("m2");
+        var acked = await recipient.RequestAsync(Ack(recipient, queue, recipient.NextCorr(), next));
+        await Assert.That(acked.Type).IsEqualTo(FrameType.Ok);
+    }
 }

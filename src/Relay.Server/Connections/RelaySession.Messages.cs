@@ -399,9 +399,11 @@ internal sealed partial class RelaySession
     /// client freed their places and does not ACK them again, and a full window pushes nothing more.
     /// The answer allows the client one restart: none is made if the subscription was started again
     /// meanwhile (<see cref="StartAgainIfBehindLocked"/>, after the failed delete put messages back),
-    /// and none if the connection had no subscription of the queue (a GET client): a subscription it
-    /// makes afterwards starts from the oldest stored message, and starting it again would push into a
-    /// window the client counts as full.
+    /// and none if the connection had no subscription of the queue (a GET client) or subscribes it again
+    /// meanwhile: the subscription it makes starts from the oldest stored message (or, made while the
+    /// failed delete was in memory, starts again when the messages are put back), and starting it
+    /// again, maybe while another connection's delete hides the oldest messages, could push above the
+    /// last message pushed into a window the client counts as full.
     /// </summary>
     private void RestartAfterFailedAck(QueueHandle queue)
     {
@@ -431,7 +433,7 @@ internal sealed partial class RelaySession
         await _store.WhenWritesAgain();
         lock (queue.Sync)
         {
-            if (queue.Tag is Subscription s && ReferenceEquals(s.Session, this) && !(ReferenceEquals(s, failed) && s.Restarts != restarts))
+            if (queue.Tag is Subscription s && ReferenceEquals(s, failed) && s.Restarts == restarts)
             {
                 s.Restart();
                 DeliverNextLocked(s);
