@@ -15,7 +15,7 @@ namespace Relay.Server.Tests;
 public class DiskFullTests
 {
     /// <summary>What RocksDB reports when a write meets ENOSPC, as the store classifies it.</summary>
-    private static StoreException NoSpace() =>
+    internal static StoreException NoSpace() =>
         Relay.Storage.Native.RocksDb.Error("IO error: No space left on device: While appending to file: 000042.sst: No space left on device");
 
     private static byte[] Ack(RawClient recipient, RawQueue queue, uint corr, ulong id) =>

@@ -26,12 +26,40 @@ public class RandomizedProtocolTests
     [Arguments(20_250_601)]
     public async Task A_random_command_sequence_keeps_every_promise_of_the_protocol(int seed)
     {
-        await using var run = await ProtocolModelRun.StartAsync(seed);
+        await RunAndVerifyAsync(seed, faults: false,
+            "send-ok", "push", "ack-ok", "ack-through-ok", "ack-nomsg", "get-msg", "sub-replaced", "released", "restart", "drop-recipient", "drop-sender", "auth");
+    }
+
+    /// <summary>
+    /// The same, while the store fails some writes (one at a time, or a few in a row; an I/O error or a
+    /// full disk): a SEND answered INTERNAL or FULL is never delivered, an ACK answered INTERNAL deletes
+    /// nothing and restarts its subscription once (pushes still within the window the client counts),
+    /// a command refused changes nothing, and once writes work again every subscriber receives every
+    /// stored message without a new SUB (no stall).
+    /// </summary>
+    [Test]
+    [Skip("Open relay bug, seen in about one run in three: after a failed write, a subscription whose own ACKs all succeeded is started again "
+        + "(RestartAfterFailedAck reached through CompleteAck for that connection and queue), so a message is pushed twice within one "
+        + "subscription and the relay's window count is emptied while the client's is not; a SEND is sometimes answered INTERNAL "
+        + "with no write failing after it was sent. Suspected: a pooled write operation or store completion completed for a request it no longer belongs to.")]
+    [Arguments(1)]
+    [Arguments(3)]
+    [Arguments(4242)]
+    [Arguments(20_250_601)]
+    public async Task A_random_command_sequence_with_failing_writes_keeps_every_promise_of_the_protocol(int seed)
+    {
+        await RunAndVerifyAsync(seed, faults: true,
+            "send-ok", "push", "ack-ok", "get-msg", "fault", "send-refused", "ack-internal");
+    }
+
+    private static async Task RunAndVerifyAsync(int seed, bool faults, params string[] expected)
+    {
+        await using var run = await ProtocolModelRun.StartAsync(seed, faults);
         await run.RunAsync(Steps);
         await run.DrainAndVerifyAsync();
 
         // The run exercised what it claims to check (a run that only met errors would prove nothing).
-        foreach (var counted in new[] { "send-ok", "push", "ack-ok", "ack-through-ok", "ack-nomsg", "get-msg", "sub-replaced", "released", "restart", "drop-recipient", "drop-sender", "auth" })
+        foreach (var counted in expected)
         {
             await Assert.That(run.Count(counted)).IsGreaterThan(0).Because($"seed {seed}: no '{counted}' happened");
         }
@@ -51,6 +79,8 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
     private readonly int _seed;
     private readonly Random _random;
     private readonly TestRelay _relay;
+    /// <summary>Fails the store's writes when armed; null when this run injects no failures.</summary>
+    private readonly WriteFaults? _faults;
     private readonly List<QueueModel> _queues = [];
     private readonly List<RecipientPeer> _peers = [];
     private readonly List<SenderPeer> _senders = [];
@@ -62,23 +92,97 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
     private int _nextSender;
     private bool _restarted;
 
-    private ProtocolModelRun(int seed, TestRelay relay)
+    private ProtocolModelRun(int seed, TestRelay relay, bool faults)
     {
         _seed = seed;
         _random = new Random(seed);
         _relay = relay;
+        _faults = faults ? new WriteFaults() : null;
     }
 
-    public static async Task<ProtocolModelRun> StartAsync(int seed)
+    public static async Task<ProtocolModelRun> StartAsync(int seed, bool faults = false)
     {
         var relay = await TestRelay.StartAsync(o => o.QueueMaxMessages = QueueMaxMessages);
-        var run = new ProtocolModelRun(seed, relay);
+        var run = new ProtocolModelRun(seed, relay, faults);
+        run.HookStore();
         await run.ConnectAllAsync();
         for (int i = 0; i < 3; i++)
         {
             await run.NewQueueAsync(run._peers[0]);
         }
         return run;
+    }
+
+    // ---- failing writes -----------------------------------------------------------------------
+
+    /// <summary>
+    /// The store's write hook: fails the next <see cref="Arm"/>ed writes (the writer's own tries
+    /// while writes fail count as writes) with an I/O error or what RocksDB throws for a full disk.
+    /// </summary>
+    private sealed class WriteFaults
+    {
+        private int _armed;
+        private int _full;
+        private long _thrown;
+
+        /// <summary>Failures thrown so far.</summary>
+        public long Thrown => Interlocked.Read(ref _thrown);
+
+        public void Arm(int writes, bool full)
+        {
+            Volatile.Write(ref _full, full ? 1 : 0);
+            Volatile.Write(ref _armed, writes);
+        }
+
+        public void Disarm() => Volatile.Write(ref _armed, 0);
+
+        public void BeforeWrite(int operations, long bytes)
+        {
+            if (Volatile.Read(ref _armed) <= 0 || Interlocked.Decrement(ref _armed) < 0) return;
+            Interlocked.Increment(ref _thrown);
+            if (Volatile.Read(ref _full) != 0) throw DiskFullTests.NoSpace();
+            throw new IOException("injected write failure");
+        }
+    }
+
+    /// <summary>Installs the failures on the store (again after each start of the relay), recovering quickly.</summary>
+    private void HookStore()
+    {
+        if (_faults is null) return;
+        _relay.Server.Store.FailedWriteProbeInterval = TimeSpan.FromMilliseconds(20);
+        _relay.Server.Store.BeforeWrite = _faults.BeforeWrite;
+    }
+
+    /// <summary>
+    /// Taken before a request: a refusal for a failed write (INTERNAL, FULL) is one the protocol allows
+    /// if a write failed after it (<see cref="FailedSince"/>), or writes were failing when it was taken.
+    /// </summary>
+    private long FaultMark()
+    {
+        if (_faults is null) return long.MaxValue;
+        long thrown = _faults.Thrown;
+        return _relay.Server.Store.WritesFailingFor > TimeSpan.Zero ? thrown - 1 : thrown;
+    }
+
+    private bool FailedSince(long mark) => _faults is not null && _faults.Thrown > mark;
+
+    /// <summary>Sometimes fails the next write, or the next few (a failing disk, a full one for a moment).</summary>
+    private void MaybeArmFaults()
+    {
+        if (_faults is null || _random.Next(100) >= 7) return;
+        int writes = _random.Next(3) == 0 ? 2 + _random.Next(5) : 1;
+        bool full = _random.Next(2) == 0;
+        _faults.Arm(writes, full);
+        Note($"fail the next {writes} write(s){(full ? " (disk full)" : "")}");
+        Counted("fault");
+    }
+
+    /// <summary>No more failures; returns once the store writes again.</summary>
+    private async Task StopFaultsAsync()
+    {
+        if (_faults is null) return;
+        _faults.Disarm();
+        await _relay.Server.Store.WhenWritable().WaitAsync(AnswerTimeout);
     }
 
     public int Count(string what) => _counts.GetValueOrDefault(what);
@@ -88,11 +192,11 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
     private void Note(string what)
     {
         _history.Add($"{_step}: {what}");
-        if (_history.Count > 40) _history.RemoveAt(0);
+        if (_history.Count > 80) _history.RemoveAt(0);
     }
 
     private ModelViolationException Violation(string what) =>
-        new($"seed {_seed}, step {_step}: {what}\nlast steps:\n  {string.Join("\n  ", _history)}");
+        new($"seed {_seed}, step {_step}: {what}\nlast steps:\n  {string.Join("\n  ", _history)}\nrelay log (failures):\n  {string.Join("\n  ", _relay.Logs.Lines.Where(l => l.Contains("fail", StringComparison.OrdinalIgnoreCase)).TakeLast(10))}");
 
     private void Check(bool condition, string what)
     {
@@ -124,6 +228,7 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
                 await RestartAsync();
                 continue;
             }
+            MaybeArmFaults();
             int roll = _random.Next(100);
             if (roll < 20) await SendBurstAsync();
             else if (roll < 25) await SettleAllSendsAsync();
@@ -267,11 +372,24 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
         Check(!sub.Ended, $"recipient connection {peer.Index}: a push of queue {queue.Index} after its END (or its DEL)");
         var message = OnDelivery(queue, frame.Payload, $"push on r{peer.Index}", peer);
         ulong id = message.Id!.Value;
+        if (id <= sub.LastPushed && (sub.RestartsAllowed > 0 || (sub.Outstanding.Count == 0 && queue.FailedDeletes > sub.FailedDeletesSeen)))
+        {
+            // A restart from the oldest stored message: after an ACK answered INTERNAL (one per such
+            // answer), or after a failed delete put back messages, with nothing outstanding (§6, §7).
+            if (sub.RestartsAllowed > 0) sub.RestartsAllowed--;
+            Note($"restart of q{queue.Index} on r{peer.Index} at {message.Name}");
+            sub.Outstanding.Clear();
+            sub.Pushed.Clear();
+            sub.LastPushed = 0;
+            sub.FailedDeletesSeen = queue.FailedDeletes;
+            Counted("restart-push");
+        }
         Check(id > sub.LastPushed, $"queue {queue.Index}: push of id {id} after id {sub.LastPushed} in the same subscription (not in order)");
         // Nothing stored and never acknowledged is skipped: the subscription pushes the oldest first.
         foreach (var older in queue.Messages)
         {
-            if (older.Id is { } o && o < id && older.Ack == AckState.None && !sub.Pushed.Contains(o) && !older.RefusedToClient)
+            if (older.Id is { } o && o < id && older.Ack == AckState.None && !sub.Pushed.Contains(o) && !older.RefusedToClient
+                && !(_faults is not null && (older.AckInFlight || older.DeleteFailed)))
             {
                 throw Violation($"queue {queue.Index}: push of {message.Name} (id {id}) skipped the stored, unacknowledged {older.Name} (id {o})");
             }
@@ -282,6 +400,8 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
             // went unanswered was deleted.
             ResolveUnansweredAcks(queue, id);
         }
+        Note($"push q{queue.Index} {message.Name} on r{peer.Index} ({sub.Outstanding.Count} outstanding, window {sub.Window}, restarts allowed {sub.RestartsAllowed})");
+        message.DeleteFailed = false;
         sub.LastPushed = id;
         sub.Pushed.Add(id);
         sub.Outstanding.Add(message);
@@ -360,7 +480,14 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
         var payload = new byte[65];
         recipientPublic.CopyTo(payload, 0);
         dhPublic.CopyTo(payload, 32);
+        long mark = FaultMark();
         var answer = await RequestAsync(peer, RawClient.Frame(FrameType.New, peer.Client.NextCorr(), payload), "NEW");
+        if (answer.Error is ErrorCode.Internal or ErrorCode.Full && FailedSince(mark))
+        {
+            Note($"NEW on r{peer.Index}: {answer}");
+            Counted("refused");
+            return;
+        }
         Check(answer.Type == FrameType.Ids && answer.Payload.Length == 80, $"NEW answered {answer}");
         var recipientId = answer.Payload.AsSpan(0, 24).ToArray();
         var senderId = answer.Payload.AsSpan(24, 24).ToArray();
@@ -402,6 +529,7 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
             {
                 Epoch = queue.Epoch,
                 ExpectAuth = queue.Deleted || queue.Suspended || wrongKey,
+                FaultMark = FaultMark(),
                 UpperBound = queue.Messages.Count(m => m.Send is SendState.Ok or SendState.Pending or SendState.Maybe && m.Ack != AckState.Done),
             };
             queue.Messages.Add(message);
@@ -478,6 +606,10 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
                     Check(message.UpperBound >= QueueMaxMessages, $"queue {queue.Index}: SEND answered QUOTA with at most {message.UpperBound} of {QueueMaxMessages} messages stored");
                     Counted("quota");
                     break;
+                case ErrorCode.Internal or ErrorCode.Full when FailedSince(message.FaultMark):
+                    // Nothing stored (PROTOCOL.md §6 SEND, §9): never delivered, checked on every delivery.
+                    Counted("send-refused");
+                    break;
                 default:
                     throw Violation($"queue {queue.Index}: SEND of {message.Name} answered {relayError.Code}");
             }
@@ -508,6 +640,7 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
         }
         if (queue.Deleted) expectOk = false;
         Note($"SKEY q{queue.Index} on s{sender.Index} (expect {(expectOk ? "OK" : "AUTH")}, suspended {queue.Suspended})");
+        long mark = FaultMark();
         try
         {
             await sender.Connection.SecureAsync(queue.Raw.SenderId, key).WaitAsync(AnswerTimeout);
@@ -518,6 +651,13 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
             Check(expectOk, $"queue {queue.Index}: SKEY with another key answered OK (secured {queue.SenderPrivate != null}, deleted {queue.Deleted})");
             if (queue.SenderPrivate is null) queue.Epoch++;
             queue.SenderPrivate = key;
+        }
+        catch (RelayErrorException e) when (e.Code == ErrorCode.Internal && FailedSince(mark))
+        {
+            // Nothing changed; a SEND in flight may have met the key while the failed write was undone.
+            Note($"SKEY q{queue.Index}: {e.Code}");
+            queue.Epoch++;
+            Counted("refused");
         }
         catch (RelayErrorException e)
         {
@@ -531,8 +671,16 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
     {
         var queue = AnyQueue();
         var peer = LivePeer();
+        long mark = FaultMark();
         var answer = await RequestAsync(peer, peer.Client.QueueCommand(FrameType.Off, peer.Client.NextCorr(), queue.Raw.RecipientId, [], queue.Raw.RecipientPrivate), "OFF");
-        Note($"OFF q{queue.Index} on r{peer.Index}: {answer.Type}");
+        Note($"OFF q{queue.Index} on r{peer.Index}: {answer}");
+        if (!queue.Deleted && answer.Error == ErrorCode.Internal && FailedSince(mark))
+        {
+            // Not suspended; a SEND in flight may have met it suspended while the failed write was undone.
+            queue.Epoch++;
+            Counted("refused");
+            return;
+        }
         if (queue.Deleted)
         {
             ExpectError(answer, ErrorCode.Auth, $"OFF of deleted queue {queue.Index}");
@@ -557,8 +705,17 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
             return;
         }
         var peer = LivePeer();
+        long mark = FaultMark();
         var answer = await RequestAsync(peer, peer.Client.QueueCommand(FrameType.Del, peer.Client.NextCorr(), queue.Raw.RecipientId, [], queue.Raw.RecipientPrivate), "DEL");
-        Note($"DEL q{queue.Index} on r{peer.Index}: {answer.Type}");
+        Note($"DEL q{queue.Index} on r{peer.Index}: {answer}");
+        if (!queue.Deleted && answer.Error == ErrorCode.Internal && FailedSince(mark))
+        {
+            // Not deleted: its subscriber goes on (an END now is a violation), a SEND in flight may
+            // have met it deleted while the failed write was undone.
+            queue.Epoch++;
+            Counted("refused");
+            return;
+        }
         if (queue.Deleted)
         {
             ExpectError(answer, ErrorCode.Auth, $"DEL of deleted queue {queue.Index}");
@@ -639,7 +796,12 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
         }
         Check(answer.Type == FrameType.Ok && answer.Payload.Length == 0, $"queue {queue.Index}: SUB answered {answer}");
         var previous = queue.Subscriber;
-        peer.Subs[queue] = new SubscriptionModel(Math.Clamp(window ?? 1, 1, ProtocolConstants.MaxDeliveryWindow));
+        peer.Subs[queue] = new SubscriptionModel(Math.Clamp(window ?? 1, 1, ProtocolConstants.MaxDeliveryWindow), queue.FailedDeletes)
+        {
+            // An ACK answered INTERNAL before this SUB still allows its restart, which the relay then
+            // makes of this subscription (§7: each such answer allows one; a SUB does not take it back).
+            RestartsAllowed = peer.Subs.TryGetValue(queue, out var before) ? before.RestartsAllowed : 0,
+        };
         queue.Subscriber = peer;
         if (previous != null && previous != peer && awaitPreviousEnd)
         {
@@ -760,6 +922,10 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
     private static MessageModel? OldestStored(QueueModel queue) =>
         queue.Messages.Where(m => m.Id != null && m.Ack != AckState.Done && m.Send != SendState.Refused).MinBy(m => m.Id!.Value);
 
+    /// <summary>A message is stored that is older than what <paramref name="sub"/> has outstanding, and not outstanding itself.</summary>
+    private static bool MovedPastStored(QueueModel queue, SubscriptionModel sub) =>
+        sub.Outstanding.Count > 0 && OldestStored(queue) is { Id: { } oldest } && oldest < sub.Outstanding[0].Id!.Value;
+
     private async Task AckAsync(RecipientPeer peer, QueueModel queue, ulong id, bool through)
     {
         peer.Subs.TryGetValue(queue, out var sub);
@@ -810,9 +976,29 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
             sub!.ProvisionallyFree = sub.Outstanding.Count(m => m.Id <= id);
         }
         byte[] args = through ? [.. RawClient.U64(id), ProtocolConstants.AckThrough] : RawClient.U64(id);
+        long mark = FaultMark();
+        List<MessageModel> covered = through && subscribed ? sub!.Outstanding.Where(m => m.Id <= id).ToList() : target is null ? [] : [target];
+        covered.ForEach(m => m.AckInFlight = true);
         var answer = await RequestAsync(peer, peer.Client.QueueCommand(FrameType.Ack, peer.Client.NextCorr(), queue.Raw.RecipientId, args, queue.Raw.RecipientPrivate), "ACK");
         Note($"ACK{(through ? " through" : "")} q{queue.Index} id {id} ({target?.Name ?? "unknown"}) on r{peer.Index}{(subscribed ? " (subscriber)" : "")}: {answer}");
         if (subscribed) sub!.ProvisionallyFree = 0;
+        covered.ForEach(m => m.AckInFlight = false);
+
+        if (!queue.Deleted && answer.Error == ErrorCode.Internal && FailedSince(mark))
+        {
+            // Nothing deleted (PROTOCOL.md §6 ACK). The subscription starts again from the oldest
+            // stored message with an empty window once the store writes: the client's count starts
+            // afresh at the answer, and again at the first push not above the one before it (§7).
+            Counted("ack-internal");
+            queue.FailedDeletes++;
+            covered.ForEach(m => m.DeleteFailed = true);
+            if (subscribed)
+            {
+                sub!.Outstanding.Clear();
+                sub.RestartsAllowed++;
+            }
+            return;
+        }
 
         if (expectType == FrameType.Ok)
         {
@@ -858,6 +1044,14 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
             {
                 sub!.Outstanding.RemoveAll(m => m.Id <= id);
             }
+            else if (_faults is not null && subscribed && target is not null && sub!.Outstanding.Contains(target) && MovedPastStored(queue, sub))
+            {
+                // A failed delete put back messages this subscription had moved past: its ACK of an
+                // outstanding message finds an older one stored, and the relay frees the places up to
+                // it, as the client does (§6 ACK); with nothing outstanding it starts again.
+                sub.Outstanding.RemoveAll(m => m.Id <= id);
+                Counted("ack-nomsg-put-back");
+            }
             else if (subscribed)
             {
                 Check(sub!.Outstanding.Count <= sub.Window, $"queue {queue.Index}: ACK answered NO_MSG (nothing freed) but {sub.Outstanding.Count} were pushed with window {sub.Window}");
@@ -901,13 +1095,28 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
             var message = CheckGetAnswer(queue, got.MessageId, got.Body, got.Flags, oldest);
             if (_random.Next(3) != 0 && message.Ack != AckState.Done && OldestStored(queue) == message)
             {
+                long mark = FaultMark();
+                message.AckInFlight = true;
                 try
                 {
                     await _poller.AckAsync(new RecipientQueue(queue.Raw.RecipientId, queue.Raw.SenderId, queue.Raw.RecipientPrivate, queue.Raw.DeliveryKey), got.MessageId).WaitAsync(AnswerTimeout);
                 }
+                catch (RelayErrorException e) when (e.Code == ErrorCode.Internal && FailedSince(mark))
+                {
+                    // Nothing deleted: the message stays the oldest, for the subscriber too.
+                    Note($"GET client's ACK q{queue.Index} {message.Name}: {e.Code}");
+                    queue.FailedDeletes++;
+                    message.DeleteFailed = true;
+                    Counted("ack-internal");
+                    return;
+                }
                 catch (RelayErrorException e)
                 {
                     throw Violation($"queue {queue.Index}: the GET client's ACK of the oldest message {message.Name} answered {e.Code}");
+                }
+                finally
+                {
+                    message.AckInFlight = false;
                 }
                 message.Ack = AckState.Done;
                 message.AckStep = _step;
@@ -1066,7 +1275,9 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
     {
         var peer = LivePeer();
         var withAck = peer.Subs.Where(s => !s.Value.Ended && s.Value.Outstanding.Count > 0 && s.Key.Subscriber == peer).ToList();
-        if (withAck.Count > 0 && _random.Next(2) == 0)
+        // Not while writes fail: an unanswered ACK counts as done once a later delivery shows its message
+        // gone, but a failing write may still put it back then.
+        if (_faults is null && withAck.Count > 0 && _random.Next(2) == 0)
         {
             // An ACK written, its answer never read: the message may or may not be deleted.
             var (queue, sub) = withAck[_random.Next(withAck.Count)];
@@ -1112,7 +1323,9 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
         {
             foreach (var m in s.Pending) m.DroppedSender = true;
         }
+        _faults?.Disarm();
         await _relay.RestartAsync();
+        HookStore();
         foreach (var s in _senders)
         {
             foreach (var m in s.Pending)
@@ -1147,6 +1360,7 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
     /// </summary>
     public async Task DrainAndVerifyAsync()
     {
+        if (_faults is not null) await DrainSubscribersAsync();
         if (!_restarted) await RestartAsync();
         await SettleAllSendsAsync();
         await PumpAllAsync();
@@ -1193,6 +1407,52 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
         _step = int.MaxValue;
     }
 
+    /// <summary>
+    /// Writes work again: every live subscription, as the failures left it (no new SUB, no restart of
+    /// the relay), receives every message answered OK and not acknowledged, each within a few seconds
+    /// of the last progress, as its subscriber acknowledges what it was pushed. A subscription that
+    /// stalls (its window empty at both ends, messages stored, nothing pushed) breaks the protocol.
+    /// </summary>
+    private async Task DrainSubscribersAsync()
+    {
+        Note("writes work again");
+        await StopFaultsAsync();
+        await SettleAllSendsAsync();
+        await PumpAllAsync();
+        var stallLimit = TimeSpan.FromSeconds(5);
+        foreach (var queue in _queues.Where(q => q.Subscriber != null && !q.Deleted))
+        {
+            var peer = queue.Subscriber!;
+            var sub = peer.Subs[queue];
+            Note($"drain q{queue.Index} on r{peer.Index}");
+            var progress = DateTime.UtcNow;
+            while (!sub.Ended)
+            {
+                if (sub.Outstanding.Count > 0)
+                {
+                    await AckAsync(peer, queue, sub.Outstanding[^1].Id!.Value, through: true);
+                    progress = DateTime.UtcNow;
+                    continue;
+                }
+                var waiting = queue.Messages.FirstOrDefault(m => m.Send == SendState.Ok && m.Ack == AckState.None);
+                if (waiting is null) break;
+                Check(DateTime.UtcNow - progress < stallLimit,
+                    $"queue {queue.Index}: {waiting.Name} (answered OK at step {waiting.OkStep}) stored, and nothing pushed to r{peer.Index} for {stallLimit.TotalSeconds} s with nothing outstanding (window {sub.Window}): the subscription stalled");
+                using var cts = new CancellationTokenSource(TimeSpan.FromMilliseconds(50));
+                try
+                {
+                    var frame = await peer.Frames.Reader.ReadAsync(cts.Token);
+                    await OnUnsolicitedAsync(peer, frame);
+                    progress = DateTime.UtcNow;
+                }
+                catch (OperationCanceledException)
+                {
+                }
+            }
+            Counted("subscribers-drained");
+        }
+    }
+
     public async ValueTask DisposeAsync()
     {
         foreach (var s in _senders)
@@ -1227,6 +1487,7 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
         public int Epoch;
         public bool ExpectAuth;
         public int UpperBound;
+        public long FaultMark;
         public SendState Send = SendState.Pending;
         public ErrorCode? RefusedWith;
         public bool RefusedToClient => Send == SendState.Refused;
@@ -1236,6 +1497,10 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
         public ulong? Id;
         public AckState Ack = AckState.None;
         public int AckStep = -1;
+        /// <summary>An ACK of it is unanswered: its delete may be made in memory, or taken back.</summary>
+        public bool AckInFlight;
+        /// <summary>An ACK of it was answered INTERNAL, and it was not pushed since: a subscription may have moved past it while it was deleted in memory (§6 ACK).</summary>
+        public bool DeleteFailed;
         public int Deliveries;
         public override string ToString() => Body;
         public string Name => Body[..Body.IndexOf('.')];
@@ -1256,16 +1521,22 @@ internal sealed class ProtocolModelRun : IAsyncDisposable
         public int NextSeq;
         public RecipientPeer? Subscriber;
         public SenderPeer? SendingOn;
+        /// <summary>ACKs of this queue answered INTERNAL: each put back what it deleted.</summary>
+        public int FailedDeletes;
     }
 
     /// <summary>What one connection's subscription to a queue has been pushed and not acknowledged.</summary>
-    private sealed class SubscriptionModel(int window)
+    private sealed class SubscriptionModel(int window, int failedDeletesSeen)
     {
         public int Window { get; } = window;
+        /// <summary>The queue's failed deletes this subscription started after (or restarted after).</summary>
+        public int FailedDeletesSeen = failedDeletesSeen;
         public List<MessageModel> Outstanding { get; } = [];
         public HashSet<ulong> Pushed { get; } = [];
         public ulong LastPushed;
         public int ProvisionallyFree;
+        /// <summary>ACKs of this subscription answered INTERNAL whose restart has not been seen yet: each allows one.</summary>
+        public int RestartsAllowed;
         public bool Ended;
     }
 
