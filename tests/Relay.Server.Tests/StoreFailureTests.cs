@@ -74,6 +74,39 @@ public class StoreFailureTests
     private static byte[] Ack(RawClient recipient, RawQueue queue, uint corr, ulong id) =>
         recipient.QueueCommand(FrameType.Ack, corr, queue.RecipientId, RawClient.U64(id), queue.RecipientPrivate);
 
+    private static byte[] Get(RawClient recipient, RawQueue queue) =>
+        recipient.QueueCommand(FrameType.Get, recipient.NextCorr(), queue.RecipientId, [], queue.RecipientPrivate);
+
+    /// <summary>A relay whose writer tries a failed write again every <paramref name="probeInterval"/>, a queue, its recipient and a sender that stored <paramref name="messages"/>.</summary>
+    private sealed class FailingDisk : IAsyncDisposable
+    {
+        public required TestRelay Relay { get; init; }
+        public required RawClient Recipient { get; init; }
+        public required RawQueue Queue { get; init; }
+        public required RawClient Sender { get; init; }
+
+        public static async Task<FailingDisk> StartAsync(TimeSpan probeInterval, params string[] messages)
+        {
+            var relay = await TestRelay.StartAsync(o => o.Tls = false);
+            relay.Server.Store.FailedWriteProbeInterval = probeInterval;
+            var recipient = await RawClient.ConnectAsync(relay);
+            var queue = await recipient.CreateQueueAsync();
+            var sender = await RawClient.ConnectAsync(relay);
+            foreach (string text in messages)
+            {
+                await SendAsync(sender, queue, text);
+            }
+            return new FailingDisk { Relay = relay, Recipient = recipient, Queue = queue, Sender = sender };
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            await Sender.DisposeAsync();
+            await Recipient.DisposeAsync();
+            await Relay.DisposeAsync();
+        }
+    }
+
     private static Task<bool> LoggedAsync(TestRelay relay, string text) =>
         EventuallyAsync(() => Task.FromResult(relay.Logs.Lines.Any(l => l.Contains(text))), seconds: 10);
 
@@ -331,12 +364,8 @@ public class StoreFailureTests
     [Test]
     public async Task An_ack_that_a_failing_disk_refuses_is_not_followed_by_the_same_pushes_again_until_writes_work()
     {
-        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
-        relay.Server.Store.FailedWriteProbeInterval = TimeSpan.FromMilliseconds(100);
-        await using var recipient = await RawClient.ConnectAsync(relay);
-        var queue = await recipient.CreateQueueAsync();
-        await using var sender = await RawClient.ConnectAsync(relay);
-        await SendAsync(sender, queue, "m1");
+        await using var setup = await FailingDisk.StartAsync(TimeSpan.FromMilliseconds(100), "m1");
+        var (relay, recipient, queue) = (setup.Relay, setup.Recipient, setup.Queue);
         await SubscribeAsync(recipient, queue);
         var (m1, _) = await NextMessageAsync(recipient, queue);
 
@@ -365,13 +394,9 @@ public class StoreFailureTests
     [Test]
     public async Task An_ack_that_the_disk_refuses_on_a_connection_without_a_subscription_does_not_restart_the_subscription_it_makes_next()
     {
-        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
-        relay.Server.Store.FailedWriteProbeInterval = TimeSpan.FromMilliseconds(100);
-        await using var recipient = await RawClient.ConnectAsync(relay);
-        var queue = await recipient.CreateQueueAsync();
-        await using var sender = await RawClient.ConnectAsync(relay);
-        await SendAsync(sender, queue, "m1");
-        var got = await recipient.RequestAsync(recipient.QueueCommand(FrameType.Get, recipient.NextCorr(), queue.RecipientId, [], queue.RecipientPrivate));
+        await using var setup = await FailingDisk.StartAsync(TimeSpan.FromMilliseconds(100), "m1");
+        var (relay, recipient, queue) = (setup.Relay, setup.Recipient, setup.Queue);
+        var got = await recipient.RequestAsync(Get(recipient, queue));
         ulong m1 = RawClient.Open(queue, got.Payload).Id;
 
         // Every write fails: the ACK is answered INTERNAL, and m1 stays stored.
@@ -390,7 +415,7 @@ public class StoreFailureTests
         await Assert.ThrowsAsync<TimeoutException>(async () => await recipient.ReadFrameAsync(TimeSpan.FromMilliseconds(600)));
         var acked = await recipient.RequestAsync(Ack(recipient, queue, recipient.NextCorr(), m1));
         await Assert.That(acked.Type).IsEqualTo(FrameType.Ok);
-        var empty = await recipient.RequestAsync(recipient.QueueCommand(FrameType.Get, recipient.NextCorr(), queue.RecipientId, [], queue.RecipientPrivate));
+        var empty = await recipient.RequestAsync(Get(recipient, queue));
         await Assert.That(empty.Type).IsEqualTo(FrameType.Empty);
     }
 
@@ -404,14 +429,10 @@ public class StoreFailureTests
     [Test]
     public async Task An_ack_that_the_disk_refuses_does_not_restart_the_subscription_that_a_sub_repeated_after_it_made()
     {
-        await using var relay = await TestRelay.StartAsync(o => o.Tls = false);
-        relay.Server.Store.FailedWriteProbeInterval = TimeSpan.FromSeconds(30);   // only the GET client's ACK writes again
-        await using var recipient = await RawClient.ConnectAsync(relay);
-        var queue = await recipient.CreateQueueAsync();
-        await using var sender = await RawClient.ConnectAsync(relay);
+        // The writer does not try again by itself: the GET client's ACK is the first write that works.
+        await using var setup = await FailingDisk.StartAsync(TimeSpan.FromSeconds(30), "m1", "m2");
+        var (relay, recipient, queue) = (setup.Relay, setup.Recipient, setup.Queue);
         await using var poller = await RawClient.ConnectAsync(relay);
-        await SendAsync(sender, queue, "m1");
-        await SendAsync(sender, queue, "m2");
         await SubscribeAsync(recipient, queue);
         var (m1, _) = await NextMessageAsync(recipient, queue);
 
@@ -428,7 +449,7 @@ public class StoreFailureTests
         var (again, _) = await NextMessageAsync(recipient, queue);
         await Assert.That(again).IsEqualTo(m1);
 
-        var got = await poller.RequestAsync(poller.QueueCommand(FrameType.Get, poller.NextCorr(), queue.RecipientId, [], queue.RecipientPrivate));
+        var got = await poller.RequestAsync(Get(poller, queue));
         await Assert.That(RawClient.Open(queue, got.Payload).Id).IsEqualTo(m1);
         Volatile.Write(ref failing, 0);
         var deleted = await poller.RequestAsync(Ack(poller, queue, poller.NextCorr(), m1));
